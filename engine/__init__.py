@@ -1,0 +1,1 @@
+"""credential-engine: keeps crypto-exchange API keys encrypted, verified, rotated and revoked."""

@@ -1,0 +1,125 @@
+"""Every error the engine raises. One root; nothing from asyncpg or aiohttp leaks through the public API.
+
+    CredentialEngineError                    root; ``http_status`` and a stable negative ``errno`` each
+    ├── InvalidRequest            400  -100001  a field is missing, of the wrong type, too long ... (names it)
+    │   └── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
+    ├── NotFound                  404  -100003  no such id for this owner (other owners' ids too)
+    ├── Conflict                  409  -100005  the request fights the current state
+    │   ├── DuplicateCredential   409  -100004  same API key already stored for this owner and venue
+    │   ├── InvalidTransition     409  -100006  the lifecycle forbids it (e.g. rotate a REVOKED credential)
+    │   ├── RotationPending       409  -100007  a staged rotation is already waiting for verification
+    │   └── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
+    ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (seed 05)
+    ├── WaitTimeout               408  -100009  wait_for_status ran out of time
+    ├── EngineClosed              503  -100010  used before ``async with`` or after close; no reopening
+    ├── StorageError              503  -100011  the database failed or is unreachable (translated in db.py)
+    ├── ConfigurationError        500  -100012  bad configuration (names the setting and what to do)
+    └── DecryptionError           500  -100013  ciphertext does not open with its bound context
+
+Messages never contain key material: they name fields and reasons only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CredentialEngineError(Exception):
+    """Root of every error the engine raises."""
+
+    http_status: ClassVar[int] = 500
+    errno: ClassVar[int] = -100000
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(CredentialEngineError):
+    """A request field is missing or invalid; ``field`` names it."""
+
+    http_status = 400
+    errno = -100001
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}", field=field)
+        self.reason = reason
+
+
+class InvalidKeyFormat(InvalidRequest):
+    """Key material that cannot be valid for its venue (e.g. a Kraken secret that is not base64)."""
+
+    http_status = 422
+    errno = -100002
+
+
+class NotFound(CredentialEngineError):
+    """No such object for this owner. Other owners' ids answer the same, so nothing leaks."""
+
+    http_status = 404
+    errno = -100003
+
+
+class Conflict(CredentialEngineError):
+    """The request conflicts with the current state."""
+
+    http_status = 409
+    errno = -100005
+
+
+class DuplicateCredential(Conflict):
+    errno = -100004
+
+
+class InvalidTransition(Conflict):
+    """The lifecycle table does not allow this trigger from the current status."""
+
+    errno = -100006
+
+    def __init__(self, trigger: str, status: str) -> None:
+        super().__init__(f"cannot {trigger} a credential that is {status}", field="status")
+        self.trigger = trigger
+        self.status = status
+
+
+class RotationPending(Conflict):
+    errno = -100007
+
+
+class ActiveAccountsExist(Conflict):
+    errno = -100008
+
+
+class VerificationFailed(CredentialEngineError):
+    """Keys did not pass verification where the caller waited for it (connect-with-keys)."""
+
+    http_status = 400
+    errno = -120001
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class WaitTimeout(CredentialEngineError):
+    http_status = 408
+    errno = -100009
+
+
+class EngineClosed(CredentialEngineError):
+    http_status = 503
+    errno = -100010
+
+
+class StorageError(CredentialEngineError):
+    http_status = 503
+    errno = -100011
+
+
+class ConfigurationError(CredentialEngineError):
+    errno = -100012
+
+
+class DecryptionError(CredentialEngineError):
+    errno = -100013

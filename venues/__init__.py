@@ -1,0 +1,30 @@
+"""Exchange modules behind one probe protocol (``venues.base``), plus the exchange simulator."""
+
+from __future__ import annotations
+
+import importlib
+
+import aiohttp
+
+from venues.base import ApiKeys, Outcome, Permissions, Probe, ProbeFailure, ProbeResult, Venue
+
+__all__ = ["ApiKeys", "Outcome", "Permissions", "Probe", "ProbeFailure", "ProbeResult", "Venue", "build_probe"]
+
+# venue -> (module, class): imported on first use so a missing optional piece never breaks the rest
+_PROBES: dict[Venue, tuple[str, str]] = {
+    Venue.BINANCE: ("venues.binance", "BinanceProbe"),
+    Venue.OKX: ("venues.okx", "OkxProbe"),
+    Venue.BYBIT: ("venues.bybit", "BybitProbe"),
+    Venue.COINBASE: ("venues.coinbase", "CoinbaseProbe"),
+    Venue.KRAKEN: ("venues.kraken", "KrakenProbe"),
+}
+
+
+def build_probe(
+    venue: Venue, session: aiohttp.ClientSession, *, base_url: str | None = None, timeout: float = 10.0
+) -> Probe:
+    """The probe for ``venue``, sending through ``session`` (owned by the caller) to ``base_url`` if given."""
+    module_name, class_name = _PROBES[venue]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    probe: Probe = cls(session, base_url=base_url, timeout=timeout)
+    return probe

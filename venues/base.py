@@ -1,0 +1,344 @@
+"""The probe seam: what the engine asks of an exchange module, and what it gets back.
+
+READ venues/README.md FIRST: the conventions and the probe <-> simulator contract every venue module follows.
+
+A probe takes one set of API keys, signs requests exactly as its venue documents (``shared/venues.md``), and
+answers with one frozen :class:`ProbeResult` or raises :class:`ProbeFailure` carrying one normalized
+:class:`Outcome`. Permanent outcomes fail verification; transient ones make the job retry, honouring
+``retry_after`` when the venue gave one.
+
+Everything here is venue-neutral: the shared HTTP call (:meth:`VenueProbe._call`) translates aiohttp's errors
+at this one place and raises ``from None``, because aiohttp's exceptions carry request URLs (signed query
+strings) and headers (API keys) in their ``str``/``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import aiohttp
+
+
+class Venue(enum.StrEnum):
+    """The exchanges the engine speaks to; values are the seeds' spelling."""
+
+    BINANCE = "BINANCE"
+    OKX = "OKX"
+    BYBIT = "BYBIT"
+    COINBASE = "COINBASE"
+    KRAKEN = "KRAKEN"
+
+
+class Outcome(enum.StrEnum):
+    """One normalized answer for every venue reply (DESIGN.md, venues.md section 0)."""
+
+    OK = "OK"
+    INVALID_KEY = "INVALID_KEY"
+    INVALID_SECRET = "INVALID_SECRET"
+    INVALID_PASSPHRASE = "INVALID_PASSPHRASE"
+    IP_NOT_ALLOWED = "IP_NOT_ALLOWED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    KEY_EXPIRED = "KEY_EXPIRED"
+    WRONG_ENVIRONMENT = "WRONG_ENVIRONMENT"
+    ACCOUNT_RESTRICTED = "ACCOUNT_RESTRICTED"
+    RATE_LIMITED = "RATE_LIMITED"
+    CLOCK_SKEW = "CLOCK_SKEW"
+    MAINTENANCE = "MAINTENANCE"
+    SERVER_ERROR = "SERVER_ERROR"
+    TIMEOUT = "TIMEOUT"
+    NETWORK = "NETWORK"
+
+    @property
+    def transient(self) -> bool:
+        """True when retrying later may succeed: never a reason to mark a credential FAILED."""
+        return self in TRANSIENT_OUTCOMES
+
+
+TRANSIENT_OUTCOMES = frozenset(
+    {
+        Outcome.RATE_LIMITED,
+        Outcome.CLOCK_SKEW,
+        Outcome.MAINTENANCE,
+        Outcome.SERVER_ERROR,
+        Outcome.TIMEOUT,
+        Outcome.NETWORK,
+    }
+)
+PERMANENT_OUTCOMES = frozenset(set(Outcome) - TRANSIENT_OUTCOMES - {Outcome.OK})
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeys:
+    """Decrypted key material. Its ``repr``/``str`` never show the secret parts.
+
+    ``api_key`` is the public half (for Coinbase CDP keys: the key *name*); ``api_secret`` is the HMAC
+    secret or the PEM private key; ``api_passphrase`` is OKX's / Coinbase Exchange's passphrase.
+    """
+
+    api_key: str = field(repr=False)
+    api_secret: str = field(repr=False)
+    api_passphrase: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"ApiKeys(api_key={mask_api_key(self.api_key)!r}, api_secret='***', api_passphrase='***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # pickling would copy secrets into places nobody audits
+        raise TypeError("ApiKeys cannot be pickled")
+
+
+def mask_api_key(api_key: str) -> str:
+    """The display form of an API key: a short prefix, then ``***`` (seed 02 shows ``your-api-***``).
+
+    Short keys show less, so that the shown part is never most of the key.
+    """
+    visible = min(8, len(api_key) // 3)
+    return api_key[:visible] + "***"
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """What a key may do, as its venue reports it."""
+
+    read: bool = False
+    trade: bool = False
+    withdraw: bool = False
+    transfer: bool = False
+    ip_restricted: bool = False
+    ip_allowlist: tuple[str, ...] = ()
+    expires_at_ms: int | None = None  # when the key (or its trading permission) expires, if the venue says
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "trade": self.trade,
+            "withdraw": self.withdraw,
+            "transfer": self.transfer,
+            "ipRestricted": self.ip_restricted,
+            "ipAllowlist": list(self.ip_allowlist),
+            "expiresAt": self.expires_at_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Permissions:
+        return cls(
+            read=bool(data.get("read", False)),
+            trade=bool(data.get("trade", False)),
+            withdraw=bool(data.get("withdraw", False)),
+            transfer=bool(data.get("transfer", False)),
+            ip_restricted=bool(data.get("ipRestricted", False)),
+            ip_allowlist=tuple(str(x) for x in data.get("ipAllowlist", ()) or ()),
+            expires_at_ms=(int(data["expiresAt"]) if data.get("expiresAt") is not None else None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What a successful probe found. ``identities`` use the seeds' account-type names."""
+
+    venue: Venue
+    venue_account_id: str
+    permissions: Permissions
+    identities: tuple[str, ...]
+    environment: str = "production"  # or "testnet" / "demo" where the probe found the key there
+    details: Mapping[str, str] = field(default_factory=dict)  # venue-specific, non-secret (key label, mode)
+
+
+class ProbeFailure(Exception):
+    """A probe could not confirm the key. ``message`` is safe to store and show: it never holds key material."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        message: str = "",
+        *,
+        retry_after: float | None = None,
+        venue_code: str | None = None,
+    ) -> None:
+        super().__init__(f"{outcome.value}: {message}" if message else outcome.value)
+        self.outcome = outcome
+        self.message = message
+        self.retry_after = retry_after
+        self.venue_code = venue_code
+
+    @property
+    def transient(self) -> bool:
+        return self.outcome.transient
+
+
+class KeyFormatProblem(ValueError):
+    """Keys whose shape the venue cannot accept (empty secret, bad base64, bad PEM). Names the field."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+class Probe(Protocol):
+    """The protocol the engine calls. One instance per venue per engine; safe for concurrent use."""
+
+    venue: Venue
+
+    def check_keys(self, keys: ApiKeys) -> None:
+        """Raise :class:`KeyFormatProblem` when the keys cannot be right for this venue (no I/O)."""
+
+    async def probe(self, keys: ApiKeys) -> ProbeResult:
+        """Verify the keys, read their permissions and discover their identities (concurrently)."""
+        ...
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` acquisitions per second on average, bursts up to ``burst``.
+
+    Acquirers queue in arrival order (an ``asyncio.Lock`` is FIFO), so a burst of probes spreads out
+    instead of tripping the venue's limit and getting a 429 (or, on Binance, a 418 IP ban).
+    """
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.burst
+        self._updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, cost: float = 1.0) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+                self._updated = now
+                if self._tokens >= cost:
+                    self._tokens -= cost
+                    return
+                await asyncio.sleep((cost - self._tokens) / self.rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One HTTP answer, already read and parsed. ``body`` is the decoded JSON (or None if not JSON)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+    text: str
+
+    def retry_after(self) -> float | None:
+        """The ``Retry-After`` header in seconds, if present and numeric."""
+        value = self.headers.get("Retry-After")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+
+
+DEFAULT_TIMEOUT = 10.0  # seconds for one venue request, connect included
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a probe answer bigger than this is malformed for our purposes
+
+
+class VenueProbe:
+    """Shared machinery of the five venue modules: base URLs, clock offset, rate limit, HTTP.
+
+    Subclasses set ``venue``, ``default_urls`` (host role -> production URL) and ``rate_per_second``,
+    and implement ``check_keys`` and ``probe``. When ``base_url`` is given (sandbox, test server, the
+    simulator), every host role of the venue uses it (``EngineConfig.venue_urls``).
+    """
+
+    venue: ClassVar[Venue]
+    default_urls: ClassVar[Mapping[str, str]] = {}
+    rate_per_second: ClassVar[float] = 10.0
+    burst: ClassVar[float | None] = None
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.limiter = limiter or RateLimiter(self.rate_per_second, self.burst)
+        self.clock_offset_ms = 0  # venue time minus our time, learnt after a CLOCK_SKEW answer
+
+    def url(self, role: str, path: str) -> str:
+        """The absolute URL of ``path`` on the host that serves ``role`` (e.g. "api", "fapi")."""
+        base = self.base_url or self.default_urls[role]
+        return base + path
+
+    def now_ms(self) -> int:
+        """Our best guess of the venue's clock, in milliseconds."""
+        return int(time.time() * 1000) + self.clock_offset_ms
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: str | bytes | None = None,
+        cost: float = 1.0,
+    ) -> Reply:
+        """Send one request and read its answer. ``url`` carries the exact query string that was signed.
+
+        aiohttp errors become :class:`ProbeFailure` (TIMEOUT / NETWORK) raised ``from None``; nothing of the
+        request (URL, headers) reaches the message.
+        """
+        await self.limiter.acquire(cost)
+        try:
+            async with self.session.request(
+                method,
+                # encoded=True: send the query exactly as signed, no re-quoting by yarl
+                _exact_url(url),
+                headers=dict(headers or {}),
+                data=data,
+                timeout=self.timeout,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.content.read(MAX_BODY_BYTES + 1)
+                status = resp.status
+                resp_headers = {k: v for k, v in resp.headers.items()}
+        except TimeoutError:
+            raise ProbeFailure(Outcome.TIMEOUT, f"{self.venue.value} did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise ProbeFailure(
+                Outcome.NETWORK, f"{self.venue.value} unreachable ({type(exc).__name__})"
+            ) from None
+        if len(raw) > MAX_BODY_BYTES:
+            raise ProbeFailure(Outcome.SERVER_ERROR, f"{self.venue.value} answer too large")
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            body = json.loads(text) if text.strip() else None
+        except ValueError:
+            body = None
+        return Reply(status=status, headers=resp_headers, body=body, text=text)
+
+    def malformed(self, reply: Reply) -> ProbeFailure:
+        """The failure for an answer we cannot read: transient, the venue may be mid-deploy."""
+        return ProbeFailure(
+            Outcome.SERVER_ERROR, f"{self.venue.value} sent an unreadable answer (HTTP {reply.status})"
+        )
+
+
+def _exact_url(url: str) -> Any:
+    from yarl import URL
+
+    return URL(url, encoded=True)
+
+
+async def gather_identities(checks: Sequence[Any]) -> list[Any]:
+    """Run identity checks concurrently (one request per account type). Failures are returned, not raised."""
+    return list(await asyncio.gather(*checks, return_exceptions=True))
