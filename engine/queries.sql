@@ -1,5 +1,278 @@
--- Named queries of the credential store (engine/store.py). Each block: "-- name --", a comment line, the SQL.
+-- Named queries of the credential store (engine/store.py) and the outbox (engine/events.py).
+-- Each block: "-- name --", one comment line saying what it does, the SQL with asyncpg $n placeholders.
+-- Every status change is a guarded UPDATE: "status = ANY($allowed) AND secret_version = $fence"; zero rows
+-- means the lifecycle (or a newer state) forbids it, and the store raises a typed error.
 
 -- ping --
 -- Cheapest round trip, for readiness checks.
 SELECT 1;
+
+-- insert_credential --
+-- A new credential, PENDING, secret version 1.
+INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status, secret_version)
+VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 1);
+
+-- insert_secret --
+-- One encrypted secret version (CURRENT or PENDING); the fingerprint index refuses duplicates.
+INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                ciphertext, key_fingerprint, masked_api_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+
+-- get_credential --
+-- One credential of one owner (other owners' ids find nothing).
+SELECT * FROM credential_view WHERE id = $1 AND owner_id = $2;
+
+-- get_credential_by_id --
+-- One credential whoever owns it (workers).
+SELECT * FROM credential_view WHERE id = $1;
+
+-- lock_credential --
+-- Lock one credential row of one owner for the rest of the transaction.
+SELECT id, owner_id, venue, status, secret_version, last_secret_version, venue_account_id
+FROM credentials WHERE id = $1 AND owner_id = $2 FOR UPDATE;
+
+-- list_credentials --
+-- One page of an owner's credentials, oldest first, with optional filters.
+SELECT * FROM credential_view
+WHERE owner_id = $1
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::text IS NULL OR credential_type = $3)
+  AND ($4::text IS NULL OR venue = $4)
+ORDER BY created_at, id
+OFFSET $5 LIMIT $6;
+
+-- count_credentials --
+-- How many credentials the same filters match (pagination total).
+SELECT count(*) FROM credentials
+WHERE owner_id = $1
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::text IS NULL OR credential_type = $3)
+  AND ($4::text IS NULL OR venue = $4);
+
+-- find_by_fingerprint --
+-- The live credential of an owner holding this API key (as current or staged version), if any.
+SELECT s.credential_id, s.state FROM credential_secrets s
+WHERE s.owner_id = $1 AND s.venue = $2 AND s.key_fingerprint = $3;
+
+-- get_secret --
+-- One secret version of a credential.
+SELECT credential_id, version, state, kek_version, wrapped_dek, nonce, ciphertext, masked_api_key
+FROM credential_secrets WHERE credential_id = $1 AND version = $2;
+
+-- mark_verified --
+-- verify_succeeded, fenced on the probed secret version; returns the previous status and permissions.
+WITH old AS (
+    SELECT id, status AS previous_status, permissions AS previous_permissions
+    FROM credentials WHERE id = $1 FOR UPDATE
+)
+UPDATE credentials c
+SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6, environment = $7,
+    warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
+    event_seq = event_seq + 1
+FROM old
+WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+RETURNING c.event_seq, old.previous_status, old.previous_permissions;
+
+-- mark_failed --
+-- verify_rejected (a permanent cause), fenced on the probed secret version.
+WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE)
+UPDATE credentials c
+SET status = 'FAILED', failure_reason = $4, failure_message = $5, updated_at = now(), event_seq = event_seq + 1
+FROM old
+WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+RETURNING c.event_seq, old.previous_status;
+
+-- touch_verified --
+-- A re-verification found nothing new: record when, without an event.
+UPDATE credentials SET verified_at = now() WHERE id = $1 AND status = 'VERIFIED' AND secret_version = $2;
+
+-- stage_rotation --
+-- rotate: reserve the next secret version number; the status is unchanged, the event sequence moves.
+UPDATE credentials
+SET last_secret_version = last_secret_version + 1, rotation_failure_reason = NULL, updated_at = now(),
+    event_seq = event_seq + 1
+WHERE id = $1 AND status = ANY($2::text[]) AND secret_version = $3
+RETURNING last_secret_version, event_seq, status;
+
+-- rotate_immediately --
+-- rotate_immediately: the new version becomes current at once and the credential goes back to PENDING.
+UPDATE credentials
+SET status = 'PENDING', secret_version = last_secret_version + 1, last_secret_version = last_secret_version + 1,
+    masked_api_key = $4, permissions = NULL, identities = '{}', warnings = '{}', failure_reason = NULL,
+    failure_message = NULL, rotation_failure_reason = NULL, verified_at = NULL, updated_at = now(),
+    event_seq = event_seq + 1
+WHERE id = $1 AND status = ANY($2::text[]) AND secret_version = $3
+RETURNING secret_version, event_seq;
+
+-- delete_secret --
+-- Destroy one secret version's material.
+DELETE FROM credential_secrets WHERE credential_id = $1 AND version = $2;
+
+-- delete_pending_secrets --
+-- Destroy any staged (PENDING) secret of a credential; returns the versions destroyed.
+DELETE FROM credential_secrets WHERE credential_id = $1 AND state = 'PENDING' RETURNING version;
+
+-- delete_all_secrets --
+-- Destroy every secret version of a credential (revoke).
+DELETE FROM credential_secrets WHERE credential_id = $1;
+
+-- promote_secret --
+-- Make a staged version the current one (after the old current row was deleted).
+UPDATE credential_secrets SET state = 'CURRENT' WHERE credential_id = $1 AND version = $2 AND state = 'PENDING';
+
+-- mark_rotated --
+-- rotation_succeeded: the staged version is current and verified; fenced on the old version and a live status.
+WITH old AS (
+    SELECT id, status AS previous_status, permissions AS previous_permissions
+    FROM credentials WHERE id = $1 FOR UPDATE
+)
+UPDATE credentials c
+SET status = 'VERIFIED', secret_version = $4, masked_api_key = $5, identities = $6, permissions = $7,
+    venue_account_id = $8, environment = $9, warnings = $10, failure_reason = NULL, failure_message = NULL,
+    rotation_failure_reason = NULL, verified_at = now(), updated_at = now(), event_seq = event_seq + 1
+FROM old
+WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+RETURNING c.event_seq, old.previous_status, old.previous_permissions;
+
+-- mark_rotation_rejected --
+-- rotation_rejected: record why; status and current keys unchanged.
+UPDATE credentials
+SET rotation_failure_reason = $3, updated_at = now(), event_seq = event_seq + 1
+WHERE id = $1 AND status = ANY($2::text[])
+RETURNING event_seq, status;
+
+-- mark_revoked --
+-- revoke: terminal; the secret version becomes 0 (no material left).
+WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE)
+UPDATE credentials c
+SET status = 'REVOKED', secret_version = 0, revoked_at = now(), updated_at = now(), event_seq = event_seq + 1,
+    identities = '{}'
+FROM old
+WHERE c.id = old.id AND c.owner_id = $2 AND c.status = ANY($3::text[])
+RETURNING c.event_seq, old.previous_status;
+
+-- bump_event_seq --
+-- Hand out the next event sequence number of a credential (events that change no status).
+UPDATE credentials SET event_seq = event_seq + 1, updated_at = now() WHERE id = $1 RETURNING event_seq;
+
+-- mark_expiry_warned --
+-- Remember that the expiry at $2 was announced, so it is announced once.
+UPDATE credentials SET expiry_warned_at_ms = $2
+WHERE id = $1 AND expiry_warned_at_ms IS DISTINCT FROM $2 AND status = 'VERIFIED'
+RETURNING id;
+
+-- due_for_reverify --
+-- VERIFIED credentials not verified for $1 seconds, oldest first.
+SELECT id FROM credentials
+WHERE status = 'VERIFIED' AND verified_at < now() - make_interval(secs => $1)
+ORDER BY verified_at
+LIMIT $2;
+
+-- insert_trading_account --
+-- Seed 05's trading account, ACTIVE.
+INSERT INTO trading_accounts (id, owner_id, credential_id, venue, name, account_type, status)
+VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE')
+RETURNING *;
+
+-- get_trading_account --
+-- One trading account of one owner.
+SELECT * FROM trading_accounts WHERE id = $1 AND owner_id = $2;
+
+-- disable_trading_account --
+-- Disconnect one ACTIVE account.
+UPDATE trading_accounts SET status = 'DISABLED', updated_at = now()
+WHERE id = $1 AND owner_id = $2 AND status = 'ACTIVE'
+RETURNING *;
+
+-- disable_credential_accounts --
+-- Disconnect every ACTIVE account of a credential (revoke cascade).
+UPDATE trading_accounts SET status = 'DISABLED', updated_at = now()
+WHERE credential_id = $1 AND status = 'ACTIVE'
+RETURNING *;
+
+-- count_active_accounts --
+-- How many ACTIVE accounts use a credential.
+SELECT count(*) FROM trading_accounts WHERE credential_id = $1 AND status = 'ACTIVE';
+
+-- list_trading_accounts --
+-- One page of an owner's trading accounts, with optional filters.
+SELECT * FROM trading_accounts
+WHERE owner_id = $1
+  AND ($2::uuid IS NULL OR credential_id = $2)
+  AND ($3::text IS NULL OR status = $3)
+  AND ($4::text IS NULL OR venue = $4)
+ORDER BY created_at, id
+OFFSET $5 LIMIT $6;
+
+-- count_trading_accounts --
+-- How many trading accounts the same filters match.
+SELECT count(*) FROM trading_accounts
+WHERE owner_id = $1
+  AND ($2::uuid IS NULL OR credential_id = $2)
+  AND ($3::text IS NULL OR status = $3)
+  AND ($4::text IS NULL OR venue = $4);
+
+-- insert_key_access --
+-- Audit one reveal of decrypted keys.
+INSERT INTO key_access_audit (credential_id, owner_id, secret_version, purpose) VALUES ($1, $2, $3, $4);
+
+-- list_key_access --
+-- The reveal audit of one credential, newest first.
+SELECT credential_id, owner_id, secret_version, purpose, accessed_at FROM key_access_audit
+WHERE credential_id = $1 AND owner_id = $2 ORDER BY accessed_at DESC, id DESC LIMIT $3;
+
+-- get_engine_key --
+-- An engine-internal wrapped key.
+SELECT name, kek_version, wrapped_dek, nonce, ciphertext FROM engine_keys WHERE name = $1;
+
+-- insert_engine_key --
+-- Store an engine-internal wrapped key unless another process stored one first.
+INSERT INTO engine_keys (name, kek_version, wrapped_dek, nonce, ciphertext) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (name) DO NOTHING;
+
+-- update_engine_key --
+-- Re-wrapped engine key.
+UPDATE engine_keys SET kek_version = $2, wrapped_dek = $3, nonce = $4, ciphertext = $5 WHERE name = $1;
+
+-- secrets_to_rewrap --
+-- A batch of secret versions wrapped under another master key than the current one, locked.
+SELECT credential_id, version, state, kek_version, wrapped_dek, nonce, ciphertext, masked_api_key
+FROM credential_secrets WHERE kek_version <> $1
+ORDER BY credential_id, version
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- count_secrets_to_rewrap --
+-- How many secret versions are not under the current master key.
+SELECT count(*) FROM credential_secrets WHERE kek_version <> $1;
+
+-- update_wrapped_dek --
+-- Store a re-wrapped data key (the ciphertext is untouched).
+UPDATE credential_secrets SET kek_version = $3, wrapped_dek = $4
+WHERE credential_id = $1 AND version = $2 AND kek_version = $5;
+
+-- insert_event --
+-- One outbox row, in the transaction of the change it reports.
+INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING position, created_at;
+
+-- events_cursor_now --
+-- The outbox cursor (txid, position) just past every event of transactions that have finished.
+SELECT coalesce(max(txid::text::bigint), 0) AS txid, coalesce(max(position), 0) AS position
+FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot());
+
+-- events_after --
+-- Events of finished transactions after a (txid, position) cursor, in that order. A transaction still running
+-- has txid >= xmin, and every row it commits later sorts after this cursor: nothing is ever skipped.
+SELECT txid::text::bigint AS txid, position, id, type, owner_id, credential_id, sequence, created_at, data
+FROM events
+WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
+  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY txid, position
+LIMIT $3;
+
+-- list_events --
+-- Events of one credential of one owner, in sequence order.
+SELECT position, id, type, owner_id, credential_id, sequence, created_at, data
+FROM events WHERE credential_id = $1 AND owner_id = $2 ORDER BY sequence;

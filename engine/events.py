@@ -1,0 +1,261 @@
+"""Lifecycle events: the transactional outbox and the in-process listeners fed from it.
+
+Writing: :func:`record` inserts the outbox row in the caller's transaction (the same one as the change) and
+queues a NOTIFY that PostgreSQL sends on commit. Per-credential sequence numbers come from the credential row
+(``event_seq``), which every such transaction locks first, so they are gapless and ordered.
+
+Reading: one :class:`EventBus` per engine tails the outbox with a ``(txid, position)`` cursor, taking only rows
+of transactions older than every running one (``txid < pg_snapshot_xmin``): a row that commits late can never
+be skipped, and the rows of one credential come in sequence order (their transactions serialize on the
+credential's row lock, which is each one's first write, so their xids are ordered too). The outbox is the
+truth; NOTIFY (and a local poke for this process's own commits) only says "look now", with polling as the
+fallback, so nothing is lost across a lost connection. Every engine process sharing the database hears every
+change, whichever process made it.
+
+Each subscription has its own queue and task: a slow or failing listener never blocks the workers or the
+other listeners; its failures are logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from engine import db as dbmod
+from engine import errors
+from engine.models import Event
+
+log = structlog.get_logger("engine.events")
+
+CHANNEL = "ce_events"
+BATCH = 500
+
+Listener = Callable[[Event], Awaitable[None]]
+
+EVENT_TYPES = (
+    "credential.created",
+    "credential.verified",
+    "credential.verification_failed",
+    "credential.rotation_started",
+    "credential.rotated",
+    "credential.rotation_failed",
+    "credential.revoked",
+    "credential.permissions_changed",
+    "credential.expiring",
+    "trading_account.connected",
+    "trading_account.disconnected",
+)
+
+
+async def record(
+    conn: dbmod.Conn,
+    *,
+    type: str,
+    owner_id: str,
+    credential_id: uuid.UUID,
+    sequence: int,
+    data: Mapping[str, Any],
+) -> Event:
+    """Write one event to the outbox inside ``conn``'s transaction; NOTIFY fires when it commits."""
+    if type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type!r}")
+    event_id = uuid.uuid4()
+    row = await conn.fetchrow("insert_event", event_id, type, owner_id, credential_id, sequence, dict(data))
+    assert row is not None
+    await dbmod.notify(conn, CHANNEL, "")
+    return Event(
+        event_id=event_id,
+        type=type,
+        owner_id=owner_id,
+        credential_id=credential_id,
+        sequence=sequence,
+        timestamp_ms=int(row["created_at"].timestamp() * 1000),
+        data=dict(data),
+    )
+
+
+def event_from_row(row: dbmod.Record) -> Event:
+    return Event(
+        event_id=row["id"],
+        type=row["type"],
+        owner_id=row["owner_id"],
+        credential_id=row["credential_id"],
+        sequence=int(row["sequence"]),
+        timestamp_ms=int(row["created_at"].timestamp() * 1000),
+        data=row["data"],
+    )
+
+
+@dataclass
+class Subscription:
+    listener: Listener
+    types: frozenset[str] | None
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    delivered: int = 0
+    failures: int = 0
+
+    def wants(self, event: Event) -> bool:
+        return self.types is None or event.type in self.types
+
+
+@dataclass
+class BusStats:
+    read: int = 0
+    delivered: int = 0
+    listener_failures: int = 0
+    reconnects: int = 0
+
+
+class EventBus:
+    """Tails the outbox and feeds subscribed listeners. ``subscribe`` works before ``start``."""
+
+    def __init__(self, *, poll_interval: float = 1.0) -> None:
+        self.poll_interval = poll_interval
+        self.stats = BusStats()
+        self._subs: list[Subscription] = []
+        self._db: dbmod.Database | None = None
+        self._cursor: tuple[int, int] = (0, 0)
+        self._wake = asyncio.Event()
+        self._tail_task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._read_lock = asyncio.Lock()
+
+    # ---- subscriptions -----------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener, types: Collection[str] | None = None) -> Callable[[], None]:
+        """Call ``listener(event)`` for every event (of ``types``) committed from now on, by any process."""
+        if not callable(listener):
+            raise errors.InvalidRequest("listener", "must be an async callable taking an Event")
+        wanted = frozenset(types) if types is not None else None
+        if wanted is not None:
+            unknown = wanted - set(EVENT_TYPES)
+            if unknown:
+                raise errors.InvalidRequest("types", f"unknown event types: {sorted(unknown)}")
+        sub = Subscription(listener=listener, types=wanted)
+        self._subs.append(sub)
+        if self._db is not None:
+            self._start_sub(sub)
+
+        def unsubscribe() -> None:
+            if sub in self._subs:
+                self._subs.remove(sub)
+                if sub.task is not None:
+                    sub.task.cancel()
+
+        return unsubscribe
+
+    def _start_sub(self, sub: Subscription) -> None:
+        sub.task = asyncio.create_task(self._feed(sub), name=f"ce-listener-{id(sub):x}")
+
+    async def _feed(self, sub: Subscription) -> None:
+        while True:
+            event = await sub.queue.get()
+            try:
+                await sub.listener(event)
+                sub.delivered += 1
+                self.stats.delivered += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a listener's bug must not stop the others: log and count it
+                sub.failures += 1
+                self.stats.listener_failures += 1
+                log.warning(
+                    "listener_failed",
+                    listener=getattr(sub.listener, "__qualname__", repr(sub.listener)),
+                    event_type=event.type,
+                    error=type(exc).__name__,
+                )
+            finally:
+                sub.queue.task_done()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self, db: dbmod.Database) -> None:
+        self._db = db
+        row = await db.fetchrow("events_cursor_now")
+        assert row is not None
+        self._cursor = (int(row["txid"]), int(row["position"]))
+        for sub in self._subs:
+            self._start_sub(sub)
+        self._tail_task = asyncio.create_task(self._tail(), name="ce-events-tail")
+        self._listen_task = asyncio.create_task(self._listen(), name="ce-events-listen")
+
+    async def stop(self) -> None:
+        self._closing = True
+        tasks = [t for t in (self._listen_task, self._tail_task) if t is not None]
+        tasks += [s.task for s in self._subs if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def poke(self) -> None:
+        """This process committed events: read them now instead of waiting for NOTIFY."""
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Read every finished event and wait until each listener has handled what it was given."""
+        await self._read_available()
+        for sub in list(self._subs):
+            await sub.queue.join()
+
+    # ---- reading -----------------------------------------------------------------------------------------
+
+    async def _read_available(self) -> int:
+        assert self._db is not None
+        total = 0
+        async with self._read_lock:
+            while True:
+                rows = await self._db.fetch("events_after", self._cursor[0], self._cursor[1], BATCH)
+                for row in rows:
+                    event = event_from_row(row)
+                    self._cursor = (int(row["txid"]), int(row["position"]))
+                    self.stats.read += 1
+                    for sub in self._subs:
+                        if sub.wants(event):
+                            sub.queue.put_nowait(event)
+                total += len(rows)
+                if len(rows) < BATCH:
+                    return total
+
+    async def _tail(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            self._wake.clear()
+            try:
+                await self._read_available()
+            except errors.StorageError as exc:  # the database is away: try again at the next tick
+                log.warning("events_read_failed", error=str(exc))
+                await asyncio.sleep(self.poll_interval)
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection; reconnect with backoff when it is lost (polling covers the gap)."""
+        assert self._db is not None
+        delay = 0.1
+        while not self._closing:
+            listener: dbmod.RawListener | None = None
+            try:
+                listener = await self._db.open_listener()
+                await listener.add(CHANNEL, lambda _payload: self._wake.set())
+                delay = 0.1
+                self._wake.set()  # events may have committed while we were away
+                await listener.lost.wait()
+                self.stats.reconnects += 1
+                log.info("events_listener_lost")
+            except errors.StorageError as exc:
+                log.warning("events_listen_failed", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if listener is not None:
+                    await listener.close()
