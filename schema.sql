@@ -143,16 +143,17 @@ CREATE TABLE IF NOT EXISTS key_access_audit (
 CREATE INDEX IF NOT EXISTS key_access_audit_credential ON key_access_audit (credential_id, accessed_at);
 
 -- BEGIN queue (owned by engine/queue.py)
--- The durable job queue. A job moves queued -> running -> done | dead, or back to queued (retry, hand-back).
+-- The durable job queue. A job moves queued -> running -> done | dead, or back to queued (retry, hand-back);
+-- queued jobs can be cancelled.
 -- attempt counts every claim and is the fencing token: outcome writes match id AND attempt AND running, so a
 -- late finisher of an old attempt changes nothing. uncounted: claims that do not count against max_attempts
 -- (hand-backs at shutdown, attempts before an operator's retry); tries so far = attempt - uncounted.
--- Finished rows stay (operators list them); JobQueue.purge() deletes old done rows.
+-- Finished rows stay (operators list them); JobQueue.purge() deletes old done and cancelled rows.
 CREATE TABLE IF NOT EXISTS queue_jobs (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind              text NOT NULL,
     payload           jsonb NOT NULL DEFAULT '{}',
-    state             text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'done', 'dead')),
+    state             text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'done', 'dead', 'cancelled')),
     attempt           integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
     uncounted         integer NOT NULL DEFAULT 0 CHECK (uncounted >= 0 AND uncounted <= attempt),
     max_attempts      integer NOT NULL CHECK (max_attempts > 0),
@@ -164,7 +165,7 @@ CREATE TABLE IF NOT EXISTS queue_jobs (
     created_at        timestamptz NOT NULL DEFAULT now(),
     finished_at       timestamptz,
     CONSTRAINT queue_jobs_lease_iff_running CHECK ((state = 'running') = (lease_expires_at IS NOT NULL)),
-    CONSTRAINT queue_jobs_finished_iff_final CHECK ((state IN ('done', 'dead')) = (finished_at IS NOT NULL))
+    CONSTRAINT queue_jobs_finished_iff_final CHECK ((state IN ('done', 'dead', 'cancelled')) = (finished_at IS NOT NULL))
 );
 -- the claim query walks this in order; rows leave it when claimed
 CREATE INDEX IF NOT EXISTS queue_jobs_ready ON queue_jobs (run_at, id) WHERE state = 'queued';
@@ -175,3 +176,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS queue_jobs_dedupe_queued ON queue_jobs (dedupe
 -- the operators' dead-letter list
 CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 -- END queue
+
+-- BEGIN webhooks (owned by engine/webhooks.py)
+-- END webhooks

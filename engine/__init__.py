@@ -7,9 +7,10 @@
         cred = await eng.wait_for_status("owner-1", cred.credential_id, {CredentialStatus.VERIFIED})
 """
 
+from typing import TYPE_CHECKING, Any
+
 from engine import errors
 from engine.config import EngineConfig, VerificationPolicy
-from engine.engine import CredentialEngine
 from engine.errors import (
     ActiveAccountsExist,
     Conflict,
@@ -37,7 +38,20 @@ from engine.models import (
     Venue,
 )
 
+if TYPE_CHECKING:
+    from engine.engine import CredentialEngine
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # CredentialEngine pulls in aiohttp, the queue and every venue seam: load it on first use, so that
+    # `import engine.db` (or a venue module's tests) stays light and cannot fail on an unrelated module
+    if name == "CredentialEngine":
+        from engine.engine import CredentialEngine
+
+        return CredentialEngine
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 __all__ = [
     "ActiveAccountsExist",

@@ -270,7 +270,7 @@ class LifecycleJobs:
     async def revoke_cascade(self, job: queuemod.Job) -> None:
         """After a revoke: drop the credential's queued work (verifications, expiry warnings) from the queue."""
         cid = job.payload["credentialId"]
-        cancelled = await self.engine.queue.cancel_queued(credential_id=cid)
+        cancelled = await self.engine.queue.cancel_queued(payload_contains={"credentialId": cid})
         log.info("revoke_cascade", credential_id=cid, cancelled_jobs=cancelled)
 
     async def reverify_sweep(self, job: queuemod.Job) -> None:

@@ -14,6 +14,7 @@ It checks secrets too: a known key with another secret (or passphrase) answers I
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -155,16 +156,25 @@ class _Bound:
         return await self.fake.run(self.venue, keys)
 
 
-async def settle(engine: CredentialEngine, *, rounds: int = 500, pause: float = 0.02) -> None:
-    """Run jobs until none is queued or running, also waiting out retries scheduled a few ms ahead.
+async def settle(
+    engine: CredentialEngine, *, horizon: float = 2.0, rounds: int = 500, pause: float = 0.02
+) -> None:
+    """Run jobs until none is running or due within ``horizon`` seconds (retries scheduled a few ms ahead).
 
     ``run_until_idle`` does not wait for jobs scheduled in the future; tests of retry paths use this with
-    a small ``backoff_base`` so that retries come due quickly.
+    a small ``backoff_base`` so that retries come due quickly. Jobs due later (the periodic re-verification
+    sweep, expiry warnings) are left alone.
     """
     for _ in range(rounds):
         await engine.run_until_idle()
-        counts = await engine.queue.counts()
-        if not counts.get("queued", 0) and not counts.get("running", 0):
+        soon = datetime.now(UTC) + timedelta(seconds=horizon)
+        pending = [
+            job
+            for state in ("queued", "running")
+            for job in await engine.queue.list_jobs(state=state, limit=1000)
+            if state == "running" or job.run_at <= soon
+        ]
+        if not pending:
             return
         await asyncio.sleep(pause)
-    raise AssertionError("jobs still queued after settle(): a retry loop that never ends?")
+    raise AssertionError("jobs still due after settle(): a retry loop that never ends?")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 
 class Venue(enum.StrEnum):
@@ -198,7 +199,8 @@ class Probe(Protocol):
 class RateLimiter:
     """A token bucket: at most ``rate`` acquisitions per second on average, bursts up to ``burst``.
 
-    Acquirers queue in arrival order (an ``asyncio.Lock`` is FIFO), so a burst of probes spreads out
+    Acquirers queue in arrival order (an ``asyncio.Lock`` is FIFO; Kraken's per-key nonce order relies on
+    it: requests leave in the order they took their nonces), so a burst of probes spreads out
     instead of tripping the venue's limit and getting a 429 (or, on Binance, a 418 IP ban).
     """
 
@@ -291,13 +293,19 @@ class VenueProbe:
         headers: Mapping[str, str] | None = None,
         data: str | bytes | None = None,
         cost: float = 1.0,
+        limit: bool = True,
     ) -> Reply:
         """Send one request and read its answer. ``url`` carries the exact query string that was signed.
 
         aiohttp errors become :class:`ProbeFailure` (TIMEOUT / NETWORK) raised ``from None``; nothing of the
         request (URL, headers) reaches the message.
+
+        ``limit=False`` when the caller already waited on ``self.limiter``: a signed request should be
+        stamped *after* its turn comes, or a queue longer than the venue's window sends stale timestamps
+        (or out-of-order nonces).
         """
-        await self.limiter.acquire(cost)
+        if limit:
+            await self.limiter.acquire(cost)
         try:
             async with self.session.request(
                 method,
@@ -310,7 +318,7 @@ class VenueProbe:
             ) as resp:
                 raw = await resp.content.read(MAX_BODY_BYTES + 1)
                 status = resp.status
-                resp_headers = {k: v for k, v in resp.headers.items()}
+                resp_headers = CIMultiDictProxy(CIMultiDict(resp.headers))  # header names are case-insensitive
         except TimeoutError:
             raise ProbeFailure(Outcome.TIMEOUT, f"{self.venue.value} did not answer in time") from None
         except aiohttp.ClientError as exc:
