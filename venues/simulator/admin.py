@@ -1,0 +1,175 @@
+"""The simulator's admin HTTP API (JSON), so other processes can drive a running simulator.
+
+==========================  ==========================================================================
+``POST /keys``              body: ``Simulator.add_key``'s arguments (``venue`` required, lists for
+                            ``identities``/``ip_allowlist``) -> 201 with the key material
+                            (``api_key``, ``api_secret``, ``api_passphrase``, ``uid``, ``kind``, ...)
+``GET /keys``               the registered keys, without secrets
+``PATCH /keys/{api_key}``   body: fields to change (``Simulator.update_key``) -> the key, without secrets
+``DELETE /keys/{api_key}``  -> 204
+``PUT /faults/{venue}``     body: ``Faults`` fields -> the faults now in force
+``DELETE /faults``          clears every venue's faults (``DELETE /faults/{venue}``: one venue) -> 204
+``PUT /clock/{venue}``      body ``{"offset_ms": int}`` -> 204
+``GET /stats``              ``{venue: stats}`` (``?venue=BINANCE`` for one)
+``GET /urls``               ``{"venues": {venue: url}, "admin": url}``
+==========================  ==========================================================================
+
+``{api_key}`` is the key, URL-encoded. Coinbase CDP key names contain ``/``: send them percent-encoded
+(``organizations%2F...``) or as they are; the route takes the rest of the path either way. Errors answer
+``{"error": "..."}`` with 400 (bad input) or 404 (unknown key or venue). The admin API has no
+authentication: it listens on the simulator's host (loopback by default) and hands out test keys only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from venues.base import Venue
+from venues.simulator import common, faults
+
+if TYPE_CHECKING:
+    from venues.simulator.server import Simulator
+
+ADD_KEY_FIELDS = frozenset(
+    {
+        "uid",
+        "read",
+        "trade",
+        "withdraw",
+        "identities",
+        "ip_allowlist",
+        "expires_at_ms",
+        "environment",
+        "kind",
+        "label",
+    }
+)
+
+
+def _error(message: str, status: int) -> web.Response:
+    return common.answer({"error": message}, status)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json(loads=json.loads)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text='{"error":"body must be JSON"}', content_type="application/json"
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text='{"error":"body must be a JSON object"}', content_type="application/json"
+        )
+    return data
+
+
+def _venue(text: str) -> Venue:
+    try:
+        return Venue(text.upper())
+    except ValueError:
+        raise web.HTTPNotFound(text='{"error":"unknown venue"}', content_type="application/json") from None
+
+
+class AdminApi:
+    """Routes of the admin port; every call goes through the :class:`Simulator`'s Python API."""
+
+    def __init__(self, simulator: Simulator) -> None:
+        self.sim = simulator
+
+    def app(self) -> web.Application:
+        application = web.Application()
+        application.add_routes(
+            [
+                web.post("/keys", self.add_key),
+                web.get("/keys", self.list_keys),
+                web.patch("/keys/{api_key:.+}", self.update_key),
+                web.delete("/keys/{api_key:.+}", self.remove_key),
+                web.put("/faults/{venue}", self.set_faults),
+                web.delete("/faults", self.clear_faults),
+                web.delete("/faults/{venue}", self.clear_faults),
+                web.put("/clock/{venue}", self.set_clock),
+                web.get("/stats", self.stats),
+                web.get("/urls", self.urls),
+            ]
+        )
+        return application
+
+    async def add_key(self, request: web.Request) -> web.Response:
+        data = await _json_object(request)
+        if "venue" not in data:
+            return _error("venue is required", 400)
+        venue = _venue(str(data.pop("venue")))
+        unknown = set(data) - ADD_KEY_FIELDS
+        if unknown:
+            return _error(f"unknown fields {sorted(unknown)}", 400)
+        try:
+            key = self.sim.add_key(venue, **data)
+        except (TypeError, ValueError) as exc:
+            return _error(str(exc), 400)
+        return common.answer(key.as_dict(secrets=True), 201)
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        return common.answer([key.as_dict(secrets=False) for key in self.sim.list_keys()])
+
+    def _api_key(self, request: web.Request) -> str:
+        return unquote(request.match_info["api_key"])
+
+    async def update_key(self, request: web.Request) -> web.Response:
+        data = await _json_object(request)
+        try:
+            key = self.sim.update_key(self._api_key(request), **data)
+        except KeyError:
+            return _error("unknown key", 404)
+        except (TypeError, ValueError) as exc:
+            return _error(str(exc), 400)
+        return common.answer(key.as_dict(secrets=False))
+
+    async def remove_key(self, request: web.Request) -> web.Response:
+        try:
+            self.sim.remove_key(self._api_key(request))
+        except KeyError:
+            return _error("unknown key", 404)
+        return web.Response(status=204)
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        venue = _venue(request.match_info["venue"])
+        data = await _json_object(request)
+        try:
+            settings = faults.Faults.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            return _error(str(exc), 400)
+        self.sim.set_faults(venue, settings)
+        return common.answer(settings.as_dict())
+
+    async def clear_faults(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("venue")
+        self.sim.clear_faults(_venue(name) if name else None)
+        return web.Response(status=204)
+
+    async def set_clock(self, request: web.Request) -> web.Response:
+        venue = _venue(request.match_info["venue"])
+        data = await _json_object(request)
+        try:
+            offset = int(data["offset_ms"])
+        except (KeyError, TypeError, ValueError):
+            return _error("offset_ms (an integer) is required", 400)
+        self.sim.set_clock_offset(venue, offset)
+        return web.Response(status=204)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        name = request.query.get("venue")
+        venues = [_venue(name)] if name else list(Venue)
+        return common.answer({venue.value: self.sim.stats(venue).as_dict() for venue in venues})
+
+    async def urls(self, request: web.Request) -> web.Response:
+        return common.answer(
+            {
+                "venues": {venue.value: url for venue, url in self.sim.urls.items()},
+                "admin": self.sim.admin_url,
+            }
+        )

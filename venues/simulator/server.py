@@ -1,0 +1,206 @@
+"""The :class:`Simulator`: five venue servers and an admin port, driven from Python or over HTTP.
+
+Lifecycle (as httpx's client): constructed with no I/O; ``await start()`` binds one aiohttp site per venue
+on its own port (contract: no path prefix, so paths are exactly the venue's) plus the admin port;
+``await close()`` stops them, idempotently; a closed simulator does not start again. ``async with
+Simulator() as sim:`` does both.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from venues.base import Venue
+from venues.simulator import admin, binance, bybit, coinbase, common, faults, kraken, okx, stats
+from venues.simulator.registry import TestKey
+
+SERVERS: dict[Venue, type[common.VenueServer]] = {
+    Venue.BINANCE: binance.BinanceServer,
+    Venue.OKX: okx.OkxServer,
+    Venue.BYBIT: bybit.BybitServer,
+    Venue.COINBASE: coinbase.CoinbaseServer,
+    Venue.KRAKEN: kraken.KrakenServer,
+}
+SHUTDOWN_TIMEOUT = 1.0  # seconds given to in-flight requests at close (hanging faults end at once)
+
+
+def _venue(venue: Venue | str) -> Venue:
+    """A Venue from itself or its name in any case ("okx", "OKX")."""
+    return venue if isinstance(venue, Venue) else Venue(venue.upper())
+
+
+class _Phase(enum.Enum):
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+class Simulator:
+    """Exchange simulator: the private endpoints of every venue's probe, with the venues' own auth rules.
+
+    ``seed`` seeds the RNG that picks injected faults (key material always comes from ``secrets``).
+    ``enforce_rate_limits=False`` keeps counting violations in :meth:`stats` but answers them normally.
+    """
+
+    def __init__(self, *, seed: int | None = None, enforce_rate_limits: bool = True) -> None:
+        self._state = common.State(seed=seed, enforce_rate_limits=enforce_rate_limits)
+        self._runners: list[web.AppRunner] = []
+        self._urls: dict[Venue, str] = {}
+        self._admin_url: str | None = None
+        self._phase = _Phase.UNOPENED
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", *, port_base: int = 0) -> None:
+        """Serve every venue and the admin API on ``host``.
+
+        ``port_base`` 0 picks free ports; otherwise the venues take ``port_base + 0..4`` (in ``Venue``
+        order) and the admin API ``port_base + 5``.
+        """
+        if self._phase is not _Phase.UNOPENED:
+            raise RuntimeError(f"simulator is {self._phase.value}; create a new one")
+        self._phase = _Phase.OPENED
+        try:
+            for index, venue in enumerate(Venue):
+                server = SERVERS[venue](self._state)
+                port = port_base + index if port_base else 0
+                self._urls[venue] = await self._serve(server.app(), host, port)
+            admin_port = port_base + len(Venue) if port_base else 0
+            self._admin_url = await self._serve(admin.AdminApi(self).app(), host, admin_port)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> str:
+        # access_log=None: aiohttp's access log prints the request line, query string (signatures) included.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_port = runner.addresses[-1][1]
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{bound_port}"
+
+    async def close(self) -> None:
+        """Stop serving. Idempotent; hanging ``timeout`` faults end at once."""
+        if self._phase is _Phase.CLOSED:
+            return
+        self._phase = _Phase.CLOSED
+        self._state.closing.set()
+        runners, self._runners = self._runners, []
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def urls(self) -> dict[Venue, str]:
+        """Base URL of each venue (give it to the probe as ``base_url``)."""
+        if self._phase is not _Phase.OPENED:
+            raise RuntimeError("simulator is not running")
+        return dict(self._urls)
+
+    @property
+    def admin_url(self) -> str:
+        if self._phase is not _Phase.OPENED or self._admin_url is None:
+            raise RuntimeError("simulator is not running")
+        return self._admin_url
+
+    # -- accounts ---------------------------------------------------------------------------------
+
+    def add_key(
+        self,
+        venue: Venue | str,
+        *,
+        uid: str | None = None,
+        read: bool = True,
+        trade: bool = True,
+        withdraw: bool = False,
+        identities: Iterable[str] | None = None,
+        ip_allowlist: Iterable[str] = (),
+        expires_at_ms: int | None = None,
+        environment: str = "production",
+        kind: str | None = None,
+        label: str | None = None,
+    ) -> TestKey:
+        """Register a new key with fresh key material in the venue's format.
+
+        ``identities=None`` gives the venue's (kind's) full identity set; ``kind`` is COINBASE ``"cdp"``
+        (default) / ``"cdp_ed25519"`` / ``"exchange"`` or KRAKEN ``"spot"`` (default) / ``"futures"``.
+        Keys with the same ``uid`` belong to the same account.
+        """
+        return self._state.registry.add(
+            _venue(venue),
+            uid=uid,
+            read=read,
+            trade=trade,
+            withdraw=withdraw,
+            identities=identities,
+            ip_allowlist=ip_allowlist,
+            expires_at_ms=expires_at_ms,
+            environment=environment,
+            kind=kind,
+            label=label,
+        )
+
+    def remove_key(self, api_key: str) -> None:
+        """Forget a key: the venue answers it as unknown from now on. KeyError if not registered."""
+        self._state.registry.remove(api_key)
+
+    def update_key(self, api_key: str, **changes: Any) -> TestKey:
+        """Change a key's uid, permissions, identities, ip_allowlist, expires_at_ms, environment or label."""
+        return self._state.registry.update(api_key, **changes)
+
+    def list_keys(self) -> list[TestKey]:
+        """Every registered key."""
+        return self._state.registry.keys()
+
+    def seed_demo_accounts(self) -> list[TestKey]:
+        """Per venue: a good read+trade key reaching every identity, a second key of the same account
+        (rotation), and a withdraw-enabled key; plus a Coinbase Exchange key and a Kraken Futures key."""
+        made: list[TestKey] = []
+        for venue in Venue:
+            good = self.add_key(venue, label="demo-good")
+            made.append(good)
+            # A second key of the same account; Coinbase's is an Ed25519 CDP key to show both kinds.
+            second_kind = "cdp_ed25519" if venue is Venue.COINBASE else None
+            made.append(self.add_key(venue, uid=good.uid, kind=second_kind, label="demo-rotation"))
+            made.append(self.add_key(venue, uid=good.uid, withdraw=True, label="demo-withdraw"))
+        made.append(self.add_key(Venue.COINBASE, kind="exchange", label="demo-exchange"))
+        made.append(self.add_key(Venue.KRAKEN, kind="futures", label="demo-futures"))
+        return made
+
+    # -- behaviour --------------------------------------------------------------------------------
+
+    def set_clock_offset(self, venue: Venue | str, offset_ms: int) -> None:
+        """Shift the venue's clock (its time endpoint and its timestamp checks) by ``offset_ms``."""
+        self._state.clock_offsets[_venue(venue)] = int(offset_ms)
+
+    def set_faults(self, venue: Venue | str, settings: faults.Faults) -> None:
+        self._state.faults[_venue(venue)] = settings
+
+    def clear_faults(self, venue: Venue | str | None = None) -> None:
+        """Remove injected faults of ``venue``, or of every venue."""
+        if venue is None:
+            self._state.faults.clear()
+        else:
+            self._state.faults.pop(_venue(venue), None)
+
+    def stats(self, venue: Venue | str) -> stats.VenueStats:
+        return self._state.stats[_venue(venue)].snapshot()

@@ -1,0 +1,77 @@
+"""What each simulated venue saw: requests, injected faults, auth failures, bursts, rate-limit violations.
+
+``max_per_second_by_key`` is the largest number of requests one API key sent within any 1 s window; a
+reliability test compares it with the venue's documented limit. Requests that carry no key (public time
+calls) count in ``requests`` only. The API keys in it are the simulator's own test keys, handed back to
+whoever registered them; they never go to a log.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from venues.base import Venue
+
+BURST_WINDOW = 1.0  # seconds: the window of max_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class VenueStats:
+    """A snapshot of one venue's counters."""
+
+    venue: Venue
+    requests: int = 0
+    faults: int = 0
+    auth_failures: int = 0
+    rate_limit_violations: int = 0
+    max_per_second: int = 0  # over all keys
+    max_per_second_by_key: Mapping[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "venue": self.venue.value,
+            "requests": self.requests,
+            "faults": self.faults,
+            "auth_failures": self.auth_failures,
+            "rate_limit_violations": self.rate_limit_violations,
+            "max_per_second": self.max_per_second,
+            "max_per_second_by_key": dict(self.max_per_second_by_key),
+        }
+
+
+class StatsRecorder:
+    """Mutable counters of one venue; :meth:`snapshot` gives the frozen view."""
+
+    def __init__(self, venue: Venue) -> None:
+        self.venue = venue
+        self.requests = 0
+        self.faults = 0
+        self.auth_failures = 0
+        self.rate_limit_violations = 0
+        self._recent: dict[str, collections.deque[float]] = {}
+        self._max_by_key: dict[str, int] = {}
+
+    def request(self, api_key: str | None, now: float) -> None:
+        self.requests += 1
+        if not api_key:
+            return
+        recent = self._recent.setdefault(api_key, collections.deque())
+        while recent and recent[0] <= now - BURST_WINDOW:
+            recent.popleft()
+        recent.append(now)
+        if len(recent) > self._max_by_key.get(api_key, 0):
+            self._max_by_key[api_key] = len(recent)
+
+    def snapshot(self) -> VenueStats:
+        return VenueStats(
+            venue=self.venue,
+            requests=self.requests,
+            faults=self.faults,
+            auth_failures=self.auth_failures,
+            rate_limit_violations=self.rate_limit_violations,
+            max_per_second=max(self._max_by_key.values(), default=0),
+            max_per_second_by_key=dict(self._max_by_key),
+        )
