@@ -1,10 +1,10 @@
 """credential-engine: keeps crypto-exchange API keys encrypted, verified, rotated and revoked.
 
-    from engine import CredentialEngine, EngineConfig, Venue, CredentialType, CredentialStatus
+from engine import CredentialEngine, EngineConfig, Venue, CredentialType, CredentialStatus
 
-    async with CredentialEngine(EngineConfig()) as eng:
-        cred = await eng.create_credential("owner-1", venue=Venue.BINANCE, api_key=..., api_secret=...)
-        cred = await eng.wait_for_status("owner-1", cred.credential_id, {CredentialStatus.VERIFIED})
+async with CredentialEngine(EngineConfig()) as eng:
+    cred = await eng.create_credential("owner-1", venue=Venue.BINANCE, api_key=..., api_secret=...)
+    cred = await eng.wait_for_status("owner-1", cred.credential_id, {CredentialStatus.VERIFIED})
 """
 
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,8 @@ from engine.models import (
     CredentialType,
     Event,
     Page,
-    Permissions,
     PendingRotation,
+    Permissions,
     TradingAccount,
     TradingAccountStatus,
     Venue,
@@ -52,6 +52,7 @@ def __getattr__(name: str) -> Any:
 
         return CredentialEngine
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
 
 __all__ = [
     "ActiveAccountsExist",

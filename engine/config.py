@@ -39,7 +39,9 @@ class VerificationPolicy:
     require_ip_allowlist: bool = False
     expiry_warning_days: int = 7
 
-    def evaluate(self, result: ProbeResult, *, now_ms: int | None = None) -> tuple[str | None, tuple[str, ...]]:
+    def evaluate(
+        self, result: ProbeResult, *, now_ms: int | None = None
+    ) -> tuple[str | None, tuple[str, ...]]:
         """(rejection reason naming the rule, or None; warnings). Reasons are stable identifiers."""
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         perms: Permissions = result.permissions
@@ -94,7 +96,9 @@ class EngineConfig:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
         for venue in self.venue_urls:
             if not isinstance(venue, Venue):
-                raise errors.ConfigurationError(f"venue_urls key {venue!r} is not a Venue", field="venue_urls")
+                raise errors.ConfigurationError(
+                    f"venue_urls key {venue!r} is not a Venue", field="venue_urls"
+                )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:

@@ -183,7 +183,7 @@ class Database:
     @property
     def dsn_kwargs(self) -> Mapping[str, Any]:
         """Connection arguments of the pool, for dedicated connections (LISTEN)."""
-        args: Mapping[str, Any] = self._pool._connect_kwargs  # noqa: SLF001 - asyncpg keeps them there
+        args: Mapping[str, Any] = self._pool._connect_kwargs
         return args
 
     async def close(self) -> None:
@@ -239,7 +239,8 @@ class Database:
     async def open_listener(self) -> RawListener:
         """A dedicated connection for LISTEN (never from the pool: it must stay open)."""
         with translated():
-            raw = await asyncpg.connect(**self.dsn_kwargs)
+            # the DSN is a positional argument of the pool, the rest keyword arguments
+            raw = await asyncpg.connect(*self._pool._connect_args, **self.dsn_kwargs)
         return RawListener(raw)
 
 
@@ -274,5 +275,4 @@ class RawListener:
 async def notify(conn: Conn, channel: str, payload: str) -> None:
     """pg_notify through a named query-less call (channel names are constants, never user input)."""
     with translated():
-        await conn._conn.execute("SELECT pg_notify($1, $2)", channel, payload)  # noqa: SLF001
-
+        await conn._conn.execute("SELECT pg_notify($1, $2)", channel, payload)

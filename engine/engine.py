@@ -9,6 +9,7 @@ row first, applies the guarded change, writes its outbox event(s) and enqueues t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 import uuid
@@ -101,12 +102,16 @@ class CredentialEngine:
             self._db = dbmod.Database.from_pool(self._injected_pool)
         else:
             dsn = cfg.database_url or await start_embedded(self.data_dir)
-            self._db = await dbmod.Database.connect(dsn, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size)
+            self._db = await dbmod.Database.connect(
+                dsn, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size
+            )
         await self._db.apply_schema()
         if cfg.master_keys:
             keyring = crypto.MasterKeyring.from_spec(cfg.master_keys)
         else:
-            keyring = await asyncio.to_thread(crypto.MasterKeyring.load_or_create, self.data_dir / "master.keys")
+            keyring = await asyncio.to_thread(
+                crypto.MasterKeyring.load_or_create, self.data_dir / "master.keys"
+            )
         self._store = Store(self._db, crypto.Vault(keyring))
         await self._store.load_fingerprint_key()
         self._session = self._injected_session or aiohttp.ClientSession(
@@ -236,7 +241,9 @@ class CredentialEngine:
 
     async def get_credential(self, owner_id: str, credential_id: uuid.UUID | str) -> Credential:
         store, _ = self._ready()
-        return await store.get(validation.owner(owner_id), validation.uuid_value(credential_id, "credentialId"))
+        return await store.get(
+            validation.owner(owner_id), validation.uuid_value(credential_id, "credentialId")
+        )
 
     async def list_credentials(
         self,
@@ -253,7 +260,9 @@ class CredentialEngine:
         return await store.list(
             validation.owner(owner_id),
             status=validation.status(status),
-            credential_type=validation.credential_type(credential_type) if credential_type is not None else None,
+            credential_type=validation.credential_type(credential_type)
+            if credential_type is not None
+            else None,
             venue=validation.venue(venue) if venue is not None else None,
             offset=offset,
             limit=limit,
@@ -311,13 +320,22 @@ class CredentialEngine:
                 assert moved is not None  # the row is locked and its status was checked
                 version = int(moved["secret_version"])
                 await store.insert_secret(
-                    conn, credential_id=cid, owner_id=owner, venue=the_venue, version=version,
-                    state="CURRENT", keys=keys,
-                )  # fmt: skip
+                    conn,
+                    credential_id=cid,
+                    owner_id=owner,
+                    venue=the_venue,
+                    version=version,
+                    state="CURRENT",
+                    keys=keys,
+                )
                 cred = await self._emit(
-                    conn, owner, cid, "credential.rotation_started", sequence=int(moved["event_seq"]),
+                    conn,
+                    owner,
+                    cid,
+                    "credential.rotation_started",
+                    sequence=int(moved["event_seq"]),
                     extra={"immediate": True, "previousStatus": row["status"]},
-                )  # fmt: skip
+                )
                 await queue.enqueue(
                     jobs.VERIFY,
                     {"credentialId": str(cid), "version": version, "expectAccount": row["venue_account_id"]},
@@ -333,13 +351,22 @@ class CredentialEngine:
                 assert staged is not None
                 version = int(staged["last_secret_version"])
                 await store.insert_secret(
-                    conn, credential_id=cid, owner_id=owner, venue=the_venue, version=version,
-                    state="PENDING", keys=keys,
-                )  # fmt: skip
+                    conn,
+                    credential_id=cid,
+                    owner_id=owner,
+                    venue=the_venue,
+                    version=version,
+                    state="PENDING",
+                    keys=keys,
+                )
                 cred = await self._emit(
-                    conn, owner, cid, "credential.rotation_started", sequence=int(staged["event_seq"]),
+                    conn,
+                    owner,
+                    cid,
+                    "credential.rotation_started",
+                    sequence=int(staged["event_seq"]),
                     extra={"immediate": False},
-                )  # fmt: skip
+                )
                 await queue.enqueue(
                     jobs.ROTATION_VERIFY,
                     {"credentialId": str(cid), "version": version},
@@ -371,16 +398,23 @@ class CredentialEngine:
             for account_row in await conn.fetch("disable_credential_accounts", cid):
                 account = account_from_row(account_row)
                 await self._emit(
-                    conn, owner, cid, "trading_account.disconnected",
+                    conn,
+                    owner,
+                    cid,
+                    "trading_account.disconnected",
                     extra={"tradingAccount": account.public_dict(), "reason": "CREDENTIAL_REVOKED"},
-                )  # fmt: skip
+                )
             await conn.execute("delete_all_secrets", cid)
             revoked = await conn.fetchrow("mark_revoked", cid, owner, lifecycle.sources("revoke"))
             assert revoked is not None
             cred = await self._emit(
-                conn, owner, cid, "credential.revoked", sequence=int(revoked["event_seq"]),
+                conn,
+                owner,
+                cid,
+                "credential.revoked",
+                sequence=int(revoked["event_seq"]),
                 extra={"previousStatus": revoked["previous_status"]},
-            )  # fmt: skip
+            )
             await queue.enqueue(jobs.REVOKE_CASCADE, {"credentialId": str(cid)}, conn=conn)
         self.bus.poke()
         return cred
@@ -390,7 +424,7 @@ class CredentialEngine:
         owner_id: str,
         credential_id: uuid.UUID | str,
         statuses: Collection[CredentialStatus | str],
-        timeout: float = 30.0,
+        timeout: float = 30.0,  # noqa: ASYNC109 - the documented API of issue 2
     ) -> Credential:
         """Return the credential once its status is one of ``statuses``; :class:`errors.WaitTimeout` otherwise."""
         wanted = {CredentialStatus(str(s)) for s in statuses}
@@ -416,13 +450,12 @@ class CredentialEngine:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise errors.WaitTimeout(
-                        f"credential {cid} is still {cred.status.value} after {timeout:g}s", field="credentialId"
+                        f"credential {cid} is still {cred.status.value} after {timeout:g}s",
+                        field="credentialId",
                     )
                 changed.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 0.5))
-                except TimeoutError:
-                    pass
         finally:
             unsubscribe()
 
@@ -475,7 +508,9 @@ class CredentialEngine:
         wanted_type = validation.account_type(account_type)
         account_name = validation.nickname(name, "name")
         if credential_id is None:
-            cid = await self._credential_for_keys(owner, venue, api_key, api_secret, api_passphrase, wait_timeout)
+            cid = await self._credential_for_keys(
+                owner, venue, api_key, api_secret, api_passphrase, wait_timeout
+            )
         else:
             cid = validation.uuid_value(credential_id, "credentialId")
         async with self.db.transaction() as conn:
@@ -494,7 +529,13 @@ class CredentialEngine:
             try:
                 async with conn.savepoint():
                     account_row = await conn.fetchrow(
-                        "insert_trading_account", uuid.uuid4(), owner, cid, cred.venue.value, account_name, chosen
+                        "insert_trading_account",
+                        uuid.uuid4(),
+                        owner,
+                        cid,
+                        cred.venue.value,
+                        account_name,
+                        chosen,
                     )
             except dbmod.UniqueViolation:
                 raise errors.Conflict(
@@ -502,7 +543,9 @@ class CredentialEngine:
                 ) from None
             assert account_row is not None
             account = account_from_row(account_row)
-            await self._emit(conn, owner, cid, "trading_account.connected", extra={"tradingAccount": account.public_dict()})
+            await self._emit(
+                conn, owner, cid, "trading_account.connected", extra={"tradingAccount": account.public_dict()}
+            )
         self.bus.poke()
         return account
 
@@ -523,9 +566,12 @@ class CredentialEngine:
             cid = existing
         else:
             cred = await self.create_credential(
-                owner, venue=the_venue, api_key=keys.api_key, api_secret=keys.api_secret,
+                owner,
+                venue=the_venue,
+                api_key=keys.api_key,
+                api_secret=keys.api_secret,
                 api_passphrase=keys.api_passphrase,
-            )  # fmt: skip
+            )
             cid = cred.credential_id
         done = await self.wait_for_status(
             owner, cid, {CredentialStatus.VERIFIED, CredentialStatus.FAILED}, timeout=wait_timeout
@@ -538,7 +584,9 @@ class CredentialEngine:
             )
         return cid
 
-    async def disconnect_trading_account(self, owner_id: str, trading_account_id: uuid.UUID | str) -> TradingAccount:
+    async def disconnect_trading_account(
+        self, owner_id: str, trading_account_id: uuid.UUID | str
+    ) -> TradingAccount:
         store, _ = self._ready()
         owner = validation.owner(owner_id)
         aid = validation.uuid_value(trading_account_id, "tradingAccountId")
@@ -550,9 +598,12 @@ class CredentialEngine:
                 return await store.get_account(owner, aid)  # already DISABLED: idempotent
             account = account_from_row(row)
             await self._emit(
-                conn, owner, account.credential_id, "trading_account.disconnected",
+                conn,
+                owner,
+                account.credential_id,
+                "trading_account.disconnected",
                 extra={"tradingAccount": account.public_dict(), "reason": "DISCONNECTED"},
-            )  # fmt: skip
+            )
         self.bus.poke()
         return account
 
@@ -589,7 +640,7 @@ class CredentialEngine:
         """Hear every event committed from now on by any engine process on this database; returns unsubscribe."""
         return self.bus.subscribe(listener, types)
 
-    async def run_until_idle(self, timeout: float | None = None) -> int:
+    async def run_until_idle(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - arq-style API
         """Run every due job and deliver every event to listeners, until nothing is left to do (tests, scripts)."""
         _, queue = self._ready()
         total = 0

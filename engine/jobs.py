@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from engine import lifecycle
+from engine import lifecycle, logs
 from engine import queue as queuemod
 from engine.config import DAY_MS
 from engine.models import Credential, CredentialStatus
@@ -98,7 +98,8 @@ class LifecycleJobs:
         """Probe; a permanent failure is returned, a transient one becomes ``Retry`` (status untouched)."""
         started = time.monotonic()
         try:
-            result = await self.engine.probe(venue).probe(keys)
+            with logs.secret_scope(keys):  # anything that logs during the probe is scrubbed of these values
+                result = await self.engine.probe(venue).probe(keys)
         except ProbeFailure as failure:
             self.metrics.observe(venue, failure.outcome.value, time.monotonic() - started)
             if failure.transient:
@@ -132,9 +133,12 @@ class LifecycleJobs:
                 await self._fail(conn, current, version, outcome.outcome.value, outcome.message)
             elif expected and outcome.venue_account_id != expected:
                 await self._fail(
-                    conn, current, version, "ACCOUNT_MISMATCH",
+                    conn,
+                    current,
+                    version,
+                    "ACCOUNT_MISMATCH",
                     "the new keys belong to another venue account than the ones they replaced",
-                )  # fmt: skip
+                )
             else:
                 reason, warnings = self.engine.config.policy.evaluate(outcome)
                 if reason is not None:
@@ -145,15 +149,19 @@ class LifecycleJobs:
         self.engine.bus.poke()
 
     async def _fail(self, conn: Conn, cred: Credential, version: int, reason: str, message: str) -> None:
-        row = await conn.fetchrow("mark_failed", cred.credential_id, lifecycle.sources("verify_rejected"), version,
-                                  reason, message)  # fmt: skip
+        row = await conn.fetchrow(
+            "mark_failed", cred.credential_id, lifecycle.sources("verify_rejected"), version, reason, message
+        )
         if row is None:
             return
         await self.engine._emit(
-            conn, cred.owner_id, cred.credential_id, "credential.verification_failed",
+            conn,
+            cred.owner_id,
+            cred.credential_id,
+            "credential.verification_failed",
             sequence=int(row["event_seq"]),
             extra={"previousStatus": row["previous_status"], "reason": reason, "message": message},
-        )  # fmt: skip
+        )
         log.info("credential_failed", credential_id=str(cred.credential_id), reason=reason)
 
     async def _succeed(
@@ -163,10 +171,16 @@ class LifecycleJobs:
             await conn.execute("touch_verified", cred.credential_id, version)
             return
         row = await conn.fetchrow(
-            "mark_verified", cred.credential_id, lifecycle.sources("verify_succeeded"), version,
-            sorted(result.identities), result.permissions.as_dict(), result.venue_account_id,
-            result.environment, list(warnings),
-        )  # fmt: skip
+            "mark_verified",
+            cred.credential_id,
+            lifecycle.sources("verify_succeeded"),
+            version,
+            sorted(result.identities),
+            result.permissions.as_dict(),
+            result.venue_account_id,
+            result.environment,
+            list(warnings),
+        )
         if row is None:
             return
         previous = row["previous_status"]
@@ -174,9 +188,13 @@ class LifecycleJobs:
         if previous == CredentialStatus.VERIFIED:
             event_type = "credential.permissions_changed"
         await self.engine._emit(
-            conn, cred.owner_id, cred.credential_id, event_type, sequence=int(row["event_seq"]),
+            conn,
+            cred.owner_id,
+            cred.credential_id,
+            event_type,
+            sequence=int(row["event_seq"]),
             extra={"previousStatus": previous, "previousPermissions": row["previous_permissions"]},
-        )  # fmt: skip
+        )
         await self._plan_expiry_warning(conn, cred, result)
 
     async def _plan_expiry_warning(self, conn: Conn, cred: Credential, result: ProbeResult) -> None:
@@ -216,9 +234,12 @@ class LifecycleJobs:
                 await self._reject_rotation(conn, current, version, outcome.outcome.value, outcome.message)
             elif current.venue_account_id and outcome.venue_account_id != current.venue_account_id:
                 await self._reject_rotation(
-                    conn, current, version, "ACCOUNT_MISMATCH",
+                    conn,
+                    current,
+                    version,
+                    "ACCOUNT_MISMATCH",
                     "the new keys belong to another venue account; the old keys stay in use",
-                )  # fmt: skip
+                )
             else:
                 reason, warnings = self.engine.config.policy.evaluate(outcome)
                 if reason is not None:
@@ -241,28 +262,46 @@ class LifecycleJobs:
         await conn.execute("delete_secret", cred.credential_id, old_version)  # old material destroyed
         await conn.execute("promote_secret", cred.credential_id, version)
         row = await conn.fetchrow(
-            "mark_rotated", cred.credential_id, lifecycle.sources("rotation_succeeded"), old_version, version,
-            masked, sorted(result.identities), result.permissions.as_dict(), result.venue_account_id,
-            result.environment, list(warnings),
-        )  # fmt: skip
+            "mark_rotated",
+            cred.credential_id,
+            lifecycle.sources("rotation_succeeded"),
+            old_version,
+            version,
+            masked,
+            sorted(result.identities),
+            result.permissions.as_dict(),
+            result.venue_account_id,
+            result.environment,
+            list(warnings),
+        )
         assert row is not None  # locked, live, fenced on the version read under the lock
         await self.engine._emit(
-            conn, cred.owner_id, cred.credential_id, "credential.rotated", sequence=int(row["event_seq"]),
+            conn,
+            cred.owner_id,
+            cred.credential_id,
+            "credential.rotated",
+            sequence=int(row["event_seq"]),
             extra={"previousStatus": row["previous_status"], "previousApiKey": cred.masked_api_key},
-        )  # fmt: skip
+        )
         await self._plan_expiry_warning(conn, cred, result)
         log.info("credential_rotated", credential_id=str(cred.credential_id), version=version)
 
-    async def _reject_rotation(self, conn: Conn, cred: Credential, version: int, reason: str, message: str) -> None:
+    async def _reject_rotation(
+        self, conn: Conn, cred: Credential, version: int, reason: str, message: str
+    ) -> None:
         await conn.execute("delete_secret", cred.credential_id, version)  # staged material destroyed
         row = await conn.fetchrow(
             "mark_rotation_rejected", cred.credential_id, lifecycle.sources("rotation_rejected"), reason
         )
         assert row is not None
         await self.engine._emit(
-            conn, cred.owner_id, cred.credential_id, "credential.rotation_failed", sequence=int(row["event_seq"]),
+            conn,
+            cred.owner_id,
+            cred.credential_id,
+            "credential.rotation_failed",
+            sequence=int(row["event_seq"]),
             extra={"reason": reason, "message": message, "rejectedVersion": version},
-        )  # fmt: skip
+        )
         log.info("rotation_rejected", credential_id=str(cred.credential_id), reason=reason)
 
     # ---- revoke, sweep, expiry ---------------------------------------------------------------------------------
@@ -275,7 +314,9 @@ class LifecycleJobs:
 
     async def reverify_sweep(self, job: queuemod.Job) -> None:
         """Enqueue a re-verification for VERIFIED credentials not verified for ``reverify_interval``."""
-        rows = await self.engine.db.fetch("due_for_reverify", self.engine.config.reverify_interval, SWEEP_BATCH)
+        rows = await self.engine.db.fetch(
+            "due_for_reverify", self.engine.config.reverify_interval, SWEEP_BATCH
+        )
         if not rows:
             return
         async with self.engine.db.transaction() as conn:
@@ -305,9 +346,12 @@ class LifecycleJobs:
                 return
             days = max(0, (expires - int(time.time() * 1000)) // DAY_MS)
             await self.engine._emit(
-                conn, cred.owner_id, cid, "credential.expiring",
+                conn,
+                cred.owner_id,
+                cid,
+                "credential.expiring",
                 extra={"expiresAt": expires, "daysLeft": days},
-            )  # fmt: skip
+            )
             await self._done(conn, job)
         self.engine.bus.poke()
 

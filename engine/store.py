@@ -145,7 +145,13 @@ class Store:
             "insert_credential", credential_id, owner_id, venue.value, credential_type.value, nickname, masked
         )
         await self.insert_secret(
-            conn, credential_id=credential_id, owner_id=owner_id, venue=venue, version=1, state="CURRENT", keys=keys
+            conn,
+            credential_id=credential_id,
+            owner_id=owner_id,
+            venue=venue,
+            version=1,
+            state="CURRENT",
+            keys=keys,
         )
 
     async def insert_secret(
@@ -228,12 +234,16 @@ class Store:
         return Page(items=[credential_from_row(r) for r in rows], offset=offset, limit=limit, total=total)
 
     async def find_by_fingerprint(self, owner_id: str, venue: Venue, api_key: str) -> uuid.UUID | None:
-        row = await self.db.fetchrow("find_by_fingerprint", owner_id, venue.value, self.fingerprint(venue, api_key))
+        row = await self.db.fetchrow(
+            "find_by_fingerprint", owner_id, venue.value, self.fingerprint(venue, api_key)
+        )
         return row["credential_id"] if row is not None else None
 
     # ---- secrets ------------------------------------------------------------------------------------------
 
-    async def get_secret(self, credential_id: uuid.UUID, version: int, *, conn: Conn | None = None) -> SecretRow | None:
+    async def get_secret(
+        self, credential_id: uuid.UUID, version: int, *, conn: Conn | None = None
+    ) -> SecretRow | None:
         runner: Conn | Database = conn or self.db
         row = await runner.fetchrow("get_secret", credential_id, version)
         if row is None:
@@ -270,7 +280,12 @@ class Store:
             if engine_key is not None and int(engine_key["kek_version"]) != current:
                 new = self.vault.rewrap_blob(_sealed(engine_key), purpose=FINGERPRINT_KEY)
                 await conn.execute(
-                    "update_engine_key", FINGERPRINT_KEY, new.kek_version, new.wrapped_dek, new.nonce, new.ciphertext
+                    "update_engine_key",
+                    FINGERPRINT_KEY,
+                    new.kek_version,
+                    new.wrapped_dek,
+                    new.nonce,
+                    new.ciphertext,
                 )
         return len(rows)
 

@@ -14,13 +14,21 @@ It checks secrets too: a known key with another secret (or passphrase) answers I
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from venues.base import ApiKeys, KeyFormatProblem, Outcome, Permissions, Probe, ProbeFailure, ProbeResult, Venue
+from venues.base import (
+    ApiKeys,
+    KeyFormatProblem,
+    Outcome,
+    Permissions,
+    Probe,
+    ProbeFailure,
+    ProbeResult,
+    Venue,
+)
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -124,7 +132,9 @@ class FakeVenue:
                 await asyncio.sleep(key.delay)
             if key.transient_left > 0:
                 key.transient_left -= 1
-                raise ProbeFailure(key.transient_outcome, "simulated transient failure", retry_after=key.retry_after)
+                raise ProbeFailure(
+                    key.transient_outcome, "simulated transient failure", retry_after=key.retry_after
+                )
             if key.failure is not None:
                 raise ProbeFailure(key.failure, f"simulated {key.failure.value}")
             if keys.api_secret != key.secret:

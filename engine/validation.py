@@ -35,7 +35,9 @@ def owner(value: Any) -> str:
     if not text:
         raise errors.InvalidRequest("ownerId", "is required")
     if len(text) > MAX_OWNER or not _OWNER.match(text):
-        raise errors.InvalidRequest("ownerId", f"must be 1-{MAX_OWNER} characters of letters, digits and ._:@|+-")
+        raise errors.InvalidRequest(
+            "ownerId", f"must be 1-{MAX_OWNER} characters of letters, digits and ._:@|+-"
+        )
     return text
 
 
@@ -160,9 +162,7 @@ def _key_part(value: Any, field: str, limit: int, *, required: bool, multiline: 
     return text
 
 
-def api_keys(
-    the_venue: Venue, api_key: Any, api_secret: Any, api_passphrase: Any = None
-) -> ApiKeys:
+def api_keys(the_venue: Venue, api_key: Any, api_secret: Any, api_passphrase: Any = None) -> ApiKeys:
     """Required fields per venue, trimmed and bounded. Formats per venue are the probes' ``check_keys``."""
     key = _key_part(api_key, "apiKey", MAX_API_KEY, required=True, multiline=False)
     # PEM secrets (Coinbase CDP keys) span lines; other secrets are single tokens, checked by the probe
@@ -172,5 +172,7 @@ def api_keys(
         raise errors.InvalidRequest("apiPassphrase", f"is required for {the_venue.value}")
     assert key is not None and secret is not None
     if secret.startswith("-----BEGIN") and not secret.endswith("\n"):
-        secret += "\n"  # PEM as issued ends with a newline; trimming must not change what the venue signs with
+        secret += (
+            "\n"  # PEM as issued ends with a newline; trimming must not change what the venue signs with
+        )
     return ApiKeys(api_key=key, api_secret=secret, api_passphrase=passphrase)

@@ -8,7 +8,16 @@ import aiohttp
 
 from venues.base import ApiKeys, Outcome, Permissions, Probe, ProbeFailure, ProbeResult, Venue
 
-__all__ = ["ApiKeys", "Outcome", "Permissions", "Probe", "ProbeFailure", "ProbeResult", "Venue", "build_probe"]
+__all__ = [
+    "ApiKeys",
+    "Outcome",
+    "Permissions",
+    "Probe",
+    "ProbeFailure",
+    "ProbeResult",
+    "Venue",
+    "build_probe",
+]
 
 # venue -> (module, class): imported on first use so a missing optional piece never breaks the rest
 _PROBES: dict[Venue, tuple[str, str]] = {

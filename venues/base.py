@@ -41,8 +41,8 @@ class Outcome(enum.StrEnum):
 
     OK = "OK"
     INVALID_KEY = "INVALID_KEY"
-    INVALID_SECRET = "INVALID_SECRET"
-    INVALID_PASSPHRASE = "INVALID_PASSPHRASE"
+    INVALID_SECRET = "INVALID_SECRET"  # noqa: S105 - an outcome name, not a secret
+    INVALID_PASSPHRASE = "INVALID_PASSPHRASE"  # noqa: S105 - an outcome name, not a secret
     IP_NOT_ALLOWED = "IP_NOT_ALLOWED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     KEY_EXPIRED = "KEY_EXPIRED"
@@ -318,7 +318,9 @@ class VenueProbe:
             ) as resp:
                 raw = await resp.content.read(MAX_BODY_BYTES + 1)
                 status = resp.status
-                resp_headers = CIMultiDictProxy(CIMultiDict(resp.headers))  # header names are case-insensitive
+                resp_headers = CIMultiDictProxy(
+                    CIMultiDict(resp.headers)
+                )  # header names are case-insensitive
         except TimeoutError:
             raise ProbeFailure(Outcome.TIMEOUT, f"{self.venue.value} did not answer in time") from None
         except aiohttp.ClientError as exc:

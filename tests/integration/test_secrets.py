@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -39,12 +40,12 @@ def leaks(text: str) -> list[str]:
 async def database_text(eng: CredentialEngine) -> str:
     """Every row of every table of the public schema, as text (bytea as hex)."""
     async with eng.db.connection() as conn:
-        tables = await conn._conn.fetch(  # noqa: SLF001 - a test reading the raw schema
+        tables = await conn._conn.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
         )
         chunks = []
         for t in tables:
-            rows = await conn._conn.fetch(f'SELECT t::text AS r FROM "{t["table_name"]}" t')  # noqa: SLF001, S608
+            rows = await conn._conn.fetch(f'SELECT t::text AS r FROM "{t["table_name"]}" t')
             chunks.extend(r["r"] for r in rows)
     return "\n".join(chunks)
 
@@ -72,14 +73,25 @@ async def test_canary_secrets_never_leak_through_any_lifecycle_path(
     await settle(eng)
     # every failure kind: duplicate, bad format, wrong passphrase (probe), permanent and transient outcomes
     for call in (
-        eng.create_credential(OWNER, venue=Venue.OKX, api_key=CANARY_KEY, api_secret=CANARY_SECRET,
-                              api_passphrase=CANARY_PASS),
-        eng.create_credential(OWNER, venue=Venue.OKX, api_key="ok-key", api_secret=CANARY_SECRET + "\x01",
-                              api_passphrase=CANARY_PASS),
-        eng.create_credential(OWNER, venue=Venue.OKX, api_key="malformed" + CANARY_SECRET,
-                              api_secret=CANARY_SECRET, api_passphrase=CANARY_PASS),
+        eng.create_credential(
+            OWNER, venue=Venue.OKX, api_key=CANARY_KEY, api_secret=CANARY_SECRET, api_passphrase=CANARY_PASS
+        ),
+        eng.create_credential(
+            OWNER,
+            venue=Venue.OKX,
+            api_key="ok-key",
+            api_secret=CANARY_SECRET + "\x01",
+            api_passphrase=CANARY_PASS,
+        ),
+        eng.create_credential(
+            OWNER,
+            venue=Venue.OKX,
+            api_key="malformed" + CANARY_SECRET,
+            api_secret=CANARY_SECRET,
+            api_passphrase=CANARY_PASS,
+        ),
         eng.rotate_credential("other-owner", cred.credential_id, api_key="x", api_secret=CANARY_NEW_SECRET),
-    ):  # fmt: skip
+    ):
         with pytest.raises(errors.CredentialEngineError) as info:
             await call
         texts += [str(info.value), repr(info.value), repr(info.value.args)]
@@ -114,7 +126,9 @@ async def test_canary_secrets_never_leak_through_any_lifecycle_path(
         assert leaks(text) == [], text[:400]
 
 
-async def test_database_dump_holds_no_plaintext(make_engine: object, fake: FakeVenue, database_url: str) -> None:
+async def test_database_dump_holds_no_plaintext(
+    make_engine: object, fake: FakeVenue, database_url: str
+) -> None:
     """pg_dump of a database with stored keys contains neither the secrets nor the API keys in clear."""
     eng: CredentialEngine = await make_engine()  # type: ignore[operator]
     fake.add_key(CANARY_KEY, CANARY_SECRET, passphrase=CANARY_PASS)
@@ -131,22 +145,32 @@ async def test_database_dump_holds_no_plaintext(make_engine: object, fake: FakeV
         pg_dump = Path(POSTGRES_BIN_PATH) / "pg_dump"
     except ImportError:
         pg_dump = Path("pg_dump")
-    dumped = subprocess.run([str(pg_dump), "--data-only", database_url], capture_output=True, text=True, check=False)
-    if dumped.returncode == 0:
-        assert "COPY public.credential_secrets" in dumped.stdout
-        assert leaks(dumped.stdout) == []
+    dumped = await asyncio.to_thread(
+        subprocess.run,
+        [str(pg_dump), "--data-only", database_url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert dumped.returncode == 0, dumped.stderr[-500:]
+    assert "COPY public.credential_secrets" in dumped.stdout
+    assert leaks(dumped.stdout) == []
 
 
-async def test_ciphertext_copied_to_another_row_does_not_decrypt(eng: CredentialEngine, fake: FakeVenue) -> None:
+async def test_ciphertext_copied_to_another_row_does_not_decrypt(
+    eng: CredentialEngine, fake: FakeVenue
+) -> None:
     """Associated data binds a ciphertext to its credential: copying it onto another credential fails to open."""
     fake.add_key("victim", "victim-secret")
     fake.add_key("attacker", "attacker-secret")
-    victim = await eng.create_credential(OWNER, venue=Venue.BINANCE, api_key="victim", api_secret="victim-secret")
+    victim = await eng.create_credential(
+        OWNER, venue=Venue.BINANCE, api_key="victim", api_secret="victim-secret"
+    )
     attacker = await eng.create_credential(
         OWNER, venue=Venue.BINANCE, api_key="attacker", api_secret="attacker-secret"
     )
     async with eng.db.connection() as conn:
-        await conn._conn.execute(  # noqa: SLF001 - the attack is a raw row copy
+        await conn._conn.execute(
             """UPDATE credential_secrets a SET wrapped_dek = v.wrapped_dek, nonce = v.nonce, ciphertext = v.ciphertext
                FROM credential_secrets v WHERE a.credential_id = $1 AND v.credential_id = $2""",
             attacker.credential_id,
@@ -166,7 +190,9 @@ async def test_master_key_rewrap_keeps_every_credential_readable(
     ids = []
     for i in range(7):
         fake.add_key(f"rw{i}", f"secret-{i}")
-        cred = await eng.create_credential(OWNER, venue=Venue.BINANCE, api_key=f"rw{i}", api_secret=f"secret-{i}")
+        cred = await eng.create_credential(
+            OWNER, venue=Venue.BINANCE, api_key=f"rw{i}", api_secret=f"secret-{i}"
+        )
         ids.append(cred.credential_id)
     await eng.close()
     second = MasterKeyring.generate_spec(2)

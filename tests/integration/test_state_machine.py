@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,14 @@ def test_lifecycle_state_machine(database_url: str, tmp_path: Path) -> None:
         def run(self, coro: Any) -> Any:
             return loop.run_until_complete(coro)
 
-        @rule(target=credentials, key=st.sampled_from(KEYS), venue=st.sampled_from([Venue.BINANCE, Venue.BYBIT]))
+        @rule(
+            target=credentials, key=st.sampled_from(KEYS), venue=st.sampled_from([Venue.BINANCE, Venue.BYBIT])
+        )
         def create(self, key: str, venue: Venue) -> uuid.UUID | None:
             try:
-                cred = self.run(engine.create_credential(self.owner, venue=venue, api_key=key, api_secret="s"))
+                cred = self.run(
+                    engine.create_credential(self.owner, venue=venue, api_key=key, api_secret="s")
+                )
             except errors.DuplicateCredential:
                 return None
             return cred.credential_id
@@ -111,10 +116,14 @@ def test_lifecycle_state_machine(database_url: str, tmp_path: Path) -> None:
         def rotate(self, cid: uuid.UUID | None, key: str, immediate: bool) -> None:
             if cid is None:
                 return
-            try:
-                self.run(engine.rotate_credential(self.owner, cid, api_key=key, api_secret="s", immediate=immediate))
-            except (errors.InvalidTransition, errors.RotationPending, errors.DuplicateCredential):
-                pass
+            with contextlib.suppress(
+                errors.InvalidTransition, errors.RotationPending, errors.DuplicateCredential
+            ):
+                self.run(
+                    engine.rotate_credential(
+                        self.owner, cid, api_key=key, api_secret="s", immediate=immediate
+                    )
+                )
 
         @rule(cid=credentials, cascade=st.booleans())
         def revoke(self, cid: uuid.UUID | None, cascade: bool) -> None:
@@ -131,7 +140,9 @@ def test_lifecycle_state_machine(database_url: str, tmp_path: Path) -> None:
             if cid is None:
                 return None
             try:
-                acct = self.run(engine.connect_trading_account(self.owner, credential_id=cid, account_type=account_type))
+                acct = self.run(
+                    engine.connect_trading_account(self.owner, credential_id=cid, account_type=account_type)
+                )
             except (errors.Conflict, errors.InvalidRequest):
                 return None
             return acct.trading_account_id
@@ -151,7 +162,7 @@ def test_lifecycle_state_machine(database_url: str, tmp_path: Path) -> None:
                 broken: dict[str, list[Any]] = {}
                 async with engine.db.connection() as conn:
                     for name, sql in INVARIANT_SQL.items():
-                        rows = await conn._conn.fetch(sql)  # noqa: SLF001 - raw checks of the schema
+                        rows = await conn._conn.fetch(sql)
                         if rows:
                             broken[name] = [dict(r) for r in rows]
                 return broken

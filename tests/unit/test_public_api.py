@@ -57,7 +57,9 @@ def test_error_tree_in_docstring_matches_the_classes() -> None:
 
 def test_errnos_are_unique_and_negative() -> None:
     """Each error kind has its own stable negative errno (the REST API documents them)."""
-    classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, errors.CredentialEngineError)]
+    classes = [
+        c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, errors.CredentialEngineError)
+    ]
     numbers = [c.errno for c in classes]
     assert all(n < 0 for n in numbers)
     assert len(set(numbers)) == len(numbers)

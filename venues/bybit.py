@@ -1,0 +1,399 @@
+"""Bybit (V5): hex HMAC-SHA256 over timestamp + apiKey + recvWindow + query/body (venues.md section 3).
+
+One probe = ``GET /v5/user/query-api`` (the key's permissions, IPs, expiry and ``userID``), then two identity
+calls at once: ``/v5/account/info`` (``unifiedMarginStatus``: unified vs classic) and
+``/v5/user/get-member-type`` (the wallets of this UID), which venues.md 3.4 turns into unified/spot/contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from venues import base
+
+RECV_WINDOW_MS = 5000  # venues.md 3.2: the documented default
+QUERY_API_PATH = "/v5/user/query-api"
+ACCOUNT_INFO_PATH = "/v5/account/info"
+MEMBER_TYPE_PATH = "/v5/user/get-member-type"
+TIME_PATH = "/v5/market/time"  # venues.md 6, clock-sync endpoints
+INVALID_KEY_CODE = 10003  # may mean "a key of another environment" (venues.md 3.5)
+# Where a key refused by mainnet (10003) may live; tried only with the default URLs (venues/README.md)
+OTHER_ENVIRONMENTS: Mapping[str, str] = {
+    "testnet": "https://api-testnet.bybit.com",
+    "demo": "https://api-demo.bybit.com",
+}
+IP_BAN_WAIT_S = 600.0  # venues.md 3.5: HTTP 403 "access too frequent" -> stop and wait >= 10 minutes
+DAY_MS = 86_400_000
+
+# venues.md 3.5: retCode -> (outcome, what it means). The doc's "bug" rows (parameter error, route not
+# found) are SERVER_ERROR: transient, so a probe bug never marks a key FAILED. 10028/100028 (an endpoint
+# for the other account kind) are PERMISSION_DENIED: on an identity call that means "not reached".
+_CODES: dict[int, tuple[base.Outcome, str]] = {
+    10003: (
+        base.Outcome.INVALID_KEY,
+        "API key is invalid (or belongs to another environment or regional site)",
+    ),
+    10004: (base.Outcome.INVALID_SECRET, "signature error: the API secret does not belong to this key"),
+    10005: (base.Outcome.PERMISSION_DENIED, "permission denied for this API key"),
+    10007: (base.Outcome.INVALID_KEY, "user authentication failed"),
+    10010: (base.Outcome.IP_NOT_ALLOWED, "unmatched IP: this IP is not bound to the key"),
+    33004: (base.Outcome.KEY_EXPIRED, "the API key has expired"),
+    -2015: (base.Outcome.KEY_EXPIRED, "the API key has expired (spot)"),
+    10002: (base.Outcome.CLOCK_SKEW, "request time outside the recv window"),
+    -1: (base.Outcome.CLOCK_SKEW, "request expired"),
+    10008: (base.Outcome.ACCOUNT_RESTRICTED, "common banned: check the account mode"),
+    10009: (base.Outcome.ACCOUNT_RESTRICTED, "service restricted for this region"),
+    10024: (base.Outcome.ACCOUNT_RESTRICTED, "compliance rules triggered"),
+    10027: (base.Outcome.ACCOUNT_RESTRICTED, "transactions are banned"),
+    10028: (base.Outcome.PERMISSION_DENIED, "endpoint only for unified accounts"),
+    100028: (base.Outcome.PERMISSION_DENIED, "endpoint not for unified accounts"),
+    10006: (base.Outcome.RATE_LIMITED, "too many visits: API rate limit exceeded"),
+    429: (base.Outcome.RATE_LIMITED, "trading service under high load"),
+    10000: (base.Outcome.SERVER_ERROR, "server timeout"),
+    10016: (base.Outcome.SERVER_ERROR, "server error (service restarting)"),
+    10001: (base.Outcome.SERVER_ERROR, "parameter error (a probe bug)"),
+    10017: (base.Outcome.SERVER_ERROR, "route not found (a probe bug)"),
+}
+ERRORS: dict[int, base.Outcome] = {code: outcome for code, (outcome, _) in _CODES.items()}
+
+# Answers without a retCode, by HTTP status (venues.md 3.5 "HTTP"). Any other 4xx/5xx is SERVER_ERROR.
+HTTP_STATUS: dict[int, base.Outcome] = {
+    401: base.Outcome.INVALID_KEY,  # "invalid request (wrong key / missing auth headers)"
+    403: base.Outcome.RATE_LIMITED,  # IP rate limit breached (or a US IP): transient, wait >= 10 min
+    429: base.Outcome.RATE_LIMITED,  # system-level protection
+}
+_IP_HINTS = ("ip address", "allowlist", "whitelist")  # venues/README.md: an auth error naming an IP
+
+# query-api permission groups that allow trading (venues.md 3.3 "Derivation")
+TRADE_GROUPS = ("ContractTrade", "Spot", "Options", "Derivatives")
+TRANSFER_PERMISSIONS = ("AccountTransfer", "SubMemberTransfer", "SubMemberTransferList")
+UNIFIED_STATUSES = frozenset({3, 4, 5, 6})  # UTA1.0, UTA1.0 pro, UTA2.0, UTA2.0 pro
+CLASSIC_STATUS = 1
+WALLET_IDENTITIES = {"UNIFIED": "unified", "SPOT": "spot", "CONTRACT": "contract"}  # get-member-type
+
+_TOKEN = re.compile(r"[A-Za-z0-9]{8,128}")
+MAX_FIELD_CHARS = 256
+
+
+def pre_sign(timestamp_ms: int, api_key: str, recv_window: int, query_or_body: str = "") -> str:
+    """The string Bybit signs: timestamp + apiKey + recvWindow + (GET: query string, POST: JSON body)."""
+    return f"{timestamp_ms}{api_key}{recv_window}{query_or_body}"
+
+
+def sign(secret: str, payload: str) -> str:
+    """X-BAPI-SIGN for HMAC keys: lowercase hex HMAC-SHA256 of ``payload`` keyed by the secret (UTF-8)."""
+    return hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
+
+
+def auth_headers(
+    keys: base.ApiKeys, timestamp_ms: int, query_or_body: str = "", *, recv_window: int = RECV_WINDOW_MS
+) -> dict[str, str]:
+    """The X-BAPI-* headers of a request whose query string (GET) or JSON body (POST) is ``query_or_body``."""
+    payload = pre_sign(timestamp_ms, keys.api_key, recv_window, query_or_body)
+    return {
+        "X-BAPI-API-KEY": keys.api_key,
+        "X-BAPI-TIMESTAMP": str(timestamp_ms),
+        "X-BAPI-RECV-WINDOW": str(recv_window),
+        "X-BAPI-SIGN": sign(keys.api_secret, payload),
+    }
+
+
+def classify(reply: base.Reply) -> base.ProbeFailure | None:
+    """The failure a Bybit answer means, or None when it is a readable success (``retCode`` 0)."""
+    body = reply.body
+    code = body.get("retCode") if isinstance(body, dict) else None
+    if isinstance(code, bool) or not isinstance(code, int):
+        code = None
+    retry_after = reply.retry_after()
+    if reply.status == 429:
+        return base.ProbeFailure(
+            base.Outcome.RATE_LIMITED,
+            "Bybit rate limit hit (HTTP 429)",
+            retry_after=retry_after,
+            venue_code="HTTP 429",
+        )
+    if code is not None and code != 0:
+        outcome, meaning = _CODES.get(code, (base.Outcome.SERVER_ERROR, "unrecognised error code"))
+        return base.ProbeFailure(
+            outcome,
+            f"Bybit {code}: {meaning}",
+            retry_after=retry_after if outcome.transient else None,
+            venue_code=str(code),
+        )
+    if reply.status >= 400:
+        outcome = HTTP_STATUS.get(reply.status, base.Outcome.SERVER_ERROR)
+        if outcome is base.Outcome.INVALID_KEY and any(hint in reply.text.lower() for hint in _IP_HINTS):
+            outcome = base.Outcome.IP_NOT_ALLOWED
+        if reply.status == 403 and retry_after is None:
+            retry_after = IP_BAN_WAIT_S
+        return base.ProbeFailure(
+            outcome,
+            f"Bybit answered HTTP {reply.status}",
+            retry_after=retry_after if outcome.transient else None,
+            venue_code=f"HTTP {reply.status}",
+        )
+    if code != 0 or not isinstance(body.get("result"), dict):
+        return base.ProbeFailure(
+            base.Outcome.SERVER_ERROR, f"Bybit sent an unreadable answer (HTTP {reply.status})"
+        )
+    return None
+
+
+def permissions_from_api_info(info: Mapping[str, Any], now_ms: int) -> base.Permissions:
+    """Map ``query-api`` ``result`` (venues.md 3.3) to :class:`Permissions`; ``ValueError`` if malformed."""
+    groups = info.get("permissions")
+    read_only = info.get("readOnly")
+    if not isinstance(groups, dict) or read_only not in (0, 1):
+        raise ValueError("query-api without permissions/readOnly")
+    wallet, bound = groups.get("Wallet") or [], info.get("ips") or []
+    if not isinstance(wallet, list) or not isinstance(bound, list):
+        raise ValueError("query-api Wallet/ips are not lists")
+    ips = [ip.strip() for ip in bound if isinstance(ip, str) and ip.strip() not in ("", "*")]
+    return base.Permissions(
+        read=True,  # every key can read; query-api itself answers to any permission
+        trade=read_only == 0 and any(groups.get(group) for group in TRADE_GROUPS),
+        withdraw="Withdraw" in wallet,
+        transfer=read_only == 0 and any(p in wallet for p in TRANSFER_PERMISSIONS),  # a write, like trading
+        ip_restricted=bool(ips),  # [] or ["*"] mean "no IP bound" (venues.md 3.3)
+        ip_allowlist=tuple(ips),
+        expires_at_ms=key_expiry_ms(info, now_ms),
+    )
+
+
+def key_expiry_ms(info: Mapping[str, Any], now_ms: int) -> int | None:
+    """``expiredAt`` in ms; else ``deadlineDay`` days from now; None when neither says (IP-bound keys).
+
+    An IP-bound key reports ``expiredAt`` "1970-01-01T00:00:00Z" and ``deadlineDay`` -2 (venues.md 3.3).
+    """
+    expired_at = info.get("expiredAt")
+    if isinstance(expired_at, str) and expired_at:
+        try:
+            moment = datetime.fromisoformat(expired_at)
+        except ValueError:
+            moment = datetime.fromtimestamp(0, tz=UTC)
+        if moment.tzinfo is None:  # Bybit writes "Z"; a bare datetime is UTC too, never local time
+            moment = moment.replace(tzinfo=UTC)
+        ms = int(moment.timestamp() * 1000)
+        if ms > 0:
+            return ms
+    days = info.get("deadlineDay")
+    if isinstance(days, int) and not isinstance(days, bool) and days > 0:
+        return now_ms + days * DAY_MS
+    return None
+
+
+def identities_from(margin_status: int | None, wallets: Sequence[str] | None) -> set[str]:
+    """Identities from venues.md 3.4: unified <= a UTA status (>= 3) or a UNIFIED wallet; spot and
+    contract <= the classic status or their own wallets. ``None`` for an answer the key could not read.
+    """
+    found: set[str] = set()
+    if margin_status in UNIFIED_STATUSES:
+        found.add("unified")
+    elif margin_status == CLASSIC_STATUS:
+        found.update({"spot", "contract"})
+    for wallet in wallets or ():
+        if wallet in WALLET_IDENTITIES:
+            found.add(WALLET_IDENTITIES[wallet])
+    return found
+
+
+def _check_token(field_name: str, value: str) -> None:
+    if not value:
+        raise base.KeyFormatProblem(field_name, "is empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise base.KeyFormatProblem(field_name, f"is longer than {MAX_FIELD_CHARS} characters")
+    if any(ch.isspace() for ch in value):
+        raise base.KeyFormatProblem(field_name, "contains whitespace (a copy-paste slip?)")
+    if not value.isprintable():
+        raise base.KeyFormatProblem(field_name, "contains control characters")
+    if not _TOKEN.fullmatch(value):
+        raise base.KeyFormatProblem(field_name, "must be 8 to 128 letters and digits")
+
+
+def _format_failure(problem: base.KeyFormatProblem) -> base.ProbeFailure:
+    """Keys that cannot be right, met at probe time: a permanent failure naming the field, never its value."""
+    outcome = {
+        "apiSecret": base.Outcome.INVALID_SECRET,
+        "apiPassphrase": base.Outcome.INVALID_PASSPHRASE,
+    }.get(problem.field, base.Outcome.INVALID_KEY)
+    return base.ProbeFailure(outcome, f"Bybit keys are malformed: {problem}")
+
+
+def _settle(results: Sequence[object]) -> list[base.Reply | base.ProbeFailure]:
+    """Identity answers as replies or permanent refusals; a transient failure (or a bug) is raised instead.
+
+    Never record a partial identity list as the truth (venues/README.md).
+    """
+    settled: list[base.Reply | base.ProbeFailure] = []
+    for result in results:
+        if not isinstance(result, base.Reply | base.ProbeFailure):
+            raise result if isinstance(result, BaseException) else TypeError(type(result).__name__)
+        settled.append(result)
+    transient = [r for r in settled if isinstance(r, base.ProbeFailure) and r.transient]
+    if transient:
+        raise max(transient, key=lambda failure: failure.retry_after or 0.0)
+    return settled
+
+
+class BybitProbe(base.VenueProbe):
+    """Verifies a Bybit HMAC key, reads its permissions and expiry, finds unified / spot / contract."""
+
+    venue: ClassVar[base.Venue] = base.Venue.BYBIT
+    default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://api.bybit.com"}
+    # venues.md 3.6: 600 requests / 5 s per IP (120/s) across hosts; per-UID endpoint limits (query-api,
+    # get-member-type 10/s) are never reached by one probe. We take a sixth of the IP budget.
+    rate_per_second: ClassVar[float] = 20.0
+    burst: ClassVar[float | None] = 20.0
+
+    def check_keys(self, keys: base.ApiKeys) -> None:
+        """HMAC key and secret: letters and digits (18 and 36 in practice); 8..128 pass."""
+        _check_token("apiKey", keys.api_key)
+        if "PRIVATE KEY" in keys.api_secret:
+            raise base.KeyFormatProblem("apiSecret", "is an RSA private key: only HMAC keys are supported")
+        _check_token("apiSecret", keys.api_secret)
+
+    async def probe(self, keys: base.ApiKeys) -> base.ProbeResult:
+        try:
+            self.check_keys(keys)
+        except base.KeyFormatProblem as problem:
+            raise _format_failure(problem) from None
+        api_reply = await self._verify(keys)
+        info = api_reply.body["result"]
+        user_id = info.get("userID")
+        try:
+            permissions = permissions_from_api_info(info, self.now_ms())
+        except (TypeError, ValueError):
+            raise self.malformed(api_reply) from None
+        if isinstance(user_id, bool) or not isinstance(user_id, int | str) or str(user_id) in ("", "0"):
+            raise self.malformed(api_reply)
+        expiry = permissions.expires_at_ms
+        if expiry is not None and expiry <= self.now_ms():  # the contract: a past expiredAt is KEY_EXPIRED
+            when = datetime.fromtimestamp(expiry / 1000, tz=UTC).isoformat(timespec="seconds")
+            raise base.ProbeFailure(base.Outcome.KEY_EXPIRED, f"Bybit reports the API key expired at {when}")
+
+        account, members = _settle(
+            await base.gather_identities(
+                [self._signed_get(keys, ACCOUNT_INFO_PATH), self._signed_get(keys, MEMBER_TYPE_PATH)]
+            )
+        )
+        margin_status = self._margin_status(account)
+        wallets = self._wallets(members, str(user_id))
+        return base.ProbeResult(
+            venue=self.venue,
+            venue_account_id=str(user_id),
+            permissions=permissions,
+            identities=tuple(sorted(identities_from(margin_status, wallets))),
+            details=_details(info, margin_status),
+        )
+
+    async def _verify(self, keys: base.ApiKeys) -> base.Reply:
+        """``query-api``; on 10003 with the default URLs, look for the key on testnet and demo."""
+        try:
+            return await self._signed_get(keys, QUERY_API_PATH)
+        except base.ProbeFailure as failure:
+            if failure.venue_code != str(INVALID_KEY_CODE) or self.base_url is not None:
+                raise
+        names = list(OTHER_ENVIRONMENTS)
+        answers = await asyncio.gather(
+            *(self._send(keys, QUERY_API_PATH, host=OTHER_ENVIRONMENTS[name]) for name in names),
+            return_exceptions=True,
+        )
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, base.Reply) and classify(answer) is None:
+                raise base.ProbeFailure(
+                    base.Outcome.WRONG_ENVIRONMENT,
+                    f"Bybit 10003: the key belongs to Bybit {name} ({OTHER_ENVIRONMENTS[name]}), not mainnet",
+                    venue_code=str(INVALID_KEY_CODE),
+                )
+            if isinstance(answer, BaseException) and not isinstance(answer, base.ProbeFailure):
+                raise answer
+        raise base.ProbeFailure(
+            base.Outcome.INVALID_KEY,
+            f"Bybit {INVALID_KEY_CODE}: {_CODES[INVALID_KEY_CODE][1]}",
+            venue_code=str(INVALID_KEY_CODE),
+        )
+
+    def _margin_status(self, result: base.Reply | base.ProbeFailure) -> int | None:
+        """``unifiedMarginStatus`` from ``account/info``, or None when the key may not read it (permanent)."""
+        if isinstance(result, base.ProbeFailure):
+            return None
+        status = result.body["result"].get("unifiedMarginStatus")
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise self.malformed(result)
+        return status
+
+    def _wallets(self, result: base.Reply | base.ProbeFailure, user_id: str) -> list[str] | None:
+        """The wallets (``accountType``) get-member-type lists for this UID, or None when refused."""
+        if isinstance(result, base.ProbeFailure):
+            return None
+        accounts = result.body["result"].get("accounts")
+        if not isinstance(accounts, list) or not all(isinstance(a, dict) for a in accounts):
+            raise self.malformed(result)
+        # a master key may see its sub-accounts too: keep the entries of this UID (all if none carry a uid)
+        own = [a for a in accounts if str(a.get("uid", "")) == user_id] or [
+            a for a in accounts if "uid" not in a
+        ]
+        wallets: list[str] = []
+        for account in own:
+            types = account.get("accountType")
+            if not isinstance(types, list):
+                raise self.malformed(result)
+            wallets.extend(str(t) for t in types)
+        return wallets
+
+    async def _signed_get(self, keys: base.ApiKeys, path: str, query: str = "") -> base.Reply:
+        """One signed GET; on CLOCK_SKEW resync from the public time endpoint and retry once."""
+        reply = await self._send(keys, path, query)
+        failure = classify(reply)
+        if failure is not None and failure.outcome is base.Outcome.CLOCK_SKEW:
+            await self._resync()
+            reply = await self._send(keys, path, query)
+            failure = classify(reply)
+        if failure is not None:
+            raise failure
+        return reply
+
+    async def _send(
+        self, keys: base.ApiKeys, path: str, query: str = "", *, host: str | None = None
+    ) -> base.Reply:
+        url = (host + path if host else self.url("rest", path)) + (f"?{query}" if query else "")
+        await self.limiter.acquire()  # wait first, then stamp: a queued request must not go out stale
+        return await self._call("GET", url, headers=auth_headers(keys, self.now_ms(), query), limit=False)
+
+    async def _resync(self) -> None:
+        """Learn Bybit's clock from ``GET /v5/market/time`` into ``clock_offset_ms``."""
+        await self.limiter.acquire()
+        sent_ms = time.time() * 1000
+        reply = await self._call("GET", self.url("rest", TIME_PATH), limit=False)
+        received_ms = time.time() * 1000
+        failure = classify(reply)
+        if failure is not None:
+            raise failure
+        try:
+            nanos = reply.body["result"].get("timeNano")
+            server_ms = int(nanos) // 1_000_000 if nanos else int(reply.body["time"])
+        except (KeyError, TypeError, ValueError):
+            raise self.malformed(reply) from None
+        self.clock_offset_ms = round(server_ms - (sent_ms + received_ms) / 2)
+
+
+def _details(info: Mapping[str, Any], margin_status: int | None) -> dict[str, str]:
+    """Non-secret facts worth showing: the key's note, master/sub, unified flag and account mode."""
+    details: dict[str, str] = {}
+    note = info.get("note")
+    if isinstance(note, str) and note:
+        details["note"] = note
+    if isinstance(info.get("isMaster"), bool):
+        details["isMaster"] = str(info["isMaster"]).lower()
+    if info.get("uta") in (0, 1):
+        details["uta"] = str(info["uta"])
+    if margin_status is not None:
+        details["unifiedMarginStatus"] = str(margin_status)
+    return details
