@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.05)
     args = parser.parse_args(argv)
     result = asyncio.run(run(args.probes, args.latency))
-    print(render(result))  # noqa: T201 - a benchmark prints its table
+    print(render(result))
     return 0 if result["ok"] else 1
 
 
