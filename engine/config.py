@@ -73,6 +73,7 @@ class EngineConfig:
     master_keys: str | None = None
     venue_urls: Mapping[Venue, str] = field(default_factory=dict)
     probe_timeout: float = 10.0
+    venue_rate_limits: bool = True  # honour the venues' documented limits client side; off only for simulators
     policy: VerificationPolicy = field(default_factory=VerificationPolicy)
     workers: int = 10  # concurrent jobs in this process; 0 = this process runs no workers
     claim_batch_size: int = 50

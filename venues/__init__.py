@@ -30,10 +30,19 @@ _PROBES: dict[Venue, tuple[str, str]] = {
 
 
 def build_probe(
-    venue: Venue, session: aiohttp.ClientSession, *, base_url: str | None = None, timeout: float = 10.0
+    venue: Venue,
+    session: aiohttp.ClientSession,
+    *,
+    base_url: str | None = None,
+    timeout: float = 10.0,
+    rate_limited: bool = True,
 ) -> Probe:
-    """The probe for ``venue``, sending through ``session`` (owned by the caller) to ``base_url`` if given."""
+    """The probe for ``venue``, sending through ``session`` (owned by the caller) to ``base_url`` if given.
+
+    ``rate_limited=False`` lifts the client-side limits (a simulator or test server whose limits are not the
+    venue's); never against a real exchange.
+    """
     module_name, class_name = _PROBES[venue]
     cls = getattr(importlib.import_module(module_name), class_name)
-    probe: Probe = cls(session, base_url=base_url, timeout=timeout)
+    probe: Probe = cls(session, base_url=base_url, timeout=timeout, rate_limited=rate_limited)
     return probe

@@ -334,7 +334,7 @@ class BinanceProbe(base.VenueProbe):
     async def _send(
         self, keys: base.ApiKeys, role: str, path: str, params: Sequence[tuple[str, str]], cost: float
     ) -> base.Reply:
-        await self.limiter.acquire(cost)  # wait first, then stamp: a queued request must not go out stale
+        await self.throttle(None, cost)  # per IP only (1.6); wait first, then stamp: no stale requests
         query = signed_query(keys.api_secret, self.now_ms(), params)
         headers = {"X-MBX-APIKEY": keys.api_key}
         return await self._call("GET", f"{self.url(role, path)}?{query}", headers=headers, limit=False)

@@ -249,8 +249,12 @@ class BybitProbe(base.VenueProbe):
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://api.bybit.com"}
     # venues.md 3.6: 600 requests / 5 s per IP (120/s) across hosts; per-UID endpoint limits (query-api,
     # get-member-type 10/s) are never reached by one probe. We take a sixth of the IP budget.
-    rate_per_second: ClassVar[float] = 20.0
-    burst: ClassVar[float | None] = 20.0
+    # per IP: 600 requests / 5 s (venues.md 3.6), half of it for us; per UID: query-api and get-member-type
+    # 10/s each, so 10/s per key covers a probe's three calls
+    rate_per_second: ClassVar[float] = 60.0
+    burst: ClassVar[float | None] = 60.0
+    key_rate_per_second: ClassVar[float | None] = 10.0
+    key_burst: ClassVar[float | None] = 10.0
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """HMAC key and secret: letters and digits (18 and 36 in practice); 8..128 pass."""
@@ -364,7 +368,7 @@ class BybitProbe(base.VenueProbe):
         self, keys: base.ApiKeys, path: str, query: str = "", *, host: str | None = None
     ) -> base.Reply:
         url = (host + path if host else self.url("rest", path)) + (f"?{query}" if query else "")
-        await self.limiter.acquire()  # wait first, then stamp: a queued request must not go out stale
+        await self.throttle(keys.api_key)  # wait first, then stamp: a queued request must not go out stale
         return await self._call("GET", url, headers=auth_headers(keys, self.now_ms(), query), limit=False)
 
     async def _resync(self) -> None:

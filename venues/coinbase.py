@@ -91,10 +91,13 @@ class CoinbaseProbe(base.VenueProbe):
         "advanced": "https://api.coinbase.com",
         "exchange": "https://api.exchange.coinbase.com",
     }
-    rate_per_second = 30.0  # Advanced Trade private: 30 rps per user (venues.md 4A.6)
-    burst = 30.0
-    exchange_rate_per_second = 15.0  # Exchange private: 15 rps per profile, burst 30 (venues.md 4B)
-    exchange_burst = 30.0
+    # Both private limits are per user / profile, so per key here: Advanced Trade 30 rps per user (4A.6),
+    # Exchange 15 rps per profile, burst 30 (4B); the stricter one serves both kinds. Nothing per IP is
+    # documented for private calls: the venue-wide bucket is only a safety cap.
+    rate_per_second = 100.0
+    burst = 100.0
+    key_rate_per_second = 15.0
+    key_burst = 30.0
 
     def __init__(
         self,
@@ -103,10 +106,11 @@ class CoinbaseProbe(base.VenueProbe):
         base_url: str | None = None,
         timeout: float = base.DEFAULT_TIMEOUT,
         limiter: base.RateLimiter | None = None,
+        rate_limited: bool = True,
     ) -> None:
-        super().__init__(session, base_url=base_url, timeout=timeout, limiter=limiter)
-        # Exchange calls pass this bucket, then the shared one (which never binds at 15 rps).
-        self.exchange_limiter = base.RateLimiter(self.exchange_rate_per_second, self.exchange_burst)
+        super().__init__(
+            session, base_url=base_url, timeout=timeout, limiter=limiter, rate_limited=rate_limited
+        )
         self._clock_lock = asyncio.Lock()
         self._clock_generation = 0  # bumped by each resync
 
@@ -169,9 +173,12 @@ class CoinbaseProbe(base.VenueProbe):
         """One signed GET; a 401 (or other INVALID_KEY answer) resyncs the clock and retries once (4A.5)."""
         url = self.url("advanced", path)
         for attempt in range(2):
+            await self.throttle(signer.key_name)
             seen = self._clock_generation
             token = signer.token("GET", url, self.now_ms() // 1000)  # fresh per request: uri binds it
-            reply = await self._call("GET", url + query, headers={"Authorization": f"Bearer {token}"})
+            reply = await self._call(
+                "GET", url + query, headers={"Authorization": f"Bearer {token}"}, limit=False
+            )
             if 200 <= reply.status < 300:
                 if not isinstance(reply.body, dict):
                     raise self.malformed(reply)
@@ -244,10 +251,10 @@ class CoinbaseProbe(base.VenueProbe):
         """One signed GET; "request timestamp expired" resyncs the clock and retries once (venues.md 4B)."""
         url = self.url("exchange", path)
         for attempt in range(2):
-            await self.exchange_limiter.acquire()
+            await self.throttle(signer.api_key)
             seen = self._clock_generation
             headers = signer.headers("GET", path, "", self.now_ms() // 1000)  # signed after the wait
-            reply = await self._call("GET", url, headers=headers)
+            reply = await self._call("GET", url, headers=headers, limit=False)
             if 200 <= reply.status < 300:
                 if reply.body is None:
                     raise self.malformed(reply)

@@ -15,10 +15,8 @@ refused nonce resyncs the clock from ``GET /0/public/Time`` and retries once wit
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlencode
@@ -122,8 +120,8 @@ class KrakenProbe(base.VenueProbe):
     burst = 100.0
     # Spot: a per-key counter, starter tier max 15, decay 0.33/s (5A.6). The key owner's own bots share that
     # counter, so we stay well below its top.
-    spot_key_rate = 0.33
-    spot_key_burst = 10.0
+    key_rate_per_second = 0.33
+    key_burst = 10.0
 
     def __init__(
         self,
@@ -133,10 +131,13 @@ class KrakenProbe(base.VenueProbe):
         timeout: float = base.DEFAULT_TIMEOUT,
         limiter: base.RateLimiter | None = None,
         spot_key_limits: tuple[float, float] | None = None,
+        rate_limited: bool = True,
     ) -> None:
-        super().__init__(session, base_url=base_url, timeout=timeout, limiter=limiter)
-        rate, burst = spot_key_limits or (self.spot_key_rate, self.spot_key_burst)
-        self.spot_limiters = KeyLimiters(rate, burst)
+        super().__init__(
+            session, base_url=base_url, timeout=timeout, limiter=limiter, rate_limited=rate_limited
+        )
+        if spot_key_limits is not None and rate_limited:
+            self.key_limiters = base.KeyLimiters(*spot_key_limits)
         self.nonces = kraken_auth.NonceBook(self.now_ms)
         self._clock_lock = asyncio.Lock()
         self._clock_generation = 0  # bumped by each resync
@@ -228,7 +229,8 @@ class KrakenProbe(base.VenueProbe):
         path = f"/0/private/{method}"
         url = self.url("spot", path)
         for attempt in range(2):
-            await self.spot_limiters.acquire(pair.api_key)
+            if self.key_limiters is not None:  # spot calls count per key; futures ones per account (5B)
+                await self.key_limiters.acquire(pair.api_key)
             seen = self._clock_generation
             # From taking the nonce to queueing in _call's FIFO limiter nothing awaits, so requests of one
             # key leave in nonce order.
@@ -401,26 +403,6 @@ class KrakenProbe(base.VenueProbe):
 
     def _unreadable(self, where: str) -> base.ProbeFailure:
         return base.ProbeFailure(Outcome.SERVER_ERROR, f"Kraken {where} answered in an unexpected shape")
-
-
-class KeyLimiters:
-    """One token bucket per API key (Kraken spot counts calls per key, venues.md 5A.6); bounded, FIFO."""
-
-    def __init__(self, rate: float, burst: float, *, max_keys: int = 10_000) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._max_keys = max_keys
-        self._by_key: OrderedDict[bytes, base.RateLimiter] = OrderedDict()
-
-    async def acquire(self, api_key: str, cost: float = 1.0) -> None:
-        slot = hashlib.sha256(api_key.encode()).digest()  # hold no key
-        limiter = self._by_key.get(slot)
-        if limiter is None:
-            limiter = self._by_key[slot] = base.RateLimiter(self.rate, self.burst)
-        self._by_key.move_to_end(slot)
-        if len(self._by_key) > self._max_keys:
-            self._by_key.popitem(last=False)
-        await limiter.acquire(cost)
 
 
 def _spot_entry(code: str) -> str | None:

@@ -235,8 +235,8 @@ async def test_spot_key_limiter_paces_one_key(session: aiohttp.ClientSession, mo
 
 def test_default_spot_pacing_stays_below_starter_tier() -> None:
     """The default per-key bucket never lets the probe alone fill Kraken's starter counter (max 15)."""
-    assert kraken.KrakenProbe.spot_key_burst < 15
-    assert kraken.KrakenProbe.spot_key_rate <= 0.33
+    assert (kraken.KrakenProbe.key_burst or 0) < 15
+    assert (kraken.KrakenProbe.key_rate_per_second or 1) <= 0.33
 
 
 # -- full probes -------------------------------------------------------------------------------------------
@@ -769,3 +769,10 @@ def test_key_pair_repr_is_masked() -> None:
     pair = kraken_auth.parse_keys(SPOT_KEYS)
     assert API_KEY not in repr(pair)
     assert CANARY not in repr(pair)
+
+
+async def test_rate_limits_can_be_lifted_for_simulators(session: aiohttp.ClientSession) -> None:
+    """rate_limited=False removes both the per-key and the venue-wide bucket (simulators only)."""
+    free = kraken.KrakenProbe(session, rate_limited=False)
+    assert free.key_limiters is None
+    assert free.limiter.rate >= base.UNLIMITED
