@@ -28,6 +28,8 @@ from engine import errors
 from venues.base import Permissions, ProbeResult, Venue
 
 DAY_MS = 86_400_000
+# Svix's published schedule: delay before each attempt of a webhook delivery (the first is immediate)
+WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +75,8 @@ class EngineConfig:
     master_keys: str | None = None
     venue_urls: Mapping[Venue, str] = field(default_factory=dict)
     probe_timeout: float = 10.0
-    venue_rate_limits: bool = True  # honour the venues' documented limits client side; off only for simulators
+    # honour the venues' documented limits client side; off only against simulators and test servers
+    venue_rate_limits: bool = True
     policy: VerificationPolicy = field(default_factory=VerificationPolicy)
     workers: int = 10  # concurrent jobs in this process; 0 = this process runs no workers
     claim_batch_size: int = 50
@@ -87,12 +90,23 @@ class EngineConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     allow_private_webhook_urls: bool = False
+    webhook_timeout: float = 15.0  # seconds per webhook attempt
+    webhook_retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
+    webhook_disable_after: float = 5 * 86_400.0  # an endpoint failing this long is disabled
+    webhook_secret_grace: float = 86_400.0  # a rotated-out webhook secret keeps signing this long
     log_level: str = "INFO"
     log_json: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise errors.ConfigurationError("workers must be >= 0", field="workers")
+        schedule = self.webhook_retry_schedule
+        if not schedule or schedule[0] != 0 or any(d < 0 for d in schedule):
+            raise errors.ConfigurationError(
+                "webhook_retry_schedule: delays >= 0, the first one 0 (immediately)", field="webhook_retry_schedule"
+            )
+        if self.webhook_timeout <= 0 or self.webhook_disable_after <= 0 or self.webhook_secret_grace < 0:
+            raise errors.ConfigurationError("webhook timeouts and periods must be positive", field="webhook_timeout")
         if self.reverify_interval <= 0:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
         for venue in self.venue_urls:
