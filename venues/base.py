@@ -18,6 +18,7 @@ import asyncio
 import enum
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,11 @@ class Venue(enum.StrEnum):
     BYBIT = "BYBIT"
     COINBASE = "COINBASE"
     KRAKEN = "KRAKEN"
+
+    @property
+    def display_name(self) -> str:
+        """How people write it: "Binance", "OKX", "Bybit", "Coinbase", "Kraken"."""
+        return "OKX" if self is Venue.OKX else self.value.title()
 
 
 class Outcome(enum.StrEnum):
@@ -399,6 +405,49 @@ def _exact_url(url: str) -> Any:
     from yarl import URL
 
     return URL(url, encoded=True)
+
+
+MAX_FIELD_CHARS = 256  # no venue's key, secret or passphrase is longer (PEM secrets are checked separately)
+
+
+def check_token(field_name: str, value: str, shape: re.Pattern[str], reason: str) -> None:
+    """A key part that must be one printable token of ``shape``; :class:`KeyFormatProblem` names the field."""
+    if not value:
+        raise KeyFormatProblem(field_name, "is empty")
+    if len(value) > MAX_FIELD_CHARS:
+        raise KeyFormatProblem(field_name, f"is longer than {MAX_FIELD_CHARS} characters")
+    if any(ch.isspace() for ch in value):
+        raise KeyFormatProblem(field_name, "contains whitespace (a copy-paste slip?)")
+    if not value.isprintable():
+        raise KeyFormatProblem(field_name, "contains control characters")
+    if not shape.fullmatch(value):
+        raise KeyFormatProblem(field_name, reason)
+
+
+def format_failure(venue: Venue, problem: KeyFormatProblem) -> ProbeFailure:
+    """Keys that cannot be right, met at probe time: a permanent failure naming the field, never its value."""
+    outcome = {
+        "apiSecret": Outcome.INVALID_SECRET,
+        "apiPassphrase": Outcome.INVALID_PASSPHRASE,
+    }.get(problem.field, Outcome.INVALID_KEY)
+    return ProbeFailure(outcome, f"{venue.display_name} keys are malformed: {problem}")
+
+
+def settle_identities(results: Sequence[object]) -> list[Reply | ProbeFailure]:
+    """Identity answers as replies or permanent refusals; a transient failure (or a bug) is raised instead.
+
+    Never record a partial identity list as the truth (venues/README.md): the transient failure with the
+    longest ``retry_after`` is raised, so the whole probe is retried after it.
+    """
+    settled: list[Reply | ProbeFailure] = []
+    for result in results:
+        if not isinstance(result, Reply | ProbeFailure):
+            raise result if isinstance(result, BaseException) else TypeError(type(result).__name__)
+        settled.append(result)
+    transient = [r for r in settled if isinstance(r, ProbeFailure) and r.transient]
+    if transient:
+        raise max(transient, key=lambda failure: failure.retry_after or 0.0)
+    return settled
 
 
 async def gather_identities(checks: Sequence[Any]) -> list[Any]:

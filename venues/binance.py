@@ -72,7 +72,6 @@ HTTP_STATUS: dict[int, base.Outcome] = {
 }
 
 _TOKEN = re.compile(r"[A-Za-z0-9]{8,128}")
-MAX_FIELD_CHARS = 256
 
 
 def encode_params(params: Sequence[tuple[str, str]]) -> str:
@@ -163,44 +162,6 @@ def permissions_from_restrictions(body: Any) -> base.Permissions:
     )
 
 
-def _check_token(field_name: str, value: str) -> None:
-    if not value:
-        raise base.KeyFormatProblem(field_name, "is empty")
-    if len(value) > MAX_FIELD_CHARS:
-        raise base.KeyFormatProblem(field_name, f"is longer than {MAX_FIELD_CHARS} characters")
-    if any(ch.isspace() for ch in value):
-        raise base.KeyFormatProblem(field_name, "contains whitespace (a copy-paste slip?)")
-    if not value.isprintable():
-        raise base.KeyFormatProblem(field_name, "contains control characters")
-    if not _TOKEN.fullmatch(value):
-        raise base.KeyFormatProblem(field_name, "must be 8 to 128 letters and digits (Binance keys are 64)")
-
-
-def _format_failure(problem: base.KeyFormatProblem) -> base.ProbeFailure:
-    """Keys that cannot be right, met at probe time: a permanent failure naming the field, never its value."""
-    outcome = {
-        "apiSecret": base.Outcome.INVALID_SECRET,
-        "apiPassphrase": base.Outcome.INVALID_PASSPHRASE,
-    }.get(problem.field, base.Outcome.INVALID_KEY)
-    return base.ProbeFailure(outcome, f"Binance keys are malformed: {problem}")
-
-
-def _settle(results: Sequence[object]) -> list[base.Reply | base.ProbeFailure]:
-    """Identity answers as replies or permanent refusals; a transient failure (or a bug) is raised instead.
-
-    Never record a partial identity list as the truth (venues/README.md).
-    """
-    settled: list[base.Reply | base.ProbeFailure] = []
-    for result in results:
-        if not isinstance(result, base.Reply | base.ProbeFailure):
-            raise result if isinstance(result, BaseException) else TypeError(type(result).__name__)
-        settled.append(result)
-    transient = [r for r in settled if isinstance(r, base.ProbeFailure) and r.transient]
-    if transient:
-        raise max(transient, key=lambda failure: failure.retry_after or 0.0)
-    return settled
-
-
 class BinanceProbe(base.VenueProbe):
     """Verifies a Binance HMAC key, reads its permissions and finds its spot / margin / futures accounts."""
 
@@ -216,18 +177,22 @@ class BinanceProbe(base.VenueProbe):
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """HMAC keys and secrets are 64 alphanumerics in production; 8..128 pass (testnet, other formats)."""
-        _check_token("apiKey", keys.api_key)
+        base.check_token(
+            "apiKey", keys.api_key, _TOKEN, "must be 8 to 128 letters and digits (Binance keys are 64)"
+        )
         if "PRIVATE KEY" in keys.api_secret:
             raise base.KeyFormatProblem(
                 "apiSecret", "is an RSA/Ed25519 private key: only HMAC keys are supported"
             )
-        _check_token("apiSecret", keys.api_secret)
+        base.check_token(
+            "apiSecret", keys.api_secret, _TOKEN, "must be 8 to 128 letters and digits (Binance keys are 64)"
+        )
 
     async def probe(self, keys: base.ApiKeys) -> base.ProbeResult:
         try:
             self.check_keys(keys)
         except base.KeyFormatProblem as problem:
-            raise _format_failure(problem) from None
+            raise base.format_failure(self.venue, problem) from None
         # venues.md 6: the spot testnet has no /sapi (404), so /api/v3/account is the verify call there. Only
         # with a base_url: on the production hosts a 404 is an anomaly (a proxy?) and must never turn a key
         # that can withdraw into one reported without permissions.
@@ -257,7 +222,7 @@ class BinanceProbe(base.VenueProbe):
         )
         if permissions is None and isinstance(answers[0], base.ProbeFailure):
             raise answers[0]  # the spot call was the verify call: its failure is the key's failure
-        spot, margin, futures = _settle(answers)
+        spot, margin, futures = base.settle_identities(answers)
         uid, spot_body = self._spot_account(spot)
         details: dict[str, str] = {}
         if permissions is None:

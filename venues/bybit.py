@@ -79,7 +79,6 @@ CLASSIC_STATUS = 1
 WALLET_IDENTITIES = {"UNIFIED": "unified", "SPOT": "spot", "CONTRACT": "contract"}  # get-member-type
 
 _TOKEN = re.compile(r"[A-Za-z0-9]{8,128}")
-MAX_FIELD_CHARS = 256
 
 
 def pre_sign(timestamp_ms: int, api_key: str, recv_window: int, query_or_body: str = "") -> str:
@@ -204,51 +203,11 @@ def identities_from(margin_status: int | None, wallets: Sequence[str] | None) ->
     return found
 
 
-def _check_token(field_name: str, value: str) -> None:
-    if not value:
-        raise base.KeyFormatProblem(field_name, "is empty")
-    if len(value) > MAX_FIELD_CHARS:
-        raise base.KeyFormatProblem(field_name, f"is longer than {MAX_FIELD_CHARS} characters")
-    if any(ch.isspace() for ch in value):
-        raise base.KeyFormatProblem(field_name, "contains whitespace (a copy-paste slip?)")
-    if not value.isprintable():
-        raise base.KeyFormatProblem(field_name, "contains control characters")
-    if not _TOKEN.fullmatch(value):
-        raise base.KeyFormatProblem(field_name, "must be 8 to 128 letters and digits")
-
-
-def _format_failure(problem: base.KeyFormatProblem) -> base.ProbeFailure:
-    """Keys that cannot be right, met at probe time: a permanent failure naming the field, never its value."""
-    outcome = {
-        "apiSecret": base.Outcome.INVALID_SECRET,
-        "apiPassphrase": base.Outcome.INVALID_PASSPHRASE,
-    }.get(problem.field, base.Outcome.INVALID_KEY)
-    return base.ProbeFailure(outcome, f"Bybit keys are malformed: {problem}")
-
-
-def _settle(results: Sequence[object]) -> list[base.Reply | base.ProbeFailure]:
-    """Identity answers as replies or permanent refusals; a transient failure (or a bug) is raised instead.
-
-    Never record a partial identity list as the truth (venues/README.md).
-    """
-    settled: list[base.Reply | base.ProbeFailure] = []
-    for result in results:
-        if not isinstance(result, base.Reply | base.ProbeFailure):
-            raise result if isinstance(result, BaseException) else TypeError(type(result).__name__)
-        settled.append(result)
-    transient = [r for r in settled if isinstance(r, base.ProbeFailure) and r.transient]
-    if transient:
-        raise max(transient, key=lambda failure: failure.retry_after or 0.0)
-    return settled
-
-
 class BybitProbe(base.VenueProbe):
     """Verifies a Bybit HMAC key, reads its permissions and expiry, finds unified / spot / contract."""
 
     venue: ClassVar[base.Venue] = base.Venue.BYBIT
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://api.bybit.com"}
-    # venues.md 3.6: 600 requests / 5 s per IP (120/s) across hosts; per-UID endpoint limits (query-api,
-    # get-member-type 10/s) are never reached by one probe. We take a sixth of the IP budget.
     # per IP: 600 requests / 5 s (venues.md 3.6), half of it for us; per UID: query-api and get-member-type
     # 10/s each, so 10/s per key covers a probe's three calls
     rate_per_second: ClassVar[float] = 60.0
@@ -258,16 +217,16 @@ class BybitProbe(base.VenueProbe):
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """HMAC key and secret: letters and digits (18 and 36 in practice); 8..128 pass."""
-        _check_token("apiKey", keys.api_key)
+        base.check_token("apiKey", keys.api_key, _TOKEN, "must be 8 to 128 letters and digits")
         if "PRIVATE KEY" in keys.api_secret:
             raise base.KeyFormatProblem("apiSecret", "is an RSA private key: only HMAC keys are supported")
-        _check_token("apiSecret", keys.api_secret)
+        base.check_token("apiSecret", keys.api_secret, _TOKEN, "must be 8 to 128 letters and digits")
 
     async def probe(self, keys: base.ApiKeys) -> base.ProbeResult:
         try:
             self.check_keys(keys)
         except base.KeyFormatProblem as problem:
-            raise _format_failure(problem) from None
+            raise base.format_failure(self.venue, problem) from None
         api_reply = await self._verify(keys)
         info = api_reply.body["result"]
         user_id = info.get("userID")
@@ -282,7 +241,7 @@ class BybitProbe(base.VenueProbe):
             when = datetime.fromtimestamp(expiry / 1000, tz=UTC).isoformat(timespec="seconds")
             raise base.ProbeFailure(base.Outcome.KEY_EXPIRED, f"Bybit reports the API key expired at {when}")
 
-        account, members = _settle(
+        account, members = base.settle_identities(
             await base.gather_identities(
                 [self._signed_get(keys, ACCOUNT_INFO_PATH), self._signed_get(keys, MEMBER_TYPE_PATH)]
             )

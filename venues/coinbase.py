@@ -121,7 +121,7 @@ class CoinbaseProbe(base.VenueProbe):
         try:
             signer = coinbase_auth.signer_for(keys)
         except base.KeyFormatProblem as problem:
-            raise _format_failure(problem) from None
+            raise base.format_failure(self.venue, problem) from None
         if isinstance(signer, coinbase_auth.CdpSigner):
             return await self._probe_cdp(signer)
         return await self._probe_exchange(signer)
@@ -359,10 +359,3 @@ def _raise_blocking(results: Sequence[object]) -> None:
     for failure in failures:
         if isinstance(failure, base.ProbeFailure) and failure.outcome is not Outcome.PERMISSION_DENIED:
             raise failure
-
-
-def _format_failure(problem: base.KeyFormatProblem) -> base.ProbeFailure:
-    outcome = {"apiSecret": Outcome.INVALID_SECRET, "apiPassphrase": Outcome.INVALID_PASSPHRASE}.get(
-        problem.field, Outcome.INVALID_KEY
-    )
-    return base.ProbeFailure(outcome, f"Coinbase keys are malformed: {problem}")

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -71,7 +71,6 @@ HTTP_STATUS: dict[int, base.Outcome] = {429: base.Outcome.RATE_LIMITED}
 _API_KEY = re.compile(r"[A-Za-z0-9-]{8,128}")  # a UUID in practice
 _SECRET = re.compile(r"[A-Za-z0-9]{8,128}")  # 32 upper-case hex in practice
 _PASSPHRASE = re.compile(r"[\x21-\x7e]{1,128}")  # chosen by the user: visible ASCII (it travels in a header)
-MAX_FIELD_CHARS = 256
 INACTIVITY_DELETION_DAYS = 14  # venues.md 2.7 [3rd-party]: trade/withdraw keys without a bound IP
 
 
@@ -163,44 +162,6 @@ def permissions_from_config(config: Any) -> base.Permissions:
     )
 
 
-def _check(field_name: str, value: str, shape: re.Pattern[str], reason: str) -> None:
-    if not value:
-        raise base.KeyFormatProblem(field_name, "is empty")
-    if len(value) > MAX_FIELD_CHARS:
-        raise base.KeyFormatProblem(field_name, f"is longer than {MAX_FIELD_CHARS} characters")
-    if any(ch.isspace() for ch in value):
-        raise base.KeyFormatProblem(field_name, "contains whitespace (a copy-paste slip?)")
-    if not value.isprintable():
-        raise base.KeyFormatProblem(field_name, "contains control characters")
-    if not shape.fullmatch(value):
-        raise base.KeyFormatProblem(field_name, reason)
-
-
-def _format_failure(problem: base.KeyFormatProblem) -> base.ProbeFailure:
-    """Keys that cannot be right, met at probe time: a permanent failure naming the field, never its value."""
-    outcome = {
-        "apiSecret": base.Outcome.INVALID_SECRET,
-        "apiPassphrase": base.Outcome.INVALID_PASSPHRASE,
-    }.get(problem.field, base.Outcome.INVALID_KEY)
-    return base.ProbeFailure(outcome, f"OKX keys are malformed: {problem}")
-
-
-def _settle(results: Sequence[object]) -> list[base.Reply | base.ProbeFailure]:
-    """Identity answers as replies or permanent refusals; a transient failure (or a bug) is raised instead.
-
-    Never record a partial identity list as the truth (venues/README.md).
-    """
-    settled: list[base.Reply | base.ProbeFailure] = []
-    for result in results:
-        if not isinstance(result, base.Reply | base.ProbeFailure):
-            raise result if isinstance(result, BaseException) else TypeError(type(result).__name__)
-        settled.append(result)
-    transient = [r for r in settled if isinstance(r, base.ProbeFailure) and r.transient]
-    if transient:
-        raise max(transient, key=lambda failure: failure.retry_after or 0.0)
-    return settled
-
-
 class OkxProbe(base.VenueProbe):
     """Verifies an OKX key + secret + passphrase, reads its permissions and finds trading / funding."""
 
@@ -217,13 +178,15 @@ class OkxProbe(base.VenueProbe):
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """A UUID-like key, an alphanumeric secret and a passphrase (required) of visible ASCII."""
-        _check(
+        base.check_token(
             "apiKey", keys.api_key, _API_KEY, "must be 8 to 128 letters, digits or '-' (OKX keys are UUIDs)"
         )
-        _check("apiSecret", keys.api_secret, _SECRET, "must be 8 to 128 letters and digits (OKX: 32 hex)")
+        base.check_token(
+            "apiSecret", keys.api_secret, _SECRET, "must be 8 to 128 letters and digits (OKX: 32 hex)"
+        )
         if keys.api_passphrase is None or keys.api_passphrase == "":
             raise base.KeyFormatProblem("apiPassphrase", "is required for OKX keys")
-        _check(
+        base.check_token(
             "apiPassphrase",
             keys.api_passphrase,
             _PASSPHRASE,
@@ -234,7 +197,7 @@ class OkxProbe(base.VenueProbe):
         try:
             self.check_keys(keys)
         except base.KeyFormatProblem as problem:
-            raise _format_failure(problem) from None
+            raise base.format_failure(self.venue, problem) from None
         config_reply = await self._verify(keys)
         try:
             config = config_reply.body["data"][0]
@@ -251,7 +214,7 @@ class OkxProbe(base.VenueProbe):
         # a success is reached; a permanent refusal (50120 no permission, ...) is not
         identities = [
             name
-            for name, answer in zip(("trading", "funding"), _settle(answers), strict=True)
+            for name, answer in zip(("trading", "funding"), base.settle_identities(answers), strict=True)
             if isinstance(answer, base.Reply)
         ]
         return base.ProbeResult(
