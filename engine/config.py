@@ -103,10 +103,13 @@ class EngineConfig:
         schedule = self.webhook_retry_schedule
         if not schedule or schedule[0] != 0 or any(d < 0 for d in schedule):
             raise errors.ConfigurationError(
-                "webhook_retry_schedule: delays >= 0, the first one 0 (immediately)", field="webhook_retry_schedule"
+                "webhook_retry_schedule: delays >= 0, the first one 0 (immediately)",
+                field="webhook_retry_schedule",
             )
         if self.webhook_timeout <= 0 or self.webhook_disable_after <= 0 or self.webhook_secret_grace < 0:
-            raise errors.ConfigurationError("webhook timeouts and periods must be positive", field="webhook_timeout")
+            raise errors.ConfigurationError(
+                "webhook timeouts and periods must be positive", field="webhook_timeout"
+            )
         if self.reverify_interval <= 0:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
         for venue in self.venue_urls:
