@@ -1,0 +1,188 @@
+-- Named queries of the job queue (engine/queue.py). Each block: "-- name --", a one-line description, the SQL.
+-- Table: queue_jobs (schema.sql, between the queue markers). Every NOTIFY is sent from the statement that made the
+-- change, so it fires when that transaction commits (and never when it rolls back).
+
+-- enqueue_job --
+-- Insert one job ($1 kind, $2 payload, $3 dedupe key, $4 max attempts, run at coalesce($5, now()) + $6 s), NOTIFY $7; no row when deduped.
+WITH inserted AS (
+    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts, run_at)
+    VALUES ($1, $2, $3, $4, coalesce($5::timestamptz, now()) + make_interval(secs => $6))
+    ON CONFLICT (dedupe_key) WHERE state = 'queued' DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify($7, '') FROM inserted;
+
+-- enqueue_many --
+-- Insert one job of kind $1 per element of the JSON array $2 (max attempts $3) in one statement, NOTIFY $4; returns the count.
+WITH inserted AS (
+    INSERT INTO queue_jobs (kind, payload, max_attempts)
+    SELECT $1, p.value, $3 FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS p (value, n) ORDER BY p.n
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS n, pg_notify($4, '');
+
+-- ensure_periodic --
+-- Queue the first occurrence of periodic job $1 (payload $2, key $3, max attempts $4) unless one is queued or running; NOTIFY $5.
+WITH inserted AS (
+    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts)
+    SELECT $1, $2, $3::text, $4
+    WHERE NOT EXISTS (SELECT 1 FROM queue_jobs WHERE dedupe_key = $3::text AND state = 'queued')
+      AND NOT EXISTS (SELECT 1 FROM queue_jobs WHERE dedupe_key = $3::text AND state = 'running')
+    ON CONFLICT (dedupe_key) WHERE state = 'queued' DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify($5, '') FROM inserted;
+
+-- claim_session_begin --
+-- On the fetcher's connection: prefer the ready index's order to sorting the backlog (stale statistics).
+SET enable_sort = off;
+
+-- claim_session_end --
+-- Give the fetcher's connection back as it was.
+RESET enable_sort;
+
+-- claim_jobs --
+-- Claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease: expired leases first (worker died), then ready jobs.
+-- The rows are locked in the CTEs and updated by primary key (an array, so the plan stays index lookups whatever
+-- the statistics say); an expired job already at its last try is buried (dead) instead of claimed.
+WITH expired AS (
+    SELECT id
+    FROM queue_jobs
+    WHERE state = 'running' AND lease_expires_at < now() AND kind = ANY ($4::text[])
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), ready AS (
+    SELECT id
+    FROM queue_jobs
+    WHERE state = 'queued' AND run_at <= now() AND kind = ANY ($4::text[])
+    ORDER BY run_at, id
+    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE queue_jobs AS j
+SET state            = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                            THEN 'dead' ELSE 'running' END,
+    attempt          = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                            THEN j.attempt ELSE j.attempt + 1 END,
+    lease_expires_at = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                            THEN NULL ELSE now() + make_interval(secs => $3) END,
+    worker_id        = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                            THEN NULL ELSE $2 END,
+    finished_at      = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                            THEN now() END,
+    last_error       = CASE WHEN j.state = 'running'
+                            THEN 'LeaseExpired: the worker running attempt ' || j.attempt || ' stopped renewing its lease'
+                            ELSE j.last_error END
+WHERE j.id = ANY (ARRAY(SELECT id FROM expired UNION ALL SELECT id FROM ready))
+RETURNING j.id, j.kind, j.payload, j.state, j.attempt, j.attempt - j.uncounted AS tries, j.max_attempts,
+          j.dedupe_key, j.run_at, j.created_at;
+
+-- finish_jobs --
+-- Record many attempts' outcomes (state, retry delay, error, uncounted claims) at once, fenced on id, attempt and running.
+UPDATE queue_jobs AS j
+SET state            = o.state,
+    run_at           = CASE WHEN o.state = 'queued' THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
+    last_error       = coalesce(o.error, j.last_error),
+    uncounted        = j.uncounted + o.uncount,
+    lease_expires_at = NULL,
+    worker_id        = NULL,
+    finished_at      = CASE WHEN o.state IN ('done', 'dead') THEN now() END,
+    -- back to queued while another queued job holds the dedupe key ($7: known to): both run, this one unkeyed
+    dedupe_key       = CASE
+        WHEN o.state = 'queued' AND j.dedupe_key IS NOT NULL AND ($7::boolean OR EXISTS (
+            SELECT 1 FROM queue_jobs AS t WHERE t.dedupe_key = j.dedupe_key AND t.state = 'queued'))
+        THEN NULL
+        ELSE j.dedupe_key END
+FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::float8[], $5::text[], $6::integer[])
+    AS o (id, attempt, state, delay, error, uncount)
+WHERE j.id = ANY ($1::bigint[]) AND j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
+RETURNING j.id, j.dedupe_key;
+
+-- complete_jobs --
+-- Mark many attempts done at once ($1 ids, $2 attempts), fenced on id, attempt and running: the worker's hot path.
+UPDATE queue_jobs AS j
+SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+FROM unnest($1::bigint[], $2::integer[]) AS d (id, attempt)
+WHERE j.id = ANY ($1::bigint[]) AND j.id = d.id AND j.attempt = d.attempt AND j.state = 'running';
+
+-- complete_job --
+-- Mark attempt $2 of job $1 done inside the caller's transaction; no row means this attempt no longer owns the job.
+UPDATE queue_jobs
+SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'running'
+RETURNING id;
+
+-- extend_leases --
+-- Heartbeat: push the leases of all the given (id, attempt) pairs that are still running to now() + $3 s.
+UPDATE queue_jobs AS j
+SET lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::bigint[], $2::integer[]) AS h (id, attempt)
+WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running';
+
+-- next_due --
+-- Seconds until a queued job of kinds $1 comes due or a running one's lease expires (negative: already; NULL: none).
+SELECT extract(epoch FROM least(
+    (SELECT min(run_at) FROM queue_jobs WHERE state = 'queued' AND kind = ANY ($1::text[])),
+    (SELECT min(lease_expires_at) FROM queue_jobs WHERE state = 'running' AND kind = ANY ($1::text[]))
+) - now())::float8;
+
+-- has_ready --
+-- Whether a job of kinds $1 could be claimed now (queued and due, or running with an expired lease).
+SELECT EXISTS (
+    SELECT 1 FROM queue_jobs WHERE state = 'queued' AND run_at <= now() AND kind = ANY ($1::text[])
+) OR EXISTS (
+    SELECT 1 FROM queue_jobs WHERE state = 'running' AND lease_expires_at < now() AND kind = ANY ($1::text[])
+);
+
+-- list_jobs --
+-- Jobs for operators, newest first, optionally of state $1 and kind $2; $3 rows from offset $4.
+SELECT id, kind, state, payload, attempt, attempt - uncounted AS tries, max_attempts, dedupe_key, run_at,
+       created_at, finished_at, lease_expires_at, worker_id, last_error
+FROM queue_jobs
+WHERE ($1::text IS NULL OR state = $1::text) AND ($2::text IS NULL OR kind = $2::text)
+ORDER BY id DESC
+LIMIT $3 OFFSET $4;
+
+-- retry_dead --
+-- Send dead job $1 back to the queue, run now, tries reset ($2: drop its dedupe key); NOTIFY $3. No row: not dead.
+WITH revived AS (
+    UPDATE queue_jobs AS j
+    SET state       = 'queued',
+        run_at      = now(),
+        uncounted   = j.attempt,
+        finished_at = NULL,
+        dedupe_key  = CASE
+            WHEN j.dedupe_key IS NOT NULL AND ($2::boolean OR EXISTS (
+                SELECT 1 FROM queue_jobs AS t WHERE t.dedupe_key = j.dedupe_key AND t.state = 'queued'))
+            THEN NULL
+            ELSE j.dedupe_key END
+    WHERE j.id = $1 AND j.state = 'dead'
+    RETURNING j.id
+)
+SELECT id, pg_notify($3, '') FROM revived;
+
+-- count_jobs --
+-- How many jobs are in each state.
+SELECT state, count(*) AS n FROM queue_jobs GROUP BY state;
+
+-- cancel_queued --
+-- Cancel queued jobs of kind $1 (NULL: any) whose payload contains $2 (NULL: any); returns how many.
+WITH cancelled AS (
+    UPDATE queue_jobs
+    SET state = 'cancelled', finished_at = now()
+    WHERE state = 'queued'
+      AND ($1::text IS NULL OR kind = $1::text)
+      AND ($2::jsonb IS NULL OR payload @> $2::jsonb)
+    RETURNING 1
+)
+SELECT count(*) FROM cancelled;
+
+-- purge_finished --
+-- Delete done and cancelled jobs that finished more than $1 seconds ago; returns how many went.
+WITH purged AS (
+    DELETE FROM queue_jobs
+    WHERE state IN ('done', 'cancelled') AND finished_at < now() - make_interval(secs => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM purged;

@@ -1,0 +1,512 @@
+"""The job queue's worker runtime: the asyncio side of :class:`engine.queue.JobQueue`.
+
+It knows nothing about SQL or handlers. The queue hands it a :class:`Backend` (claim, execute, hand back,
+write outcomes, extend leases, ...) and it does the concurrency: claims in batches, runs jobs on a fixed set
+of runner tasks, writes outcomes in batches, keeps leases alive, wakes on NOTIFY, and shuts down in a fixed
+order.
+
+Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and supervised by it:
+
+    fetcher     claims up to ``batch_size`` jobs whenever the runners are short of work, then sleeps until a
+                NOTIFY, the next job comes due, or ``poll_interval`` (the polling fallback)
+    runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer
+    flusher     writes finished outcomes, many per statement: whatever piled up during the previous write
+    heartbeat   extends, in one statement, the lease of every job held (buffered, running, or unwritten)
+    listener    LISTEN on a dedicated connection; reconnects with backoff when it is lost
+
+The fetcher and the flusher keep one connection (a backend *session*) across back-to-back statements and
+give it back when they go idle: a pool acquire/release costs a round trip of its own (the pool's reset).
+
+Supervision: a side task that raises :class:`errors.StorageError` (the database is away) is logged and
+restarted with capped exponential backoff, forever; any other exception is logged with its traceback and
+restarted, and after ``MAX_CRASHES`` consecutive crashes of one task the worker *fails*: it stops claiming,
+``alive`` turns False and :meth:`Worker.drain` raises :class:`WorkerFailed`. Nothing dies silently.
+
+Shutdown order (:meth:`Worker.stop`): fetcher (no new claims) -> listener -> buffered jobs handed back ->
+runners get ``shutdown_timeout`` to finish, then are cancelled and their jobs handed back -> flusher writes
+everything left (shielded from cancellation) -> heartbeat (last, so leases hold until the final write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Generic, Protocol, TypeVar
+
+import structlog
+
+from engine import errors
+
+log = structlog.get_logger("engine.queue")
+
+RESTART_DELAY_MIN = 0.05  # seconds before restarting a crashed side task; doubles per consecutive crash
+RESTART_DELAY_MAX = 5.0  # ... up to this; also the cap of the LISTEN reconnect backoff
+MAX_CRASHES = 5  # consecutive unexpected crashes of one task before the worker fails loudly
+HEALTHY_AFTER = 30.0  # a task that ran this long before crashing starts its crash count afresh
+LISTENER_PING_INTERVAL = 15.0  # an idle LISTEN connection is pinged this often: a dead peer sends nothing
+LISTENER_PING_TIMEOUT = 5.0
+SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection before giving it back
+FLUSH_CHUNK = 1000  # most outcomes written by one statement; also how many may wait before claims pause
+FINAL_FLUSH_TIMEOUT = 15.0  # how long stop() keeps trying to write the last outcomes
+
+
+class WorkerFailed(errors.CredentialEngineError):
+    """A task of the worker kept crashing; the worker stopped claiming (the log has the tracebacks)."""
+
+    errno = -100014
+
+
+class Claimed(Protocol):
+    """What the runtime needs to know about a claimed job: its id and the attempt (the fencing token)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+
+class Listener(Protocol):
+    """A LISTEN connection: ``lost`` is set when it dies."""
+
+    lost: asyncio.Event
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+J = TypeVar("J", bound=Claimed)
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+class Backend(Protocol[J, R, S]):
+    """Storage and job semantics, supplied by the queue. ``R``: an outcome record the runtime only carries;
+    ``S``: a session (one connection) that claim/finish/next_due run on."""
+
+    def claim_session(self) -> AbstractAsyncContextManager[S]:
+        """A connection for a streak of claims (and next_due)."""
+
+    def write_session(self) -> AbstractAsyncContextManager[S]:
+        """A connection for a streak of outcome writes."""
+
+    async def claim(self, session: S, limit: int) -> Sequence[J]: ...
+
+    async def execute(self, job: J) -> R | None:
+        """Run the job's handler and classify what happened; None: nothing to write (attempt not ours)."""
+
+    def hand_back(self, job: J) -> R:
+        """The outcome for a job claimed but not finished at shutdown: queued again, the claim uncounted."""
+
+    async def finish(self, session: S, outcomes: Sequence[R]) -> bool:
+        """Write outcomes; True when some job went back to the queue (the fetcher should look again)."""
+
+    async def extend(self, jobs: Sequence[J]) -> int:
+        """Extend the leases of these attempts; returns how many were still ours."""
+
+    async def next_due(self, session: S) -> float | None:
+        """Seconds until the next job comes due (None: nothing scheduled)."""
+
+    async def has_ready(self) -> bool: ...
+
+    async def listen(self, on_notify: Callable[[], None]) -> Listener: ...
+
+
+class Worker(Generic[J, R, S]):
+    """One worker runtime. ``start`` once, ``stop`` once (idempotent); ``drain`` for burst mode."""
+
+    def __init__(
+        self,
+        backend: Backend[J, R, S],
+        *,
+        name: str,
+        concurrency: int,
+        batch_size: int,
+        heartbeat_interval: float,
+        poll_interval: float,
+        shutdown_timeout: float,
+        listen: bool,
+    ) -> None:
+        self._backend = backend
+        self._name = name
+        self._concurrency = concurrency
+        self._batch_size = batch_size
+        self._capacity = concurrency + batch_size  # most jobs claimed and not finished: running + buffered
+        self._heartbeat_interval = heartbeat_interval
+        self._poll_interval = poll_interval
+        self._shutdown_timeout = shutdown_timeout
+        self._listen = listen
+
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._buffer: asyncio.Queue[J] = asyncio.Queue()
+        self._held: dict[tuple[int, int], J] = {}  # claimed and not yet written back, by (id, attempt)
+        self._running: dict[int, J] = {}  # runner slot -> its job
+        self._pending: list[tuple[J, R]] = []  # outcomes waiting for the flusher
+
+        self._wakeup = asyncio.Event()  # fetcher: claim now (NOTIFY, drain, a retry was written)
+        self._room = asyncio.Event()  # fetcher: runners took work or outcomes were written
+        self._flush_wanted = asyncio.Event()
+        self._runners_idle = asyncio.Event()
+        self._runners_idle.set()
+        self._idle = asyncio.Event()  # last claim came back short and nothing is held
+        self._drained = False
+        self._claiming = False
+
+        self._started = False
+        self._stopping = False
+        self._flusher_closing = False
+        self._stopped = asyncio.Event()
+        self._failed: str | None = None
+        self._listening = False
+        self.runs = 0  # attempts executed to an outcome (not counting hand-backs)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def alive(self) -> bool:
+        """Started, not stopping, not failed."""
+        return self._started and not self._stopping and self._failed is None
+
+    @property
+    def listening(self) -> bool:
+        """The LISTEN connection is up (when it is not, polling carries on alone)."""
+        return self._listening
+
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError("a Worker starts once")
+        self._started = True
+        self._spawn("flusher", self._flusher)
+        self._spawn("heartbeat", self._heartbeat)
+        for slot in range(self._concurrency):
+            self._spawn(f"runner-{slot}", self._runner_body(slot))
+        if self._listen:
+            self._spawn("listener", self._listener)
+        self._spawn("fetcher", self._fetcher)
+        log.info(
+            "queue_worker_started", worker=self._name, concurrency=self._concurrency, listen=self._listen
+        )
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish (up to shutdown_timeout), hand back the rest, write all."""
+        if not self._started or self._stopping:
+            if self._started:
+                await self._stopped.wait()
+            return
+        self._stopping = True
+        try:
+            await self._shutdown()
+        finally:
+            self._stopped.set()
+            log.info("queue_worker_stopped", worker=self._name, runs=self.runs)
+
+    async def _shutdown(self) -> None:
+        self._wakeup.set()
+        self._room.set()
+        await self._join("fetcher", self._shutdown_timeout)
+        await self._cancel("listener")
+        while not self._buffer.empty():  # claimed, never started
+            job = self._buffer.get_nowait()
+            self._record(job, self._backend.hand_back(job))
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._shutdown_timeout):
+                    await self._runners_idle.wait()
+        if self._running:
+            log.warning("queue_cancelling_jobs", worker=self._name, jobs=len(self._running))
+        for role in [role for role in self._tasks if role.startswith("runner-")]:
+            await self._cancel(role)  # a runner still in a job hands it back as it unwinds
+        self._flusher_closing = True
+        self._flush_wanted.set()
+        flusher = self._tasks.get("flusher")
+        try:
+            if flusher is not None:
+                # the final writes go on even if whoever awaits stop() is cancelled: shielded, still ours,
+                # and bounded by FINAL_FLUSH_TIMEOUT either way
+                asyncio.get_running_loop().call_later(FINAL_FLUSH_TIMEOUT, self._give_up_writing, flusher)
+                await asyncio.shield(flusher)
+        finally:
+            await self._cancel("heartbeat")
+
+    def _give_up_writing(self, flusher: asyncio.Task[None]) -> None:
+        if not flusher.done():
+            log.error("queue_outcomes_unwritten", worker=self._name, jobs=len(self._pending))
+            flusher.cancel()
+
+    async def _join(self, role: str, within: float) -> None:
+        """Let a task end by itself (it saw ``_stopping``); cancel it after ``within`` seconds."""
+        task = self._tasks.get(role)
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=within)
+        if not done:
+            await self._cancel(role)
+
+    async def _cancel(self, role: str) -> None:
+        task = self._tasks.pop(role, None)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # ---------------------------------------------------------------- burst mode
+
+    def wake(self) -> None:
+        """Ask the fetcher to claim now (e.g. a job was enqueued from this process)."""
+        self._wakeup.set()
+
+    async def drain(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - run_until_idle's timeout
+        """Run until nothing is ready in the database and nothing is held here; returns the attempts run."""
+        before = self.runs
+        async with asyncio.timeout(timeout):
+            while True:
+                self._raise_if_failed()
+                self._idle.clear()
+                self._wakeup.set()
+                await self._idle.wait()
+                self._raise_if_failed()
+                if await self._backend.has_ready():
+                    continue
+                if self._idle.is_set():  # no claim started while we looked
+                    return self.runs - before
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise WorkerFailed(f"queue worker {self._name} failed: its {self._failed} task kept crashing")
+        if self._stopping:
+            raise errors.EngineClosed("the queue worker is stopping")
+
+    def _check_idle(self) -> None:
+        if self._drained and not self._claiming and not self._held:
+            self._idle.set()
+
+    # ---------------------------------------------------------------- supervision
+
+    def _spawn(self, role: str, body: Callable[[], Awaitable[None]]) -> None:
+        name = f"queue:{self._name}:{role}"
+        self._tasks[role] = asyncio.create_task(self._supervise(role, body), name=name)
+
+    async def _supervise(self, role: str, body: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        delay = RESTART_DELAY_MIN
+        crashes = 0
+        while True:
+            started = loop.time()
+            try:
+                await body()
+                return
+            except errors.StorageError as exc:
+                log.warning("queue_task_storage_error", task=role, error=str(exc), retry_in=round(delay, 3))
+            except Exception:
+                crashes = 1 if loop.time() - started > HEALTHY_AFTER else crashes + 1
+                log.exception("queue_task_crashed", task=role, crashes=crashes, worker=self._name)
+                if crashes >= MAX_CRASHES:
+                    self._fail(role)
+                    return
+            if loop.time() - started > HEALTHY_AFTER:
+                delay = RESTART_DELAY_MIN  # it had been healthy: restart promptly
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    def _fail(self, role: str) -> None:
+        self._failed = role
+        log.critical("queue_worker_failed", task=role, worker=self._name)
+        self._idle.set()  # wake drain() so it raises
+        self._wakeup.set()
+        self._room.set()
+
+    # ---------------------------------------------------------------- fetcher
+
+    def _want(self) -> int:
+        """How many jobs to claim now (0: wait for room)."""
+        buffered = self._buffer.qsize()
+        room = self._capacity - buffered - len(self._running)
+        if room <= 0 or buffered >= self._concurrency or len(self._pending) >= FLUSH_CHUNK:
+            return 0
+        if buffered and room < self._batch_size // 2:
+            return 0  # runners still have work: wait until a worthwhile batch fits
+        return min(room, self._batch_size)
+
+    def _claiming_allowed(self) -> bool:
+        return not self._stopping and self._failed is None
+
+    async def _fetcher(self) -> None:
+        while self._claiming_allowed():
+            if self._want() == 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            async with self._backend.claim_session() as session:
+                dry, due = await self._claim_streak(session)
+            if not dry or not self._claiming_allowed():
+                continue
+            timeout = self._poll_interval if due is None else min(self._poll_interval, max(due, 0.0))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+
+    async def _claim_streak(self, session: S) -> tuple[bool, float | None]:
+        """Claim on one connection while there is work and room. Returns (ran dry, seconds to next due job)."""
+        while self._claiming_allowed():
+            want = self._want()
+            if want == 0:
+                self._room.clear()
+                try:
+                    async with asyncio.timeout(SESSION_LINGER):
+                        await self._room.wait()
+                except TimeoutError:
+                    return False, None  # runners are busy: give the connection back while they work
+                continue
+            self._wakeup.clear()  # before the claim: a NOTIFY arriving during it triggers another one
+            self._claiming = True
+            self._idle.clear()
+            try:
+                jobs = await self._backend.claim(session, want)
+            finally:
+                self._claiming = False
+            for job in jobs:
+                self._held[(job.id, job.attempt)] = job
+                self._buffer.put_nowait(job)
+            if len(jobs) < want:
+                self._drained = True
+                self._check_idle()
+                return True, await self._backend.next_due(session)
+            self._drained = False
+        return False, None
+
+    # ---------------------------------------------------------------- runners
+
+    def _runner_body(self, slot: int) -> Callable[[], Awaitable[None]]:
+        async def body() -> None:
+            await self._runner(slot)
+
+        return body
+
+    async def _runner(self, slot: int) -> None:
+        while True:
+            job = await self._buffer.get()
+            self._running[slot] = job
+            self._runners_idle.clear()
+            self._room.set()
+            try:
+                outcome = await self._backend.execute(job)
+            except asyncio.CancelledError:
+                # stop() cancelled us mid-job: the attempt goes back to the queue, uncounted
+                self._record(job, self._backend.hand_back(job))
+                raise
+            except Exception:
+                # execute() classifies handler errors itself; getting here is a bug in it. The attempt stays
+                # running in the database and is taken back when its lease expires.
+                self._release(job)
+                raise
+            finally:
+                del self._running[slot]
+                if not self._running:
+                    self._runners_idle.set()
+            self.runs += 1
+            if outcome is None:
+                self._release(job)
+            else:
+                self._record(job, outcome)
+
+    def _record(self, job: J, outcome: R) -> None:
+        self._pending.append((job, outcome))
+        self._flush_wanted.set()
+
+    def _release(self, job: J) -> None:
+        self._held.pop((job.id, job.attempt), None)
+        self._room.set()
+        self._check_idle()
+
+    # ---------------------------------------------------------------- flusher
+
+    async def _flusher(self) -> None:
+        while True:
+            if not self._pending:
+                if self._flusher_closing:
+                    return
+                self._flush_wanted.clear()
+                await self._flush_wanted.wait()
+                continue
+            async with self._backend.write_session() as session:
+                await self._flush_streak(session)
+
+    async def _flush_streak(self, session: S) -> None:
+        """Write outcomes on one connection while they keep coming."""
+        while True:
+            if self._pending:
+                await self._flush_batch(session)
+                continue
+            if self._flusher_closing:
+                return
+            self._flush_wanted.clear()
+            try:
+                async with asyncio.timeout(SESSION_LINGER):
+                    await self._flush_wanted.wait()
+            except TimeoutError:
+                return
+
+    async def _flush_batch(self, session: S) -> None:
+        batch = self._pending[:FLUSH_CHUNK]
+        requeued = await self._backend.finish(session, [outcome for _, outcome in batch])
+        del self._pending[: len(batch)]
+        for job, _ in batch:
+            self._held.pop((job.id, job.attempt), None)
+        if requeued:
+            self._wakeup.set()  # it may be due already, and it changes when the next job is due
+        self._room.set()
+        self._check_idle()
+
+    # ---------------------------------------------------------------- heartbeat
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            if not self._held:
+                continue
+            jobs = list(self._held.values())
+            extended = await self._backend.extend(jobs)
+            if extended < len(jobs):
+                # normal for outcomes written meanwhile; otherwise another worker took a lease that expired
+                log.debug("queue_leases_not_extended", worker=self._name, held=len(jobs), extended=extended)
+
+    # ---------------------------------------------------------------- listener
+
+    async def _listener(self) -> None:
+        delay = RESTART_DELAY_MIN
+        while True:
+            try:
+                listener = await self._backend.listen(self.wake)
+            except errors.StorageError as exc:
+                log.warning("queue_listen_failed", error=str(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX) * random.uniform(0.8, 1.2)
+                continue
+            delay = RESTART_DELAY_MIN
+            self._listening = True
+            self._wakeup.set()  # catch up with anything enqueued while nobody listened
+            try:
+                await self._watch(listener)
+            finally:
+                self._listening = False
+                await listener.close()
+            log.warning("queue_listener_lost", worker=self._name)
+            self._wakeup.set()
+
+    async def _watch(self, listener: Listener) -> None:
+        """Return when the LISTEN connection is lost (closed, or silent and not answering a ping)."""
+        while not listener.lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTENER_PING_INTERVAL):
+                    await listener.lost.wait()
+                    return
+            try:
+                async with asyncio.timeout(LISTENER_PING_TIMEOUT):
+                    await listener.ping()
+            except (TimeoutError, errors.StorageError):
+                return

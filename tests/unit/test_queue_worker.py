@@ -1,0 +1,331 @@
+"""The worker runtime against an in-memory backend: batching, supervision, listener reconnects, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import structlog
+
+from engine import errors
+from engine import worker as workermod
+
+Outcome = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class FakeJob:
+    id: int
+    attempt: int = 1
+
+
+class FakeListener:
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+        self.closed = False
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeBackend:
+    """Jobs in a deque; outcomes in a list. Failures are injected per method."""
+
+    def __init__(self, jobs: int = 0) -> None:
+        self.ready: deque[FakeJob] = deque(FakeJob(i) for i in range(jobs))
+        self.claims: list[int] = []
+        self.written: list[Outcome] = []
+        self.extends = 0
+        self.extend_errors: list[BaseException] = []
+        self.always_fail_extend = False
+        self.claim_errors: list[BaseException] = []
+        self.finish_gate: asyncio.Event | None = None
+        self.listen_errors: list[BaseException] = []
+        self.listeners: list[FakeListener] = []
+        self.run: Callable[[FakeJob], Awaitable[Outcome | None]] = self._done
+
+    @staticmethod
+    async def _done(job: FakeJob) -> Outcome:
+        return ("done", job.id)
+
+    @contextlib.asynccontextmanager
+    async def claim_session(self) -> AsyncIterator[str]:
+        yield "claim-conn"
+
+    @contextlib.asynccontextmanager
+    async def write_session(self) -> AsyncIterator[str]:
+        yield "write-conn"
+
+    async def claim(self, session: str, limit: int) -> list[FakeJob]:
+        if self.claim_errors:
+            raise self.claim_errors.pop(0)
+        self.claims.append(limit)
+        taken = [self.ready.popleft() for _ in range(min(limit, len(self.ready)))]
+        await asyncio.sleep(0)
+        return taken
+
+    async def execute(self, job: FakeJob) -> Outcome | None:
+        return await self.run(job)
+
+    def hand_back(self, job: FakeJob) -> Outcome:
+        return ("handed_back", job.id)
+
+    async def finish(self, session: str, outcomes: Sequence[Outcome]) -> bool:
+        if self.finish_gate is not None:
+            await self.finish_gate.wait()
+        self.written.extend(outcomes)
+        return False
+
+    async def extend(self, jobs: Sequence[FakeJob]) -> int:
+        self.extends += 1
+        if self.always_fail_extend:
+            raise RuntimeError("bug in extend")
+        if self.extend_errors:
+            raise self.extend_errors.pop(0)
+        return len(jobs)
+
+    async def next_due(self, session: str) -> float | None:
+        return None
+
+    async def has_ready(self) -> bool:
+        return bool(self.ready)
+
+    async def listen(self, on_notify: Callable[[], None]) -> FakeListener:
+        if self.listen_errors:
+            raise self.listen_errors.pop(0)
+        listener = FakeListener()
+        self.listeners.append(listener)
+        return listener
+
+
+def make_worker(
+    backend: FakeBackend,
+    *,
+    concurrency: int = 4,
+    batch_size: int = 10,
+    heartbeat_interval: float = 0.01,
+    shutdown_timeout: float = 1.0,
+    listen: bool = False,
+) -> workermod.Worker[FakeJob, Outcome, str]:
+    return workermod.Worker(
+        backend,
+        name="w",
+        concurrency=concurrency,
+        batch_size=batch_size,
+        heartbeat_interval=heartbeat_interval,
+        poll_interval=0.05,
+        shutdown_timeout=shutdown_timeout,
+        listen=listen,
+    )
+
+
+async def eventually(check: Callable[[], bool], within: float = 3.0) -> None:
+    """Poll ``check`` every 5 ms; fail the test after ``within`` seconds."""
+    for _ in range(int(within / 0.005)):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    pytest.fail(f"condition not met within {within} s")
+
+
+async def test_drain_runs_everything_and_writes_each_outcome_once() -> None:
+    """drain() runs every ready job, writes one outcome per job, and claims in batches of at most batch_size."""
+    backend = FakeBackend(jobs=120)
+    w = make_worker(backend)
+    w.start()
+    try:
+        assert await w.drain(timeout=5) == 120
+    finally:
+        await w.stop()
+    assert sorted(backend.written) == [("done", i) for i in range(120)]
+    assert max(backend.claims) == 10
+    assert len(backend.claims) < 30  # batches, not one claim per job
+
+
+async def test_tasks_are_named_and_owned() -> None:
+    """Every background task carries a queue:<worker>:<role> name, and none is left after stop()."""
+    w = make_worker(FakeBackend(), concurrency=2, listen=True)
+    w.start()
+    names = {t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("queue:")}
+    assert names == {
+        "queue:w:fetcher",
+        "queue:w:flusher",
+        "queue:w:heartbeat",
+        "queue:w:listener",
+        "queue:w:runner-0",
+        "queue:w:runner-1",
+    }
+    await w.stop()
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("queue:") and not t.done()]
+
+
+async def test_crashed_side_task_is_logged_and_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat that raises a bug is logged with its traceback and restarted; the worker stays up."""
+    monkeypatch.setattr(workermod, "RESTART_DELAY_MIN", 0.001)
+    backend = FakeBackend(jobs=1)
+    backend.extend_errors.append(RuntimeError("bug in extend"))
+    release = asyncio.Event()
+
+    async def hold(job: FakeJob) -> Outcome:
+        await release.wait()
+        return ("done", job.id)
+
+    backend.run = hold
+    w = make_worker(backend)
+    with structlog.testing.capture_logs() as logs:
+        w.start()
+        await eventually(lambda: backend.extends >= 3)  # crashed once, then heartbeats again
+        assert w.alive
+        release.set()
+        await w.stop()
+    crashes = [e for e in logs if e["event"] == "queue_task_crashed"]
+    assert [(e["task"], e["log_level"]) for e in crashes] == [("heartbeat", "error")]
+    assert "exc_info" in crashes[0]
+
+
+async def test_a_task_that_keeps_crashing_fails_the_worker_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After MAX_CRASHES consecutive crashes the worker fails: alive turns False and drain() raises."""
+    monkeypatch.setattr(workermod, "RESTART_DELAY_MIN", 0.001)
+    backend = FakeBackend(jobs=1)
+    backend.always_fail_extend = True
+    release = asyncio.Event()
+
+    async def hold(job: FakeJob) -> Outcome:
+        await release.wait()
+        return ("done", job.id)
+
+    backend.run = hold
+    w = make_worker(backend)
+    with structlog.testing.capture_logs() as logs:
+        w.start()
+        await eventually(lambda: not w.alive)
+        with pytest.raises(workermod.WorkerFailed):
+            await w.drain(timeout=1)
+        release.set()
+        await w.stop()
+    assert backend.extends == workermod.MAX_CRASHES
+    assert any(e["event"] == "queue_worker_failed" and e["log_level"] == "critical" for e in logs)
+
+
+async def test_storage_errors_are_retried_without_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database outage (StorageError) is logged and retried with backoff, however long it lasts."""
+    monkeypatch.setattr(workermod, "RESTART_DELAY_MIN", 0.001)
+    backend = FakeBackend(jobs=5)
+    backend.claim_errors = [
+        errors.StorageError("database unreachable") for _ in range(workermod.MAX_CRASHES + 2)
+    ]
+    w = make_worker(backend)
+    with structlog.testing.capture_logs() as logs:
+        w.start()
+        assert await w.drain(timeout=5) == 5
+        assert w.alive
+        await w.stop()
+    warnings = [e for e in logs if e["event"] == "queue_task_storage_error"]
+    assert len(warnings) == workermod.MAX_CRASHES + 2
+    assert {e["task"] for e in warnings} == {"fetcher"}
+
+
+async def test_stop_hands_back_buffered_and_running_jobs() -> None:
+    """Jobs still running after shutdown_timeout are cancelled and handed back, like the ones never started."""
+    backend = FakeBackend(jobs=6)
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    async def forever(job: FakeJob) -> Outcome:
+        started.append(job.id)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(job.id)
+            raise
+        raise AssertionError("unreachable")
+
+    backend.run = forever
+    w = make_worker(backend, concurrency=2, batch_size=4, shutdown_timeout=0.05)
+    w.start()
+    await eventually(lambda: len(started) == 2)
+    await asyncio.sleep(0.02)
+    assert len(backend.ready) == 2  # 4 claimed: 2 running, 2 waiting in the buffer
+    await w.stop()
+    assert sorted(cancelled) == sorted(started)
+    assert sorted(backend.written) == [("handed_back", i) for i in range(4)]
+    assert not w.alive
+
+
+async def test_heartbeat_runs_until_the_last_write() -> None:
+    """During shutdown the heartbeat keeps extending leases while a job finishes; its outcome is then written."""
+    backend = FakeBackend(jobs=1)
+    entered = asyncio.Event()
+
+    async def slow(job: FakeJob) -> Outcome:
+        entered.set()
+        await asyncio.sleep(0.3)
+        return ("done", job.id)
+
+    backend.run = slow
+    w = make_worker(backend, heartbeat_interval=0.02, shutdown_timeout=5)
+    w.start()
+    await entered.wait()
+    before = backend.extends
+    await w.stop()
+    assert backend.extends > before + 3
+    assert backend.written == [("done", 0)]
+
+
+async def test_final_write_survives_a_cancelled_stop() -> None:
+    """If whoever awaits stop() is cancelled, the last outcomes are still written (the write is shielded)."""
+    backend = FakeBackend(jobs=1)
+    backend.finish_gate = asyncio.Event()
+    w = make_worker(backend)
+    w.start()
+    await eventually(lambda: w.runs == 1)
+    stopping = asyncio.create_task(w.stop())
+    await asyncio.sleep(0.05)
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    backend.finish_gate.set()
+    await eventually(lambda: backend.written == [("done", 0)])
+
+
+async def test_listener_reconnects_with_backoff() -> None:
+    """A LISTEN connection that fails to open is retried, and a lost one is replaced (and closed)."""
+    backend = FakeBackend()
+    backend.listen_errors = [errors.StorageError("database unreachable")] * 2
+    w = make_worker(backend, listen=True)
+    with structlog.testing.capture_logs() as logs:
+        w.start()
+        await eventually(lambda: w.listening)
+        first = backend.listeners[0]
+        first.lost.set()
+        await eventually(lambda: len(backend.listeners) == 2 and w.listening)
+        await w.stop()
+    assert first.closed and backend.listeners[1].closed
+    events = [e["event"] for e in logs]
+    assert events.count("queue_listen_failed") == 2
+    assert events.count("queue_listener_lost") == 1
+
+
+async def test_an_attempt_that_is_not_ours_is_released_without_a_write() -> None:
+    """When execute() reports nothing to write (stale attempt), the job is released and nothing is written."""
+    backend = FakeBackend(jobs=3)
+
+    async def stale(job: FakeJob) -> Outcome | None:
+        return None
+
+    backend.run = stale
+    w = make_worker(backend)
+    w.start()
+    try:
+        assert await w.drain(timeout=5) == 3
+    finally:
+        await w.stop()
+    assert backend.written == []
