@@ -1,0 +1,101 @@
+"""Configuration from the environment, and the verification policy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import EngineConfig, VerificationPolicy, errors
+from engine.config import parse_venue_urls
+from venues.base import Permissions, ProbeResult, Venue
+
+DAY = 86_400_000
+
+
+def result(**perms: object) -> ProbeResult:
+    return ProbeResult(
+        venue=Venue.BINANCE,
+        venue_account_id="1",
+        permissions=Permissions(**perms),
+        identities=("spot",),  # type: ignore[arg-type]
+    )
+
+
+def test_from_env_reads_every_setting() -> None:
+    """from_env maps DATABASE_URL, data dir, master keys, venue URLs, numbers and policy flags."""
+    cfg = EngineConfig.from_env(
+        {
+            "DATABASE_URL": "postgresql://u@h/db",
+            "ENGINE_DATA_DIR": "/srv/ce",
+            "ENGINE_MASTER_KEYS": "1:abc",
+            "ENGINE_VENUE_URLS": "binance=http://127.0.0.1:9001, OKX=http://127.0.0.1:9002",
+            "ENGINE_WORKERS": "0",
+            "ENGINE_REVERIFY_INTERVAL": "3600",
+            "ENGINE_POLICY_ALLOW_WITHDRAW": "1",
+            "ENGINE_POLICY_REQUIRE_TRADE": "true",
+            "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS": "yes",
+        }
+    )
+    assert cfg.database_url == "postgresql://u@h/db"
+    assert cfg.data_dir == Path("/srv/ce")
+    assert cfg.master_keys == "1:abc"
+    assert cfg.venue_urls == {Venue.BINANCE: "http://127.0.0.1:9001", Venue.OKX: "http://127.0.0.1:9002"}
+    assert (cfg.workers, cfg.reverify_interval) == (0, 3600.0)
+    assert cfg.policy.reject_withdraw is False
+    assert cfg.policy.require_trade is True
+    assert cfg.allow_private_webhook_urls is True
+
+
+def test_from_env_libpq_variables_and_defaults() -> None:
+    """Only PG* variables: a libpq DSN; nothing at all: no DSN (the embedded server)."""
+    assert EngineConfig.from_env({"PGHOST": "db.internal"}).database_url == "postgresql://"
+    empty = EngineConfig.from_env({})
+    assert empty.database_url is None
+    assert empty.policy == VerificationPolicy()
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"ENGINE_WORKERS": "many"}, "ENGINE_WORKERS"),
+        ({"ENGINE_POLICY_REQUIRE_TRADE": "maybe"}, "ENGINE_POLICY_REQUIRE_TRADE"),
+        ({"ENGINE_VENUE_URLS": "FTX=http://x"}, "ENGINE_VENUE_URLS"),
+        ({"ENGINE_VENUE_URLS": "BINANCE=ftp://x"}, "ENGINE_VENUE_URLS"),
+    ],
+)
+def test_bad_settings_name_the_setting(env: dict[str, str], field: str) -> None:
+    """A bad value raises ConfigurationError naming the variable."""
+    with pytest.raises(errors.ConfigurationError) as info:
+        EngineConfig.from_env(env)
+    assert info.value.field == field
+
+
+def test_venue_urls_parse() -> None:
+    """Venue names are case-insensitive; blanks between entries are fine."""
+    assert parse_venue_urls(" kraken=https://k.example ,") == {Venue.KRAKEN: "https://k.example"}
+
+
+def test_policy_rules_name_the_rule() -> None:
+    """Withdraw, trade, IP and expiry rules each reject with their own reason; the default only withdraw."""
+    now = int(time.time() * 1000)
+    default = VerificationPolicy()
+    assert default.evaluate(result(read=True, withdraw=True))[0] == "POLICY_WITHDRAW_ENABLED"
+    assert default.evaluate(result(read=True))[0] is None
+    assert default.evaluate(result(read=True, expires_at_ms=now - 1), now_ms=now)[0] == "KEY_EXPIRED"
+    strict = VerificationPolicy(require_trade=True, require_ip_allowlist=True)
+    assert strict.evaluate(result(read=True, ip_restricted=True))[0] == "POLICY_TRADE_REQUIRED"
+    assert strict.evaluate(result(read=True, trade=True))[0] == "POLICY_IP_ALLOWLIST_REQUIRED"
+    assert strict.evaluate(result(read=True, trade=True, ip_restricted=True))[0] is None
+
+
+def test_policy_warns_before_expiry_and_without_allowlist() -> None:
+    """A key expiring inside the window, or with no IP allow-list, passes with warnings."""
+    now = int(time.time() * 1000)
+    reason, warnings = VerificationPolicy(expiry_warning_days=7).evaluate(
+        result(read=True, expires_at_ms=now + 3 * DAY + 1000), now_ms=now
+    )
+    assert reason is None
+    assert warnings[0] == "KEY_EXPIRING: expires in 3 day(s)"
+    assert any(w.startswith("NO_IP_ALLOWLIST") for w in warnings)
