@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run demo test test-fast reliability bench lint typecheck fmt check clean
+.PHONY: setup run demo test test-fast reliability bench lint typecheck fmt check package-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,18 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-check: lint typecheck test
+check: lint typecheck test package-check
+
+# The built wheel, installed in a fresh virtual environment and used from outside the source tree: a file
+# missing from the package (schema.sql, the named queries) fails here and not on a user's machine.
+package-check: $(STAMP)
+	rm -rf build/package-check && mkdir -p build/package-check
+	$(BIN)/python -m pip wheel --quiet --no-deps -w build/package-check .
+	$(PYTHON) -m venv build/package-check/venv
+	build/package-check/venv/bin/python -m pip install --quiet build/package-check/*.whl
+	cd build/package-check && venv/bin/python -c "import engine, engine.db as db, venues.simulator; \
+		db.schema_sql(); q = db.load_queries(*db.QUERY_FILES); print('package ok:', len(q), 'named queries')"
+	build/package-check/venv/bin/credential-engine --help > /dev/null
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
