@@ -178,4 +178,80 @@ CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dea
 -- END queue
 
 -- BEGIN webhooks (owned by engine/webhooks.py)
+-- Webhook endpoints (Standard Webhooks), per owner. event_types NULL = every type. An endpoint is disabled by
+-- its owner (MANUAL), at once by a 410 answer (GONE), or after failing for days (FAILING).
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    id               uuid PRIMARY KEY,
+    owner_id         text NOT NULL,
+    url              text NOT NULL,
+    description      text,
+    event_types      text[],
+    enabled          boolean NOT NULL DEFAULT true,
+    disabled_reason  text CHECK (disabled_reason IN ('MANUAL', 'GONE', 'FAILING')),
+    failing_since    timestamptz,                 -- first failed attempt since the last success
+    event_seq        bigint NOT NULL DEFAULT 0,   -- sequence of this endpoint's own events
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT webhook_endpoints_reason_iff_disabled CHECK (enabled = (disabled_reason IS NULL))
+);
+CREATE INDEX IF NOT EXISTS webhook_endpoints_owner ON webhook_endpoints (owner_id, created_at, id);
+CREATE INDEX IF NOT EXISTS webhook_endpoints_fan_out ON webhook_endpoints (owner_id) WHERE enabled;
+
+-- Signing secrets, encrypted like key material (Vault.wrap_blob, purpose bound to endpoint and version).
+-- expires_at NULL: the current secret; a rotated-out secret keeps signing until expires_at (grace period).
+CREATE TABLE IF NOT EXISTS webhook_secrets (
+    endpoint_id  uuid NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+    version      integer NOT NULL CHECK (version > 0),
+    kek_version  integer NOT NULL,
+    wrapped_dek  bytea NOT NULL,
+    nonce        bytea NOT NULL,
+    ciphertext   bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz,
+    PRIMARY KEY (endpoint_id, version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS webhook_secrets_one_current ON webhook_secrets (endpoint_id) WHERE expires_at IS NULL;
+CREATE INDEX IF NOT EXISTS webhook_secrets_kek ON webhook_secrets (kek_version);
+
+-- One delivery per (event, endpoint). pending: a job will attempt it; waiting: parked behind an earlier
+-- undelivered event of the same credential to the same endpoint (woken when that one is delivered or dead);
+-- delivered; dead: attempts exhausted or endpoint disabled (an operator can retry it).
+-- tries = attempts - retry_base: the position in the retry schedule (a manual retry starts it again).
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id               uuid PRIMARY KEY,
+    endpoint_id      uuid NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+    owner_id         text NOT NULL,
+    event_id         uuid NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    event_type       text NOT NULL,
+    credential_id    uuid,
+    sequence         bigint NOT NULL,
+    state            text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'waiting', 'delivered', 'dead')),
+    attempts         integer NOT NULL DEFAULT 0,
+    retry_base       integer NOT NULL DEFAULT 0 CHECK (retry_base <= attempts),
+    next_attempt_at  timestamptz,
+    last_status_code integer,
+    last_error       text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    delivered_at     timestamptz,
+    CONSTRAINT webhook_deliveries_once UNIQUE (event_id, endpoint_id)
+);
+-- the ordering checks: earlier undelivered events of one credential to one endpoint
+CREATE INDEX IF NOT EXISTS webhook_deliveries_stream
+    ON webhook_deliveries (endpoint_id, credential_id, sequence) WHERE state IN ('pending', 'waiting');
+CREATE INDEX IF NOT EXISTS webhook_deliveries_owner ON webhook_deliveries (owner_id, created_at, id);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, created_at, id);
+
+-- Every attempt: when, the answer (or why there was none) and how long it took. Never a body or a secret.
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id  uuid NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempt      integer NOT NULL CHECK (attempt > 0),
+    outcome      text NOT NULL CHECK (outcome IN ('delivered', 'failed', 'gone', 'refused')),
+    status_code  integer,
+    latency_ms   double precision NOT NULL,
+    error        text,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
 -- END webhooks

@@ -69,7 +69,7 @@ def schema_sql() -> str:
     return importlib.resources.files("engine").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
-QUERY_FILES = ("queries.sql", "queue.sql")
+QUERY_FILES = ("queries.sql", "queue.sql", "webhooks.sql")
 
 
 class UniqueViolation(errors.StorageError):

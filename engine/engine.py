@@ -20,8 +20,9 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, validation
+from engine import crypto, errors, events, jobs, lifecycle, validation, webhooks_service
 from engine import db as dbmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
@@ -36,6 +37,7 @@ from engine.models import (
     TradingAccountStatus,
 )
 from engine.store import Store, account_from_row
+from engine.webhooks_models import DeliveryState, WebhookDelivery, WebhookEndpoint
 from venues import build_probe
 from venues.base import ApiKeys, KeyFormatProblem, Probe, Venue, mask_api_key
 
@@ -59,6 +61,7 @@ class CredentialEngine:
         pool: Any | None = None,
         http_session: aiohttp.ClientSession | None = None,
         probes: Mapping[Venue, Probe] | None = None,
+        webhook_resolver: AbstractResolver | None = None,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
         self._injected_pool = pool
@@ -71,6 +74,8 @@ class CredentialEngine:
         self._queue: queuemod.JobQueue | None = None
         self._session: aiohttp.ClientSession | None = None
         self._jobs: jobs.LifecycleJobs | None = None
+        # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
+        self.webhooks = webhooks_service.WebhookService(self, resolver=webhook_resolver)
 
     # ---- lifecycle of the object -----------------------------------------------------------------------
 
@@ -129,8 +134,10 @@ class CredentialEngine:
             backoff_max=cfg.backoff_max,
             shutdown_timeout=cfg.shutdown_timeout,
         )
-        self._queue = queuemod.JobQueue(self._db, self._jobs.handlers(), settings)
+        handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
+        self._queue = queuemod.JobQueue(self._db, handlers, settings)
         self._queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
+        await self.webhooks.start()
         await self.bus.start(self._db)
         if cfg.workers > 0:
             await self._queue.start()
@@ -147,6 +154,7 @@ class CredentialEngine:
         # fixed order: stop taking work, stop telling, then release connections
         if self._queue is not None:
             await self._queue.stop()
+        await self.webhooks.close()
         await self.bus.stop()
         if self._session is not None and self._injected_session is None:
             await self._session.close()
@@ -176,6 +184,13 @@ class CredentialEngine:
     def queue(self) -> queuemod.JobQueue:
         return self._ready()[1]
 
+    @property
+    def probe_metrics(self) -> jobs.ProbeMetrics:
+        """Verification outcomes and probe latencies seen by this process (the REST API's /metrics)."""
+        if self._jobs is None:
+            raise errors.EngineClosed("the engine is not open")
+        return self._jobs.metrics
+
     def probe(self, venue: Venue) -> Probe:
         """The probe for ``venue`` (injected, or built on first use against ``config.venue_urls``)."""
         probe = self._probes.get(venue)
@@ -187,6 +202,7 @@ class CredentialEngine:
                 self._session,
                 base_url=self.config.venue_urls.get(venue),
                 timeout=self.config.probe_timeout,
+                rate_limited=self.config.venue_rate_limits,
             )
             self._probes[venue] = probe
         return probe
@@ -668,7 +684,73 @@ class CredentialEngine:
             if progress is not None:
                 progress(total, remaining)
             if done == 0:
-                return total
+                return total + await self.webhooks.rewrap_secrets(batch_size)
+
+    # ---- webhooks (engine/webhooks_service.py; Standard Webhooks delivery in engine/webhooks_delivery.py) ------
+
+    async def add_webhook_endpoint(
+        self,
+        owner_id: str,
+        url: str,
+        event_types: Collection[str] | None = None,
+        description: str | None = None,
+    ) -> WebhookEndpoint:
+        """A new endpoint for ``owner_id``'s events (None: every type). ``.secret`` is shown this once."""
+        self._ready()
+        return await self.webhooks.add_endpoint(owner_id, url, event_types, description)
+
+    async def list_webhook_endpoints(self, owner_id: str) -> list[WebhookEndpoint]:
+        self._ready()
+        return await self.webhooks.list_endpoints(owner_id)
+
+    async def get_webhook_endpoint(self, owner_id: str, endpoint_id: uuid.UUID | str) -> WebhookEndpoint:
+        self._ready()
+        return await self.webhooks.get_endpoint(owner_id, endpoint_id)
+
+    async def remove_webhook_endpoint(self, owner_id: str, endpoint_id: uuid.UUID | str) -> None:
+        """Delete the endpoint with its secrets, deliveries and attempts."""
+        self._ready()
+        await self.webhooks.remove_endpoint(owner_id, endpoint_id)
+
+    async def rotate_webhook_secret(self, owner_id: str, endpoint_id: uuid.UUID | str) -> str:
+        """A new secret (returned once); the old one keeps signing for ``webhook_secret_grace`` seconds."""
+        self._ready()
+        return await self.webhooks.rotate_secret(owner_id, endpoint_id)
+
+    async def update_webhook_endpoint(
+        self,
+        owner_id: str,
+        endpoint_id: uuid.UUID | str,
+        *,
+        enabled: bool | None = None,
+        event_types: Collection[str] | None = None,
+        url: str | None = None,
+    ) -> WebhookEndpoint:
+        """Change what is given (``event_types=[]``: every type). Disabling marks pending deliveries dead."""
+        self._ready()
+        return await self.webhooks.update_endpoint(
+            owner_id, endpoint_id, enabled=enabled, types=event_types, url=url
+        )
+
+    async def list_webhook_deliveries(
+        self,
+        owner_id: str,
+        endpoint_id: uuid.UUID | str | None = None,
+        *,
+        state: DeliveryState | str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> Page[WebhookDelivery]:
+        """Deliveries, newest first, each with every attempt (status code, latency, error)."""
+        self._ready()
+        return await self.webhooks.list_deliveries(
+            owner_id, endpoint_id, state=state, offset=offset, limit=limit
+        )
+
+    async def retry_webhook_delivery(self, owner_id: str, delivery_id: uuid.UUID | str) -> WebhookDelivery:
+        """Send a dead delivery again; its retry schedule starts over."""
+        self._ready()
+        return await self.webhooks.retry_delivery(owner_id, delivery_id)
 
     # ---- helpers -------------------------------------------------------------------------------------------
 
@@ -687,9 +769,10 @@ class CredentialEngine:
             sequence = int(await conn.fetchval("bump_event_seq", cid))
         cred = await self.store.get(owner, cid, conn=conn)
         data = {"credential": cred.public_dict(), **dict(extra or {})}
-        await events.record(
+        event = await events.record(
             conn, type=event_type, owner_id=owner, credential_id=cid, sequence=sequence, data=data
         )
+        await self.webhooks.fan_out(conn, event)  # deliveries commit with the event (webhooks_service.py)
         return cred
 
 

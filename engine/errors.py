@@ -3,6 +3,7 @@
     CredentialEngineError                    root; ``http_status`` and a stable negative ``errno`` each
     ├── InvalidRequest            400  -100001  a field is missing, of the wrong type, too long ... (names it)
     │   └── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
+    ├── Unauthorized              401  -110001  missing, malformed or expired bearer token (REST API, auth.py)
     ├── NotFound                  404  -100003  no such id for this owner (other owners' ids too)
     ├── Conflict                  409  -100005  the request fights the current state
     │   ├── DuplicateCredential   409  -100004  same API key already stored for this owner and venue
@@ -52,6 +53,13 @@ class InvalidKeyFormat(InvalidRequest):
 
     http_status = 422
     errno = -100002
+
+
+class Unauthorized(CredentialEngineError):
+    """The REST API could not tell who is calling (no, malformed, badly signed or expired token)."""
+
+    http_status = 401
+    errno = -110001
 
 
 class NotFound(CredentialEngineError):

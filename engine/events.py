@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ EVENT_TYPES = (
     "credential.expiring",
     "trading_account.connected",
     "trading_account.disconnected",
+    "webhook_endpoint.disabled",  # no credential: credential_id None, sequence per endpoint
 )
 
 
@@ -58,7 +60,7 @@ async def record(
     *,
     type: str,
     owner_id: str,
-    credential_id: uuid.UUID,
+    credential_id: uuid.UUID | None,
     sequence: int,
     data: Mapping[str, Any],
 ) -> Event:
@@ -111,6 +113,7 @@ class BusStats:
     delivered: int = 0
     listener_failures: int = 0
     reconnects: int = 0
+    failures_by_listener: Counter[str] = field(default_factory=Counter)  # listener name -> failures
 
 
 class EventBus:
@@ -149,6 +152,9 @@ class EventBus:
                 self._subs.remove(sub)
                 if sub.task is not None:
                     sub.task.cancel()
+                while not sub.queue.empty():  # a drain() waiting on this queue must not wait forever
+                    sub.queue.get_nowait()
+                    sub.queue.task_done()
 
         return unsubscribe
 
@@ -167,9 +173,11 @@ class EventBus:
             except Exception as exc:  # a listener's bug must not stop the others: log and count it
                 sub.failures += 1
                 self.stats.listener_failures += 1
+                name = getattr(sub.listener, "__qualname__", repr(sub.listener))
+                self.stats.failures_by_listener[name] += 1
                 log.warning(
                     "listener_failed",
-                    listener=getattr(sub.listener, "__qualname__", repr(sub.listener)),
+                    listener=name,
                     event_type=event.type,
                     error=type(exc).__name__,
                 )
@@ -236,6 +244,9 @@ class EventBus:
                 await self._read_available()
             except errors.StorageError as exc:  # the database is away: try again at the next tick
                 log.warning("events_read_failed", error=str(exc))
+                await asyncio.sleep(self.poll_interval)
+            except Exception:  # a bug must not stop every listener for good: log it, try again later
+                log.exception("events_read_crashed")
                 await asyncio.sleep(self.poll_interval)
 
     async def _listen(self) -> None:

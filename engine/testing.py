@@ -9,6 +9,12 @@
 
 It checks secrets too: a known key with another secret (or passphrase) answers INVALID_SECRET
 (INVALID_PASSPHRASE), as an exchange would. Unknown keys answer INVALID_KEY. It records every call.
+
+``INVARIANT_SQL`` states DESIGN.md's invariants as queries that return the rows breaking them;
+``broken_invariants(engine)`` runs them all, and ``unfinished_jobs(engine)`` lists the jobs a quiet queue should
+not have (running, or queued and due):
+
+    assert await broken_invariants(eng) == {}
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from venues.base import (
     ApiKeys,
@@ -188,3 +194,61 @@ async def settle(
             return
         await asyncio.sleep(pause)
     raise AssertionError("jobs still due after settle(): a retry loop that never ends?")
+
+
+# DESIGN.md's invariants, each as a query returning the rows that break it (none: it holds).
+INVARIANT_SQL: Mapping[str, str] = {
+    "revoked credentials hold no key material": """
+        SELECT c.id FROM credentials c JOIN credential_secrets s ON s.credential_id = c.id
+        WHERE c.status = 'REVOKED'""",
+    "revoked credentials have secret version 0, others a positive one": """
+        SELECT id FROM credentials WHERE (status = 'REVOKED') <> (secret_version = 0)""",
+    "a live credential has exactly one CURRENT secret, at its secret version": """
+        SELECT c.id FROM credentials c
+        WHERE c.status <> 'REVOKED' AND 1 <> (
+            SELECT count(*) FROM credential_secrets s
+            WHERE s.credential_id = c.id AND s.state = 'CURRENT' AND s.version = c.secret_version)""",
+    "at most one staged rotation, newer than the current version": """
+        SELECT s.credential_id FROM credential_secrets s JOIN credentials c ON c.id = s.credential_id
+        WHERE s.state = 'PENDING' GROUP BY s.credential_id, c.secret_version
+        HAVING count(*) > 1 OR min(s.version) <= c.secret_version""",
+    "an ACTIVE trading account points at a non-revoked credential": """
+        SELECT a.id FROM trading_accounts a JOIN credentials c ON c.id = a.credential_id
+        WHERE a.status = 'ACTIVE' AND c.status = 'REVOKED'""",
+    "event sequences are gapless and match the credential's counter": """
+        SELECT c.id FROM credentials c LEFT JOIN events e ON e.credential_id = c.id
+        GROUP BY c.id, c.event_seq
+        HAVING count(e.id) <> c.event_seq OR coalesce(max(e.sequence), 0) <> c.event_seq
+            OR count(DISTINCT e.sequence) <> count(e.id)""",
+    "VERIFIED means verified with permissions; FAILED names a reason": """
+        SELECT id FROM credentials
+        WHERE (status = 'VERIFIED' AND (verified_at IS NULL OR permissions IS NULL))
+           OR (status = 'FAILED' AND failure_reason IS NULL)""",
+}
+
+# Jobs a queue that has finished its work must not hold: running (a lease, live or expired) or queued and due.
+UNFINISHED_JOBS_SQL = """
+    SELECT id, kind, state, attempt, worker_id, lease_expires_at, run_at, last_error FROM queue_jobs
+    WHERE state = 'running' OR (state = 'queued' AND run_at <= now())
+    ORDER BY id"""
+
+
+async def _rows(engine: CredentialEngine, sql: str) -> list[dict[str, Any]]:
+    async with engine.db.connection() as conn:
+        # literal test SQL on the driver connection: these checks are not part of the engine's named queries
+        return [dict(row) for row in await conn._conn.fetch(sql)]
+
+
+async def broken_invariants(engine: CredentialEngine) -> dict[str, list[dict[str, Any]]]:
+    """Each invariant of :data:`INVARIANT_SQL` that does not hold, with the rows breaking it ({} when all hold)."""
+    broken: dict[str, list[dict[str, Any]]] = {}
+    for name, sql in INVARIANT_SQL.items():
+        rows = await _rows(engine, sql)
+        if rows:
+            broken[name] = rows
+    return broken
+
+
+async def unfinished_jobs(engine: CredentialEngine) -> list[dict[str, Any]]:
+    """Jobs still running or queued and due (:data:`UNFINISHED_JOBS_SQL`); [] once the queue has done its work."""
+    return await _rows(engine, UNFINISHED_JOBS_SQL)

@@ -25,6 +25,18 @@ from engine import db as dbmod
 TEMPLATE = "ce_template"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--reliability-full`` (used by tests/reliability/conftest.py). It is declared here because pytest reads
+    options only from the conftest files it loads at start-up: tests/reliability/conftest.py is not one of them
+    when the suite runs as ``pytest -m reliability --reliability-full`` (testpaths = tests)."""
+    parser.addoption(
+        "--reliability-full",
+        action="store_true",
+        default=False,
+        help="run the reliability suite at full size (make reliability); default: the short version",
+    )
+
+
 def dsn_with_database(dsn: str, database: str) -> str:
     """The same server, another database (works for host/port and unix-socket DSNs)."""
     parts = urlsplit(dsn)

@@ -1,0 +1,55 @@
+"""The in-process side of the event bus: listener bookkeeping that metrics and run_until_idle rely on."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine import CredentialEngine, Event, Venue
+from engine.testing import FakeVenue
+
+OWNER = "owner-bus"
+
+
+async def create(eng: CredentialEngine, fake: FakeVenue, key: str) -> None:
+    fake.add_key(key, "s")
+    await eng.create_credential(OWNER, venue=Venue.BINANCE, api_key=key, api_secret="s")
+
+
+async def test_unsubscribing_a_busy_listener_releases_a_waiting_drain(
+    eng: CredentialEngine, fake: FakeVenue
+) -> None:
+    """drain() waits for a listener's backlog; unsubscribing that listener mid-wait must release it, not hang."""
+    gate = asyncio.Event()
+
+    async def stuck(event: Event) -> None:
+        await gate.wait()
+
+    unsubscribe = eng.subscribe(stuck)
+    for i in range(3):
+        await create(eng, fake, f"bus-{i}")
+    drain = asyncio.create_task(eng.bus.drain())
+    await asyncio.sleep(0.3)
+    assert not drain.done()  # the stuck listener holds it
+    unsubscribe()
+    await asyncio.wait_for(drain, 5)
+
+
+async def test_listener_failures_are_counted_per_listener(eng: CredentialEngine, fake: FakeVenue) -> None:
+    """Each failing listener's failures are counted under its name; the total too; the others still hear all."""
+    heard: list[str] = []
+
+    async def flaky_risk_feed(event: Event) -> None:
+        raise RuntimeError("risk feed down")
+
+    async def audit(event: Event) -> None:
+        heard.append(event.type)
+
+    eng.subscribe(flaky_risk_feed)
+    eng.subscribe(audit)
+    await create(eng, fake, "bus-fail")
+    await eng.run_until_idle()
+    stats = eng.bus.stats
+    name = flaky_risk_feed.__qualname__
+    assert stats.failures_by_listener == {name: 2}
+    assert stats.listener_failures == 2
+    assert heard == ["credential.created", "credential.verified"]
