@@ -150,6 +150,13 @@ class Conn:
                 yield self
 
 
+async def _keep_session(conn: Any) -> None:
+    """Pool release without the reset query (``UNLISTEN *; RESET ALL; ...``: one more round trip per release,
+    about 6 % of a busy engine's CPU in a py-spy profile). Safe because pool connections carry no session
+    state: LISTEN happens on dedicated connections, nothing runs SET, and every advisory lock is
+    transaction-scoped (``pg_advisory_xact_lock``). asyncpg still rolls back an open transaction first."""
+
+
 async def _init_connection(conn: Any) -> None:
     # jsonb <-> Python objects, so queries pass dicts and get dicts back
     import json
@@ -169,7 +176,12 @@ class Database:
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
         with translated():
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                reset=_keep_session,
+                command_timeout=60,
             )
         return cls(pool, owns_pool=True)
 

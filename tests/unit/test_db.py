@@ -45,3 +45,15 @@ async def test_driver_errors_are_translated(db: dbmod.Database) -> None:
             await conn.execute_script("SELECT * FROM no_such_table_canary_value")
     assert "canary" not in str(info.value)
     assert info.value.__cause__ is None
+
+
+async def test_released_connections_roll_back_open_transactions(db: dbmod.Database) -> None:
+    """Skipping the reset query on release still never hands out a connection inside a transaction."""
+    async with db.connection() as conn:
+        await conn.execute_script("BEGIN; CREATE TEMP TABLE leftover (x int)")
+    for _ in range(8):  # every pooled connection
+        async with db.connection() as conn:
+            status = await conn._conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in%'"
+            )
+            assert status == 0
