@@ -97,7 +97,8 @@ async def test_transient_outcomes_never_fail_a_credential(
     eng: CredentialEngine, fake: FakeVenue, outcome: Outcome
 ) -> None:
     """A venue that is down keeps the credential PENDING (retrying), then VERIFIED once it answers."""
-    fake.flaky_key("flaky", "s", transient=3, outcome=outcome)
+    # retry_after keeps the retries out of the first run_until_idle() even on a loaded machine
+    fake.flaky_key("flaky", "s", transient=3, outcome=outcome, retry_after=0.3)
     cred = await eng.create_credential(OWNER, venue=Venue.BYBIT, api_key="flaky", api_secret="s")
     await eng.run_until_idle()
     assert (await eng.get_credential(OWNER, cred.credential_id)).status is CredentialStatus.PENDING
