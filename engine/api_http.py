@@ -1,0 +1,270 @@
+"""The REST API's HTTP layer: the seeds' envelope, the error mapping, body and query parsing, middlewares.
+
+Every answer of ``/api/...``, ``/healthz`` and ``/readyz`` is the seeds' envelope::
+
+    {"data": ..., "success": true, "errno": 0, "error": null}            (+ "pagination" on lists)
+    {"data": null, "success": false, "errno": -100001, "error": "apiKey: is required"}
+
+Errors map here and only here. An engine error answers its class's ``http_status`` and ``errno`` with its
+message (messages name fields and rules, never values). The HTTP layer adds its own kinds::
+
+    RouteNotFound      404  -110002  no such route
+    MethodNotAllowed   405  -110003  the route exists, the method does not
+    PayloadTooLarge    413  -110004  the body is over ApiConfig.max_body_bytes
+
+Anything else, and every 5xx, answers a fixed message with the request's correlation id (also in the
+``X-Request-Id`` header); the details go to the server log, through the redacting log pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from engine import auth, errors
+from engine import db as dbmod
+from engine.models import Page
+
+log = structlog.get_logger("engine.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID_HEADER = "X-Request-Id"
+INTERNAL_ERRNO = errors.CredentialEngineError.errno  # -100000: an unexpected failure
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_JSON = "application/json"
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+class RouteNotFound(errors.NotFound):
+    http_status = 404
+    errno = -110002
+
+
+class MethodNotAllowed(errors.CredentialEngineError):
+    http_status = 405
+    errno = -110003
+
+
+class PayloadTooLarge(errors.CredentialEngineError):
+    http_status = 413
+    errno = -110004
+
+
+HTTP_ERRORS: tuple[type[errors.CredentialEngineError], ...] = (
+    RouteNotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+)
+
+
+# ---- the envelope ------------------------------------------------------------------------------------------
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def ok(data: Any, *, status: int = 200, page: Page[Any] | None = None) -> web.Response:
+    """A success envelope; ``page`` adds the seeds' ``pagination`` object."""
+    body: dict[str, Any] = {"data": data, "success": True, "errno": 0, "error": None}
+    if page is not None:
+        body["pagination"] = {"offset": page.offset, "limit": page.limit, "total": page.total}
+    return web.Response(text=dumps(body), status=status, content_type=_JSON)
+
+
+def fail(status: int, errno: int, message: str, *, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"data": None, "success": False, "errno": errno, "error": message}
+    return web.Response(text=dumps(body), status=status, content_type=_JSON, headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> tuple[errors.CredentialEngineError, dict[str, str]]:
+    """aiohttp's own refusals (router, body size) as error kinds of ours."""
+    if exc.status == 404:
+        return RouteNotFound("no such route; see /openapi.json"), {}
+    if exc.status == 405:
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(f"method not allowed; use {allow}"), {"Allow": allow}
+    if exc.status == 413:
+        return PayloadTooLarge("body: too large"), {}
+    if 400 <= exc.status < 500:
+        return errors.InvalidRequest("request", exc.reason.lower()), {}
+    return errors.CredentialEngineError("internal error"), {}
+
+
+def error_response(exc: errors.CredentialEngineError, request_id: str, **headers: str) -> web.Response:
+    status = exc.http_status
+    if isinstance(exc, dbmod.UniqueViolation):  # a race the engine did not name: still a conflict
+        return fail(
+            409, errors.Conflict.errno, "the request conflicts with a concurrent change", headers=headers
+        )
+    if status >= 500:
+        what = "service unavailable" if status == 503 else "internal error"
+        return fail(status, exc.errno, f"{what}; correlation id {request_id}", headers=headers)
+    return fail(status, exc.errno, exc.message, headers=headers)
+
+
+# ---- request parsing ----------------------------------------------------------------------------------------
+
+
+class Fields:
+    """Typed access to request fields (JSON body or query string), every error naming the field."""
+
+    def __init__(self, values: Mapping[str, list[Any]]) -> None:
+        self._values = values
+
+    def raw(self, *names: str) -> Any:
+        """The value of the first spelling given (``credentialType`` or ``type``); None when absent.
+
+        Two spellings with different values are refused rather than guessed between.
+        """
+        found: list[tuple[str, Any]] = []
+        for name in names:
+            given = self._values.get(name, [])
+            if len(given) > 1:
+                raise errors.InvalidRequest(name, "must be given once")
+            if given:
+                found.append((name, given[0]))
+        if len(found) > 1 and any(value != found[0][1] for _, value in found[1:]):
+            raise errors.InvalidRequest(names[0], f"give {' or '.join(n for n, _ in found)}, not both")
+        return found[0][1] if found else None
+
+    def text(self, *names: str) -> str | None:
+        value = self.raw(*names)
+        if value is not None and not isinstance(value, str):
+            raise errors.InvalidRequest(names[0], "must be a string")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # query strings
+            return value.lower() == "true"
+        raise errors.InvalidRequest(name, "must be a boolean")
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.raw(name)
+        if value is None or value == "":
+            return default
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,12}", value.strip()):
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise errors.InvalidRequest(name, "must be an integer")
+
+    def present(self, name: str) -> bool:
+        return bool(self._values.get(name))
+
+
+def query(request: web.Request) -> Fields:
+    values: dict[str, list[Any]] = {}
+    for key, value in request.query.items():
+        values.setdefault(key, []).append(value)
+    return Fields(values)
+
+
+async def body(request: web.Request) -> Fields:
+    """The JSON object in the body (any content type is read as JSON: curl's default form type included)."""
+    raw = await request.read()  # aiohttp refuses bodies over client_max_size with 413
+    if not raw.strip():
+        raise errors.InvalidRequest("body", "must be a JSON object")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting recurses
+        raise errors.InvalidRequest("body", "is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest("body", "must be a JSON object")
+    return Fields({key: [value] for key, value in data.items()})
+
+
+# ---- middlewares --------------------------------------------------------------------------------------------
+
+OWNER: web.RequestKey[str] = web.RequestKey("owner", str)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+JWT_SECRET: web.AppKey[bytes] = web.AppKey("jwt_secret", bytes)
+HTTP_COUNTS: web.AppKey[Counter[tuple[str, str, int]]] = web.AppKey("http_counts", Counter)
+
+
+def owner_of(request: web.Request) -> str:
+    return request[OWNER]
+
+
+def route_name(request: web.Request) -> str:
+    """The route pattern (``/api/v3/credential/get``), or ``unmatched``: bounded label values for metrics."""
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, access log, request counts, and every error as an envelope (never a stack trace)."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    started = time.monotonic()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except errors.CredentialEngineError as exc:
+        response = error_response(exc, request_id, **_auth_challenge(exc))
+        if exc.http_status >= 500:
+            log.warning(
+                "http_unavailable", request_id=request_id, error=type(exc).__name__, detail=exc.message
+            )
+    except web.HTTPException as exc:
+        mapped, headers = _from_http_exception(exc)
+        response = error_response(mapped, request_id, **headers)
+    except Exception as exc:  # the one catch-all: a bug must not show its traceback to the client
+        # the traceback as text, never frame locals (they hold request bodies: keys and secrets), whatever
+        # renderer the embedding application configured; configure_logging's redaction scrubs the text
+        log.error(
+            "http_unhandled",
+            request_id=request_id,
+            method=request.method,
+            route=route_name(request),
+            error=type(exc).__name__,
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        response = fail(500, INTERNAL_ERRNO, f"internal error; correlation id {request_id}")
+    response.headers[REQUEST_ID_HEADER] = request_id
+    method = request.method if request.method in _METHODS else "OTHER"  # bounded label values
+    request.app[HTTP_COUNTS][(route_name(request), method, response.status)] += 1
+    log.debug(
+        "http_request",
+        request_id=request_id,
+        method=request.method,
+        route=route_name(request),
+        status=response.status,
+        ms=round((time.monotonic() - started) * 1000, 2),
+    )
+    return response
+
+
+def _auth_challenge(exc: errors.CredentialEngineError) -> dict[str, str]:
+    return (
+        {"WWW-Authenticate": 'Bearer realm="credential-engine"'}
+        if isinstance(exc, errors.Unauthorized)
+        else {}
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``/api/...`` needs a valid bearer token; its ``sub`` is the owner every handler acts for."""
+    if request.path.startswith("/api/"):
+        token = auth.bearer_token(request.headers.get("Authorization"))
+        request[OWNER] = auth.verify_token(request.app[JWT_SECRET], token).owner_id
+    return await handler(request)

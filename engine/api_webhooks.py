@@ -1,0 +1,119 @@
+"""The REST API's webhook routes, in the seeds' dialect (``/api/v3/<object>/<verb>``, camelCase, envelope).
+
+An endpoint's signing secret (``whsec_...``) is in the answer of ``webhook/create`` and
+``webhook/rotateSecret`` only: the receiver needs it to check signatures, and it is never shown again.
+Every other answer (and every exchange credential answer) holds no secret.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from aiohttp import web
+
+from engine import api_http, api_routes, validation
+from engine.models import Page
+
+T = TypeVar("T")
+required = api_routes.required
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    """POST /api/v3/webhook/create: url, eventTypes (none or empty: every type), description."""
+    f = await api_http.body(request)
+    endpoint = await api_routes.engine_of(request).add_webhook_endpoint(
+        api_http.owner_of(request),
+        f.text("url") or "",
+        event_types=f.raw("eventTypes"),
+        description=f.text("description"),
+    )
+    return api_http.ok({**endpoint.public_dict(), "secret": endpoint.secret})
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    """GET /api/v3/webhook/list (offset, limit)."""
+    f = api_http.query(request)
+    offset, limit = f.integer("offset", 0), f.integer("limit", api_routes.DEFAULT_LIMIT)
+    endpoints = await api_routes.engine_of(request).list_webhook_endpoints(api_http.owner_of(request))
+    page = _page(endpoints, offset, limit)
+    return api_http.ok([e.public_dict() for e in page.items], page=page)
+
+
+def _page(items: list[T], offset: int, limit: int) -> Page[T]:
+    offset, limit = validation.page(offset, limit)  # the same paging rules as every other list
+    return Page(items=items[offset : offset + limit], offset=offset, limit=limit, total=len(items))
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    """GET /api/v3/webhook/get?endpointId=..."""
+    f = api_http.query(request)
+    endpoint = await api_routes.engine_of(request).get_webhook_endpoint(
+        api_http.owner_of(request), required(f, "endpointId")
+    )
+    return api_http.ok(endpoint.public_dict())
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    """POST /api/v3/webhook/update: endpointId and what changes (enabled, eventTypes, url)."""
+    f = await api_http.body(request)
+    enabled = f.flag("enabled", False) if f.raw("enabled") is not None else None
+    endpoint = await api_routes.engine_of(request).update_webhook_endpoint(
+        api_http.owner_of(request),
+        required(f, "endpointId"),
+        enabled=enabled,
+        event_types=f.raw("eventTypes") if f.present("eventTypes") else None,
+        url=f.text("url"),
+    )
+    return api_http.ok(endpoint.public_dict())
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    """POST /api/v3/webhook/delete: the endpoint, its secrets and its deliveries are gone."""
+    f = await api_http.body(request)
+    endpoint_id = validation.uuid_value(required(f, "endpointId"), "endpointId")
+    await api_routes.engine_of(request).remove_webhook_endpoint(api_http.owner_of(request), endpoint_id)
+    return api_http.ok({"endpointId": str(endpoint_id), "deleted": True})
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    """POST /api/v3/webhook/rotateSecret: a new secret, shown once; the old one signs for a grace period."""
+    f = await api_http.body(request)
+    endpoint_id = validation.uuid_value(required(f, "endpointId"), "endpointId")
+    secret = await api_routes.engine_of(request).rotate_webhook_secret(
+        api_http.owner_of(request), endpoint_id
+    )
+    return api_http.ok({"endpointId": str(endpoint_id), "secret": secret})
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    """GET /api/v3/webhook/delivery/list (endpointId, state, offset, limit), each with its attempts."""
+    f = api_http.query(request)
+    page = await api_routes.engine_of(request).list_webhook_deliveries(
+        api_http.owner_of(request),
+        f.text("endpointId") or None,
+        state=f.text("state") or None,
+        offset=f.integer("offset", 0),
+        limit=f.integer("limit", api_routes.DEFAULT_LIMIT),
+    )
+    return api_http.ok([d.public_dict() for d in page.items], page=page)
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    """POST /api/v3/webhook/delivery/retry: send a dead delivery again."""
+    f = await api_http.body(request)
+    delivery = await api_routes.engine_of(request).retry_webhook_delivery(
+        api_http.owner_of(request), required(f, "deliveryId")
+    )
+    return api_http.ok(delivery.public_dict())
+
+
+ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
+    ("POST", "/api/v3/webhook/create", create_webhook),
+    ("GET", "/api/v3/webhook/list", list_webhooks),
+    ("GET", "/api/v3/webhook/get", get_webhook),
+    ("POST", "/api/v3/webhook/update", update_webhook),
+    ("POST", "/api/v3/webhook/delete", delete_webhook),
+    ("POST", "/api/v3/webhook/rotateSecret", rotate_webhook_secret),
+    ("GET", "/api/v3/webhook/delivery/list", list_deliveries),
+    ("POST", "/api/v3/webhook/delivery/retry", retry_delivery),
+)

@@ -1,0 +1,410 @@
+"""The OpenAPI 3.1 document of the REST API, served at ``GET /openapi.json``.
+
+Written by hand to say what the server does; ``tests/api/test_api_openapi.py`` holds it to that: the document
+validates (openapi-spec-validator), its operations are exactly the server's routes, and the responses the
+tests receive validate against the schemas documented here for their status.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from engine.openapi_schemas import SCHEMAS, UUID, Schema, envelope, json_content, ref
+from engine.webhooks_models import DeliveryState
+
+VERSION = "0.1.0"
+
+
+_ERROR = {"description": "error envelope", "content": json_content(ref("Error"))}
+_COMMON_ERRORS = {
+    "400": {
+        "description": "invalid request: a field is missing or invalid (named in error)",
+        "content": json_content(ref("Error")),
+    },
+    "401": {
+        "description": "missing, malformed or expired bearer token",
+        "content": json_content(ref("Error")),
+    },
+    "default": _ERROR,
+}
+
+
+def _operation(
+    op_id: str,
+    summary: str,
+    data: Schema,
+    *,
+    body: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+    errors: dict[str, str] | None = None,
+    paginated: bool = False,
+    tag: str,
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "success", "content": json_content(envelope(data, paginated=paginated))}
+    }
+    for status, text in (errors or {}).items():
+        responses[status] = {"description": text, "content": json_content(ref("Error"))}
+    responses.update(_COMMON_ERRORS)
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag], "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": json_content(ref(body))}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _query(name: str, schema: Schema, description: str, *, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+_PAGE = [
+    _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "items to skip"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "items per page"),
+]
+_NOT_FOUND = {"404": "no such credential for this owner (another owner's id answers the same)"}
+
+
+def _paths() -> dict[str, Any]:
+    cred = ref("Credential")
+    account = ref("TradingAccount")
+    return {
+        "/api/v3/credential/create": {
+            "post": _operation(
+                "createCredential",
+                "Store exchange API keys (status PENDING; verification is enqueued)",
+                cred,
+                body="CreateCredentialRequest",
+                tag="credential",
+                errors={
+                    "409": "a credential with this API key already exists",
+                    "422": "invalid API key format",
+                },
+            )
+        },
+        "/api/v3/credential/verify": {
+            "post": _operation(
+                "verifyCredential",
+                "Enqueue a (re-)verification of the current keys",
+                cred,
+                body="CredentialIdRequest",
+                tag="credential",
+                errors={**_NOT_FOUND, "409": "the credential is REVOKED"},
+            )
+        },
+        "/api/v3/credential/get": {
+            "get": _operation(
+                "getCredential",
+                "One credential",
+                cred,
+                tag="credential",
+                errors=_NOT_FOUND,
+                params=[_query("credentialId", UUID, "the credential", required=True)],
+            )
+        },
+        "/api/v3/credential/list": {
+            "get": _operation(
+                "listCredentials",
+                "The owner's credentials, newest first",
+                {"type": "array", "items": cred},
+                tag="credential",
+                paginated=True,
+                params=[
+                    _query("credentialStatus", ref("CredentialStatus"), "only this status (alias: status)"),
+                    _query("credentialType", ref("CredentialType"), "only this type (alias: type)"),
+                    _query("venue", ref("Venue"), "only this venue"),
+                    *_PAGE,
+                ],
+            )
+        },
+        "/api/v3/credential/rotate": {
+            "post": _operation(
+                "rotateCredential",
+                "Replace the keys: staged until the new keys verify on the same account",
+                cred,
+                body="RotateCredentialRequest",
+                tag="credential",
+                errors={
+                    **_NOT_FOUND,
+                    "409": "REVOKED, or a rotation already pending",
+                    "422": "invalid API key format",
+                },
+            )
+        },
+        "/api/v3/credential/revoke": {
+            "post": _operation(
+                "revokeCredential",
+                "Revoke for good: keys destroyed, trading accounts disconnected",
+                cred,
+                body="RevokeCredentialRequest",
+                tag="credential",
+                errors={**_NOT_FOUND, "409": "already REVOKED, or ACTIVE accounts with cascade=false"},
+            )
+        },
+        "/api/v3/tradingAccount/connect": {
+            "post": _operation(
+                "connectTradingAccount",
+                "Connect a trading account (seed 05)",
+                account,
+                body="ConnectTradingAccountRequest",
+                tag="tradingAccount",
+                errors={
+                    **_NOT_FOUND,
+                    "408": "the keys were not verified in time (they stay stored; retry the call)",
+                    "409": "the credential is not VERIFIED, or this account type is already connected",
+                    "422": "invalid API key format",
+                },
+            )
+        },
+        "/api/v3/tradingAccount/disconnect": {
+            "post": _operation(
+                "disconnectTradingAccount",
+                "Disconnect a trading account (idempotent)",
+                account,
+                body="TradingAccountIdRequest",
+                tag="tradingAccount",
+                errors={"404": "no such trading account for this owner"},
+            )
+        },
+        "/api/v3/tradingAccount/get": {
+            "get": _operation(
+                "getTradingAccount",
+                "One trading account",
+                account,
+                tag="tradingAccount",
+                errors={"404": "no such trading account for this owner"},
+                params=[_query("tradingAccountId", UUID, "the trading account", required=True)],
+            )
+        },
+        "/api/v3/tradingAccount/list": {
+            "get": _operation(
+                "listTradingAccounts",
+                "The owner's trading accounts",
+                {"type": "array", "items": account},
+                tag="tradingAccount",
+                paginated=True,
+                params=[
+                    _query("credentialId", UUID, "only accounts of this credential"),
+                    _query("status", ref("TradingAccountStatus"), "only this status"),
+                    _query("venue", ref("Venue"), "only this venue"),
+                    *_PAGE,
+                ],
+            )
+        },
+        **_webhook_paths(),
+        **_ops_paths(),
+    }
+
+
+def _webhook_paths() -> dict[str, Any]:
+    endpoint = ref("WebhookEndpoint")
+    with_secret = {"allOf": [endpoint, ref("WebhookSecret")]}
+    missing = {"404": "no such webhook endpoint for this owner"}
+    return {
+        "/api/v3/webhook/create": {
+            "post": _operation(
+                "createWebhook",
+                "Add a webhook endpoint; the answer holds its signing secret, shown this once",
+                with_secret,
+                body="CreateWebhookRequest",
+                tag="webhook",
+                errors={"409": "too many endpoints for this owner"},
+            )
+        },
+        "/api/v3/webhook/list": {
+            "get": _operation(
+                "listWebhooks",
+                "The owner's webhook endpoints",
+                {"type": "array", "items": endpoint},
+                tag="webhook",
+                paginated=True,
+                params=_PAGE,
+            )
+        },
+        "/api/v3/webhook/get": {
+            "get": _operation(
+                "getWebhook",
+                "One webhook endpoint",
+                endpoint,
+                tag="webhook",
+                errors=missing,
+                params=[_query("endpointId", UUID, "the endpoint", required=True)],
+            )
+        },
+        "/api/v3/webhook/update": {
+            "post": _operation(
+                "updateWebhook",
+                "Enable or disable an endpoint, change its event types or URL",
+                endpoint,
+                body="UpdateWebhookRequest",
+                tag="webhook",
+                errors=missing,
+            )
+        },
+        "/api/v3/webhook/delete": {
+            "post": _operation(
+                "deleteWebhook",
+                "Delete an endpoint with its secrets and deliveries",
+                {
+                    "type": "object",
+                    "required": ["endpointId", "deleted"],
+                    "properties": {"endpointId": UUID, "deleted": {"const": True}},
+                },
+                body="EndpointIdRequest",
+                tag="webhook",
+                errors=missing,
+            )
+        },
+        "/api/v3/webhook/rotateSecret": {
+            "post": _operation(
+                "rotateWebhookSecret",
+                "A new signing secret (shown once); the old one keeps signing for a grace period",
+                {
+                    "allOf": [
+                        {"type": "object", "required": ["endpointId"], "properties": {"endpointId": UUID}},
+                        ref("WebhookSecret"),
+                    ]
+                },
+                body="EndpointIdRequest",
+                tag="webhook",
+                errors=missing,
+            )
+        },
+        "/api/v3/webhook/delivery/list": {
+            "get": _operation(
+                "listWebhookDeliveries",
+                "Deliveries, newest first, each with every attempt",
+                {"type": "array", "items": ref("WebhookDelivery")},
+                tag="webhook",
+                paginated=True,
+                errors=missing,
+                params=[
+                    _query("endpointId", UUID, "only deliveries to this endpoint"),
+                    _query(
+                        "state",
+                        {"type": "string", "enum": [d.value for d in DeliveryState]},
+                        "only this state",
+                    ),
+                    *_PAGE,
+                ],
+            )
+        },
+        "/api/v3/webhook/delivery/retry": {
+            "post": _operation(
+                "retryWebhookDelivery",
+                "Send a dead delivery again",
+                ref("WebhookDelivery"),
+                body="DeliveryIdRequest",
+                tag="webhook",
+                errors={
+                    "404": "no such delivery for this owner",
+                    "409": "not dead, or its endpoint is disabled",
+                },
+            )
+        },
+    }
+
+
+def _ops_paths() -> dict[str, Any]:
+    unauthenticated: list[dict[str, Any]] = []
+    return {
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness",
+                "tags": ["operations"],
+                "security": unauthenticated,
+                "responses": {
+                    "200": {
+                        "description": "the process answers",
+                        "content": json_content(envelope(ref("Health"))),
+                    }
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Readiness: database reachable, workers alive",
+                "tags": ["operations"],
+                "security": unauthenticated,
+                "responses": {
+                    "200": {"description": "ready", "content": json_content(envelope(ref("Readiness")))},
+                    "503": {
+                        "description": "not ready; data names the failing checks",
+                        "content": json_content(
+                            {
+                                "allOf": [ref("Error"), {"properties": {"data": ref("Readiness")}}],
+                            }
+                        ),
+                    },
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (text exposition format 0.0.4)",
+                "tags": ["operations"],
+                "security": unauthenticated,
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "tags": ["operations"],
+                "security": unauthenticated,
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": json_content({"type": "object"})}
+                },
+            }
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI document (a new dict each call)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "credential-engine",
+            "version": VERSION,
+            "description": "Stores exchange API keys encrypted, verifies, rotates and revokes them. Every answer "
+            'is the envelope {"data", "success", "errno", "error"} (+ "pagination" on lists); timestamps are '
+            "milliseconds; secrets are never returned.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "tags": [
+            {"name": "credential", "description": "exchange API keys"},
+            {"name": "tradingAccount", "description": "accounts reached through a credential"},
+            {"name": "webhook", "description": "signed event delivery (Standard Webhooks)"},
+            {"name": "operations", "description": "health, readiness, metrics; no token needed"},
+        ],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "HS256 JWT; sub = owner id, exp required. `credential-engine token --owner ID`",
+                }
+            },
+            "schemas": json.loads(json.dumps(SCHEMAS)),
+        },
+    }
+
+
+@functools.cache
+def document_json() -> str:
+    return json.dumps(document(), separators=(",", ":"))
