@@ -1,6 +1,6 @@
 """The probe seam: what the engine asks of an exchange module, and what it gets back.
 
-READ venues/README.md FIRST: the conventions and the probe <-> simulator contract every venue module follows.
+venues/README.md holds the conventions and the probe <-> simulator contract every venue module follows.
 
 A probe takes one set of API keys, signs requests exactly as its venue documents (``shared/venues.md``), and
 answers with one frozen :class:`ProbeResult` or raises :class:`ProbeFailure` carrying one normalized
