@@ -17,6 +17,12 @@
     ├── ConfigurationError        500  -100012  bad configuration (names the setting and what to do)
     └── DecryptionError           500  -100013  ciphertext does not open with its bound context
 
+Defined beside the code that raises them (same root, own errno ranges):
+
+    engine.worker.WorkerFailed                503  -140001  a queue worker gave up after repeated crashes
+    engine.queue.StaleAttempt                 409  (Conflict)  this attempt no longer owns its job (fencing)
+    engine.webhooks.WebhookVerificationError  401  -130001  a received webhook fails its signature or timestamp
+
 Messages never contain key material: they name fields and reasons only.
 """
 

@@ -150,7 +150,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Error": {
         "type": "object",
-        "description": "Every failure. errno is stable per error kind (see the errno table in docs/api.md).",
+        "description": "Every failure. errno is stable per error kind (see the errno table in the README).",
         "required": ["data", "success", "errno", "error"],
         "properties": {
             "data": {"oneOf": [{"type": "null"}, {"type": "object"}]},

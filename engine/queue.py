@@ -9,9 +9,9 @@ A job row (table ``queue_jobs``, SQL in ``engine/queue.sql``) moves::
 
 Guarantees and how they are kept:
 
-- **Batches.** One statement claims up to ``batch_size`` ready jobs (``FOR UPDATE SKIP LOCKED``), one
-  statement writes many outcomes, one statement extends every held lease. Round trips per job decide
-  throughput.
+- **Batches.** One statement claims up to ``batch_size`` ready jobs (``FOR UPDATE SKIP LOCKED``) and marks
+  the previous batch done in the same round trip; other outcomes (retries, dead, hand-backs) are written many
+  per statement; one statement extends every held lease. Round trips per job decide throughput.
 - **Leases and fencing.** A claim sets ``lease_expires_at`` and increments ``attempt``; a heartbeat extends
   the lease. A job whose lease expired (its worker died) is claimed again by the normal claim query. Every
   outcome write matches ``id AND attempt AND state = 'running'``, so a late finisher of an old attempt changes
@@ -56,6 +56,22 @@ import structlog
 from engine import db as dbmod
 from engine import errors
 from engine import worker as workermod
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "STATES",
+    "Abort",
+    "Counters",
+    "Handler",
+    "Job",
+    "JobInfo",
+    "JobQueue",
+    "QueueSettings",
+    "Retry",
+    "StaleAttempt",
+    "backoff",
+    "error_text",
+]
 
 log = structlog.get_logger("engine.queue")
 
@@ -258,7 +274,7 @@ class JobQueue:
         self.counters = Counters()
         self._periodic: dict[str, _Periodic] = {}
         self._worker: workermod.Worker[Job, _Outcome, dbmod.Conn] | None = None
-        self._phase = "new"  # new -> started -> stopped
+        self._phase = "new"  # new -> starting -> started -> stopped
         self._backend = _Backend(db, self._handlers, settings, self.worker_id, self.counters, self._periodic)
 
     # ---------------------------------------------------------------- lifecycle
@@ -287,16 +303,21 @@ class JobQueue:
         """Seed the periodic jobs and start the workers (fetcher, runners, flusher, heartbeat, listener)."""
         if self._phase != "new":
             raise errors.EngineClosed("a JobQueue starts once")
+        self._phase = "starting"
+        try:
+            for spec in self._periodic.values():
+                await self._db.fetchrow(
+                    "ensure_periodic",
+                    spec.kind,
+                    spec.payload,
+                    spec.key,
+                    self.settings.max_attempts,
+                    self.settings.channel,
+                )
+        except BaseException:
+            self._phase = "new"  # nothing started: the caller may try again
+            raise
         self._phase = "started"
-        for spec in self._periodic.values():
-            await self._db.fetchrow(
-                "ensure_periodic",
-                spec.kind,
-                spec.payload,
-                spec.key,
-                self.settings.max_attempts,
-                self.settings.channel,
-            )
         self._worker = self._new_worker(listen=True)
         self._worker.start()
 
@@ -522,9 +543,16 @@ class _Backend:
     def write_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
         return self._db.connection()
 
-    async def claim(self, session: dbmod.Conn, limit: int) -> list[Job]:
+    def rides_along(self, outcome: _Outcome) -> bool:
+        return outcome.state == "done" and outcome.periodic is None
+
+    async def claim(self, session: dbmod.Conn, limit: int, done: Sequence[_Outcome]) -> list[Job]:
         lease = self._settings.lease_seconds
-        rows = await session.fetch("claim_jobs", limit, self._worker_id, lease, self._kinds)
+        done_ids = [o.job_id for o in done]
+        done_attempts = [o.attempt for o in done]
+        rows = await session.fetch(
+            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts
+        )
         jobs: list[Job] = []
         for row in rows:
             job = Job(

@@ -42,13 +42,22 @@ SET enable_sort = off;
 RESET enable_sort;
 
 -- claim_jobs --
--- Claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease: expired leases first (worker died), then ready jobs.
--- The rows are locked in the CTEs and updated by primary key (an array, so the plan stays index lookups whatever
--- the statistics say); an expired job already at its last try is buried (dead) instead of claimed.
-WITH expired AS (
+-- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease.
+-- One statement per batch: the outcomes of the previous batch ride along (fenced like complete_jobs). Expired
+-- leases (a worker died) come first, then ready jobs; the rows are locked in the CTEs and updated by primary key
+-- (an array, so the plan stays index lookups whatever the statistics say); an expired job already at its last
+-- try is buried (dead) instead of claimed.
+WITH completed AS (
+    UPDATE queue_jobs AS j
+    SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+    FROM unnest($5::bigint[], $6::integer[]) AS d (id, attempt)
+    WHERE j.id = ANY ($5::bigint[]) AND j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
+    RETURNING j.id
+), expired AS (
     SELECT id
     FROM queue_jobs
     WHERE state = 'running' AND lease_expires_at < now() AND kind = ANY ($4::text[])
+      AND NOT (id = ANY ($5::bigint[]))  -- a row is changed once per statement: not both completed and claimed
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED

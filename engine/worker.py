@@ -10,7 +10,9 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
     fetcher     claims up to ``batch_size`` jobs whenever the runners are short of work, then sleeps until a
                 NOTIFY, the next job comes due, or ``poll_interval`` (the polling fallback)
     runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer
-    flusher     writes finished outcomes, many per statement: whatever piled up during the previous write
+    flusher     writes finished outcomes, many per statement: whatever piled up during the previous write.
+                While claims keep coming, plain "done" outcomes ride along on the next claim statement
+                instead (one statement per batch, not two); the flusher writes them after RIDE_WINDOW.
     heartbeat   extends, in one statement, the lease of every job held (buffered, running, or unwritten)
     listener    LISTEN on a dedicated connection; reconnects with backoff when it is lost
 
@@ -22,9 +24,9 @@ restarted with capped exponential backoff, forever; any other exception is logge
 restarted, and after ``MAX_CRASHES`` consecutive crashes of one task the worker *fails*: it stops claiming,
 ``alive`` turns False and :meth:`Worker.drain` raises :class:`WorkerFailed`. Nothing dies silently.
 
-Shutdown order (:meth:`Worker.stop`): fetcher (no new claims) -> listener -> buffered jobs handed back ->
-runners get ``shutdown_timeout`` to finish, then are cancelled and their jobs handed back -> flusher writes
-everything left (shielded from cancellation) -> heartbeat (last, so leases hold until the final write).
+Shutdown order (:meth:`Worker.stop`, in a shielded task of its own): fetcher (no new claims) -> listener ->
+buffered jobs handed back -> runners get ``shutdown_timeout`` to finish, then are cancelled and their jobs
+handed back -> flusher writes everything left -> heartbeat (last, so leases hold until the final write).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import structlog
 
 from engine import errors
 
+__all__ = ["Backend", "Claimed", "Listener", "Worker", "WorkerFailed"]
+
 log = structlog.get_logger("engine.queue")
 
 RESTART_DELAY_MIN = 0.05  # seconds before restarting a crashed side task; doubles per consecutive crash
@@ -49,6 +53,7 @@ HEALTHY_AFTER = 30.0  # a task that ran this long before crashing starts its cra
 LISTENER_PING_INTERVAL = 15.0  # an idle LISTEN connection is pinged this often: a dead peer sends nothing
 LISTENER_PING_TIMEOUT = 5.0
 SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection before giving it back
+RIDE_WINDOW = 0.005  # how long an outcome waits for the next claim to carry it before the flusher writes it
 FLUSH_CHUNK = 1000  # most outcomes written by one statement; also how many may wait before claims pause
 FINAL_FLUSH_TIMEOUT = 15.0  # how long stop() keeps trying to write the last outcomes
 
@@ -56,7 +61,8 @@ FINAL_FLUSH_TIMEOUT = 15.0  # how long stop() keeps trying to write the last out
 class WorkerFailed(errors.CredentialEngineError):
     """A task of the worker kept crashing; the worker stopped claiming (the log has the tracebacks)."""
 
-    errno = -100014
+    http_status = 503
+    errno = -140001  # the queue's own range, clear of errors.py's -1000xx and the webhooks' -1300xx
 
 
 class Claimed(Protocol):
@@ -94,7 +100,11 @@ class Backend(Protocol[J, R, S]):
     def write_session(self) -> AbstractAsyncContextManager[S]:
         """A connection for a streak of outcome writes."""
 
-    async def claim(self, session: S, limit: int) -> Sequence[J]: ...
+    async def claim(self, session: S, limit: int, done: Sequence[R]) -> Sequence[J]:
+        """Claim up to ``limit`` jobs; the same statement writes ``done`` (outcomes that ride along)."""
+
+    def rides_along(self, outcome: R) -> bool:
+        """Whether the claim statement can write this outcome (the common "done" case)."""
 
     async def execute(self, job: J) -> R | None:
         """Run the job's handler and classify what happened; None: nothing to write (attempt not ours)."""
@@ -145,7 +155,7 @@ class Worker(Generic[J, R, S]):
         self._buffer: asyncio.Queue[J] = asyncio.Queue()
         self._held: dict[tuple[int, int], J] = {}  # claimed and not yet written back, by (id, attempt)
         self._running: dict[int, J] = {}  # runner slot -> its job
-        self._pending: list[tuple[J, R]] = []  # outcomes waiting for the flusher
+        self._pending: list[tuple[J, R]] = []  # outcomes not written yet (flusher, or a claim carries them)
 
         self._wakeup = asyncio.Event()  # fetcher: claim now (NOTIFY, drain, a retry was written)
         self._room = asyncio.Event()  # fetcher: runners took work or outcomes were written
@@ -155,11 +165,13 @@ class Worker(Generic[J, R, S]):
         self._idle = asyncio.Event()  # last claim came back short and nothing is held
         self._drained = False
         self._claiming = False
+        self._last_claim = -1.0  # loop time the last claim returned
+        self._epoch = 0  # counts claims and writes, so drain() can tell that nothing moved while it looked
 
         self._started = False
         self._stopping = False
         self._flusher_closing = False
-        self._stopped = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
         self._failed: str | None = None
         self._listening = False
         self.runs = 0  # attempts executed to an outcome (not counting hand-backs)
@@ -192,21 +204,29 @@ class Worker(Generic[J, R, S]):
         )
 
     async def stop(self) -> None:
-        """Stop claiming, let running jobs finish (up to shutdown_timeout), hand back the rest, write all."""
-        if not self._started or self._stopping:
-            if self._started:
-                await self._stopped.wait()
+        """Stop claiming, let running jobs finish (up to shutdown_timeout), hand back the rest, write all.
+
+        The shutdown runs in a task of its own, shielded: if whoever awaits stop() is cancelled, it still
+        completes (bounded by shutdown_timeout and FINAL_FLUSH_TIMEOUT), so no outcome is dropped.
+        """
+        if not self._started:
             return
-        self._stopping = True
-        try:
-            await self._shutdown()
-        finally:
-            self._stopped.set()
+        if self._shutdown_task is None:
+            self._stopping = True
+            self._shutdown_task = asyncio.create_task(self._shutdown(), name=f"queue:{self._name}:shutdown")
+            self._shutdown_task.add_done_callback(self._shutdown_done)
+        await asyncio.shield(self._shutdown_task)
+
+    def _shutdown_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("queue_shutdown_failed", worker=self._name, exc_info=task.exception())
+        else:
             log.info("queue_worker_stopped", worker=self._name, runs=self.runs)
 
     async def _shutdown(self) -> None:
         self._wakeup.set()
         self._room.set()
+        self._idle.set()  # a drain() in progress wakes up and raises EngineClosed
         await self._join("fetcher", self._shutdown_timeout)
         await self._cancel("listener")
         while not self._buffer.empty():  # claimed, never started
@@ -222,20 +242,10 @@ class Worker(Generic[J, R, S]):
             await self._cancel(role)  # a runner still in a job hands it back as it unwinds
         self._flusher_closing = True
         self._flush_wanted.set()
-        flusher = self._tasks.get("flusher")
-        try:
-            if flusher is not None:
-                # the final writes go on even if whoever awaits stop() is cancelled: shielded, still ours,
-                # and bounded by FINAL_FLUSH_TIMEOUT either way
-                asyncio.get_running_loop().call_later(FINAL_FLUSH_TIMEOUT, self._give_up_writing, flusher)
-                await asyncio.shield(flusher)
-        finally:
-            await self._cancel("heartbeat")
-
-    def _give_up_writing(self, flusher: asyncio.Task[None]) -> None:
-        if not flusher.done():
+        await self._join("flusher", FINAL_FLUSH_TIMEOUT)  # writes what is left, then ends by itself
+        if self._pending:
             log.error("queue_outcomes_unwritten", worker=self._name, jobs=len(self._pending))
-            flusher.cancel()
+        await self._cancel("heartbeat")  # last: leases hold until the final write
 
     async def _join(self, role: str, within: float) -> None:
         """Let a task end by itself (it saw ``_stopping``); cancel it after ``within`` seconds."""
@@ -270,9 +280,12 @@ class Worker(Generic[J, R, S]):
                 self._wakeup.set()
                 await self._idle.wait()
                 self._raise_if_failed()
+                epoch = self._epoch
                 if await self._backend.has_ready():
                     continue
-                if self._idle.is_set():  # no claim started while we looked
+                # nothing claimed or written while we looked (has_ready may have seen a job of ours that
+                # went back to the queue meanwhile)
+                if self._idle.is_set() and self._epoch == epoch:
                     return self.runs - before
 
     def _raise_if_failed(self) -> None:
@@ -363,20 +376,26 @@ class Worker(Generic[J, R, S]):
                     return False, None  # runners are busy: give the connection back while they work
                 continue
             self._wakeup.clear()  # before the claim: a NOTIFY arriving during it triggers another one
+            self._epoch += 1
             self._claiming = True
             self._idle.clear()
+            riders = self._take(riders=True)
             try:
-                jobs = await self._backend.claim(session, want)
+                jobs = await self._backend.claim(session, want, [outcome for _, outcome in riders])
+            except BaseException:
+                self._pending[:0] = riders  # not written: the flusher (or the next claim) tries again
+                raise
             finally:
                 self._claiming = False
+                self._last_claim = asyncio.get_running_loop().time()
             for job in jobs:
                 self._held[(job.id, job.attempt)] = job
                 self._buffer.put_nowait(job)
-            if len(jobs) < want:
-                self._drained = True
+            self._drained = len(jobs) < want
+            self._written(riders)  # after the new jobs are held: idle must not be seen in between
+            if self._drained:
                 self._check_idle()
                 return True, await self._backend.next_due(session)
-            self._drained = False
         return False, None
 
     # ---------------------------------------------------------------- runners
@@ -425,6 +444,36 @@ class Worker(Generic[J, R, S]):
 
     # ---------------------------------------------------------------- flusher
 
+    def _take(self, *, riders: bool | None) -> list[tuple[J, R]]:
+        """Remove up to FLUSH_CHUNK pending outcomes to write: only riders (True), none of them (False), any."""
+        if riders is None:
+            taken = self._pending[:FLUSH_CHUNK]
+            del self._pending[: len(taken)]
+            return taken
+        taken, kept = [], []
+        for item in self._pending:
+            if len(taken) < FLUSH_CHUNK and self._backend.rides_along(item[1]) == riders:
+                taken.append(item)
+            else:
+                kept.append(item)
+        self._pending = kept
+        return taken
+
+    def _written(self, batch: list[tuple[J, R]]) -> None:
+        if not batch:
+            return
+        self._epoch += 1
+        for job, _ in batch:
+            self._held.pop((job.id, job.attempt), None)
+        self._room.set()
+        self._check_idle()
+
+    def _ride_wait(self) -> float:
+        """Seconds a rider may still wait for the next claim (0: write it now)."""
+        if self._claiming:
+            return RIDE_WINDOW
+        return max(0.0, self._last_claim + RIDE_WINDOW - asyncio.get_running_loop().time())
+
     async def _flusher(self) -> None:
         while True:
             if not self._pending:
@@ -439,28 +488,31 @@ class Worker(Generic[J, R, S]):
     async def _flush_streak(self, session: S) -> None:
         """Write outcomes on one connection while they keep coming."""
         while True:
-            if self._pending:
-                await self._flush_batch(session)
+            wait = 0.0 if self._flusher_closing else self._ride_wait()
+            batch = self._take(riders=False if wait else None)
+            if batch:
+                await self._flush_batch(session, batch)
                 continue
-            if self._flusher_closing:
+            if self._flusher_closing and not self._pending:
                 return
             self._flush_wanted.clear()
             try:
-                async with asyncio.timeout(SESSION_LINGER):
+                # riders left: give the next claim a moment to carry them; otherwise linger for more
+                async with asyncio.timeout(wait if self._pending else SESSION_LINGER):
                     await self._flush_wanted.wait()
             except TimeoutError:
-                return
+                if not self._pending:
+                    return
 
-    async def _flush_batch(self, session: S) -> None:
-        batch = self._pending[:FLUSH_CHUNK]
-        requeued = await self._backend.finish(session, [outcome for _, outcome in batch])
-        del self._pending[: len(batch)]
-        for job, _ in batch:
-            self._held.pop((job.id, job.attempt), None)
+    async def _flush_batch(self, session: S, batch: list[tuple[J, R]]) -> None:
+        try:
+            requeued = await self._backend.finish(session, [outcome for _, outcome in batch])
+        except BaseException:
+            self._pending[:0] = batch  # kept for the next try (the supervisor restarts us on errors)
+            raise
         if requeued:
             self._wakeup.set()  # it may be due already, and it changes when the next job is due
-        self._room.set()
-        self._check_idle()
+        self._written(batch)
 
     # ---------------------------------------------------------------- heartbeat
 

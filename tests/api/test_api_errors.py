@@ -18,12 +18,12 @@ from engine import CredentialEngine, api_http, errors
 from engine.testing import FakeVenue
 from venues.base import ApiKeys, ProbeResult, Venue
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+DOCS = Path(__file__).resolve().parents[2] / "README.md"
 CREATE = "/api/v3/credential/create"
 
 
 def documented_errnos() -> dict[str, tuple[int, int]]:
-    """kind -> (HTTP status, errno) from the errno table of docs/api.md."""
+    """kind -> (HTTP status, errno) from the errno table in README.md."""
     rows = re.findall(r"^\| (\d{3}) \| (-\d+) \| (\w+) \|", DOCS.read_text(encoding="utf-8"), re.MULTILINE)
     return {kind: (int(status), int(errno)) for status, errno, kind in rows}
 
@@ -39,7 +39,7 @@ def error_kinds() -> dict[str, type[errors.CredentialEngineError]]:
 
 
 def test_errno_table_documents_every_error_kind() -> None:
-    """docs/api.md's table has exactly one row per error kind, with the class's status and errno."""
+    """README.md's errno table has exactly one row per error kind, with the class's status and errno."""
     table = documented_errnos()
     kinds = error_kinds()
     assert set(table) == set(kinds)

@@ -195,13 +195,16 @@ async def test_late_finisher_of_an_old_attempt_changes_nothing(
         await release.wait()
         raise ValueError("late failure of attempt 1")
 
-    slow = queue.QueueSettings(lease_seconds=30, heartbeat_interval=10, poll_interval=0.2, shutdown_timeout=5)
+    # a neither heartbeats nor polls during the test: only b may take the job back
+    slow = queue.QueueSettings(lease_seconds=30, heartbeat_interval=10, poll_interval=30, shutdown_timeout=5)
     a = make_queue({"work": stalled}, slow, worker_id="a")
     b = make_queue({"work": noop}, worker_id="b")
     job_id = await a.enqueue("work")
     assert job_id is not None
     await a.start()
     await asyncio.wait_for(entered.wait(), 5)
+    await wait_for(_async(lambda: a.listening))  # its catch-up claim after LISTEN connects is done ...
+    await asyncio.sleep(0.3)  # ... and its fetcher sleeps on its 30 s poll
     async with db.connection() as conn:  # the lease runs out (a partition, a GC pause ...)
         await conn.execute_script("UPDATE queue_jobs SET lease_expires_at = now() - interval '1 second'")
     assert await b.run_until_idle(timeout=10) == 1
@@ -286,19 +289,19 @@ async def test_heartbeat_keeps_a_long_job_leased(
     make_queue: MakeQueue, db: dbmod.Database, sql: asyncpg.Connection
 ) -> None:
     """A job running longer than its lease keeps it (the heartbeat extends it), so nobody else takes it."""
-    short = queue.QueueSettings(lease_seconds=0.6, heartbeat_interval=0.15, poll_interval=0.1)
+    short = queue.QueueSettings(lease_seconds=1.0, heartbeat_interval=0.2, poll_interval=0.1)
     entered = asyncio.Event()
 
     async def slow(job: queue.Job) -> None:
         entered.set()
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.0)
 
     a = make_queue({"work": slow}, short, worker_id="a")
     b = make_queue({"work": noop}, short, worker_id="b")
     job_id = await a.enqueue("work")
     await a.start()
     await asyncio.wait_for(entered.wait(), 5)
-    for _ in range(5):
+    for _ in range(6):
         await asyncio.sleep(0.3)
         assert await b.run_until_idle(timeout=5) == 0
     await a.run_until_idle(timeout=5)
@@ -513,7 +516,7 @@ async def test_periodic_job_stays_single_across_processes(make_queue: MakeQueue,
             assert len(queued) <= 2  # at most the occurrence running and the next one
             await asyncio.sleep(0.03)
         await asyncio.gather(a.stop(), b.stop())
-        assert 3 <= len(ticks) <= 9  # one chain: about 1.6 / 0.25 runs, not twice as many
+        assert 2 <= len(ticks) <= 9  # one chain: about 1.6 / 0.25 runs, not twice as many
         assert len(set(ticks)) == len(ticks)
     finally:
         await other.close()

@@ -42,6 +42,9 @@ class FakeBackend:
         self.ready: deque[FakeJob] = deque(FakeJob(i) for i in range(jobs))
         self.claims: list[int] = []
         self.written: list[Outcome] = []
+        self.writes: list[int] = []  # outcomes per finish() call
+        self.rode: list[int] = []  # outcomes written by each claim()
+        self.extended: list[int] = []  # jobs per extend() call
         self.extends = 0
         self.extend_errors: list[BaseException] = []
         self.always_fail_extend = False
@@ -63,10 +66,15 @@ class FakeBackend:
     async def write_session(self) -> AsyncIterator[str]:
         yield "write-conn"
 
-    async def claim(self, session: str, limit: int) -> list[FakeJob]:
+    def rides_along(self, outcome: Outcome) -> bool:
+        return outcome[0] == "done"
+
+    async def claim(self, session: str, limit: int, done: Sequence[Outcome]) -> list[FakeJob]:
         if self.claim_errors:
             raise self.claim_errors.pop(0)
         self.claims.append(limit)
+        self.written.extend(done)
+        self.rode.append(len(done))
         taken = [self.ready.popleft() for _ in range(min(limit, len(self.ready)))]
         await asyncio.sleep(0)
         return taken
@@ -81,10 +89,13 @@ class FakeBackend:
         if self.finish_gate is not None:
             await self.finish_gate.wait()
         self.written.extend(outcomes)
+        self.writes.append(len(outcomes))
+        await asyncio.sleep(0.001)  # a round trip: outcomes pile up meanwhile
         return False
 
     async def extend(self, jobs: Sequence[FakeJob]) -> int:
         self.extends += 1
+        self.extended.append(len(jobs))
         if self.always_fail_extend:
             raise RuntimeError("bug in extend")
         if self.extend_errors:
@@ -147,6 +158,26 @@ async def test_drain_runs_everything_and_writes_each_outcome_once() -> None:
     assert sorted(backend.written) == [("done", i) for i in range(120)]
     assert max(backend.claims) == 10
     assert len(backend.claims) < 30  # batches, not one claim per job
+    assert len(backend.writes) + len(backend.claims) < 60  # outcomes written many per statement ...
+    assert sum(backend.rode) > 0  # ... mostly riding along on the next claim
+
+
+async def test_one_heartbeat_extends_every_held_job() -> None:
+    """Each heartbeat is one call carrying every job held (running and buffered alike)."""
+    backend = FakeBackend(jobs=5)
+    release = asyncio.Event()
+
+    async def hold(job: FakeJob) -> Outcome:
+        await release.wait()
+        return ("done", job.id)
+
+    backend.run = hold
+    w = make_worker(backend, concurrency=3, batch_size=10)
+    w.start()
+    await eventually(lambda: len(backend.extended) >= 3)
+    release.set()
+    await w.stop()
+    assert backend.extended[:3] == [5, 5, 5]  # 3 running + 2 buffered, in one statement each time
 
 
 async def test_tasks_are_named_and_owned() -> None:
@@ -288,12 +319,13 @@ async def test_final_write_survives_a_cancelled_stop() -> None:
     w.start()
     await eventually(lambda: w.runs == 1)
     stopping = asyncio.create_task(w.stop())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.01)
     stopping.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopping
     backend.finish_gate.set()
     await eventually(lambda: backend.written == [("done", 0)])
+    await eventually(lambda: not [t for t in asyncio.all_tasks() if t.get_name().startswith("queue:w:")])
 
 
 async def test_listener_reconnects_with_backoff() -> None:
