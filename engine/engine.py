@@ -48,6 +48,7 @@ class _State(enum.Enum):
     NEW = "new"
     OPENING = "opening"
     OPEN = "open"
+    CLOSING = "closing"  # jobs still running may finish their work; then everything is released
     CLOSED = "closed"
 
 
@@ -144,10 +145,13 @@ class CredentialEngine:
 
     async def close(self) -> None:
         """Finish or hand back running jobs, stop listeners, close what this engine opened. Idempotent."""
-        if self._state is _State.CLOSED:
+        if self._state in (_State.CLOSING, _State.CLOSED):
             return
-        self._state = _State.CLOSED
-        await self._teardown()
+        self._state = _State.CLOSING
+        try:
+            await self._teardown()
+        finally:
+            self._state = _State.CLOSED
         log.info("engine_closed")
 
     async def _teardown(self) -> None:
@@ -166,7 +170,8 @@ class CredentialEngine:
         return self.config.data_dir or default_data_dir()
 
     def _ready(self) -> tuple[Store, queuemod.JobQueue]:
-        if self._state is not _State.OPEN or self._store is None or self._queue is None:
+        # CLOSING still serves: the jobs the queue lets finish during shutdown use the store and the queue
+        if self._state not in (_State.OPEN, _State.CLOSING) or self._store is None or self._queue is None:
             raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
         return self._store, self._queue
 
