@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup run demo test test-fast reliability bench lint typecheck fmt check package-check clean
 
@@ -30,9 +31,9 @@ test-fast: $(STAMP)
 reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -m reliability --reliability-full $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  # BENCH_ARGS="--quick" for a smoke run, "--only lifecycle" for one benchmark
 	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,bench]'
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -57,7 +57,7 @@ def sequential_identities() -> Iterator[None]:
                 results.append(exc)
         return results
 
-    base.gather_identities = one_by_one  # type: ignore[assignment]
+    base.gather_identities = one_by_one
     try:
         yield
     finally:
