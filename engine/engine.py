@@ -36,7 +36,7 @@ from engine.models import (
     TradingAccount,
     TradingAccountStatus,
 )
-from engine.store import Store, account_from_row
+from engine.store import Store, account_from_row, credential_from_row
 from engine.webhooks_models import DeliveryState, WebhookDelivery, WebhookEndpoint
 from venues import build_probe
 from venues.base import ApiKeys, KeyFormatProblem, Probe, Venue, mask_api_key
@@ -250,7 +250,8 @@ class CredentialEngine:
                 nickname=name,
                 keys=keys,
             )
-            cred = await self._emit(conn, owner, credential_id, "credential.created")
+            # the new row already holds event sequence 1 (insert_credential): no separate bump
+            cred = await self._emit(conn, owner, credential_id, "credential.created", sequence=1)
             await queue.enqueue(
                 jobs.VERIFY,
                 {"credentialId": str(credential_id), "version": 1},
@@ -304,7 +305,7 @@ class CredentialEngine:
                 conn=conn,
                 dedupe_key=jobs.verify_key(cid),
             )
-            return await store.get(owner, cid, conn=conn)
+            return credential_from_row(row)  # the row read under the lock; enqueueing changed none of it
 
     async def rotate_credential(
         self,
@@ -364,7 +365,7 @@ class CredentialEngine:
                     dedupe_key=jobs.verify_key(cid),
                 )
             else:
-                if (await store.get(owner, cid, conn=conn)).pending_rotation is not None:
+                if row["pending_version"] is not None:
                     raise errors.RotationPending(
                         "a rotation is already waiting for verification", field="credentialId"
                     )
@@ -392,7 +393,7 @@ class CredentialEngine:
                     jobs.ROTATION_VERIFY,
                     {"credentialId": str(cid), "version": version},
                     conn=conn,
-                    dedupe_key=f"rotate:{cid}:{version}",
+                    dedupe_key=jobs.rotation_key(cid, version),
                 )
         self.bus.poke()
         return cred
@@ -436,7 +437,12 @@ class CredentialEngine:
                 sequence=int(revoked["event_seq"]),
                 extra={"previousStatus": revoked["previous_status"]},
             )
-            await queue.enqueue(jobs.REVOKE_CASCADE, {"credentialId": str(cid)}, conn=conn)
+            cancel = [jobs.verify_key(cid)]
+            if row["pending_version"] is not None:
+                cancel.append(jobs.rotation_key(cid, int(row["pending_version"])))
+            await queue.enqueue(
+                jobs.REVOKE_CASCADE, {"credentialId": str(cid), "cancelKeys": cancel}, conn=conn
+            )
         self.bus.poke()
         return cred
 
@@ -541,23 +547,22 @@ class CredentialEngine:
                     f"the credential must be VERIFIED to connect accounts (it is {row['status']})",
                     field="credentialId",
                 )
-            cred = await store.get(owner, cid, conn=conn)
+            cred = credential_from_row(row)
             chosen = wanted_type or (cred.identities[0] if cred.identities else "default")
             if cred.identities and chosen not in cred.identities:
                 raise errors.InvalidRequest(
                     "accountType", f"this credential reaches {', '.join(cred.identities)}, not {chosen}"
                 )
-            try:
-                async with conn.savepoint():
-                    account_row = await conn.fetchrow(
-                        "insert_trading_account",
-                        uuid.uuid4(),
-                        owner,
-                        cid,
-                        cred.venue.value,
-                        account_name,
-                        chosen,
-                    )
+            try:  # a unique violation aborts the transaction anyway: no savepoint needed to report it
+                account_row = await conn.fetchrow(
+                    "insert_trading_account",
+                    uuid.uuid4(),
+                    owner,
+                    cid,
+                    cred.venue.value,
+                    account_name,
+                    chosen,
+                )
             except dbmod.UniqueViolation:
                 raise errors.Conflict(
                     f"a {chosen} account of this credential is already connected", field="accountType"
@@ -774,10 +779,11 @@ class CredentialEngine:
             sequence = int(await conn.fetchval("bump_event_seq", cid))
         cred = await self.store.get(owner, cid, conn=conn)
         data = {"credential": cred.public_dict(), **dict(extra or {})}
-        event = await events.record(
+        recorded = await events.record(
             conn, type=event_type, owner_id=owner, credential_id=cid, sequence=sequence, data=data
         )
-        await self.webhooks.fan_out(conn, event)  # deliveries commit with the event (webhooks_service.py)
+        if recorded.webhooks_wanted:  # deliveries commit with the event (webhooks_service.py)
+            await self.webhooks.fan_out(conn, recorded.event)
         return cred
 
 

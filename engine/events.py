@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -63,15 +63,20 @@ async def record(
     credential_id: uuid.UUID | None,
     sequence: int,
     data: Mapping[str, Any],
-) -> Event:
-    """Write one event to the outbox inside ``conn``'s transaction; NOTIFY fires when it commits."""
+) -> Recorded:
+    """Write one event to the outbox inside ``conn``'s transaction; NOTIFY fires when it commits.
+
+    One statement: the row, the NOTIFY and whether a webhook endpoint of the owner wants this type (so that
+    the fan-out, which locks endpoints and streams, runs only when there is something to fan out to).
+    """
     if type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type!r}")
     event_id = uuid.uuid4()
-    row = await conn.fetchrow("insert_event", event_id, type, owner_id, credential_id, sequence, dict(data))
+    row = await conn.fetchrow(
+        "insert_event", event_id, type, owner_id, credential_id, sequence, dict(data), CHANNEL
+    )
     assert row is not None
-    await dbmod.notify(conn, CHANNEL, "")
-    return Event(
+    event = Event(
         event_id=event_id,
         type=type,
         owner_id=owner_id,
@@ -80,6 +85,14 @@ async def record(
         timestamp_ms=int(row["created_at"].timestamp() * 1000),
         data=dict(data),
     )
+    return Recorded(event, bool(row["webhooks_wanted"]))
+
+
+class Recorded(NamedTuple):
+    """An event just written, and whether any webhook endpoint wants it."""
+
+    event: Event
+    webhooks_wanted: bool
 
 
 def event_from_row(row: dbmod.Record) -> Event:

@@ -45,6 +45,12 @@ def verify_key(credential_id: uuid.UUID) -> str:
     return f"verify:{credential_id}"
 
 
+def rotation_key(credential_id: uuid.UUID, version: int) -> str:
+    """Dedupe key of the verification of staged version ``version`` (per version: a check left queued by an
+    immediate rotation must never swallow the check of a later staging)."""
+    return f"rotate:{credential_id}:{version}"
+
+
 def sweep_period(reverify_interval: float) -> float:
     """How often the sweep looks for credentials due for re-verification (1/24 of the interval, 1 min..1 h)."""
     return min(3600.0, max(60.0, reverify_interval / 24))
@@ -115,17 +121,13 @@ class LifecycleJobs:
         store = self.engine.store
         cid = uuid.UUID(job.payload["credentialId"])
         version = int(job.payload["version"])
-        cred = await store.get_by_id(cid)
-        if cred is None or cred.status is CredentialStatus.REVOKED or cred.secret_version != version:
+        cred, secret = await store.get_with_secret(cid, version)
+        if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
-        secret = await store.get_secret(cid, version)
-        if secret is None:
-            return
         outcome = await self._probe(cred.venue, store.open_secret(secret))
         expected = job.payload.get("expectAccount")
         async with self.engine.db.transaction() as conn:
-            await store.lock(conn, cred.owner_id, cid)
-            current = await store.get(cred.owner_id, cid, conn=conn)
+            current = await store.lock_get(conn, cred.owner_id, cid)
             if current.status is CredentialStatus.REVOKED or current.secret_version != version:
                 await self._done(conn, job)
                 return
@@ -216,18 +218,18 @@ class LifecycleJobs:
         store = self.engine.store
         cid = uuid.UUID(job.payload["credentialId"])
         version = int(job.payload["version"])
-        cred = await store.get_by_id(cid)
-        if cred is None or cred.status is CredentialStatus.REVOKED:
-            return
-        secret = await store.get_secret(cid, version)
-        if secret is None or secret.state != "PENDING":
+        cred, secret = await store.get_with_secret(cid, version)
+        if cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING":
             return  # discarded (immediate rotation, revoke) or already promoted
         outcome = await self._probe(cred.venue, store.open_secret(secret))
         async with self.engine.db.transaction() as conn:
-            await store.lock(conn, cred.owner_id, cid)
-            current = await store.get(cred.owner_id, cid, conn=conn)
-            staged = await store.get_secret(cid, version, conn=conn)
-            if current.status is CredentialStatus.REVOKED or staged is None or staged.state != "PENDING":
+            current = await store.lock_get(conn, cred.owner_id, cid)
+            staged = current.pending_rotation  # read under the lock, with the row
+            if (
+                current.status is CredentialStatus.REVOKED
+                or staged is None
+                or staged.secret_version != version
+            ):
                 await self._done(conn, job)
                 return
             if isinstance(outcome, ProbeFailure):
@@ -307,9 +309,10 @@ class LifecycleJobs:
     # ---- revoke, sweep, expiry ---------------------------------------------------------------------------------
 
     async def revoke_cascade(self, job: queuemod.Job) -> None:
-        """After a revoke: drop the credential's queued work (verifications, expiry warnings) from the queue."""
+        """After a revoke: cancel the credential's queued verification and rotation check (the revoke transaction
+        names their dedupe keys; an index lookup each). Expiry warnings left queued find it revoked and no-op."""
         cid = job.payload["credentialId"]
-        cancelled = await self.engine.queue.cancel_queued(payload_contains={"credentialId": cid})
+        cancelled = await self.engine.queue.cancel_keys(list(job.payload.get("cancelKeys", ())))
         log.info("revoke_cascade", credential_id=cid, cancelled_jobs=cancelled)
 
     async def reverify_sweep(self, job: queuemod.Job) -> None:

@@ -8,9 +8,10 @@
 SELECT 1;
 
 -- insert_credential --
--- A new credential, PENDING, secret version 1.
-INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status, secret_version)
-VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 1);
+-- A new credential, PENDING, secret version 1; event sequence 1 is its credential.created.
+INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status, secret_version,
+                         event_seq)
+VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 1, 1);
 
 -- insert_secret --
 -- One encrypted secret version (CURRENT or PENDING); the fingerprint index refuses duplicates.
@@ -27,9 +28,15 @@ SELECT * FROM credential_view WHERE id = $1 AND owner_id = $2;
 SELECT * FROM credential_view WHERE id = $1;
 
 -- lock_credential --
--- Lock one credential row of one owner for the rest of the transaction.
-SELECT id, owner_id, venue, status, secret_version, last_secret_version, venue_account_id
-FROM credentials WHERE id = $1 AND owner_id = $2 FOR UPDATE;
+-- Lock one credential row of one owner for the rest of the transaction, and read it whole (as the view does).
+SELECT c.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM credentials c
+LEFT JOIN credential_secrets p ON p.credential_id = c.id AND p.state = 'PENDING'
+WHERE c.id = $1 AND c.owner_id = $2
+FOR UPDATE OF c;
 
 -- list_credentials --
 -- One page of an owner's credentials, oldest first, with optional filters.
@@ -53,6 +60,20 @@ WHERE owner_id = $1
 -- The live credential of an owner holding this API key (as current or staged version), if any.
 SELECT s.credential_id, s.state FROM credential_secrets s
 WHERE s.owner_id = $1 AND s.venue = $2 AND s.key_fingerprint = $3;
+
+-- get_credential_with_secret --
+-- One credential whoever owns it, with the stored material of secret version $2 (null columns if gone).
+SELECT v.*,
+       s.version        AS secret_row_version,
+       s.state          AS secret_state,
+       s.kek_version    AS secret_kek_version,
+       s.wrapped_dek    AS secret_wrapped_dek,
+       s.nonce          AS secret_nonce,
+       s.ciphertext     AS secret_ciphertext,
+       s.masked_api_key AS secret_masked_api_key
+FROM credential_view v
+LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = $2
+WHERE v.id = $1;
 
 -- get_secret --
 -- One secret version of a credential.
@@ -252,10 +273,21 @@ UPDATE credential_secrets SET kek_version = $3, wrapped_dek = $4
 WHERE credential_id = $1 AND version = $2 AND kek_version = $5;
 
 -- insert_event --
--- One outbox row, in the transaction of the change it reports.
-INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING position, created_at;
+-- One outbox row, in the transaction of the change it reports, with its NOTIFY (sent at commit) and whether
+-- any enabled webhook endpoint of the owner wants the type (only then does the fan-out run): one round trip.
+WITH ins AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    RETURNING position, created_at
+)
+SELECT ins.position,
+       ins.created_at,
+       pg_notify($7, '') IS NOT NULL AS notified,
+       EXISTS (
+           SELECT 1 FROM webhook_endpoints e
+           WHERE e.owner_id = $3 AND e.enabled AND (e.event_types IS NULL OR $2 = ANY (e.event_types))
+       ) AS webhooks_wanted
+FROM ins;
 
 -- events_cursor_now --
 -- The outbox cursor (txid, position) just past every event of transactions that have finished.

@@ -435,6 +435,8 @@ class JobQueue:
         row = await conn.fetchrow("complete_job", job.id, job.attempt)
         if row is None:
             raise StaleAttempt(job.id, job.attempt)
+        # the handler's transaction will hold "done": unless it raises after all, the worker writes nothing more
+        self._backend.completed_in.add((job.id, job.attempt))
         spec = self._backend.periodic_of(job)
         if spec is not None:
             await self._backend.schedule_next(conn, spec)
@@ -491,6 +493,12 @@ class JobQueue:
         payload = None if payload_contains is None else dict(payload_contains)
         return int(await self._db.fetchval("cancel_queued", kind, payload))
 
+    async def cancel_keys(self, dedupe_keys: Sequence[str], *, conn: dbmod.Conn | None = None) -> int:
+        """Cancel the queued jobs holding these dedupe keys (index lookups, unlike ``cancel_queued``'s
+        payload filter, which scans every queued job); returns how many."""
+        runner: dbmod.Conn | dbmod.Database = conn or self._db
+        return int(await runner.fetchval("cancel_queued_keys", list(dedupe_keys)))
+
     async def purge(self, older_than: float) -> int:
         """Delete done and cancelled jobs finished more than ``older_than`` seconds ago; returns how many."""
         return int(await self._db.fetchval("purge_finished", float(older_than)))
@@ -515,6 +523,8 @@ class _Backend:
         self._worker_id = worker_id
         self._counters = counters
         self._periodic = periodic  # filled by JobQueue.every() before start
+        # attempts a handler marked done inside its own transaction (JobQueue.complete_in): no second write
+        self.completed_in: set[tuple[int, int]] = set()
         self._rng = random.Random()
 
     def periodic_of(self, job: Job) -> _Periodic | None:
@@ -582,8 +592,13 @@ class _Backend:
         handler = self._handlers[job.kind]
         # bound in the runner task's own context, so handler logs carry the job; restored afterwards
         tokens = structlog.contextvars.bind_contextvars(job_id=job.id, job_kind=job.kind, attempt=job.attempt)
+        key = (job.id, job.attempt)
         try:
-            await handler(job)
+            try:
+                await handler(job)
+            except BaseException:
+                self.completed_in.discard(key)  # a handler that raises did not commit its complete_in
+                raise
         except Retry as exc:
             return self._again(job, exc.after, f"Retry: {exc.reason}"[:ERROR_TEXT_MAX], failed=False)
         except Abort as exc:
@@ -603,6 +618,9 @@ class _Backend:
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
         self._counters.processed += 1
+        if key in self.completed_in:  # done in the handler's own transaction (complete_in): nothing to write
+            self.completed_in.discard(key)  # (complete_in also queued a periodic job's next occurrence)
+            return None
         return self._final(job, "done", None)
 
     def _final(self, job: Job, state: str, error: str | None) -> _Outcome:

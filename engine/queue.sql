@@ -187,6 +187,16 @@ WITH cancelled AS (
 )
 SELECT count(*) FROM cancelled;
 
+-- cancel_queued_keys --
+-- Cancel the queued jobs holding any of the dedupe keys $1 (an index lookup each); returns how many.
+WITH cancelled AS (
+    UPDATE queue_jobs
+    SET state = 'cancelled', finished_at = now()
+    WHERE state = 'queued' AND dedupe_key = ANY ($1::text[])
+    RETURNING 1
+)
+SELECT count(*) FROM cancelled;
+
 -- purge_finished --
 -- Delete done and cancelled jobs that finished more than $1 seconds ago; returns how many went.
 WITH purged AS (

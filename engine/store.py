@@ -166,22 +166,21 @@ class Store:
         keys: ApiKeys,
     ) -> None:
         sealed = self.vault.seal(keys, credential_id=credential_id, version=version)
-        try:
-            async with conn.savepoint():
-                await conn.execute(
-                    "insert_secret",
-                    credential_id,
-                    version,
-                    state,
-                    owner_id,
-                    venue.value,
-                    sealed.kek_version,
-                    sealed.wrapped_dek,
-                    sealed.nonce,
-                    sealed.ciphertext,
-                    self.fingerprint(venue, keys.api_key),
-                    mask_api_key(keys.api_key),
-                )
+        try:  # a unique violation aborts the transaction anyway: no savepoint needed to report it
+            await conn.execute(
+                "insert_secret",
+                credential_id,
+                version,
+                state,
+                owner_id,
+                venue.value,
+                sealed.kek_version,
+                sealed.wrapped_dek,
+                sealed.nonce,
+                sealed.ciphertext,
+                self.fingerprint(venue, keys.api_key),
+                mask_api_key(keys.api_key),
+            )
         except UniqueViolation as exc:
             if exc.constraint == "credential_secrets_fingerprint":
                 raise errors.DuplicateCredential(
@@ -212,6 +211,33 @@ class Store:
         if row is None:
             raise errors.NotFound(f"credential {credential_id} not found", field="credentialId")
         return row
+
+    async def lock_get(self, conn: Conn, owner_id: str, credential_id: uuid.UUID) -> Credential:
+        """:meth:`lock` and the credential as it is under the lock, in one round trip."""
+        return credential_from_row(await self.lock(conn, owner_id, credential_id))
+
+    async def get_with_secret(
+        self, credential_id: uuid.UUID, version: int
+    ) -> tuple[Credential, SecretRow | None]:
+        """A credential (anyone's: workers) and its secret version ``version`` if that still exists."""
+        row = await self.db.fetchrow("get_credential_with_secret", credential_id, version)
+        if row is None:
+            raise errors.NotFound(f"credential {credential_id} not found", field="credentialId")
+        secret = None
+        if row["secret_row_version"] is not None:
+            secret = SecretRow(
+                credential_id=credential_id,
+                version=int(row["secret_row_version"]),
+                state=row["secret_state"],
+                masked_api_key=row["secret_masked_api_key"],
+                sealed=crypto.Sealed(
+                    kek_version=int(row["secret_kek_version"]),
+                    wrapped_dek=bytes(row["secret_wrapped_dek"]),
+                    nonce=bytes(row["secret_nonce"]),
+                    ciphertext=bytes(row["secret_ciphertext"]),
+                ),
+            )
+        return credential_from_row(row), secret
 
     async def list(
         self,

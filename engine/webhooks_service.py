@@ -401,7 +401,7 @@ class WebhookService:
             return None
         endpoint = WebhookEndpoint.from_row(row)
         await conn.execute("kill_webhook_deliveries", endpoint_id, f"endpoint disabled ({reason})")
-        event = await events.record(
+        recorded = await events.record(
             conn,
             type="webhook_endpoint.disabled",
             owner_id=endpoint.owner_id,
@@ -409,7 +409,8 @@ class WebhookService:
             sequence=int(row["event_seq"]),
             data={"endpoint": endpoint.event_dict(), "reason": reason},
         )
-        await self.fan_out(conn, event)
+        if recorded.webhooks_wanted:
+            await self.fan_out(conn, recorded.event)
         self.metrics.count(endpoint_id, "disabled")
         log.warning("webhook_endpoint_disabled", endpoint_id=str(endpoint_id), reason=reason)
         return endpoint

@@ -657,3 +657,20 @@ async def test_expiring_key_warns_once(eng: CredentialEngine, fake: FakeVenue) -
     assert types.count("credential.expiring") == 1
     cred = await eng.get_credential(OWNER, cid)
     assert any(w.startswith("KEY_EXPIRING") for w in cred.warnings)
+
+
+async def test_revoke_cascade_cancels_queued_checks(eng: CredentialEngine, fake: FakeVenue) -> None:
+    """Checks waiting out a venue's Retry-After when the credential is revoked are cancelled, never run."""
+    cid = await verified(eng, fake, "cascade-key", account_id="uid-1")
+    fake.keys["cascade-key"].transient_left, fake.keys["cascade-key"].retry_after = 1, 60.0
+    await eng.verify_credential(OWNER, cid)
+    fake.flaky_key("cascade-new", "n", transient=1, retry_after=60.0, account_id="uid-1")
+    await eng.rotate_credential(OWNER, cid, api_key="cascade-new", api_secret="n")
+    await eng.run_until_idle()  # both checks met a rate limit: queued again, a minute ahead
+    calls = len(fake.calls)
+    await eng.revoke_credential(OWNER, cid)
+    await eng.run_until_idle()
+    cancelled = await eng.queue.list_jobs(state="cancelled")
+    assert sorted(j.kind for j in cancelled) == ["rotation_verify", "verify"]
+    assert await eng.queue.list_jobs(state="queued", kind="verify") == []
+    assert len(fake.calls) == calls  # no probe ran for a revoked credential

@@ -239,6 +239,36 @@ async def test_complete_in_commits_with_the_domain_change(
     assert q.counters.processed == 1
 
 
+async def test_complete_in_spares_the_worker_a_second_write(
+    make_queue: MakeQueue, db: dbmod.Database
+) -> None:
+    """A job completed in its handler's transaction sends no outcome to the worker's batch write; one that
+    completed in a transaction that then rolled back still gets its retry written."""
+    q: queue.JobQueue
+    written: list[tuple[int, str]] = []
+
+    async def handler(job: queue.Job) -> None:
+        async with db.transaction() as conn:
+            await q.complete_in(conn, job)
+            if job.payload.get("fail") and job.tries == 1:
+                raise RuntimeError("after complete_in, before commit")
+
+    q = make_queue({"work": handler})
+    finish = q._backend.finish
+
+    async def spy(session: Any, outcomes: Any, *args: Any, **kwargs: Any) -> Any:
+        written.extend((o.job_id, o.state) for o in outcomes)
+        return await finish(session, outcomes, *args, **kwargs)
+
+    q._backend.finish = spy  # type: ignore[method-assign]
+    done_id = await q.enqueue("work")
+    failing_id = await q.enqueue("work", {"fail": True})
+    await q.run_until_idle(timeout=10)
+    assert done_id not in [job_id for job_id, _ in written]
+    assert (failing_id, "queued") in written  # the rolled-back completion was retried ...
+    assert q._backend.completed_in == set()  # ... and nothing is remembered past its attempt
+
+
 async def test_complete_in_refuses_a_stale_attempt(
     make_queue: MakeQueue, db: dbmod.Database, sql: asyncpg.Connection
 ) -> None:

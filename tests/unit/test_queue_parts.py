@@ -123,6 +123,7 @@ def test_queue_sql_blocks_are_named_and_described() -> None:
         "retry_dead",
         "count_jobs",
         "cancel_queued",
+        "cancel_queued_keys",
         "purge_finished",
     }
     assert set(blocks) == expected
