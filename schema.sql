@@ -1,6 +1,13 @@
 -- credential-engine: the whole PostgreSQL schema. Idempotent: applied at every engine start (under an advisory
 -- lock), so every statement is CREATE ... IF NOT EXISTS or otherwise safe to repeat.
 
+-- Which schema.sql this database holds (its SHA-256): engines skip the DDL, and its locks, when it matches.
+CREATE TABLE IF NOT EXISTS engine_schema (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    digest      text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- A stored credential. Key material lives in credential_secrets, never here.
 CREATE TABLE IF NOT EXISTS credentials (
     id               uuid PRIMARY KEY,

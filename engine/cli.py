@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.set_defaults(func=cli_commands.rewrap_keys)
 
-    p = sub.add_parser("migrate", help="apply the database schema (idempotent)")
+    p = sub.add_parser("migrate", help="apply the database schema again (idempotent; repairs drift)")
     p.set_defaults(func=cli_commands.migrate)
     return parser
 

@@ -207,9 +207,9 @@ async def worker(args: argparse.Namespace) -> int:
 
 
 async def migrate(args: argparse.Namespace) -> int:
-    """Apply schema.sql (idempotent; the engine also does it at every start)."""
-    async with opened():
-        pass
+    """Apply schema.sql even if the recorded digest matches (starts apply it only when it changed)."""
+    async with opened() as eng:
+        await eng.db.apply_schema(force=True)
     print("schema applied")
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.resources
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -69,6 +70,11 @@ def schema_sql() -> str:
     return importlib.resources.files("engine").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
+def schema_digest() -> str:
+    """SHA-256 of the shipped schema.sql: what ``engine_schema`` records once it is applied."""
+    return hashlib.sha256(schema_sql().encode()).hexdigest()
+
+
 QUERY_FILES = ("queries.sql", "queue.sql", "webhooks.sql")
 
 
@@ -92,6 +98,8 @@ def _translate(exc: BaseException) -> errors.StorageError:
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # not an InterfaceError: a pooled connection still reading a server's shutdown message raises this
+    asyncpg.exceptions.InternalClientError,
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
 )
@@ -234,11 +242,32 @@ class Database:
             status: str = await self._pool.execute(self.queries[name], *args)
             return status
 
-    async def apply_schema(self) -> None:
-        """Apply schema.sql (idempotent). An advisory lock keeps concurrent starters from racing."""
+    async def apply_schema(self, *, force: bool = False) -> bool:
+        """Apply schema.sql (idempotent) unless the database already holds this exact schema; True if applied.
+
+        The DDL takes locks on live tables (SHARE on each, ACCESS EXCLUSIVE on the view it replaces): run at
+        every start it deadlocked with running transactions when a worker joined a busy database. So the
+        digest of the applied schema is kept and compared first, and again under the advisory lock that
+        keeps concurrent starters from racing. ``force`` (``credential-engine migrate``) applies regardless.
+        """
+        text = schema_sql()
+        digest = schema_digest()
+        if not force and await self._schema_digest() == digest:
+            return False
         async with self.transaction() as conn:
             await conn.execute_script("SELECT pg_advisory_xact_lock(774411)")
-            await conn.execute_script(schema_sql())
+            if not force and await self._schema_digest(conn) == digest:
+                return False  # another starter applied it while we waited
+            await conn.execute_script(text)
+            await conn.execute("set_schema_digest", digest)
+        return True
+
+    async def _schema_digest(self, conn: Conn | None = None) -> str | None:
+        runner: Conn | Database = conn or self
+        if not await runner.fetchval("schema_table_exists"):
+            return None
+        value = await runner.fetchval("schema_digest")
+        return str(value) if value is not None else None
 
     async def ping(self) -> bool:
         try:

@@ -334,6 +334,8 @@ class CredentialEngine:
             self._check_keys(the_venue, keys)
             old_version = int(row["secret_version"])
             if immediate:
+                # a verification still queued for the old keys would swallow (dedupe) the one enqueued below
+                await queue.cancel_keys([jobs.verify_key(cid)], conn=conn)
                 await conn.fetch("delete_pending_secrets", cid)
                 await conn.execute("delete_secret", cid, old_version)
                 moved = await conn.fetchrow(

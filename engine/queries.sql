@@ -7,6 +7,19 @@
 -- Cheapest round trip, for readiness checks.
 SELECT 1;
 
+-- schema_table_exists --
+-- Whether this database has been given the engine's schema at all.
+SELECT to_regclass('engine_schema') IS NOT NULL;
+
+-- schema_digest --
+-- The SHA-256 of the schema.sql last applied here.
+SELECT digest FROM engine_schema WHERE id;
+
+-- set_schema_digest --
+-- Record the SHA-256 of the schema.sql just applied.
+INSERT INTO engine_schema (id, digest) VALUES (true, $1)
+ON CONFLICT (id) DO UPDATE SET digest = EXCLUDED.digest, applied_at = now();
+
 -- insert_credential --
 -- A new credential, PENDING, secret version 1; event sequence 1 is its credential.created.
 INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status, secret_version,

@@ -75,6 +75,10 @@ def template_database(pg_server: str) -> str:
         conn = await asyncpg.connect(dsn_with_database(pg_server, TEMPLATE))
         try:
             await conn.execute(dbmod.schema_sql())
+            # recorded as applied, so engines on the clones skip the DDL as they would in production
+            await conn.execute(
+                dbmod.load_queries(*dbmod.QUERY_FILES)["set_schema_digest"], dbmod.schema_digest()
+            )
         finally:
             await conn.close()
 

@@ -15,6 +15,7 @@ strings) and headers (API keys) in their ``str``/``repr``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import hashlib
 import json
@@ -258,6 +259,41 @@ class KeyLimiters:
         await limiter.acquire(cost)
 
 
+class SlidingWindows:
+    """At most ``limit`` calls in any ``seconds`` window, per (key, endpoint): exactly how OKX and Bybit count
+    per UID and endpoint, and Coinbase per user (venues.md 2.6, 3.6, 4A.6). A token bucket of burst B and
+    rate R lets B + R calls through in one second; a window never lets more than ``limit`` through.
+
+    Windows are widened by ``margin`` (10 %): requests leave here in order but reach the venue with jitter.
+    Bounded (LRU past ``max_slots``); slots are found by the SHA-256 of the key, so no key is held.
+    """
+
+    def __init__(self, *, margin: float = 0.10, max_slots: int = 20_000) -> None:
+        self._margin = margin
+        self._max_slots = max_slots
+        self._slots: OrderedDict[bytes, tuple[asyncio.Lock, collections.deque[float]]] = OrderedDict()
+
+    async def acquire(self, api_key: str, endpoint: str, limit: int, seconds: float) -> None:
+        slot = hashlib.sha256(f"{endpoint}\x00{api_key}".encode()).digest()
+        entry = self._slots.get(slot)
+        if entry is None:
+            entry = self._slots[slot] = (asyncio.Lock(), collections.deque())
+        self._slots.move_to_end(slot)
+        if len(self._slots) > self._max_slots:
+            self._slots.popitem(last=False)
+        lock, sent = entry
+        window = seconds * (1 + self._margin)
+        async with lock:  # FIFO, like RateLimiter
+            while True:
+                now = time.monotonic()
+                while sent and now - sent[0] >= window:
+                    sent.popleft()
+                if len(sent) < limit:
+                    sent.append(now)
+                    return
+                await asyncio.sleep(sent[0] + window - now)
+
+
 UNLIMITED = 1e9  # a rate that never waits: for simulators and benchmarks that must not be throttled
 
 
@@ -298,9 +334,11 @@ class VenueProbe:
     # venue-wide bucket: limits counted per IP (shared by every key this process probes)
     rate_per_second: ClassVar[float] = 10.0
     burst: ClassVar[float | None] = None
-    # per-key bucket: limits counted per key / user / UID (None: the venue counts these endpoints per IP only)
+    # per-key bucket: a counter per key that decays (Kraken spot's; None: no such counter)
     key_rate_per_second: ClassVar[float | None] = None
     key_burst: ClassVar[float | None] = None
+    # per-key windows: request path (or "*": every call of the key) -> (at most N calls, in S seconds)
+    key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {}
 
     def __init__(
         self,
@@ -322,6 +360,7 @@ class VenueProbe:
         self.key_limiters: KeyLimiters | None = (
             KeyLimiters(key_rate, self.key_burst or max(1.0, key_rate)) if key_rate else None
         )
+        self.windows: SlidingWindows | None = SlidingWindows() if rate_limited and self.key_windows else None
         self.clock_offset_ms = 0  # venue time minus our time, learnt after a CLOCK_SKEW answer
 
     def url(self, role: str, path: str) -> str:
@@ -329,14 +368,22 @@ class VenueProbe:
         base = self.base_url or self.default_urls[role]
         return base + path
 
-    async def throttle(self, api_key: str | None, cost: float = 1.0) -> None:
-        """Wait for the key's own bucket (if the venue counts per key), then the venue-wide one.
+    async def throttle(self, api_key: str | None, cost: float = 1.0, *, path: str | None = None) -> None:
+        """Wait for the key's own limits (its bucket, its windows for ``path`` and for every call), then the
+        venue-wide bucket.
 
         Call it *before* stamping a timestamp or nonce, and send with ``_call(limit=False)``: a request that
         waited in a queue must not go out stale.
         """
-        if self.key_limiters is not None and api_key is not None:
-            await self.key_limiters.acquire(api_key)
+        if api_key is not None:
+            if self.key_limiters is not None:
+                await self.key_limiters.acquire(api_key)
+            if self.windows is not None:
+                endpoints = ["*"] if path is None or path == "*" else ["*", path]
+                for endpoint in endpoints:
+                    rule = self.key_windows.get(endpoint)
+                    if rule is not None:
+                        await self.windows.acquire(api_key, endpoint, *rule)
         await self.limiter.acquire(cost)
 
     def now_ms(self) -> int:

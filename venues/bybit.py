@@ -208,12 +208,15 @@ class BybitProbe(base.VenueProbe):
 
     venue: ClassVar[base.Venue] = base.Venue.BYBIT
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://api.bybit.com"}
-    # per IP: 600 requests / 5 s (venues.md 3.6), half of it for us; per UID: query-api and get-member-type
-    # 10/s each, so 10/s per key covers a probe's three calls
+    # per IP: 600 requests / 5 s (venues.md 3.6), half of it for us; per UID and endpoint: query-api and
+    # get-member-type 10/s, account/info 50/s
     rate_per_second: ClassVar[float] = 60.0
     burst: ClassVar[float | None] = 60.0
-    key_rate_per_second: ClassVar[float | None] = 10.0
-    key_burst: ClassVar[float | None] = 10.0
+    key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {
+        QUERY_API_PATH: (10, 1.0),
+        MEMBER_TYPE_PATH: (10, 1.0),
+        ACCOUNT_INFO_PATH: (50, 1.0),
+    }
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """HMAC key and secret: letters and digits (18 and 36 in practice); 8..128 pass."""
@@ -327,7 +330,8 @@ class BybitProbe(base.VenueProbe):
         self, keys: base.ApiKeys, path: str, query: str = "", *, host: str | None = None
     ) -> base.Reply:
         url = (host + path if host else self.url("rest", path)) + (f"?{query}" if query else "")
-        await self.throttle(keys.api_key)  # wait first, then stamp: a queued request must not go out stale
+        # wait first, then stamp: a queued request must not go out stale
+        await self.throttle(keys.api_key, path=path)
         return await self._call("GET", url, headers=auth_headers(keys, self.now_ms(), query), limit=False)
 
     async def _resync(self) -> None:

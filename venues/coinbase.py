@@ -96,8 +96,7 @@ class CoinbaseProbe(base.VenueProbe):
     # documented for private calls: the venue-wide bucket is only a safety cap.
     rate_per_second = 100.0
     burst = 100.0
-    key_rate_per_second = 15.0
-    key_burst = 30.0
+    key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {"*": (15, 1.0)}
 
     def __init__(
         self,

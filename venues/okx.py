@@ -173,8 +173,11 @@ class OkxProbe(base.VenueProbe):
     # no per-IP figure is documented, so the venue-wide bucket is only a safety cap
     rate_per_second: ClassVar[float] = 100.0
     burst: ClassVar[float | None] = 100.0
-    key_rate_per_second: ClassVar[float | None] = 2.5
-    key_burst: ClassVar[float | None] = 5.0
+    key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {
+        CONFIG_PATH: (5, 2.0),
+        TRADING_BALANCE_PATH: (10, 2.0),
+        FUNDING_BALANCES_PATH: (6, 1.0),
+    }
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """A UUID-like key, an alphanumeric secret and a passphrase (required) of visible ASCII."""
@@ -261,7 +264,8 @@ class OkxProbe(base.VenueProbe):
         return reply
 
     async def _send(self, keys: base.ApiKeys, request_path: str, demo: bool) -> base.Reply:
-        await self.throttle(keys.api_key)  # wait first, then stamp: a queued request must not go out stale
+        # wait first, then stamp: a queued request must not go out stale
+        await self.throttle(keys.api_key, path=request_path.partition("?")[0])
         timestamp = iso_timestamp(self.now_ms())
         headers = auth_headers(keys, timestamp, "GET", request_path, demo=demo)
         return await self._call("GET", self.url("rest", request_path), headers=headers, limit=False)

@@ -15,37 +15,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, 
 
 from engine import CredentialEngine, EngineConfig, Venue, errors
 from engine.crypto import MasterKeyring
-from engine.testing import FakeVenue, settle
+from engine.testing import INVARIANT_SQL, FakeVenue, settle
 from venues.base import Outcome
-
-INVARIANT_SQL = {
-    "revoked credentials hold no key material": """
-        SELECT c.id FROM credentials c JOIN credential_secrets s ON s.credential_id = c.id
-        WHERE c.status = 'REVOKED'""",
-    "revoked credentials have secret version 0, others a positive one": """
-        SELECT id FROM credentials WHERE (status = 'REVOKED') <> (secret_version = 0)""",
-    "a live credential has exactly one CURRENT secret, at its secret version": """
-        SELECT c.id FROM credentials c
-        WHERE c.status <> 'REVOKED' AND 1 <> (
-            SELECT count(*) FROM credential_secrets s
-            WHERE s.credential_id = c.id AND s.state = 'CURRENT' AND s.version = c.secret_version)""",
-    "at most one staged rotation, newer than the current version": """
-        SELECT s.credential_id FROM credential_secrets s JOIN credentials c ON c.id = s.credential_id
-        WHERE s.state = 'PENDING' GROUP BY s.credential_id, c.secret_version
-        HAVING count(*) > 1 OR min(s.version) <= c.secret_version""",
-    "an ACTIVE trading account points at a non-revoked credential": """
-        SELECT a.id FROM trading_accounts a JOIN credentials c ON c.id = a.credential_id
-        WHERE a.status = 'ACTIVE' AND c.status = 'REVOKED'""",
-    "event sequences are gapless and match the credential's counter": """
-        SELECT c.id FROM credentials c LEFT JOIN events e ON e.credential_id = c.id
-        GROUP BY c.id, c.event_seq
-        HAVING count(e.id) <> c.event_seq OR coalesce(max(e.sequence), 0) <> c.event_seq
-            OR count(DISTINCT e.sequence) <> count(e.id)""",
-    "VERIFIED means verified with permissions; FAILED names a reason": """
-        SELECT id FROM credentials
-        WHERE (status = 'VERIFIED' AND (verified_at IS NULL OR permissions IS NULL))
-           OR (status = 'FAILED' AND failure_reason IS NULL)""",
-}
 
 KEYS = ["good-1", "good-2", "same-acct", "other-acct", "bad", "flaky", "withdraw"]
 

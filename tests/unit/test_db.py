@@ -57,3 +57,23 @@ async def test_released_connections_roll_back_open_transactions(db: dbmod.Databa
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in%'"
             )
             assert status == 0
+
+
+async def test_schema_is_not_reapplied_when_unchanged(db: dbmod.Database) -> None:
+    """With the shipped schema recorded, a start runs no DDL (no locks on live tables); force re-applies it."""
+    assert await db.apply_schema() is False
+    async with db.connection() as conn:
+        await conn.execute_script("DROP INDEX credentials_verified_sweep")
+    assert await db.apply_schema() is False  # unchanged digest: nothing ran, the drift stays
+    assert await db.fetchval("schema_digest") == dbmod.schema_digest()
+    assert await db.apply_schema(force=True) is True  # `credential-engine migrate`
+    async with db.connection() as conn:
+        assert await conn._conn.fetchval("SELECT to_regclass('credentials_verified_sweep') IS NOT NULL")
+
+
+async def test_a_changed_schema_is_applied_and_recorded(db: dbmod.Database) -> None:
+    """A different recorded digest (an older schema) makes the next start apply and record the new one."""
+    async with db.connection() as conn:
+        await conn.execute_script("UPDATE engine_schema SET digest = 'older'")
+    assert await db.apply_schema() is True
+    assert await db.fetchval("schema_digest") == dbmod.schema_digest()

@@ -36,7 +36,30 @@ async def test_per_user_venues_use_per_key_buckets() -> None:
     async with aiohttp.ClientSession() as session:
         for venue in Venue:
             probe = build_probe(venue, session)
-            if venue is Venue.BINANCE:
-                assert probe.key_limiters is None  # type: ignore[attr-defined]
-            else:
-                assert probe.key_limiters is not None  # type: ignore[attr-defined]
+            per_key = probe.key_limiters is not None or probe.windows is not None  # type: ignore[attr-defined]
+            assert per_key is (venue is not Venue.BINANCE), venue
+
+
+async def test_sliding_window_never_exceeds_its_limit() -> None:
+    """No ``limit``+1 calls ever fall inside one window (a token bucket would let burst + rate through)."""
+    windows = base.SlidingWindows(margin=0.0)
+    stamps: list[float] = []
+
+    async def call() -> None:
+        await windows.acquire("key", "/v5/user/query-api", 5, 0.2)
+        stamps.append(time.monotonic())
+
+    await asyncio.gather(*(call() for _ in range(16)))
+    for i in range(len(stamps) - 5):
+        assert stamps[i + 5] - stamps[i] >= 0.2 - 0.005
+    assert stamps[-1] - stamps[0] >= 0.6  # 16 calls at 5 per 0.2 s need three full windows
+
+
+async def test_sliding_windows_are_per_key_and_endpoint() -> None:
+    """Another key, or another endpoint of the same key, has its own window."""
+    windows = base.SlidingWindows()
+    started = time.monotonic()
+    for key, endpoint in (("a", "/x"), ("a", "/y"), ("b", "/x")):
+        for _ in range(3):
+            await windows.acquire(key, endpoint, 3, 5.0)
+    assert time.monotonic() - started < 0.2
