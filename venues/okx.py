@@ -167,8 +167,6 @@ class OkxProbe(base.VenueProbe):
 
     venue: ClassVar[base.Venue] = base.Venue.OKX
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://www.okx.com"}
-    # OKX limits these endpoints per user ID (venues.md 2.6: config 5/2 s, balance 10/2 s, asset/balances
-    # 6/s): one probe (3 calls) never exceeds them. This bucket only spreads bursts of many probes out.
     # OKX counts these endpoints per UID (account/config 5/2 s, balance 10/2 s, asset balances 6/s: venues.md 2.6);
     # no per-IP figure is documented, so the venue-wide bucket is only a safety cap
     rate_per_second: ClassVar[float] = 100.0
