@@ -229,14 +229,14 @@ INVARIANT_SQL: Mapping[str, str] = {
 # Jobs a queue that has finished its work must not hold: running (a lease, live or expired) or queued and due.
 UNFINISHED_JOBS_SQL = """
     SELECT id, kind, state, attempt, worker_id, lease_expires_at, run_at, last_error FROM queue_jobs
-    WHERE state = 'running' OR (state = 'queued' AND run_at <= now())
+    WHERE state = 'running' OR (state = 'queued' AND run_at <= now() + make_interval(secs => $1))
     ORDER BY id"""
 
 
-async def _rows(engine: CredentialEngine, sql: str) -> list[dict[str, Any]]:
+async def _rows(engine: CredentialEngine, sql: str, *args: Any) -> list[dict[str, Any]]:
     async with engine.db.connection() as conn:
         # literal test SQL on the driver connection: these checks are not part of the engine's named queries
-        return [dict(row) for row in await conn._conn.fetch(sql)]
+        return [dict(row) for row in await conn._conn.fetch(sql, *args)]
 
 
 async def broken_invariants(engine: CredentialEngine) -> dict[str, list[dict[str, Any]]]:
@@ -249,6 +249,8 @@ async def broken_invariants(engine: CredentialEngine) -> dict[str, list[dict[str
     return broken
 
 
-async def unfinished_jobs(engine: CredentialEngine) -> list[dict[str, Any]]:
-    """Jobs still running or queued and due (:data:`UNFINISHED_JOBS_SQL`); [] once the queue has done its work."""
-    return await _rows(engine, UNFINISHED_JOBS_SQL)
+async def unfinished_jobs(engine: CredentialEngine, *, horizon: float = 0.0) -> list[dict[str, Any]]:
+    """Jobs still running, or queued and due within ``horizon`` seconds (:data:`UNFINISHED_JOBS_SQL`); [] once
+    the queue has done its work. A horizon longer than the retry delays in play also waits for retries that
+    are scheduled but not due yet (a webhook's next attempt after a 503, say)."""
+    return await _rows(engine, UNFINISHED_JOBS_SQL, float(horizon))
