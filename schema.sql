@@ -180,6 +180,8 @@ CREATE INDEX IF NOT EXISTS queue_jobs_ready ON queue_jobs (run_at, id) WHERE sta
 CREATE INDEX IF NOT EXISTS queue_jobs_leases ON queue_jobs (lease_expires_at) WHERE state = 'running';
 -- at most one queued (not yet started) job per dedupe key; a running one does not block a new queued one
 CREATE UNIQUE INDEX IF NOT EXISTS queue_jobs_dedupe_queued ON queue_jobs (dedupe_key) WHERE state = 'queued';
+-- the retention purge (JobQueue.purge, the hourly purge_jobs job) finds old finished rows here
+CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (finished_at) WHERE state IN ('done', 'cancelled');
 -- the operators' dead-letter list
 CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 -- END queue

@@ -9,6 +9,7 @@ Environment variables (all optional):
     ENGINE_WORKERS               jobs run concurrently per process (0 = run no workers in this process)
     ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
     ENGINE_PROBE_TIMEOUT         seconds per venue request (default 10)
+    ENGINE_JOB_RETENTION         seconds finished jobs are kept before the hourly purge (default 7 days)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
@@ -87,6 +88,7 @@ class EngineConfig:
     backoff_max: float = 600.0
     shutdown_timeout: float = 10.0
     reverify_interval: float = 86_400.0
+    job_retention: float = 7 * 86_400.0  # done and cancelled jobs are purged this long after they finished
     pool_min_size: int = 2
     pool_max_size: int = 10
     allow_private_webhook_urls: bool = False
@@ -139,6 +141,7 @@ class EngineConfig:
             ("reverify_interval", "ENGINE_REVERIFY_INTERVAL", float),
             ("probe_timeout", "ENGINE_PROBE_TIMEOUT", float),
             ("lease_seconds", "ENGINE_LEASE_SECONDS", float),
+            ("job_retention", "ENGINE_JOB_RETENTION", float),
         ):
             if env.get(key):
                 try:

@@ -138,6 +138,7 @@ class CredentialEngine:
         handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
         self._queue = queuemod.JobQueue(self._db, handlers, settings)
         self._queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
+        self._queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
         await self.webhooks.start()
         await self.bus.start(self._db)
         if cfg.workers > 0:

@@ -34,6 +34,8 @@ VERIFY = "verify"
 ROTATION_VERIFY = "rotation_verify"
 REVOKE_CASCADE = "revoke_cascade"
 REVERIFY_SWEEP = "reverify_sweep"
+PURGE_JOBS = "purge_jobs"
+PURGE_PERIOD = 3600.0  # seconds between purges of finished jobs older than EngineConfig.job_retention
 EXPIRY_WARNING = "expiry_warning"
 SWEEP_BATCH = 1000
 
@@ -97,6 +99,7 @@ class LifecycleJobs:
             ROTATION_VERIFY: self.rotation_verify,
             REVOKE_CASCADE: self.revoke_cascade,
             REVERIFY_SWEEP: self.reverify_sweep,
+            PURGE_JOBS: self.purge_jobs,
             EXPIRY_WARNING: self.expiry_warning,
         }
 
@@ -334,6 +337,11 @@ class LifecycleJobs:
                     dedupe_key=verify_key(cred.credential_id),
                 )
         log.info("reverify_sweep", enqueued=len(rows))
+
+    async def purge_jobs(self, job: queuemod.Job) -> None:
+        """Delete done and cancelled jobs finished longer than ``job_retention`` ago (dead ones stay for operators)."""
+        purged = await self.engine.queue.purge(self.engine.config.job_retention)
+        log.info("jobs_purged", purged=purged)
 
     async def expiry_warning(self, job: queuemod.Job) -> None:
         """Announce once that a key's known expiry is near (``credential.expiring``)."""

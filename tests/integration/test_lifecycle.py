@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -674,3 +675,21 @@ async def test_revoke_cascade_cancels_queued_checks(eng: CredentialEngine, fake:
     assert sorted(j.kind for j in cancelled) == ["rotation_verify", "verify"]
     assert await eng.queue.list_jobs(state="queued", kind="verify") == []
     assert len(fake.calls) == calls  # no probe ran for a revoked credential
+
+
+async def test_finished_jobs_are_purged_after_the_retention(make_engine: Any, fake: FakeVenue) -> None:
+    """The purge job deletes done jobs older than job_retention and keeps recent and dead ones."""
+    eng: CredentialEngine = await make_engine(job_retention=3600.0)
+    await verified(eng, fake, "purge-a")
+    await verified(eng, fake, "purge-b")
+    done = await eng.queue.list_jobs(state="done")
+    assert len(done) == 2
+    async with eng.db.connection() as conn:
+        await conn._conn.execute(
+            "UPDATE queue_jobs SET finished_at = now() - interval '2 hours' WHERE id = $1", done[0].id
+        )
+    await eng.queue.enqueue("purge_jobs")
+    await eng.run_until_idle()
+    left = {j.id for j in await eng.queue.list_jobs(state="done")}
+    assert done[0].id not in left
+    assert done[1].id in left
