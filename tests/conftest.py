@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -20,7 +20,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from engine import CredentialEngine, EngineConfig
 from engine import db as dbmod
+from engine.crypto import MasterKeyring
+from engine.testing import FakeVenue
 
 TEMPLATE = "ce_template"
 
@@ -137,3 +140,61 @@ def _aioresponses_stream_writer(monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(core, "ClientResponse", _Response)
+
+
+EngineFactory = Callable[..., Awaitable[CredentialEngine]]
+
+
+@pytest.fixture
+def master_keys() -> str:
+    """A fresh master key spec, shared by every engine (and engine process) of a test."""
+    return MasterKeyring.generate_spec(1)
+
+
+@pytest.fixture
+def fake() -> FakeVenue:
+    """The FakeVenue behind make_engine's engines (unless a test gives other probes)."""
+    return FakeVenue()
+
+
+@pytest.fixture
+def engine_defaults() -> dict[str, Any]:
+    """EngineConfig settings a test folder wants on every engine it opens (overridden per folder)."""
+    return {}
+
+
+@pytest.fixture
+async def make_engine(
+    database_url: str, master_keys: str, fake: FakeVenue, tmp_path: Path, engine_defaults: dict[str, Any]
+) -> AsyncIterator[EngineFactory]:
+    """Open engines on the per-test database (FakeVenue probes, workers off: tests drive them with
+    run_until_idle), with the folder's ``engine_defaults`` and the call's overrides; closed after the test."""
+    opened: list[CredentialEngine] = []
+
+    async def factory(**overrides: Any) -> CredentialEngine:
+        probes = overrides.pop("probes", fake.probes())
+        settings: dict[str, Any] = {
+            "database_url": database_url,
+            "master_keys": master_keys,
+            "data_dir": tmp_path,
+            "workers": 0,
+            "poll_interval": 0.2,
+            "lease_seconds": 5.0,
+            "backoff_base": 0.01,
+            "backoff_max": 0.05,
+            **engine_defaults,
+            **overrides,
+        }
+        eng = CredentialEngine(EngineConfig(**settings), probes=probes)
+        await eng.open()
+        opened.append(eng)
+        return eng
+
+    yield factory
+    for eng in reversed(opened):
+        await eng.close()
+
+
+@pytest.fixture
+async def eng(make_engine: EngineFactory) -> CredentialEngine:
+    return await make_engine()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,12 +14,10 @@ import pytest
 from multidict import CIMultiDict
 from openapi_schema_validator import OAS31Validator
 
-from engine import CredentialEngine, EngineConfig, auth, openapi
+from engine import CredentialEngine, auth, openapi
 from engine.api import ApiConfig, ApiServer
-from engine.crypto import MasterKeyring
 from engine.testing import FakeVenue
 
-EngineFactory = Callable[..., Awaitable[CredentialEngine]]
 OWNER = "owner-1"
 DOCUMENT = openapi.document()
 
@@ -109,11 +106,6 @@ class Api:
 
 
 @pytest.fixture
-def master_keys() -> str:
-    return MasterKeyring.generate_spec(1)
-
-
-@pytest.fixture
 def fake() -> FakeVenue:
     fake = FakeVenue()
     fake.add_key(
@@ -133,39 +125,9 @@ def jwt_secret() -> str:
 
 
 @pytest.fixture
-async def make_engine(
-    database_url: str, master_keys: str, fake: FakeVenue, tmp_path: Path
-) -> AsyncIterator[EngineFactory]:
-    """Engines on the per-test database with workers running (connect-with-keys waits for verification)."""
-    opened: list[CredentialEngine] = []
-
-    async def factory(**overrides: Any) -> CredentialEngine:
-        probes = overrides.pop("probes", fake.probes())
-        settings: dict[str, Any] = {
-            "database_url": database_url,
-            "master_keys": master_keys,
-            "data_dir": tmp_path,
-            "workers": 4,
-            "poll_interval": 0.2,
-            "lease_seconds": 5.0,
-            "backoff_base": 0.01,
-            "backoff_max": 0.05,
-            "allow_private_webhook_urls": True,
-        }
-        settings.update(overrides)
-        eng = CredentialEngine(EngineConfig(**settings), probes=probes)
-        await eng.open()
-        opened.append(eng)
-        return eng
-
-    yield factory
-    for eng in opened:
-        await eng.close()
-
-
-@pytest.fixture
-async def eng(make_engine: EngineFactory) -> CredentialEngine:
-    return await make_engine()
+def engine_defaults() -> dict[str, Any]:
+    """Workers running (connect-with-keys waits for verification) and loopback webhook receivers allowed."""
+    return {"workers": 4, "allow_private_webhook_urls": True}
 
 
 @pytest.fixture

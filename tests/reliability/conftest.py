@@ -14,20 +14,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from engine import CredentialEngine, EngineConfig
-from engine.crypto import MasterKeyring
-from engine.testing import FakeVenue
-
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
-EngineFactory = Callable[..., Awaitable[CredentialEngine]]
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -59,46 +54,9 @@ def size(request: pytest.FixtureRequest) -> Size:
 
 
 @pytest.fixture
-def master_keys() -> str:
-    """A fresh master key spec, shared by every engine (and engine process) of a test."""
-    return MasterKeyring.generate_spec(1)
-
-
-@pytest.fixture
-def fake() -> FakeVenue:
-    """The FakeVenue behind make_engine's engines (unless a test gives other probes)."""
-    return FakeVenue()
-
-
-@pytest.fixture
-async def make_engine(
-    database_url: str, master_keys: str, fake: FakeVenue, tmp_path: Path
-) -> AsyncIterator[EngineFactory]:
-    """Open engines on the per-test database (FakeVenue probes and no workers unless overridden); closed after."""
-    opened: list[CredentialEngine] = []
-
-    async def factory(**overrides: Any) -> CredentialEngine:
-        probes = overrides.pop("probes", fake.probes())
-        settings: dict[str, Any] = {
-            "database_url": database_url,
-            "master_keys": master_keys,
-            "data_dir": tmp_path,
-            "workers": 0,
-            "poll_interval": 0.2,
-            "lease_seconds": 5.0,
-            "backoff_base": 0.01,
-            "backoff_max": 0.05,
-            "allow_private_webhook_urls": True,
-        }
-        settings.update(overrides)
-        eng = CredentialEngine(EngineConfig(**settings), probes=probes)
-        await eng.open()
-        opened.append(eng)
-        return eng
-
-    yield factory
-    for eng in reversed(opened):
-        await eng.close()
+def engine_defaults() -> dict[str, Any]:
+    """Every engine of the reliability suite may deliver webhooks to the loopback receivers."""
+    return {"allow_private_webhook_urls": True}
 
 
 class RestartablePostgres:
