@@ -343,30 +343,14 @@ class CredentialEngine:
                     "rotate_immediately", cid, lifecycle.sources(trigger), old_version, _masked(keys)
                 )
                 assert moved is not None  # the row is locked and its status was checked
-                version = int(moved["secret_version"])
-                await store.insert_secret(
-                    conn,
-                    credential_id=cid,
-                    owner_id=owner,
-                    venue=the_venue,
-                    version=version,
-                    state="CURRENT",
-                    keys=keys,
-                )
-                cred = await self._emit(
-                    conn,
-                    owner,
-                    cid,
-                    "credential.rotation_started",
-                    sequence=int(moved["event_seq"]),
-                    extra={"immediate": True, "previousStatus": row["status"]},
-                )
-                await queue.enqueue(
-                    jobs.VERIFY,
-                    {"credentialId": str(cid), "version": version, "expectAccount": row["venue_account_id"]},
-                    conn=conn,
-                    dedupe_key=jobs.verify_key(cid),
-                )
+                version, sequence = int(moved["secret_version"]), int(moved["event_seq"])
+                state, extra = "CURRENT", {"immediate": True, "previousStatus": row["status"]}
+                job_kind, dedupe_key = jobs.VERIFY, jobs.verify_key(cid)
+                payload = {
+                    "credentialId": str(cid),
+                    "version": version,
+                    "expectAccount": row["venue_account_id"],
+                }
             else:
                 if row["pending_version"] is not None:
                     raise errors.RotationPending(
@@ -374,30 +358,23 @@ class CredentialEngine:
                     )
                 staged = await conn.fetchrow("stage_rotation", cid, lifecycle.sources(trigger), old_version)
                 assert staged is not None
-                version = int(staged["last_secret_version"])
-                await store.insert_secret(
-                    conn,
-                    credential_id=cid,
-                    owner_id=owner,
-                    venue=the_venue,
-                    version=version,
-                    state="PENDING",
-                    keys=keys,
-                )
-                cred = await self._emit(
-                    conn,
-                    owner,
-                    cid,
-                    "credential.rotation_started",
-                    sequence=int(staged["event_seq"]),
-                    extra={"immediate": False},
-                )
-                await queue.enqueue(
-                    jobs.ROTATION_VERIFY,
-                    {"credentialId": str(cid), "version": version},
-                    conn=conn,
-                    dedupe_key=jobs.rotation_key(cid, version),
-                )
+                version, sequence = int(staged["last_secret_version"]), int(staged["event_seq"])
+                state, extra = "PENDING", {"immediate": False}
+                job_kind, dedupe_key = jobs.ROTATION_VERIFY, jobs.rotation_key(cid, version)
+                payload = {"credentialId": str(cid), "version": version}
+            await store.insert_secret(
+                conn,
+                credential_id=cid,
+                owner_id=owner,
+                venue=the_venue,
+                version=version,
+                state=state,
+                keys=keys,
+            )
+            cred = await self._emit(
+                conn, owner, cid, "credential.rotation_started", sequence=sequence, extra=extra
+            )
+            await queue.enqueue(job_kind, payload, conn=conn, dedupe_key=dedupe_key)
         self.bus.poke()
         return cred
 
