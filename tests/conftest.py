@@ -136,7 +136,7 @@ def _aioresponses_stream_writer(monkeypatch: pytest.MonkeyPatch) -> None:
 
     class _Response(base):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("stream_writer", mock.Mock())
+            kwargs.setdefault("stream_writer", mock.Mock(output_size=0))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(core, "ClientResponse", _Response)

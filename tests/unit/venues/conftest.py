@@ -1,29 +1,38 @@
-"""Venue unit tests: the aioresponses fix, so these tests also run alone (``--confcutdir=tests/unit/venues``).
-
-tests/conftest.py applies the same fix; applying it twice is harmless (each only fills a missing argument).
-"""
+"""Fixtures shared by the venue modules' unit tests (the aioresponses fix for aiohttp 3.14 is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from unittest import mock
 
 import aiohttp
-import aioresponses.core
 import pytest
+from aioresponses import aioresponses
+
+from venues import base
 
 
-@pytest.fixture(autouse=True)
-def _aioresponses_stream_writer_venues(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aioresponses 0.7.9 builds ClientResponse without ``stream_writer``, which aiohttp >= 3.14 requires
-    (upstream pnuckowski/aioresponses#289): pass a stand-in when the signature asks for it."""
-    if "stream_writer" not in inspect.signature(aiohttp.ClientResponse.__init__).parameters:
-        return
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as http:
+        yield http
 
-    class _Response(aiohttp.ClientResponse):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("stream_writer", mock.Mock(output_size=0))
-            super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(aioresponses.core, "ClientResponse", _Response)
+@pytest.fixture
+def mocked() -> Iterator[aioresponses]:
+    with aioresponses() as m:
+        yield m
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str, str]]]:
+    """Every request exactly as the probe handed it to aiohttp: (method, URL with its query, headers)."""
+    record: list[tuple[str, str, dict[str, str]]] = []
+    original = base.VenueProbe._call
+
+    async def spy(self: base.VenueProbe, method: str, url: str, **kwargs: Any) -> base.Reply:
+        record.append((method, url, dict(kwargs.get("headers") or {})))
+        return await original(self, method, url, **kwargs)
+
+    monkeypatch.setattr(base.VenueProbe, "_call", spy)
+    return record

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
+from venue_support import Gate, failure_of  # tests/unit/venues is on sys.path
 
 from venues import base, binance
 
@@ -83,34 +82,8 @@ def ref_sign(secret: str, payload: str) -> str:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    with aioresponses() as m:
-        yield m
-
-
-@pytest.fixture
 def probe(session: aiohttp.ClientSession) -> binance.BinanceProbe:
     return binance.BinanceProbe(session)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str, str]]]:
-    """Every request exactly as the probe handed it to aiohttp: (method, URL with its query, headers)."""
-    record: list[tuple[str, str, dict[str, str]]] = []
-    original = base.VenueProbe._call
-
-    async def spy(self: base.VenueProbe, method: str, url: str, **kwargs: Any) -> base.Reply:
-        record.append((method, url, dict(kwargs.get("headers") or {})))
-        return await original(self, method, url, **kwargs)
-
-    monkeypatch.setattr(base.VenueProbe, "_call", spy)
-    return record
 
 
 def mock_good(
@@ -124,35 +97,6 @@ def mock_good(
     m.get(at(API, binance.SPOT_ACCOUNT_PATH), payload=SPOT)
     m.get(at(API, binance.MARGIN_ACCOUNT_PATH), payload=margin or MARGIN)
     m.get(at(FAPI, binance.FUTURES_ACCOUNT_PATH), payload=futures or FUTURES)
-
-
-async def failure_of(coro: Awaitable[object]) -> base.ProbeFailure:
-    with pytest.raises(base.ProbeFailure) as caught:
-        await coro
-    return caught.value
-
-
-class Gate:
-    """Holds each request until ``expected`` of them are in flight together (or one second passes)."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.in_flight = 0
-        self.peak = 0
-        self.all_in = asyncio.Event()
-
-    def reply(self, payload: Any) -> Callable[..., Awaitable[CallbackResult]]:
-        async def callback(url: Any, **kwargs: Any) -> CallbackResult:
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-            if self.in_flight >= self.expected:
-                self.all_in.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.all_in.wait(), 1.0)
-            self.in_flight -= 1
-            return CallbackResult(payload=payload)
-
-        return callback
 
 
 # -- signing: the official vectors (venues.md 1.8) -------------------------------------------------------

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
+from venue_support import Gate, failure_of  # tests/unit/venues is on sys.path
 
 from venues import base, bybit
 
@@ -113,18 +112,6 @@ def time_answer(server_ms: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    with aioresponses() as m:
-        yield m
-
-
-@pytest.fixture
 def probe(session: aiohttp.ClientSession) -> bybit.BybitProbe:
     return bybit.BybitProbe(session)
 
@@ -133,20 +120,6 @@ def probe(session: aiohttp.ClientSession) -> bybit.BybitProbe:
 def sim_probe(session: aiohttp.ClientSession) -> bybit.BybitProbe:
     """A probe pointed at one base URL (a sandbox or the simulator): no other environment to try."""
     return bybit.BybitProbe(session, base_url=SIM)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str, str]]]:
-    """Every request exactly as the probe handed it to aiohttp: (method, URL with its query, headers)."""
-    record: list[tuple[str, str, dict[str, str]]] = []
-    original = base.VenueProbe._call
-
-    async def spy(self: base.VenueProbe, method: str, url: str, **kwargs: Any) -> base.Reply:
-        record.append((method, url, dict(kwargs.get("headers") or {})))
-        return await original(self, method, url, **kwargs)
-
-    monkeypatch.setattr(base.VenueProbe, "_call", spy)
-    return record
 
 
 def mock_good(
@@ -160,35 +133,6 @@ def mock_good(
     m.get(host + bybit.QUERY_API_PATH, payload=ok(info or API_INFO))
     m.get(host + bybit.ACCOUNT_INFO_PATH, payload=ok(account or ACCOUNT_INFO))
     m.get(host + bybit.MEMBER_TYPE_PATH, payload=ok(members or MEMBERS))
-
-
-async def failure_of(coro: Awaitable[object]) -> base.ProbeFailure:
-    with pytest.raises(base.ProbeFailure) as caught:
-        await coro
-    return caught.value
-
-
-class Gate:
-    """Holds each request until ``expected`` of them are in flight together (or one second passes)."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.in_flight = 0
-        self.peak = 0
-        self.all_in = asyncio.Event()
-
-    def reply(self, payload: Any) -> Callable[..., Awaitable[CallbackResult]]:
-        async def callback(url: Any, **kwargs: Any) -> CallbackResult:
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-            if self.in_flight >= self.expected:
-                self.all_in.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.all_in.wait(), 1.0)
-            self.in_flight -= 1
-            return CallbackResult(payload=payload)
-
-        return callback
 
 
 # -- signing (venues.md 3.2; 3.8: the doc's signatures cannot be reproduced, its pre-sign strings can) ---

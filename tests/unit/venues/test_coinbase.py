@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -73,18 +73,6 @@ PROFILES = [
     {"id": "prof-default", "user_id": "u1", "name": "default", "active": True, "is_default": True},
 ]
 EXC_ACCOUNTS = [{"id": "a1", "currency": "USD", "balance": "1.0", "profile_id": "prof-from-account"}]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    with aioresponses() as m:
-        yield m
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -76,18 +76,6 @@ def spot_error(code: str) -> dict[str, Any]:
 
 def futures_error(code: str) -> dict[str, Any]:
     return {"result": "error", "error": code, "serverTime": "2024-01-01T00:00:00.000Z"}
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    with aioresponses() as m:
-        yield m
 
 
 @pytest.fixture

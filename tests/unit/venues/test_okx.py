@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
+from venue_support import Gate, failure_of  # tests/unit/venues is on sys.path
 
 from venues import base, okx
 
@@ -90,69 +89,14 @@ def error(code: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    with aioresponses() as m:
-        yield m
-
-
-@pytest.fixture
 def probe(session: aiohttp.ClientSession) -> okx.OkxProbe:
     return okx.OkxProbe(session)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str, str]]]:
-    """Every request exactly as the probe handed it to aiohttp: (method, URL with its query, headers)."""
-    record: list[tuple[str, str, dict[str, str]]] = []
-    original = base.VenueProbe._call
-
-    async def spy(self: base.VenueProbe, method: str, url: str, **kwargs: Any) -> base.Reply:
-        record.append((method, url, dict(kwargs.get("headers") or {})))
-        return await original(self, method, url, **kwargs)
-
-    monkeypatch.setattr(base.VenueProbe, "_call", spy)
-    return record
 
 
 def mock_good(m: aioresponses, *, config: dict[str, Any] | None = None) -> None:
     m.get(HOST + okx.CONFIG_PATH, payload=config or config_answer())
     m.get(HOST + okx.TRADING_BALANCE_PATH, payload=BALANCE)
     m.get(HOST + okx.FUNDING_BALANCES_PATH, payload=FUNDING)
-
-
-async def failure_of(coro: Awaitable[object]) -> base.ProbeFailure:
-    with pytest.raises(base.ProbeFailure) as caught:
-        await coro
-    return caught.value
-
-
-class Gate:
-    """Holds each request until ``expected`` of them are in flight together (or one second passes)."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.in_flight = 0
-        self.peak = 0
-        self.all_in = asyncio.Event()
-
-    def reply(self, payload: Any) -> Callable[..., Awaitable[CallbackResult]]:
-        async def callback(url: Any, **kwargs: Any) -> CallbackResult:
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-            if self.in_flight >= self.expected:
-                self.all_in.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.all_in.wait(), 1.0)
-            self.in_flight -= 1
-            return CallbackResult(payload=payload)
-
-        return callback
 
 
 # -- signing (venues.md 2.2; OKX publishes no numeric vector, 2.8) ---------------------------------------
