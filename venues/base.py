@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -362,6 +362,8 @@ class VenueProbe:
         )
         self.windows: SlidingWindows | None = SlidingWindows() if rate_limited and self.key_windows else None
         self.clock_offset_ms = 0  # venue time minus our time, learnt after a CLOCK_SKEW answer
+        self.clock_generation = 0  # bumped by each resync (see resync_clock)
+        self._clock_lock = asyncio.Lock()
 
     def url(self, role: str, path: str) -> str:
         """The absolute URL of ``path`` on the host that serves ``role`` (e.g. "api", "fapi")."""
@@ -385,6 +387,34 @@ class VenueProbe:
                     if rule is not None:
                         await self.windows.acquire(api_key, endpoint, *rule)
         await self.limiter.acquire(cost)
+
+    async def resync_clock(
+        self,
+        url: str,
+        server_ms_of: Callable[[Reply], float],
+        *,
+        seen: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        resolution_ms: float = 0.0,
+    ) -> None:
+        """Learn the venue's clock from its public time endpoint ``url`` (venues.md 6) into ``clock_offset_ms``.
+
+        ``server_ms_of`` reads the venue's time in ms from the answer (raising :class:`ProbeFailure` when the
+        answer is a refusal or unreadable); the offset is taken against the midpoint of the round trip. With
+        ``seen`` (``clock_generation`` read before the refused request), requests refused for the same skew
+        share one fetch: whoever waited finds a newer generation and returns. ``resolution_ms``: the venue
+        tells whole seconds (Kraken), so aim at the middle of one and ignore offsets it cannot see.
+        """
+        async with self._clock_lock:
+            if seen is not None and seen != self.clock_generation:
+                return
+            await self.limiter.acquire()
+            sent_ms = time.time() * 1000
+            reply = await self._call("GET", url, headers=headers, limit=False)
+            local_ms = (sent_ms + time.time() * 1000) / 2
+            offset = server_ms_of(reply) + resolution_ms / 2 - local_ms
+            self.clock_offset_ms = round(offset) if abs(offset) >= resolution_ms else 0
+            self.clock_generation += 1
 
     def now_ms(self) -> int:
         """Our best guess of the venue's clock, in milliseconds."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
@@ -286,10 +285,11 @@ class BinanceProbe(base.VenueProbe):
 
         Answers whose HTTP status is in ``passthrough`` are returned unclassified.
         """
+        seen = self.clock_generation
         reply = await self._send(keys, role, path, params, cost)
         failure = None if reply.status in passthrough else classify(reply)
         if failure is not None and failure.outcome is base.Outcome.CLOCK_SKEW:
-            await self._resync(role)
+            await self._resync(role, seen)
             reply = await self._send(keys, role, path, params, cost)
             failure = None if reply.status in passthrough else classify(reply)
         if failure is not None:
@@ -304,16 +304,15 @@ class BinanceProbe(base.VenueProbe):
         headers = {"X-MBX-APIKEY": keys.api_key}
         return await self._call("GET", f"{self.url(role, path)}?{query}", headers=headers, limit=False)
 
-    async def _resync(self, role: str) -> None:
-        """Learn the venue's clock from its public time endpoint (venues.md 6) into ``clock_offset_ms``."""
-        await self.limiter.acquire()
-        sent_ms = time.time() * 1000
-        reply = await self._call("GET", self.url(role, TIME_PATHS[role]), limit=False)
-        received_ms = time.time() * 1000
+    async def _resync(self, role: str, seen: int) -> None:
+        """Learn the venue's clock from the time endpoint of the host that refused (venues.md 6)."""
+        await self.resync_clock(self.url(role, TIME_PATHS[role]), self._server_ms, seen=seen)
+
+    def _server_ms(self, reply: base.Reply) -> float:
         failure = classify(reply)
         if failure is not None:
             raise failure
         server_ms = reply.body.get("serverTime") if isinstance(reply.body, dict) else None
         if isinstance(server_ms, bool) or not isinstance(server_ms, int):
             raise self.malformed(reply)
-        self.clock_offset_ms = round(server_ms - (sent_ms + received_ms) / 2)
+        return float(server_ms)

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import re
-import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -316,10 +315,11 @@ class BybitProbe(base.VenueProbe):
 
     async def _signed_get(self, keys: base.ApiKeys, path: str, query: str = "") -> base.Reply:
         """One signed GET; on CLOCK_SKEW resync from the public time endpoint and retry once."""
+        seen = self.clock_generation
         reply = await self._send(keys, path, query)
         failure = classify(reply)
         if failure is not None and failure.outcome is base.Outcome.CLOCK_SKEW:
-            await self._resync()
+            await self._resync(seen)
             reply = await self._send(keys, path, query)
             failure = classify(reply)
         if failure is not None:
@@ -334,21 +334,19 @@ class BybitProbe(base.VenueProbe):
         await self.throttle(keys.api_key, path=path)
         return await self._call("GET", url, headers=auth_headers(keys, self.now_ms(), query), limit=False)
 
-    async def _resync(self) -> None:
-        """Learn Bybit's clock from ``GET /v5/market/time`` into ``clock_offset_ms``."""
-        await self.limiter.acquire()
-        sent_ms = time.time() * 1000
-        reply = await self._call("GET", self.url("rest", TIME_PATH), limit=False)
-        received_ms = time.time() * 1000
+    async def _resync(self, seen: int) -> None:
+        """Learn Bybit's clock from ``GET /v5/market/time``."""
+        await self.resync_clock(self.url("rest", TIME_PATH), self._server_ms, seen=seen)
+
+    def _server_ms(self, reply: base.Reply) -> float:
         failure = classify(reply)
         if failure is not None:
             raise failure
         try:
             nanos = reply.body["result"].get("timeNano")
-            server_ms = int(nanos) // 1_000_000 if nanos else int(reply.body["time"])
+            return float(int(nanos) // 1_000_000 if nanos else int(reply.body["time"]))
         except (KeyError, TypeError, ValueError):
             raise self.malformed(reply) from None
-        self.clock_offset_ms = round(server_ms - (sent_ms + received_ms) / 2)
 
 
 def _details(info: Mapping[str, Any], margin_status: int | None) -> dict[str, str]:

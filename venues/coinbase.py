@@ -12,10 +12,8 @@ Exchange keys (venues.md 4B): there is no permission endpoint. ``GET /accounts``
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -110,8 +108,6 @@ class CoinbaseProbe(base.VenueProbe):
         super().__init__(
             session, base_url=base_url, timeout=timeout, limiter=limiter, rate_limited=rate_limited
         )
-        self._clock_lock = asyncio.Lock()
-        self._clock_generation = 0  # bumped by each resync
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         coinbase_auth.signer_for(keys)
@@ -173,7 +169,7 @@ class CoinbaseProbe(base.VenueProbe):
         url = self.url("advanced", path)
         for attempt in range(2):
             await self.throttle(signer.key_name)
-            seen = self._clock_generation
+            seen = self.clock_generation
             token = signer.token("GET", url, self.now_ms() // 1000)  # fresh per request: uri binds it
             reply = await self._call(
                 "GET", url + query, headers={"Authorization": f"Bearer {token}"}, limit=False
@@ -251,7 +247,7 @@ class CoinbaseProbe(base.VenueProbe):
         url = self.url("exchange", path)
         for attempt in range(2):
             await self.throttle(signer.api_key)
-            seen = self._clock_generation
+            seen = self.clock_generation
             headers = signer.headers("GET", path, "", self.now_ms() // 1000)  # signed after the wait
             reply = await self._call("GET", url, headers=headers, limit=False)
             if 200 <= reply.status < 300:
@@ -287,28 +283,22 @@ class CoinbaseProbe(base.VenueProbe):
     # -- shared ---------------------------------------------------------------------------------------------
 
     async def _resync_clock(self, path: str, seen: int) -> None:
-        """Learn the venue clock from its public time endpoint (venues.md 6) unless it moved since ``seen``.
+        """Learn the venue clock from its public time endpoint (venues.md 6) unless it moved since ``seen``."""
+        role = "advanced" if path == ADVANCED_TIME else "exchange"
 
-        Concurrent calls refused for the same skew share one fetch: whoever waited finds a newer generation.
-        """
-        async with self._clock_lock:
-            if self._clock_generation != seen:
-                return
-            role = "advanced" if path == ADVANCED_TIME else "exchange"
-            sent_ms = time.time() * 1000
-            reply = await self._call("GET", self.url(role, path))
-            local_ms = (sent_ms + time.time() * 1000) / 2
+        def server_ms(reply: base.Reply) -> float:
             if reply.status == 429:
                 raise base.ProbeFailure(
                     Outcome.RATE_LIMITED,
                     f"Coinbase GET {path}: rate limit hit",
                     retry_after=reply.retry_after(),
                 )
-            server_ms = _server_time_ms(reply.body) if reply.status == 200 else None
-            if server_ms is None:
+            value = _server_time_ms(reply.body) if reply.status == 200 else None
+            if value is None:
                 raise self.malformed(reply)
-            self.clock_offset_ms = round(server_ms - local_ms)
-            self._clock_generation += 1
+            return value
+
+        await self.resync_clock(self.url(role, path), server_ms, seen=seen)
 
     def _unreadable(self, path: str) -> base.ProbeFailure:
         return base.ProbeFailure(Outcome.SERVER_ERROR, f"Coinbase GET {path} answered in an unexpected shape")

@@ -14,9 +14,7 @@ refused nonce resyncs the clock from ``GET /0/public/Time`` and retries once wit
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlencode
@@ -139,8 +137,6 @@ class KrakenProbe(base.VenueProbe):
         if spot_key_limits is not None and rate_limited:
             self.key_limiters = base.KeyLimiters(*spot_key_limits)
         self.nonces = kraken_auth.NonceBook(self.now_ms)
-        self._clock_lock = asyncio.Lock()
-        self._clock_generation = 0  # bumped by each resync
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         kraken_auth.parse_keys(keys)
@@ -231,7 +227,7 @@ class KrakenProbe(base.VenueProbe):
         for attempt in range(2):
             if self.key_limiters is not None:  # spot calls count per key; futures ones per account (5B)
                 await self.key_limiters.acquire(pair.api_key)
-            seen = self._clock_generation
+            seen = self.clock_generation
             # From taking the nonce to queueing in _call's FIFO limiter nothing awaits, so requests of one
             # key leave in nonce order.
             nonce = str(self.nonces.next(pair.api_key))
@@ -327,7 +323,7 @@ class KrakenProbe(base.VenueProbe):
         url = self.url("futures", path)
         endpoint_path = path.removeprefix("/derivatives")  # signed without the prefix (venues.md 5B)
         for attempt in range(2):
-            seen = self._clock_generation
+            seen = self.clock_generation
             nonce = str(self.nonces.next(pair.api_key))
             headers = {
                 "APIKey": pair.api_key,
@@ -384,22 +380,24 @@ class KrakenProbe(base.VenueProbe):
 
     async def _resync_clock(self, seen: int) -> None:
         """Learn Kraken's clock from ``GET /0/public/Time`` unless a resync happened since ``seen``."""
-        async with self._clock_lock:
-            if self._clock_generation != seen:
-                return
-            sent_ms = time.time() * 1000
-            reply = await self._call("GET", self.url("spot", SPOT_TIME), headers={"User-Agent": USER_AGENT})
-            local_ms = (sent_ms + time.time() * 1000) / 2
+
+        def server_ms(reply: base.Reply) -> float:
             if reply.status != 200:
                 raise self._http_failure(reply, SPOT_TIME, KRAKEN_SPOT_HTTP_STATUS)
             result = reply.body.get("result") if isinstance(reply.body, dict) else None
             unixtime = _int_or_none(result.get("unixtime")) if isinstance(result, dict) else None
             if not unixtime:
                 raise self.malformed(reply)
-            # whole seconds only: aim at the middle of the second, ignore what that resolution cannot see
-            offset = unixtime * 1000 + 500 - local_ms
-            self.clock_offset_ms = round(offset) if abs(offset) >= 1000 else 0
-            self._clock_generation += 1
+            return float(unixtime * 1000)
+
+        # whole seconds only: aim at the middle of the second, ignore what that resolution cannot see
+        await self.resync_clock(
+            self.url("spot", SPOT_TIME),
+            server_ms,
+            seen=seen,
+            headers={"User-Agent": USER_AGENT},
+            resolution_ms=1000,
+        )
 
     def _unreadable(self, where: str) -> base.ProbeFailure:
         return base.ProbeFailure(Outcome.SERVER_ERROR, f"Kraken {where} answered in an unexpected shape")

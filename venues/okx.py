@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import re
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -251,10 +250,11 @@ class OkxProbe(base.VenueProbe):
 
     async def _signed_get(self, keys: base.ApiKeys, path: str, *, demo: bool = False) -> base.Reply:
         """One signed GET; on CLOCK_SKEW resync from the public time endpoint and retry once."""
+        seen = self.clock_generation
         reply = await self._send(keys, path, demo)
         failure = classify(reply)
         if failure is not None and failure.outcome is base.Outcome.CLOCK_SKEW:
-            await self._resync()
+            await self._resync(seen)
             reply = await self._send(keys, path, demo)
             failure = classify(reply)
         if failure is not None:
@@ -268,20 +268,18 @@ class OkxProbe(base.VenueProbe):
         headers = auth_headers(keys, timestamp, "GET", request_path, demo=demo)
         return await self._call("GET", self.url("rest", request_path), headers=headers, limit=False)
 
-    async def _resync(self) -> None:
-        """Learn OKX's clock from ``GET /api/v5/public/time`` (``data[0].ts``) into ``clock_offset_ms``."""
-        await self.limiter.acquire()
-        sent_ms = time.time() * 1000
-        reply = await self._call("GET", self.url("rest", TIME_PATH), limit=False)
-        received_ms = time.time() * 1000
+    async def _resync(self, seen: int) -> None:
+        """Learn OKX's clock from ``GET /api/v5/public/time`` (``data[0].ts``)."""
+        await self.resync_clock(self.url("rest", TIME_PATH), self._server_ms, seen=seen)
+
+    def _server_ms(self, reply: base.Reply) -> float:
         failure = classify(reply)
         if failure is not None:
             raise failure
         try:
-            server_ms = int(reply.body["data"][0]["ts"])
+            return float(int(reply.body["data"][0]["ts"]))
         except (KeyError, IndexError, TypeError, ValueError):
             raise self.malformed(reply) from None
-        self.clock_offset_ms = round(server_ms - (sent_ms + received_ms) / 2)
 
 
 def _details(config: Mapping[str, Any], permissions: base.Permissions) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
@@ -63,3 +64,23 @@ async def test_sliding_windows_are_per_key_and_endpoint() -> None:
         for _ in range(3):
             await windows.acquire(key, endpoint, 3, 5.0)
     assert time.monotonic() - started < 0.2
+
+
+async def test_requests_refused_for_one_skew_share_one_resync(
+    session: aiohttp.ClientSession, mocked: Any
+) -> None:
+    """Resyncs asked with the same generation fetch the venue's time once; the offset is server minus local."""
+    from venues.binance import BinanceProbe
+
+    probe = BinanceProbe(session)
+    server_ms = int(time.time() * 1000) + 60_000
+    mocked.get("https://api.binance.com/api/v3/time", payload={"serverTime": server_ms})  # answers once
+    seen = probe.clock_generation
+
+    def read(reply: base.Reply) -> float:
+        return float(reply.body["serverTime"])
+
+    url = "https://api.binance.com/api/v3/time"
+    await asyncio.gather(*(probe.resync_clock(url, read, seen=seen) for _ in range(5)))
+    assert probe.clock_generation == seen + 1
+    assert 59_000 < probe.clock_offset_ms < 61_000
