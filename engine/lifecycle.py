@@ -1,4 +1,4 @@
-"""The credential lifecycle: DESIGN.md's transition table as one shared synchronous ``transitions.Machine``.
+"""The credential lifecycle: the transition table as one shared synchronous ``transitions.Machine``.
 
 The machine is only a table and a validator. It holds no model and runs no callbacks (``AsyncMachine``
 swallows ``CancelledError`` and cancels a running trigger when a second arrives: DESIGN.md sharp edges).
@@ -102,3 +102,28 @@ def allowed(trigger: str, status: str) -> bool:
 def triggers_from(status: str) -> list[str]:
     """Every trigger that may fire from ``status`` (REVOKED: none)."""
     return [name for name in TRIGGERS if allowed(name, status)]
+
+
+def mermaid() -> str:
+    """The machine drawn as a Mermaid state diagram (README "Lifecycle"; ``python -m engine.lifecycle``).
+
+    Read from ``MACHINE`` like :data:`TABLE`, so the picture cannot drift from the rules: one arrow per
+    (source, destination) pair, labelled with every trigger that takes it, sources in status order.
+    """
+    order = [NEW, *[s.value for s in CredentialStatus]]
+    arrows: dict[tuple[str, str], list[str]] = {}
+    for name in TRIGGERS:
+        for source, dest in TABLE[name].items():
+            arrows.setdefault((source, dest), []).append(name)
+    lines = ["stateDiagram-v2"]
+    for (source, dest), names in sorted(
+        arrows.items(), key=lambda a: (order.index(a[0][0]), order.index(a[0][1]))
+    ):
+        start = "[*]" if source == NEW else source
+        lines.append(f"    {start} --> {dest}: {', '.join(names)}")
+    lines.append(f"    {R.value} --> [*]")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(mermaid(), end="")
