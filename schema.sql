@@ -109,7 +109,8 @@ SELECT c.*,
 FROM credentials c
 LEFT JOIN credential_secrets p ON p.credential_id = c.id AND p.state = 'PENDING';
 
--- Engine-internal keys (the fingerprint HMAC key), wrapped under the master key like any secret.
+-- Engine-internal keys (the fingerprint HMAC key), wrapped under the master key like any secret (Vault.wrap_blob
+-- with the row's name as the purpose).
 CREATE TABLE IF NOT EXISTS engine_keys (
     name         text PRIMARY KEY,
     kek_version  integer NOT NULL,

@@ -279,28 +279,6 @@ class WebhookService:
             keys.append(vault.unwrap_blob(sealed, purpose=secret_purpose(endpoint_id, int(version))))
         return keys
 
-    async def rewrap_secrets(self, batch_size: int = 500) -> int:
-        """Re-wrap the data keys of webhook secrets under the current master key; returns how many."""
-        vault = self.engine.store.vault
-        current = vault.keyring.current_version
-        total = 0
-        while True:
-            async with self.engine.db.transaction() as conn:
-                rows = await conn.fetch("webhook_secrets_to_rewrap", current, batch_size)
-                for row in rows:
-                    purpose = secret_purpose(row["endpoint_id"], int(row["version"]))
-                    new = vault.rewrap_blob(_sealed(row), purpose=purpose)
-                    await conn.execute(
-                        "rewrap_webhook_secret",
-                        row["endpoint_id"],
-                        row["version"],
-                        new.kek_version,
-                        new.wrapped_dek,
-                    )
-            total += len(rows)
-            if len(rows) < batch_size:
-                return total
-
     # ---- fan-out -------------------------------------------------------------------------------------------
 
     async def fan_out(self, conn: dbmod.Conn, event: Event) -> int:

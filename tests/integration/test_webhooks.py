@@ -480,7 +480,8 @@ async def test_master_key_rotation_rewraps_webhook_secrets(make_engine: Any, fak
         ep = await first.add_webhook_endpoint(OWNER, rx.url, event_types=["credential.created"])
         assert ep.secret is not None
         both = await webhook_engine(make_engine, master_keys=f"{old},{new}")
-        assert await both.rewrap_keys() >= 1
+        report = await both.rewrap_keys()
+        assert report.complete and report.rewrapped["webhook secret"] == 1
         only_new = await webhook_engine(make_engine, master_keys=new)
         await new_credential(only_new, fake, "kek-1")
         await settle(only_new)
