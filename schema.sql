@@ -22,6 +22,9 @@ CREATE TABLE IF NOT EXISTS credentials (
     identities       text[] NOT NULL DEFAULT '{}',
     permissions      jsonb,
     venue_account_id text,
+    -- the venue account of the first successful verification: set once, never changed (a trigger refuses it);
+    -- every later verification or rotation that reaches another account fails with ACCOUNT_MISMATCH
+    pinned_venue_account_id text,
     environment      text,
     failure_reason   text,
     failure_message  text,
@@ -36,6 +39,26 @@ CREATE TABLE IF NOT EXISTS credentials (
     revoked_at       timestamptz,
     CONSTRAINT revoked_has_no_version CHECK ((status = 'REVOKED') = (secret_version = 0))
 );
+-- Databases made before the pinned account existed: add it, pinned to the account already verified (a
+-- credential has a venue_account_id only once it has verified). Repeating this changes nothing.
+ALTER TABLE credentials ADD COLUMN IF NOT EXISTS pinned_venue_account_id text;
+UPDATE credentials SET pinned_venue_account_id = venue_account_id
+WHERE pinned_venue_account_id IS NULL AND venue_account_id IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION credential_pinned_account_is_final() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION 'the venue account a credential is pinned to never changes' USING ERRCODE = 'check_violation';
+END
+$$ LANGUAGE plpgsql;
+
+DROP TRIGGER IF EXISTS credentials_pinned_account_final ON credentials;
+CREATE TRIGGER credentials_pinned_account_final
+    BEFORE UPDATE OF pinned_venue_account_id ON credentials
+    FOR EACH ROW
+    WHEN (OLD.pinned_venue_account_id IS NOT NULL
+          AND NEW.pinned_venue_account_id IS DISTINCT FROM OLD.pinned_venue_account_id)
+    EXECUTE FUNCTION credential_pinned_account_is_final();
+
 CREATE INDEX IF NOT EXISTS credentials_owner_created ON credentials (owner_id, created_at, id);
 CREATE INDEX IF NOT EXISTS credentials_verified_sweep ON credentials (verified_at) WHERE status = 'VERIFIED';
 
@@ -100,8 +123,10 @@ CREATE TRIGGER trading_accounts_live_credential
     BEFORE INSERT OR UPDATE ON trading_accounts
     FOR EACH ROW EXECUTE FUNCTION trading_account_needs_live_credential();
 
--- What callers read: a credential with its staged rotation, if any.
-CREATE OR REPLACE VIEW credential_view AS
+-- What callers read: a credential with its staged rotation, if any. Dropped and made again (not replaced): a
+-- column added to credentials moves the view's columns, which CREATE OR REPLACE VIEW refuses.
+DROP VIEW IF EXISTS credential_view;
+CREATE VIEW credential_view AS
 SELECT c.*,
        p.version        AS pending_version,
        p.masked_api_key AS pending_masked_api_key,

@@ -347,11 +347,8 @@ class CredentialEngine:
                 version, sequence = int(moved["secret_version"]), int(moved["event_seq"])
                 state, extra = "CURRENT", {"immediate": True, "previousStatus": row["status"]}
                 job_kind, dedupe_key = jobs.VERIFY, jobs.verify_key(cid)
-                payload = {
-                    "credentialId": str(cid),
-                    "version": version,
-                    "expectAccount": row["venue_account_id"],
-                }
+                # the new keys must reach the credential's pinned venue account (checked by the verify job)
+                payload = {"credentialId": str(cid), "version": version}
             else:
                 if row["pending_version"] is not None:
                     raise errors.RotationPending(

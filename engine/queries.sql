@@ -94,17 +94,20 @@ SELECT credential_id, version, state, kek_version, wrapped_dek, nonce, ciphertex
 FROM credential_secrets WHERE credential_id = $1 AND version = $2;
 
 -- mark_verified --
--- verify_succeeded, fenced on the probed secret version; returns the previous status and permissions.
+-- verify_succeeded, fenced on the probed secret version and on the pinned venue account (the first verification
+-- pins it; another account changes nothing); returns the previous status and permissions.
 WITH old AS (
     SELECT id, status AS previous_status, permissions AS previous_permissions
     FROM credentials WHERE id = $1 FOR UPDATE
 )
 UPDATE credentials c
-SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6, environment = $7,
+SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6,
+    pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $6), environment = $7,
     warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
     event_seq = event_seq + 1
 FROM old
 WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+  AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $6)
 RETURNING c.event_seq, old.previous_status, old.previous_permissions;
 
 -- mark_failed --
@@ -155,17 +158,20 @@ DELETE FROM credential_secrets WHERE credential_id = $1;
 UPDATE credential_secrets SET state = 'CURRENT' WHERE credential_id = $1 AND version = $2 AND state = 'PENDING';
 
 -- mark_rotated --
--- rotation_succeeded: the staged version is current and verified; fenced on the old version and a live status.
+-- rotation_succeeded: the staged version is current and verified; fenced on the old version, a live status and
+-- the pinned venue account (pinned here when the credential never verified before).
 WITH old AS (
     SELECT id, status AS previous_status, permissions AS previous_permissions
     FROM credentials WHERE id = $1 FOR UPDATE
 )
 UPDATE credentials c
 SET status = 'VERIFIED', secret_version = $4, masked_api_key = $5, identities = $6, permissions = $7,
-    venue_account_id = $8, environment = $9, warnings = $10, failure_reason = NULL, failure_message = NULL,
+    venue_account_id = $8, pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $8), environment = $9,
+    warnings = $10, failure_reason = NULL, failure_message = NULL,
     rotation_failure_reason = NULL, verified_at = now(), updated_at = now(), event_seq = event_seq + 1
 FROM old
 WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+  AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $8)
 RETURNING c.event_seq, old.previous_status, old.previous_permissions;
 
 -- mark_rotation_rejected --

@@ -61,6 +61,7 @@ def credential_from_row(row: Record) -> Credential:
         revoked_at_ms=ms(row["revoked_at"]),
         pending_rotation=pending,
         warnings=tuple(row["warnings"] or ()),
+        pinned_venue_account_id=row.get("pinned_venue_account_id"),
     )
 
 
