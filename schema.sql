@@ -247,6 +247,8 @@ CREATE TABLE IF NOT EXISTS webhook_secrets (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS webhook_secrets_one_current ON webhook_secrets (endpoint_id) WHERE expires_at IS NULL;
 CREATE INDEX IF NOT EXISTS webhook_secrets_kek ON webhook_secrets (kek_version);
+-- the hourly purge (purge_jobs) destroys secrets past their grace period through this
+CREATE INDEX IF NOT EXISTS webhook_secrets_expiry ON webhook_secrets (expires_at) WHERE expires_at IS NOT NULL;
 
 -- One delivery per (event, endpoint). pending: a job will attempt it; waiting: parked behind an earlier
 -- undelivered event of the same credential to the same endpoint (woken when that one is delivered or dead);

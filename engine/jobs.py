@@ -41,7 +41,7 @@ ROTATION_VERIFY = "rotation_verify"
 REVOKE_CASCADE = "revoke_cascade"
 REVERIFY_SWEEP = "reverify_sweep"
 PURGE_JOBS = "purge_jobs"
-PURGE_PERIOD = 3600.0  # seconds between purges of finished jobs older than EngineConfig.job_retention
+PURGE_PERIOD = 3600.0  # seconds between purges of old finished jobs and of expired webhook secrets
 EXPIRY_WARNING = "expiry_warning"
 SWEEP_BATCH = 1000
 # a verification (manual, sweep, staged or immediate rotation) reached another venue account than the one the
@@ -354,9 +354,11 @@ class LifecycleJobs:
         log.info("reverify_sweep", enqueued=len(rows))
 
     async def purge_jobs(self, job: queuemod.Job) -> None:
-        """Delete done and cancelled jobs finished longer than ``job_retention`` ago (dead ones stay for operators)."""
+        """Delete done and cancelled jobs finished longer than ``job_retention`` ago (dead ones stay for operators),
+        and destroy webhook secrets past their grace period."""
         purged = await self.engine.queue.purge(self.engine.config.job_retention)
         log.info("jobs_purged", purged=purged)
+        await self.engine.webhooks.purge_expired_secrets()
 
     async def expiry_warning(self, job: queuemod.Job) -> None:
         """Announce once that a key's known expiry is near (``credential.expiring``)."""

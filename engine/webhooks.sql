@@ -264,3 +264,10 @@ WITH RECURSIVE found (kek_version) AS (
 )
 SELECT kek_version FROM found WHERE kek_version IS NOT NULL;
 
+-- purge_expired_webhook_secrets --
+-- Destroy every webhook secret past its grace period (the hourly purge); returns how many went.
+WITH purged AS (
+    DELETE FROM webhook_secrets WHERE expires_at <= now()
+    RETURNING 1
+)
+SELECT count(*) FROM purged;

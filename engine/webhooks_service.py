@@ -15,7 +15,8 @@ Secrets are ``whsec_`` strings (:func:`engine.webhooks.generate_secret`) sealed 
 does not open). The plaintext is returned once, by :meth:`WebhookService.add` and
 :meth:`WebhookService.rotate_secret`, and otherwise exists only in memory while an attempt is signed.
 Rotation keeps the previous secrets signing for ``webhook_secret_grace`` seconds (Standard Webhooks receivers
-accept any of several signatures), at most ``MAX_ACTIVE_SECRETS`` at a time; expired ones are destroyed.
+accept any of several signatures), at most ``MAX_ACTIVE_SECRETS`` at a time; expired ones are destroyed (at the
+next rotation of that endpoint, and by the hourly ``purge_jobs`` job for every endpoint).
 
 Delivery attempts themselves live in :mod:`engine.webhooks_delivery`.
 """
@@ -257,6 +258,15 @@ class WebhookService:
             await conn.execute("prune_webhook_secrets", eid, MAX_ACTIVE_SECRETS)
         log.info("webhook_secret_rotated", endpoint_id=str(eid), version=version)
         return secret
+
+    async def purge_expired_secrets(self) -> int:
+        """Destroy every secret past its grace period, of every endpoint (the hourly purge); returns how many.
+
+        Rotation prunes the endpoint it rotates; this covers the endpoints never rotated again."""
+        purged = int(await self.engine.db.fetchval("purge_expired_webhook_secrets"))
+        if purged:
+            log.info("webhook_secrets_purged", purged=purged)
+        return purged
 
     def open_secrets(self, endpoint_id: uuid.UUID, row: dbmod.Record) -> list[bytes]:
         """The active HMAC keys of an endpoint from ``webhook_delivery_for_attempt``'s arrays, newest first."""
