@@ -106,13 +106,20 @@ CREATE INDEX IF NOT EXISTS trading_accounts_credential ON trading_accounts (cred
 CREATE UNIQUE INDEX IF NOT EXISTS trading_accounts_one_active_per_type
     ON trading_accounts (credential_id, account_type) WHERE status = 'ACTIVE';
 
+-- The credential is read FOR SHARE: a revoke running concurrently (it locks the credential FOR UPDATE) either
+-- commits first, and this sees REVOKED, or waits for this transaction, and then disables the new account. A
+-- plain read would see the credential as it was before an uncommitted revoke, and both would commit. The row
+-- is locked before the status is looked at (a WHERE on the status would skip the row without waiting).
 CREATE OR REPLACE FUNCTION trading_account_needs_live_credential() RETURNS trigger AS $$
+DECLARE
+    credential_status text;
 BEGIN
-    IF NEW.status = 'ACTIVE' AND EXISTS (
-        SELECT 1 FROM credentials c WHERE c.id = NEW.credential_id AND c.status = 'REVOKED'
-    ) THEN
-        RAISE EXCEPTION 'an ACTIVE trading account cannot point at a REVOKED credential'
-            USING ERRCODE = 'check_violation';
+    IF NEW.status = 'ACTIVE' THEN
+        SELECT c.status INTO credential_status FROM credentials c WHERE c.id = NEW.credential_id FOR SHARE;
+        IF credential_status = 'REVOKED' THEN
+            RAISE EXCEPTION 'an ACTIVE trading account cannot point at a REVOKED credential'
+                USING ERRCODE = 'check_violation';
+        END IF;
     END IF;
     RETURN NEW;
 END
