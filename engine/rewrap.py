@@ -308,11 +308,11 @@ class Rewrapper:
     async def _left(self) -> list[Leftover]:
         left = []
         for kind in KINDS:
-            row = await self.db.fetchrow(kind.left, self.current)
-            count = int(row["left_count"]) if row is not None else 0
-            if count:
-                versions = tuple(sorted(int(v) for v in row["kek_versions"])) if row is not None else ()
-                left.append(Leftover(kind=kind.name, count=count, kek_versions=versions))
+            row = await self.db.fetchrow(kind.left, self.current)  # an aggregate: always one row
+            assert row is not None
+            if int(row["left_count"]):
+                versions = tuple(sorted(int(v) for v in row["kek_versions"]))
+                left.append(Leftover(kind=kind.name, count=int(row["left_count"]), kek_versions=versions))
         return left
 
     def _report_progress(self) -> None:
