@@ -22,6 +22,9 @@ CREATE TABLE IF NOT EXISTS credentials (
     identities       text[] NOT NULL DEFAULT '{}',
     permissions      jsonb,
     venue_account_id text,
+    -- the venue account of the first successful verification: set once, never changed (a trigger refuses it);
+    -- every later verification or rotation that reaches another account fails with ACCOUNT_MISMATCH
+    pinned_venue_account_id text,
     environment      text,
     failure_reason   text,
     failure_message  text,
@@ -36,6 +39,26 @@ CREATE TABLE IF NOT EXISTS credentials (
     revoked_at       timestamptz,
     CONSTRAINT revoked_has_no_version CHECK ((status = 'REVOKED') = (secret_version = 0))
 );
+-- Databases made before the pinned account existed: add it, pinned to the account already verified (a
+-- credential has a venue_account_id only once it has verified). Repeating this changes nothing.
+ALTER TABLE credentials ADD COLUMN IF NOT EXISTS pinned_venue_account_id text;
+UPDATE credentials SET pinned_venue_account_id = venue_account_id
+WHERE pinned_venue_account_id IS NULL AND venue_account_id IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION credential_pinned_account_is_final() RETURNS trigger AS $$
+BEGIN
+    RAISE EXCEPTION 'the venue account a credential is pinned to never changes' USING ERRCODE = 'check_violation';
+END
+$$ LANGUAGE plpgsql;
+
+DROP TRIGGER IF EXISTS credentials_pinned_account_final ON credentials;
+CREATE TRIGGER credentials_pinned_account_final
+    BEFORE UPDATE OF pinned_venue_account_id ON credentials
+    FOR EACH ROW
+    WHEN (OLD.pinned_venue_account_id IS NOT NULL
+          AND NEW.pinned_venue_account_id IS DISTINCT FROM OLD.pinned_venue_account_id)
+    EXECUTE FUNCTION credential_pinned_account_is_final();
+
 CREATE INDEX IF NOT EXISTS credentials_owner_created ON credentials (owner_id, created_at, id);
 CREATE INDEX IF NOT EXISTS credentials_verified_sweep ON credentials (verified_at) WHERE status = 'VERIFIED';
 
@@ -83,13 +106,20 @@ CREATE INDEX IF NOT EXISTS trading_accounts_credential ON trading_accounts (cred
 CREATE UNIQUE INDEX IF NOT EXISTS trading_accounts_one_active_per_type
     ON trading_accounts (credential_id, account_type) WHERE status = 'ACTIVE';
 
+-- The credential is read FOR SHARE: a revoke running concurrently (it locks the credential FOR UPDATE) either
+-- commits first, and this sees REVOKED, or waits for this transaction, and then disables the new account. A
+-- plain read would see the credential as it was before an uncommitted revoke, and both would commit. The row
+-- is locked before the status is looked at (a WHERE on the status would skip the row without waiting).
 CREATE OR REPLACE FUNCTION trading_account_needs_live_credential() RETURNS trigger AS $$
+DECLARE
+    credential_status text;
 BEGIN
-    IF NEW.status = 'ACTIVE' AND EXISTS (
-        SELECT 1 FROM credentials c WHERE c.id = NEW.credential_id AND c.status = 'REVOKED'
-    ) THEN
-        RAISE EXCEPTION 'an ACTIVE trading account cannot point at a REVOKED credential'
-            USING ERRCODE = 'check_violation';
+    IF NEW.status = 'ACTIVE' THEN
+        SELECT c.status INTO credential_status FROM credentials c WHERE c.id = NEW.credential_id FOR SHARE;
+        IF credential_status = 'REVOKED' THEN
+            RAISE EXCEPTION 'an ACTIVE trading account cannot point at a REVOKED credential'
+                USING ERRCODE = 'check_violation';
+        END IF;
     END IF;
     RETURN NEW;
 END
@@ -100,8 +130,10 @@ CREATE TRIGGER trading_accounts_live_credential
     BEFORE INSERT OR UPDATE ON trading_accounts
     FOR EACH ROW EXECUTE FUNCTION trading_account_needs_live_credential();
 
--- What callers read: a credential with its staged rotation, if any.
-CREATE OR REPLACE VIEW credential_view AS
+-- What callers read: a credential with its staged rotation, if any. Dropped and made again (not replaced): a
+-- column added to credentials moves the view's columns, which CREATE OR REPLACE VIEW refuses.
+DROP VIEW IF EXISTS credential_view;
+CREATE VIEW credential_view AS
 SELECT c.*,
        p.version        AS pending_version,
        p.masked_api_key AS pending_masked_api_key,
@@ -109,7 +141,8 @@ SELECT c.*,
 FROM credentials c
 LEFT JOIN credential_secrets p ON p.credential_id = c.id AND p.state = 'PENDING';
 
--- Engine-internal keys (the fingerprint HMAC key), wrapped under the master key like any secret.
+-- Engine-internal keys (the fingerprint HMAC key), wrapped under the master key like any secret (Vault.wrap_blob
+-- with the row's name as the purpose).
 CREATE TABLE IF NOT EXISTS engine_keys (
     name         text PRIMARY KEY,
     kek_version  integer NOT NULL,
@@ -221,6 +254,8 @@ CREATE TABLE IF NOT EXISTS webhook_secrets (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS webhook_secrets_one_current ON webhook_secrets (endpoint_id) WHERE expires_at IS NULL;
 CREATE INDEX IF NOT EXISTS webhook_secrets_kek ON webhook_secrets (kek_version);
+-- the hourly purge (purge_jobs) destroys secrets past their grace period through this
+CREATE INDEX IF NOT EXISTS webhook_secrets_expiry ON webhook_secrets (expires_at) WHERE expires_at IS NOT NULL;
 
 -- One delivery per (event, endpoint). pending: a job will attempt it; waiting: parked behind an earlier
 -- undelivered event of the same credential to the same endpoint (woken when that one is delivered or dead);

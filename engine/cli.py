@@ -8,7 +8,7 @@
     credential-engine connect|disconnect|accounts ...                trading accounts
     credential-engine webhooks add|list|remove|rotate-secret|deliveries ...
     credential-engine jobs list|retry ...        dead jobs and their retry
-    credential-engine rewrap-keys                re-wrap data keys under the current master key
+    credential-engine rewrap-keys                re-wrap data keys under the current master key (1: some left)
     credential-engine migrate                    apply the schema
 
 Lifecycle commands talk to the database directly (``EngineConfig.from_env()``, the service's environment),
@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from engine import auth, cli_commands, cli_webhooks, errors, logs
+from engine import auth, cli_commands, cli_webhooks, errors, logs, rewrap
 
 log = structlog.get_logger("engine.cli")
 
@@ -179,8 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_ids", type=int, nargs="+", metavar="JOB_ID")
     p.set_defaults(func=cli_commands.jobs_retry)
 
-    p = sub.add_parser("rewrap-keys", help="re-wrap every data key under the current master key")
-    p.add_argument("--batch-size", type=int, default=500)
+    p = sub.add_parser(
+        "rewrap-keys",
+        help="re-wrap every data key under the current master key (exit 1 naming what is left)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=rewrap.DEFAULT_BATCH_SIZE,
+        help=f"rows per transaction (default {rewrap.DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=rewrap.DEFAULT_LOCK_TIMEOUT,
+        metavar="SECONDS",
+        help="how long the last pass waits, in all, for rows other transactions hold "
+        f"(default {rewrap.DEFAULT_LOCK_TIMEOUT:g})",
+    )
     p.set_defaults(func=cli_commands.rewrap_keys)
 
     p = sub.add_parser("migrate", help="apply the database schema again (idempotent; repairs drift)")

@@ -215,14 +215,24 @@ async def migrate(args: argparse.Namespace) -> int:
 
 
 async def rewrap_keys(args: argparse.Namespace) -> int:
+    """Re-wrap every data key under the current master key; exit 1 naming what is left (kinds and counts)."""
     async with opened() as eng:
         bar = out.Progress("rewrap", 0)
-        total = await eng.rewrap_keys(
-            batch_size=args.batch_size, progress=lambda done, left: bar.update(done, left)
+        report = await eng.rewrap_keys(
+            batch_size=args.batch_size,
+            lock_timeout=args.lock_timeout,
+            progress=lambda done, total: bar.update(done, total),
         )
         bar.close()
-    print(f"{total} data key(s) re-wrapped under the current master key")
-    return 0
+    print(f"{report.total} data key(s) re-wrapped under master key version {report.current_version}")
+    if report.complete:
+        return 0
+    print(
+        f"credential-engine: error: still under an old master key: {report.describe_left()}; "
+        "keep the old master key versions and run rewrap-keys again",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def token(args: argparse.Namespace) -> int:

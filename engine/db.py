@@ -86,9 +86,18 @@ class UniqueViolation(errors.StorageError):
         self.constraint = constraint
 
 
+class LockNotAvailable(errors.StorageError):
+    """A row or table lock was not granted within the transaction's ``lock_timeout`` (SQLSTATE 55P03)."""
+
+    def __init__(self) -> None:
+        super().__init__("a lock was not granted in time (lock_timeout)")
+
+
 def _translate(exc: BaseException) -> errors.StorageError:
     if isinstance(exc, asyncpg.UniqueViolationError):
         return UniqueViolation(exc.constraint_name or "unknown")
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        return LockNotAvailable()
     if isinstance(exc, asyncpg.PostgresError):
         # sqlstate and class only: the message may quote values of the row
         return errors.StorageError(f"database error {exc.sqlstate} ({type(exc).__name__})")

@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, validation, webhooks_service
+from engine import crypto, errors, events, jobs, lifecycle, rewrap, validation, webhooks_service
 from engine import db as dbmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
@@ -118,6 +118,7 @@ class CredentialEngine:
             keyring = await asyncio.to_thread(
                 crypto.MasterKeyring.load_or_create, self.data_dir / "master.keys"
             )
+        await rewrap.check_keyring(self._db, keyring)  # no start with a master key version missing
         self._store = Store(self._db, crypto.Vault(keyring))
         await self._store.load_fingerprint_key()
         self._session = self._injected_session or aiohttp.ClientSession(
@@ -346,11 +347,8 @@ class CredentialEngine:
                 version, sequence = int(moved["secret_version"]), int(moved["event_seq"])
                 state, extra = "CURRENT", {"immediate": True, "previousStatus": row["status"]}
                 job_kind, dedupe_key = jobs.VERIFY, jobs.verify_key(cid)
-                payload = {
-                    "credentialId": str(cid),
-                    "version": version,
-                    "expectAccount": row["venue_account_id"],
-                }
+                # the new keys must reach the credential's pinned venue account (checked by the verify job)
+                payload = {"credentialId": str(cid), "version": version}
             else:
                 if row["pending_version"] is not None:
                     raise errors.RotationPending(
@@ -663,18 +661,24 @@ class CredentialEngine:
     async def retry_job(self, job_id: int) -> bool:
         return await self.queue.retry_dead(job_id)
 
-    async def rewrap_keys(self, *, batch_size: int = 500, progress: Any = None) -> int:
-        """Re-wrap every data key under the current master key, in batches, never decrypting a secret."""
+    async def rewrap_keys(
+        self,
+        *,
+        batch_size: int = rewrap.DEFAULT_BATCH_SIZE,
+        progress: rewrap.Progress | None = None,
+        lock_timeout: float = rewrap.DEFAULT_LOCK_TIMEOUT,
+    ) -> rewrap.RewrapReport:
+        """Re-wrap every data key (credential secrets, webhook secrets, engine keys) under the current master key.
+
+        No secret is decrypted. Rows other transactions hold are skipped while passes make progress, then waited
+        for (``lock_timeout`` seconds in all). Drop an old master key version only when the report is
+        ``complete``; otherwise ``report.left`` names what is still under an old version (engine/rewrap.py).
+        """
         store, _ = self._ready()
-        total = 0
-        remaining = await store.count_to_rewrap()
-        while True:
-            done = await store.rewrap_batch(batch_size)
-            total += done
-            if progress is not None:
-                progress(total, remaining)
-            if done == 0:
-                return total + await self.webhooks.rewrap_secrets(batch_size)
+        runner = rewrap.Rewrapper(
+            self.db, store.vault, batch_size=batch_size, lock_timeout=lock_timeout, progress=progress
+        )
+        return await runner.run()
 
     # ---- webhooks (engine/webhooks_service.py; Standard Webhooks delivery in engine/webhooks_delivery.py) ------
 

@@ -5,6 +5,12 @@ transaction that locks the credential, re-checks the fence (the secret version i
 use or staged), writes the change and its events, and marks the job done (``queue.complete_in``) so that a
 late or duplicate attempt can never apply twice. Transient venue outcomes never change a status: they raise
 ``Retry`` (honouring the venue's Retry-After) and the credential stays as it is.
+
+A credential is pinned to the venue account of its first successful verification
+(``credentials.pinned_venue_account_id``, set once by ``mark_verified``/``mark_rotated``, never changed: a
+trigger refuses it). Every later verification, whatever started it (a manual verify, the re-verification sweep,
+an immediate rotation, a staged rotation), that reaches another account fails with ``ACCOUNT_MISMATCH``: the
+credential never moves to another account, and so neither do its trading accounts.
 """
 
 from __future__ import annotations
@@ -35,9 +41,16 @@ ROTATION_VERIFY = "rotation_verify"
 REVOKE_CASCADE = "revoke_cascade"
 REVERIFY_SWEEP = "reverify_sweep"
 PURGE_JOBS = "purge_jobs"
-PURGE_PERIOD = 3600.0  # seconds between purges of finished jobs older than EngineConfig.job_retention
+PURGE_PERIOD = 3600.0  # seconds between purges of old finished jobs and of expired webhook secrets
 EXPIRY_WARNING = "expiry_warning"
 SWEEP_BATCH = 1000
+# a verification (manual, sweep, staged or immediate rotation) reached another venue account than the one the
+# credential was first verified on (credentials.pinned_venue_account_id); the trading accounts stay where they are
+ACCOUNT_MISMATCH = "ACCOUNT_MISMATCH"
+_MISMATCH_MESSAGE = (
+    "the keys reach another venue account than the one this credential was first verified on; "
+    "its trading accounts stay with that account"
+)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -86,6 +99,13 @@ def _same_findings(cred: Credential, result: ProbeResult, warnings: tuple[str, .
     )
 
 
+def _account_of(cred: Credential) -> str | None:
+    """The venue account ``cred`` must reach: the pinned one; for a row verified before the pin existed and not
+    verified since (a process of an older version during an upgrade), the one it was verified on; None before
+    the first successful verification."""
+    return cred.pinned_venue_account_id or cred.venue_account_id
+
+
 class LifecycleJobs:
     """The handlers, bound to one engine."""
 
@@ -128,22 +148,16 @@ class LifecycleJobs:
         if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
         outcome = await self._probe(cred.venue, store.open_secret(secret))
-        expected = job.payload.get("expectAccount")
         async with self.engine.db.transaction() as conn:
             current = await store.lock_get(conn, cred.owner_id, cid)
             if current.status is CredentialStatus.REVOKED or current.secret_version != version:
                 await self._done(conn, job)
                 return
+            expected = _account_of(current)  # read under the lock
             if isinstance(outcome, ProbeFailure):
                 await self._fail(conn, current, version, outcome.outcome.value, outcome.message)
-            elif expected and outcome.venue_account_id != expected:
-                await self._fail(
-                    conn,
-                    current,
-                    version,
-                    "ACCOUNT_MISMATCH",
-                    "the new keys belong to another venue account than the ones they replaced",
-                )
+            elif expected is not None and outcome.venue_account_id != expected:
+                await self._fail(conn, current, version, ACCOUNT_MISMATCH, _MISMATCH_MESSAGE)
             else:
                 reason, warnings = self.engine.config.policy.evaluate(outcome)
                 if reason is not None:
@@ -235,15 +249,16 @@ class LifecycleJobs:
             ):
                 await self._done(conn, job)
                 return
+            expected = _account_of(current)
             if isinstance(outcome, ProbeFailure):
                 await self._reject_rotation(conn, current, version, outcome.outcome.value, outcome.message)
-            elif current.venue_account_id and outcome.venue_account_id != current.venue_account_id:
+            elif expected is not None and outcome.venue_account_id != expected:
                 await self._reject_rotation(
                     conn,
                     current,
                     version,
-                    "ACCOUNT_MISMATCH",
-                    "the new keys belong to another venue account; the old keys stay in use",
+                    ACCOUNT_MISMATCH,
+                    "the new keys belong to another venue account than the credential's; the old keys stay in use",
                 )
             else:
                 reason, warnings = self.engine.config.policy.evaluate(outcome)
@@ -339,9 +354,11 @@ class LifecycleJobs:
         log.info("reverify_sweep", enqueued=len(rows))
 
     async def purge_jobs(self, job: queuemod.Job) -> None:
-        """Delete done and cancelled jobs finished longer than ``job_retention`` ago (dead ones stay for operators)."""
+        """Delete done and cancelled jobs finished longer than ``job_retention`` ago (dead ones stay for operators),
+        and destroy webhook secrets past their grace period."""
         purged = await self.engine.queue.purge(self.engine.config.job_retention)
         log.info("jobs_purged", purged=purged)
+        await self.engine.webhooks.purge_expired_secrets()
 
     async def expiry_warning(self, job: queuemod.Job) -> None:
         """Announce once that a key's known expiry is near (``credential.expiring``)."""

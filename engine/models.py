@@ -75,6 +75,9 @@ class Credential:
     revoked_at_ms: int | None
     pending_rotation: PendingRotation | None
     warnings: tuple[str, ...] = ()
+    # the venue account of the first successful verification, never changed: every later verification or
+    # rotation must reach this account (ACCOUNT_MISMATCH otherwise). None until the first verification.
+    pinned_venue_account_id: str | None = None
 
     def public_dict(self) -> dict[str, Any]:
         """camelCase, ms timestamps: the shape events, webhooks and the REST API share."""

@@ -94,17 +94,20 @@ SELECT credential_id, version, state, kek_version, wrapped_dek, nonce, ciphertex
 FROM credential_secrets WHERE credential_id = $1 AND version = $2;
 
 -- mark_verified --
--- verify_succeeded, fenced on the probed secret version; returns the previous status and permissions.
+-- verify_succeeded, fenced on the probed secret version and on the pinned venue account (the first verification
+-- pins it; another account changes nothing); returns the previous status and permissions.
 WITH old AS (
     SELECT id, status AS previous_status, permissions AS previous_permissions
     FROM credentials WHERE id = $1 FOR UPDATE
 )
 UPDATE credentials c
-SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6, environment = $7,
+SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6,
+    pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $6), environment = $7,
     warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
     event_seq = event_seq + 1
 FROM old
 WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+  AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $6)
 RETURNING c.event_seq, old.previous_status, old.previous_permissions;
 
 -- mark_failed --
@@ -155,17 +158,20 @@ DELETE FROM credential_secrets WHERE credential_id = $1;
 UPDATE credential_secrets SET state = 'CURRENT' WHERE credential_id = $1 AND version = $2 AND state = 'PENDING';
 
 -- mark_rotated --
--- rotation_succeeded: the staged version is current and verified; fenced on the old version and a live status.
+-- rotation_succeeded: the staged version is current and verified; fenced on the old version, a live status and
+-- the pinned venue account (pinned here when the credential never verified before).
 WITH old AS (
     SELECT id, status AS previous_status, permissions AS previous_permissions
     FROM credentials WHERE id = $1 FOR UPDATE
 )
 UPDATE credentials c
 SET status = 'VERIFIED', secret_version = $4, masked_api_key = $5, identities = $6, permissions = $7,
-    venue_account_id = $8, environment = $9, warnings = $10, failure_reason = NULL, failure_message = NULL,
+    venue_account_id = $8, pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $8), environment = $9,
+    warnings = $10, failure_reason = NULL, failure_message = NULL,
     rotation_failure_reason = NULL, verified_at = now(), updated_at = now(), event_seq = event_seq + 1
 FROM old
 WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+  AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $8)
 RETURNING c.event_seq, old.previous_status, old.previous_permissions;
 
 -- mark_rotation_rejected --
@@ -264,26 +270,92 @@ SELECT name, kek_version, wrapped_dek, nonce, ciphertext FROM engine_keys WHERE 
 INSERT INTO engine_keys (name, kek_version, wrapped_dek, nonce, ciphertext) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (name) DO NOTHING;
 
--- update_engine_key --
--- Re-wrapped engine key.
-UPDATE engine_keys SET kek_version = $2, wrapped_dek = $3, nonce = $4, ciphertext = $5 WHERE name = $1;
-
 -- secrets_to_rewrap --
--- A batch of secret versions wrapped under another master key than the current one, locked.
-SELECT credential_id, version, state, kek_version, wrapped_dek, nonce, ciphertext, masked_api_key
-FROM credential_secrets WHERE kek_version <> $1
+-- Master-key rotation: up to $4 secret versions (CURRENT and PENDING) after key ($2, $3) in key order wrapped
+-- by another master key than $1, locked; rows other transactions hold are skipped (a later pass takes them).
+SELECT credential_id, version, kek_version, wrapped_dek, nonce, ciphertext
+FROM credential_secrets
+WHERE kek_version <> $1 AND (credential_id, version) > ($2::uuid, $3::integer)
 ORDER BY credential_id, version
-LIMIT $2
+LIMIT $4
 FOR UPDATE SKIP LOCKED;
+
+-- secret_keys_to_rewrap --
+-- The keys of up to $4 secret versions after ($2, $3) wrapped by another master key than $1, without locking
+-- (the last pass of a rewrap then waits for each row's lock in turn).
+SELECT credential_id, version
+FROM credential_secrets
+WHERE kek_version <> $1 AND (credential_id, version) > ($2::uuid, $3::integer)
+ORDER BY credential_id, version
+LIMIT $4;
+
+-- lock_secret_to_rewrap --
+-- Secret version ($1, $2) if still wrapped by another master key than $3, locked (waits up to lock_timeout).
+SELECT credential_id, version, kek_version, wrapped_dek, nonce, ciphertext
+FROM credential_secrets
+WHERE credential_id = $1 AND version = $2 AND kek_version <> $3
+FOR UPDATE;
 
 -- count_secrets_to_rewrap --
 -- How many secret versions are not under the current master key.
 SELECT count(*) FROM credential_secrets WHERE kek_version <> $1;
 
+-- secrets_left_to_rewrap --
+-- How many secret versions are wrapped by another master key than $1, and by which versions.
+SELECT count(*) AS left_count, coalesce(array_agg(DISTINCT kek_version), '{}') AS kek_versions
+FROM credential_secrets WHERE kek_version <> $1;
+
 -- update_wrapped_dek --
 -- Store a re-wrapped data key (the ciphertext is untouched).
 UPDATE credential_secrets SET kek_version = $3, wrapped_dek = $4
 WHERE credential_id = $1 AND version = $2 AND kek_version = $5;
+
+-- engine_keys_to_rewrap --
+-- Up to $3 engine keys named after $2 wrapped by another master key than $1, locked, skipping locked rows.
+SELECT name, kek_version, wrapped_dek, nonce, ciphertext
+FROM engine_keys WHERE kek_version <> $1 AND name > $2
+ORDER BY name
+LIMIT $3
+FOR UPDATE SKIP LOCKED;
+
+-- engine_key_names_to_rewrap --
+-- The names of up to $3 engine keys after $2 wrapped by another master key than $1, without locking.
+SELECT name FROM engine_keys WHERE kek_version <> $1 AND name > $2 ORDER BY name LIMIT $3;
+
+-- lock_engine_key_to_rewrap --
+-- Engine key $1 if still wrapped by another master key than $2, locked (waits up to lock_timeout).
+SELECT name, kek_version, wrapped_dek, nonce, ciphertext
+FROM engine_keys WHERE name = $1 AND kek_version <> $2
+FOR UPDATE;
+
+-- rewrap_engine_key --
+-- Store the re-wrapped data key of engine key $1 under master key $2 (the ciphertext is untouched).
+UPDATE engine_keys SET kek_version = $2, wrapped_dek = $3 WHERE name = $1 AND kek_version = $4;
+
+-- engine_keys_left_to_rewrap --
+-- How many engine keys are wrapped by another master key than $1, and by which versions.
+SELECT count(*) AS left_count, coalesce(array_agg(DISTINCT kek_version), '{}') AS kek_versions
+FROM engine_keys WHERE kek_version <> $1;
+
+-- kek_versions_of_secrets --
+-- Every master-key version wrapping a credential secret: a skip scan of credential_secrets_kek, one index probe
+-- per distinct version (it runs at every engine start).
+WITH RECURSIVE found (kek_version) AS (
+    (SELECT kek_version FROM credential_secrets ORDER BY kek_version LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.kek_version FROM credential_secrets s
+            WHERE s.kek_version > found.kek_version ORDER BY s.kek_version LIMIT 1)
+    FROM found WHERE found.kek_version IS NOT NULL
+)
+SELECT kek_version FROM found WHERE kek_version IS NOT NULL;
+
+-- kek_versions_of_engine_keys --
+-- Every master-key version wrapping an engine key (a handful of rows).
+SELECT DISTINCT kek_version FROM engine_keys;
+
+-- set_lock_timeout --
+-- Bound every lock wait of the rest of this transaction ($1, e.g. '5000ms'; SET LOCAL semantics).
+SELECT set_config('lock_timeout', $1, true);
 
 -- insert_event --
 -- One outbox row, in the transaction of the change it reports, with its NOTIFY (sent at commit) and whether

@@ -61,6 +61,7 @@ def credential_from_row(row: Record) -> Credential:
         revoked_at_ms=ms(row["revoked_at"]),
         pending_rotation=pending,
         warnings=tuple(row["warnings"] or ()),
+        pinned_venue_account_id=row.get("pinned_venue_account_id"),
     )
 
 
@@ -285,37 +286,8 @@ class Store:
     def open_secret(self, secret: SecretRow) -> ApiKeys:
         return self.vault.open(secret.sealed, credential_id=secret.credential_id, version=secret.version)
 
-    async def rewrap_batch(self, batch_size: int) -> int:
-        """Re-wrap one batch of data keys under the current master key; returns how many were re-wrapped."""
-        current = self.vault.keyring.current_version
-        async with self.db.transaction() as conn:
-            rows = await conn.fetch("secrets_to_rewrap", current, batch_size)
-            for row in rows:
-                new = self.vault.rewrap(
-                    _sealed(row), credential_id=row["credential_id"], version=int(row["version"])
-                )
-                await conn.execute(
-                    "update_wrapped_dek",
-                    row["credential_id"],
-                    row["version"],
-                    new.kek_version,
-                    new.wrapped_dek,
-                    int(row["kek_version"]),
-                )
-            engine_key = await conn.fetchrow("get_engine_key", FINGERPRINT_KEY)
-            if engine_key is not None and int(engine_key["kek_version"]) != current:
-                new = self.vault.rewrap_blob(_sealed(engine_key), purpose=FINGERPRINT_KEY)
-                await conn.execute(
-                    "update_engine_key",
-                    FINGERPRINT_KEY,
-                    new.kek_version,
-                    new.wrapped_dek,
-                    new.nonce,
-                    new.ciphertext,
-                )
-        return len(rows)
-
     async def count_to_rewrap(self) -> int:
+        """How many credential secret versions are wrapped by another master key than the current one."""
         return int(await self.db.fetchval("count_secrets_to_rewrap", self.vault.keyring.current_version))
 
     # ---- trading accounts ---------------------------------------------------------------------------------

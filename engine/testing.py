@@ -220,6 +220,9 @@ INVARIANT_SQL: Mapping[str, str] = {
         GROUP BY c.id, c.event_seq
         HAVING count(e.id) <> c.event_seq OR coalesce(max(e.sequence), 0) <> c.event_seq
             OR count(DISTINCT e.sequence) <> count(e.id)""",
+    "a credential that has verified stays on the venue account it is pinned to": """
+        SELECT id FROM credentials
+        WHERE venue_account_id IS NOT NULL AND pinned_venue_account_id IS DISTINCT FROM venue_account_id""",
     "VERIFIED means verified with permissions; FAILED names a reason": """
         SELECT id FROM credentials
         WHERE (status = 'VERIFIED' AND (verified_at IS NULL OR permissions IS NULL))

@@ -217,12 +217,57 @@ WHERE id = $1 AND owner_id = $2 AND state = 'dead'
 RETURNING id, endpoint_id, credential_id;
 
 -- webhook_secrets_to_rewrap --
--- Up to $2 secrets wrapped by a master key other than $1, locked (other rewrappers skip them).
+-- Master-key rotation: up to $4 secrets after key ($2 endpoint, $3 version) in key order wrapped by another
+-- master key than $1, locked; rows other transactions hold are skipped (a later pass takes them).
 SELECT endpoint_id, version, kek_version, wrapped_dek, nonce, ciphertext
-FROM webhook_secrets WHERE kek_version <> $1
-LIMIT $2
+FROM webhook_secrets
+WHERE kek_version <> $1 AND (endpoint_id, version) > ($2::uuid, $3::integer)
+ORDER BY endpoint_id, version
+LIMIT $4
 FOR UPDATE SKIP LOCKED;
 
+-- webhook_secret_keys_to_rewrap --
+-- The keys of up to $4 secrets after ($2, $3) wrapped by another master key than $1, without locking.
+SELECT endpoint_id, version
+FROM webhook_secrets
+WHERE kek_version <> $1 AND (endpoint_id, version) > ($2::uuid, $3::integer)
+ORDER BY endpoint_id, version
+LIMIT $4;
+
+-- lock_webhook_secret_to_rewrap --
+-- Secret ($1 endpoint, $2 version) if still wrapped by another master key than $3, locked (waits up to
+-- lock_timeout).
+SELECT endpoint_id, version, kek_version, wrapped_dek, nonce, ciphertext
+FROM webhook_secrets
+WHERE endpoint_id = $1 AND version = $2 AND kek_version <> $3
+FOR UPDATE;
+
 -- rewrap_webhook_secret --
--- Store the rewrapped data key of secret ($1 endpoint, $2 version) under master key $3.
-UPDATE webhook_secrets SET kek_version = $3, wrapped_dek = $4 WHERE endpoint_id = $1 AND version = $2;
+-- Store the rewrapped data key of secret ($1 endpoint, $2 version) under master key $3, unless it moved since.
+UPDATE webhook_secrets SET kek_version = $3, wrapped_dek = $4
+WHERE endpoint_id = $1 AND version = $2 AND kek_version = $5;
+
+-- webhook_secrets_left_to_rewrap --
+-- How many webhook secrets are wrapped by another master key than $1, and by which versions.
+SELECT count(*) AS left_count, coalesce(array_agg(DISTINCT kek_version), '{}') AS kek_versions
+FROM webhook_secrets WHERE kek_version <> $1;
+
+-- kek_versions_of_webhook_secrets --
+-- Every master-key version wrapping a webhook secret: a skip scan of webhook_secrets_kek, one index probe per
+-- distinct version (it runs at every engine start).
+WITH RECURSIVE found (kek_version) AS (
+    (SELECT kek_version FROM webhook_secrets ORDER BY kek_version LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.kek_version FROM webhook_secrets s
+            WHERE s.kek_version > found.kek_version ORDER BY s.kek_version LIMIT 1)
+    FROM found WHERE found.kek_version IS NOT NULL
+)
+SELECT kek_version FROM found WHERE kek_version IS NOT NULL;
+
+-- purge_expired_webhook_secrets --
+-- Destroy every webhook secret past its grace period (the hourly purge); returns how many went.
+WITH purged AS (
+    DELETE FROM webhook_secrets WHERE expires_at <= now()
+    RETURNING 1
+)
+SELECT count(*) FROM purged;

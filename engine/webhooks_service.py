@@ -15,7 +15,8 @@ Secrets are ``whsec_`` strings (:func:`engine.webhooks.generate_secret`) sealed 
 does not open). The plaintext is returned once, by :meth:`WebhookService.add` and
 :meth:`WebhookService.rotate_secret`, and otherwise exists only in memory while an attempt is signed.
 Rotation keeps the previous secrets signing for ``webhook_secret_grace`` seconds (Standard Webhooks receivers
-accept any of several signatures), at most ``MAX_ACTIVE_SECRETS`` at a time; expired ones are destroyed.
+accept any of several signatures), at most ``MAX_ACTIVE_SECRETS`` at a time; expired ones are destroyed (at the
+next rotation of that endpoint, and by the hourly ``purge_jobs`` job for every endpoint).
 
 Delivery attempts themselves live in :mod:`engine.webhooks_delivery`.
 """
@@ -258,6 +259,15 @@ class WebhookService:
         log.info("webhook_secret_rotated", endpoint_id=str(eid), version=version)
         return secret
 
+    async def purge_expired_secrets(self) -> int:
+        """Destroy every secret past its grace period, of every endpoint (the hourly purge); returns how many.
+
+        Rotation prunes the endpoint it rotates; this covers the endpoints never rotated again."""
+        purged = int(await self.engine.db.fetchval("purge_expired_webhook_secrets"))
+        if purged:
+            log.info("webhook_secrets_purged", purged=purged)
+        return purged
+
     def open_secrets(self, endpoint_id: uuid.UUID, row: dbmod.Record) -> list[bytes]:
         """The active HMAC keys of an endpoint from ``webhook_delivery_for_attempt``'s arrays, newest first."""
         vault = self.engine.store.vault
@@ -278,28 +288,6 @@ class WebhookService:
             )
             keys.append(vault.unwrap_blob(sealed, purpose=secret_purpose(endpoint_id, int(version))))
         return keys
-
-    async def rewrap_secrets(self, batch_size: int = 500) -> int:
-        """Re-wrap the data keys of webhook secrets under the current master key; returns how many."""
-        vault = self.engine.store.vault
-        current = vault.keyring.current_version
-        total = 0
-        while True:
-            async with self.engine.db.transaction() as conn:
-                rows = await conn.fetch("webhook_secrets_to_rewrap", current, batch_size)
-                for row in rows:
-                    purpose = secret_purpose(row["endpoint_id"], int(row["version"]))
-                    new = vault.rewrap_blob(_sealed(row), purpose=purpose)
-                    await conn.execute(
-                        "rewrap_webhook_secret",
-                        row["endpoint_id"],
-                        row["version"],
-                        new.kek_version,
-                        new.wrapped_dek,
-                    )
-            total += len(rows)
-            if len(rows) < batch_size:
-                return total
 
     # ---- fan-out -------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import structlog
 
@@ -282,7 +283,41 @@ async def test_jobs_rewrap_and_migrate(
     assert int(out.split()[0]) >= 1  # the credential's data key (and engine-internal blobs)
     assert "rewrap [" in err
     code, out, _ = await run(capsys, "rewrap-keys")
-    assert out.startswith("0 ")  # nothing left under the old master key
+    assert code == 0 and out.startswith("0 ")  # nothing left under the old master key
+
+
+@pytest.mark.usefixtures("env")
+async def test_rewrap_keys_exits_1_naming_what_is_left(
+    capsys: pytest.CaptureFixture[str],
+    sim: Simulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    master_keys: str,
+    database_url: str,
+) -> None:
+    """A secret another client holds locked past --lock-timeout: exit 1, and stderr names the kind and count
+    left (never key material); once released, a second run moves it and exits 0."""
+    key = sim.add_key(Venue.BINANCE)
+    code, _, _ = await run(capsys, "create", "--venue", "BINANCE", "--api-key", key.api_key,
+                           "--api-secret-file", secret_file(tmp_path, key))  # fmt: skip
+    assert code == 0
+    monkeypatch.setenv("ENGINE_MASTER_KEYS", f"{master_keys},{MasterKeyring.generate_spec(2)}")
+    locker = await asyncpg.connect(database_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM credential_secrets FOR UPDATE")
+            code, out, err = await run(capsys, "rewrap-keys", "--lock-timeout", "0.2")
+        assert code == 1
+        assert out.startswith("1 data key(s) re-wrapped under master key version 2")  # the fingerprint key
+        assert err.strip().endswith(
+            "error: still under an old master key: 1 credential secret(s) under master key version(s) 1 "
+            "(1 locked by other transactions); keep the old master key versions and run rewrap-keys again"
+        )
+        assert key.api_secret not in out + err and key.api_key not in out + err
+        code, out, _ = await run(capsys, "rewrap-keys")
+        assert code == 0 and out.startswith("1 data key(s)")
+    finally:
+        await locker.close()
 
 
 async def test_simulator_command_delegates(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from engine import CredentialEngine, CredentialStatus, Venue
+from engine import CredentialEngine, CredentialStatus, TradingAccountStatus, Venue
 from engine.testing import settle
 from venues.simulator import Faults, Simulator, TestKey
 
@@ -251,3 +251,25 @@ async def test_clock_skew_is_recovered(real_engine: CredentialEngine, sim: Simul
     sim.set_clock_offset(venue, 70_000)
     done = await final(real_engine, await create(real_engine, key))
     assert done.status is CredentialStatus.VERIFIED, done.failure_reason
+
+
+@pytest.mark.parametrize(("venue", "kind"), KINDS, ids=IDS)
+async def test_keys_that_move_to_another_account_fail_and_the_credential_stays(
+    real_engine: CredentialEngine, sim: Simulator, venue: Venue, kind: str | None
+) -> None:
+    """The venue now reports another account for the same keys: a re-verification fails with ACCOUNT_MISMATCH,
+    the credential keeps its first account and its trading account stays ACTIVE on it."""
+    key = sim.add_key(venue, kind=kind)
+    cred = await create(real_engine, key)
+    first = await final(real_engine, cred)
+    assert (first.status, first.venue_account_id) == (CredentialStatus.VERIFIED, key.uid), (
+        first.failure_reason
+    )
+    account = await real_engine.connect_trading_account(OWNER, credential_id=cred.credential_id)
+    sim.update_key(key.api_key, uid=key.uid + "-elsewhere")
+    await real_engine.verify_credential(OWNER, cred.credential_id)
+    moved = await final(real_engine, cred)
+    assert (moved.status, moved.failure_reason) == (CredentialStatus.FAILED, "ACCOUNT_MISMATCH")
+    assert (moved.venue_account_id, moved.pinned_venue_account_id) == (key.uid, key.uid)
+    still = await real_engine.get_trading_account(OWNER, account.trading_account_id)
+    assert (still.status, still.credential_id) == (TradingAccountStatus.ACTIVE, cred.credential_id)

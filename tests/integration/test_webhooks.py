@@ -11,7 +11,7 @@ import pytest
 import standardwebhooks
 from test_webhooks_support import FAST_SCHEDULE, OWNER, Receiver, new_credential, settle_until
 
-from engine import CredentialEngine, Event, errors, webhooks
+from engine import CredentialEngine, Event, errors, jobs, webhooks
 from engine.testing import FakeVenue, settle
 from engine.webhooks_models import DeliveryState
 from venues.base import Outcome
@@ -207,6 +207,41 @@ async def test_rotation_signs_with_old_and_new_secret_during_the_grace_period(
         third = await eng.rotate_webhook_secret(OWNER, ep.endpoint_id)  # the expired secret row is destroyed
         versions = await eng.db.fetchval("next_webhook_secret_version", ep.endpoint_id)
         assert versions == 4 and third != new
+
+
+async def test_the_hourly_purge_destroys_secrets_past_their_grace_period(make_engine: Any) -> None:
+    """The purge_jobs job destroys every endpoint's expired secrets (not only at that endpoint's next rotation);
+    current secrets and those still in their grace period stay."""
+    eng = await webhook_engine(make_engine, webhook_secret_grace=0.2)
+    expired = await eng.add_webhook_endpoint(OWNER, "http://127.0.0.1:9/expired")
+    in_grace = await eng.add_webhook_endpoint(OWNER, "http://127.0.0.1:9/in-grace")
+    untouched = await eng.add_webhook_endpoint(OWNER, "http://127.0.0.1:9/untouched")
+    for endpoint in (expired, in_grace):
+        await eng.rotate_webhook_secret(OWNER, endpoint.endpoint_id)
+    async with eng.db.connection() as conn:  # the second one was rotated a moment ago, with a day of grace
+        await conn._conn.execute(
+            "UPDATE webhook_secrets SET expires_at = now() + interval '1 day' WHERE endpoint_id = $1 AND version = 1",
+            in_grace.endpoint_id,
+        )
+    await asyncio.sleep(0.3)  # the first one's grace is over
+
+    async def versions() -> dict[uuid.UUID, list[int]]:
+        async with eng.db.connection() as conn:
+            rows = await conn._conn.fetch("SELECT endpoint_id, version FROM webhook_secrets ORDER BY 1, 2")
+        found: dict[uuid.UUID, list[int]] = {}
+        for row in rows:
+            found.setdefault(row["endpoint_id"], []).append(row["version"])
+        return found
+
+    before = await versions()
+    assert before[expired.endpoint_id] == [1, 2]
+    await eng.queue.enqueue(jobs.PURGE_JOBS, {})
+    await eng.run_until_idle()
+    assert await versions() == {
+        expired.endpoint_id: [2],
+        in_grace.endpoint_id: [1, 2],
+        untouched.endpoint_id: [1],
+    }
 
 
 async def test_failed_attempts_are_retried_and_each_is_recorded(make_engine: Any, fake: FakeVenue) -> None:
@@ -480,7 +515,8 @@ async def test_master_key_rotation_rewraps_webhook_secrets(make_engine: Any, fak
         ep = await first.add_webhook_endpoint(OWNER, rx.url, event_types=["credential.created"])
         assert ep.secret is not None
         both = await webhook_engine(make_engine, master_keys=f"{old},{new}")
-        assert await both.rewrap_keys() >= 1
+        report = await both.rewrap_keys()
+        assert report.complete and report.rewrapped["webhook secret"] == 1
         only_new = await webhook_engine(make_engine, master_keys=new)
         await new_credential(only_new, fake, "kek-1")
         await settle(only_new)
