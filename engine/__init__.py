@@ -40,6 +40,7 @@ from engine.models import (
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
+    from engine.rewrap import RewrapReport
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,10 @@ def __getattr__(name: str) -> Any:
         from engine.engine import CredentialEngine
 
         return CredentialEngine
+    if name == "RewrapReport":
+        from engine.rewrap import RewrapReport
+
+        return RewrapReport
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
@@ -73,6 +78,7 @@ __all__ = [
     "Page",
     "PendingRotation",
     "Permissions",
+    "RewrapReport",
     "RotationPending",
     "TradingAccount",
     "TradingAccountStatus",

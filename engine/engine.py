@@ -476,6 +476,14 @@ class CredentialEngine:
             row = await store.lock(conn, owner, cid)
             if row["status"] == CredentialStatus.REVOKED:
                 raise errors.InvalidTransition("reveal keys of", "REVOKED")
+            if row["status"] == CredentialStatus.FAILED and row["failure_reason"] == jobs.ACCOUNT_MISMATCH:
+                # the keys now reach another venue account than the one the credential (and its trading
+                # accounts) are pinned to: handing them out would trade on the wrong account
+                raise errors.Conflict(
+                    "the credential's keys reach another venue account than the one it is pinned to; "
+                    "rotate to keys of the pinned account",
+                    field="credentialId",
+                )
             secret = await store.get_secret(cid, int(row["secret_version"]), conn=conn)
             if secret is None:
                 raise errors.Conflict("the credential holds no key material", field="credentialId")

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine import CredentialEngine, CredentialStatus, TradingAccountStatus, Venue, jobs
+from engine import CredentialEngine, CredentialStatus, TradingAccountStatus, Venue, errors, jobs
 from engine.testing import FakeVenue, broken_invariants, settle
 
 OWNER = "owner-pin"
@@ -92,6 +92,9 @@ async def test_immediate_rotation_to_another_account_cannot_move_it_later(
     await settle(eng)
     assert fake.calls.count("stranger-key") == 2
     await assert_stayed_on_uid_a(eng, cid, account)
+    # the stored keys now reach uid-B: they are not handed to a trading backend bound to uid-A
+    with pytest.raises(errors.Conflict, match="another venue account"):
+        await eng.reveal_keys(OWNER, cid, purpose="order signing")
 
 
 async def test_staged_rotation_checks_the_pinned_account(eng: CredentialEngine, fake: FakeVenue) -> None:
@@ -120,7 +123,9 @@ async def test_staged_rotation_checks_the_pinned_account(eng: CredentialEngine, 
         "ACCOUNT_MISMATCH",
         "uid-A",
     )
-    assert (await eng.reveal_keys(OWNER, cid)).api_key == "pin-key"  # the old keys stay
+    assert rejected.secret_version == 1  # the old keys stay, but they reach uid-B now: not handed out
+    with pytest.raises(errors.Conflict, match="another venue account"):
+        await eng.reveal_keys(OWNER, cid)
     fake.add_key("a-key-2", "sa2", account_id="uid-A")
     await eng.rotate_credential(OWNER, cid, api_key="a-key-2", api_secret="sa2")
     await settle(eng)
