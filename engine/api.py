@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine import api_http, api_limits, api_ops, api_routes, api_webhooks, auth, errors
+from engine import api_http, api_limits, api_metrics, api_ops, api_routes, api_webhooks, auth, errors
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -109,6 +109,7 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     app[api_routes.CONNECT_WAIT] = config.connect_wait_timeout
     app[api_http.JWT_SECRET] = auth.check_secret(config.jwt_secret)
     app[api_http.HTTP_COUNTS] = Counter()
+    app[api_metrics.JOB_COUNTS] = api_metrics.SharedRead(api_metrics.JOB_COUNTS_TTL)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_response_prepare.append(_without_server_header)
