@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine import Credential, CredentialEngine, CredentialStatus, errors
+from engine import Credential, CredentialEngine, CredentialStatus, errors, quotas
 from engine.config import Quotas
 from engine.testing import FakeVenue
 
@@ -171,3 +171,23 @@ async def test_zero_means_no_quota(make_engine: Any) -> None:
     for i in range(60):
         await eng.add_webhook_endpoint(OWNER, f"{HOOK}/{i}")
     assert len(await eng.list_webhook_endpoints(OWNER)) == 60
+
+
+async def test_waiting_for_the_owner_lock_is_bounded(
+    make_engine: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another transaction holds an owner's quota lock, that owner's quota-checked call gives up after
+    quotas.LOCK_TIMEOUT with a StorageError (503), never waits for ever; other owners are not held up."""
+    monkeypatch.setattr(quotas, "LOCK_TIMEOUT", "300ms")
+    eng: CredentialEngine = await make_engine(allow_private_webhook_urls=True)
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext($1))", OWNER)
+            with pytest.raises(errors.StorageError):
+                await asyncio.wait_for(eng.add_webhook_endpoint(OWNER, f"{HOOK}/held"), timeout=10)
+            await asyncio.wait_for(eng.add_webhook_endpoint("another-owner", f"{HOOK}/free"), timeout=10)
+    finally:
+        await holder.close()
+    await eng.add_webhook_endpoint(OWNER, f"{HOOK}/after")  # the lock is gone with the transaction
+    assert [e.url for e in await eng.list_webhook_endpoints(OWNER)] == [f"{HOOK}/after"]
