@@ -299,3 +299,22 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
 );
 CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
 -- END webhooks
+
+-- BEGIN tenants (owned by engine/quotas.py and engine/api_limits.py)
+-- Verify requests of each owner, one row per request, for the hourly quota (a sliding window: at most N in any
+-- hour). Rows older than the window are deleted in small batches by later requests.
+CREATE TABLE IF NOT EXISTS owner_verify_requests (
+    owner_id  text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS owner_verify_requests_window ON owner_verify_requests (owner_id, at);
+CREATE INDEX IF NOT EXISTS owner_verify_requests_at ON owner_verify_requests (at);
+
+-- Live API processes: each `serve` process refreshes its row every few seconds; the REST API's rate limits are
+-- divided by the number of fresh rows, so N processes together allow what the settings say.
+CREATE TABLE IF NOT EXISTS api_instances (
+    id          text PRIMARY KEY,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    seen_at     timestamptz NOT NULL DEFAULT now()
+);
+-- END tenants

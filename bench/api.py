@@ -43,6 +43,9 @@ async def server(dsn: str) -> AsyncIterator[tuple[str, str, int]]:
             "ENGINE_API_JWT_SECRET": secret,
             "ENGINE_API_PORT": "0",
             "ENGINE_WORKERS": "0",
+            # the API's own throughput, one owner at full speed: the per-owner rate limit would measure itself
+            "ENGINE_API_RATE_LIMIT": "0",
+            "ENGINE_QUOTA_CREDENTIALS": "0",
             "ENGINE_LOG_LEVEL": "WARNING",
             "ENGINE_DATA_DIR": data_dir,
         }

@@ -10,7 +10,7 @@ async with CredentialEngine(EngineConfig()) as eng:
 from typing import TYPE_CHECKING, Any
 
 from engine import errors
-from engine.config import EngineConfig, VerificationPolicy
+from engine.config import EngineConfig, Quotas, VerificationPolicy
 from engine.errors import (
     ActiveAccountsExist,
     Conflict,
@@ -20,6 +20,8 @@ from engine.errors import (
     InvalidRequest,
     InvalidTransition,
     NotFound,
+    QuotaExceeded,
+    RequestQuotaExceeded,
     RotationPending,
     VerificationFailed,
     WaitTimeout,
@@ -78,6 +80,9 @@ __all__ = [
     "Page",
     "PendingRotation",
     "Permissions",
+    "QuotaExceeded",
+    "Quotas",
+    "RequestQuotaExceeded",
     "RewrapReport",
     "RotationPending",
     "TradingAccount",

@@ -13,7 +13,8 @@ engine: whoever opened it closes it, after the server.
 
 Environment (``ApiConfig.from_env``): ``ENGINE_API_JWT_SECRET`` (required, >= 32 bytes),
 ``ENGINE_API_HOST`` (127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes),
-``ENGINE_API_CONNECT_TIMEOUT`` (30 s: how long connect-with-keys waits for the verification).
+``ENGINE_API_CONNECT_TIMEOUT`` (30 s: how long connect-with-keys waits for the verification), and the rate
+limits of :mod:`engine.api_limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine import api_http, api_ops, api_routes, api_webhooks, auth, errors
+from engine import api_http, api_limits, api_metrics, api_ops, api_routes, api_webhooks, auth, errors
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -50,6 +51,7 @@ class ApiConfig:
     port: int = 8080
     max_body_bytes: int = MAX_BODY_BYTES
     connect_wait_timeout: float = 30.0
+    rate_limits: api_limits.RateLimits = field(default_factory=api_limits.RateLimits)
 
     def __post_init__(self) -> None:
         auth.check_secret(self.jwt_secret)
@@ -81,6 +83,7 @@ class ApiConfig:
                     kwargs[name] = conv(env[key])
                 except ValueError:
                     raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
+        kwargs["rate_limits"] = api_limits.RateLimits.from_env(env)
         kwargs.update(overrides)
         if "jwt_secret" not in kwargs:
             raise errors.ConfigurationError(
@@ -92,15 +95,21 @@ class ApiConfig:
 
 
 def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
-    """The aiohttp application: every route of :data:`ROUTES`, the envelope and auth middlewares."""
+    """The aiohttp application: every route of :data:`ROUTES`; the envelope, rate limit and auth middlewares."""
     app = web.Application(
-        middlewares=[api_http.envelope_middleware, api_http.auth_middleware],
+        middlewares=[
+            api_http.envelope_middleware,  # outermost: every answer, 429s included, in the envelope
+            api_limits.rate_limit_middleware,
+            api_http.auth_middleware,
+        ],
         client_max_size=config.max_body_bytes,
     )
+    api_limits.install(app, engine, config.rate_limits)
     app[api_routes.ENGINE] = engine
     app[api_routes.CONNECT_WAIT] = config.connect_wait_timeout
     app[api_http.JWT_SECRET] = auth.check_secret(config.jwt_secret)
     app[api_http.HTTP_COUNTS] = Counter()
+    app[api_metrics.JOB_COUNTS] = api_metrics.SharedRead(api_metrics.JOB_COUNTS_TTL)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_response_prepare.append(_without_server_header)

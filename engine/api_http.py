@@ -19,6 +19,7 @@ Anything else, and every 5xx, answers a fixed message with the request's correla
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import traceback
@@ -219,7 +220,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         response = await handler(request)
     except errors.CredentialEngineError as exc:
-        response = error_response(exc, request_id, **_auth_challenge(exc))
+        response = error_response(exc, request_id, **_auth_challenge(exc), **_retry_after(exc))
         if exc.http_status >= 500:
             log.warning(
                 "http_unavailable", request_id=request_id, error=type(exc).__name__, detail=exc.message
@@ -261,10 +262,25 @@ def _auth_challenge(exc: errors.CredentialEngineError) -> dict[str, str]:
     )
 
 
+def _retry_after(exc: errors.CredentialEngineError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, RFC 9110 10.2.3) for errors that say when to come back (429s)."""
+    seconds = getattr(exc, "retry_after", None)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def authenticate(request: web.Request) -> str:
+    """The owner of the request's bearer token (also kept on the request); :class:`errors.Unauthorized`."""
+    token = auth.bearer_token(request.headers.get("Authorization"))
+    owner = request[OWNER] = auth.verify_token(request.app[JWT_SECRET], token).owner_id
+    return owner
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``/api/...`` needs a valid bearer token; its ``sub`` is the owner every handler acts for."""
-    if request.path.startswith("/api/"):
-        token = auth.bearer_token(request.headers.get("Authorization"))
-        request[OWNER] = auth.verify_token(request.app[JWT_SECRET], token).owner_id
+    """``/api/...`` needs a valid bearer token; its ``sub`` is the owner every handler acts for (already known
+    when the rate limit middleware, engine/api_limits.py, authenticated the request)."""
+    if request.path.startswith("/api/") and OWNER not in request:
+        authenticate(request)
     return await handler(request)

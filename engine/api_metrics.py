@@ -12,17 +12,68 @@ Families (label values are bounded: states, venues, outcomes, route patterns, HT
     credential_engine_http_requests_total{route,method,status}   counter    REST requests answered
 
 Counters count since this process started (Prometheus handles restarts); ``jobs`` is read from the database,
-so every process reports the same queue.
+so every process reports the same queue. Counting the jobs reads every row of the queue table (done and
+cancelled jobs are kept for days), so it is not done per scrape: :class:`SharedRead` keeps the counts for
+``JOB_COUNTS_TTL`` seconds, and concurrent scrapes share one query, so however often and however many
+scrapers ask, a process runs the count at most once per TTL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from aiohttp import web
 
 from engine import jobs, webhooks_models
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JOB_COUNTS_TTL = 5.0  # seconds the job counts of /metrics are reused (Prometheus scrapes every 15 s or more)
+
+T = TypeVar("T")
+
+
+class SharedRead(Generic[T]):
+    """A value read at most once per ``ttl`` seconds, however many callers ask at once.
+
+    The first caller after the value expired starts the read, as a task of its own (a scrape that gives up
+    does not cancel it for the others), and every caller meanwhile awaits that same read. A failed read is
+    not kept: its callers get the error, the next caller reads again. ``clock`` is injectable (tests).
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._kept: tuple[float, T] | None = None  # (when read, value)
+        self._pending: asyncio.Task[T] | None = None
+
+    async def get(self, read: Callable[[], Awaitable[T]]) -> T:
+        if self._kept is not None and self.clock() - self._kept[0] < self.ttl:
+            return self._kept[1]
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._read(read))
+            self._pending.add_done_callback(_retrieve)
+        return await asyncio.shield(self._pending)
+
+    async def _read(self, read: Callable[[], Awaitable[T]]) -> T:
+        try:
+            value = await read()
+            self._kept = (self.clock(), value)
+            return value
+        finally:
+            self._pending = None
+
+
+def _retrieve(task: asyncio.Task[T]) -> None:
+    """Mark a failed read's error as seen when every caller gave up on it (no "never retrieved" warning)."""
+    if not task.cancelled():
+        task.exception()
+
+
+JOB_COUNTS: web.AppKey[SharedRead[dict[str, int]]] = web.AppKey("job_counts", SharedRead)
 
 
 def _escape(value: str) -> str:

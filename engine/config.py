@@ -13,6 +13,8 @@ Environment variables (all optional):
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
+    ENGINE_QUOTA_CREDENTIALS, ENGINE_QUOTA_WEBHOOK_ENDPOINTS, ENGINE_QUOTA_VERIFY_PER_HOUR   per-owner quotas
+                                 (see Quotas; 0 = no quota)
     ENGINE_LOG_LEVEL, ENGINE_LOG_JSON
 """
 
@@ -23,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from engine import errors
 from venues.base import Permissions, ProbeResult, Venue
@@ -68,6 +70,43 @@ class VerificationPolicy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Quotas:
+    """What one owner may hold and do, enforced by the engine (library, CLI and REST API alike) under a
+    per-owner lock, so concurrent calls in any number of processes cannot exceed them (``engine.quotas``).
+    0 means no quota of that kind."""
+
+    credentials: int = 10_000  # credentials not REVOKED (revoked ones hold no keys and do not count)
+    webhook_endpoints: int = 50
+    verify_requests_per_hour: int = 1_000  # verify_credential calls in any rolling hour
+
+    ENV: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("credentials", "ENGINE_QUOTA_CREDENTIALS"),
+        ("webhook_endpoints", "ENGINE_QUOTA_WEBHOOK_ENDPOINTS"),
+        ("verify_requests_per_hour", "ENGINE_QUOTA_VERIFY_PER_HOUR"),
+    )
+
+    def __post_init__(self) -> None:
+        for name, _ in self.ENV:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise errors.ConfigurationError(
+                    f"quota {name} must be an integer >= 0 (0: no quota)", field=name
+                )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Quotas:
+        """The ``ENGINE_QUOTA_*`` variables (unset: the defaults above)."""
+        kwargs: dict[str, int] = {}
+        for name, key in cls.ENV:
+            if env.get(key):
+                try:
+                    kwargs[name] = int(env[key])
+                except ValueError:
+                    raise errors.ConfigurationError(f"{key} must be an integer >= 0", field=key) from None
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """Everything the engine needs; no I/O happens when it is built."""
 
@@ -79,6 +118,7 @@ class EngineConfig:
     # honour the venues' documented limits client side; off only against simulators and test servers
     venue_rate_limits: bool = True
     policy: VerificationPolicy = field(default_factory=VerificationPolicy)
+    quotas: Quotas = field(default_factory=Quotas)
     workers: int = 10  # concurrent jobs in this process; 0 = this process runs no workers
     claim_batch_size: int = 50
     lease_seconds: float = 30.0
@@ -155,6 +195,7 @@ class EngineConfig:
             expiry_warning_days=int(env.get("ENGINE_POLICY_EXPIRY_WARNING_DAYS", "7")),
         )
         kwargs["policy"] = policy
+        kwargs["quotas"] = Quotas.from_env(env)
         kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
         if env.get("ENGINE_LOG_LEVEL"):
             kwargs["log_level"] = env["ENGINE_LOG_LEVEL"]

@@ -75,7 +75,7 @@ def schema_digest() -> str:
     return hashlib.sha256(schema_sql().encode()).hexdigest()
 
 
-QUERY_FILES = ("queries.sql", "queue.sql", "webhooks.sql")
+QUERY_FILES = ("queries.sql", "queue.sql", "webhooks.sql", "tenants.sql")
 
 
 class UniqueViolation(errors.StorageError):

@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, rewrap, validation, webhooks_service
+from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation, webhooks_service
 from engine import db as dbmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
@@ -243,6 +243,7 @@ class CredentialEngine:
         self._check_keys(the_venue, keys)
         credential_id = uuid.uuid4()
         async with self.db.transaction() as conn:
+            await quotas.check_credentials(conn, owner, self.config.quotas)  # first: the owner's lock
             await store.insert_credential(
                 conn,
                 credential_id=credential_id,
@@ -298,6 +299,7 @@ class CredentialEngine:
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         async with self.db.transaction() as conn:
+            await quotas.take_verify_request(conn, owner, self.config.quotas)  # first: the owner's lock
             row = await store.lock(conn, owner, cid)
             if not lifecycle.allowed("verify_succeeded", row["status"]):
                 raise errors.InvalidTransition("verify", row["status"])

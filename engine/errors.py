@@ -9,9 +9,12 @@
     │   ├── DuplicateCredential   409  -100004  same API key already stored for this owner and venue
     │   ├── InvalidTransition     409  -100006  the lifecycle forbids it (e.g. rotate a REVOKED credential)
     │   ├── RotationPending       409  -100007  a staged rotation is already waiting for verification
-    │   └── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
+    │   ├── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
+    │   └── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
     ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (seed 05)
     ├── WaitTimeout               408  -100009  wait_for_status ran out of time
+    ├── RateLimited               429  -100014  too many requests from this owner or address (``retry_after``)
+    │   └── RequestQuotaExceeded  429  -100017  the owner's hourly quota of a request kind is spent (verify)
     ├── EngineClosed              503  -100010  used before ``async with`` or after close; no reopening
     ├── StorageError              503  -100011  the database failed or is unreachable (translated in db.py)
     ├── ConfigurationError        500  -100012  bad configuration (names the setting and what to do)
@@ -137,3 +140,40 @@ class ConfigurationError(CredentialEngineError):
 
 class DecryptionError(CredentialEngineError):
     errno = -100013
+
+
+class RateLimited(CredentialEngineError):
+    """Too many requests from one owner (or one client address): the REST API's token buckets
+    (``engine.api_limits``). ``retry_after`` is how many seconds until a request would be accepted again; the
+    API sends it as the ``Retry-After`` header."""
+
+    http_status = 429
+    errno = -100014
+
+    def __init__(self, message: str, *, retry_after: float, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
+class RequestQuotaExceeded(RateLimited):
+    """The owner's hourly quota of one kind of request (``quota``, e.g. ``verify_requests_per_hour``) is spent;
+    ``retry_after`` is when the oldest request of the last hour leaves the window (``engine.quotas``)."""
+
+    errno = -100017
+
+    def __init__(self, message: str, *, quota: str, limit: int, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.quota = quota
+        self.limit = limit
+
+
+class QuotaExceeded(Conflict):
+    """The owner already holds as many objects of a kind as its quota allows (``quota``: ``credentials``,
+    ``webhook_endpoints``); removing some makes room. Waiting does not help, hence 409 and not 429."""
+
+    errno = -100015
+
+    def __init__(self, message: str, *, quota: str, limit: int) -> None:
+        super().__init__(message, field=quota)
+        self.quota = quota
+        self.limit = limit

@@ -18,6 +18,18 @@ VERSION = "0.1.0"
 
 
 _ERROR = {"description": "error envelope", "content": json_content(ref("Error"))}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before the next request can be accepted",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+_TOO_MANY = {
+    "description": "rate limited (errno -100014: this owner's, or without a valid token this address's, "
+    "requests per second; engine/api_limits.py) or an hourly request quota spent (errno -100017)",
+    "headers": _RETRY_AFTER,
+    "content": json_content(ref("Error")),
+}
 _COMMON_ERRORS = {
     "400": {
         "description": "invalid request: a field is missing or invalid (named in error)",
@@ -27,6 +39,7 @@ _COMMON_ERRORS = {
         "description": "missing, malformed or expired bearer token",
         "content": json_content(ref("Error")),
     },
+    "429": _TOO_MANY,
     "default": _ERROR,
 }
 
@@ -79,7 +92,8 @@ def _paths() -> dict[str, Any]:
                 body="CreateCredentialRequest",
                 tag="credential",
                 errors={
-                    "409": "a credential with this API key already exists",
+                    "409": "a credential with this API key already exists, or the owner's credential quota is "
+                    "full (errno -100015)",
                     "422": "invalid API key format",
                 },
             )
@@ -153,7 +167,8 @@ def _paths() -> dict[str, Any]:
                 errors={
                     **_NOT_FOUND,
                     "408": "the keys were not verified in time (they stay stored; retry the call)",
-                    "409": "the credential is not VERIFIED, or this account type is already connected",
+                    "409": "the credential is not VERIFIED, this account type is already connected, or (with "
+                    "keys) the owner's credential quota is full (errno -100015)",
                     "422": "invalid API key format",
                 },
             )
@@ -210,7 +225,7 @@ def _webhook_paths() -> dict[str, Any]:
                 with_secret,
                 body="CreateWebhookRequest",
                 tag="webhook",
-                errors={"409": "too many endpoints for this owner"},
+                errors={"409": "the owner's webhook endpoint quota is full (errno -100015)"},
             )
         },
         "/api/v3/webhook/list": {
@@ -364,7 +379,12 @@ def _ops_paths() -> dict[str, Any]:
                 "tags": ["operations"],
                 "security": unauthenticated,
                 "responses": {
-                    "200": {"description": "OpenAPI 3.1", "content": json_content({"type": "object"})}
+                    "200": {"description": "OpenAPI 3.1", "content": json_content({"type": "object"})},
+                    "429": {
+                        "description": "too many requests from this client address (errno -100014)",
+                        "headers": _RETRY_AFTER,
+                        "content": json_content(ref("Error")),
+                    },
                 },
             }
         },

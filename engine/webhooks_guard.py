@@ -12,10 +12,15 @@ network, so it is checked twice:
   so :func:`check_url` runs again before each attempt.
 
 "Not public" is: loopback, private (RFC 1918, ULA), link-local, multicast, reserved, unspecified, shared
-(100.64/10), documentation and benchmarking ranges (whatever :mod:`ipaddress` does not call global), IPv4
-addresses hidden in IPv6 (mapped, NAT64, 6to4, Teredo), and the cloud metadata services, some of which sit on
-public addresses (Azure's 168.63.129.16). ``allow_private=True`` (``EngineConfig.allow_private_webhook_urls``,
-for tests and sandboxes) lifts the address rules and allows http; the URL shape rules stay.
+(100.64/10), documentation and benchmarking ranges (whatever :mod:`ipaddress` does not call global); the
+ranges that some Python versions call global but are not (:data:`SPECIAL_IPV6`: deprecated site-local
+fec0::/10, documentation 3fff::/20, local-use NAT64, IPv4-compatible and IPv4-translated forms, SRv6 SIDs;
+:data:`SPECIAL_IPV4`: the deprecated 6to4 relay anycast); IPv6 forms of a non-public IPv4 address
+(IPv4-mapped, NAT64 64:ff9b::/96, 6to4 2002::/16: judged by the IPv4 address they reach); every Teredo
+address (2001::/32, a client-side NAT traversal tunnel, never a receiver); and the cloud metadata services,
+some of which sit on public addresses (Azure's 168.63.129.16). ``allow_private=True``
+(``EngineConfig.allow_private_webhook_urls``, for tests and sandboxes) lifts the address rules and allows
+http; the URL shape rules stay.
 """
 
 from __future__ import annotations
@@ -49,7 +54,28 @@ METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
     )
 )
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata", "instance-data"})
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = ipaddress.ip_network(
+    "64:ff9b::/96"
+)  # RFC 6052 well-known prefix: the IPv4 address is the last 32 bits
+# IPv6 ranges that are not public but that ipaddress calls global in some or all Python versions (3.11 judges
+# IPv6 is_global as "not is_private"; site-local is in no version's private list), from the IANA IPv6
+# Special-Purpose Address Registry and the RFCs named
+SPECIAL_IPV6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.IPv6Network(net), why)
+    for net, why in (
+        ("fec0::/10", "a site-local address (deprecated by RFC 3879, still routed inside some networks)"),
+        ("3fff::/20", "a documentation address (RFC 9637)"),
+        ("2001:db8::/32", "a documentation address (RFC 3849)"),
+        ("64:ff9b:1::/48", "a local-use NAT64 address (RFC 8215)"),
+        ("::/96", "an IPv4-compatible address (deprecated, RFC 4291 2.5.5.1)"),
+        ("::ffff:0:0:0/96", "an IPv4-translated address (RFC 2765)"),
+        ("100::/64", "a discard-only address (RFC 6666)"),
+        ("5f00::/16", "an SRv6 segment identifier (RFC 9602)"),
+    )
+)
+SPECIAL_IPV4: tuple[tuple[ipaddress.IPv4Network, str], ...] = (
+    (ipaddress.IPv4Network("192.88.99.0/24"), "a 6to4 relay anycast address (deprecated, RFC 7526)"),
+)
 
 
 class AddressRefused(Exception):
@@ -65,6 +91,8 @@ def address_problem(address: str | IPAddress) -> str | None:
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
     if isinstance(ip, ipaddress.IPv6Address):
+        if ip.teredo is not None:
+            return "a Teredo tunnel address"
         embedded = _embedded_ipv4(ip)
         if embedded is not None:
             problem = address_problem(embedded)
@@ -79,20 +107,24 @@ def address_problem(address: str | IPAddress) -> str | None:
     ):
         if flag:
             return f"a {name} address"
+    # separate tables: ipaddress's "in" does not check the version (an IPv4 address is "in" ::/96)
+    specials = SPECIAL_IPV6 if isinstance(ip, ipaddress.IPv6Address) else SPECIAL_IPV4
+    for network, why in specials:
+        if ip in network:
+            return why
     if not ip.is_global:
         return "not a public address"
     return None
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches: IPv4-mapped, NAT64 (well-known prefix) or 6to4."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip in _NAT64:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]  # the client address; the server is public by construction
     return None
 
 

@@ -31,7 +31,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, validation
+from engine import crypto, errors, events, quotas, validation
 from engine import db as dbmod
 from engine import webhooks as signing
 from engine import webhooks_delivery as deliverymod
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("engine.webhooks")
 
-MAX_ENDPOINTS_PER_OWNER = 50
 MAX_ACTIVE_SECRETS = 5  # a receiver may be sent this many signatures at once
 MAX_DESCRIPTION = 256
 SECRET_PURPOSE = "webhook-secret"  # noqa: S105 - a vault purpose label, not a secret
@@ -169,10 +168,8 @@ class WebhookService:
         vault = self.engine.store.vault
         sealed = vault.wrap_blob(signing.secret_key(secret), purpose=secret_purpose(endpoint_id, 1))
         async with self.engine.db.transaction() as conn:
-            if int(await conn.fetchval("count_webhook_endpoints", owner)) >= MAX_ENDPOINTS_PER_OWNER:
-                raise errors.Conflict(
-                    f"an owner may have at most {MAX_ENDPOINTS_PER_OWNER} webhook endpoints", field="url"
-                )
+            # count and insert under the owner's lock: concurrent adds cannot pass the quota (engine/quotas.py)
+            await quotas.check_webhook_endpoints(conn, owner, self.engine.config.quotas)
             row = await conn.fetchrow(
                 "insert_webhook_endpoint", endpoint_id, owner, checked, text, list(wanted) if wanted else None
             )

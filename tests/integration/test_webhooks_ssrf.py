@@ -41,6 +41,7 @@ def resolver() -> FakeResolver:
             "mixed.example": [PUBLIC, "127.0.0.1"],
             "metadata.example": ["169.254.169.254"],
             "v6-loopback.example": ["::1"],
+            "site-local.example": [PUBLIC, "fec0::7"],
             "rebind.example": [PUBLIC],
         }
     )
@@ -69,6 +70,9 @@ async def guarded(
         ("https://[fd00:ec2::254]/latest", "metadata"),
         ("https://168.63.129.16/machine", "metadata"),
         ("https://[::ffff:127.0.0.1]/hooks", "loopback"),
+        ("https://[fec0::1]/hooks", "site-local"),
+        ("https://site-local.example/hooks", "site-local"),
+        ("https://[64:ff9b::a9fe:a9fe]/latest", "metadata"),
         ("https://100.64.0.1/hooks", "not a public"),
         ("https://224.0.0.1/hooks", "multicast"),
         ("https://0.0.0.0/hooks", "unspecified"),

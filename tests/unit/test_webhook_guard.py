@@ -51,10 +51,55 @@ def test_non_public_addresses_are_named(address: str, problem: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["93.184.215.14", "1.1.1.1", "8.8.8.8", "2606:4700:4700::1111", "::ffff:1.1.1.1"]
+    ("address", "problem"),
+    [
+        ("fec0::1", "site-local"),  # issue 9, defect 8: deprecated site-local (RFC 3879), called global
+        ("fec0:0:0:1::5", "site-local"),
+        ("feff:ffff::1", "site-local"),  # the top of fec0::/10
+        ("3fff::1", "documentation"),  # RFC 9637
+        ("2001:db8::1", ""),  # RFC 3849 documentation (ipaddress calls it private)
+        ("::10.0.0.1", ""),  # IPv4-compatible (deprecated) of a private address
+        ("::8.8.8.8", ""),  # IPv4-compatible even of a public one: no stack should route it
+        ("::ffff:0:10.0.0.1", ""),  # IPv4-translated (SIIT)
+        ("::ffff:169.254.169.254", "metadata address (inside an IPv6 address)"),
+        ("64:ff9b::7f00:1", "loopback address (inside an IPv6 address)"),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "metadata address (inside an IPv6 address)"),  # NAT64 of 169.254.169.254
+        ("64:ff9b::c0a8:101", "private address (inside an IPv6 address)"),  # NAT64 of 192.168.1.1
+        ("64:ff9b:1::a00:1", ""),  # local-use NAT64 (RFC 8215): whatever it embeds
+        ("64:ff9b:1::808:808", ""),
+        ("2002:a00:1::1", "private address (inside an IPv6 address)"),  # 6to4 of 10.0.0.1
+        ("2002:a9fe:a9fe::1", "metadata address (inside an IPv6 address)"),  # 6to4 of 169.254.169.254
+        ("2002:6440:1::", "not a public address (inside an IPv6 address)"),  # 6to4 of 100.64.0.1
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "Teredo"),  # Teredo, client 10.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", "Teredo"),  # Teredo, client 8.8.8.8: still refused
+        ("100::1", ""),  # discard-only
+        ("5f00::1", ""),  # SRv6 SIDs
+        ("192.88.99.1", "6to4 relay"),  # deprecated 6to4 relay anycast, called global by ipaddress
+    ],
+)
+def test_special_ipv6_ranges_and_ipv4_inside_ipv6_are_refused(address: str, problem: str) -> None:
+    """The IPv6 ranges ipaddress may call global (site-local first of all), and IPv6 forms that reach a
+    non-public IPv4 address (mapped, compatible, translated, NAT64, 6to4, Teredo) are refused, in every Python
+    version (an empty problem: the reason's wording differs between versions, the refusal does not)."""
+    found = guard.address_problem(address)
+    assert found is not None and problem in found, found
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "93.184.215.14",
+        "1.1.1.1",
+        "8.8.8.8",
+        "2606:4700:4700::1111",
+        "2a00:1450:4001:80b::200e",
+        "::ffff:1.1.1.1",  # IPv4-mapped of a public address
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: how IPv6-only networks reach IPv4 receivers
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
+    ],
 )
 def test_public_addresses_pass(address: str) -> None:
-    """Public IPv4 and IPv6 addresses (also IPv4-mapped public ones) are allowed."""
+    """Public IPv4 and IPv6 addresses (also the IPv6 forms of public IPv4 ones) are allowed."""
     assert guard.address_problem(address) is None
 
 
