@@ -99,7 +99,7 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     )
     app[api_routes.ENGINE] = engine
     app[api_routes.CONNECT_WAIT] = config.connect_wait_timeout
-    app[api_http.JWT_SECRET] = auth.check_secret(config.jwt_secret)
+    app[api_http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
     app[api_http.HTTP_COUNTS] = Counter()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

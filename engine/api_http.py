@@ -193,7 +193,7 @@ async def body(request: web.Request) -> Fields:
 
 OWNER: web.RequestKey[str] = web.RequestKey("owner", str)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
-JWT_SECRET: web.AppKey[bytes] = web.AppKey("jwt_secret", bytes)
+TOKEN_VERIFIER: web.AppKey[auth.TokenVerifier] = web.AppKey("token_verifier", auth.TokenVerifier)
 HTTP_COUNTS: web.AppKey[Counter[tuple[str, str, int]]] = web.AppKey("http_counts", Counter)
 
 
@@ -266,5 +266,5 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """``/api/...`` needs a valid bearer token; its ``sub`` is the owner every handler acts for."""
     if request.path.startswith("/api/"):
         token = auth.bearer_token(request.headers.get("Authorization"))
-        request[OWNER] = auth.verify_token(request.app[JWT_SECRET], token).owner_id
+        request[OWNER] = request.app[TOKEN_VERIFIER].verify(token).owner_id
     return await handler(request)
