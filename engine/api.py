@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine import api_http, api_ops, api_routes, api_webhooks, auth, errors
+from engine.config import settings_view
+from engine.sensitive import SecretText
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -43,7 +45,11 @@ ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
 
 @dataclass(frozen=True, kw_only=True)
 class ApiConfig:
-    """How the REST API listens and whom it trusts. No I/O when built."""
+    """How the REST API listens and whom it trusts. No I/O when built.
+
+    ``jwt_secret`` is left out of the ``repr`` and kept as a :class:`~engine.sensitive.SecretText`, so a
+    traceback rendered with frame locals shows ``'***'`` for it.
+    """
 
     jwt_secret: str = field(repr=False)
     host: str = "127.0.0.1"
@@ -52,6 +58,7 @@ class ApiConfig:
     connect_wait_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "jwt_secret", SecretText(self.jwt_secret))
         auth.check_secret(self.jwt_secret)
         if not 0 <= self.port <= 65535:
             raise errors.ConfigurationError("port must be 0-65535 (0 picks a free port)", field="port")
@@ -65,7 +72,7 @@ class ApiConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ApiConfig:
         """Build from ``ENGINE_API_*`` variables (module docstring); keyword overrides win."""
-        env = os.environ if env is None else env
+        env = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
         kwargs: dict[str, Any] = {}
         if env.get(auth.SECRET_ENV):
             kwargs["jwt_secret"] = env[auth.SECRET_ENV]

@@ -115,19 +115,32 @@ LAX_TOKENS = [
     pytest.param(GOOD + "!!", "signature is not strict base64url", id="junk-after-signature"),
     pytest.param(GOOD + "$", "signature is not strict base64url", id="junk-char-after-signature"),
     pytest.param(GOOD + "AA", "signature is not strict base64url", id="base64-junk-after-signature"),
-    pytest.param(with_last_char_bits(GOOD), "signature is not strict base64url", id="non-canonical-signature"),
+    pytest.param(
+        with_last_char_bits(GOOD), "signature is not strict base64url", id="non-canonical-signature"
+    ),
     pytest.param(GOOD.replace(".", ".A", 1), "payload is not strict base64url", id="junk-in-payload"),
     pytest.param(signed({"sub": "u-1", "exp": float("nan")}), "payload is not strict", id="exp-NaN"),
     pytest.param(signed({"sub": "u-1", "exp": float("inf")}), "payload is not strict", id="exp-Infinity"),
     pytest.param(signed_text('{"sub":"u-1","exp":1e400}'), "exp is not a finite number", id="exp-1e400"),
-    pytest.param(signed({"sub": "u-1", "exp": FUTURE, "nbf": float("-inf")}), "not strict", id="nbf-Infinity"),
-    pytest.param(signed_text('{"sub":"u-1","exp":4000000000,"iat":-1e999}'), "iat is not a finite", id="iat-inf"),
-    pytest.param(signed({"sub": "u-1", "exp": FUTURE, "iat": "yesterday"}), "iat is not a number", id="iat-text"),
-    pytest.param(signed({"sub": "u-1", "exp": FUTURE, "iat": 1_000_000 + 3600}), "iat is in the future",
-                 id="iat-future"),  # fmt: skip
+    pytest.param(
+        signed({"sub": "u-1", "exp": FUTURE, "nbf": float("-inf")}), "not strict", id="nbf-Infinity"
+    ),
+    pytest.param(
+        signed_text('{"sub":"u-1","exp":4000000000,"iat":-1e999}'), "iat is not a finite", id="iat-inf"
+    ),
+    pytest.param(
+        signed({"sub": "u-1", "exp": FUTURE, "iat": "yesterday"}), "iat is not a number", id="iat-text"
+    ),
+    pytest.param(
+        signed({"sub": "u-1", "exp": FUTURE, "iat": 1_000_000 + 3600}),
+        "iat is in the future",
+        id="iat-future",
+    ),
     pytest.param(signed({"sub": "u-1", "exp": FUTURE}, {"crit": ["exp"]}), "crit", id="crit"),
     pytest.param(signed({"sub": "u-1", "exp": FUTURE}, {"crit": []}), "crit", id="crit-empty"),
-    pytest.param(signed_text('{"sub":"u-1","exp":4000000000}', '{"alg":"HS256","b64":true}'), "b64", id="b64"),
+    pytest.param(
+        signed_text('{"sub":"u-1","exp":4000000000}', '{"alg":"HS256","b64":true}'), "b64", id="b64"
+    ),
     pytest.param(signed({"sub": "u-1", "exp": FUTURE}, {"jwk": {"kty": "oct", "k": "AA"}}), "jwk", id="jwk"),
     pytest.param(signed({"sub": "u-1", "exp": FUTURE}, {"jku": "https://x.example/jwks"}), "jku", id="jku"),
     pytest.param(signed({"sub": " u-1 ", "exp": FUTURE}), "sub must be an owner id", id="sub-padded"),
@@ -138,10 +151,14 @@ LAX_TOKENS = [
     pytest.param(signed({"sub": "   ", "exp": FUTURE}), "sub must be an owner id", id="sub-blank"),
     pytest.param(signed({"sub": "u" * 129, "exp": FUTURE}), "sub must be an owner id", id="sub-too-long"),
     pytest.param(signed({"sub": 42, "exp": FUTURE}), "sub must be an owner id", id="sub-number"),
-    pytest.param(signed_text('{"sub":"u-1","sub":"u-2","exp":4000000000}'), "payload is not strict",
-                 id="duplicate-sub"),  # fmt: skip
-    pytest.param(signed_text('{"sub":"u-1","exp":4000000000}', '{"alg":"HS256","alg":"none"}'),
-                 "header is not strict", id="duplicate-alg"),  # fmt: skip
+    pytest.param(
+        signed_text('{"sub":"u-1","sub":"u-2","exp":4000000000}'), "payload is not strict", id="duplicate-sub"
+    ),
+    pytest.param(
+        signed_text('{"sub":"u-1","exp":4000000000}', '{"alg":"HS256","alg":"none"}'),
+        "header is not strict",
+        id="duplicate-alg",
+    ),
 ]
 
 
