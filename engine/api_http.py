@@ -117,12 +117,20 @@ def error_response(exc: errors.CredentialEngineError, request_id: str, **headers
 
 
 class Fields:
-    """Typed access to request fields (JSON body or query string), every error naming the field."""
+    """Typed access to request fields (JSON body or query string), every error naming the field.
 
-    def __init__(self, values: Mapping[str, list[Any]]) -> None:
+    A field that is absent is absent: the route's default applies. A field that is present must hold a
+    value of its type: a JSON ``null`` or an empty query value (``?status=``, ``?offset=``) is refused like
+    any other wrong value (400 naming the field), never read as "no filter" or "the default". No request
+    field is nullable in the OpenAPI document (``engine/openapi_schemas.py``); a field that ever is must be
+    read with ``nullable=True``.
+    """
+
+    def __init__(self, values: Mapping[str, list[Any]], *, source: str) -> None:
         self._values = values
+        self._source = source  # "query" or "body": what an empty value means differs
 
-    def raw(self, *names: str) -> Any:
+    def raw(self, *names: str, nullable: bool = False) -> Any:
         """The value of the first spelling given (``credentialType`` or ``type``); None when absent.
 
         Two spellings with different values are refused rather than guessed between.
@@ -133,10 +141,17 @@ class Fields:
             if len(given) > 1:
                 raise errors.InvalidRequest(name, "must be given once")
             if given:
+                self._check_given(name, given[0], nullable)
                 found.append((name, given[0]))
         if len(found) > 1 and any(value != found[0][1] for _, value in found[1:]):
             raise errors.InvalidRequest(names[0], f"give {' or '.join(n for n, _ in found)}, not both")
         return found[0][1] if found else None
+
+    def _check_given(self, name: str, value: Any, nullable: bool) -> None:
+        if value is None and not nullable:
+            raise errors.InvalidRequest(name, "must not be null (leave the field out for its default)")
+        if self._source == "query" and isinstance(value, str) and not value.strip():
+            raise errors.InvalidRequest(name, "must not be empty (leave the parameter out for its default)")
 
     def text(self, *names: str) -> str | None:
         value = self.raw(*names)
@@ -156,7 +171,7 @@ class Fields:
 
     def integer(self, name: str, default: int) -> int:
         value = self.raw(name)
-        if value is None or value == "":
+        if value is None:
             return default
         if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,12}", value.strip()):
             return int(value)
@@ -165,14 +180,15 @@ class Fields:
         raise errors.InvalidRequest(name, "must be an integer")
 
     def present(self, name: str) -> bool:
-        return bool(self._values.get(name))
+        """Whether ``name`` was sent at all (with any value)."""
+        return name in self._values
 
 
 def query(request: web.Request) -> Fields:
     values: dict[str, list[Any]] = {}
     for key, value in request.query.items():
         values.setdefault(key, []).append(value)
-    return Fields(values)
+    return Fields(values, source="query")
 
 
 async def body(request: web.Request) -> Fields:
@@ -186,7 +202,7 @@ async def body(request: web.Request) -> Fields:
         raise errors.InvalidRequest("body", "is not valid JSON") from None
     if not isinstance(data, dict):
         raise errors.InvalidRequest("body", "must be a JSON object")
-    return Fields({key: [value] for key, value in data.items()})
+    return Fields({key: [value] for key, value in data.items()}, source="body")
 
 
 # ---- middlewares --------------------------------------------------------------------------------------------
