@@ -6,7 +6,8 @@
         ...
         await server.close()
 
-Modules: :mod:`engine.api_http` (envelope, errors, parsing, middlewares), :mod:`engine.api_routes`
+Modules: :mod:`engine.api_http` (envelope, errors, parsing, middlewares), :mod:`engine.api_protocol` (the
+answers to requests aiohttp refuses before the application sees them), :mod:`engine.api_routes`
 (credentials, trading accounts), :mod:`engine.api_webhooks` (webhook endpoints), :mod:`engine.api_ops`
 (health, readiness, metrics, OpenAPI), :mod:`engine.openapi` (the document). The server does not own the
 engine: whoever opened it closes it, after the server.
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine import api_http, api_ops, api_routes, api_webhooks, auth, errors
+from engine import api_http, api_ops, api_protocol, api_routes, api_webhooks, auth, errors
 from engine.config import settings_view
 from engine.sensitive import SecretText
 
@@ -132,7 +133,8 @@ class ApiServer:
         if self._runner is not None:
             raise errors.EngineClosed("an ApiServer starts once")
         # access_log=None: the envelope middleware logs each request (route pattern, status, request id)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        # ApiRunner: requests aiohttp's parser refuses are answered in the envelope too (engine/api_protocol.py)
+        self._runner = api_protocol.ApiRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         try:
             site = web.TCPSite(self._runner, self.config.host, self.config.port)

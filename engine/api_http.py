@@ -40,7 +40,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 INTERNAL_ERRNO = errors.CredentialEngineError.errno  # -100000: an unexpected failure
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _JSON = "application/json"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -228,7 +228,7 @@ def route_name(request: web.Request) -> str:
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, access log, request counts, and every error as an envelope (never a stack trace)."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     started = time.monotonic()
     response: web.StreamResponse
