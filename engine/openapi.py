@@ -20,7 +20,8 @@ VERSION = "0.1.0"
 _ERROR = {"description": "error envelope", "content": json_content(ref("Error"))}
 _COMMON_ERRORS = {
     "400": {
-        "description": "invalid request: a field is missing or invalid (named in error)",
+        "description": "invalid request: a field is missing or invalid (named in error); a JSON null or an "
+        "empty query value is invalid too (leave an optional field out for its default)",
         "content": json_content(ref("Error")),
     },
     "401": {
