@@ -143,7 +143,7 @@ class EngineConfig:
         kwargs: dict[str, Any] = {}
         dsn = env.get("DATABASE_URL")
         if not dsn and (env.get("PGHOST") or env.get("PGDATABASE") or env.get("PGSERVICE")):
-            dsn = SecretDsn("postgresql://")  # libpq variables fill in the rest (asyncpg honours them)
+            dsn = "postgresql://"  # libpq variables fill in the rest (asyncpg honours them)
         if dsn:
             kwargs["database_url"] = dsn
         if env.get("ENGINE_DATA_DIR"):
