@@ -6,7 +6,8 @@
         ...
         await server.close()
 
-Modules: :mod:`engine.api_http` (envelope, errors, parsing, middlewares), :mod:`engine.api_routes`
+Modules: :mod:`engine.api_http` (envelope, errors, parsing, middlewares), :mod:`engine.api_protocol` (the
+answers to requests aiohttp refuses before the application sees them), :mod:`engine.api_routes`
 (credentials, trading accounts), :mod:`engine.api_webhooks` (webhook endpoints), :mod:`engine.api_ops`
 (health, readiness, metrics, OpenAPI), :mod:`engine.openapi` (the document). The server does not own the
 engine: whoever opened it closes it, after the server.
@@ -27,7 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine import api_http, api_limits, api_metrics, api_ops, api_routes, api_webhooks, auth, errors
+from engine import (
+    api_http,
+    api_limits,
+    api_metrics,
+    api_ops,
+    api_protocol,
+    api_routes,
+    api_webhooks,
+    auth,
+    errors,
+)
+from engine.config import settings_view
+from engine.sensitive import SecretText
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -44,7 +57,11 @@ ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
 
 @dataclass(frozen=True, kw_only=True)
 class ApiConfig:
-    """How the REST API listens and whom it trusts. No I/O when built."""
+    """How the REST API listens and whom it trusts. No I/O when built.
+
+    ``jwt_secret`` is left out of the ``repr`` and kept as a :class:`~engine.sensitive.SecretText`, so a
+    traceback rendered with frame locals shows ``'***'`` for it.
+    """
 
     jwt_secret: str = field(repr=False)
     host: str = "127.0.0.1"
@@ -54,6 +71,7 @@ class ApiConfig:
     rate_limits: api_limits.RateLimits = field(default_factory=api_limits.RateLimits)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "jwt_secret", SecretText(self.jwt_secret))
         auth.check_secret(self.jwt_secret)
         if not 0 <= self.port <= 65535:
             raise errors.ConfigurationError("port must be 0-65535 (0 picks a free port)", field="port")
@@ -67,7 +85,7 @@ class ApiConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ApiConfig:
         """Build from ``ENGINE_API_*`` variables (module docstring); keyword overrides win."""
-        env = os.environ if env is None else env
+        env = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
         kwargs: dict[str, Any] = {}
         if env.get(auth.SECRET_ENV):
             kwargs["jwt_secret"] = env[auth.SECRET_ENV]
@@ -107,7 +125,7 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     api_limits.install(app, engine, config.rate_limits)
     app[api_routes.ENGINE] = engine
     app[api_routes.CONNECT_WAIT] = config.connect_wait_timeout
-    app[api_http.JWT_SECRET] = auth.check_secret(config.jwt_secret)
+    app[api_http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
     app[api_http.HTTP_COUNTS] = Counter()
     app[api_metrics.JOB_COUNTS] = api_metrics.SharedRead(api_metrics.JOB_COUNTS_TTL)
     for method, path, handler in ROUTES:
@@ -134,7 +152,8 @@ class ApiServer:
         if self._runner is not None:
             raise errors.EngineClosed("an ApiServer starts once")
         # access_log=None: the envelope middleware logs each request (route pattern, status, request id)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        # ApiRunner: requests aiohttp's parser refuses are answered in the envelope too (engine/api_protocol.py)
+        self._runner = api_protocol.ApiRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         try:
             site = web.TCPSite(self._runner, self.config.host, self.config.port)

@@ -41,7 +41,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 INTERNAL_ERRNO = errors.CredentialEngineError.errno  # -100000: an unexpected failure
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _JSON = "application/json"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -118,12 +118,20 @@ def error_response(exc: errors.CredentialEngineError, request_id: str, **headers
 
 
 class Fields:
-    """Typed access to request fields (JSON body or query string), every error naming the field."""
+    """Typed access to request fields (JSON body or query string), every error naming the field.
 
-    def __init__(self, values: Mapping[str, list[Any]]) -> None:
+    A field that is absent is absent: the route's default applies. A field that is present must hold a
+    value of its type: a JSON ``null`` or an empty query value (``?status=``, ``?offset=``) is refused like
+    any other wrong value (400 naming the field), never read as "no filter" or "the default". No request
+    field is nullable in the OpenAPI document (``engine/openapi_schemas.py``); a field that ever is must be
+    read with ``nullable=True``.
+    """
+
+    def __init__(self, values: Mapping[str, list[Any]], *, source: str) -> None:
         self._values = values
+        self._source = source  # "query" or "body": what an empty value means differs
 
-    def raw(self, *names: str) -> Any:
+    def raw(self, *names: str, nullable: bool = False) -> Any:
         """The value of the first spelling given (``credentialType`` or ``type``); None when absent.
 
         Two spellings with different values are refused rather than guessed between.
@@ -134,10 +142,17 @@ class Fields:
             if len(given) > 1:
                 raise errors.InvalidRequest(name, "must be given once")
             if given:
+                self._check_given(name, given[0], nullable)
                 found.append((name, given[0]))
         if len(found) > 1 and any(value != found[0][1] for _, value in found[1:]):
             raise errors.InvalidRequest(names[0], f"give {' or '.join(n for n, _ in found)}, not both")
         return found[0][1] if found else None
+
+    def _check_given(self, name: str, value: Any, nullable: bool) -> None:
+        if value is None and not nullable:
+            raise errors.InvalidRequest(name, "must not be null (leave the field out for its default)")
+        if self._source == "query" and isinstance(value, str) and not value.strip():
+            raise errors.InvalidRequest(name, "must not be empty (leave the parameter out for its default)")
 
     def text(self, *names: str) -> str | None:
         value = self.raw(*names)
@@ -157,7 +172,7 @@ class Fields:
 
     def integer(self, name: str, default: int) -> int:
         value = self.raw(name)
-        if value is None or value == "":
+        if value is None:
             return default
         if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,12}", value.strip()):
             return int(value)
@@ -166,14 +181,15 @@ class Fields:
         raise errors.InvalidRequest(name, "must be an integer")
 
     def present(self, name: str) -> bool:
-        return bool(self._values.get(name))
+        """Whether ``name`` was sent at all (with any value)."""
+        return name in self._values
 
 
 def query(request: web.Request) -> Fields:
     values: dict[str, list[Any]] = {}
     for key, value in request.query.items():
         values.setdefault(key, []).append(value)
-    return Fields(values)
+    return Fields(values, source="query")
 
 
 async def body(request: web.Request) -> Fields:
@@ -187,14 +203,14 @@ async def body(request: web.Request) -> Fields:
         raise errors.InvalidRequest("body", "is not valid JSON") from None
     if not isinstance(data, dict):
         raise errors.InvalidRequest("body", "must be a JSON object")
-    return Fields({key: [value] for key, value in data.items()})
+    return Fields({key: [value] for key, value in data.items()}, source="body")
 
 
 # ---- middlewares --------------------------------------------------------------------------------------------
 
 OWNER: web.RequestKey[str] = web.RequestKey("owner", str)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
-JWT_SECRET: web.AppKey[bytes] = web.AppKey("jwt_secret", bytes)
+TOKEN_VERIFIER: web.AppKey[auth.TokenVerifier] = web.AppKey("token_verifier", auth.TokenVerifier)
 HTTP_COUNTS: web.AppKey[Counter[tuple[str, str, int]]] = web.AppKey("http_counts", Counter)
 
 
@@ -213,7 +229,7 @@ def route_name(request: web.Request) -> str:
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, access log, request counts, and every error as an envelope (never a stack trace)."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     started = time.monotonic()
     response: web.StreamResponse
@@ -273,7 +289,7 @@ def _retry_after(exc: errors.CredentialEngineError) -> dict[str, str]:
 def authenticate(request: web.Request) -> str:
     """The owner of the request's bearer token (also kept on the request); :class:`errors.Unauthorized`."""
     token = auth.bearer_token(request.headers.get("Authorization"))
-    owner = request[OWNER] = auth.verify_token(request.app[JWT_SECRET], token).owner_id
+    owner = request[OWNER] = request.app[TOKEN_VERIFIER].verify(token).owner_id
     return owner
 
 

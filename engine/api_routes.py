@@ -64,8 +64,8 @@ async def list_credentials(request: web.Request) -> web.Response:
     page = await engine_of(request).list_credentials(
         api_http.owner_of(request),
         status=f.text("credentialStatus", "status"),
-        credential_type=f.text("credentialType", "type") or None,
-        venue=f.text("venue") or None,
+        credential_type=f.text("credentialType", "type"),
+        venue=f.text("venue"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", DEFAULT_LIMIT),
     )
@@ -104,17 +104,19 @@ async def connect_trading_account(request: web.Request) -> web.Response:
     """POST /api/v3/tradingAccount/connect: seed 05's body with keys, or a verified credentialId."""
     f = await api_http.body(request)
     credential_id = f.text("credentialId")
+    account_type, name = f.text("accountType"), f.text("name", "nickname")
+    venue, api_key, api_secret, api_passphrase = (f.text(name) for name in _KEY_FIELDS)
     if credential_id is not None and any(f.present(name) for name in _KEY_FIELDS):
         raise errors.InvalidRequest("credentialId", "give credentialId or venue/apiKey/apiSecret, not both")
     account = await engine_of(request).connect_trading_account(
         api_http.owner_of(request),
         credential_id=credential_id,
-        account_type=f.text("accountType"),
-        name=f.text("name", "nickname"),
-        venue=f.text("venue"),
-        api_key=f.text("apiKey"),
-        api_secret=f.text("apiSecret"),
-        api_passphrase=f.text("apiPassphrase"),
+        account_type=account_type,
+        name=name,
+        venue=venue,
+        api_key=api_key,
+        api_secret=api_secret,
+        api_passphrase=api_passphrase,
         wait_timeout=request.app[CONNECT_WAIT],
     )
     return api_http.ok(account.public_dict())
@@ -143,9 +145,9 @@ async def list_trading_accounts(request: web.Request) -> web.Response:
     f = api_http.query(request)
     page = await engine_of(request).list_trading_accounts(
         api_http.owner_of(request),
-        credential_id=f.text("credentialId") or None,
+        credential_id=f.text("credentialId"),
         status=f.text("status", "tradingAccountStatus"),
-        venue=f.text("venue") or None,
+        venue=f.text("venue"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", DEFAULT_LIMIT),
     )

@@ -90,8 +90,8 @@ async def list_deliveries(request: web.Request) -> web.Response:
     f = api_http.query(request)
     page = await api_routes.engine_of(request).list_webhook_deliveries(
         api_http.owner_of(request),
-        f.text("endpointId") or None,
-        state=f.text("state") or None,
+        f.text("endpointId"),
+        state=f.text("state"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", api_routes.DEFAULT_LIMIT),
     )

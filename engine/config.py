@@ -16,6 +16,11 @@ Environment variables (all optional):
     ENGINE_QUOTA_CREDENTIALS, ENGINE_QUOTA_WEBHOOK_ENDPOINTS, ENGINE_QUOTA_VERIFY_PER_HOUR   per-owner quotas
                                  (see Quotas; 0 = no quota)
     ENGINE_LOG_LEVEL, ENGINE_LOG_JSON
+
+Secret-bearing settings (``database_url``, ``master_keys``) are kept as :mod:`engine.sensitive` strings:
+``repr(config)`` shows the DSN with its password masked and the master keys as their versions only, and so
+does a traceback rendered with frame locals. :meth:`EngineConfig.from_env` reads only the variables it
+knows, secrets masked, so a failure while it runs never shows the environment.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine import errors
+from engine.sensitive import MasterKeysText, SecretDsn, SecretText
 from venues.base import Permissions, ProbeResult, Venue
 
 DAY_MS = 86_400_000
@@ -108,7 +114,12 @@ class Quotas:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """Everything the engine needs; no I/O happens when it is built."""
+    """Everything the engine needs; no I/O happens when it is built.
+
+    ``database_url`` and ``master_keys`` may be given as plain strings; they are stored as
+    :class:`~engine.sensitive.SecretDsn` and :class:`~engine.sensitive.MasterKeysText` (still ``str``), so
+    the ``repr`` shows ``postgresql://user:***@host/db`` and ``<master keys: versions 1, 2>``.
+    """
 
     database_url: str | None = None
     data_dir: Path | None = None
@@ -140,6 +151,11 @@ class EngineConfig:
     log_json: bool = False
 
     def __post_init__(self) -> None:
+        # first, so that a validation error below, rendered with frame locals, shows only masked values
+        if self.database_url is not None:
+            object.__setattr__(self, "database_url", SecretDsn(self.database_url))
+        if self.master_keys is not None:
+            object.__setattr__(self, "master_keys", MasterKeysText(self.master_keys))
         if self.workers < 0:
             raise errors.ConfigurationError("workers must be >= 0", field="workers")
         schedule = self.webhook_retry_schedule
@@ -163,7 +179,7 @@ class EngineConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:
         """Build from environment variables (see the module docstring); keyword overrides win."""
-        env = os.environ if env is None else env
+        env = settings_view(os.environ if env is None else env)  # a failure below shows no other variable
         kwargs: dict[str, Any] = {}
         dsn = env.get("DATABASE_URL")
         if not dsn and (env.get("PGHOST") or env.get("PGDATABASE") or env.get("PGSERVICE")):
@@ -202,6 +218,31 @@ class EngineConfig:
         kwargs["log_json"] = _flag(env, "ENGINE_LOG_JSON", False)
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+# variables read by from_env() and the API's configuration (engine/api.py) whose values are secret
+SECRET_VARIABLES: dict[str, type[SecretText]] = {
+    "DATABASE_URL": SecretDsn,
+    "ENGINE_MASTER_KEYS": MasterKeysText,
+}
+# any other variable with one of these in its name is shown as *** (ENGINE_API_JWT_SECRET, PGPASSWORD, ...)
+_SECRET_NAME_PARTS = ("SECRET", "PASSWORD", "PASSPHRASE", "TOKEN", "KEY")
+
+
+def settings_view(env: Mapping[str, str]) -> dict[str, str]:
+    """The engine's own variables of ``env`` (``DATABASE_URL``, ``PG*``, ``ENGINE_*``), secret ones masked.
+
+    ``os.environ`` holds every secret of the process; a traceback rendered with frame locals would print all
+    of it from any frame that holds it. The ``from_env`` builders read this view instead.
+    """
+    view: dict[str, str] = {}
+    for key, value in env.items():
+        if key == "DATABASE_URL" or key.startswith(("ENGINE_", "PG")):
+            wrap = SECRET_VARIABLES.get(key)
+            if wrap is None and any(part in key.upper() for part in _SECRET_NAME_PARTS):
+                wrap = SecretText
+            view[key] = wrap(value) if wrap is not None else value
+    return view
 
 
 def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:

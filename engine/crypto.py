@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import json
@@ -40,6 +41,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine import errors
+from engine.sensitive import MasterKeysText
 from venues.base import ApiKeys
 
 __all__ = [
@@ -65,7 +67,10 @@ _AAD_BLOB_DEK = b"ce:v1:blob-dek:"
 _AAD_BLOB = b"ce:v1:blob:"
 _FINGERPRINT_DOMAIN = b"ce:v1:fp:"
 
-_DekAad = Callable[[int], bytes]  # the DEK wrap's associated data for a given KEK version
+_DekAad = Callable[[int], bytes]
+_O_NOFOLLOW = getattr(
+    os, "O_NOFOLLOW", 0
+)  # POSIX; elsewhere symbolic links are not refused  # the DEK wrap's associated data for a given KEK version
 
 
 class MasterKeyring:
@@ -107,73 +112,36 @@ class MasterKeyring:
         """Parse ``"1:<b64>,2:<b64>"`` (optionally one entry marked current with a trailing ``*``).
 
         Errors name ``setting`` and the entry's position, never any text of the spec (a mistyped entry
-        may be a key).
+        may be a key). The parsing happens in a helper that returns before anything is raised, and ``spec``
+        is held masked here, so a traceback rendered with frame locals shows no key either.
         """
-        if not spec.strip():
-            raise errors.ConfigurationError(
-                f"{setting} is empty; expected '<version>:<base64 32-byte key>[,...]' "
-                f"(make one with MasterKeyring.generate_spec())",
-                field=setting,
-            )
-        keys: dict[int, bytes] = {}
-        marked: int | None = None
-        for position, raw_entry in enumerate(spec.split(","), start=1):
-            entry = raw_entry.strip()
-            where = f"{setting} entry {position}"
-            if not entry:
-                raise errors.ConfigurationError(f"{where} is empty (stray comma?)", field=setting)
-            is_marked = entry.endswith("*")
-            if is_marked:
-                entry = entry[:-1].rstrip()
-            version_text, colon, key_text = entry.partition(":")
-            if not colon:
-                raise errors.ConfigurationError(
-                    f"{where} is not of the form '<version>:<base64 key>'", field=setting
-                )
-            version_text = version_text.strip()
-            if (
-                not (version_text.isascii() and version_text.isdigit())
-                or not 1 <= int(version_text) <= MAX_KEK_VERSION
-            ):
-                raise errors.ConfigurationError(
-                    f"{where}: the version must be an integer from 1 to {MAX_KEK_VERSION}", field=setting
-                )
-            version = int(version_text)
-            if version in keys:
-                raise errors.ConfigurationError(f"{where}: version {version} appears twice", field=setting)
-            key = _decode_key(key_text.strip())
-            if key is None:
-                raise errors.ConfigurationError(
-                    f"{where} (version {version}): key is not base64", field=setting
-                )
-            if len(key) != KEY_BYTES:
-                raise errors.ConfigurationError(
-                    f"{where} (version {version}): key must decode to {KEY_BYTES} bytes, not {len(key)}",
-                    field=setting,
-                )
-            if is_marked:
-                if marked is not None:
-                    raise errors.ConfigurationError(
-                        f"{setting}: more than one entry is marked current with '*'", field=setting
-                    )
-                marked = version
-            keys[version] = key
-        return cls(keys, current=marked)
+        spec = MasterKeysText(spec)
+        parsed = _parse_spec(spec, setting)
+        if isinstance(parsed, str):
+            raise errors.ConfigurationError(parsed, field=setting)
+        return cls(parsed[0], current=parsed[1])
 
     @classmethod
     def load_or_create(cls, path: Path) -> MasterKeyring:
         """Zero-config mode: read the keyring spec stored at ``path``, creating it (mode 0600) if missing.
 
         The file holds a spec in the ``ENGINE_MASTER_KEYS`` format, so an operator can copy it into the
-        environment. A new file is written to a temporary name opened with ``O_CREAT | O_EXCL`` and mode
-        0600 (never readable by others, not even briefly), then hard-linked into place: a concurrent
-        starter either wins or reads the winner's complete file. A file that group or others can read or
-        write is refused. Logs a WARNING either way: local keys must be backed up, and replaced by
-        ``ENGINE_MASTER_KEYS`` in production.
+        environment. A missing folder is made with mode 0700. A new file is written to a temporary name
+        opened with ``O_CREAT | O_EXCL`` and mode 0600 (never readable by others, not even briefly), then
+        hard-linked into place: a concurrent starter either wins or reads the winner's complete file.
+
+        Refused with a :class:`errors.ConfigurationError` naming the path and the reason, before any key is
+        read or written: a folder (or any folder above it) that group or others may write without the sticky
+        bit, or a folder owned by another user than this process's or root (they could replace the file);
+        a file that is a symbolic link (opened with ``O_NOFOLLOW``), is not a regular file, is owned by
+        another user, or that group or others may read or write. Logs a WARNING either way: local keys must
+        be backed up, and replaced by ``ENGINE_MASTER_KEYS`` in production.
         """
         setting = f"master key file {path}"
-        created = _create_key_file(path, cls.generate_spec())
-        spec = _read_private_file(path)
+        _make_private_folder(path)
+        _check_folders(path)
+        created = _create_key_file(path, MasterKeysText(cls.generate_spec()))
+        spec = MasterKeysText(_read_private_file(path))
         keyring = cls.from_spec(spec, setting=setting)
         log.warning(
             "master_key_file_in_use",
@@ -215,6 +183,48 @@ class MasterKeyring:
         raise TypeError("MasterKeyring cannot be pickled")
 
 
+def _parse_spec(spec: str, setting: str) -> tuple[dict[int, bytes], int | None] | str:
+    """(keys by version, the version marked current or None), or the message of the first problem."""
+    if not spec.strip():
+        return (
+            f"{setting} is empty; expected '<version>:<base64 32-byte key>[,...]' "
+            f"(make one with MasterKeyring.generate_spec())"
+        )
+    keys: dict[int, bytes] = {}
+    marked: int | None = None
+    for position, raw_entry in enumerate(spec.split(","), start=1):
+        entry = raw_entry.strip()
+        where = f"{setting} entry {position}"
+        if not entry:
+            return f"{where} is empty (stray comma?)"
+        is_marked = entry.endswith("*")
+        if is_marked:
+            entry = entry[:-1].rstrip()
+        version_text, colon, key_text = entry.partition(":")
+        if not colon:
+            return f"{where} is not of the form '<version>:<base64 key>'"
+        version_text = version_text.strip()
+        if (
+            not (version_text.isascii() and version_text.isdigit())
+            or not 1 <= int(version_text) <= MAX_KEK_VERSION
+        ):
+            return f"{where}: the version must be an integer from 1 to {MAX_KEK_VERSION}"
+        version = int(version_text)
+        if version in keys:
+            return f"{where}: version {version} appears twice"
+        key = _decode_key(key_text.strip())
+        if key is None:
+            return f"{where} (version {version}): key is not base64"
+        if len(key) != KEY_BYTES:
+            return f"{where} (version {version}): key must decode to {KEY_BYTES} bytes, not {len(key)}"
+        if is_marked:
+            if marked is not None:
+                return f"{setting}: more than one entry is marked current with '*'"
+            marked = version
+        keys[version] = key
+    return keys, marked
+
+
 def _decode_key(text: str) -> bytes | None:
     """Standard or URL-safe base64 (padding required), or None when it is neither."""
     try:
@@ -223,14 +233,71 @@ def _decode_key(text: str) -> bytes | None:
         return None
 
 
+def _refused(path: Path, reason: str) -> errors.ConfigurationError:
+    return errors.ConfigurationError(
+        f"the master key file {path} is refused: {reason}", field=MASTER_KEYS_SETTING
+    )
+
+
+def _make_private_folder(path: Path) -> None:
+    """Make the key file's missing folders, each with mode 0700 (whatever the umask); existing folders are
+    left as they are (:func:`_check_folders` judges them)."""
+    missing: list[Path] = []
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for each in reversed(missing):
+            try:
+                each.mkdir(mode=0o700)
+            except FileExistsError:
+                continue  # a concurrent starter made it: judged like any existing folder
+            each.chmod(0o700)  # mkdir's mode passes through the umask; ours is exact
+    except OSError as exc:
+        raise errors.ConfigurationError(
+            f"cannot create the folder of the master key file {path} ({exc.strerror or type(exc).__name__}); "
+            f"set {MASTER_KEYS_SETTING} instead",
+            field=MASTER_KEYS_SETTING,
+        ) from None
+
+
+def _check_folders(path: Path) -> None:
+    """Refuse a key file whose folder someone else could change: the folder is owned by this process's user
+    or root, and neither it nor any folder above it is writable by group/others without the sticky bit
+    (``/tmp``'s sticky bit lets nobody else rename or delete our entries)."""
+    if os.name != "posix":
+        return
+    me = os.geteuid()
+    folder = path.parent.resolve()
+    for each in (folder, *folder.parents):
+        try:
+            info = os.stat(each)
+        except OSError as exc:
+            raise _refused(
+                path, f"cannot inspect the folder {each} ({exc.strerror or type(exc).__name__})"
+            ) from None
+        if each == folder and info.st_uid not in (me, 0):
+            raise _refused(
+                path,
+                f"its folder {each} is owned by uid {info.st_uid}, not by this process's user (uid {me}) or "
+                "root, who could replace the file",
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            raise _refused(
+                path,
+                f"the folder {each} is writable by group/others (mode {stat.S_IMODE(info.st_mode):04o}, no "
+                f"sticky bit), who could replace the file; run `chmod go-w {each}`",
+            )
+
+
 def _create_key_file(path: Path, content: str) -> bool:
     """Create ``path`` atomically with mode 0600 holding ``content``; False if it already exists."""
-    if path.exists():
+    if os.path.lexists(path):  # a symbolic link, even a dangling one, is there: reading it refuses it
         return False
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "w", encoding="ascii") as out:
                 out.write(content + "\n")
@@ -262,10 +329,17 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def _read_private_file(path: Path) -> str:
-    """Read a key file, refusing one that is not a regular file or that group/others may access."""
+    """Read a key file: a regular file, not a symbolic link, owned by this process's user, mode 0600 or
+    stricter. ``O_NONBLOCK`` keeps a FIFO put in its place from blocking the start for ever."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(
+            path, os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: the last component is a symbolic link
+            raise _refused(
+                path, "it is a symbolic link (the key file itself must be a regular file)"
+            ) from None
         raise errors.ConfigurationError(
             f"cannot read the master key file {path} ({exc.strerror or type(exc).__name__})",
             field=MASTER_KEYS_SETTING,
@@ -273,14 +347,16 @@ def _read_private_file(path: Path) -> str:
     with os.fdopen(fd, "r", encoding="ascii", errors="replace") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise errors.ConfigurationError(
-                f"the master key file {path} is not a regular file", field=MASTER_KEYS_SETTING
+            raise _refused(path, "it is not a regular file")
+        if os.name == "posix" and info.st_uid != os.geteuid():
+            raise _refused(
+                path, f"it is owned by uid {info.st_uid}, not by this process's user (uid {os.geteuid()})"
             )
         if os.name == "posix" and info.st_mode & 0o077:
-            raise errors.ConfigurationError(
-                f"the master key file {path} is accessible to group/others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}); run `chmod 600 {path}`",
-                field=MASTER_KEYS_SETTING,
+            raise _refused(
+                path,
+                f"it is accessible to group/others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"run `chmod 600 {path}`",
             )
         return handle.read()
 

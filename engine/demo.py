@@ -42,7 +42,7 @@ class Client:
 
     http: aiohttp.ClientSession
     url: str
-    token: str
+    token: str = field(repr=False)  # a bearer token: a credential, never in a repr
     admin_url: str
 
     async def call(
@@ -88,7 +88,7 @@ class Client:
 class Receiver:
     """A webhook consumer: verifies every request with the endpoint's secret, prints each event once."""
 
-    secrets: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list, repr=False)  # the endpoints' signing secrets
     events: list[Event] = field(default_factory=list)
     url: str = ""
     runner: web.AppRunner | None = None

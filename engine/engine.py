@@ -641,7 +641,9 @@ class CredentialEngine:
         offset, limit = validation.page(offset, limit)
         return await store.list_accounts(
             validation.owner(owner_id),
-            credential_id=validation.uuid_value(credential_id, "credentialId") if credential_id else None,
+            credential_id=None
+            if credential_id is None
+            else validation.uuid_value(credential_id, "credentialId"),
             status=validation.account_status(status),
             venue=validation.venue(venue) if venue is not None else None,
             offset=offset,

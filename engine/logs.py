@@ -20,13 +20,20 @@ Frame locals are never rendered: ``dict_tracebacks``' default shows them, and th
 Redaction (:func:`redact`) never raises; it replaces
 
 * values of sensitive keys (``secret``, ``passphrase``, ``password``, ``signature``, ``token``,
-  ``authorization``, ``cookie``, ``private_key``, ``sign``, ... anywhere in the name, case-insensitive, in
-  nested dicts and lists too) with ``***``; names that describe a secret rather than hold it
-  (``secret_version``, ``token_type``, ``masked_api_key``) are kept;
+  ``authorization``, ``cookie``, ``private_key``, ``sign``, ``master``, ``kek``, ``keys``, ``jwt``, ... anywhere
+  in the name, case-insensitive, in nested dicts and lists too) with ``***``; names that describe a secret
+  rather than hold it (``secret_version``, ``token_type``, ``master_key_versions``, ``masked_api_key``) are
+  kept;
+* values of DSN keys (``dsn``, ``database_url``, ``db_url``) with the DSN, its password masked
+  (:func:`engine.sensitive.mask_dsn`);
 * ``api_key``-like values (``api_key``, ``X-MBX-APIKEY``, ``OK-ACCESS-KEY``) with their masked form;
-* :class:`~venues.base.ApiKeys` anywhere with its redacted ``repr``; bytes with ``<N bytes>``;
+* :class:`~engine.sensitive.SecretText` values (the configuration's master keys, DSN, JWT secret) anywhere,
+  whatever the key, with their masked form; :class:`~venues.base.ApiKeys` anywhere with its redacted
+  ``repr``; bytes with ``<N bytes>``;
 * in every string: registered secret values (:func:`register_secret`, :func:`secret_scope`), URL/DSN
-  passwords, ``password=...``-style pairs, bearer tokens, ``whsec_`` secrets and PEM private keys.
+  passwords (``scheme://user:PASSWORD@host``, up to the last ``@`` of the authority), ``password=...``,
+  ``"secret": "..."`` and ``Authorization: ...``-style pairs (quoted values too), bearer and basic
+  credentials, JWTs, ``whsec_`` secrets, 32-byte keys in base64 (a master key's form) and PEM private keys.
 
 Module-level state, all of it: ``_registry`` (the registered secret values, created empty at import so
 values registered before configuration are honoured), and what :func:`configure_logging` installs into
@@ -50,6 +57,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from engine import errors
+from engine.sensitive import SecretText, mask_dsn
 from venues.base import ApiKeys, mask_api_key
 
 __all__ = [
@@ -185,37 +193,55 @@ _SENSITIVE_PARTS = (
     "token",
     "cookie",
 )
-_SENSITIVE_WORDS = frozenset({"sign", "pwd", "auth", "jwt", "kek", "dek", "otp", "bearer"})
+_SENSITIVE_WORDS = frozenset(
+    {"sign", "pwd", "auth", "jwt", "kek", "dek", "otp", "bearer", "master", "keys", "credentials"}
+)
+_DSN_NAMES = frozenset({"dsn", "databaseurl", "dburl", "postgresurl", "postgresqlurl", "pgurl", "conninfo"})
 # a trailing word that makes the name describe a secret instead of holding it (secret_version)
 _METADATA_WORDS = frozenset(
     {"version", "versions", "id", "ids", "count", "at", "ms", "length", "len", "type", "kind", "state"}
 )
 
+_SENSITIVE_NAME_PATTERN = (
+    r"[\w-]*(?:password|passwd|passphrase|secret|signature|token|apikey|api_key|api-key|private_?key"
+    r"|master_?keys?|kek|jwt)|pwd|sign"
+)
+_VALUE = r"""(?:"(?:[^"\\]|\\.)*"?|'(?:[^'\\]|\\.)*'?|[^\s&;,'"}\])]+)"""
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S),
         REDACTED,
     ),
-    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@\s:]*:)[^@\s]+@"), r"\1" + REDACTED + "@"),
+    # a JWS/JWT in compact form: base64url JSON header ("eyJ") and payload, then the signature
+    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), REDACTED),
+    # URL userinfo password: up to the last "@" before the path, so an unencoded "@" in it is covered
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@\s:]*:)[^\s/?#]*@"), r"\1" + REDACTED + "@"),
+    # Authorization: <scheme> <credentials> (headers as text, header dicts rendered into a message)
     (
-        re.compile(
-            r"(?i)\b(password|passwd|pwd|passphrase|secret|api_secret|signature|sign|token|access_token"
-            r"|apikey|api_key|api-key)(\s*=\s*)[^\s&;,'\"]+"
-        ),
+        re.compile(r"(?i)\b((?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?)(?:[A-Za-z-]+\s+)?[^\s'\",;]+"),
+        r"\1" + REDACTED,
+    ),
+    # name=value and "name": "value" pairs whose name ends like a secret (jwt_secret, ENGINE_MASTER_KEYS, ...)
+    (
+        re.compile(rf"(?i)(?<![\w-])({_SENSITIVE_NAME_PATTERN})(['\"]?\s*[:=]\s*){_VALUE}"),
         r"\1\2" + REDACTED,
     ),
-    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-._~+/]{8,}=*"), r"\1" + REDACTED),
+    (re.compile(r"(?i)\b(bearer\s+|basic\s+)[A-Za-z0-9\-._~+/]{8,}=*"), r"\1" + REDACTED),
     (re.compile(r"whsec_[A-Za-z0-9+/=]+"), "whsec_" + REDACTED),
+    # 32 bytes in base64 (43 characters and one "="): the form of a master key in ENGINE_MASTER_KEYS
+    (re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{43}=(?![A-Za-z0-9+/=_-])"), REDACTED),
 )
 
 
 @functools.lru_cache(maxsize=1024)
 def _key_kind(name: str) -> str | None:
-    """``"secret"``, ``"api_key"`` or None for an event-dict key name."""
+    """``"secret"``, ``"dsn"``, ``"api_key"`` or None for an event-dict key name."""
     words = [word for word in re.split(r"[^a-z0-9]+", name.lower()) if word]
     if not words or words[0] == "masked" or words[-1] in _METADATA_WORDS:
         return None
     joined = "".join(words)
+    if joined in _DSN_NAMES or words[-1] == "dsn":
+        return "dsn"
     if any(part in joined for part in _SENSITIVE_PARTS) or _SENSITIVE_WORDS.intersection(words):
         return "secret"
     if joined.endswith(("apikey", "accesskey")):
@@ -234,6 +260,8 @@ def _clean(value: Any, depth: int = 0) -> Any:
     """A copy of ``value`` safe to render: containers walked, strings scrubbed, other objects as text."""
     if value is None or isinstance(value, bool | int | float):
         return value
+    if isinstance(value, SecretText):
+        return value.masked()
     if isinstance(value, str):
         return _scrub(value)
     if isinstance(value, ApiKeys):
@@ -260,6 +288,8 @@ def _clean_item(key: Any, value: Any, depth: int) -> Any:
     kind = _key_kind(key) if isinstance(key, str) else None
     if kind == "secret" and value is not None:
         return REDACTED
+    if kind == "dsn" and isinstance(value, str) and not isinstance(value, SecretText):
+        return _scrub(mask_dsn(value))
     if kind == "api_key" and isinstance(value, str):
         return mask_api_key(value)
     return _clean(value, depth)

@@ -32,7 +32,8 @@ _TOO_MANY = {
 }
 _COMMON_ERRORS = {
     "400": {
-        "description": "invalid request: a field is missing or invalid (named in error)",
+        "description": "invalid request: a field is missing or invalid (named in error); a JSON null or an "
+        "empty query value is invalid too (leave an optional field out for its default)",
         "content": json_content(ref("Error")),
     },
     "401": {

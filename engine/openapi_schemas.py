@@ -331,7 +331,7 @@ SCHEMAS: dict[str, Schema] = {
             "eventTypes": {
                 "type": "array",
                 "items": ref("EventType"),
-                "description": "none or empty: every type",
+                "description": "absent or empty ([]): every type (null is refused like any wrong value)",
             },
             "description": {"type": "string"},
         },

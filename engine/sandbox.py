@@ -25,7 +25,7 @@ import os
 import re
 import shlex
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -52,7 +52,7 @@ class Live:
 
     url: str
     owner: str
-    token: str
+    token: str = field(repr=False)  # a bearer token: a credential, never in a repr
     simulator: Simulator
     keys: tuple[TestKey, ...]
     engine: CredentialEngine

@@ -66,7 +66,8 @@ def credential_type(value: Any, field: str = "credentialType") -> CredentialType
 
 
 def status(value: Any, field: str = "credentialStatus") -> CredentialStatus | None:
-    if value is None or value == "":
+    """None (no filter) only for None: an empty or unknown text is refused, never read as "every status"."""
+    if value is None:
         return None
     if isinstance(value, CredentialStatus):
         return value
@@ -79,7 +80,8 @@ def status(value: Any, field: str = "credentialStatus") -> CredentialStatus | No
 
 
 def account_status(value: Any, field: str = "status") -> TradingAccountStatus | None:
-    if value is None or value == "":
+    """None (no filter) only for None: an empty or unknown text is refused."""
+    if value is None:
         return None
     if isinstance(value, TradingAccountStatus):
         return value
@@ -107,7 +109,8 @@ def nickname(value: Any, field: str = "nickname") -> str | None:
 
 
 def account_type(value: Any, field: str = "accountType") -> str | None:
-    if value is None or value == "":
+    """None (the default account type) only for None: an empty text is refused like any bad name."""
+    if value is None:
         return None
     if not isinstance(value, str):
         raise errors.InvalidRequest(field, "must be a string")

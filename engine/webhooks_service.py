@@ -402,7 +402,7 @@ class WebhookService:
 
 
 def _state(value: DeliveryState | str | None) -> str | None:
-    if value is None or value == "":
+    if value is None:  # "" is refused below like any unknown state, never read as "every state"
         return None
     try:
         return DeliveryState(str(value).strip().lower()).value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -330,6 +331,112 @@ def test_load_or_create_reports_a_broken_file_by_path(tmp_path: Path) -> None:
     with pytest.raises(errors.ConfigurationError, match=f"master key file {path}") as caught:
         crypto.MasterKeyring.load_or_create(path)
     assert BAD_KEY_B64 not in str(caught.value)
+
+
+NOBODY = 65534  # another user: the key file or its folder handed to them with os.chown (tests run as root)
+as_root = pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() != 0, reason="chown to another user needs root"
+)
+
+
+def private_key_file(path: Path) -> Path:
+    """A valid 0600 key file at ``path`` (its folder made 0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(crypto.MasterKeyring.generate_spec() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.usefixtures("permissive_umask")
+def test_created_key_file_is_0600_in_a_0700_folder(tmp_path: Path) -> None:
+    """Zero-config makes the missing folder 0700 and the file 0600, whatever the umask."""
+    path = tmp_path / "data" / "engine" / "master.keys"
+    crypto.MasterKeyring.load_or_create(path)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.stat().st_uid == os.geteuid()
+
+
+@as_root
+def test_key_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A key file someone else owns (they could rewrite it, or chmod it open) is refused, by path and uid."""
+    path = private_key_file(tmp_path / "state" / "master.keys")
+    os.chown(path, NOBODY, -1)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        crypto.MasterKeyring.load_or_create(path)
+    assert str(path) in caught.value.message and f"owned by uid {NOBODY}" in caught.value.message
+    assert caught.value.field == "ENGINE_MASTER_KEYS"
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-key-file", "dangling"])
+def test_symlinked_key_file_is_refused(tmp_path: Path, dangling: bool) -> None:
+    """The key file's own name must not be a symbolic link (opened with O_NOFOLLOW): a link to a valid key
+    file is refused, and a dangling one is refused without creating a key at its target."""
+    target = tmp_path / "elsewhere" / "master.keys"
+    if not dangling:
+        private_key_file(target)
+    else:
+        target.parent.mkdir(mode=0o700)
+    path = tmp_path / "state" / "master.keys"
+    path.parent.mkdir(mode=0o700)
+    path.symlink_to(target)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        crypto.MasterKeyring.load_or_create(path)
+    assert str(path) in caught.value.message and "symbolic link" in caught.value.message
+    assert target.exists() is not dangling  # nothing was written through the link
+    assert sorted(p.name for p in path.parent.iterdir()) == ["master.keys"]  # no temporary file left
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o730, 0o703], ids=oct)
+@pytest.mark.parametrize("where", ["folder", "ancestor"])
+def test_key_file_in_a_folder_others_can_write_is_refused(tmp_path: Path, mode: int, where: str) -> None:
+    """Group/other write permission on the folder (or any folder above it) without the sticky bit lets them
+    replace the file: refused before any key is written, naming the folder and the fix."""
+    outer = tmp_path / "outer"
+    path = tmp_path / "outer" / "inner" / "master.keys"
+    path.parent.mkdir(mode=0o700, parents=True)
+    loose = path.parent if where == "folder" else outer
+    loose.chmod(mode)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        crypto.MasterKeyring.load_or_create(path)
+    assert str(path) in caught.value.message and f"the folder {loose} is writable" in caught.value.message
+    assert f"chmod go-w {loose}" in caught.value.message
+    assert not path.exists()  # no key was generated into it
+
+
+def test_key_file_in_a_sticky_shared_folder_is_accepted(tmp_path: Path) -> None:
+    """A world-writable folder with the sticky bit (like /tmp) is fine: nobody else can rename our file."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / "master.keys"
+    assert crypto.MasterKeyring.load_or_create(path).versions == (1,)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@as_root
+def test_key_file_in_a_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    """The folder's owner can replace the file: a folder owned by another user (not root) is refused."""
+    path = private_key_file(tmp_path / "theirs" / "master.keys")
+    os.chown(path.parent, NOBODY, -1)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        crypto.MasterKeyring.load_or_create(path)
+    assert str(path) in caught.value.message and f"owned by uid {NOBODY}" in caught.value.message
+
+
+def test_a_fifo_in_place_of_the_key_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO would block a plain open() until someone writes: it is refused at once (O_NONBLOCK)."""
+    path = tmp_path / "state" / "master.keys"
+    path.parent.mkdir(mode=0o700)
+    os.mkfifo(path, 0o600)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(crypto.MasterKeyring.load_or_create, path)
+        try:
+            with pytest.raises(errors.ConfigurationError, match="not a regular file"):
+                future.result(timeout=10)
+        finally:
+            if not future.done():  # the old behaviour: release the blocked reader so the test can end
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
 def test_keyring_cannot_be_pickled() -> None:
