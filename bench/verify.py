@@ -5,7 +5,7 @@ made one after another.
 
 Each venue's real probe verifies simulator keys over loopback HTTP; the simulator adds ``latency`` to every
 request. "Sequential" runs the very same probe with identity discovery forced one request after another
-(``venues.base.gather_identities`` replaced by a loop), so the two columns differ only in concurrency.
+(``venues.http.gather_identities`` replaced by a loop), so the two columns differ only in concurrency.
 Target (issue 3): p50 at most 2.5 x the per-request latency, whatever the number of identities.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from venues import base, build_probe
+from venues import build_probe, http
 from venues.base import Venue
 from venues.simulator import Faults, Simulator
 
@@ -46,7 +46,7 @@ def percentile(values: list[float], q: float) -> float:
 @contextmanager
 def sequential_identities() -> Iterator[None]:
     """Make every probe discover identities one request after another (the comparison column)."""
-    original = base.gather_identities
+    original = http.gather_identities
 
     async def one_by_one(checks: Iterable[Awaitable[Any]]) -> list[Any]:
         results: list[Any] = []
@@ -57,11 +57,11 @@ def sequential_identities() -> Iterator[None]:
                 results.append(exc)
         return results
 
-    base.gather_identities = one_by_one
+    http.gather_identities = one_by_one
     try:
         yield
     finally:
-        base.gather_identities = original
+        http.gather_identities = original
 
 
 async def measure(

@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
-from venues import base
+from venues import base, http
 
 RECV_WINDOW_MS = 5000  # venues.md 1.2: the documented default (max 60000)
 RESTRICTIONS_PATH = "/sapi/v1/account/apiRestrictions"
@@ -95,7 +95,7 @@ def signed_query(
     return f"{payload}&signature={sign_query(secret, payload)}"
 
 
-def classify(reply: base.Reply) -> base.ProbeFailure | None:
+def classify(reply: http.Reply) -> base.ProbeFailure | None:
     """The failure a Binance answer means, or None when it is a readable success."""
     body = reply.body
     code = body.get("code") if isinstance(body, dict) else None
@@ -161,7 +161,7 @@ def permissions_from_restrictions(body: Any) -> base.Permissions:
     )
 
 
-class BinanceProbe(base.VenueProbe):
+class BinanceProbe(http.VenueProbe):
     """Verifies a Binance HMAC key, reads its permissions and finds its spot / margin / futures accounts."""
 
     venue: ClassVar[base.Venue] = base.Venue.BINANCE
@@ -206,7 +206,7 @@ class BinanceProbe(base.VenueProbe):
             except (ValueError, TypeError):
                 raise self.malformed(restrictions) from None
 
-        answers = await base.gather_identities(
+        answers = await http.gather_identities(
             [
                 self._signed_get(
                     keys, "api", SPOT_ACCOUNT_PATH, [("omitZeroBalances", "true")], cost=SPOT_ACCOUNT_WEIGHT
@@ -221,7 +221,7 @@ class BinanceProbe(base.VenueProbe):
         )
         if permissions is None and isinstance(answers[0], base.ProbeFailure):
             raise answers[0]  # the spot call was the verify call: its failure is the key's failure
-        spot, margin, futures = base.settle_identities(answers)
+        spot, margin, futures = http.settle_identities(answers)
         uid, spot_body = self._spot_account(spot)
         details: dict[str, str] = {}
         if permissions is None:
@@ -241,7 +241,7 @@ class BinanceProbe(base.VenueProbe):
             details=details,
         )
 
-    def _spot_account(self, result: base.Reply | base.ProbeFailure) -> tuple[str, Mapping[str, Any]]:
+    def _spot_account(self, result: http.Reply | base.ProbeFailure) -> tuple[str, Mapping[str, Any]]:
         """The uid from ``/api/v3/account`` (the venue account id); the key must be able to read it."""
         if isinstance(result, base.ProbeFailure):
             if result.outcome in (base.Outcome.INVALID_KEY, base.Outcome.PERMISSION_DENIED):
@@ -258,7 +258,7 @@ class BinanceProbe(base.VenueProbe):
             raise self.malformed(result)
         return str(uid), body
 
-    def _reached(self, result: base.Reply | base.ProbeFailure) -> bool:
+    def _reached(self, result: http.Reply | base.ProbeFailure) -> bool:
         """One identity answer: a readable success means reached; a permanent refusal means not reached.
 
         Refusals here are permanent (transients were raised): -2015 (futures not enabled for the key),
@@ -280,7 +280,7 @@ class BinanceProbe(base.VenueProbe):
         *,
         cost: float,
         passthrough: Collection[int] = (),
-    ) -> base.Reply:
+    ) -> http.Reply:
         """One signed GET; on CLOCK_SKEW resync from the public time endpoint and retry once.
 
         Answers whose HTTP status is in ``passthrough`` are returned unclassified.
@@ -298,7 +298,7 @@ class BinanceProbe(base.VenueProbe):
 
     async def _send(
         self, keys: base.ApiKeys, role: str, path: str, params: Sequence[tuple[str, str]], cost: float
-    ) -> base.Reply:
+    ) -> http.Reply:
         await self.throttle(None, cost)  # per IP only (1.6); wait first, then stamp: no stale requests
         query = signed_query(keys.api_secret, self.now_ms(), params)
         headers = {"X-MBX-APIKEY": keys.api_key}
@@ -308,7 +308,7 @@ class BinanceProbe(base.VenueProbe):
         """Learn the venue's clock from the time endpoint of the host that refused (venues.md 6)."""
         await self.resync_clock(self.url(role, TIME_PATHS[role]), self._server_ms, seen=seen)
 
-    def _server_ms(self, reply: base.Reply) -> float:
+    def _server_ms(self, reply: http.Reply) -> float:
         failure = classify(reply)
         if failure is not None:
             raise failure

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from venues import base
+from venues import base, http
 
 RECV_WINDOW_MS = 5000  # venues.md 3.2: the documented default
 QUERY_API_PATH = "/v5/user/query-api"
@@ -103,7 +103,7 @@ def auth_headers(
     }
 
 
-def classify(reply: base.Reply) -> base.ProbeFailure | None:
+def classify(reply: http.Reply) -> base.ProbeFailure | None:
     """The failure a Bybit answer means, or None when it is a readable success (``retCode`` 0)."""
     body = reply.body
     code = body.get("retCode") if isinstance(body, dict) else None
@@ -202,7 +202,7 @@ def identities_from(margin_status: int | None, wallets: Sequence[str] | None) ->
     return found
 
 
-class BybitProbe(base.VenueProbe):
+class BybitProbe(http.VenueProbe):
     """Verifies a Bybit HMAC key, reads its permissions and expiry, finds unified / spot / contract."""
 
     venue: ClassVar[base.Venue] = base.Venue.BYBIT
@@ -243,8 +243,8 @@ class BybitProbe(base.VenueProbe):
             when = datetime.fromtimestamp(expiry / 1000, tz=UTC).isoformat(timespec="seconds")
             raise base.ProbeFailure(base.Outcome.KEY_EXPIRED, f"Bybit reports the API key expired at {when}")
 
-        account, members = base.settle_identities(
-            await base.gather_identities(
+        account, members = http.settle_identities(
+            await http.gather_identities(
                 [self._signed_get(keys, ACCOUNT_INFO_PATH), self._signed_get(keys, MEMBER_TYPE_PATH)]
             )
         )
@@ -258,7 +258,7 @@ class BybitProbe(base.VenueProbe):
             details=_details(info, margin_status),
         )
 
-    async def _verify(self, keys: base.ApiKeys) -> base.Reply:
+    async def _verify(self, keys: base.ApiKeys) -> http.Reply:
         """``query-api``; on 10003 with the default URLs, look for the key on testnet and demo."""
         try:
             return await self._signed_get(keys, QUERY_API_PATH)
@@ -271,7 +271,7 @@ class BybitProbe(base.VenueProbe):
             return_exceptions=True,
         )
         for name, answer in zip(names, answers, strict=True):
-            if isinstance(answer, base.Reply) and classify(answer) is None:
+            if isinstance(answer, http.Reply) and classify(answer) is None:
                 raise base.ProbeFailure(
                     base.Outcome.WRONG_ENVIRONMENT,
                     f"Bybit 10003: the key belongs to Bybit {name} ({OTHER_ENVIRONMENTS[name]}), not mainnet",
@@ -285,7 +285,7 @@ class BybitProbe(base.VenueProbe):
             venue_code=str(INVALID_KEY_CODE),
         )
 
-    def _margin_status(self, result: base.Reply | base.ProbeFailure) -> int | None:
+    def _margin_status(self, result: http.Reply | base.ProbeFailure) -> int | None:
         """``unifiedMarginStatus`` from ``account/info``, or None when the key may not read it (permanent)."""
         if isinstance(result, base.ProbeFailure):
             return None
@@ -294,7 +294,7 @@ class BybitProbe(base.VenueProbe):
             raise self.malformed(result)
         return status
 
-    def _wallets(self, result: base.Reply | base.ProbeFailure, user_id: str) -> list[str] | None:
+    def _wallets(self, result: http.Reply | base.ProbeFailure, user_id: str) -> list[str] | None:
         """The wallets (``accountType``) get-member-type lists for this UID, or None when refused."""
         if isinstance(result, base.ProbeFailure):
             return None
@@ -313,7 +313,7 @@ class BybitProbe(base.VenueProbe):
             wallets.extend(str(t) for t in types)
         return wallets
 
-    async def _signed_get(self, keys: base.ApiKeys, path: str, query: str = "") -> base.Reply:
+    async def _signed_get(self, keys: base.ApiKeys, path: str, query: str = "") -> http.Reply:
         """One signed GET; on CLOCK_SKEW resync from the public time endpoint and retry once."""
         seen = self.clock_generation
         reply = await self._send(keys, path, query)
@@ -328,7 +328,7 @@ class BybitProbe(base.VenueProbe):
 
     async def _send(
         self, keys: base.ApiKeys, path: str, query: str = "", *, host: str | None = None
-    ) -> base.Reply:
+    ) -> http.Reply:
         url = (host + path if host else self.url("rest", path)) + (f"?{query}" if query else "")
         # wait first, then stamp: a queued request must not go out stale
         await self.throttle(keys.api_key, path=path)
@@ -338,7 +338,7 @@ class BybitProbe(base.VenueProbe):
         """Learn Bybit's clock from ``GET /v5/market/time``."""
         await self.resync_clock(self.url("rest", TIME_PATH), self._server_ms, seen=seen)
 
-    def _server_ms(self, reply: base.Reply) -> float:
+    def _server_ms(self, reply: http.Reply) -> float:
         failure = classify(reply)
         if failure is not None:
             raise failure

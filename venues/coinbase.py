@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from venues import base, coinbase_auth
+from venues import base, coinbase_auth, http, limits
 
 KEY_PERMISSIONS = "/api/v3/brokerage/key_permissions"
 ACCOUNTS = "/api/v3/brokerage/accounts"
@@ -81,7 +81,7 @@ _IP_WORDS = ("ip address", "allowlist", "whitelist", "allow list", "allow-list")
 _CODE_RE = re.compile(r"[A-Za-z_]{1,48}")  # an echo-safe venue code: no digits, nothing key-like
 
 
-class CoinbaseProbe(base.VenueProbe):
+class CoinbaseProbe(http.VenueProbe):
     """Verifies Coinbase CDP keys (Advanced Trade) and Coinbase Exchange keys; the secret tells which."""
 
     venue = base.Venue.COINBASE
@@ -101,8 +101,8 @@ class CoinbaseProbe(base.VenueProbe):
         session: aiohttp.ClientSession,
         *,
         base_url: str | None = None,
-        timeout: float = base.DEFAULT_TIMEOUT,
-        limiter: base.RateLimiter | None = None,
+        timeout: float = http.DEFAULT_TIMEOUT,
+        limiter: limits.RateLimiter | None = None,
         rate_limited: bool = True,
     ) -> None:
         super().__init__(
@@ -132,7 +132,7 @@ class CoinbaseProbe(base.VenueProbe):
             raise self._unreadable(KEY_PERMISSIONS)
         can_view, can_trade, can_transfer = flags
 
-        accounts, portfolios = await base.gather_identities(
+        accounts, portfolios = await http.gather_identities(
             [self._cdp_get(signer, ACCOUNTS, query="?limit=1"), self._cdp_get(signer, PORTFOLIOS)]
         )
         reached = False
@@ -184,7 +184,7 @@ class CoinbaseProbe(base.VenueProbe):
             await self._resync_clock(ADVANCED_TIME, seen)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _cdp_failure(self, reply: base.Reply, path: str, *, resynced: bool) -> base.ProbeFailure:
+    def _cdp_failure(self, reply: http.Reply, path: str, *, resynced: bool) -> base.ProbeFailure:
         code = _cdp_code(reply.body)
         known = _CDP_CODES_BY_LOWER.get(code.lower()) if code else None
         if reply.status in (401, 403) and _mentions_ip(reply.text):
@@ -210,7 +210,7 @@ class CoinbaseProbe(base.VenueProbe):
     # -- Coinbase Exchange (key + secret + passphrase) -------------------------------------------------------
 
     async def _probe_exchange(self, signer: coinbase_auth.ExchangeSigner) -> base.ProbeResult:
-        accounts, profiles = await base.gather_identities(
+        accounts, profiles = await http.gather_identities(
             [self._exchange_get(signer, EXCHANGE_ACCOUNTS), self._exchange_get(signer, EXCHANGE_PROFILES)]
         )
         if isinstance(accounts, BaseException):
@@ -260,7 +260,7 @@ class CoinbaseProbe(base.VenueProbe):
             await self._resync_clock(EXCHANGE_TIME, seen)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _exchange_failure(self, reply: base.Reply, path: str) -> base.ProbeFailure:
+    def _exchange_failure(self, reply: http.Reply, path: str) -> base.ProbeFailure:
         body = reply.body
         message = body.get("message") if isinstance(body, dict) else None
         lowered = (message if isinstance(message, str) else reply.text).lower()
@@ -286,7 +286,7 @@ class CoinbaseProbe(base.VenueProbe):
         """Learn the venue clock from its public time endpoint (venues.md 6) unless it moved since ``seen``."""
         role = "advanced" if path == ADVANCED_TIME else "exchange"
 
-        def server_ms(reply: base.Reply) -> float:
+        def server_ms(reply: http.Reply) -> float:
             if reply.status == 429:
                 raise base.ProbeFailure(
                     Outcome.RATE_LIMITED,

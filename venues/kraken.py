@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from venues import base, kraken_auth
+from venues import base, http, kraken_auth, limits
 
 SPOT_KEY_INFO = "GetApiKeyInfo"
 SPOT_BALANCE = "Balance"
@@ -106,7 +106,7 @@ _CODE_RE = re.compile(r"[A-Za-z][A-Za-z :_]{0,63}")  # an echo-safe venue code: 
 _SAFE_VALUE_RE = re.compile(r"[A-Za-z0-9 ._:/-]{1,40}")
 
 
-class KrakenProbe(base.VenueProbe):
+class KrakenProbe(http.VenueProbe):
     """Verifies Kraken spot keys and Kraken Futures keys (told apart by which API accepts them)."""
 
     venue = base.Venue.KRAKEN
@@ -126,8 +126,8 @@ class KrakenProbe(base.VenueProbe):
         session: aiohttp.ClientSession,
         *,
         base_url: str | None = None,
-        timeout: float = base.DEFAULT_TIMEOUT,
-        limiter: base.RateLimiter | None = None,
+        timeout: float = http.DEFAULT_TIMEOUT,
+        limiter: limits.RateLimiter | None = None,
         spot_key_limits: tuple[float, float] | None = None,
         rate_limited: bool = True,
     ) -> None:
@@ -135,7 +135,7 @@ class KrakenProbe(base.VenueProbe):
             session, base_url=base_url, timeout=timeout, limiter=limiter, rate_limited=rate_limited
         )
         if spot_key_limits is not None and rate_limited:
-            self.key_limiters = base.KeyLimiters(*spot_key_limits)
+            self.key_limiters = limits.KeyLimiters(*spot_key_limits)
         self.nonces = kraken_auth.NonceBook(self.now_ms)
 
     def check_keys(self, keys: base.ApiKeys) -> None:
@@ -176,7 +176,7 @@ class KrakenProbe(base.VenueProbe):
         account_id = info.get("iban")
         if not isinstance(account_id, str) or not account_id:
             raise self._unreadable(f"spot {SPOT_KEY_INFO}")
-        checks = await base.gather_identities(
+        checks = await http.gather_identities(
             [self._spot(pair, SPOT_BALANCE), self._spot(pair, SPOT_TRADE_BALANCE)]
         )
         reached = _reached(checks, not_reached={Outcome.PERMISSION_DENIED})
@@ -247,7 +247,7 @@ class KrakenProbe(base.VenueProbe):
             await self._resync_clock(seen)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _spot_answer(self, reply: base.Reply, method: str) -> dict[str, Any] | base.ProbeFailure:
+    def _spot_answer(self, reply: http.Reply, method: str) -> dict[str, Any] | base.ProbeFailure:
         if reply.status != 200:
             return self._http_failure(reply, f"spot {method}", KRAKEN_SPOT_HTTP_STATUS)
         body = reply.body
@@ -270,7 +270,7 @@ class KrakenProbe(base.VenueProbe):
     # -- futures -----------------------------------------------------------------------------------------
 
     async def _probe_futures(self, pair: kraken_auth.KrakenKeys) -> base.ProbeResult:
-        check, accounts = await base.gather_identities(
+        check, accounts = await http.gather_identities(
             [
                 self._futures_get(pair, FUTURES_CHECK),
                 self._futures_get(pair, FUTURES_ACCOUNTS, cost=FUTURES_ACCOUNTS_COST),
@@ -340,7 +340,7 @@ class KrakenProbe(base.VenueProbe):
             await self._resync_clock(seen)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _futures_answer(self, reply: base.Reply, path: str) -> dict[str, Any] | base.ProbeFailure:
+    def _futures_answer(self, reply: http.Reply, path: str) -> dict[str, Any] | base.ProbeFailure:
         body = reply.body
         code = body.get("error") if isinstance(body, dict) else None
         failed = isinstance(body, dict) and (body.get("result") == "error" or code is not None)
@@ -360,7 +360,7 @@ class KrakenProbe(base.VenueProbe):
 
     def _http_failure(
         self,
-        reply: base.Reply,
+        reply: http.Reply,
         where: str,
         table: Mapping[int, base.Outcome],
         venue_code: str | None = None,
@@ -368,7 +368,7 @@ class KrakenProbe(base.VenueProbe):
         return self._failure(table.get(reply.status, Outcome.SERVER_ERROR), where, venue_code, reply)
 
     def _failure(
-        self, outcome: base.Outcome, where: str, venue_code: str | None, reply: base.Reply
+        self, outcome: base.Outcome, where: str, venue_code: str | None, reply: http.Reply
     ) -> base.ProbeFailure:
         shown = venue_code or f"HTTP {reply.status}"
         return base.ProbeFailure(
@@ -381,7 +381,7 @@ class KrakenProbe(base.VenueProbe):
     async def _resync_clock(self, seen: int) -> None:
         """Learn Kraken's clock from ``GET /0/public/Time`` unless a resync happened since ``seen``."""
 
-        def server_ms(reply: base.Reply) -> float:
+        def server_ms(reply: http.Reply) -> float:
             if reply.status != 200:
                 raise self._http_failure(reply, SPOT_TIME, KRAKEN_SPOT_HTTP_STATUS)
             result = reply.body.get("result") if isinstance(reply.body, dict) else None

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from venues import base
+from venues import base, http
 
 CONFIG_PATH = "/api/v5/account/config"
 TRADING_BALANCE_PATH = "/api/v5/account/balance"
@@ -106,7 +106,7 @@ def auth_headers(
     return headers
 
 
-def classify(reply: base.Reply) -> base.ProbeFailure | None:
+def classify(reply: http.Reply) -> base.ProbeFailure | None:
     """The failure an OKX answer means, or None when it is a readable success (``code`` "0")."""
     body = reply.body
     raw_code = body.get("code") if isinstance(body, dict) else None
@@ -161,7 +161,7 @@ def permissions_from_config(config: Any) -> base.Permissions:
     )
 
 
-class OkxProbe(base.VenueProbe):
+class OkxProbe(http.VenueProbe):
     """Verifies an OKX key + secret + passphrase, reads its permissions and finds trading / funding."""
 
     venue: ClassVar[base.Venue] = base.Venue.OKX
@@ -208,14 +208,14 @@ class OkxProbe(base.VenueProbe):
         if isinstance(uid, bool) or not isinstance(uid, int | str) or str(uid) == "":
             raise self.malformed(config_reply)
 
-        answers = await base.gather_identities(
+        answers = await http.gather_identities(
             [self._signed_get(keys, TRADING_BALANCE_PATH), self._signed_get(keys, FUNDING_BALANCES_PATH)]
         )
         # a success is reached; a permanent refusal (50120 no permission, ...) is not
         identities = [
             name
-            for name, answer in zip(("trading", "funding"), base.settle_identities(answers), strict=True)
-            if isinstance(answer, base.Reply)
+            for name, answer in zip(("trading", "funding"), http.settle_identities(answers), strict=True)
+            if isinstance(answer, http.Reply)
         ]
         return base.ProbeResult(
             venue=self.venue,
@@ -225,7 +225,7 @@ class OkxProbe(base.VenueProbe):
             details=_details(config, permissions),
         )
 
-    async def _verify(self, keys: base.ApiKeys) -> base.Reply:
+    async def _verify(self, keys: base.ApiKeys) -> http.Reply:
         """``account/config``; on 50101 tell a demo-trading key (WRONG_ENVIRONMENT) from an unknown one."""
         try:
             return await self._signed_get(keys, CONFIG_PATH)
@@ -248,7 +248,7 @@ class OkxProbe(base.VenueProbe):
             venue_code=ENVIRONMENT_MISMATCH_CODE,
         )
 
-    async def _signed_get(self, keys: base.ApiKeys, path: str, *, demo: bool = False) -> base.Reply:
+    async def _signed_get(self, keys: base.ApiKeys, path: str, *, demo: bool = False) -> http.Reply:
         """One signed GET; on CLOCK_SKEW resync from the public time endpoint and retry once."""
         seen = self.clock_generation
         reply = await self._send(keys, path, demo)
@@ -261,7 +261,7 @@ class OkxProbe(base.VenueProbe):
             raise failure
         return reply
 
-    async def _send(self, keys: base.ApiKeys, request_path: str, demo: bool) -> base.Reply:
+    async def _send(self, keys: base.ApiKeys, request_path: str, demo: bool) -> http.Reply:
         # wait first, then stamp: a queued request must not go out stale
         await self.throttle(keys.api_key, path=request_path.partition("?")[0])
         timestamp = iso_timestamp(self.now_ms())
@@ -272,7 +272,7 @@ class OkxProbe(base.VenueProbe):
         """Learn OKX's clock from ``GET /api/v5/public/time`` (``data[0].ts``)."""
         await self.resync_clock(self.url("rest", TIME_PATH), self._server_ms, seen=seen)
 
-    def _server_ms(self, reply: base.Reply) -> float:
+    def _server_ms(self, reply: http.Reply) -> float:
         failure = classify(reply)
         if failure is not None:
             raise failure

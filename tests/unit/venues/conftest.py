@@ -9,13 +9,13 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 
-from venues import base
+from venues import http
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
+    async with aiohttp.ClientSession() as client:
+        yield client
 
 
 @pytest.fixture
@@ -28,11 +28,11 @@ def mocked() -> Iterator[aioresponses]:
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str, str]]]:
     """Every request exactly as the probe handed it to aiohttp: (method, URL with its query, headers)."""
     record: list[tuple[str, str, dict[str, str]]] = []
-    original = base.VenueProbe._call
+    original = http.VenueProbe._call
 
-    async def spy(self: base.VenueProbe, method: str, url: str, **kwargs: Any) -> base.Reply:
+    async def spy(self: http.VenueProbe, method: str, url: str, **kwargs: Any) -> http.Reply:
         record.append((method, url, dict(kwargs.get("headers") or {})))
         return await original(self, method, url, **kwargs)
 
-    monkeypatch.setattr(base.VenueProbe, "_call", spy)
+    monkeypatch.setattr(http.VenueProbe, "_call", spy)
     return record

@@ -15,7 +15,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 from venue_support import Gate, failure_of  # tests/unit/venues is on sys.path
 
-from venues import base, binance
+from venues import base, binance, http, limits
 
 API = "https://api.binance.com"
 FAPI = "https://fapi.binance.com"
@@ -262,7 +262,7 @@ async def test_requests_are_stamped_after_waiting_for_the_rate_limiter(
     session: aiohttp.ClientSession, mocked: aioresponses
 ) -> None:
     """A request queued behind the weight limiter is stamped when its turn comes, not when it was queued."""
-    probe = binance.BinanceProbe(session, limiter=base.RateLimiter(20.0, 20.0))  # 36 weight: about 0.8 s
+    probe = binance.BinanceProbe(session, limiter=limits.RateLimiter(20.0, 20.0))  # 36 weight: about 0.8 s
     lags: list[float] = []
 
     def stamped(payload: dict[str, Any]) -> Callable[..., CallbackResult]:
@@ -585,7 +585,7 @@ async def test_every_code_lands_in_its_class(
 @pytest.mark.parametrize(("code", "outcome"), sorted(DOC_CODES.items()))
 def test_classify_follows_the_doc(code: int, outcome: base.Outcome) -> None:
     """classify() maps each documented code, as a 4xx answer, to the documented class."""
-    reply = base.Reply(status=400, headers={}, body={"code": code, "msg": "m"}, text="")
+    reply = http.Reply(status=400, headers={}, body={"code": code, "msg": "m"}, text="")
     failure = binance.classify(reply)
     assert failure is not None
     assert failure.outcome is outcome
@@ -593,7 +593,7 @@ def test_classify_follows_the_doc(code: int, outcome: base.Outcome) -> None:
 
 def test_unknown_code_is_transient() -> None:
     """A code venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
-    reply = base.Reply(status=400, headers={}, body={"code": -9999, "msg": "new"}, text="")
+    reply = http.Reply(status=400, headers={}, body={"code": -9999, "msg": "new"}, text="")
     failure = binance.classify(reply)
     assert failure is not None
     assert failure.outcome is base.Outcome.SERVER_ERROR

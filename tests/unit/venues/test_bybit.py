@@ -15,7 +15,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 from venue_support import Gate, failure_of  # tests/unit/venues is on sys.path
 
-from venues import base, bybit
+from venues import base, bybit, http, limits
 
 HOST = "https://api.bybit.com"
 TESTNET = "https://api-testnet.bybit.com"
@@ -220,7 +220,7 @@ async def test_requests_are_stamped_after_waiting_for_the_rate_limiter(
     session: aiohttp.ClientSession, mocked: aioresponses
 ) -> None:
     """A request queued behind the rate limiter is stamped when its turn comes, not when it was queued."""
-    probe = bybit.BybitProbe(session, limiter=base.RateLimiter(2.0, 1.0))  # 3 requests: about 1 s
+    probe = bybit.BybitProbe(session, limiter=limits.RateLimiter(2.0, 1.0))  # 3 requests: about 1 s
     lags: list[float] = []
 
     def stamped(payload: dict[str, Any]) -> Callable[..., CallbackResult]:
@@ -567,14 +567,14 @@ async def test_every_code_lands_in_its_class(
 @pytest.mark.parametrize(("code", "outcome"), sorted(DOC_CODES.items()))
 def test_classify_follows_the_doc(code: int, outcome: base.Outcome) -> None:
     """classify() maps each documented retCode (on HTTP 200) to the documented class."""
-    failure = bybit.classify(base.Reply(status=200, headers={}, body=error(code), text=""))
+    failure = bybit.classify(http.Reply(status=200, headers={}, body=error(code), text=""))
     assert failure is not None
     assert failure.outcome is outcome
 
 
 def test_unknown_code_is_transient() -> None:
     """A retCode venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
-    failure = bybit.classify(base.Reply(status=200, headers={}, body=error(170999), text=""))
+    failure = bybit.classify(http.Reply(status=200, headers={}, body=error(170999), text=""))
     assert failure is not None
     assert failure.outcome is base.Outcome.SERVER_ERROR
 

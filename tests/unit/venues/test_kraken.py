@@ -17,7 +17,7 @@ import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
-from venues import base, kraken, kraken_auth
+from venues import base, kraken, kraken_auth, limits
 
 SPOT = "https://api.kraken.com"
 FUTURES = "https://futures.kraken.com"
@@ -184,7 +184,7 @@ async def test_nonce_strictly_increasing_across_concurrent_requests(
     session: aiohttp.ClientSession, mocked: aioresponses
 ) -> None:
     """150 requests of one key, from 50 concurrent probes, leave with strictly increasing nonces."""
-    fast = kraken.KrakenProbe(session, spot_key_limits=(1e6, 1e6), limiter=base.RateLimiter(1e6, 1e6))
+    fast = kraken.KrakenProbe(session, spot_key_limits=(1e6, 1e6), limiter=limits.RateLimiter(1e6, 1e6))
     sent: list[tuple[int, str, str, str]] = []  # nonce, path, body, API-Sign in the order they left
 
     def record(url: URL, **kwargs: Any) -> None:
@@ -763,4 +763,4 @@ async def test_rate_limits_can_be_lifted_for_simulators(session: aiohttp.ClientS
     """rate_limited=False removes both the per-key and the venue-wide bucket (simulators only)."""
     free = kraken.KrakenProbe(session, rate_limited=False)
     assert free.key_limiters is None
-    assert free.limiter.rate >= base.UNLIMITED
+    assert free.limiter.rate >= limits.UNLIMITED

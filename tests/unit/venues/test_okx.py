@@ -18,7 +18,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 from venue_support import Gate, failure_of  # tests/unit/venues is on sys.path
 
-from venues import base, okx
+from venues import base, http, limits, okx
 
 HOST = "https://www.okx.com"
 API_KEY = "37c541a1-c2b5-4c4f-9f5d-3d8a2b1c0e9f"
@@ -216,7 +216,7 @@ async def test_requests_are_stamped_after_waiting_for_the_rate_limiter(
     session: aiohttp.ClientSession, mocked: aioresponses
 ) -> None:
     """A request queued behind the rate limiter is stamped when its turn comes, not when it was queued."""
-    probe = okx.OkxProbe(session, limiter=base.RateLimiter(2.0, 1.0))  # 3 requests: about 1 s
+    probe = okx.OkxProbe(session, limiter=limits.RateLimiter(2.0, 1.0))  # 3 requests: about 1 s
     lags: list[float] = []
 
     def stamped(payload: dict[str, Any]) -> Callable[..., CallbackResult]:
@@ -451,14 +451,14 @@ async def test_every_code_lands_in_its_class(
 @pytest.mark.parametrize(("code", "outcome"), sorted(DOC_CODES.items()))
 def test_classify_follows_the_doc(code: str, outcome: base.Outcome) -> None:
     """classify() maps each documented code (even on HTTP 200) to the documented class."""
-    failure = okx.classify(base.Reply(status=200, headers={}, body=error(code), text=""))
+    failure = okx.classify(http.Reply(status=200, headers={}, body=error(code), text=""))
     assert failure is not None
     assert failure.outcome is outcome
 
 
 def test_unknown_code_is_transient() -> None:
     """A code venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
-    failure = okx.classify(base.Reply(status=200, headers={}, body=error("59999"), text=""))
+    failure = okx.classify(http.Reply(status=200, headers={}, body=error("59999"), text=""))
     assert failure is not None
     assert failure.outcome is base.Outcome.SERVER_ERROR
 

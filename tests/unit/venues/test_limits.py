@@ -1,4 +1,4 @@
-"""Client-side rate limits shared by every probe: per-key buckets and the venue-wide bucket."""
+"""Client-side rate limits shared by every probe (venues.limits) and the clock resync of venues.http."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 
 import aiohttp
 
-from venues import base, build_probe
+from venues import build_probe, http, limits
 from venues.base import Venue
 
 
 async def test_key_buckets_are_independent() -> None:
     """Two keys each get their own burst: one key's traffic never delays another's."""
-    limiters = base.KeyLimiters(rate=1.0, burst=2.0)
+    limiters = limits.KeyLimiters(rate=1.0, burst=2.0)
     started = time.monotonic()
     await asyncio.gather(*(limiters.acquire(k) for k in ("key-a", "key-a", "key-b", "key-b")))
     assert time.monotonic() - started < 0.2
@@ -25,7 +25,7 @@ async def test_key_buckets_are_independent() -> None:
 
 async def test_key_buckets_are_bounded_and_hold_no_key() -> None:
     """Past max_keys the least recently used bucket is dropped; buckets are found by hash, not by key."""
-    limiters = base.KeyLimiters(rate=10.0, burst=10.0, max_keys=3)
+    limiters = limits.KeyLimiters(rate=10.0, burst=10.0, max_keys=3)
     for key in ("k1", "k2", "k3", "k4"):
         await limiters.acquire(key)
     assert len(limiters._by_key) == 3
@@ -43,7 +43,7 @@ async def test_per_user_venues_use_per_key_buckets() -> None:
 
 async def test_sliding_window_never_exceeds_its_limit() -> None:
     """No ``limit``+1 calls ever fall inside one window (a token bucket would let burst + rate through)."""
-    windows = base.SlidingWindows(margin=0.0)
+    windows = limits.SlidingWindows(margin=0.0)
     stamps: list[float] = []
 
     async def call() -> None:
@@ -58,7 +58,7 @@ async def test_sliding_window_never_exceeds_its_limit() -> None:
 
 async def test_sliding_windows_are_per_key_and_endpoint() -> None:
     """Another key, or another endpoint of the same key, has its own window."""
-    windows = base.SlidingWindows()
+    windows = limits.SlidingWindows()
     started = time.monotonic()
     for key, endpoint in (("a", "/x"), ("a", "/y"), ("b", "/x")):
         for _ in range(3):
@@ -77,7 +77,7 @@ async def test_requests_refused_for_one_skew_share_one_resync(
     mocked.get("https://api.binance.com/api/v3/time", payload={"serverTime": server_ms})  # answers once
     seen = probe.clock_generation
 
-    def read(reply: base.Reply) -> float:
+    def read(reply: http.Reply) -> float:
         return float(reply.body["serverTime"])
 
     url = "https://api.binance.com/api/v3/time"

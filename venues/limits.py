@@ -1,0 +1,105 @@
+"""Client-side rate limits every probe shares: a token bucket, one bucket per key, sliding windows per key.
+
+They spread a burst of probes out instead of tripping the venue's limit (a 429, or on Binance a 418 IP ban).
+Pure asyncio: no HTTP client here; :class:`venues.http.VenueProbe` combines them in ``throttle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import time
+from collections import OrderedDict
+
+
+class RateLimiter:
+    """A token bucket: at most ``rate`` acquisitions per second on average, bursts up to ``burst``.
+
+    Acquirers queue in arrival order (an ``asyncio.Lock`` is FIFO; Kraken's per-key nonce order relies on
+    it: requests leave in the order they took their nonces), so a burst of probes spreads out
+    instead of tripping the venue's limit and getting a 429 (or, on Binance, a 418 IP ban).
+    """
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.burst
+        self._updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, cost: float = 1.0) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+                self._updated = now
+                if self._tokens >= cost:
+                    self._tokens -= cost
+                    return
+                await asyncio.sleep((cost - self._tokens) / self.rate)
+
+
+class KeyLimiters:
+    """One token bucket per API key, for limits the venue counts per key or per user (OKX and Bybit per UID,
+    Coinbase per user/profile, Kraken spot per key: venues.md 2.6, 3.6, 4A.6, 4B, 5A.6).
+
+    Bounded (least recently used keys are forgotten past ``max_keys``) and holds no key: buckets are found by
+    the SHA-256 of the key.
+    """
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._max_keys = max_keys
+        self._by_key: OrderedDict[bytes, RateLimiter] = OrderedDict()
+
+    async def acquire(self, api_key: str, cost: float = 1.0) -> None:
+        slot = hashlib.sha256(api_key.encode()).digest()
+        limiter = self._by_key.get(slot)
+        if limiter is None:
+            limiter = self._by_key[slot] = RateLimiter(self.rate, self.burst)
+        self._by_key.move_to_end(slot)
+        if len(self._by_key) > self._max_keys:
+            self._by_key.popitem(last=False)
+        await limiter.acquire(cost)
+
+
+class SlidingWindows:
+    """At most ``limit`` calls in any ``seconds`` window, per (key, endpoint): exactly how OKX and Bybit count
+    per UID and endpoint, and Coinbase per user (venues.md 2.6, 3.6, 4A.6). A token bucket of burst B and
+    rate R lets B + R calls through in one second; a window never lets more than ``limit`` through.
+
+    Windows are widened by ``margin`` (10 %): requests leave here in order but reach the venue with jitter.
+    Bounded (LRU past ``max_slots``); slots are found by the SHA-256 of the key, so no key is held.
+    """
+
+    def __init__(self, *, margin: float = 0.10, max_slots: int = 20_000) -> None:
+        self._margin = margin
+        self._max_slots = max_slots
+        self._slots: OrderedDict[bytes, tuple[asyncio.Lock, collections.deque[float]]] = OrderedDict()
+
+    async def acquire(self, api_key: str, endpoint: str, limit: int, seconds: float) -> None:
+        slot = hashlib.sha256(f"{endpoint}\x00{api_key}".encode()).digest()
+        entry = self._slots.get(slot)
+        if entry is None:
+            entry = self._slots[slot] = (asyncio.Lock(), collections.deque())
+        self._slots.move_to_end(slot)
+        if len(self._slots) > self._max_slots:
+            self._slots.popitem(last=False)
+        lock, sent = entry
+        window = seconds * (1 + self._margin)
+        async with lock:  # FIFO, like RateLimiter
+            while True:
+                now = time.monotonic()
+                while sent and now - sent[0] >= window:
+                    sent.popleft()
+                if len(sent) < limit:
+                    sent.append(now)
+                    return
+                await asyncio.sleep(sent[0] + window - now)
+
+
+UNLIMITED = 1e9  # a rate that never waits: for simulators and benchmarks that must not be throttled
