@@ -1,12 +1,18 @@
-"""Exchange modules behind one probe protocol (``venues.base``), plus the exchange simulator."""
+"""Exchange modules behind one probe protocol (``venues.base``), plus the exchange simulator.
+
+Importing this package (or :mod:`venues.base`) loads no HTTP client: the venue modules, and aiohttp with
+them, are imported by :func:`build_probe` on first use.
+"""
 
 from __future__ import annotations
 
 import importlib
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from venues.base import ApiKeys, Outcome, Permissions, Probe, ProbeFailure, ProbeResult, Venue
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "ApiKeys",
