@@ -18,21 +18,24 @@
 (``organizations%2F...``) or as they are; the route takes the rest of the path either way. Errors answer
 ``{"error": "..."}`` with 400 (bad input) or 404 (unknown key or venue). The admin API has no
 authentication: it listens on the simulator's host (loopback by default) and hands out test keys only.
+
+The routes drive any object with the :class:`SimulatorControls` methods (the :class:`~venues.simulator.Simulator`
+is one); this module never imports the server, which builds the admin app from itself.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from venues.base import Venue
 from venues.simulator import common, faults
-
-if TYPE_CHECKING:
-    from venues.simulator.server import Simulator
+from venues.simulator.registry import TestKey
+from venues.simulator.stats import VenueStats
 
 ADD_KEY_FIELDS = frozenset(
     {
@@ -48,6 +51,46 @@ ADD_KEY_FIELDS = frozenset(
         "label",
     }
 )
+
+
+class SimulatorControls(Protocol):
+    """What the admin routes call: the simulator's Python API, as far as the routes use it."""
+
+    @property
+    def urls(self) -> Mapping[Venue, str]: ...
+
+    @property
+    def admin_url(self) -> str: ...
+
+    def add_key(
+        self,
+        venue: Venue,
+        *,
+        uid: str | None = ...,
+        read: bool = ...,
+        trade: bool = ...,
+        withdraw: bool = ...,
+        identities: Iterable[str] | None = ...,
+        ip_allowlist: Iterable[str] = ...,
+        expires_at_ms: int | None = ...,
+        environment: str = ...,
+        kind: str | None = ...,
+        label: str | None = ...,
+    ) -> TestKey: ...
+
+    def list_keys(self) -> list[TestKey]: ...
+
+    def update_key(self, api_key: str, **changes: Any) -> TestKey: ...
+
+    def remove_key(self, api_key: str) -> None: ...
+
+    def set_faults(self, venue: Venue, settings: faults.Faults) -> None: ...
+
+    def clear_faults(self, venue: Venue | None = None) -> None: ...
+
+    def set_clock_offset(self, venue: Venue, offset_ms: int) -> None: ...
+
+    def stats(self, venue: Venue) -> VenueStats: ...
 
 
 def _error(message: str, status: int) -> web.Response:
@@ -76,9 +119,9 @@ def _venue(text: str) -> Venue:
 
 
 class AdminApi:
-    """Routes of the admin port; every call goes through the :class:`Simulator`'s Python API."""
+    """Routes of the admin port; every call goes through the simulator's Python API (:class:`SimulatorControls`)."""
 
-    def __init__(self, simulator: Simulator) -> None:
+    def __init__(self, simulator: SimulatorControls) -> None:
         self.sim = simulator
 
     def app(self) -> web.Application:
