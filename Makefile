@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/credential-engine serve --sandbox
 
 demo: $(STAMP)
-	$(BIN)/python -m engine.demo
+	$(BIN)/python -m engine.cli.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

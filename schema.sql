@@ -219,7 +219,7 @@ CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (finished_at) WHERE
 CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 -- END queue
 
--- BEGIN webhooks (owned by engine/webhooks.py)
+-- BEGIN webhooks (owned by engine/webhooks/)
 -- Webhook endpoints (Standard Webhooks), per owner. event_types NULL = every type. An endpoint is disabled by
 -- its owner (MANUAL), at once by a 410 answer (GONE), or after failing for days (FAILING).
 CREATE TABLE IF NOT EXISTS webhook_endpoints (
@@ -300,7 +300,7 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
 CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
 -- END webhooks
 
--- BEGIN tenants (owned by engine/quotas.py and engine/api_limits.py)
+-- BEGIN tenants (owned by engine/quotas.py and engine/api/limits.py)
 -- Verify requests of each owner, one row per request, for the hourly quota (a sliding window: at most N in any
 -- hour). Rows older than the window are deleted in small batches by later requests.
 CREATE TABLE IF NOT EXISTS owner_verify_requests (

@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 
 from bench import common
-from engine import auth, crypto
+from engine import crypto
+from engine.api import auth
 
 OWNER = "bench-owner"
 START_TIMEOUT = 60.0

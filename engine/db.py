@@ -54,10 +54,11 @@ def parse_queries(text: str) -> dict[str, str]:
 
 
 def load_queries(*files: str) -> dict[str, str]:
-    """Named queries from SQL files shipped inside the ``engine`` package."""
+    """Named queries from SQL files shipped inside the ``engine`` package (paths relative to it, ``/``-separated:
+    ``webhooks/webhooks.sql`` is in the ``engine.webhooks`` subpackage)."""
     merged: dict[str, str] = {}
     for name in files:
-        text = importlib.resources.files("engine").joinpath(name).read_text(encoding="utf-8")
+        text = importlib.resources.files("engine").joinpath(*name.split("/")).read_text(encoding="utf-8")
         for key, sql in parse_queries(text).items():
             if key in merged:
                 raise ValueError(f"query {key!r} defined twice ({name})")
@@ -75,7 +76,7 @@ def schema_digest() -> str:
     return hashlib.sha256(schema_sql().encode()).hexdigest()
 
 
-QUERY_FILES = ("queries.sql", "queue.sql", "webhooks.sql", "tenants.sql")
+QUERY_FILES = ("queries.sql", "queue.sql", "webhooks/webhooks.sql", "tenants.sql")
 
 
 class UniqueViolation(errors.StorageError):

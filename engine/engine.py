@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation, webhooks_service
+from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
 from engine import db as dbmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
@@ -37,7 +37,8 @@ from engine.models import (
     TradingAccountStatus,
 )
 from engine.store import Store, account_from_row, credential_from_row
-from engine.webhooks_models import DeliveryState, WebhookDelivery, WebhookEndpoint
+from engine.webhooks import service as webhooks_service
+from engine.webhooks.models import DeliveryState, WebhookDelivery, WebhookEndpoint
 from venues import build_probe
 from venues.base import ApiKeys, KeyFormatProblem, Probe, Venue, mask_api_key
 

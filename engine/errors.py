@@ -3,7 +3,7 @@
     CredentialEngineError                    root; ``http_status`` and a stable negative ``errno`` each
     ├── InvalidRequest            400  -100001  a field is missing, of the wrong type, too long ... (names it)
     │   └── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
-    ├── Unauthorized              401  -110001  missing, malformed or expired bearer token (REST API, auth.py)
+    ├── Unauthorized              401  -110001  missing, malformed or expired bearer token (REST API, api/auth.py)
     ├── NotFound                  404  -100003  no such id for this owner (other owners' ids too)
     ├── Conflict                  409  -100005  the request fights the current state
     │   ├── DuplicateCredential   409  -100004  same API key already stored for this owner and venue
@@ -144,7 +144,7 @@ class DecryptionError(CredentialEngineError):
 
 class RateLimited(CredentialEngineError):
     """Too many requests from one owner (or one client address): the REST API's token buckets
-    (``engine.api_limits``). ``retry_after`` is how many seconds until a request would be accepted again; the
+    (``engine.api.limits``). ``retry_after`` is how many seconds until a request would be accepted again; the
     API sends it as the ``Retry-After`` header."""
 
     http_status = 429

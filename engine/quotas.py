@@ -17,7 +17,7 @@ is taken first in its transaction, before any row lock, so it cannot take part i
 it is bounded by ``LOCK_TIMEOUT`` (a ``StorageError``, 503, past it). A quota of 0 skips the check and the
 lock altogether.
 
-These run in the engine (``engine.py``, ``webhooks_service.py``), so the library API, the command line and the
+These run in the engine (``engine.py``, ``webhooks/service.py``), so the library API, the command line and the
 REST API enforce the same quotas.
 """
 

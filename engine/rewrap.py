@@ -39,7 +39,7 @@ import structlog
 
 from engine import crypto, errors
 from engine.db import Conn, Database, LockNotAvailable, Record
-from engine.webhooks_service import secret_purpose
+from engine.webhooks.service import secret_purpose
 
 log = structlog.get_logger("engine.rewrap")
 
@@ -54,7 +54,7 @@ Progress = Callable[[int, int], Any]  # (re-wrapped so far, total to re-wrap as 
 
 @dataclass(frozen=True, slots=True)
 class _Kind:
-    """One table of wrapped data keys and its named queries (``queries.sql``, ``webhooks.sql``).
+    """One table of wrapped data keys and its named queries (``queries.sql``, ``webhooks/webhooks.sql``).
 
     Query arguments: batch and key listing ``(current, *after, limit)``; row lock ``(*key, current)``;
     update ``(*key, new kek_version, new wrapped_dek, old kek_version)``; left ``(current,)``.

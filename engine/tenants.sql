@@ -1,5 +1,5 @@
 -- Named queries of the per-owner quotas (engine/quotas.py) and of the API processes' registry that divides the
--- rate limits (engine/api_limits.py). Same block format as queries.sql.
+-- rate limits (engine/api/limits.py). Same block format as queries.sql.
 
 -- lock_owner --
 -- Serialize the quota checks of owner $1 until the transaction ends (advisory lock class 774412, keyed by a

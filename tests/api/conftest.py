@@ -14,8 +14,8 @@ import pytest
 from multidict import CIMultiDict
 from openapi_schema_validator import OAS31Validator
 
-from engine import CredentialEngine, auth, openapi
-from engine.api import ApiConfig, ApiServer
+from engine import CredentialEngine
+from engine.api import ApiConfig, ApiServer, auth, openapi
 from engine.testing import FakeVenue
 
 OWNER = "owner-1"

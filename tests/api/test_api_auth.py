@@ -1,4 +1,4 @@
-"""Bearer tokens: the HS256 JWT rules (auth.py) and the API's 401 answers.
+"""Bearer tokens: the HS256 JWT rules (engine/api/auth.py) and the API's 401 answers.
 
 PyJWT is the independent oracle here: it mints the well-formed tokens the verifier must accept, and it signs
 the lax ones (NaN expiry, ``crit``, padded subjects, ...) correctly, so a refusal can only come from the rule
@@ -17,7 +17,8 @@ from typing import Any
 import jwt
 import pytest
 
-from engine import auth, errors
+from engine import errors
+from engine.api import auth
 
 SECRET = "s" * 32
 
@@ -27,7 +28,7 @@ def b64(data: bytes) -> str:
 
 
 def forge(header: dict[str, Any], payload: dict[str, Any], secret: str = SECRET) -> str:
-    """A token signed here independently of auth.py (RFC 7515's JWS compact form)."""
+    """A token signed here independently of engine/api/auth.py (RFC 7515's JWS compact form)."""
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
     signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"

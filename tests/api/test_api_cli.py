@@ -15,7 +15,8 @@ import asyncpg
 import pytest
 import structlog
 
-from engine import auth, cli
+from engine import cli
+from engine.api import auth
 from engine.crypto import MasterKeyring
 from venues.base import Venue
 from venues.simulator import Simulator, TestKey

@@ -14,7 +14,8 @@ import asyncpg
 import structlog
 import structlog.testing
 
-from engine import CredentialEngine, api_http, errors
+from engine import CredentialEngine, errors
+from engine.api import http as api_http
 from engine.testing import FakeVenue
 from venues.base import ApiKeys, ProbeResult, Venue
 

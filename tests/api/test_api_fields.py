@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from engine import openapi
+from engine.api import openapi
 from engine.testing import FakeVenue
 
 DOCUMENT = openapi.document()

@@ -1,4 +1,4 @@
-"""Rate limits and quotas over HTTP (engine/api_limits.py, engine/quotas.py): 429 with Retry-After in the
+"""Rate limits and quotas over HTTP (engine/api/limits.py, engine/quotas.py): 429 with Retry-After in the
 envelope, per owner and per client address, refill on an injected clock, shared by two API processes on one
 database; quota refusals with their documented status and errno."""
 
@@ -13,7 +13,7 @@ from conftest import OWNER, Api, Reply
 
 from engine import CredentialEngine, errors
 from engine.api import ApiConfig, ApiServer
-from engine.api_limits import LIMITER, RateLimiter, RateLimits, parse_networks
+from engine.api.limits import LIMITER, RateLimiter, RateLimits, parse_networks
 from engine.config import Quotas
 
 LIST = "/api/v3/credential/list"

@@ -1,5 +1,5 @@
 """/metrics does not count the job table per scrape (issue 9, defect 8): concurrent scrapes share one count,
-and later scrapes reuse it for JOB_COUNTS_TTL seconds (engine/api_metrics.py's SharedRead)."""
+and later scrapes reuse it for JOB_COUNTS_TTL seconds (engine/api/metrics.py's SharedRead)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from engine import CredentialEngine, api_metrics, errors
+from engine import CredentialEngine, errors
 from engine.api import ApiServer
+from engine.api import metrics as api_metrics
 
 
 class Clock:

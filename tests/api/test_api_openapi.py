@@ -7,8 +7,8 @@ from typing import Any
 
 from openapi_spec_validator import validate
 
-from engine import CredentialEngine, EngineConfig, openapi
-from engine.api import ApiConfig, make_app
+from engine import CredentialEngine, EngineConfig
+from engine.api import ApiConfig, make_app, openapi
 
 
 def served_routes() -> set[tuple[str, str]]:

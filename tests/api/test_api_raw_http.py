@@ -2,7 +2,7 @@
 
 aiohttp's parser refuses them before the application sees them; the server must still answer in the
 envelope, with an ``X-Request-Id`` and without a ``Server`` header, echo nothing of the request, and log no
-traceback at ERROR (engine/api_protocol.py). Every other kind of answer is checked for the ``Server`` header
+traceback at ERROR (engine/api/protocol.py). Every other kind of answer is checked for the ``Server`` header
 the same way, over the same raw socket.
 """
 
@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 import structlog
 
-from engine import api_http, auth
-from engine.api import ApiServer
+from engine.api import ApiServer, auth
+from engine.api import http as api_http
 
 INVALID_REQUEST = -100001
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import EngineConfig, auth, sandbox
+from engine import EngineConfig
+from engine.api import auth
+from engine.cli import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +61,7 @@ async def test_sandbox_banner_curl_examples_work(database_url: str, master_keys:
 
 
 async def test_demo_runs_end_to_end(database_url: str, master_keys: str, tmp_path: Path) -> None:
-    """`python -m engine.demo` (what `make demo` runs) starts its sandbox and completes every step."""
+    """`python -m engine.cli.demo` (what `make demo` runs) starts its sandbox and completes every step."""
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -69,7 +71,7 @@ async def test_demo_runs_end_to_end(database_url: str, master_keys: str, tmp_pat
     }
     env.pop("ENGINE_API_JWT_SECRET", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.demo", env=env, cwd=ROOT,
+        sys.executable, "-m", "engine.cli.demo", env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), timeout=180)
@@ -91,4 +93,4 @@ def test_make_targets_run_the_sandbox_and_the_demo() -> None:
     assert re.search(
         r"^run: \$\(STAMP\)\n\t\$\(BIN\)/credential-engine serve --sandbox", makefile, re.MULTILINE
     )
-    assert re.search(r"^demo: \$\(STAMP\)\n\t\$\(BIN\)/python -m engine.demo", makefile, re.MULTILINE)
+    assert re.search(r"^demo: \$\(STAMP\)\n\t\$\(BIN\)/python -m engine.cli.demo", makefile, re.MULTILINE)

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engine import auth
+from engine.api import auth
 
 ROOT = Path(__file__).resolve().parents[2]
 

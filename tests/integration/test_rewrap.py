@@ -13,12 +13,12 @@ import asyncpg
 import pytest
 
 from engine import CredentialEngine, Venue, errors
-from engine import webhooks as signing
 from engine.crypto import Sealed
 from engine.rewrap import Leftover
 from engine.store import FINGERPRINT_KEY
 from engine.testing import FakeVenue, settle
-from engine.webhooks_service import secret_purpose
+from engine.webhooks import signing
+from engine.webhooks.service import secret_purpose
 
 OWNER = "owner-rewrap"
 

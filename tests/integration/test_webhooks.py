@@ -13,7 +13,7 @@ from test_webhooks_support import FAST_SCHEDULE, OWNER, Receiver, new_credential
 
 from engine import CredentialEngine, Event, errors, jobs, webhooks
 from engine.testing import FakeVenue, settle
-from engine.webhooks_models import DeliveryState
+from engine.webhooks.models import DeliveryState
 from venues.base import Outcome
 
 
@@ -439,7 +439,7 @@ async def test_receiver_down_then_back_gets_every_event_in_order(make_engine: An
 async def test_every_delivered_body_matches_its_json_schema(make_engine: Any, fake: FakeVenue) -> None:
     """Real bodies of every kind of event validate against the strict (closed) schema of their type."""
     jsonschema = pytest.importorskip("jsonschema")
-    from engine import webhooks_schemas
+    from engine.webhooks import schemas as webhooks_schemas
 
     eng = await webhook_engine(make_engine)
     async with Receiver() as rx:

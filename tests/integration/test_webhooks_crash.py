@@ -57,7 +57,7 @@ if __name__ == "__main__":
 else:
     from test_webhooks_support import OWNER, Receiver, new_credential, settle_until
 
-    from engine.webhooks_models import DeliveryState
+    from engine.webhooks.models import DeliveryState
 
     async def test_worker_killed_mid_delivery_leads_to_redelivery_with_the_same_id(
         database_url: str, master_keys: str, tmp_path: Path, fake: FakeVenue

@@ -9,7 +9,7 @@ from test_webhooks_support import FAST_SCHEDULE, OWNER, FakeResolver, Receiver, 
 
 from engine import CredentialEngine, EngineConfig, errors
 from engine.testing import FakeVenue, settle
-from engine.webhooks_models import DeliveryState
+from engine.webhooks.models import DeliveryState
 
 PUBLIC = "93.184.215.14"  # a public address (never contacted: DNS is faked and the guard refuses first)
 

@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 from reliability_support import WebhookReceiver
 
-from engine import CredentialEngine, auth
-from engine.api import ApiConfig, ApiServer
+from engine import CredentialEngine
+from engine.api import ApiConfig, ApiServer, auth
 from engine.testing import FakeVenue, broken_invariants
 
 ATTACKER, VICTIM = "owner-flood", "owner-calm"

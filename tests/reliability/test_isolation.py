@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 from reliability_support import WebhookReceiver, table_snapshot
 
-from engine import CredentialEngine, Venue, auth, errors
-from engine.api import ROUTES, ApiConfig, ApiServer
+from engine import CredentialEngine, Venue, errors
+from engine.api import ROUTES, ApiConfig, ApiServer, auth
 from engine.testing import FakeVenue, settle
 from venues.base import Outcome
 

@@ -32,9 +32,9 @@ import pytest
 import structlog
 from reliability_support import Canaries, EventLog, WebhookReceiver, WorkerProcess, database_text, fetch
 
-from engine import CredentialEngine, Venue, VerificationPolicy, auth, errors
+from engine import CredentialEngine, Venue, VerificationPolicy, errors
 from engine import logs as logsmod
-from engine.api import ApiConfig, ApiServer
+from engine.api import ApiConfig, ApiServer, auth
 from engine.testing import FakeVenue, settle
 from venues.base import Outcome
 from venues.simulator import Faults, Simulator, TestKey

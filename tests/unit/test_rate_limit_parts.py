@@ -1,4 +1,4 @@
-"""The rate limiter's parts (engine/api_limits.py): token buckets on an injected clock, bounded memory, the
+"""The rate limiter's parts (engine/api/limits.py): token buckets on an injected clock, bounded memory, the
 client address, the division among processes, and the settings (with the quotas' settings, engine/config.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from engine import errors
 from engine.api import ApiConfig
-from engine.api_limits import RateLimiter, RateLimits, TokenBuckets, client_address, parse_networks
+from engine.api.limits import RateLimiter, RateLimits, TokenBuckets, client_address, parse_networks
 from engine.config import EngineConfig, Quotas
 
 

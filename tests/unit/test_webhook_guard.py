@@ -1,4 +1,4 @@
-"""The SSRF guard's rules (engine.webhooks_guard): which addresses and URLs a webhook may target."""
+"""The SSRF guard's rules (engine.webhooks.guard): which addresses and URLs a webhook may target."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from engine import errors
-from engine import webhooks_guard as guard
+from engine.webhooks import guard
 
 
 @pytest.mark.parametrize(

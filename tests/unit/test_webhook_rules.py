@@ -10,10 +10,9 @@ from email.utils import format_datetime
 import pytest
 
 from engine import EngineConfig, errors, events
-from engine import webhooks_delivery as delivery
-from engine import webhooks_schemas as schemas
 from engine.config import WEBHOOK_RETRY_SCHEDULE
-from engine.webhooks_models import WebhookEndpoint, display_url
+from engine.webhooks import delivery, schemas
+from engine.webhooks.models import WebhookEndpoint, display_url
 
 
 def test_default_schedule_is_svix_published_one() -> None:

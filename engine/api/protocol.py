@@ -31,7 +31,8 @@ from typing import Any
 import structlog
 from aiohttp import hdrs, web
 
-from engine import api_http, errors
+from engine import errors
+from engine.api import http
 
 log = structlog.get_logger("engine.api")
 
@@ -51,34 +52,32 @@ class _BareResponse(web.Response):
 
 def _request_id(request: web.BaseRequest) -> str:
     """The id the middleware gave the request, the client's sane ``X-Request-Id``, or a new one."""
-    given = request.get(api_http.REQUEST_ID) if isinstance(request, web.Request) else None
+    given = request.get(http.REQUEST_ID) if isinstance(request, web.Request) else None
     if given is None:
-        header = request.headers.get(api_http.REQUEST_ID_HEADER, "")
-        given = header if api_http.REQUEST_ID_PATTERN.match(header) else uuid.uuid4().hex
+        header = request.headers.get(http.REQUEST_ID_HEADER, "")
+        given = header if http.REQUEST_ID_PATTERN.match(header) else uuid.uuid4().hex
     return given
 
 
 def envelope_error(status: int, request_id: str) -> web.Response:
     """The envelope answer for ``status`` outside the application (the connection is closed after it)."""
     if status >= 500:
-        body = api_http.dumps(
+        body = http.dumps(
             {
                 "data": None,
                 "success": False,
-                "errno": api_http.INTERNAL_ERRNO,
+                "errno": http.INTERNAL_ERRNO,
                 "error": f"internal error; correlation id {request_id}",
             }
         )
     else:
         refused = errors.InvalidRequest("request", BAD_REQUEST_MESSAGE)
-        body = api_http.dumps(
-            {"data": None, "success": False, "errno": refused.errno, "error": refused.message}
-        )
+        body = http.dumps({"data": None, "success": False, "errno": refused.errno, "error": refused.message})
     response = _BareResponse(
         text=body,
         status=status,
         content_type="application/json",
-        headers={api_http.REQUEST_ID_HEADER: request_id},
+        headers={http.REQUEST_ID_HEADER: request_id},
     )
     response.force_close()
     return response

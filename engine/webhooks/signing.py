@@ -30,8 +30,8 @@ default), answers duplicates of a recent ``webhook-id`` with 200 without calling
 answers 500 when ``on_event`` raises so that the sender retries. :class:`Verifier` is the same check for
 other frameworks.
 
-Sending lives in :mod:`engine.webhooks_service` (endpoints, secrets, fan-out) and
-:mod:`engine.webhooks_delivery` (attempts, retries, ordering); the SSRF guard in :mod:`engine.webhooks_guard`.
+Sending lives in :mod:`engine.webhooks.service` (endpoints, secrets, fan-out) and
+:mod:`engine.webhooks.delivery` (attempts, retries, ordering); the SSRF guard in :mod:`engine.webhooks.guard`.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import functools
 import json
 from typing import Any
 
-from engine.openapi_schemas import SCHEMAS, UUID, Schema, envelope, json_content, ref
-from engine.webhooks_models import DeliveryState
+from engine.api.openapi_schemas import SCHEMAS, UUID, Schema, envelope, json_content, ref
+from engine.webhooks.models import DeliveryState
 
 VERSION = "0.1.0"
 
@@ -26,7 +26,7 @@ _RETRY_AFTER = {
 }
 _TOO_MANY = {
     "description": "rate limited (errno -100014: this owner's, or without a valid token this address's, "
-    "requests per second; engine/api_limits.py) or an hourly request quota spent (errno -100017)",
+    "requests per second; engine/api/limits.py) or an hourly request quota spent (errno -100017)",
     "headers": _RETRY_AFTER,
     "content": json_content(ref("Error")),
 }

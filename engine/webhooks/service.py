@@ -10,7 +10,7 @@ has committed but has no deliveries yet. The price of doing it in the transactio
 per event (an index probe that finds nothing for owners without endpoints) plus one ``INSERT`` of jobs when
 some endpoint matches. An endpoint receives the events committed after it was added.
 
-Secrets are ``whsec_`` strings (:func:`engine.webhooks.generate_secret`) sealed with the vault
+Secrets are ``whsec_`` strings (:func:`engine.webhooks.signing.generate_secret`) sealed with the vault
 (``Vault.wrap_blob``, purpose ``webhook-secret:<endpoint>:<version>``, so a ciphertext copied to another row
 does not open). The plaintext is returned once, by :meth:`WebhookService.add` and
 :meth:`WebhookService.rotate_secret`, and otherwise exists only in memory while an attempt is signed.
@@ -18,7 +18,7 @@ Rotation keeps the previous secrets signing for ``webhook_secret_grace`` seconds
 accept any of several signatures), at most ``MAX_ACTIVE_SECRETS`` at a time; expired ones are destroyed (at the
 next rotation of that endpoint, and by the hourly ``purge_jobs`` job for every endpoint).
 
-Delivery attempts themselves live in :mod:`engine.webhooks_delivery`.
+Delivery attempts themselves live in :mod:`engine.webhooks.delivery`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from aiohttp.abc import AbstractResolver
 
 from engine import crypto, errors, events, quotas, validation
 from engine import db as dbmod
-from engine import webhooks as signing
-from engine import webhooks_delivery as deliverymod
-from engine import webhooks_guard as guard
 from engine.models import Event, Page
-from engine.webhooks_models import (
+from engine.webhooks import delivery as deliverymod
+from engine.webhooks import guard, signing
+from engine.webhooks.models import (
     DeliveryState,
     WebhookAttempt,
     WebhookDelivery,

@@ -1,6 +1,6 @@
 """Sandbox mode: the exchange simulator (with ready test accounts), the engine and the API in one process.
 
-``credential-engine serve --sandbox`` (``make run``) and ``python -m engine.demo`` use it::
+``credential-engine serve --sandbox`` (``make run``) and ``python -m engine.cli.demo`` use it::
 
     async with sandbox.running(EngineConfig.from_env(), port=8080) as live:
         print(sandbox.banner(live))     # URL, a development token, test keys, curl examples
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from engine import auth, errors
 from engine import db as dbmod
-from engine.api import ApiConfig, ApiServer
+from engine import errors
+from engine.api import ApiConfig, ApiServer, auth
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.engine import CredentialEngine

@@ -31,8 +31,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from engine import auth, errors
 from engine import db as dbmod
+from engine import errors
+from engine.api import auth
 from engine.models import Page
 
 log = structlog.get_logger("engine.api")
@@ -123,7 +124,7 @@ class Fields:
     A field that is absent is absent: the route's default applies. A field that is present must hold a
     value of its type: a JSON ``null`` or an empty query value (``?status=``, ``?offset=``) is refused like
     any other wrong value (400 naming the field), never read as "no filter" or "the default". No request
-    field is nullable in the OpenAPI document (``engine/openapi_schemas.py``); a field that ever is must be
+    field is nullable in the OpenAPI document (``engine/api/openapi_schemas.py``); a field that ever is must be
     read with ``nullable=True``.
     """
 
@@ -296,7 +297,7 @@ def authenticate(request: web.Request) -> str:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """``/api/...`` needs a valid bearer token; its ``sub`` is the owner every handler acts for (already known
-    when the rate limit middleware, engine/api_limits.py, authenticated the request)."""
+    when the rate limit middleware, engine/api/limits.py, authenticated the request)."""
     if request.path.startswith("/api/") and OWNER not in request:
         authenticate(request)
     return await handler(request)

@@ -28,7 +28,8 @@ from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from engine import jobs, webhooks_models
+from engine import jobs
+from engine.webhooks import models as webhooks_models
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JOB_COUNTS_TTL = 5.0  # seconds the job counts of /metrics are reused (Prometheus scrapes every 15 s or more)

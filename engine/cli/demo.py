@@ -1,4 +1,4 @@
-"""``python -m engine.demo`` (``make demo``): the whole credential lifecycle over the REST API, narrated.
+"""``python -m engine.cli.demo`` (``make demo``): the whole credential lifecycle over the REST API, narrated.
 
 Against the sandbox ``make run`` keeps running (found through its ``sandbox.json``), against the server given
 with ``--url``/``--token``/``--admin-url``, or else against a sandbox it starts itself. Every step is a plain
@@ -24,7 +24,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from engine import errors, logs, sandbox, webhooks
+from engine import errors, logs, webhooks
+from engine.cli import sandbox
 from engine.config import EngineConfig
 from engine.models import Event
 from venues.base import Venue
@@ -285,7 +286,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.demo", description=(__doc__ or "").split("\n\n")[0]
+        prog="python -m engine.cli.demo", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument("--url", help="a running API (default: the running sandbox, else one started here)")
     parser.add_argument("--token", help="a bearer token for --url")

@@ -9,7 +9,7 @@ bucket answers 429 :class:`errors.RateLimited` (errno -100014) in the envelope, 
 seconds until a token is back), before the body is read or the database touched. The operator routes
 ``/healthz``, ``/readyz`` and ``/metrics`` are exempt: a 429 on a probe takes a healthy process out of rotation
 (or restarts it), so one flooder could turn a limit into an outage; they are kept cheap instead (``/metrics``
-reads its database counts through a shared cache, :mod:`engine.api_ops`). Keep them off the public network.
+reads its database counts through a shared cache, :mod:`engine.api.ops`). Keep them off the public network.
 
 **The client address** is the socket peer. ``X-Forwarded-For`` is read only when the peer is one of
 ``RateLimits.trusted_proxies``: then the client is the right-most address of the header that is not a trusted
@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from engine import api_http, errors
+from engine import errors
+from engine.api import http
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -347,14 +348,14 @@ def _peer(request: web.Request) -> str | None:
 
 
 @web.middleware
-async def rate_limit_middleware(request: web.Request, handler: api_http.Handler) -> web.StreamResponse:
+async def rate_limit_middleware(request: web.Request, handler: http.Handler) -> web.StreamResponse:
     """Between the envelope and auth middlewares: authenticates ``/api/...`` requests itself (so the owner is
     known before anything else runs) and takes their token; everything else but the operator routes takes a
     token of its client address."""
     limiter = request.app[LIMITER]
     if request.path.startswith("/api/"):
         try:
-            owner = api_http.authenticate(request)
+            owner = http.authenticate(request)
         except errors.Unauthorized:
             limiter.check_address(_address(request, limiter))  # a 429 replaces the 401 once over the limit
             raise

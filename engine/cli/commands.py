@@ -19,9 +19,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from engine import auth, errors, sandbox
-from engine import cli_output as out
-from engine.api import ApiConfig, ApiServer
+from engine import errors
+from engine.api import ApiConfig, ApiServer, auth
+from engine.cli import output as out
+from engine.cli import sandbox
 from engine.config import EngineConfig
 from engine.engine import CredentialEngine
 from engine.models import Credential, CredentialStatus
@@ -195,6 +196,16 @@ def _port(args: argparse.Namespace, default: int) -> int:
         return int(args.port)
     env = os.environ.get("ENGINE_API_PORT")
     return int(env) if env and env.isdigit() else default
+
+
+def simulator(args: argparse.Namespace) -> int:
+    """``credential-engine simulator ...``: the exchange simulator's own command line (its options after it)."""
+    from venues.simulator.__main__ import main as simulator_main
+
+    try:
+        return simulator_main(list(args.simulator_args))
+    except SystemExit as exc:  # its own --help and usage errors
+        return int(exc.code) if isinstance(exc.code, int) else 2  # 2: a usage error, as everywhere
 
 
 async def worker(args: argparse.Namespace) -> int:

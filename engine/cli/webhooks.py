@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine import cli_output as out
-from engine.cli_commands import opened
-from engine.webhooks_models import WebhookEndpoint
+from engine.cli import output as out
+from engine.cli.commands import opened
+from engine.webhooks.models import WebhookEndpoint
 
 ENDPOINT_COLUMNS: list[out.Column] = [
     ("ID", lambda e: e["endpointId"]),

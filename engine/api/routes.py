@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from engine import api_http, errors
+from engine import errors
+from engine.api import http
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -31,9 +32,9 @@ def engine_of(request: web.Request) -> CredentialEngine:
 
 async def create_credential(request: web.Request) -> web.Response:
     """POST /api/v3/credential/create (seed 01's and seed 02's spellings both work)."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     cred = await engine_of(request).create_credential(
-        api_http.owner_of(request),
+        http.owner_of(request),
         venue=f.text("venue") or "",  # "" is refused by the engine as "is required", naming the field
         credential_type=f.text("credentialType", "type"),
         api_key=f.text("apiKey") or "",
@@ -41,58 +42,58 @@ async def create_credential(request: web.Request) -> web.Response:
         api_passphrase=f.text("apiPassphrase"),
         nickname=f.text("nickname", "name"),
     )
-    return api_http.ok(cred.public_dict())
+    return http.ok(cred.public_dict())
 
 
 async def verify_credential(request: web.Request) -> web.Response:
     """POST /api/v3/credential/verify: enqueue a (re-)verification; the answer is the credential as it is now."""
-    f = await api_http.body(request)
-    cred = await engine_of(request).verify_credential(api_http.owner_of(request), required(f, "credentialId"))
-    return api_http.ok(cred.public_dict())
+    f = await http.body(request)
+    cred = await engine_of(request).verify_credential(http.owner_of(request), required(f, "credentialId"))
+    return http.ok(cred.public_dict())
 
 
 async def get_credential(request: web.Request) -> web.Response:
     """GET /api/v3/credential/get?credentialId=..."""
-    f = api_http.query(request)
-    cred = await engine_of(request).get_credential(api_http.owner_of(request), required(f, "credentialId"))
-    return api_http.ok(cred.public_dict())
+    f = http.query(request)
+    cred = await engine_of(request).get_credential(http.owner_of(request), required(f, "credentialId"))
+    return http.ok(cred.public_dict())
 
 
 async def list_credentials(request: web.Request) -> web.Response:
     """GET /api/v3/credential/list with seed 04's filters and pagination."""
-    f = api_http.query(request)
+    f = http.query(request)
     page = await engine_of(request).list_credentials(
-        api_http.owner_of(request),
+        http.owner_of(request),
         status=f.text("credentialStatus", "status"),
         credential_type=f.text("credentialType", "type"),
         venue=f.text("venue"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", DEFAULT_LIMIT),
     )
-    return api_http.ok([c.public_dict() for c in page.items], page=page)
+    return http.ok([c.public_dict() for c in page.items], page=page)
 
 
 async def rotate_credential(request: web.Request) -> web.Response:
     """POST /api/v3/credential/rotate: stage new keys (``immediate``: replace the old ones now)."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     cred = await engine_of(request).rotate_credential(
-        api_http.owner_of(request),
+        http.owner_of(request),
         required(f, "credentialId"),
         api_key=f.text("apiKey") or "",
         api_secret=f.text("apiSecret") or "",
         api_passphrase=f.text("apiPassphrase"),
         immediate=f.flag("immediate", False),
     )
-    return api_http.ok(cred.public_dict())
+    return http.ok(cred.public_dict())
 
 
 async def revoke_credential(request: web.Request) -> web.Response:
     """POST /api/v3/credential/revoke: for good; ``cascade`` (default true) disconnects the accounts."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     cred = await engine_of(request).revoke_credential(
-        api_http.owner_of(request), required(f, "credentialId"), cascade=f.flag("cascade", True)
+        http.owner_of(request), required(f, "credentialId"), cascade=f.flag("cascade", True)
     )
-    return api_http.ok(cred.public_dict())
+    return http.ok(cred.public_dict())
 
 
 # ---- trading accounts ---------------------------------------------------------------------------------------
@@ -102,14 +103,14 @@ _KEY_FIELDS = ("venue", "apiKey", "apiSecret", "apiPassphrase")
 
 async def connect_trading_account(request: web.Request) -> web.Response:
     """POST /api/v3/tradingAccount/connect: seed 05's body with keys, or a verified credentialId."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     credential_id = f.text("credentialId")
     account_type, name = f.text("accountType"), f.text("name", "nickname")
     venue, api_key, api_secret, api_passphrase = (f.text(name) for name in _KEY_FIELDS)
     if credential_id is not None and any(f.present(name) for name in _KEY_FIELDS):
         raise errors.InvalidRequest("credentialId", "give credentialId or venue/apiKey/apiSecret, not both")
     account = await engine_of(request).connect_trading_account(
-        api_http.owner_of(request),
+        http.owner_of(request),
         credential_id=credential_id,
         account_type=account_type,
         name=name,
@@ -119,42 +120,42 @@ async def connect_trading_account(request: web.Request) -> web.Response:
         api_passphrase=api_passphrase,
         wait_timeout=request.app[CONNECT_WAIT],
     )
-    return api_http.ok(account.public_dict())
+    return http.ok(account.public_dict())
 
 
 async def disconnect_trading_account(request: web.Request) -> web.Response:
     """POST /api/v3/tradingAccount/disconnect (idempotent: a DISABLED account answers as it is)."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     account = await engine_of(request).disconnect_trading_account(
-        api_http.owner_of(request), required(f, "tradingAccountId")
+        http.owner_of(request), required(f, "tradingAccountId")
     )
-    return api_http.ok(account.public_dict())
+    return http.ok(account.public_dict())
 
 
 async def get_trading_account(request: web.Request) -> web.Response:
     """GET /api/v3/tradingAccount/get?tradingAccountId=..."""
-    f = api_http.query(request)
+    f = http.query(request)
     account = await engine_of(request).get_trading_account(
-        api_http.owner_of(request), required(f, "tradingAccountId")
+        http.owner_of(request), required(f, "tradingAccountId")
     )
-    return api_http.ok(account.public_dict())
+    return http.ok(account.public_dict())
 
 
 async def list_trading_accounts(request: web.Request) -> web.Response:
     """GET /api/v3/tradingAccount/list (credentialId, status, venue, offset, limit)."""
-    f = api_http.query(request)
+    f = http.query(request)
     page = await engine_of(request).list_trading_accounts(
-        api_http.owner_of(request),
+        http.owner_of(request),
         credential_id=f.text("credentialId"),
         status=f.text("status", "tradingAccountStatus"),
         venue=f.text("venue"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", DEFAULT_LIMIT),
     )
-    return api_http.ok([a.public_dict() for a in page.items], page=page)
+    return http.ok([a.public_dict() for a in page.items], page=page)
 
 
-def required(f: api_http.Fields, name: str) -> str:
+def required(f: http.Fields, name: str) -> str:
     """A string field that must be there and not blank (ids)."""
     value = f.text(name)
     if value is None or not value.strip():
@@ -162,7 +163,7 @@ def required(f: api_http.Fields, name: str) -> str:
     return value
 
 
-ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
+ROUTES: tuple[tuple[str, str, http.Handler], ...] = (
     ("POST", "/api/v3/credential/create", create_credential),
     ("POST", "/api/v3/credential/verify", verify_credential),
     ("GET", "/api/v3/credential/get", get_credential),

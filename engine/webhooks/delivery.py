@@ -42,12 +42,11 @@ import structlog
 from engine import db as dbmod
 from engine import errors
 from engine import queue as queuemod
-from engine import webhooks as signing
-from engine import webhooks_guard as guard
 from engine.models import Event
+from engine.webhooks import guard, signing
 
 if TYPE_CHECKING:
-    from engine.webhooks_service import WebhookService
+    from engine.webhooks.service import WebhookService
 
 log = structlog.get_logger("engine.webhooks")
 

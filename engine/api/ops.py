@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from engine import api_http, api_metrics, api_routes, errors, openapi
+from engine import errors
+from engine.api import http, openapi, routes
+from engine.api import metrics as metricsmod
 
 
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz"""
-    return api_http.ok({"status": "ok"})
+    return http.ok({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz"""
-    eng = api_routes.engine_of(request)
+    eng = routes.engine_of(request)
     try:
         database = await eng.db.ping()
     except errors.EngineClosed:
@@ -30,12 +32,12 @@ async def readyz(request: web.Request) -> web.Response:
         workers = False
     checks = {"database": _word(database), "workers": _word(workers) if wants_workers else "disabled"}
     if database and workers:
-        return api_http.ok({"status": "ready", "checks": checks})
+        return http.ok({"status": "ready", "checks": checks})
     errno = errors.StorageError.errno if not database else errors.EngineClosed.errno
     failing = ", ".join(name for name, state in checks.items() if state == "down")
     body = {"data": {"status": "unavailable", "checks": checks}, "success": False, "errno": errno,
             "error": f"not ready: {failing} down"}  # fmt: skip
-    return web.Response(text=api_http.dumps(body), status=503, content_type="application/json")
+    return web.Response(text=http.dumps(body), status=503, content_type="application/json")
 
 
 def _word(up: bool) -> str:
@@ -44,12 +46,12 @@ def _word(up: bool) -> str:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics (Prometheus text format)."""
-    eng = api_routes.engine_of(request)
+    eng = routes.engine_of(request)
     queue = eng.queue
     counters = queue.counters
     stats = eng.bus.stats
-    snap = api_metrics.Snapshot(
-        job_counts=await request.app[api_metrics.JOB_COUNTS].get(queue.counts),  # not a table scan per scrape
+    snap = metricsmod.Snapshot(
+        job_counts=await request.app[metricsmod.JOB_COUNTS].get(queue.counts),  # not a table scan per scrape
         job_attempts={
             "processed": counters.processed,
             "retried": counters.retried,
@@ -60,10 +62,10 @@ async def metrics(request: web.Request) -> web.Response:
         probes=eng.probe_metrics,
         events={"read": stats.read, "delivered": stats.delivered, "listener_failed": stats.listener_failures},
         webhooks=eng.webhooks.metrics,
-        http_requests=list(request.app[api_http.HTTP_COUNTS].items()),
+        http_requests=list(request.app[http.HTTP_COUNTS].items()),
     )
     return web.Response(
-        body=api_metrics.render(snap).encode("utf-8"), headers={"Content-Type": api_metrics.CONTENT_TYPE}
+        body=metricsmod.render(snap).encode("utf-8"), headers={"Content-Type": metricsmod.CONTENT_TYPE}
     )
 
 
@@ -72,7 +74,7 @@ async def openapi_document(request: web.Request) -> web.Response:
     return web.Response(text=openapi.document_json(), content_type="application/json")
 
 
-ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
+ROUTES: tuple[tuple[str, str, http.Handler], ...] = (
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/metrics", metrics),

@@ -1,4 +1,4 @@
-"""The OpenAPI document's component schemas: the JSON the REST API reads and writes (see engine/openapi.py)."""
+"""The OpenAPI document's component schemas: the JSON the REST API reads and writes (see engine/api/openapi.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from engine.events import EVENT_TYPES
 from engine.models import CredentialStatus, CredentialType, TradingAccountStatus
-from engine.webhooks_models import DeliveryState
+from engine.webhooks.models import DeliveryState
 from venues.base import Venue
 
 Schema = dict[str, Any]

@@ -11,32 +11,33 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from engine import api_http, api_routes, validation
+from engine import validation
+from engine.api import http, routes
 from engine.models import Page
 
 T = TypeVar("T")
-required = api_routes.required
+required = routes.required
 
 
 async def create_webhook(request: web.Request) -> web.Response:
     """POST /api/v3/webhook/create: url, eventTypes (none or empty: every type), description."""
-    f = await api_http.body(request)
-    endpoint = await api_routes.engine_of(request).add_webhook_endpoint(
-        api_http.owner_of(request),
+    f = await http.body(request)
+    endpoint = await routes.engine_of(request).add_webhook_endpoint(
+        http.owner_of(request),
         f.text("url") or "",
         event_types=f.raw("eventTypes"),
         description=f.text("description"),
     )
-    return api_http.ok({**endpoint.public_dict(), "secret": endpoint.secret})
+    return http.ok({**endpoint.public_dict(), "secret": endpoint.secret})
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
     """GET /api/v3/webhook/list (offset, limit)."""
-    f = api_http.query(request)
-    offset, limit = f.integer("offset", 0), f.integer("limit", api_routes.DEFAULT_LIMIT)
-    endpoints = await api_routes.engine_of(request).list_webhook_endpoints(api_http.owner_of(request))
+    f = http.query(request)
+    offset, limit = f.integer("offset", 0), f.integer("limit", routes.DEFAULT_LIMIT)
+    endpoints = await routes.engine_of(request).list_webhook_endpoints(http.owner_of(request))
     page = _page(endpoints, offset, limit)
-    return api_http.ok([e.public_dict() for e in page.items], page=page)
+    return http.ok([e.public_dict() for e in page.items], page=page)
 
 
 def _page(items: list[T], offset: int, limit: int) -> Page[T]:
@@ -46,68 +47,66 @@ def _page(items: list[T], offset: int, limit: int) -> Page[T]:
 
 async def get_webhook(request: web.Request) -> web.Response:
     """GET /api/v3/webhook/get?endpointId=..."""
-    f = api_http.query(request)
-    endpoint = await api_routes.engine_of(request).get_webhook_endpoint(
-        api_http.owner_of(request), required(f, "endpointId")
+    f = http.query(request)
+    endpoint = await routes.engine_of(request).get_webhook_endpoint(
+        http.owner_of(request), required(f, "endpointId")
     )
-    return api_http.ok(endpoint.public_dict())
+    return http.ok(endpoint.public_dict())
 
 
 async def update_webhook(request: web.Request) -> web.Response:
     """POST /api/v3/webhook/update: endpointId and what changes (enabled, eventTypes, url)."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     enabled = f.flag("enabled", False) if f.raw("enabled") is not None else None
-    endpoint = await api_routes.engine_of(request).update_webhook_endpoint(
-        api_http.owner_of(request),
+    endpoint = await routes.engine_of(request).update_webhook_endpoint(
+        http.owner_of(request),
         required(f, "endpointId"),
         enabled=enabled,
         event_types=f.raw("eventTypes") if f.present("eventTypes") else None,
         url=f.text("url"),
     )
-    return api_http.ok(endpoint.public_dict())
+    return http.ok(endpoint.public_dict())
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
     """POST /api/v3/webhook/delete: the endpoint, its secrets and its deliveries are gone."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     endpoint_id = validation.uuid_value(required(f, "endpointId"), "endpointId")
-    await api_routes.engine_of(request).remove_webhook_endpoint(api_http.owner_of(request), endpoint_id)
-    return api_http.ok({"endpointId": str(endpoint_id), "deleted": True})
+    await routes.engine_of(request).remove_webhook_endpoint(http.owner_of(request), endpoint_id)
+    return http.ok({"endpointId": str(endpoint_id), "deleted": True})
 
 
 async def rotate_webhook_secret(request: web.Request) -> web.Response:
     """POST /api/v3/webhook/rotateSecret: a new secret, shown once; the old one signs for a grace period."""
-    f = await api_http.body(request)
+    f = await http.body(request)
     endpoint_id = validation.uuid_value(required(f, "endpointId"), "endpointId")
-    secret = await api_routes.engine_of(request).rotate_webhook_secret(
-        api_http.owner_of(request), endpoint_id
-    )
-    return api_http.ok({"endpointId": str(endpoint_id), "secret": secret})
+    secret = await routes.engine_of(request).rotate_webhook_secret(http.owner_of(request), endpoint_id)
+    return http.ok({"endpointId": str(endpoint_id), "secret": secret})
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
     """GET /api/v3/webhook/delivery/list (endpointId, state, offset, limit), each with its attempts."""
-    f = api_http.query(request)
-    page = await api_routes.engine_of(request).list_webhook_deliveries(
-        api_http.owner_of(request),
+    f = http.query(request)
+    page = await routes.engine_of(request).list_webhook_deliveries(
+        http.owner_of(request),
         f.text("endpointId"),
         state=f.text("state"),
         offset=f.integer("offset", 0),
-        limit=f.integer("limit", api_routes.DEFAULT_LIMIT),
+        limit=f.integer("limit", routes.DEFAULT_LIMIT),
     )
-    return api_http.ok([d.public_dict() for d in page.items], page=page)
+    return http.ok([d.public_dict() for d in page.items], page=page)
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
     """POST /api/v3/webhook/delivery/retry: send a dead delivery again."""
-    f = await api_http.body(request)
-    delivery = await api_routes.engine_of(request).retry_webhook_delivery(
-        api_http.owner_of(request), required(f, "deliveryId")
+    f = await http.body(request)
+    delivery = await routes.engine_of(request).retry_webhook_delivery(
+        http.owner_of(request), required(f, "deliveryId")
     )
-    return api_http.ok(delivery.public_dict())
+    return http.ok(delivery.public_dict())
 
 
-ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
+ROUTES: tuple[tuple[str, str, http.Handler], ...] = (
     ("POST", "/api/v3/webhook/create", create_webhook),
     ("GET", "/api/v3/webhook/list", list_webhooks),
     ("GET", "/api/v3/webhook/get", get_webhook),

@@ -1,5 +1,5 @@
--- Named queries of the webhook endpoints and their deliveries (engine/webhooks_service.py,
--- engine/webhooks_delivery.py). Each block: "-- name --", a one-line description, the SQL.
+-- Named queries of the webhook endpoints and their deliveries (engine/webhooks/service.py,
+-- engine/webhooks/delivery.py). Each block: "-- name --", a one-line description, the SQL.
 -- Tables: webhook_endpoints, webhook_secrets, webhook_deliveries, webhook_attempts (schema.sql, webhooks markers).
 -- Lock order, everywhere: the stream's advisory lock, then the endpoint row, then delivery rows.
 

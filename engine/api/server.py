@@ -6,16 +6,16 @@
         ...
         await server.close()
 
-Modules: :mod:`engine.api_http` (envelope, errors, parsing, middlewares), :mod:`engine.api_protocol` (the
-answers to requests aiohttp refuses before the application sees them), :mod:`engine.api_routes`
-(credentials, trading accounts), :mod:`engine.api_webhooks` (webhook endpoints), :mod:`engine.api_ops`
-(health, readiness, metrics, OpenAPI), :mod:`engine.openapi` (the document). The server does not own the
+Modules: :mod:`engine.api.http` (envelope, errors, parsing, middlewares), :mod:`engine.api.protocol` (the
+answers to requests aiohttp refuses before the application sees them), :mod:`engine.api.routes`
+(credentials, trading accounts), :mod:`engine.api.webhook_routes` (webhook endpoints), :mod:`engine.api.ops`
+(health, readiness, metrics, OpenAPI), :mod:`engine.api.openapi` (the document). The server does not own the
 engine: whoever opened it closes it, after the server.
 
 Environment (``ApiConfig.from_env``): ``ENGINE_API_JWT_SECRET`` (required, >= 32 bytes),
 ``ENGINE_API_HOST`` (127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes),
 ``ENGINE_API_CONNECT_TIMEOUT`` (30 s: how long connect-with-keys waits for the verification), and the rate
-limits of :mod:`engine.api_limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``).
+limits of :mod:`engine.api.limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``).
 """
 
 from __future__ import annotations
@@ -28,17 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from engine import (
-    api_http,
-    api_limits,
-    api_metrics,
-    api_ops,
-    api_protocol,
-    api_routes,
-    api_webhooks,
-    auth,
-    errors,
-)
+from engine import errors
+from engine.api import auth, http, limits, metrics, ops, protocol, routes, webhook_routes
 from engine.config import settings_view
 from engine.sensitive import SecretText
 
@@ -48,10 +39,10 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 64 * 1024  # the largest valid request (a PEM secret and a few fields) is a few KiB
 SHUTDOWN_TIMEOUT = 5.0  # seconds given to in-flight requests when the server stops
 
-ROUTES: tuple[tuple[str, str, api_http.Handler], ...] = (
-    *api_routes.ROUTES,
-    *api_webhooks.ROUTES,
-    *api_ops.ROUTES,
+ROUTES: tuple[tuple[str, str, http.Handler], ...] = (
+    *routes.ROUTES,
+    *webhook_routes.ROUTES,
+    *ops.ROUTES,
 )
 
 
@@ -68,7 +59,7 @@ class ApiConfig:
     port: int = 8080
     max_body_bytes: int = MAX_BODY_BYTES
     connect_wait_timeout: float = 30.0
-    rate_limits: api_limits.RateLimits = field(default_factory=api_limits.RateLimits)
+    rate_limits: limits.RateLimits = field(default_factory=limits.RateLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jwt_secret", SecretText(self.jwt_secret))
@@ -101,7 +92,7 @@ class ApiConfig:
                     kwargs[name] = conv(env[key])
                 except ValueError:
                     raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
-        kwargs["rate_limits"] = api_limits.RateLimits.from_env(env)
+        kwargs["rate_limits"] = limits.RateLimits.from_env(env)
         kwargs.update(overrides)
         if "jwt_secret" not in kwargs:
             raise errors.ConfigurationError(
@@ -116,18 +107,18 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     """The aiohttp application: every route of :data:`ROUTES`; the envelope, rate limit and auth middlewares."""
     app = web.Application(
         middlewares=[
-            api_http.envelope_middleware,  # outermost: every answer, 429s included, in the envelope
-            api_limits.rate_limit_middleware,
-            api_http.auth_middleware,
+            http.envelope_middleware,  # outermost: every answer, 429s included, in the envelope
+            limits.rate_limit_middleware,
+            http.auth_middleware,
         ],
         client_max_size=config.max_body_bytes,
     )
-    api_limits.install(app, engine, config.rate_limits)
-    app[api_routes.ENGINE] = engine
-    app[api_routes.CONNECT_WAIT] = config.connect_wait_timeout
-    app[api_http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
-    app[api_http.HTTP_COUNTS] = Counter()
-    app[api_metrics.JOB_COUNTS] = api_metrics.SharedRead(api_metrics.JOB_COUNTS_TTL)
+    limits.install(app, engine, config.rate_limits)
+    app[routes.ENGINE] = engine
+    app[routes.CONNECT_WAIT] = config.connect_wait_timeout
+    app[http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
+    app[http.HTTP_COUNTS] = Counter()
+    app[metrics.JOB_COUNTS] = metrics.SharedRead(metrics.JOB_COUNTS_TTL)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_response_prepare.append(_without_server_header)
@@ -152,8 +143,8 @@ class ApiServer:
         if self._runner is not None:
             raise errors.EngineClosed("an ApiServer starts once")
         # access_log=None: the envelope middleware logs each request (route pattern, status, request id)
-        # ApiRunner: requests aiohttp's parser refuses are answered in the envelope too (engine/api_protocol.py)
-        self._runner = api_protocol.ApiRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        # ApiRunner: requests aiohttp's parser refuses are answered in the envelope too (engine/protocol.py)
+        self._runner = protocol.ApiRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         try:
             site = web.TCPSite(self._runner, self.config.host, self.config.port)
