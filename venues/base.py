@@ -318,6 +318,12 @@ class Reply:
 
 
 DEFAULT_TIMEOUT = 10.0  # seconds for one venue request, connect included
+# The most requests one probe makes one after another, each bounded by the request timeout: the verify call, the
+# clock resync it may need and its retry (3); OKX's demo-environment check after a 50101 refusal (3 more); then
+# the concurrent identity calls, each with its own resync and retry, plus a wait for another call's resync (4).
+# Kraken (spot, then futures), Bybit, Binance and Coinbase stay within it. The engine bounds a verification job
+# by this many request timeouts plus a margin for the client-side rate limiters and its own database work.
+MAX_SEQUENTIAL_REQUESTS = 10
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a probe answer bigger than this is malformed for our purposes
 
 
