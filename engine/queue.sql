@@ -62,11 +62,13 @@ RESET enable_sort;
 -- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease,
 -- capped at $7[i] s after now for kind $4[i] (lease_cap: the kind's handler timeout and a margin).
 -- One statement per batch: the outcomes of the previous batch ride along (fenced like complete_jobs). Expired
--- leases (a worker died) come first. Then ready jobs from the two orders (schema.sql, queue_jobs): up to half of
--- what is left in run_at order (jobs without an owner, scheduled, retried), then owners' jobs in start-tag
--- order, then run_at order again for whatever the owners' jobs did not fill. The rows are locked in the CTEs
--- and updated by primary key (an array, so the plan stays index lookups whatever the statistics say); an
--- expired job already at its last try is buried (dead) instead of claimed.
+-- leases (a worker died) come first. Then ready jobs from the two orders (schema.sql, queue_jobs): owners' jobs
+-- in start-tag order get what is left but up to half of it, which goes to the jobs in run_at order (without an
+-- owner, scheduled, retried); either fills in for the other when it runs short. The run_at order is read (and
+-- locked) for the whole batch and cut afterwards (a CTE keeps its rows' order): when owners' jobs take their
+-- half, the rows cut stay locked until the claim commits, a moment. The rows are locked in the CTEs and updated
+-- by primary key (an array, so the plan stays index lookups whatever the statistics say); an expired job
+-- already at its last try is buried (dead) instead of claimed.
 WITH completed AS (
     UPDATE queue_jobs AS j
     SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
@@ -86,22 +88,16 @@ WITH completed AS (
     FROM queue_jobs
     WHERE state = 'queued' AND fair_seq IS NULL AND run_at <= now() AND kind = ANY ($4::text[])
     ORDER BY run_at, id
-    LIMIT ceil(greatest($1 - (SELECT count(*) FROM expired), 0) / 2.0)
+    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
     FOR UPDATE SKIP LOCKED
 ), fair AS (
     SELECT id
     FROM queue_jobs
     WHERE state = 'queued' AND fair_seq IS NOT NULL AND kind = ANY ($4::text[])
     ORDER BY fair_seq, id
-    LIMIT greatest($1 - (SELECT count(*) FROM expired) - (SELECT count(*) FROM due), 0)
-    FOR UPDATE SKIP LOCKED
-), more_due AS (
-    SELECT id
-    FROM queue_jobs
-    WHERE state = 'queued' AND fair_seq IS NULL AND run_at <= now() AND kind = ANY ($4::text[])
-      AND NOT (id = ANY (ARRAY(SELECT id FROM due)))  -- locked by this statement already: not skipped
-    ORDER BY run_at, id
-    LIMIT greatest($1 - (SELECT count(*) FROM expired) - (SELECT count(*) FROM due) - (SELECT count(*) FROM fair), 0)
+    -- all that is left but what the run_at order keeps: up to half of it, less when it has fewer ready
+    LIMIT greatest($1 - (SELECT count(*) FROM expired) - least(
+        (SELECT count(*) FROM due), ceil(($1 - (SELECT count(*) FROM expired)) / 2.0)), 0)
     FOR UPDATE SKIP LOCKED
 )
 UPDATE queue_jobs AS j
@@ -120,8 +116,10 @@ SET state            = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted
     last_error       = CASE WHEN j.state = 'running'
                             THEN 'LeaseExpired: the worker running attempt ' || j.attempt || ' stopped renewing its lease'
                             ELSE j.last_error END
-WHERE j.id = ANY (ARRAY(SELECT id FROM expired UNION ALL SELECT id FROM due UNION ALL SELECT id FROM fair
-                        UNION ALL SELECT id FROM more_due))
+WHERE j.id = ANY (ARRAY(
+    SELECT id FROM expired
+    UNION ALL (SELECT id FROM due LIMIT greatest($1 - (SELECT count(*) FROM expired) - (SELECT count(*) FROM fair), 0))
+    UNION ALL SELECT id FROM fair))
 RETURNING j.id, j.kind, j.payload, j.state, j.attempt, j.attempt - j.uncounted AS tries, j.max_attempts,
           j.dedupe_key, j.run_at, j.created_at;
 

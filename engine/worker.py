@@ -14,9 +14,11 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
                 nothing for slow ones), so that claimed jobs do not queue here behind busy runners while
                 other workers (and other owners' jobs) wait.
     runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer, within the
-                backend's ``time_limit`` for it: past it the runner's job is cancelled (the backend's
-                ``timed_out`` outcome is written); a handler still running ``cancel_grace`` later (it
-                swallowed the cancellation) is abandoned, and its slot gets a fresh runner
+                backend's ``time_limit`` for it
+    watchdog    cancels the runner of a job past its time limit (looking every WATCH_TICK, or a quarter of
+                the shortest limit seen; no timer per job) and the backend's ``timed_out`` outcome is written;
+                a handler still running ``cancel_grace`` later (it swallowed the cancellation) is abandoned
+                and its slot gets a fresh runner
     flusher     writes finished outcomes, many per statement: whatever piled up during the previous write.
                 While claims keep coming, plain "done" outcomes ride along on the next claim statement
                 instead (one statement per batch, not two); the flusher writes them after RIDE_WINDOW.
@@ -66,8 +68,10 @@ SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection be
 RIDE_WINDOW = 0.005  # how long an outcome waits for the next claim to carry it before the flusher writes it
 FLUSH_CHUNK = 1000  # most outcomes written by one statement; also how many may wait before claims pause
 FINAL_FLUSH_TIMEOUT = 15.0  # how long stop() keeps trying to write the last outcomes
-PREFETCH_HORIZON = 0.05  # seconds of work (at the mean run time) the fetcher claims ahead of the free runners
+PREFETCH_HORIZON = 0.02  # seconds of work (at the mean run time) the fetcher claims ahead of the free runners
 RUN_TIME_WEIGHT = 0.2  # weight of the newest run in the mean run time (an exponential moving average)
+WATCH_TICK = 1.0  # seconds between the watchdog's looks at running jobs (less for shorter time limits)
+WATCH_TICK_MIN = 0.01
 
 
 class WorkerFailed(errors.CredentialEngineError):
@@ -187,6 +191,10 @@ class Worker(Generic[J, R, S]):
         self._generations: dict[int, int] = {}  # runner slot -> generation of the runner that owns it
         self._expired: dict[int, J] = {}  # runner slot -> its job, cancelled at its time limit
         self._orphans: set[asyncio.Task[None]] = set()  # abandoned runners whose handler ignores cancellation
+        self._deadlines: dict[int, float] = {}  # runner slot -> loop time its job's time limit runs out
+        self._runner_tasks: dict[int, asyncio.Task[None]] = {}  # runner slot -> the task running its job
+        self._watch_tick = WATCH_TICK
+        self._watch_wakeup = asyncio.Event()
         self._running: dict[int, J] = {}  # runner slot -> its job
         self._pending: list[tuple[J, R]] = []  # outcomes not written yet (flusher, or a claim carries them)
 
@@ -227,6 +235,7 @@ class Worker(Generic[J, R, S]):
         self._started = True
         self._spawn("flusher", self._flusher)
         self._spawn("heartbeat", self._heartbeat)
+        self._spawn("watchdog", self._watchdog)
         for slot in range(self._concurrency):
             self._spawn(f"runner-{slot}", self._runner_body(slot))
         if self._listen:
@@ -274,6 +283,7 @@ class Worker(Generic[J, R, S]):
             log.warning("queue_cancelling_jobs", worker=self._name, jobs=len(self._running))
         for role in [role for role in self._tasks if role.startswith("runner-")]:
             await self._cancel(role)  # a runner still in a job hands it back as it unwinds
+        await self._cancel("watchdog")
         for orphan in self._orphans:
             orphan.cancel()  # once more; not waited for: they ignored it before
         self._flusher_closing = True
@@ -379,7 +389,11 @@ class Worker(Generic[J, R, S]):
             return 0
         if buffered and room < self._batch_size // 2:
             return 0  # runners still have work: wait until a worthwhile batch fits
-        return max(0, min(room, self._batch_size, self._ahead() - buffered))
+        ahead = self._ahead()
+        want = min(room, self._batch_size, ahead - buffered)
+        if buffered and want < max(1, min(ahead, self._batch_size) // 2):
+            return 0  # ... and not one job at a time either: until half of what is worth holding is gone
+        return max(0, want)
 
     def _ahead(self) -> int:
         """How many jobs it is worth holding here: one per free runner, plus what the runners should finish
@@ -460,6 +474,7 @@ class Worker(Generic[J, R, S]):
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        self._runner_tasks[slot] = task
         while True:
             job = await self._buffer.get()
             claimed_at = self._waiting.pop((job.id, job.attempt), None)
@@ -472,7 +487,11 @@ class Worker(Generic[J, R, S]):
             self._runners_idle.clear()
             self._room.set()
             limit = self._backend.time_limit(job)
-            timer = None if limit is None else loop.call_later(limit, self._expire, slot, job, task)
+            if limit is not None:
+                self._deadlines[slot] = started + limit
+                if limit < 4 * self._watch_tick:
+                    self._watch_tick = max(WATCH_TICK_MIN, limit / 4)
+                    self._watch_wakeup.set()
             try:
                 outcome = await self._backend.execute(job)
             except asyncio.CancelledError:
@@ -489,9 +508,8 @@ class Worker(Generic[J, R, S]):
                     self._release(job)
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
                 if self._generations.get(slot) == generation:
+                    self._deadlines.pop(slot, None)
                     if self._expired.pop(slot, None) is job:
                         task.uncancel()  # our own cancel, consumed: it must not hit the runner's next await
                     del self._running[slot]
@@ -513,9 +531,23 @@ class Worker(Generic[J, R, S]):
             else:
                 self._record(job, outcome)
 
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._watch_tick):
+                    await self._watch_wakeup.wait()
+            self._watch_wakeup.clear()
+            now = loop.time()
+            for slot, deadline in list(self._deadlines.items()):
+                job, task = self._running.get(slot), self._runner_tasks.get(slot)
+                if deadline <= now and job is not None and task is not None:
+                    del self._deadlines[slot]
+                    self._expire(slot, job, task)
+
     def _expire(self, slot: int, job: J, task: asyncio.Task[None]) -> None:
-        """Timer: the job in ``slot`` ran past its time limit. Cancel it; abandon it if it does not let go."""
-        if self._running.get(slot) is not job:
+        """The job in ``slot`` ran past its time limit. Cancel it; abandon it if it does not let go."""
+        if self._running.get(slot) is not job or slot in self._expired:
             return
         self._expired[slot] = job
         task.cancel()
@@ -528,6 +560,7 @@ class Worker(Generic[J, R, S]):
             return  # it let go in time
         del self._running[slot]
         del self._expired[slot]
+        self._deadlines.pop(slot, None)
         if not self._running:
             self._runners_idle.set()
         role = f"runner-{slot}"

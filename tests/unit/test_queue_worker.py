@@ -204,6 +204,7 @@ async def test_tasks_are_named_and_owned() -> None:
         "queue:w:listener",
         "queue:w:runner-0",
         "queue:w:runner-1",
+        "queue:w:watchdog",
     }
     await w.stop()
     await asyncio.sleep(0)
@@ -471,7 +472,7 @@ async def test_slow_jobs_are_not_claimed_far_ahead_of_the_runners() -> None:
     backend = FakeBackend(jobs=40)
 
     async def slow(job: FakeJob) -> Outcome:
-        await asyncio.sleep(0.05)  # = PREFETCH_HORIZON: with 2 runners, about 2 jobs ahead
+        await asyncio.sleep(0.05)  # longer than PREFETCH_HORIZON: nothing ahead of the free runners
         return ("done", job.id)
 
     backend.run = slow
