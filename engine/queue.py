@@ -250,7 +250,8 @@ class Counters:
     retried: int = 0  # attempts rescheduled (Retry, or an error with tries left)
     failed: int = 0  # attempts whose handler raised something other than Retry/Abort
     dead: int = 0  # jobs sent to dead (Abort, no tries left, lease expired on the last try)
-    handed_back: int = 0  # claimed attempts returned unfinished at shutdown
+    handed_back: int = 0  # claimed attempts returned unfinished (shutdown, or no runner got to them in time)
+    timed_out: int = 0  # attempts whose handler ran past its kind's timeout (also counted in failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -714,6 +715,7 @@ class _Backend:
     def timed_out(self, job: Job, *, abandoned: bool) -> _Outcome:
         """The outcome of an attempt whose handler ran past its kind's timeout: a failed try."""
         self.completed_in.discard((job.id, job.attempt))
+        self._counters.timed_out += 1
         exc = HandlerTimeout(self.time_limit(job), abandoned=abandoned)
         log.warning(
             "queue_handler_timeout",

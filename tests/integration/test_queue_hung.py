@@ -100,7 +100,7 @@ async def test_a_handler_that_never_returns_is_cancelled_retried_then_dead(
     assert (row["attempt"], row["tries"]) == (2, 2)
     assert row["last_error"].startswith("HandlerTimeout: the handler ran longer than 0.3 s and was cancelled")
     assert cancelled == 2
-    assert (q.counters.failed, q.counters.retried, q.counters.dead) == (2, 1, 1)
+    assert (q.counters.failed, q.counters.retried, q.counters.dead, q.counters.timed_out) == (2, 1, 1, 2)
     timeouts = [entry for entry in logs if entry["event"] == "queue_handler_timeout"]
     assert [(e["job_id"], e["kind"], e["timeout"]) for e in timeouts] == [(job_id, "hang", 0.3)] * 2
     assert CANARY not in repr(logs)
