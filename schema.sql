@@ -189,6 +189,13 @@ CREATE INDEX IF NOT EXISTS key_access_audit_credential ON key_access_audit (cred
 -- late finisher of an old attempt changes nothing. uncounted: claims that do not count against max_attempts
 -- (hand-backs at shutdown, attempts before an operator's retry); tries so far = attempt - uncounted.
 -- Finished rows stay (operators list them); JobQueue.purge() deletes old done and cancelled rows.
+-- lease_cap: while running, the latest lease_expires_at may reach in this attempt (claim time + the kind's handler
+-- timeout + a margin): a heartbeat never holds a job past it, so a hung attempt is taken back.
+-- fair_key, fair_seq: fairness across owners (engine/queue.py, "Fair claims"). A job due now that names its owner
+-- (fair_key) gets a start tag fair_seq = greatest(that owner's last queued tag + 1, the smallest queued tag) and
+-- is claimed in tag order: one owner's thousands of jobs take turns with everyone else's. fair_seq is NULL for
+-- jobs without an owner and for scheduled and retried jobs (claimed in run_at order); a row with a fair_seq is
+-- due (run_at <= now()) when it is given one.
 CREATE TABLE IF NOT EXISTS queue_jobs (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind              text NOT NULL,
@@ -204,11 +211,23 @@ CREATE TABLE IF NOT EXISTS queue_jobs (
     last_error        text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     finished_at       timestamptz,
+    lease_cap         timestamptz,
+    fair_key          text,
+    fair_seq          bigint,
     CONSTRAINT queue_jobs_lease_iff_running CHECK ((state = 'running') = (lease_expires_at IS NOT NULL)),
     CONSTRAINT queue_jobs_finished_iff_final CHECK ((state IN ('done', 'dead', 'cancelled')) = (finished_at IS NOT NULL))
 );
--- the claim query walks this in order; rows leave it when claimed
-CREATE INDEX IF NOT EXISTS queue_jobs_ready ON queue_jobs (run_at, id) WHERE state = 'queued';
+-- databases made before lease caps and fair claims
+ALTER TABLE queue_jobs ADD COLUMN IF NOT EXISTS lease_cap timestamptz;
+ALTER TABLE queue_jobs ADD COLUMN IF NOT EXISTS fair_key text;
+ALTER TABLE queue_jobs ADD COLUMN IF NOT EXISTS fair_seq bigint;
+DROP INDEX IF EXISTS queue_jobs_ready;  -- replaced by queue_jobs_due (it held the fair jobs too)
+-- the claim query walks these in order; rows leave them when claimed: jobs in run_at order ...
+CREATE INDEX IF NOT EXISTS queue_jobs_due ON queue_jobs (run_at, id) WHERE state = 'queued' AND fair_seq IS NULL;
+-- ... and owners' jobs in start-tag order (the smallest tag is also what a new owner's job starts from)
+CREATE INDEX IF NOT EXISTS queue_jobs_fair ON queue_jobs (fair_seq, id) WHERE state = 'queued' AND fair_seq IS NOT NULL;
+-- an owner's last queued tag, when it enqueues another job
+CREATE INDEX IF NOT EXISTS queue_jobs_fair_owner ON queue_jobs (fair_key, fair_seq) WHERE state = 'queued' AND fair_seq IS NOT NULL;
 -- expired leases (a worker died) are found here by the same claim query
 CREATE INDEX IF NOT EXISTS queue_jobs_leases ON queue_jobs (lease_expires_at) WHERE state = 'running';
 -- at most one queued (not yet started) job per dedupe key; a running one does not block a new queued one

@@ -89,6 +89,13 @@ PLANS = [
         300,
         "100,000 idle + 11,050 working credentials, 10,000 queued, 1,000 in flight (issue size)",
     ),
+    Plan(
+        "fairness",
+        {"n": 5000, "samples": 30},
+        {"n": 1000, "samples": 10},
+        240,
+        "owner A's backlog of 5,000 verifications (issue size), 50 ms per request, 10 workers, 30 B creates",
+    ),
     Plan("events", {"n": 2000}, {"n": 300}, 300, "N = 2,000 credentials per phase", optional=True),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
 ]

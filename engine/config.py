@@ -9,6 +9,9 @@ Environment variables (all optional):
     ENGINE_WORKERS               jobs run concurrently per process (0 = run no workers in this process)
     ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
     ENGINE_PROBE_TIMEOUT         seconds per venue request (default 10)
+    ENGINE_JOB_TIMEOUT           seconds a job handler may run before it is cancelled (default 300; verifications
+                                 and webhook deliveries derive theirs from their request timeouts)
+    ENGINE_JOB_TIMEOUTS          "verify=60,webhook_delivery=45": per job kind, overriding the above
     ENGINE_JOB_RETENTION         seconds finished jobs are kept before the hourly purge (default 7 days)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
@@ -25,6 +28,7 @@ knows, secrets masked, so a failure while it runs never shows the environment.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -138,6 +142,8 @@ class EngineConfig:
     backoff_base: float = 1.0
     backoff_max: float = 600.0
     shutdown_timeout: float = 10.0
+    job_timeout: float = 300.0  # seconds a handler of a kind without its own timeout may run
+    job_timeouts: Mapping[str, float] = field(default_factory=dict)  # job kind -> seconds (overrides)
     reverify_interval: float = 86_400.0
     job_retention: float = 7 * 86_400.0  # done and cancelled jobs are purged this long after they finished
     pool_min_size: int = 2
@@ -168,6 +174,13 @@ class EngineConfig:
             raise errors.ConfigurationError(
                 "webhook timeouts and periods must be positive", field="webhook_timeout"
             )
+        if not 0 < self.job_timeout < math.inf:
+            raise errors.ConfigurationError("job_timeout must be positive and finite", field="job_timeout")
+        for kind, seconds in self.job_timeouts.items():
+            if not 0 < seconds < math.inf:
+                raise errors.ConfigurationError(
+                    f"job_timeouts[{kind}] must be positive and finite", field="job_timeouts"
+                )
         if self.reverify_interval <= 0:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
         for venue in self.venue_urls:
@@ -192,12 +205,15 @@ class EngineConfig:
             kwargs["master_keys"] = env["ENGINE_MASTER_KEYS"]
         if env.get("ENGINE_VENUE_URLS"):
             kwargs["venue_urls"] = parse_venue_urls(env["ENGINE_VENUE_URLS"])
+        if env.get("ENGINE_JOB_TIMEOUTS"):
+            kwargs["job_timeouts"] = parse_job_timeouts(env["ENGINE_JOB_TIMEOUTS"])
         for name, key, conv in (
             ("workers", "ENGINE_WORKERS", int),
             ("reverify_interval", "ENGINE_REVERIFY_INTERVAL", float),
             ("probe_timeout", "ENGINE_PROBE_TIMEOUT", float),
             ("lease_seconds", "ENGINE_LEASE_SECONDS", float),
             ("job_retention", "ENGINE_JOB_RETENTION", float),
+            ("job_timeout", "ENGINE_JOB_TIMEOUT", float),
         ):
             if env.get(key):
                 try:
@@ -270,3 +286,20 @@ def parse_venue_urls(spec: str) -> dict[Venue, str]:
         except ValueError:
             raise errors.ConfigurationError(f"unknown venue {name!r}", field="ENGINE_VENUE_URLS") from None
     return urls
+
+
+def parse_job_timeouts(spec: str) -> dict[str, float]:
+    """``"verify=60,webhook_delivery=45"`` -> {"verify": 60.0, ...} (seconds per job kind)."""
+    timeouts: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, sep, value = part.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not sep or not kind.strip() or not 0 < seconds < math.inf:
+            raise errors.ConfigurationError(
+                "ENGINE_JOB_TIMEOUTS entries look like kind=seconds (positive)", field="ENGINE_JOB_TIMEOUTS"
+            )
+        timeouts[kind.strip()] = seconds
+    return timeouts

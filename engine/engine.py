@@ -126,6 +126,13 @@ class CredentialEngine:
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
         )
         self._jobs = jobs.LifecycleJobs(self)
+        handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
+        unknown = sorted(set(cfg.job_timeouts) - set(handlers))
+        if unknown:
+            raise errors.ConfigurationError(
+                f"job_timeouts names no job kind: {', '.join(unknown)} (kinds: {', '.join(sorted(handlers))})",
+                field="job_timeouts",
+            )
         settings = queuemod.QueueSettings(
             concurrency=max(1, cfg.workers),
             batch_size=cfg.claim_batch_size,
@@ -136,8 +143,13 @@ class CredentialEngine:
             backoff_base=cfg.backoff_base,
             backoff_max=cfg.backoff_max,
             shutdown_timeout=cfg.shutdown_timeout,
+            handler_timeout=cfg.job_timeout,
+            handler_timeouts={
+                **jobs.handler_timeouts(cfg),
+                **self.webhooks.handler_timeouts(),
+                **cfg.job_timeouts,
+            },
         )
-        handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
         self._queue = queuemod.JobQueue(self._db, handlers, settings)
         self._queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
         self._queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
@@ -261,6 +273,7 @@ class CredentialEngine:
                 {"credentialId": str(credential_id), "version": 1},
                 conn=conn,
                 dedupe_key=jobs.verify_key(credential_id),
+                fair_key=owner,
             )
         self.bus.poke()
         return cred
@@ -309,6 +322,7 @@ class CredentialEngine:
                 {"credentialId": str(cid), "version": int(row["secret_version"])},
                 conn=conn,
                 dedupe_key=jobs.verify_key(cid),
+                fair_key=owner,
             )
             return credential_from_row(row)  # the row read under the lock; enqueueing changed none of it
 
@@ -375,7 +389,7 @@ class CredentialEngine:
             cred = await self._emit(
                 conn, owner, cid, "credential.rotation_started", sequence=sequence, extra=extra
             )
-            await queue.enqueue(job_kind, payload, conn=conn, dedupe_key=dedupe_key)
+            await queue.enqueue(job_kind, payload, conn=conn, dedupe_key=dedupe_key, fair_key=owner)
         self.bus.poke()
         return cred
 
@@ -422,7 +436,10 @@ class CredentialEngine:
             if row["pending_version"] is not None:
                 cancel.append(jobs.rotation_key(cid, int(row["pending_version"])))
             await queue.enqueue(
-                jobs.REVOKE_CASCADE, {"credentialId": str(cid), "cancelKeys": cancel}, conn=conn
+                jobs.REVOKE_CASCADE,
+                {"credentialId": str(cid), "cancelKeys": cancel},
+                conn=conn,
+                fair_key=owner,
             )
         self.bus.poke()
         return cred

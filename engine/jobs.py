@@ -26,9 +26,9 @@ import structlog
 
 from engine import lifecycle, logs
 from engine import queue as queuemod
-from engine.config import DAY_MS
+from engine.config import DAY_MS, EngineConfig
 from engine.models import Credential, CredentialStatus
-from venues.base import ApiKeys, ProbeFailure, ProbeResult, Venue
+from venues.base import MAX_SEQUENTIAL_REQUESTS, ApiKeys, ProbeFailure, ProbeResult, Venue
 
 if TYPE_CHECKING:
     from engine.db import Conn
@@ -51,6 +51,8 @@ _MISMATCH_MESSAGE = (
     "the keys reach another venue account than the one this credential was first verified on; "
     "its trading accounts stay with that account"
 )
+# seconds a probing job gets on top of its requests' timeouts: client-side rate-limiter waits, the database work
+PROBE_JOB_MARGIN = 30.0
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -64,6 +66,17 @@ def rotation_key(credential_id: uuid.UUID, version: int) -> str:
     """Dedupe key of the verification of staged version ``version`` (per version: a check left queued by an
     immediate rotation must never swallow the check of a later staging)."""
     return f"rotate:{credential_id}:{version}"
+
+
+def handler_timeouts(config: EngineConfig) -> dict[str, float]:
+    """The timeout of each lifecycle job kind: a probing job is bounded by its requests (at most
+    ``MAX_SEQUENTIAL_REQUESTS`` of ``probe_timeout`` one after another) plus ``PROBE_JOB_MARGIN``; the others
+    get ``job_timeout``. ``config.job_timeouts`` overrides either."""
+    probing = config.probe_timeout * MAX_SEQUENTIAL_REQUESTS + PROBE_JOB_MARGIN
+    timeouts = {VERIFY: probing, ROTATION_VERIFY: probing}
+    for kind in (REVOKE_CASCADE, REVERIFY_SWEEP, PURGE_JOBS, EXPIRY_WARNING):
+        timeouts[kind] = config.job_timeout
+    return timeouts
 
 
 def sweep_period(reverify_interval: float) -> float:
@@ -350,6 +363,7 @@ class LifecycleJobs:
                     {"credentialId": str(cred.credential_id), "version": cred.secret_version},
                     conn=conn,
                     dedupe_key=verify_key(cred.credential_id),
+                    fair_key=cred.owner_id,
                 )
         log.info("reverify_sweep", enqueued=len(rows))
 

@@ -13,10 +13,25 @@ Guarantees and how they are kept:
   the previous batch done in the same round trip; other outcomes (retries, dead, hand-backs) are written many
   per statement; one statement extends every held lease. Round trips per job decide throughput.
 - **Leases and fencing.** A claim sets ``lease_expires_at`` and increments ``attempt``; a heartbeat extends
-  the lease. A job whose lease expired (its worker died) is claimed again by the normal claim query. Every
-  outcome write matches ``id AND attempt AND state = 'running'``, so a late finisher of an old attempt changes
-  nothing. ``attempt`` therefore never goes down; ``tries`` is what ``max_attempts`` limits (hand-backs at
-  shutdown and attempts before an operator's :meth:`JobQueue.retry_dead` do not count).
+  the lease of the jobs whose handler runs. A job whose lease expired (its worker died) is claimed again by the
+  normal claim query. Every outcome write matches ``id AND attempt AND state = 'running'``, so a late finisher
+  of an old attempt changes nothing. ``attempt`` therefore never goes down; ``tries`` is what ``max_attempts``
+  limits (hand-backs and attempts before an operator's :meth:`JobQueue.retry_dead` do not count).
+- **Handler timeouts.** Each kind has one (:attr:`QueueSettings.handler_timeouts`, else ``handler_timeout``).
+  Past it the handler is cancelled and the attempt fails with :class:`HandlerTimeout` (backoff, then dead
+  like any failure); a handler that ignores the cancellation is abandoned after a grace period and its runner
+  replaced (:mod:`engine.worker`; its late writes are fenced out). The claim also records ``lease_cap`` =
+  claim time + the kind's timeout + ``LEASE_CAP_LEASES`` leases: heartbeats never extend a lease past it, so
+  even a worker whose timeout cannot fire (a blocked event loop) lets go of the job, and another worker
+  takes it back.
+- **Prefetch.** Claimed jobs wait locally for a free runner; their leases are not extended while they wait.
+  One that waited ``(lease_seconds - heartbeat_interval) / 2`` is handed back (uncounted) for another worker,
+  and the worker then claims no more than its free runners can start (:mod:`engine.worker`).
+- **Fair claims.** A job may name its owner (``fair_key``). Due jobs of owners get a start tag (start-time
+  fair queueing): one after the owner's last queued job, and never before the smallest queued tag, so an
+  owner with an empty queue goes next and an owner's backlog takes turns with everyone else's. Each claim
+  takes up to half its batch from the jobs without a tag (no owner, scheduled, retried) in ``run_at``
+  order, the rest in tag order, and fills up from either when the other runs short.
 - **Exactly one outcome per attempt.** A handler that changes domain state calls :meth:`JobQueue.complete_in`
   inside its own transaction, so "state change + job done" commit together. If the attempt is no longer ours,
   :class:`StaleAttempt` rolls that transaction back and the worker writes nothing for the attempt.
@@ -40,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import re
@@ -63,6 +79,7 @@ __all__ = [
     "Abort",
     "Counters",
     "Handler",
+    "HandlerTimeout",
     "Job",
     "JobInfo",
     "JobQueue",
@@ -80,6 +97,9 @@ PERIODIC_KEY_PREFIX = "periodic:"
 ERROR_TEXT_MAX = 2000  # characters of "ExceptionType: message" kept in last_error
 ENQUEUE_CHUNK = 5000  # payloads per INSERT in enqueue_many
 LIST_LIMIT_MAX = 1000
+FAIR_KEY_MAX = 256  # characters of a fair_key (an owner id)
+LEASE_CAP_LEASES = 2.0  # a lease is never extended past claim + handler timeout + this many lease_seconds
+CANCEL_GRACE_MAX = 5.0  # seconds a cancelled handler gets to unwind (at most lease/4) before it is abandoned
 DEDUPE_INDEX = "queue_jobs_dedupe_queued"
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -98,6 +118,8 @@ class QueueSettings:
     backoff_max: float = 600.0  # longest retry delay
     shutdown_timeout: float = 10.0  # how long stop() waits for running jobs before handing them back
     channel: str = "ce_jobs"  # the LISTEN/NOTIFY channel
+    handler_timeout: float = 300.0  # longest run of a handler whose kind has no timeout of its own
+    handler_timeouts: Mapping[str, float] = field(default_factory=dict)  # kind -> longest run of its handler
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> errors.ConfigurationError:
@@ -121,6 +143,30 @@ class QueueSettings:
             raise bad("shutdown_timeout", "0 or more")
         if not _CHANNEL.match(self.channel):
             raise bad("channel", "a lower-case identifier (letters, digits, _; at most 63)")
+        if not (0 < self.handler_timeout < math.inf):
+            raise bad("handler_timeout", "positive and finite")
+        for kind, seconds in self.handler_timeouts.items():
+            if not (0 < seconds < math.inf):
+                raise bad(f"handler_timeouts[{kind!r}]", "positive and finite")
+
+    def timeout_for(self, kind: str) -> float:
+        """Seconds a handler of ``kind`` may run before it is cancelled."""
+        return self.handler_timeouts.get(kind, self.handler_timeout)
+
+    def lease_cap_for(self, kind: str) -> float:
+        """Seconds after its claim past which a job of ``kind`` is never leased (the heartbeat's cap)."""
+        return self.timeout_for(kind) + LEASE_CAP_LEASES * self.lease_seconds
+
+    @property
+    def hold_unstarted(self) -> float:
+        """Seconds a claimed job may wait for a free runner before it is handed back. A job taken at this age
+        is extended by the next heartbeat (``heartbeat_interval`` later) well before its lease runs out."""
+        return (self.lease_seconds - self.heartbeat_interval) / 2
+
+    @property
+    def cancel_grace(self) -> float:
+        """Seconds a handler cancelled at its timeout gets to unwind before the worker stops waiting for it."""
+        return min(CANCEL_GRACE_MAX, self.lease_seconds / 4)
 
 
 DEFAULT_SETTINGS = QueueSettings()
@@ -165,6 +211,16 @@ class Retry(Exception):
         self.reason = reason
 
 
+class HandlerTimeout(Exception):
+    """The handler ran past its kind's timeout and was cancelled; the attempt counts as a failed try."""
+
+    def __init__(self, seconds: float, *, abandoned: bool = False) -> None:
+        how = "ignored its cancellation and was abandoned" if abandoned else "was cancelled"
+        super().__init__(f"the handler ran longer than {seconds:g} s and {how}")
+        self.seconds = seconds
+        self.abandoned = abandoned
+
+
 class Abort(Exception):
     """Raised by a handler: give up now; the job goes to ``dead`` with this reason."""
 
@@ -194,7 +250,8 @@ class Counters:
     retried: int = 0  # attempts rescheduled (Retry, or an error with tries left)
     failed: int = 0  # attempts whose handler raised something other than Retry/Abort
     dead: int = 0  # jobs sent to dead (Abort, no tries left, lease expired on the last try)
-    handed_back: int = 0  # claimed attempts returned unfinished at shutdown
+    handed_back: int = 0  # claimed attempts returned unfinished (shutdown, or no runner got to them in time)
+    timed_out: int = 0  # attempts whose handler ran past its kind's timeout (also counted in failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +413,8 @@ class JobQueue:
             poll_interval=s.poll_interval,
             shutdown_timeout=s.shutdown_timeout,
             listen=listen,
+            hold_unstarted=s.hold_unstarted,
+            cancel_grace=s.cancel_grace,
         )
 
     def _wake(self) -> None:
@@ -374,12 +433,15 @@ class JobQueue:
         delay: float = 0.0,
         dedupe_key: str | None = None,
         max_attempts: int | None = None,
+        fair_key: str | None = None,
     ) -> int | None:
         """Add a job; returns its id, or None when a queued job already holds ``dedupe_key``.
 
         With ``conn`` it joins the caller's transaction (the NOTIFY fires at its commit). It runs at
-        ``run_at`` (timezone-aware; default now) plus ``delay`` seconds.
+        ``run_at`` (timezone-aware; default now) plus ``delay`` seconds. ``fair_key`` names whose work it is
+        (an owner): jobs due now that carry one are claimed fairly across keys (see "Fair claims" above).
         """
+        _check_fair_key(fair_key)
         if run_at is not None and run_at.utcoffset() is None:
             raise errors.InvalidRequest("run_at", "must be timezone-aware")
         if delay < 0:
@@ -394,6 +456,7 @@ class JobQueue:
             run_at,
             float(delay),
             self.settings.channel,
+            fair_key,
         )
         if conn is not None:
             row = await conn.fetchrow("enqueue_job", *args)
@@ -404,22 +467,31 @@ class JobQueue:
         return None if row is None else int(row["id"])
 
     async def enqueue_many(
-        self, kind: str, payloads: Sequence[Mapping[str, Any]], *, conn: dbmod.Conn | None = None
+        self,
+        kind: str,
+        payloads: Sequence[Mapping[str, Any]],
+        *,
+        conn: dbmod.Conn | None = None,
+        fair_key: str | None = None,
     ) -> int:
-        """Add one job per payload in as few statements as possible (all or none); returns how many."""
+        """Add one job per payload in as few statements as possible (all or none); returns how many.
+        With ``fair_key``, the jobs are that owner's, in this order (see :meth:`enqueue`)."""
+        _check_fair_key(fair_key)
         if conn is None:
             async with self._db.transaction() as tx:
-                count = await self._insert_many(tx, kind, payloads)
+                count = await self._insert_many(tx, kind, payloads, fair_key)
             self._wake()
             return count
-        return await self._insert_many(conn, kind, payloads)
+        return await self._insert_many(conn, kind, payloads, fair_key)
 
-    async def _insert_many(self, conn: dbmod.Conn, kind: str, payloads: Sequence[Mapping[str, Any]]) -> int:
+    async def _insert_many(
+        self, conn: dbmod.Conn, kind: str, payloads: Sequence[Mapping[str, Any]], fair_key: str | None
+    ) -> int:
         count = 0
         for start in range(0, len(payloads), ENQUEUE_CHUNK):
             chunk = [dict(p) for p in payloads[start : start + ENQUEUE_CHUNK]]
             row = await conn.fetchrow(
-                "enqueue_many", kind, chunk, self.settings.max_attempts, self.settings.channel
+                "enqueue_many", kind, chunk, self.settings.max_attempts, self.settings.channel, fair_key
             )
             count += int(row["n"]) if row is not None else 0
         return count
@@ -504,6 +576,11 @@ class JobQueue:
         return int(await self._db.fetchval("purge_finished", float(older_than)))
 
 
+def _check_fair_key(fair_key: str | None) -> None:
+    if fair_key is not None and not 0 < len(fair_key) <= FAIR_KEY_MAX:
+        raise errors.InvalidRequest("fair_key", f"must be 1 to {FAIR_KEY_MAX} characters")
+
+
 class _Backend:
     """What the worker runtime calls (:class:`workermod.Backend`): the queue's SQL and its outcome rules."""
 
@@ -519,6 +596,7 @@ class _Backend:
         self._db = db
         self._handlers = handlers
         self._kinds = sorted(handlers)  # claims only take kinds this process can run
+        self._caps = [settings.lease_cap_for(kind) for kind in self._kinds]  # lease_cap per kind, in seconds
         self._settings = settings
         self._worker_id = worker_id
         self._counters = counters
@@ -535,7 +613,15 @@ class _Backend:
         """Queue the next occurrence of a periodic job (a no-op when one is queued already)."""
         s = self._settings
         await conn.fetchrow(
-            "enqueue_job", spec.kind, spec.payload, spec.key, s.max_attempts, None, spec.interval, s.channel
+            "enqueue_job",
+            spec.kind,
+            spec.payload,
+            spec.key,
+            s.max_attempts,
+            None,
+            spec.interval,
+            s.channel,
+            None,  # a periodic job is the engine's own, no owner's
         )
 
     @contextlib.asynccontextmanager
@@ -561,7 +647,7 @@ class _Backend:
         done_ids = [o.job_id for o in done]
         done_attempts = [o.attempt for o in done]
         rows = await session.fetch(
-            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts
+            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
         )
         jobs: list[Job] = []
         for row in rows:
@@ -622,6 +708,24 @@ class _Backend:
             self.completed_in.discard(key)  # (complete_in also queued a periodic job's next occurrence)
             return None
         return self._final(job, "done", None)
+
+    def time_limit(self, job: Job) -> float:
+        return self._settings.timeout_for(job.kind)
+
+    def timed_out(self, job: Job, *, abandoned: bool) -> _Outcome:
+        """The outcome of an attempt whose handler ran past its kind's timeout: a failed try."""
+        self.completed_in.discard((job.id, job.attempt))
+        self._counters.timed_out += 1
+        exc = HandlerTimeout(self.time_limit(job), abandoned=abandoned)
+        log.warning(
+            "queue_handler_timeout",
+            job_id=job.id,
+            kind=job.kind,
+            attempt=job.attempt,
+            timeout=exc.seconds,
+            abandoned=abandoned,
+        )
+        return self._again(job, None, error_text(exc), failed=True)
 
     def _final(self, job: Job, state: str, error: str | None) -> _Outcome:
         spec = self.periodic_of(job)

@@ -3,20 +3,37 @@
 -- change, so it fires when that transaction commits (and never when it rolls back).
 
 -- enqueue_job --
--- Insert one job ($1 kind, $2 payload, $3 dedupe key, $4 max attempts, run at coalesce($5, now()) + $6 s), NOTIFY $7; no row when deduped.
-WITH inserted AS (
-    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts, run_at)
-    VALUES ($1, $2, $3, $4, coalesce($5::timestamptz, now()) + make_interval(secs => $6))
+-- Insert one job ($1 kind, $2 payload, $3 dedupe key, $4 max attempts, run at coalesce($5, now()) + $6 s, owner $8), NOTIFY $7; no row when deduped.
+-- A job of an owner that is due now gets its start tag (schema.sql, queue_jobs): after the owner's last queued
+-- one, and never before the smallest queued tag (two index lookups); a scheduled one is claimed by run_at.
+WITH tag AS (
+    SELECT CASE WHEN $8::text IS NOT NULL AND $5::timestamptz IS NULL AND $6::float8 = 0 THEN greatest(
+        (SELECT max(fair_seq) + 1 FROM queue_jobs
+         WHERE state = 'queued' AND fair_key = $8::text AND fair_seq IS NOT NULL),
+        (SELECT min(fair_seq) FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NOT NULL),
+        0) END AS seq
+), inserted AS (
+    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts, run_at, fair_key, fair_seq)
+    SELECT $1, $2, $3, $4, coalesce($5::timestamptz, now()) + make_interval(secs => $6), $8::text, tag.seq
+    FROM tag
     ON CONFLICT (dedupe_key) WHERE state = 'queued' DO NOTHING
     RETURNING id
 )
 SELECT id, pg_notify($7, '') FROM inserted;
 
 -- enqueue_many --
--- Insert one job of kind $1 per element of the JSON array $2 (max attempts $3) in one statement, NOTIFY $4; returns the count.
-WITH inserted AS (
-    INSERT INTO queue_jobs (kind, payload, max_attempts)
-    SELECT $1, p.value, $3 FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS p (value, n) ORDER BY p.n
+-- Insert one job of kind $1 per element of the JSON array $2 (max attempts $3, owner $5) in one statement, NOTIFY $4; returns the count.
+-- With an owner, the jobs take consecutive start tags after the owner's last queued one (see enqueue_job).
+WITH base AS (
+    SELECT CASE WHEN $5::text IS NOT NULL THEN greatest(
+        (SELECT max(fair_seq) + 1 FROM queue_jobs
+         WHERE state = 'queued' AND fair_key = $5::text AND fair_seq IS NOT NULL),
+        (SELECT min(fair_seq) FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NOT NULL),
+        0) END AS seq
+), inserted AS (
+    INSERT INTO queue_jobs (kind, payload, max_attempts, fair_key, fair_seq)
+    SELECT $1, p.value, $3, $5::text, base.seq + p.n - 1
+    FROM base, jsonb_array_elements($2::jsonb) WITH ORDINALITY AS p (value, n) ORDER BY p.n
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM inserted) AS n, pg_notify($4, '');
@@ -42,11 +59,16 @@ SET enable_sort = off;
 RESET enable_sort;
 
 -- claim_jobs --
--- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease.
+-- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease,
+-- capped at $7[i] s after now for kind $4[i] (lease_cap: the kind's handler timeout and a margin).
 -- One statement per batch: the outcomes of the previous batch ride along (fenced like complete_jobs). Expired
--- leases (a worker died) come first, then ready jobs; the rows are locked in the CTEs and updated by primary key
--- (an array, so the plan stays index lookups whatever the statistics say); an expired job already at its last
--- try is buried (dead) instead of claimed.
+-- leases (a worker died) come first. Then ready jobs from the two orders (schema.sql, queue_jobs): owners' jobs
+-- in start-tag order get what is left but up to half of it, which goes to the jobs in run_at order (without an
+-- owner, scheduled, retried); either fills in for the other when it runs short. The run_at order is read (and
+-- locked) for the whole batch and cut afterwards (a CTE keeps its rows' order): when owners' jobs take their
+-- half, the rows cut stay locked until the claim commits, a moment. The rows are locked in the CTEs and updated
+-- by primary key (an array, so the plan stays index lookups whatever the statistics say); an expired job
+-- already at its last try is buried (dead) instead of claimed.
 WITH completed AS (
     UPDATE queue_jobs AS j
     SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
@@ -61,12 +83,21 @@ WITH completed AS (
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
-), ready AS (
+), due AS (
     SELECT id
     FROM queue_jobs
-    WHERE state = 'queued' AND run_at <= now() AND kind = ANY ($4::text[])
+    WHERE state = 'queued' AND fair_seq IS NULL AND run_at <= now() AND kind = ANY ($4::text[])
     ORDER BY run_at, id
     LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
+    FOR UPDATE SKIP LOCKED
+), fair AS (
+    SELECT id
+    FROM queue_jobs
+    WHERE state = 'queued' AND fair_seq IS NOT NULL AND kind = ANY ($4::text[])
+    ORDER BY fair_seq, id
+    -- all that is left but what the run_at order keeps: up to half of it, less when it has fewer ready
+    LIMIT greatest($1 - (SELECT count(*) FROM expired) - least(
+        (SELECT count(*) FROM due), ceil(($1 - (SELECT count(*) FROM expired)) / 2.0)), 0)
     FOR UPDATE SKIP LOCKED
 )
 UPDATE queue_jobs AS j
@@ -75,7 +106,9 @@ SET state            = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted
     attempt          = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
                             THEN j.attempt ELSE j.attempt + 1 END,
     lease_expires_at = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
-                            THEN NULL ELSE now() + make_interval(secs => $3) END,
+                            THEN NULL
+                            ELSE now() + make_interval(secs => least($3, ($7::float8[])[array_position($4::text[], j.kind)])) END,
+    lease_cap        = now() + make_interval(secs => ($7::float8[])[array_position($4::text[], j.kind)]),
     worker_id        = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
                             THEN NULL ELSE $2 END,
     finished_at      = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
@@ -83,7 +116,10 @@ SET state            = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted
     last_error       = CASE WHEN j.state = 'running'
                             THEN 'LeaseExpired: the worker running attempt ' || j.attempt || ' stopped renewing its lease'
                             ELSE j.last_error END
-WHERE j.id = ANY (ARRAY(SELECT id FROM expired UNION ALL SELECT id FROM ready))
+WHERE j.id = ANY (ARRAY(
+    SELECT id FROM expired
+    UNION ALL (SELECT id FROM due LIMIT greatest($1 - (SELECT count(*) FROM expired) - (SELECT count(*) FROM fair), 0))
+    UNION ALL SELECT id FROM fair))
 RETURNING j.id, j.kind, j.payload, j.state, j.attempt, j.attempt - j.uncounted AS tries, j.max_attempts,
           j.dedupe_key, j.run_at, j.created_at;
 
@@ -92,6 +128,8 @@ RETURNING j.id, j.kind, j.payload, j.state, j.attempt, j.attempt - j.uncounted A
 UPDATE queue_jobs AS j
 SET state            = o.state,
     run_at           = CASE WHEN o.state = 'queued' THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
+    -- back to queued later (a retry): claimed in run_at order then; at once (a hand-back): keeps its start tag
+    fair_seq         = CASE WHEN o.state = 'queued' AND o.delay = 0 THEN j.fair_seq END,
     last_error       = coalesce(o.error, j.last_error),
     uncounted        = j.uncounted + o.uncount,
     lease_expires_at = NULL,
@@ -123,23 +161,29 @@ WHERE id = $1 AND attempt = $2 AND state = 'running'
 RETURNING id;
 
 -- extend_leases --
--- Heartbeat: push the leases of all the given (id, attempt) pairs that are still running to now() + $3 s.
+-- Heartbeat: push the leases of all the given (id, attempt) pairs that are still running to now() + $3 s, never
+-- past their lease_cap (a hung attempt's lease runs out there, and another worker takes the job back).
 UPDATE queue_jobs AS j
-SET lease_expires_at = now() + make_interval(secs => $3)
+SET lease_expires_at = least(now() + make_interval(secs => $3), j.lease_cap)
 FROM unnest($1::bigint[], $2::integer[]) AS h (id, attempt)
 WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running';
 
 -- next_due --
 -- Seconds until a queued job of kinds $1 comes due or a running one's lease expires (negative: already; NULL: none).
+-- A job with a start tag is due (its run_at is in the past): the first one in tag order stands for them all.
 SELECT extract(epoch FROM least(
-    (SELECT min(run_at) FROM queue_jobs WHERE state = 'queued' AND kind = ANY ($1::text[])),
+    (SELECT min(run_at) FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NULL AND kind = ANY ($1::text[])),
+    (SELECT run_at FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NOT NULL AND kind = ANY ($1::text[])
+     ORDER BY fair_seq, id LIMIT 1),
     (SELECT min(lease_expires_at) FROM queue_jobs WHERE state = 'running' AND kind = ANY ($1::text[]))
 ) - now())::float8;
 
 -- has_ready --
 -- Whether a job of kinds $1 could be claimed now (queued and due, or running with an expired lease).
 SELECT EXISTS (
-    SELECT 1 FROM queue_jobs WHERE state = 'queued' AND run_at <= now() AND kind = ANY ($1::text[])
+    SELECT 1 FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NULL AND run_at <= now() AND kind = ANY ($1::text[])
+) OR EXISTS (
+    SELECT 1 FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NOT NULL AND kind = ANY ($1::text[])
 ) OR EXISTS (
     SELECT 1 FROM queue_jobs WHERE state = 'running' AND lease_expires_at < now() AND kind = ANY ($1::text[])
 );

@@ -8,12 +8,24 @@ order.
 Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and supervised by it:
 
     fetcher     claims up to ``batch_size`` jobs whenever the runners are short of work, then sleeps until a
-                NOTIFY, the next job comes due, or ``poll_interval`` (the polling fallback)
-    runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer
+                NOTIFY, the next job comes due, or ``poll_interval`` (the polling fallback). It claims ahead
+                only what the runners should start soon: one job per free runner, plus what they finish within
+                PREFETCH_HORIZON at the mean run time seen so far (all of a batch for quick jobs, next to
+                nothing for slow ones), so that claimed jobs do not queue here behind busy runners while
+                other workers (and other owners' jobs) wait.
+    runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer, within the
+                backend's ``time_limit`` for it
+    watchdog    cancels the runner of a job past its time limit (looking every WATCH_TICK, or a quarter of
+                the shortest limit seen; no timer per job) and the backend's ``timed_out`` outcome is written;
+                a handler still running ``cancel_grace`` later (it swallowed the cancellation) is abandoned
+                and its slot gets a fresh runner
     flusher     writes finished outcomes, many per statement: whatever piled up during the previous write.
                 While claims keep coming, plain "done" outcomes ride along on the next claim statement
                 instead (one statement per batch, not two); the flusher writes them after RIDE_WINDOW.
-    heartbeat   extends, in one statement, the lease of every job held (buffered, running, or unwritten)
+    heartbeat   extends, in one statement, the lease of every job held except those still waiting in the
+                buffer (running, or outcome unwritten); and hands back buffered jobs that waited longer than
+                ``hold_unstarted`` (their runners are stuck): the database gives them to whoever is free.
+                Until a runner finishes a job, the fetcher then claims only for free runners.
     listener    LISTEN on a dedicated connection; reconnects with backoff when it is lost
 
 The fetcher and the flusher keep one connection (a backend *session*) across back-to-back statements and
@@ -56,6 +68,10 @@ SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection be
 RIDE_WINDOW = 0.005  # how long an outcome waits for the next claim to carry it before the flusher writes it
 FLUSH_CHUNK = 1000  # most outcomes written by one statement; also how many may wait before claims pause
 FINAL_FLUSH_TIMEOUT = 15.0  # how long stop() keeps trying to write the last outcomes
+PREFETCH_HORIZON = 0.02  # seconds of work (at the mean run time) the fetcher claims ahead of the free runners
+RUN_TIME_WEIGHT = 0.2  # weight of the newest run in the mean run time (an exponential moving average)
+WATCH_TICK = 1.0  # seconds between the watchdog's looks at running jobs (less for shorter time limits)
+WATCH_TICK_MIN = 0.01
 
 
 class WorkerFailed(errors.CredentialEngineError):
@@ -109,6 +125,12 @@ class Backend(Protocol[J, R, S]):
     async def execute(self, job: J) -> R | None:
         """Run the job's handler and classify what happened; None: nothing to write (attempt not ours)."""
 
+    def time_limit(self, job: J) -> float | None:
+        """Seconds the job's handler may run (None: no limit)."""
+
+    def timed_out(self, job: J, *, abandoned: bool) -> R:
+        """The outcome for a job whose handler ran past its time limit (and was cancelled or abandoned)."""
+
     def hand_back(self, job: J) -> R:
         """The outcome for a job claimed but not finished at shutdown: queued again, the claim uncounted."""
 
@@ -140,7 +162,12 @@ class Worker(Generic[J, R, S]):
         poll_interval: float,
         shutdown_timeout: float,
         listen: bool,
+        hold_unstarted: float | None = None,
+        cancel_grace: float = 5.0,
     ) -> None:
+        """``hold_unstarted``: seconds a claimed job may wait for a runner before it is handed back (None: no
+        limit); it must leave a heartbeat's time before the claim's lease runs out. ``cancel_grace``: seconds
+        a handler cancelled at its time limit gets to unwind before its runner is abandoned."""
         self._backend = backend
         self._name = name
         self._concurrency = concurrency
@@ -154,6 +181,20 @@ class Worker(Generic[J, R, S]):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._buffer: asyncio.Queue[J] = asyncio.Queue()
         self._held: dict[tuple[int, int], J] = {}  # claimed and not yet written back, by (id, attempt)
+        self._waiting: dict[tuple[int, int], float] = {}  # in the buffer: loop time of the claim
+        self._hold_unstarted = hold_unstarted
+        self._stalled = (
+            False  # buffered jobs were handed back (no runner took them): claim only for free runners
+        )
+        self._mean_run = 0.0  # seconds, moving average of execute() (0: none seen yet, claim whole batches)
+        self._cancel_grace = cancel_grace
+        self._generations: dict[int, int] = {}  # runner slot -> generation of the runner that owns it
+        self._expired: dict[int, J] = {}  # runner slot -> its job, cancelled at its time limit
+        self._orphans: set[asyncio.Task[None]] = set()  # abandoned runners whose handler ignores cancellation
+        self._deadlines: dict[int, float] = {}  # runner slot -> loop time its job's time limit runs out
+        self._runner_tasks: dict[int, asyncio.Task[None]] = {}  # runner slot -> the task running its job
+        self._watch_tick = WATCH_TICK
+        self._watch_wakeup = asyncio.Event()
         self._running: dict[int, J] = {}  # runner slot -> its job
         self._pending: list[tuple[J, R]] = []  # outcomes not written yet (flusher, or a claim carries them)
 
@@ -194,6 +235,7 @@ class Worker(Generic[J, R, S]):
         self._started = True
         self._spawn("flusher", self._flusher)
         self._spawn("heartbeat", self._heartbeat)
+        self._spawn("watchdog", self._watchdog)
         for slot in range(self._concurrency):
             self._spawn(f"runner-{slot}", self._runner_body(slot))
         if self._listen:
@@ -231,6 +273,7 @@ class Worker(Generic[J, R, S]):
         await self._cancel("listener")
         while not self._buffer.empty():  # claimed, never started
             job = self._buffer.get_nowait()
+            self._waiting.pop((job.id, job.attempt), None)
             self._record(job, self._backend.hand_back(job))
         if self._running:
             with contextlib.suppress(TimeoutError):
@@ -240,6 +283,9 @@ class Worker(Generic[J, R, S]):
             log.warning("queue_cancelling_jobs", worker=self._name, jobs=len(self._running))
         for role in [role for role in self._tasks if role.startswith("runner-")]:
             await self._cancel(role)  # a runner still in a job hands it back as it unwinds
+        await self._cancel("watchdog")
+        for orphan in self._orphans:
+            orphan.cancel()  # once more; not waited for: they ignored it before
         self._flusher_closing = True
         self._flush_wanted.set()
         await self._join("flusher", FINAL_FLUSH_TIMEOUT)  # writes what is left, then ends by itself
@@ -343,7 +389,21 @@ class Worker(Generic[J, R, S]):
             return 0
         if buffered and room < self._batch_size // 2:
             return 0  # runners still have work: wait until a worthwhile batch fits
-        return min(room, self._batch_size)
+        ahead = self._ahead()
+        want = min(room, self._batch_size, ahead - buffered)
+        if buffered and want < max(1, min(ahead, self._batch_size) // 2):
+            return 0  # ... and not one job at a time either: until half of what is worth holding is gone
+        return max(0, want)
+
+    def _ahead(self) -> int:
+        """How many jobs it is worth holding here: one per free runner, plus what the runners should finish
+        within PREFETCH_HORIZON (none while runners are stuck)."""
+        free = self._concurrency - len(self._running)
+        if self._stalled:
+            return free
+        if self._mean_run <= 0:
+            return self._capacity
+        return free + min(self._capacity, int(self._concurrency * PREFETCH_HORIZON / self._mean_run))
 
     def _claiming_allowed(self) -> bool:
         return not self._stopping and self._failed is None
@@ -388,8 +448,10 @@ class Worker(Generic[J, R, S]):
             finally:
                 self._claiming = False
                 self._last_claim = asyncio.get_running_loop().time()
+            claimed_at = asyncio.get_running_loop().time()
             for job in jobs:
                 self._held[(job.id, job.attempt)] = job
+                self._waiting[(job.id, job.attempt)] = claimed_at
                 self._buffer.put_nowait(job)
             self._drained = len(jobs) < want
             self._written(riders)  # after the new jobs are held: idle must not be seen in between
@@ -401,37 +463,118 @@ class Worker(Generic[J, R, S]):
     # ---------------------------------------------------------------- runners
 
     def _runner_body(self, slot: int) -> Callable[[], Awaitable[None]]:
+        generation = self._generations[slot] = self._generations.get(slot, 0) + 1
+
         async def body() -> None:
-            await self._runner(slot)
+            await self._runner(slot, generation)
 
         return body
 
-    async def _runner(self, slot: int) -> None:
+    async def _runner(self, slot: int, generation: int) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._runner_tasks[slot] = task
         while True:
             job = await self._buffer.get()
+            claimed_at = self._waiting.pop((job.id, job.attempt), None)
+            started = loop.time()
+            if self._too_old(claimed_at, started):
+                # its lease may run out before the next heartbeat: let the database hand it out again
+                self._record(job, self._backend.hand_back(job))
+                continue
             self._running[slot] = job
             self._runners_idle.clear()
             self._room.set()
+            limit = self._backend.time_limit(job)
+            if limit is not None:
+                self._deadlines[slot] = started + limit
+                if limit < 4 * self._watch_tick:
+                    self._watch_tick = max(WATCH_TICK_MIN, limit / 4)
+                    self._watch_wakeup.set()
             try:
                 outcome = await self._backend.execute(job)
             except asyncio.CancelledError:
-                # stop() cancelled us mid-job: the attempt goes back to the queue, uncounted
-                self._record(job, self._backend.hand_back(job))
-                raise
+                if self._generations.get(slot) != generation or self._expired.get(slot) is not job:
+                    if self._generations.get(slot) == generation:
+                        # stop() cancelled us mid-job: the attempt goes back to the queue, uncounted
+                        self._record(job, self._backend.hand_back(job))
+                    raise
+                outcome = self._backend.timed_out(job, abandoned=False)
             except Exception:
                 # execute() classifies handler errors itself; getting here is a bug in it. The attempt stays
                 # running in the database and is taken back when its lease expires.
-                self._release(job)
+                if self._generations.get(slot) == generation:
+                    self._release(job)
                 raise
             finally:
-                del self._running[slot]
-                if not self._running:
-                    self._runners_idle.set()
+                if self._generations.get(slot) == generation:
+                    self._deadlines.pop(slot, None)
+                    if self._expired.pop(slot, None) is job:
+                        task.uncancel()  # our own cancel, consumed: it must not hit the runner's next await
+                    del self._running[slot]
+                    if not self._running:
+                        self._runners_idle.set()
+            if self._generations.get(slot) != generation:
+                log.warning("queue_abandoned_handler_returned", worker=self._name, job_id=job.id)
+                return  # abandoned while its handler ran: the slot has a new runner, the outcome is written
+            elapsed = loop.time() - started
+            self._mean_run = (
+                elapsed
+                if self._mean_run <= 0
+                else ((1 - RUN_TIME_WEIGHT) * self._mean_run + RUN_TIME_WEIGHT * elapsed)
+            )
+            self._stalled = False  # a runner is free again
             self.runs += 1
             if outcome is None:
                 self._release(job)
             else:
                 self._record(job, outcome)
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._watch_tick):
+                    await self._watch_wakeup.wait()
+            self._watch_wakeup.clear()
+            now = loop.time()
+            for slot, deadline in list(self._deadlines.items()):
+                job, task = self._running.get(slot), self._runner_tasks.get(slot)
+                if deadline <= now and job is not None and task is not None:
+                    del self._deadlines[slot]
+                    self._expire(slot, job, task)
+
+    def _expire(self, slot: int, job: J, task: asyncio.Task[None]) -> None:
+        """The job in ``slot`` ran past its time limit. Cancel it; abandon it if it does not let go."""
+        if self._running.get(slot) is not job or slot in self._expired:
+            return
+        self._expired[slot] = job
+        task.cancel()
+        asyncio.get_running_loop().call_later(self._cancel_grace, self._abandon, slot, job, task)
+
+    def _abandon(self, slot: int, job: J, task: asyncio.Task[None]) -> None:
+        """Timer: the handler cancelled at its time limit still runs (it swallowed the cancellation). Leave it
+        to itself (its late writes are fenced out), write the attempt's outcome, give the slot a new runner."""
+        if self._running.get(slot) is not job or self._expired.get(slot) is not job:
+            return  # it let go in time
+        del self._running[slot]
+        del self._expired[slot]
+        self._deadlines.pop(slot, None)
+        if not self._running:
+            self._runners_idle.set()
+        role = f"runner-{slot}"
+        if self._tasks.get(role) is task:
+            del self._tasks[role]
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+        if not self._stopping:
+            self._spawn(role, self._runner_body(slot))  # a new generation: the old runner ends when it can
+        else:
+            self._generations[slot] = self._generations.get(slot, 0) + 1
+        log.error("queue_runner_abandoned", worker=self._name, slot=slot, job_id=job.id)
+        self._stalled = False
+        self._record(job, self._backend.timed_out(job, abandoned=True))
 
     def _record(self, job: J, outcome: R) -> None:
         self._pending.append((job, outcome))
@@ -516,12 +659,40 @@ class Worker(Generic[J, R, S]):
 
     # ---------------------------------------------------------------- heartbeat
 
+    def _too_old(self, claimed_at: float | None, now: float) -> bool:
+        limit = self._hold_unstarted
+        return limit is not None and claimed_at is not None and now - claimed_at > limit
+
+    def _hand_back_waiting(self) -> None:
+        """Hand back the buffered jobs that waited longer than ``hold_unstarted``: no runner got to them."""
+        now = asyncio.get_running_loop().time()
+        if not any(self._too_old(at, now) for at in self._waiting.values()):
+            return
+        kept: list[J] = []
+        old = 0
+        while not self._buffer.empty():
+            job = self._buffer.get_nowait()
+            key = (job.id, job.attempt)
+            if self._too_old(self._waiting.get(key), now):
+                self._waiting.pop(key, None)
+                self._record(job, self._backend.hand_back(job))
+                old += 1
+            else:
+                kept.append(job)
+        for job in kept:
+            self._buffer.put_nowait(job)
+        if old:
+            self._stalled = True
+            log.warning("queue_prefetch_handed_back", worker=self._name, jobs=old, running=len(self._running))
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_interval)
-            if not self._held:
+            self._hand_back_waiting()
+            # not the buffered ones: a job nobody started must not be held here for ever
+            jobs = [job for key, job in self._held.items() if key not in self._waiting]
+            if not jobs:
                 continue
-            jobs = list(self._held.values())
             extended = await self._backend.extend(jobs)
             if extended < len(jobs):
                 # normal for outcomes written meanwhile; otherwise another worker took a lease that expired

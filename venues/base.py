@@ -183,6 +183,14 @@ class KeyFormatProblem(ValueError):
         self.reason = reason
 
 
+# The most requests one probe makes one after another, each bounded by the request timeout: the verify call, the
+# clock resync it may need and its retry (3); OKX's demo-environment check after a 50101 refusal (3 more); then
+# the concurrent identity calls, each with its own resync and retry, plus a wait for another call's resync (4).
+# Kraken (spot, then futures), Bybit, Binance and Coinbase stay within it. The engine bounds a verification job
+# by this many request timeouts plus a margin for the client-side rate limiters and its own database work.
+MAX_SEQUENTIAL_REQUESTS = 10
+
+
 class Probe(Protocol):
     """The protocol the engine calls. One instance per venue per engine; safe for concurrent use."""
 

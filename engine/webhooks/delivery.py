@@ -56,6 +56,7 @@ MAX_RETRY_AFTER = 86_400.0  # a receiver's Retry-After is honoured up to one day
 JITTER = 0.1  # each retry delay is multiplied by a random factor in [1 - JITTER, 1 + JITTER]
 ERROR_MAX = 500  # characters of an attempt's error kept
 USER_AGENT = "credential-engine-webhooks/1"
+JOB_MARGIN = 30.0  # seconds a delivery job gets on top of webhook_timeout (DNS checks, database work)
 
 DELIVERED, FAILED, GONE, REFUSED = "delivered", "failed", "gone", "refused"
 

@@ -149,6 +149,10 @@ class WebhookService:
     def handlers(self) -> dict[str, Any]:
         return {deliverymod.DELIVER: self.deliverer.run}
 
+    def handler_timeouts(self) -> dict[str, float]:
+        """A delivery job is one HTTP attempt (``webhook_timeout``) plus its guard's lookups and database work."""
+        return {deliverymod.DELIVER: self.engine.config.webhook_timeout + deliverymod.JOB_MARGIN}
+
     # ---- endpoints -----------------------------------------------------------------------------------------
 
     async def add_endpoint(
@@ -306,7 +310,9 @@ class WebhookService:
             if r["state"] == "pending"
         ]
         if payloads:  # a waiting delivery gets its job when the earlier one ends
-            await self.engine.queue.enqueue_many(deliverymod.DELIVER, payloads, conn=conn)
+            await self.engine.queue.enqueue_many(
+                deliverymod.DELIVER, payloads, conn=conn, fair_key=event.owner_id
+            )
         self.metrics.fanned_out += len(rows)
         for row in rows:
             if row["state"] == "waiting":

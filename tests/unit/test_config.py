@@ -99,3 +99,32 @@ def test_policy_warns_before_expiry_and_without_allowlist() -> None:
     assert reason is None
     assert warnings[0] == "KEY_EXPIRING: expires in 3 day(s)"
     assert any(w.startswith("NO_IP_ALLOWLIST") for w in warnings)
+
+
+def test_job_timeouts_from_env() -> None:
+    """ENGINE_JOB_TIMEOUT is the default handler timeout; ENGINE_JOB_TIMEOUTS sets it per job kind."""
+    cfg = EngineConfig.from_env(
+        {"ENGINE_JOB_TIMEOUT": "120", "ENGINE_JOB_TIMEOUTS": " verify=60, purge_jobs=900.5 ,"}
+    )
+    assert cfg.job_timeout == 120.0
+    assert cfg.job_timeouts == {"verify": 60.0, "purge_jobs": 900.5}
+    assert EngineConfig.from_env({}).job_timeout == 300.0
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"ENGINE_JOB_TIMEOUT": "soon"}, "ENGINE_JOB_TIMEOUT"),
+        ({"ENGINE_JOB_TIMEOUT": "0"}, "job_timeout"),
+        ({"ENGINE_JOB_TIMEOUT": "inf"}, "job_timeout"),
+        ({"ENGINE_JOB_TIMEOUTS": "verify"}, "ENGINE_JOB_TIMEOUTS"),
+        ({"ENGINE_JOB_TIMEOUTS": "verify=-1"}, "ENGINE_JOB_TIMEOUTS"),
+        ({"ENGINE_JOB_TIMEOUTS": "verify=nan"}, "ENGINE_JOB_TIMEOUTS"),
+        ({"ENGINE_JOB_TIMEOUTS": "=5"}, "ENGINE_JOB_TIMEOUTS"),
+    ],
+)
+def test_bad_job_timeouts_name_the_setting(env: dict[str, str], field: str) -> None:
+    """A timeout that is not a positive finite number of seconds is refused, naming the setting."""
+    with pytest.raises(errors.ConfigurationError) as info:
+        EngineConfig.from_env(env)
+    assert info.value.field == field

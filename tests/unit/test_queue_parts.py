@@ -54,6 +54,10 @@ def test_default_settings_are_valid_and_frozen() -> None:
         {"backoff_base": 10.0, "backoff_max": 1.0},
         {"shutdown_timeout": -1},
         {"channel": "Robert'); DROP TABLE queue_jobs;--"},
+        {"handler_timeout": 0},
+        {"handler_timeout": float("inf")},
+        {"handler_timeouts": {"verify": -1.0}},
+        {"handler_timeouts": {"verify": float("nan")}},
     ],
 )
 def test_bad_settings_are_refused(overrides: dict[str, object]) -> None:
@@ -154,3 +158,17 @@ def test_every_needs_a_handler_and_a_positive_interval() -> None:
 
 async def _noop(job: queue.Job) -> None:
     return None
+
+
+def test_timeouts_and_the_lease_cap_per_kind() -> None:
+    """A kind's own timeout, else the default; the lease cap adds LEASE_CAP_LEASES leases to it; a claimed job
+    waits for a runner at most half of what the lease leaves after a heartbeat."""
+    settings = queue.QueueSettings(
+        lease_seconds=30.0, heartbeat_interval=10.0, handler_timeout=120.0, handler_timeouts={"verify": 60.0}
+    )
+    assert (settings.timeout_for("verify"), settings.timeout_for("other")) == (60.0, 120.0)
+    assert settings.lease_cap_for("verify") == 60.0 + queue.LEASE_CAP_LEASES * 30.0
+    assert settings.hold_unstarted == 10.0
+    assert settings.hold_unstarted + settings.heartbeat_interval < settings.lease_seconds  # extended in time
+    assert settings.cancel_grace == 5.0
+    assert queue.QueueSettings(lease_seconds=2.0, heartbeat_interval=0.5).cancel_grace == 0.5

@@ -53,6 +53,7 @@ class FakeBackend:
         self.listen_errors: list[BaseException] = []
         self.listeners: list[FakeListener] = []
         self.run: Callable[[FakeJob], Awaitable[Outcome | None]] = self._done
+        self.limit: float | None = None  # time_limit() of every job
 
     @staticmethod
     async def _done(job: FakeJob) -> Outcome:
@@ -81,6 +82,12 @@ class FakeBackend:
 
     async def execute(self, job: FakeJob) -> Outcome | None:
         return await self.run(job)
+
+    def time_limit(self, job: FakeJob) -> float | None:
+        return self.limit
+
+    def timed_out(self, job: FakeJob, *, abandoned: bool) -> Outcome:
+        return ("abandoned" if abandoned else "timed_out", job.id)
 
     def hand_back(self, job: FakeJob) -> Outcome:
         return ("handed_back", job.id)
@@ -124,6 +131,8 @@ def make_worker(
     heartbeat_interval: float = 0.01,
     shutdown_timeout: float = 1.0,
     listen: bool = False,
+    hold_unstarted: float | None = None,
+    cancel_grace: float = 5.0,
 ) -> workermod.Worker[FakeJob, Outcome, str]:
     return workermod.Worker(
         backend,
@@ -134,6 +143,8 @@ def make_worker(
         poll_interval=0.05,
         shutdown_timeout=shutdown_timeout,
         listen=listen,
+        hold_unstarted=hold_unstarted,
+        cancel_grace=cancel_grace,
     )
 
 
@@ -162,8 +173,9 @@ async def test_drain_runs_everything_and_writes_each_outcome_once() -> None:
     assert sum(backend.rode) > 0  # ... mostly riding along on the next claim
 
 
-async def test_one_heartbeat_extends_every_held_job() -> None:
-    """Each heartbeat is one call carrying every job held (running and buffered alike)."""
+async def test_one_heartbeat_extends_every_running_job() -> None:
+    """Each heartbeat is one call carrying every job whose handler runs; jobs still buffered (not started) are
+    not extended: a job nobody started must not be held here for ever (issue 9, defect 5)."""
     backend = FakeBackend(jobs=5)
     release = asyncio.Event()
 
@@ -177,7 +189,7 @@ async def test_one_heartbeat_extends_every_held_job() -> None:
     await eventually(lambda: len(backend.extended) >= 3)
     release.set()
     await w.stop()
-    assert backend.extended[:3] == [5, 5, 5]  # 3 running + 2 buffered, in one statement each time
+    assert backend.extended[:3] == [3, 3, 3]  # the 3 running, in one statement each time; not the 2 buffered
 
 
 async def test_tasks_are_named_and_owned() -> None:
@@ -192,6 +204,7 @@ async def test_tasks_are_named_and_owned() -> None:
         "queue:w:listener",
         "queue:w:runner-0",
         "queue:w:runner-1",
+        "queue:w:watchdog",
     }
     await w.stop()
     await asyncio.sleep(0)
@@ -361,3 +374,113 @@ async def test_an_attempt_that_is_not_ours_is_released_without_a_write() -> None
     finally:
         await w.stop()
     assert backend.written == []
+
+
+# ---------------------------------------------------------------------- issue 9: hung handlers and prefetch
+
+
+async def test_a_job_past_its_time_limit_is_cancelled_and_the_runner_goes_on() -> None:
+    """A handler still running at its time limit is cancelled; its outcome is the backend's timed_out one,
+    and the same runner takes the next job (its task is not left cancelled)."""
+    backend = FakeBackend(jobs=3)
+    backend.limit = 0.1
+    cancelled: list[int] = []
+
+    async def hang_first(job: FakeJob) -> Outcome:
+        if job.id == 0:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(job.id)
+                raise
+        return ("done", job.id)
+
+    backend.run = hang_first
+    w = make_worker(backend, concurrency=1)
+    w.start()
+    try:
+        assert await w.drain(timeout=5) == 3
+    finally:
+        await w.stop()
+    assert cancelled == [0]
+    assert sorted(backend.written) == [("done", 1), ("done", 2), ("timed_out", 0)]
+
+
+async def test_a_handler_that_ignores_cancellation_is_abandoned_and_its_slot_refilled() -> None:
+    """A handler that swallows its cancellation is left behind after cancel_grace: its attempt gets the
+    abandoned outcome, a new runner takes the slot, and the old one writes nothing when it finally returns."""
+    backend = FakeBackend(jobs=3)
+    backend.limit = 0.1
+    release = asyncio.Event()
+
+    async def stubborn_first(job: FakeJob) -> Outcome:
+        if job.id == 0:
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+        return ("done", job.id)
+
+    backend.run = stubborn_first
+    w = make_worker(backend, concurrency=1, cancel_grace=0.1)
+    with structlog.testing.capture_logs() as logs:
+        w.start()
+        try:
+            assert await w.drain(timeout=5) == 2  # the abandoned attempt is not counted as run
+            release.set()  # the abandoned handler returns at last ...
+            await asyncio.sleep(0.05)
+        finally:
+            await w.stop()
+    assert sorted(backend.written) == [("abandoned", 0), ("done", 1), ("done", 2)]  # ... and writes nothing
+    events = [e["event"] for e in logs]
+    assert "queue_runner_abandoned" in events and "queue_abandoned_handler_returned" in events
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("queue:w:") and not t.done()]
+
+
+async def test_jobs_waiting_behind_a_stuck_runner_are_handed_back_once() -> None:
+    """Buffered jobs no runner started within hold_unstarted are handed back, their leases no longer extended;
+    the worker does not claim them again while its only runner is stuck, and resumes when it is free."""
+    backend = FakeBackend(jobs=4)
+    release = asyncio.Event()
+
+    async def stuck_first(job: FakeJob) -> Outcome:
+        if job.id == 0:
+            await release.wait()
+        return ("done", job.id)
+
+    backend.run = stuck_first
+    w = make_worker(backend, concurrency=1, batch_size=4, heartbeat_interval=0.02, hold_unstarted=0.05)
+    w.start()
+    try:
+        await eventually(
+            lambda: sorted(backend.written) == [("handed_back", 1), ("handed_back", 2), ("handed_back", 3)]
+        )
+        claims = len(backend.claims)
+        await asyncio.sleep(0.2)  # stalled: no claim while the runner is stuck (the jobs would wait again)
+        assert len(backend.claims) == claims
+        assert backend.extended and set(backend.extended[-3:]) == {1}  # only the running job is extended
+        backend.ready.extend(FakeJob(i, attempt=2) for i in (1, 2, 3))  # back in the database
+        release.set()
+        assert await w.drain(timeout=5) >= 3
+    finally:
+        await w.stop()
+    assert ("done", 0) in backend.written and backend.written.count(("done", 1)) == 1
+
+
+async def test_slow_jobs_are_not_claimed_far_ahead_of_the_runners() -> None:
+    """With jobs that take long compared with PREFETCH_HORIZON, the worker claims about one job per free
+    runner instead of whole batches that would wait here while other workers could run them."""
+    backend = FakeBackend(jobs=40)
+
+    async def slow(job: FakeJob) -> Outcome:
+        await asyncio.sleep(0.05)  # longer than PREFETCH_HORIZON: nothing ahead of the free runners
+        return ("done", job.id)
+
+    backend.run = slow
+    w = make_worker(backend, concurrency=2, batch_size=20)
+    w.start()
+    try:
+        assert await w.drain(timeout=10) == 40
+    finally:
+        await w.stop()
+    assert backend.claims[0] == 20  # nothing known yet: a whole batch
+    assert max(backend.claims[2:]) <= 4  # then free runners plus what they finish within the horizon
