@@ -58,6 +58,7 @@ async def metrics(request: web.Request) -> web.Response:
             "failed": counters.failed,
             "dead": counters.dead,
             "handed_back": counters.handed_back,
+            "timed_out": counters.timed_out,
         },
         probes=eng.probe_metrics,
         events={"read": stats.read, "delivered": stats.delivered, "listener_failed": stats.listener_failures},
