@@ -600,8 +600,8 @@ class CredentialEngine:
         async with self.db.transaction() as conn:
             await store.lock(conn, owner, current.credential_id)
             row = await conn.fetchrow("disable_trading_account", aid, owner)
-            if row is None:
-                return await store.get_account(owner, aid)  # already DISABLED: idempotent
+            if row is None:  # already DISABLED: idempotent. Read on this transaction's connection: the pool
+                return await store.get_account(owner, aid, conn=conn)  # refuses a task that holds one
             account = account_from_row(row)
             await self._emit(
                 conn,
