@@ -219,7 +219,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         response = await handler(request)
     except errors.CredentialEngineError as exc:
-        response = error_response(exc, request_id, **_auth_challenge(exc))
+        response = error_response(exc, request_id, **_auth_challenge(exc), **_retry_after(exc))
         if exc.http_status >= 500:
             log.warning(
                 "http_unavailable", request_id=request_id, error=type(exc).__name__, detail=exc.message
@@ -259,6 +259,11 @@ def _auth_challenge(exc: errors.CredentialEngineError) -> dict[str, str]:
         if isinstance(exc, errors.Unauthorized)
         else {}
     )
+
+
+def _retry_after(exc: errors.CredentialEngineError) -> dict[str, str]:
+    """``Retry-After`` (RFC 9110, section 10.2.3) for a 503 that says when to come back: a starved pool."""
+    return {"Retry-After": str(exc.retry_after)} if isinstance(exc, dbmod.PoolExhausted) else {}
 
 
 @web.middleware

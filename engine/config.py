@@ -10,6 +10,9 @@ Environment variables (all optional):
     ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
     ENGINE_PROBE_TIMEOUT         seconds per venue request (default 10)
     ENGINE_JOB_RETENTION         seconds finished jobs are kept before the hourly purge (default 7 days)
+    ENGINE_POOL_MAX_SIZE         most pool connections of this process (default 10; 1 + 4 with workers outside it)
+    ENGINE_POOL_ACQUIRE_TIMEOUT  seconds a request waits for a pool connection before a 503 (default 10)
+    ENGINE_DB_COMMAND_TIMEOUT    seconds one SQL statement may take, lock waits included (default 60)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
@@ -18,6 +21,7 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -91,6 +95,8 @@ class EngineConfig:
     job_retention: float = 7 * 86_400.0  # done and cancelled jobs are purged this long after they finished
     pool_min_size: int = 2
     pool_max_size: int = 10
+    pool_acquire_timeout: float = 10.0  # a starved pool answers StorageError (503) after this, never hangs
+    db_command_timeout: float = 60.0  # per SQL statement (asyncpg command_timeout), row-lock waits included
     allow_private_webhook_urls: bool = False
     webhook_timeout: float = 15.0  # seconds per webhook attempt
     webhook_retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
@@ -112,6 +118,15 @@ class EngineConfig:
             raise errors.ConfigurationError(
                 "webhook timeouts and periods must be positive", field="webhook_timeout"
             )
+        if self.pool_max_size < 1 or not 0 <= self.pool_min_size <= self.pool_max_size:
+            raise errors.ConfigurationError(
+                "pool sizes: pool_max_size at least 1, 0 <= pool_min_size <= pool_max_size",
+                field="pool_max_size",
+            )
+        for name in ("pool_acquire_timeout", "db_command_timeout"):  # finite: every wait has a bound
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)
         if self.reverify_interval <= 0:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
         for venue in self.venue_urls:
@@ -142,6 +157,9 @@ class EngineConfig:
             ("probe_timeout", "ENGINE_PROBE_TIMEOUT", float),
             ("lease_seconds", "ENGINE_LEASE_SECONDS", float),
             ("job_retention", "ENGINE_JOB_RETENTION", float),
+            ("pool_max_size", "ENGINE_POOL_MAX_SIZE", int),
+            ("pool_acquire_timeout", "ENGINE_POOL_ACQUIRE_TIMEOUT", float),
+            ("db_command_timeout", "ENGINE_DB_COMMAND_TIMEOUT", float),
         ):
             if env.get(key):
                 try:
@@ -154,6 +172,8 @@ class EngineConfig:
             require_ip_allowlist=_flag(env, "ENGINE_POLICY_REQUIRE_IP_ALLOWLIST", False),
             expiry_warning_days=int(env.get("ENGINE_POLICY_EXPIRY_WARNING_DAYS", "7")),
         )
+        if "pool_max_size" in kwargs:  # a small pool keeps fewer idle connections too
+            kwargs["pool_min_size"] = min(cls.pool_min_size, kwargs["pool_max_size"])
         kwargs["policy"] = policy
         kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
         if env.get("ENGINE_LOG_LEVEL"):

@@ -105,11 +105,15 @@ class CredentialEngine:
     async def _open(self) -> None:
         cfg = self.config
         if self._injected_pool is not None:
-            self._db = dbmod.Database.from_pool(self._injected_pool)
+            self._db = dbmod.Database.from_pool(self._injected_pool, acquire_timeout=cfg.pool_acquire_timeout)
         else:
             dsn = cfg.database_url or await start_embedded(self.data_dir)
             self._db = await dbmod.Database.connect(
-                dsn, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size
+                dsn,
+                min_size=cfg.pool_min_size,
+                max_size=cfg.pool_max_size,
+                acquire_timeout=cfg.pool_acquire_timeout,
+                command_timeout=cfg.db_command_timeout,
             )
         await self._db.apply_schema()
         if cfg.master_keys:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiohttp
 import asyncpg
 import pytest
 
 from engine import CredentialEngine
 
+CONNECT = "/api/v3/tradingAccount/connect"
 DISCONNECT = "/api/v3/tradingAccount/disconnect"
 BOUND = 60.0  # seconds: far beyond what the requests need; only a hang reaches it
 
@@ -84,3 +88,158 @@ async def test_concurrent_disconnects_of_a_disabled_account_do_not_hang(
     assert statuses == [200] * 60
     ready = await bounded(api.get("/readyz", token=None), database_url, "/readyz")
     assert ready.status == 200
+
+
+async def test_a_starved_pool_answers_503_with_retry_after(
+    make_engine: Any, make_api: Any, create_body: Callable[..., Any]
+) -> None:
+    """While every pool connection is held, a request waits pool_acquire_timeout and answers 503 StorageError
+    in the envelope with Retry-After; /readyz says the database is down; released, both answer 200 again."""
+    eng = await make_engine(pool_max_size=1, pool_min_size=1, pool_acquire_timeout=0.5)
+    api = await make_api(eng)
+    async with eng.db.connection():  # this test's task holds the only connection; the server's handlers wait
+        reply = await bounded_plain(api.get("/api/v3/credential/list"))
+        assert reply.status == 503
+        assert reply.body["errno"] == -100011 and reply.body["success"] is False
+        assert reply.headers["Retry-After"] == "1"
+        assert "service unavailable; correlation id" in reply.body["error"]
+        assert reply.headers["X-Request-Id"] in reply.body["error"]
+        create = await bounded_plain(api.post("/api/v3/credential/create", create_body()))
+        assert create.status == 503
+        ready = await bounded_plain(api.get("/readyz", token=None))
+        assert ready.status == 503 and ready.body["data"]["checks"]["database"] == "down"
+    assert (await api.get("/api/v3/credential/list")).status == 200
+    assert (await api.get("/readyz", token=None)).status == 200
+
+
+async def bounded_plain(work: Awaitable[T]) -> T:
+    return await asyncio.wait_for(work, BOUND)
+
+
+# ---- a flood at a pool of 5 ------------------------------------------------------------------------------------
+
+FLOOD = 200
+REQUEST_BOUND = (
+    30.0  # seconds any one request may take: acquire timeout (10) + connect-with-keys wait (5) + slack
+)
+OTHER = "owner-2"
+HOOK = "http://127.0.0.1:9/hook"  # discard port: deliveries fail and are retried later, as they would
+
+
+async def test_a_flood_of_every_pool_using_request_at_a_pool_of_5_ends_and_spares_other_owners(
+    make_engine: Any, make_api: Any, create_body: Callable[..., Any], database_url: str
+) -> None:
+    """200 concurrent requests of every kind that touches the pool (reads, writes, the idempotent paths,
+    webhooks, operator routes) at an engine whose pool holds 5 connections: every one ends within
+    REQUEST_BOUND with 2xx, 4xx or 503 (never 500, never a hang); meanwhile another owner's reads answer 200
+    and /readyz answers; afterwards no session is left idle in transaction and the other owner's credential
+    still goes from create to VERIFIED through the workers."""
+    eng = await make_engine(pool_max_size=5)
+    base = await make_api(eng, connect_wait_timeout=5.0)
+    connector = aiohttp.TCPConnector(limit=0)  # the client must not be what limits the concurrency
+    async with aiohttp.ClientSession(connector=connector) as session:
+        api = type(base)(session, base.url, base.secret)
+        cred = (await api.post("/api/v3/credential/create", create_body())).data["credentialId"]
+        doomed = (await api.post("/api/v3/credential/create", create_body(apiKey="doomed-key"))).data
+        await eng.run_until_idle()
+        spot = (await api.post(CONNECT, {"credentialId": cred, "accountType": "SPOT", "name": "s"})).data
+        margin = (await api.post(CONNECT, {"credentialId": cred, "accountType": "MARGIN", "name": "m"})).data
+        await api.post(DISCONNECT, {"tradingAccountId": margin["tradingAccountId"]})
+        hook = (await api.post("/api/v3/webhook/create", {"url": HOOK})).data["endpointId"]
+        gone = (await api.post("/api/v3/webhook/create", {"url": HOOK})).data["endpointId"]
+        await api.post("/api/v3/webhook/delete", {"endpointId": gone})
+        theirs = (
+            await api.post("/api/v3/credential/create", create_body(venue="OKX", apiKey="okx-key-0001",
+                           apiSecret="okx-secret-0001", apiPassphrase="okx-pass-1"), owner=OTHER)
+        ).data["credentialId"]  # fmt: skip
+
+        kinds: list[Callable[[int], Awaitable[Any]]] = [
+            lambda i: api.post("/api/v3/credential/create", create_body(apiKey=f"flood-key-{i:04d}")),
+            lambda i: api.post("/api/v3/credential/create", create_body()),  # duplicate: 409
+            lambda i: api.get("/api/v3/credential/get", {"credentialId": cred}),
+            lambda i: api.get("/api/v3/credential/list", {"limit": "20"}),
+            lambda i: api.post("/api/v3/credential/verify", {"credentialId": cred}),
+            lambda i: api.post("/api/v3/credential/rotate", {"credentialId": cred, **_keys(create_body)}),
+            lambda i: api.post("/api/v3/credential/revoke", {"credentialId": doomed["credentialId"]}),
+            lambda i: api.post(CONNECT, {"credentialId": cred, "accountType": "SPOT", "name": "again"}),
+            lambda i: api.post(CONNECT, {"venue": "BINANCE", **_keys(create_body, 1), "name": "with keys"}),
+            lambda i: api.post(
+                DISCONNECT, {"tradingAccountId": margin["tradingAccountId"]}
+            ),  # the bug's path
+            lambda i: api.get("/api/v3/tradingAccount/get", {"tradingAccountId": spot["tradingAccountId"]}),
+            lambda i: api.get("/api/v3/tradingAccount/list", {"credentialId": cred}),
+            lambda i: api.post("/api/v3/webhook/create", {"url": HOOK, "description": f"flood {i}"}),
+            lambda i: api.get("/api/v3/webhook/list"),
+            lambda i: api.get("/api/v3/webhook/get", {"endpointId": hook}),
+            lambda i: api.post("/api/v3/webhook/update", {"endpointId": hook, "enabled": True}),
+            lambda i: api.post("/api/v3/webhook/rotateSecret", {"endpointId": hook}),
+            lambda i: api.post("/api/v3/webhook/delete", {"endpointId": gone}),  # already deleted: 404
+            lambda i: api.get("/api/v3/webhook/delivery/list", {"endpointId": hook}),
+            lambda i: api.get("/readyz", token=None),
+            lambda i: api.call("GET", "/metrics", token=None),
+        ]
+
+        async def timed(i: int) -> tuple[int, float]:
+            started = time.monotonic()
+            reply = await kinds[i % len(kinds)](i)
+            return reply.status, time.monotonic() - started
+
+        flooding = True
+        other_reads: list[tuple[int, float]] = []
+        readiness: list[int] = []
+
+        async def other_owner() -> None:
+            while flooding:
+                started = time.monotonic()
+                reply = await api.get("/api/v3/credential/get", {"credentialId": theirs}, owner=OTHER)
+                other_reads.append((reply.status, time.monotonic() - started))
+                readiness.append((await api.get("/readyz", token=None)).status)
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(other_owner())
+        started = time.monotonic()
+        try:
+            results = await bounded(
+                asyncio.gather(*(timed(i) for i in range(FLOOD))), database_url, f"{FLOOD} requests"
+            )
+        finally:
+            flooding = False
+        took = time.monotonic() - started
+        await bounded(watcher, database_url, "the other owner's reads")
+
+    statuses = Counter(status for status, _ in results)
+    slowest = max(seconds for _, seconds in results)
+    print(
+        f"\n{FLOOD} requests at a pool of 5: {took:.2f} s in all, slowest {slowest:.2f} s, statuses {statuses}"
+    )
+    other_slowest = max(seconds for _, seconds in other_reads)
+    print(
+        f"other owner: {len(other_reads)} reads, slowest {other_slowest:.2f} s; /readyz {Counter(readiness)}"
+    )
+    assert all(200 <= s < 300 or 400 <= s < 500 or s == 503 for s in statuses), statuses
+    assert slowest < REQUEST_BOUND
+    assert statuses[200] > FLOOD // 2  # most of it simply worked
+    assert other_reads and all(status == 200 for status, _ in other_reads), other_reads
+    assert other_slowest < REQUEST_BOUND
+    assert readiness and set(readiness) <= {200, 503}
+
+    admin = await asyncpg.connect(database_url)
+    try:
+        assert not await admin.fetchval(  # the workers' transactions come and go; none is stuck
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'idle in transaction' AND state_change < now() - interval '5 seconds'"
+        )
+    finally:
+        await admin.close()
+    assert (await base.get("/readyz", token=None)).status == 200
+    mine = await base.post("/api/v3/credential/create", create_body(), owner=OTHER)  # same key, other owner
+    verified = await eng.wait_for_status(
+        OTHER, mine.data["credentialId"], {"VERIFIED"}, timeout=REQUEST_BOUND
+    )
+    assert verified.status.value == "VERIFIED"
+
+
+def _keys(create_body: Callable[..., Any], n: int = 2) -> dict[str, str]:
+    """apiKey/apiSecret of FakeVenue's n-th Binance key (1 or 2; same account uid-b1)."""
+    body = create_body(apiKey=f"binance-key-000{n}", apiSecret=f"binance-secret-000{n}")
+    return {"apiKey": body["apiKey"], "apiSecret": body["apiSecret"]}
