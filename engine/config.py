@@ -118,11 +118,12 @@ class EngineConfig:
             raise errors.ConfigurationError(
                 "webhook timeouts and periods must be positive", field="webhook_timeout"
             )
-        if self.pool_max_size < 1 or not 0 <= self.pool_min_size <= self.pool_max_size:
+        if self.pool_max_size < 1 or self.pool_min_size < 0:
             raise errors.ConfigurationError(
-                "pool sizes: pool_max_size at least 1, 0 <= pool_min_size <= pool_max_size",
-                field="pool_max_size",
+                "pool sizes: pool_max_size at least 1, pool_min_size 0 or more", field="pool_max_size"
             )
+        if self.pool_min_size > self.pool_max_size:  # a small pool keeps fewer idle connections too
+            object.__setattr__(self, "pool_min_size", self.pool_max_size)
         for name in ("pool_acquire_timeout", "db_command_timeout"):  # finite: every wait has a bound
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -172,8 +173,6 @@ class EngineConfig:
             require_ip_allowlist=_flag(env, "ENGINE_POLICY_REQUIRE_IP_ALLOWLIST", False),
             expiry_warning_days=int(env.get("ENGINE_POLICY_EXPIRY_WARNING_DAYS", "7")),
         )
-        if "pool_max_size" in kwargs:  # a small pool keeps fewer idle connections too
-            kwargs["pool_min_size"] = min(cls.pool_min_size, kwargs["pool_max_size"])
         kwargs["policy"] = policy
         kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
         if env.get("ENGINE_LOG_LEVEL"):

@@ -95,7 +95,7 @@ async def test_a_starved_pool_answers_503_with_retry_after(
 ) -> None:
     """While every pool connection is held, a request waits pool_acquire_timeout and answers 503 StorageError
     in the envelope with Retry-After; /readyz says the database is down; released, both answer 200 again."""
-    eng = await make_engine(pool_max_size=1, pool_min_size=1, pool_acquire_timeout=0.5)
+    eng = await make_engine(pool_max_size=1, pool_acquire_timeout=0.5)
     api = await make_api(eng)
     async with eng.db.connection():  # this test's task holds the only connection; the server's handlers wait
         reply = await bounded_plain(api.get("/api/v3/credential/list"))

@@ -91,6 +91,7 @@ def test_pool_settings_from_env_and_their_bounds() -> None:
             with pytest.raises(errors.ConfigurationError) as info:
                 EngineConfig(**{name: bad})
             assert info.value.field == name
+    assert EngineConfig(pool_max_size=1).pool_min_size == 1
     with pytest.raises(errors.ConfigurationError) as info:
         EngineConfig(pool_max_size=0)
     assert info.value.field == "pool_max_size"
