@@ -13,6 +13,9 @@ Environment variables (all optional):
                                  and webhook deliveries derive theirs from their request timeouts)
     ENGINE_JOB_TIMEOUTS          "verify=60,webhook_delivery=45": per job kind, overriding the above
     ENGINE_JOB_RETENTION         seconds finished jobs are kept before the hourly purge (default 7 days)
+    ENGINE_POOL_MAX_SIZE         most pool connections of this process (default 10; 1 + 4 with workers outside it)
+    ENGINE_POOL_ACQUIRE_TIMEOUT  seconds a request waits for a pool connection before a 503 (default 10)
+    ENGINE_DB_COMMAND_TIMEOUT    seconds one SQL statement may take, lock waits included (default 60)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
@@ -148,6 +151,8 @@ class EngineConfig:
     job_retention: float = 7 * 86_400.0  # done and cancelled jobs are purged this long after they finished
     pool_min_size: int = 2
     pool_max_size: int = 10
+    pool_acquire_timeout: float = 10.0  # a starved pool answers StorageError (503) after this, never hangs
+    db_command_timeout: float = 60.0  # per SQL statement (asyncpg command_timeout), row-lock waits included
     allow_private_webhook_urls: bool = False
     webhook_timeout: float = 15.0  # seconds per webhook attempt
     webhook_retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
@@ -181,6 +186,16 @@ class EngineConfig:
                 raise errors.ConfigurationError(
                     f"job_timeouts[{kind}] must be positive and finite", field="job_timeouts"
                 )
+        if self.pool_max_size < 1 or self.pool_min_size < 0:
+            raise errors.ConfigurationError(
+                "pool sizes: pool_max_size at least 1, pool_min_size 0 or more", field="pool_max_size"
+            )
+        if self.pool_min_size > self.pool_max_size:  # a small pool keeps fewer idle connections too
+            object.__setattr__(self, "pool_min_size", self.pool_max_size)
+        for name in ("pool_acquire_timeout", "db_command_timeout"):  # finite: every wait has a bound
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)
         if self.reverify_interval <= 0:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
         for venue in self.venue_urls:
@@ -214,6 +229,9 @@ class EngineConfig:
             ("lease_seconds", "ENGINE_LEASE_SECONDS", float),
             ("job_retention", "ENGINE_JOB_RETENTION", float),
             ("job_timeout", "ENGINE_JOB_TIMEOUT", float),
+            ("pool_max_size", "ENGINE_POOL_MAX_SIZE", int),
+            ("pool_acquire_timeout", "ENGINE_POOL_ACQUIRE_TIMEOUT", float),
+            ("db_command_timeout", "ENGINE_DB_COMMAND_TIMEOUT", float),
         ):
             if env.get(key):
                 try:

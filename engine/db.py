@@ -10,12 +10,33 @@ This is the only module that imports asyncpg. Everything else speaks in named qu
 Errors: every asyncpg/OS error raised while talking to the server becomes :class:`errors.StorageError`
 (:class:`UniqueViolation` for unique-constraint conflicts, carrying the constraint name) raised ``from None``,
 because driver errors can carry query arguments (ciphertexts, fingerprints) in their text.
+
+Every wait is bounded:
+
+- **Pool acquire**: at most ``acquire_timeout`` seconds (``EngineConfig.pool_acquire_timeout``); a starved pool
+  raises :class:`PoolExhausted` (a 503 :class:`errors.StorageError` whose ``retry_after`` the REST API sends).
+- **Statements**: asyncpg's ``command_timeout`` (``EngineConfig.db_command_timeout``); past it asyncpg cancels
+  the statement on the server and the caller gets a :class:`errors.StorageError`. A row-lock wait is a statement.
+- **Connecting** (dedicated connections) within ``acquire_timeout``; **closing** the pool within
+  ``CLOSE_TIMEOUT``, after which its connections are terminated.
+
+**One pool connection per task.** A task that holds a pool connection (:meth:`Database.transaction` or
+:meth:`Database.connection`) and asks the pool for another one raises :class:`errors.PoolReentry` at once:
+under load every connection can be held by a task waiting for a second one, and then nothing moves again
+(issue 9: ~60 concurrent disconnects of a disabled trading account hung every owner, the workers and
+``/readyz``). The holder is recorded in a context variable as the *task* that acquired, not as a flag:
+asyncio copies context variables into tasks created inside the block, and such a child task, which does not
+hold the connection, may use the pool. The check is one ``ContextVar.get`` per acquire, so it is always on
+(tests, development and production alike). What it cannot see: a holder *awaiting* a child task that waits
+for the pool (``asyncio.wait_for`` and ``gather`` run coroutines in tasks of their own); the acquire timeout
+ends such a wait with :class:`PoolExhausted` instead of a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import importlib.resources
 import re
@@ -78,6 +99,15 @@ def schema_digest() -> str:
 
 QUERY_FILES = ("queries.sql", "queue.sql", "webhooks/webhooks.sql", "tenants.sql")
 
+DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted
+DEFAULT_COMMAND_TIMEOUT = 60.0  # seconds per statement (asyncpg command_timeout), row-lock waits included
+CLOSE_TIMEOUT = 10.0  # seconds close() waits for connections in use before terminating them
+
+# the task that holds a pool connection in this context (see the module docstring), None when none does
+_HOLDER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "ce_pool_holder", default=None
+)
+
 
 class UniqueViolation(errors.StorageError):
     """A unique constraint refused a row; ``constraint`` names it so callers map it to a domain error."""
@@ -92,6 +122,29 @@ class LockNotAvailable(errors.StorageError):
 
     def __init__(self) -> None:
         super().__init__("a lock was not granted in time (lock_timeout)")
+
+
+class PoolExhausted(errors.StorageError):
+    """No pool connection came free within the acquire timeout (the pool is exhausted). A 503 StorageError;
+    ``retry_after`` (whole seconds) is what the REST API's ``Retry-After`` header says."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"database pool exhausted: no connection came free within {timeout:g} s")
+        self.retry_after = max(1, round(timeout))
+
+
+def holds_pool_connection() -> bool:
+    """Whether the current task holds a pool connection (an open transaction or ``Database.connection``)."""
+    holder = _HOLDER.get()
+    return holder is not None and holder is asyncio.current_task()
+
+
+def _refuse_second_connection() -> None:
+    if holds_pool_connection():
+        raise errors.PoolReentry(
+            "this task holds a pool connection (an open transaction) and asked the pool for another one; "
+            "use the connection it holds"
+        )
 
 
 def _translate(exc: BaseException) -> errors.StorageError:
@@ -124,6 +177,19 @@ def translated() -> Any:
         raise _translate(exc) from None
 
 
+@contextlib.contextmanager
+def _statement() -> Any:
+    """:func:`translated` for one statement, where a TimeoutError (an OSError) is asyncpg's ``command_timeout``
+    and is said so. Only around the driver's own calls: the body of a transaction or connection block is the
+    caller's code, whose exceptions pass through as they are (the ``Conn`` methods translate their own)."""
+    try:
+        yield
+    except TimeoutError:
+        raise errors.StorageError("database statement timed out") from None
+    except _DRIVER_ERRORS as exc:
+        raise _translate(exc) from None
+
+
 class Conn:
     """One connection (possibly inside a transaction) that runs named queries."""
 
@@ -134,31 +200,31 @@ class Conn:
         self._queries = queries
 
     async def fetch(self, name: str, *args: Any) -> list[Record]:
-        with translated():
+        with _statement():
             rows: list[Record] = await self._conn.fetch(self._queries[name], *args)
             return rows
 
     async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        with translated():
+        with _statement():
             row: Record | None = await self._conn.fetchrow(self._queries[name], *args)
             return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        with translated():
+        with _statement():
             return await self._conn.fetchval(self._queries[name], *args)
 
     async def execute(self, name: str, *args: Any) -> str:
-        with translated():
+        with _statement():
             status: str = await self._conn.execute(self._queries[name], *args)
             return status
 
     async def executemany(self, name: str, args: Sequence[Sequence[Any]]) -> None:
-        with translated():
+        with _statement():
             await self._conn.executemany(self._queries[name], args)
 
     async def execute_script(self, sql: str) -> None:
         """Run literal SQL (schema application, tests). Never built from user input."""
-        with translated():
+        with _statement():
             await self._conn.execute(sql)
 
     @contextlib.asynccontextmanager
@@ -183,15 +249,37 @@ async def _init_connection(conn: Any) -> None:
 
 
 class Database:
-    """The pool and the named queries. Owns the pool only when it opened it."""
+    """The pool and the named queries. Owns the pool only when it opened it.
 
-    def __init__(self, pool: Any, *, owns_pool: bool, queries: Mapping[str, str] | None = None) -> None:
+    Every pool acquire waits at most ``acquire_timeout`` seconds (:class:`PoolExhausted` past it) and refuses,
+    at once, a task that already holds a pool connection (:class:`errors.PoolReentry`; module docstring).
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        owns_pool: bool,
+        queries: Mapping[str, str] | None = None,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+    ) -> None:
+        if not acquire_timeout > 0:
+            raise errors.ConfigurationError("acquire_timeout must be positive", field="pool_acquire_timeout")
         self._pool = pool
         self._owns_pool = owns_pool
+        self.acquire_timeout = float(acquire_timeout)
         self.queries: Mapping[str, str] = queries if queries is not None else load_queries(*QUERY_FILES)
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    ) -> Database:
         with translated():
             pool = await asyncpg.create_pool(
                 dsn,
@@ -199,58 +287,106 @@ class Database:
                 max_size=max_size,
                 init=_init_connection,
                 reset=_keep_session,
-                command_timeout=60,
+                command_timeout=command_timeout,
             )
-        return cls(pool, owns_pool=True)
+        return cls(pool, owns_pool=True, acquire_timeout=acquire_timeout)
 
     @classmethod
-    def from_pool(cls, pool: Any) -> Database:
+    def from_pool(cls, pool: Any, *, acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT) -> Database:
         """Use a pool the caller made (and closes). It must have the jsonb codec; see ``init_connection``."""
-        return cls(pool, owns_pool=False)
+        return cls(pool, owns_pool=False, acquire_timeout=acquire_timeout)
 
     init_connection = staticmethod(_init_connection)
 
     @property
     def dsn_kwargs(self) -> Mapping[str, Any]:
-        """Connection arguments of the pool, for dedicated connections (LISTEN)."""
+        """Connection arguments of the pool, for dedicated connections (LISTEN, the queue's own)."""
         args: Mapping[str, Any] = self._pool._connect_kwargs
         return args
 
     async def close(self) -> None:
-        if self._owns_pool:
+        """Close the pool (when this Database opened it), waiting at most ``CLOSE_TIMEOUT`` seconds for the
+        connections in use to come back; past that asyncpg terminates them."""
+        if not self._owns_pool:
+            return
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+        except TimeoutError:  # asyncpg terminated the pool when the wait cancelled close()
+            log.warning("db_pool_close_timeout", seconds=CLOSE_TIMEOUT)
+            self._pool.terminate()
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+
+    @contextlib.asynccontextmanager
+    async def _hold(self) -> AsyncIterator[Any]:
+        """A raw pool connection for the block: refused when this task holds one, bounded by acquire_timeout."""
+        _refuse_second_connection()
+        try:
+            raw = await self._pool.acquire(timeout=self.acquire_timeout)
+        except TimeoutError:  # before the driver errors: TimeoutError is an OSError
+            raise PoolExhausted(self.acquire_timeout) from None
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+        token = _HOLDER.set(asyncio.current_task())
+        try:
+            yield raw
+        finally:
+            _HOLDER.reset(token)
             with translated():
-                await self._pool.close()
+                await self._pool.release(raw)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
-        with translated():
-            async with self._pool.acquire() as raw:
-                yield Conn(raw, self.queries)
+        """One pool connection, outside a transaction (each statement commits by itself)."""
+        async with self._hold() as raw:
+            yield Conn(raw, self.queries)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
-        with translated():
-            async with self._pool.acquire() as raw, raw.transaction():
+        """One pool connection in a transaction: committed when the block ends, rolled back when it raises.
+
+        Inside the block this task may not use the pool (:class:`errors.PoolReentry`): pass the ``Conn``."""
+        async with self._hold() as raw:
+            tx = raw.transaction()
+            with _statement():
+                await tx.start()
+            try:
                 yield Conn(raw, self.queries)
+            except BaseException:
+                try:
+                    with _statement():
+                        await tx.rollback()
+                except errors.StorageError:
+                    raw.terminate()  # state unknown: never hand it to the next user; the pool opens another
+                except asyncio.CancelledError:
+                    raw.terminate()
+                    raise
+                raise
+            with _statement():
+                await tx.commit()
 
     async def fetch(self, name: str, *args: Any) -> list[Record]:
-        with translated():
-            rows: list[Record] = await self._pool.fetch(self.queries[name], *args)
-            return rows
+        async with self._hold() as raw:
+            with _statement():
+                rows: list[Record] = await raw.fetch(self.queries[name], *args)
+        return rows
 
     async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        with translated():
-            row: Record | None = await self._pool.fetchrow(self.queries[name], *args)
-            return row
+        async with self._hold() as raw:
+            with _statement():
+                row: Record | None = await raw.fetchrow(self.queries[name], *args)
+        return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        with translated():
-            return await self._pool.fetchval(self.queries[name], *args)
+        async with self._hold() as raw:
+            with _statement():
+                return await raw.fetchval(self.queries[name], *args)
 
     async def execute(self, name: str, *args: Any) -> str:
-        with translated():
-            status: str = await self._pool.execute(self.queries[name], *args)
-            return status
+        async with self._hold() as raw:
+            with _statement():
+                status: str = await raw.execute(self.queries[name], *args)
+        return status
 
     async def apply_schema(self, *, force: bool = False) -> bool:
         """Apply schema.sql (idempotent) unless the database already holds this exact schema; True if applied.
@@ -280,19 +416,108 @@ class Database:
         return str(value) if value is not None else None
 
     async def ping(self) -> bool:
+        """Whether the database answers a query, a pool connection included (False on a starved pool too)."""
         try:
             async with self.connection() as conn:
-                await conn.execute_script("SELECT 1")
+                await conn.execute("ping")
         except errors.StorageError:
             return False
         return True
 
-    async def open_listener(self) -> RawListener:
-        """A dedicated connection for LISTEN (never from the pool: it must stay open)."""
-        with translated():
+    async def connect_dedicated(self, *, application_name: str | None = None) -> Any:
+        """A new raw connection outside the pool (LISTEN, :class:`DedicatedConnection`), with the pool's
+        arguments and codecs; connecting waits at most ``acquire_timeout`` seconds. ``application_name``
+        names it in ``pg_stat_activity``."""
+        kwargs = {**self.dsn_kwargs, "timeout": self.acquire_timeout}
+        if application_name:
+            kwargs["server_settings"] = {
+                **(kwargs.get("server_settings") or {}),
+                "application_name": application_name,
+            }
+        try:
             # the DSN is a positional argument of the pool, the rest keyword arguments
-            raw = await asyncpg.connect(*self._pool._connect_args, **self.dsn_kwargs)
-        return RawListener(raw)
+            raw = await asyncpg.connect(*self._pool._connect_args, **kwargs)
+        except TimeoutError:  # before the driver errors: TimeoutError is an OSError
+            raise errors.StorageError("database unreachable (connect timed out)") from None
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+        try:
+            with _statement():
+                await _init_connection(raw)
+        except BaseException:
+            raw.terminate()
+            raise
+        return raw
+
+    async def open_listener(self, *, application_name: str | None = None) -> RawListener:
+        """A dedicated connection for LISTEN (never from the pool: it must stay open)."""
+        return RawListener(await self.connect_dedicated(application_name=application_name))
+
+
+class DedicatedConnection:
+    """A connection of its own, outside the pool, for a task that must never wait behind the pool: the job
+    queue's fetcher, flusher and heartbeat (API load must not starve job leases, issue 9).
+
+    Opened on first use and opened afresh when lost: a session whose block raises drops the connection (it
+    may be broken, or cancelled mid-statement), and the next session connects again. Each name in ``setup``
+    (a named query) runs on every new connection. One user at a time (an asyncio lock). ``name`` is its
+    ``application_name`` in ``pg_stat_activity``.
+    """
+
+    def __init__(self, db: Database, name: str, *, setup: Sequence[str] = ()) -> None:
+        self._db = db
+        self.name = name
+        self._setup = tuple(setup)
+        self._raw: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self.opened = 0  # connections opened so far: 1 + reconnects
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Conn]:
+        async with self._lock:
+            if self._closed:
+                raise errors.EngineClosed(f"the {self.name} connection is closed")
+            conn = await self._open()
+            try:
+                yield conn
+            except BaseException:
+                self._drop()
+                raise
+
+    async def _open(self) -> Conn:
+        if self._raw is not None and not self._raw.is_closed():
+            return Conn(self._raw, self._db.queries)
+        self._drop()
+        raw = await self._db.connect_dedicated(application_name=self.name)
+        conn = Conn(raw, self._db.queries)
+        try:
+            for name in self._setup:
+                await conn.execute(name)
+        except BaseException:
+            raw.terminate()
+            raise
+        self._raw = raw
+        self.opened += 1
+        return conn
+
+    def _drop(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None and not raw.is_closed():
+            raw.terminate()
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the open connection (None when none is open): for tests and diagnostics."""
+        return None if self._raw is None or self._raw.is_closed() else int(self._raw.get_server_pid())
+
+    async def close(self) -> None:
+        """Close for good (idempotent); a later session raises :class:`errors.EngineClosed`."""
+        self._closed = True
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            with contextlib.suppress(*_DRIVER_ERRORS, TimeoutError):
+                await raw.close(timeout=2)
 
 
 class RawListener:
@@ -307,15 +532,15 @@ class RawListener:
         def _cb(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
 
-        with translated():
+        with _statement():
             await self._raw.add_listener(channel, _cb)
 
     async def ping(self) -> None:
-        with translated():
+        with _statement():
             await self._raw.execute("SELECT 1")
 
     async def close(self) -> None:
-        with contextlib.suppress(*_DRIVER_ERRORS):
+        with contextlib.suppress(*_DRIVER_ERRORS, TimeoutError):
             await self._raw.close(timeout=2)
 
     @property
@@ -325,5 +550,5 @@ class RawListener:
 
 async def notify(conn: Conn, channel: str, payload: str) -> None:
     """pg_notify through a named query-less call (channel names are constants, never user input)."""
-    with translated():
+    with _statement():
         await conn._conn.execute("SELECT pg_notify($1, $2)", channel, payload)

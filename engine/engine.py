@@ -106,11 +106,15 @@ class CredentialEngine:
     async def _open(self) -> None:
         cfg = self.config
         if self._injected_pool is not None:
-            self._db = dbmod.Database.from_pool(self._injected_pool)
+            self._db = dbmod.Database.from_pool(self._injected_pool, acquire_timeout=cfg.pool_acquire_timeout)
         else:
             dsn = cfg.database_url or await start_embedded(self.data_dir)
             self._db = await dbmod.Database.connect(
-                dsn, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size
+                dsn,
+                min_size=cfg.pool_min_size,
+                max_size=cfg.pool_max_size,
+                acquire_timeout=cfg.pool_acquire_timeout,
+                command_timeout=cfg.db_command_timeout,
             )
         await self._db.apply_schema()
         if cfg.master_keys:
@@ -626,8 +630,8 @@ class CredentialEngine:
         async with self.db.transaction() as conn:
             await store.lock(conn, owner, current.credential_id)
             row = await conn.fetchrow("disable_trading_account", aid, owner)
-            if row is None:
-                return await store.get_account(owner, aid)  # already DISABLED: idempotent
+            if row is None:  # already DISABLED: idempotent. Read on this transaction's connection: the pool
+                return await store.get_account(owner, aid, conn=conn)  # refuses a task that holds one
             account = account_from_row(row)
             await self._emit(
                 conn,

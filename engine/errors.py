@@ -18,10 +18,12 @@
     ├── EngineClosed              503  -100010  used before ``async with`` or after close; no reopening
     ├── StorageError              503  -100011  the database failed or is unreachable (translated in db.py)
     ├── ConfigurationError        500  -100012  bad configuration (names the setting and what to do)
-    └── DecryptionError           500  -100013  ciphertext does not open with its bound context
+    ├── DecryptionError           500  -100013  ciphertext does not open with its bound context
+    └── PoolReentry               500  -100016  a task holding a pool connection asked the pool for another (a bug)
 
 Defined beside the code that raises them (same root, own errno ranges):
 
+    engine.db.PoolExhausted                   503  -100011  (StorageError)  no pool connection free in time
     engine.worker.WorkerFailed                503  -140001  a queue worker gave up after repeated crashes
     engine.queue.StaleAttempt                 409  (Conflict)  this attempt no longer owns its job (fencing)
     engine.webhooks.WebhookVerificationError  401  -130001  a received webhook fails its signature or timestamp
@@ -177,3 +179,14 @@ class QuotaExceeded(Conflict):
         super().__init__(message, field=quota)
         self.quota = quota
         self.limit = limit
+
+
+class PoolReentry(CredentialEngineError):
+    """A task that holds a pool connection (an open transaction) asked the pool for another one.
+
+    Always a bug in the engine: under load every connection can be held by tasks waiting for a second one,
+    and then nothing moves again (issue 9). Raised at once by :mod:`engine.db`, before any waiting; use the
+    connection the task holds (``conn=``) instead.
+    """
+
+    errno = -100016

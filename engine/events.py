@@ -269,7 +269,7 @@ class EventBus:
         while not self._closing:
             listener: dbmod.RawListener | None = None
             try:
-                listener = await self._db.open_listener()
+                listener = await self._db.open_listener(application_name="ce-events-listen")
                 await listener.add(CHANNEL, lambda _payload: self._wake.set())
                 delay = 0.1
                 self._wake.set()  # events may have committed while we were away

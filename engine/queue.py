@@ -47,6 +47,11 @@ Guarantees and how they are kept:
 - **Wake-ups.** Enqueueing sends NOTIFY from the enqueuing statement (it fires at commit); the worker LISTENs
   on a dedicated connection and also polls every ``poll_interval``, sleeping no later than the next due job.
 - **Cancellation.** :meth:`JobQueue.cancel_queued` moves queued jobs to the terminal ``cancelled`` state.
+- **Connections.** Claims, outcome writes and lease extensions each run on a dedicated connection of their
+  own (:class:`engine.db.DedicatedConnection`, opened on first use, reopened when lost, closed by
+  :meth:`JobQueue.stop`), LISTEN on a fourth: requests that exhaust the pool cannot starve leases or claims.
+  Handlers use the pool like any other code. An engine process with workers holds ``pool_max_size + 5``
+  connections at most (the event bus LISTENs on one more).
 
 The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`engine.worker`.
 """
@@ -54,14 +59,13 @@ The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import random
 import re
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -101,6 +105,11 @@ FAIR_KEY_MAX = 256  # characters of a fair_key (an owner id)
 LEASE_CAP_LEASES = 2.0  # a lease is never extended past claim + handler timeout + this many lease_seconds
 CANCEL_GRACE_MAX = 5.0  # seconds a cancelled handler gets to unwind (at most lease/4) before it is abandoned
 DEDUPE_INDEX = "queue_jobs_dedupe_queued"
+# application_name of the queue's own connections (pg_stat_activity), none of them from the pool
+CLAIMS_CONNECTION = "ce-queue-claims"
+OUTCOMES_CONNECTION = "ce-queue-outcomes"
+HEARTBEAT_CONNECTION = "ce-queue-heartbeat"
+LISTEN_CONNECTION = "ce-queue-listen"
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -383,6 +392,7 @@ class JobQueue:
         self._phase = "stopped"
         if self._worker is not None:
             await self._worker.stop()
+        await self._backend.close()
 
     async def run_until_idle(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - arq-style API
         """Claim and run jobs until none is ready and none runs here; returns the attempts run.
@@ -604,6 +614,13 @@ class _Backend:
         # attempts a handler marked done inside its own transaction (JobQueue.complete_in): no second write
         self.completed_in: set[tuple[int, int]] = set()
         self._rng = random.Random()
+        # Dedicated connections, not pool ones, so that API load starving the pool cannot starve job leases:
+        # the fetcher claims on one (claims must walk the ready index in order and stop after `limit` rows;
+        # with stale statistics, right after a bulk enqueue, the planner would rather sort the whole backlog,
+        # hence enable_sort off on it), the flusher writes outcomes on one, the heartbeat extends leases on one.
+        self._claims = dbmod.DedicatedConnection(db, CLAIMS_CONNECTION, setup=("claim_connection_setup",))
+        self._writes = dbmod.DedicatedConnection(db, OUTCOMES_CONNECTION)
+        self._beats = dbmod.DedicatedConnection(db, HEARTBEAT_CONNECTION)
 
     def periodic_of(self, job: Job) -> _Periodic | None:
         spec = self._periodic.get(job.kind)
@@ -624,20 +641,16 @@ class _Backend:
             None,  # a periodic job is the engine's own, no owner's
         )
 
-    @contextlib.asynccontextmanager
-    async def claim_session(self) -> AsyncIterator[dbmod.Conn]:
-        async with self._db.connection() as conn:
-            # Claims must walk the ready index in order and stop after `limit` rows. With stale statistics
-            # (right after a bulk enqueue) the planner would rather sort the whole backlog on every claim.
-            await conn.execute("claim_session_begin")
-            try:
-                yield conn
-            finally:
-                with contextlib.suppress(errors.StorageError):  # a broken connection leaves the pool anyway
-                    await conn.execute("claim_session_end")
+    def claim_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
+        return self._claims.session()
 
     def write_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
-        return self._db.connection()
+        return self._writes.session()
+
+    async def close(self) -> None:
+        """Close the dedicated connections (the queue is stopped)."""
+        for dedicated in (self._claims, self._writes, self._beats):
+            await dedicated.close()
 
     def rides_along(self, outcome: _Outcome) -> bool:
         return outcome.state == "done" and outcome.periodic is None
@@ -799,9 +812,10 @@ class _Backend:
                     await self.schedule_next(conn, self._periodic[outcome.periodic])
 
     async def extend(self, jobs: Sequence[Job]) -> int:
-        status = await self._db.execute(
-            "extend_leases", [j.id for j in jobs], [j.attempt for j in jobs], self._settings.lease_seconds
-        )
+        async with self._beats.session() as conn:
+            status = await conn.execute(
+                "extend_leases", [j.id for j in jobs], [j.attempt for j in jobs], self._settings.lease_seconds
+            )
         return int(status.rsplit(" ", 1)[-1])
 
     async def next_due(self, session: dbmod.Conn) -> float | None:
@@ -812,7 +826,7 @@ class _Backend:
         return bool(await self._db.fetchval("has_ready", self._kinds))
 
     async def listen(self, on_notify: Callable[[], None]) -> workermod.Listener:
-        listener = await self._db.open_listener()
+        listener = await self._db.open_listener(application_name=LISTEN_CONNECTION)
         try:
             await listener.add(self._settings.channel, lambda _payload: on_notify())
         except BaseException:

@@ -50,13 +50,9 @@ WITH inserted AS (
 )
 SELECT id, pg_notify($5, '') FROM inserted;
 
--- claim_session_begin --
--- On the fetcher's connection: prefer the ready index's order to sorting the backlog (stale statistics).
+-- claim_connection_setup --
+-- Once per fetcher's dedicated connection: prefer the ready index's order to sorting the backlog (stale statistics).
 SET enable_sort = off;
-
--- claim_session_end --
--- Give the fetcher's connection back as it was.
-RESET enable_sort;
 
 -- claim_jobs --
 -- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease,

@@ -292,8 +292,11 @@ class Store:
 
     # ---- trading accounts ---------------------------------------------------------------------------------
 
-    async def get_account(self, owner_id: str, account_id: uuid.UUID) -> TradingAccount:
-        row = await self.db.fetchrow("get_trading_account", account_id, owner_id)
+    async def get_account(
+        self, owner_id: str, account_id: uuid.UUID, *, conn: Conn | None = None
+    ) -> TradingAccount:
+        runner: Conn | Database = conn or self.db
+        row = await runner.fetchrow("get_trading_account", account_id, owner_id)
         if row is None:
             raise errors.NotFound(f"trading account {account_id} not found", field="tradingAccountId")
         return account_from_row(row)

@@ -29,7 +29,9 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
     listener    LISTEN on a dedicated connection; reconnects with backoff when it is lost
 
 The fetcher and the flusher keep one connection (a backend *session*) across back-to-back statements and
-give it back when they go idle: a pool acquire/release costs a round trip of its own (the pool's reset).
+give it back when they go idle. The queue's backend makes each session, and the heartbeat's statement, use a
+dedicated connection outside the pool (:mod:`engine.queue`): requests exhausting the pool cannot starve claims,
+outcome writes or lease extensions.
 
 Supervision: a side task that raises :class:`errors.StorageError` (the database is away) is logged and
 restarted with capped exponential backoff, forever; any other exception is logged with its traceback and

@@ -13,7 +13,8 @@ message (messages name fields and rules, never values). The HTTP layer adds its 
     PayloadTooLarge    413  -110004  the body is over ApiConfig.max_body_bytes
 
 Anything else, and every 5xx, answers a fixed message with the request's correlation id (also in the
-``X-Request-Id`` header); the details go to the server log, through the redacting log pipeline.
+``X-Request-Id`` header); the details go to the server log, through the redacting log pipeline. A 503 because
+no database connection came free in time (``db.PoolExhausted``) also says ``Retry-After``.
 """
 
 from __future__ import annotations

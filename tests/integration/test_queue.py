@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -492,11 +493,13 @@ async def test_dedupe_keeps_one_queued_job_per_key(
 
 async def test_requeue_beside_a_queued_twin_keeps_both(make_queue: MakeQueue, db: dbmod.Database) -> None:
     """A running job going back to the queue while a twin holds its key loses the key instead of failing."""
-    q: queue.JobQueue
+    # the twin comes from another producer: enqueued by this queue it would wake the fetcher, which could
+    # claim it (running: no clash) before the flusher writes the retry, and there would be nothing to show
+    producer = make_queue({})
 
     async def handler(job: queue.Job) -> None:
         if job.payload["n"] == 1:
-            await q.enqueue("verify", {"n": 2}, dedupe_key="verify:c1")
+            await producer.enqueue("verify", {"n": 2}, dedupe_key="verify:c1")
             raise queue.Retry(after=60, reason="RATE_LIMITED")
 
     q = make_queue({"verify": handler})
@@ -727,3 +730,158 @@ async def _listen_pids(sql: asyncpg.Connection) -> list[int]:
 async def _has_new_listener(sql: asyncpg.Connection, old_pid: int) -> bool:
     pids = await _listen_pids(sql)
     return bool(pids) and old_pid not in pids
+
+
+# ------------------------------------------------------------------------------- connections of their own (issue 9)
+
+SHORT_LEASE = queue.QueueSettings(
+    lease_seconds=1.0, heartbeat_interval=0.2, poll_interval=0.1, shutdown_timeout=1.0
+)
+
+
+@pytest.fixture
+async def small_pool(database_url: str) -> AsyncIterator[dbmod.Database]:
+    """A pool of two connections whose acquires give up after 0.3 s (PoolExhausted)."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=2, acquire_timeout=0.3)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@contextlib.asynccontextmanager
+async def pool_held(database: dbmod.Database) -> AsyncIterator[None]:
+    """Every connection of ``database``'s pool held by other tasks (as requests flooding the API would) for
+    the duration of the block."""
+    release = asyncio.Event()
+    size = database._pool.get_max_size()
+    holding: list[int] = []
+
+    async def hold() -> None:
+        async with database.connection():
+            holding.append(1)
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold()) for _ in range(size)]
+    try:
+        await wait_for(_async(lambda: len(holding) == size))
+        with pytest.raises(dbmod.PoolExhausted):  # nothing is left for anyone else
+            await database.fetchval("ping")
+        yield
+    finally:
+        release.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_heartbeat_keeps_leases_while_the_pool_is_held(
+    make_queue: MakeQueue, small_pool: dbmod.Database, sql: asyncpg.Connection
+) -> None:
+    """With every pool connection held by other tasks for more than twice the lease, the heartbeat (on its own
+    connection) keeps the running job's lease: no other worker takes it, and its outcome is written."""
+    entered, finish = asyncio.Event(), asyncio.Event()
+
+    async def slow(job: queue.Job) -> None:
+        entered.set()
+        await finish.wait()
+
+    a = make_queue({"work": slow}, SHORT_LEASE, database=small_pool, worker_id="a")
+    b = make_queue(
+        {"work": noop}, SHORT_LEASE, worker_id="b"
+    )  # on another pool: it would take an expired lease
+    job_id = await a.enqueue("work")
+    await a.start()
+    await asyncio.wait_for(entered.wait(), 5)
+    async with pool_held(small_pool):
+        for _ in range(8):  # 2.4 s, the lease is 1 s
+            await asyncio.sleep(0.3)
+            assert await b.run_until_idle(timeout=5) == 0
+            row = await job_row(sql, job_id)
+            assert (row["state"], row["attempt"], row["worker_id"]) == ("running", 1, "a")
+        finish.set()
+        await wait_for(lambda: _state_is(sql, job_id, "done"))  # written on the flusher's own connection
+    assert (await job_row(sql, job_id))["attempt"] == 1
+
+
+async def test_claims_and_outcomes_do_not_wait_for_the_pool(
+    make_queue: MakeQueue, small_pool: dbmod.Database, db: dbmod.Database, sql: asyncpg.Connection
+) -> None:
+    """A job enqueued while every pool connection is held is claimed, run and marked done all the same."""
+    q = make_queue({"work": noop}, FAST, database=small_pool)
+    await q.start()
+    async with pool_held(small_pool):
+        job_id = await queue.JobQueue(db, {}).enqueue("work")
+        await wait_for(lambda: _state_is(sql, job_id, "done"))
+
+
+async def test_the_queues_own_connections_come_back_after_they_are_killed(
+    make_queue: MakeQueue, db: dbmod.Database, sql: asyncpg.Connection
+) -> None:
+    """Killing the claims, outcomes and heartbeat connections (pg_terminate_backend) mid-job: the lease still
+    holds, the job finishes on attempt 1, and the next job is claimed and written on new connections."""
+    entered, finish = asyncio.Event(), asyncio.Event()
+
+    async def slow(job: queue.Job) -> None:
+        if job.payload.get("slow"):
+            entered.set()
+            await finish.wait()
+
+    a = make_queue({"work": slow}, SHORT_LEASE, worker_id="a")
+    b = make_queue({"work": noop}, SHORT_LEASE, worker_id="b")
+    await a.start()
+    warm_up = await a.enqueue("work")  # opens the claims and outcomes connections
+    await wait_for(lambda: _state_is(sql, warm_up, "done"))
+    job_id = await a.enqueue("work", {"slow": True})
+    await asyncio.wait_for(entered.wait(), 5)
+    names = (queue.CLAIMS_CONNECTION, queue.OUTCOMES_CONNECTION, queue.HEARTBEAT_CONNECTION)
+    await wait_for(lambda: _has_connections(sql, names))
+    killed = await sql.fetch(
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = ANY($1::text[])",
+        list(names),
+    )
+    assert len(killed) == 3
+    for _ in range(5):  # 1.5 s, the lease is 1 s
+        await asyncio.sleep(0.3)
+        assert await b.run_until_idle(timeout=5) == 0
+    finish.set()
+    await wait_for(lambda: _state_is(sql, job_id, "done"), within=10)
+    assert (await job_row(sql, job_id))["attempt"] == 1
+    after = await a.enqueue("work")
+    await wait_for(lambda: _state_is(sql, after, "done"), within=10)
+    alive = await sql.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = ANY($1::text[])",
+        list(names),
+    )
+    assert alive and not {r["pid"] for r in alive} & {r["pid"] for r in killed}
+
+
+async def test_stop_closes_the_queues_own_connections(make_queue: MakeQueue, sql: asyncpg.Connection) -> None:
+    """After stop() no connection of the queue's own is left on the server."""
+    q = make_queue({"work": noop}, FAST)
+    await q.start()
+    job_id = await q.enqueue("work")
+    await wait_for(lambda: _state_is(sql, job_id, "done"))
+    assert await _queue_connections(sql)
+    await q.stop()
+    await wait_for(lambda: _no_queue_connections(sql))
+
+
+async def _has_connections(sql: asyncpg.Connection, names: tuple[str, ...]) -> bool:
+    found = await sql.fetchval(
+        "SELECT count(DISTINCT application_name) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = ANY($1::text[])",
+        list(names),
+    )
+    return int(found) == len(names)
+
+
+async def _queue_connections(sql: asyncpg.Connection) -> list[str]:
+    rows = await sql.fetch(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'ce-queue-%'"
+    )
+    return [r["application_name"] for r in rows]
+
+
+async def _no_queue_connections(sql: asyncpg.Connection) -> bool:
+    return not await _queue_connections(sql)

@@ -72,6 +72,34 @@ def test_bad_settings_name_the_setting(env: dict[str, str], field: str) -> None:
     assert info.value.field == field
 
 
+def test_pool_settings_from_env_and_their_bounds() -> None:
+    """Pool size, acquire timeout and statement timeout come from the environment; defaults are bounded; a
+    value that is no bound (0, negative, NaN, infinite) or a pool of no connection is refused, naming it."""
+    cfg = EngineConfig.from_env(
+        {"ENGINE_POOL_MAX_SIZE": "1", "ENGINE_POOL_ACQUIRE_TIMEOUT": "2.5", "ENGINE_DB_COMMAND_TIMEOUT": "30"}
+    )
+    assert (cfg.pool_max_size, cfg.pool_min_size) == (1, 1)  # a small pool keeps fewer idle connections
+    assert (cfg.pool_acquire_timeout, cfg.db_command_timeout) == (2.5, 30.0)
+    default = EngineConfig()
+    assert (default.pool_max_size, default.pool_acquire_timeout, default.db_command_timeout) == (
+        10,
+        10.0,
+        60.0,
+    )
+    for name in ("pool_acquire_timeout", "db_command_timeout"):
+        for bad in (0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(errors.ConfigurationError) as info:
+                EngineConfig(**{name: bad})
+            assert info.value.field == name
+    assert EngineConfig(pool_max_size=1).pool_min_size == 1
+    with pytest.raises(errors.ConfigurationError) as info:
+        EngineConfig(pool_max_size=0)
+    assert info.value.field == "pool_max_size"
+    with pytest.raises(errors.ConfigurationError) as info:
+        EngineConfig.from_env({"ENGINE_POOL_ACQUIRE_TIMEOUT": "soon"})
+    assert info.value.field == "ENGINE_POOL_ACQUIRE_TIMEOUT"
+
+
 def test_venue_urls_parse() -> None:
     """Venue names are case-insensitive; blanks between entries are fine."""
     assert parse_venue_urls(" kraken=https://k.example ,") == {Venue.KRAKEN: "https://k.example"}

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
 import pytest
 
 from engine import db as dbmod
@@ -77,3 +83,225 @@ async def test_a_changed_schema_is_applied_and_recorded(db: dbmod.Database) -> N
         await conn.execute_script("UPDATE engine_schema SET digest = 'older'")
     assert await db.apply_schema() is True
     assert await db.fetchval("schema_digest") == dbmod.schema_digest()
+
+
+# ---- one pool connection per task (issue 9) ---------------------------------------------------------------------
+
+STUCK = 5.0  # seconds: a pool wait the guard or a timeout should have cut short fails the test here
+
+
+@pytest.fixture
+async def one_connection(database_url: str) -> AsyncIterator[dbmod.Database]:
+    """A pool of one connection whose acquires would wait a minute: a refused second acquire shows at once."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=1, acquire_timeout=60)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def _every_acquire(database: dbmod.Database) -> list[Callable[[], Awaitable[Any]]]:
+    async def in_connection() -> None:
+        async with database.connection():
+            pass
+
+    async def in_transaction() -> None:
+        async with database.transaction():
+            pass
+
+    return [
+        lambda: database.fetch("ping"),
+        lambda: database.fetchrow("ping"),
+        lambda: database.fetchval("ping"),
+        lambda: database.execute("ping"),
+        database.ping,
+        in_connection,
+        in_transaction,
+    ]
+
+
+async def test_a_task_holding_a_transaction_is_refused_a_second_connection(
+    one_connection: dbmod.Database,
+) -> None:
+    """Inside a transaction, every way of taking a pool connection raises PoolReentry at once (the pool of one
+    would otherwise wait for the connection this very task holds)."""
+    async with one_connection.transaction() as conn:
+        for acquire in await _every_acquire(one_connection):
+            with pytest.raises(errors.PoolReentry) as info:
+                async with asyncio.timeout(STUCK):  # not wait_for: that would run it in a task of its own
+                    await acquire()
+            assert info.value.http_status == 500 and info.value.errno == -100016
+        assert await conn.fetchval("ping") == 1  # the connection held is fine, and the transaction goes on
+    async with one_connection.connection():
+        with pytest.raises(errors.PoolReentry):
+            async with asyncio.timeout(STUCK):
+                await one_connection.fetchval("ping")
+
+
+async def test_child_tasks_of_a_transaction_may_use_the_pool(database_url: str) -> None:
+    """Tasks created inside the block inherit its context variables but hold no connection: they are let
+    through (the guard compares tasks, not a flag), and then they do their own transactions too."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=3, acquire_timeout=60)
+    try:
+        async with database.transaction():
+
+            async def child() -> int:
+                async with database.transaction() as conn:
+                    return int(await conn.fetchval("ping"))
+
+            assert await asyncio.wait_for(asyncio.create_task(database.fetchval("ping")), STUCK) == 1
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(child()) for _ in range(2)]
+            assert [t.result() for t in tasks] == [1, 1]
+    finally:
+        await database.close()
+
+
+async def test_the_pool_is_open_again_after_the_transaction(one_connection: dbmod.Database) -> None:
+    """After the block (committed, or rolled back by an exception) the same task takes connections again."""
+    async with one_connection.transaction():
+        pass
+    assert await asyncio.wait_for(one_connection.fetchval("ping"), STUCK) == 1
+    with pytest.raises(ValueError, match="body"):
+        async with one_connection.transaction():
+            raise ValueError("body")
+    for acquire in await _every_acquire(one_connection):
+        await asyncio.wait_for(acquire(), STUCK)
+    assert not dbmod.holds_pool_connection()
+
+
+# ---- bounded waits ----------------------------------------------------------------------------------------------
+
+
+async def test_a_starved_pool_answers_pool_exhausted_instead_of_waiting(database_url: str) -> None:
+    """Every acquire on a pool whose connections are all held raises PoolExhausted (a 503 StorageError that
+    says the pool is exhausted) after acquire_timeout; ping says False; once released, all works again."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=2, acquire_timeout=0.3)
+    release = asyncio.Event()
+    held = asyncio.Event()
+
+    async def hog() -> None:
+        async with database.connection(), asyncio.TaskGroup() as group:
+            group.create_task(_hold_one(database, release))
+            held.set()
+            await release.wait()
+
+    try:
+        hogging = asyncio.create_task(hog())
+        await asyncio.wait_for(held.wait(), STUCK)
+        await asyncio.sleep(0.1)  # the second connection is taken by the child task
+        for acquire in await _every_acquire(database):
+            if acquire == database.ping:
+                assert await asyncio.wait_for(database.ping(), STUCK) is False
+                continue
+            with pytest.raises(dbmod.PoolExhausted) as info:
+                await asyncio.wait_for(acquire(), STUCK)
+            exc = info.value
+            assert isinstance(exc, errors.StorageError)
+            assert (exc.http_status, exc.errno, exc.retry_after) == (503, -100011, 1)
+            assert "pool exhausted" in exc.message
+        release.set()
+        await asyncio.wait_for(hogging, STUCK)
+        assert await database.ping() is True
+    finally:
+        release.set()
+        await database.close()
+
+
+async def _hold_one(database: dbmod.Database, release: asyncio.Event) -> None:
+    async with database.connection():
+        await release.wait()
+
+
+async def test_a_statement_past_the_command_timeout_is_a_storage_error(database_url: str) -> None:
+    """asyncpg's command_timeout (a lock wait included) surfaces as StorageError, not a bare TimeoutError."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=2, command_timeout=0.3)
+    try:
+        with pytest.raises(errors.StorageError, match="timed out"):
+            async with database.connection() as conn:
+                await asyncio.wait_for(conn.execute_script("SELECT pg_sleep(10)"), STUCK)
+        async with database.transaction() as conn:  # a row lock held by one transaction ...
+            await conn.execute_script("SELECT pg_advisory_xact_lock(42)")
+
+            async def waiter() -> None:
+                async with database.transaction() as other:  # ... and waited for by another
+                    await other.execute_script("SELECT pg_advisory_xact_lock(42)")
+
+            with pytest.raises(errors.StorageError, match="timed out"):
+                await asyncio.wait_for(asyncio.create_task(waiter()), STUCK)
+        assert await database.fetchval("ping") == 1
+    finally:
+        await database.close()
+
+
+async def test_close_does_not_wait_for_ever_for_a_connection_in_use(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection never given back does not hold close() up beyond CLOSE_TIMEOUT: the pool is terminated."""
+    monkeypatch.setattr(dbmod, "CLOSE_TIMEOUT", 0.3)
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=2)
+    release = asyncio.Event()
+    holder = asyncio.create_task(_hold_one(database, release))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(database.close(), STUCK)
+    holder.cancel()
+    with contextlib.suppress(asyncio.CancelledError, errors.StorageError):
+        await holder
+
+
+def test_a_database_refuses_an_acquire_timeout_that_is_no_bound() -> None:
+    """acquire_timeout must be a positive number of seconds."""
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(errors.ConfigurationError):
+            dbmod.Database(None, owns_pool=False, queries={}, acquire_timeout=bad)
+
+
+# ---- dedicated connections (the job queue's) -------------------------------------------------------------------
+
+
+async def test_a_dedicated_connection_is_outside_the_pool_and_comes_back_when_lost(
+    database_url: str,
+) -> None:
+    """It answers while the pool is exhausted, runs its setup on every new connection, reconnects after its
+    backend is killed, and refuses sessions once closed."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=1, acquire_timeout=0.3)
+    dedicated = dbmod.DedicatedConnection(database, "ce-test-dedicated", setup=("claim_connection_setup",))
+    release = asyncio.Event()
+    try:
+        holder = asyncio.create_task(_hold_one(database, release))
+        await asyncio.sleep(0.1)
+        with pytest.raises(dbmod.PoolExhausted):
+            await database.fetchval("ping")
+        async with dedicated.session() as conn:
+            assert await conn.fetchval("ping") == 1
+            assert await conn._conn.fetchval("SHOW enable_sort") == "off"  # the setup ran
+            assert (
+                await conn._conn.fetchval("SELECT current_setting('application_name')") == "ce-test-dedicated"
+            )
+        first = dedicated.backend_pid
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", first)
+        finally:
+            await admin.close()
+        failures = 0
+        while True:  # a statement may meet the dead connection before the driver has seen it close: it fails,
+            try:  # and the next session connects afresh (or the first one does, when the driver saw it)
+                async with dedicated.session() as conn:
+                    assert await conn.fetchval("ping") == 1
+                    assert await conn._conn.fetchval("SHOW enable_sort") == "off"
+                break
+            except errors.StorageError:
+                failures += 1
+                assert failures == 1
+        assert dedicated.backend_pid not in (None, first)
+        assert dedicated.opened == 2
+        release.set()
+        await holder
+    finally:
+        release.set()
+        await dedicated.close()
+        await database.close()
+    with pytest.raises(errors.EngineClosed):
+        async with dedicated.session():
+            pass
