@@ -88,7 +88,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS credential_secrets_fingerprint
     ON credential_secrets (owner_id, venue, key_fingerprint);
 CREATE INDEX IF NOT EXISTS credential_secrets_kek ON credential_secrets (kek_version);
 
--- Seed 05's trading accounts. An ACTIVE account always points at a non-revoked credential (the revoke
+-- docs/api-dialect.md §8's trading accounts. An ACTIVE account always points at a non-revoked credential (the revoke
 -- transaction disables them; a trigger refuses any ACTIVE row pointing at a REVOKED credential).
 CREATE TABLE IF NOT EXISTS trading_accounts (
     id             uuid PRIMARY KEY,

@@ -11,7 +11,7 @@ simulator (its own process, ``latency`` added to every request, limits lifted as
    ``samples`` more credentials the same way, while A's backlog is being worked off.
 
 B's create -> VERIFIED latency (server timestamps, ``created_at`` to ``verified_at``) is reported as p50 and p99,
-in milliseconds and as a multiple of the per-request latency, for both phases. Target (issue 9): with the
+in milliseconds and as a multiple of the per-request latency, for both phases. Target: with the
 backlog, B's p99 stays within 3 x its p99 without the backlog. ``a_backlog_left`` tells how much of A's
 backlog was still queued when B's last sample finished (the figures mean something only if it is large).
 """

@@ -21,7 +21,7 @@ limits not enforced; the engine's client-side venue limits are lifted too: a sim
 The **limit** is a bare aiohttp client making the same signed requests to the same simulator at the same
 concurrency: the venues' real probe modules (``build_probe(..., rate_limited=False).probe(keys)``) under a
 semaphore of ``workers``, with no database and no queue. It runs before and after the engine (noise on a shared
-machine); the ratio uses their mean. Target (issue 6): the engine reaches at least 0.6 x the limit's
+machine); the ratio uses their mean. Target: the engine reaches at least 0.6 x the limit's
 credentials/s.
 """
 

@@ -13,7 +13,7 @@ VERIFIED and idle.
 For each level of idle stored credentials (0, 10,000, 100,000 by default; the working set is stored too), a fresh
 engine process opens; its RSS is sampled idle, then the jobs are enqueued (one statement) and the RSS is sampled
 while ``in_flight`` verifications wait in their probes and ``queued`` jobs wait in the database. The process
-reports its own peak (``ru_maxrss``) when it stops. Target (issue 6): peak under 200 MB, flat in the number of
+reports its own peak (``ru_maxrss``) when it stops. Target: peak under 200 MB, flat in the number of
 credentials stored (here: less than 10 % growth from the first level to the last).
 """
 

@@ -6,7 +6,7 @@ made one after another.
 Each venue's real probe verifies simulator keys over loopback HTTP; the simulator adds ``latency`` to every
 request. "Sequential" runs the very same probe with identity discovery forced one request after another
 (``venues.http.gather_identities`` replaced by a loop), so the two columns differ only in concurrency.
-Target (issue 3): p50 at most 2.5 x the per-request latency, whatever the number of identities.
+Target: p50 at most 2.5 x the per-request latency, whatever the number of identities.
 """
 
 from __future__ import annotations

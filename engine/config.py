@@ -50,7 +50,7 @@ WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 360
 
 @dataclass(frozen=True, kw_only=True)
 class VerificationPolicy:
-    """What a verified key must satisfy. The seeds' best practices: never allow withdrawals."""
+    """What a verified key must satisfy. The best practices of docs/api-dialect.md §10: never allow withdrawals."""
 
     reject_withdraw: bool = True
     require_trade: bool = False

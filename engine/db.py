@@ -23,7 +23,7 @@ Every wait is bounded:
 **One pool connection per task.** A task that holds a pool connection (:meth:`Database.transaction` or
 :meth:`Database.connection`) and asks the pool for another one raises :class:`errors.PoolReentry` at once:
 under load every connection can be held by a task waiting for a second one, and then nothing moves again
-(issue 9: ~60 concurrent disconnects of a disabled trading account hung every owner, the workers and
+(~60 concurrent disconnects of a disabled trading account hung every owner, the workers and
 ``/readyz``). The holder is recorded in a context variable as the *task* that acquired, not as a flag:
 asyncio copies context variables into tasks created inside the block, and such a child task, which does not
 hold the connection, may use the pool. The check is one ``ContextVar.get`` per acquire, so it is always on
@@ -456,7 +456,7 @@ class Database:
 
 class DedicatedConnection:
     """A connection of its own, outside the pool, for a task that must never wait behind the pool: the job
-    queue's fetcher, flusher and heartbeat (API load must not starve job leases, issue 9).
+    queue's fetcher, flusher and heartbeat (API load must not starve job leases).
 
     Opened on first use and opened afresh when lost: a session whose block raises drops the connection (it
     may be broken, or cancelled mid-statement), and the next session connects again. Each name in ``setup``

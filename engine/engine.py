@@ -453,7 +453,7 @@ class CredentialEngine:
         owner_id: str,
         credential_id: uuid.UUID | str,
         statuses: Collection[CredentialStatus | str],
-        timeout: float = 30.0,  # noqa: ASYNC109 - the documented API of issue 2
+        timeout: float = 30.0,  # noqa: ASYNC109 - the documented public API
     ) -> Credential:
         """Return the credential once its status is one of ``statuses``; :class:`errors.WaitTimeout` otherwise."""
         wanted = {CredentialStatus(str(s)) for s in statuses}
@@ -539,7 +539,7 @@ class CredentialEngine:
         api_passphrase: str | None = None,
         wait_timeout: float = 30.0,
     ) -> TradingAccount:
-        """Connect an account of a VERIFIED credential; or, seed 05's form, create + verify + connect from keys."""
+        """Connect an account of a VERIFIED credential, or create + verify + connect from keys (api-dialect §8)."""
         store, _ = self._ready()
         owner = validation.owner(owner_id)
         wanted_type = validation.account_type(account_type)

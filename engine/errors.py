@@ -11,7 +11,7 @@
     │   ├── RotationPending       409  -100007  a staged rotation is already waiting for verification
     │   ├── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
     │   └── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
-    ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (seed 05)
+    ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (docs/api-dialect.md §9)
     ├── WaitTimeout               408  -100009  wait_for_status ran out of time
     ├── RateLimited               429  -100014  too many requests from this owner or address (``retry_after``)
     │   └── RequestQuotaExceeded  429  -100017  the owner's hourly quota of a request kind is spent (verify)
@@ -185,7 +185,7 @@ class PoolReentry(CredentialEngineError):
     """A task that holds a pool connection (an open transaction) asked the pool for another one.
 
     Always a bug in the engine: under load every connection can be held by tasks waiting for a second one,
-    and then nothing moves again (issue 9). Raised at once by :mod:`engine.db`, before any waiting; use the
+    and then nothing moves again. Raised at once by :mod:`engine.db`, before any waiting; use the
     connection the task holds (``conn=``) instead.
     """
 

@@ -1,7 +1,7 @@
 """The credential lifecycle: the transition table as one shared synchronous ``transitions.Machine``.
 
 The machine is only a table and a validator. It holds no model and runs no callbacks (``AsyncMachine``
-swallows ``CancelledError`` and cancels a running trigger when a second arrives: DESIGN.md sharp edges).
+swallows ``CancelledError`` and cancels a running trigger when a second arrives: docs/design.md §2.2).
 The database row is the truth and the concurrency control: every change is a guarded update
 (``WHERE status = ANY(sources(trigger)) AND secret_version = $fence``), and zero rows means the transition
 is not allowed *now*, which the store turns into :class:`errors.InvalidTransition`.

@@ -31,7 +31,7 @@ class CredentialType(enum.StrEnum):
 
 
 class CredentialStatus(enum.StrEnum):
-    """The seeds' statuses, exactly."""
+    """The statuses of docs/api-dialect.md §5, exactly."""
 
     PENDING = "PENDING"
     VERIFIED = "VERIFIED"
@@ -55,7 +55,7 @@ class PendingRotation:
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """A stored credential as callers see it: the seeds' fields plus what verification found."""
+    """A stored credential as callers see it: the fields of docs/api-dialect.md §4 plus what verification found."""
 
     credential_id: uuid.UUID
     owner_id: str
@@ -115,7 +115,7 @@ class Credential:
 
 @dataclass(frozen=True, slots=True)
 class TradingAccount:
-    """Seed 05's trading account, pointing at the credential that drives it."""
+    """docs/api-dialect.md §8's trading account, pointing at the credential that drives it."""
 
     trading_account_id: uuid.UUID
     owner_id: str
@@ -146,7 +146,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
-    """One page of a list, with the seeds' pagination fields."""
+    """One page of a list, with the pagination fields of docs/api-dialect.md §6."""
 
     items: Sequence[T]
     offset: int

@@ -209,7 +209,7 @@ ORDER BY verified_at
 LIMIT $2;
 
 -- insert_trading_account --
--- Seed 05's trading account, ACTIVE.
+-- docs/api-dialect.md §8's trading account, ACTIVE.
 INSERT INTO trading_accounts (id, owner_id, credential_id, venue, name, account_type, status)
 VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE')
 RETURNING *;

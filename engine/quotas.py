@@ -10,7 +10,7 @@ What an owner may hold and do is set by :class:`engine.config.Quotas` (``EngineC
   :class:`errors.RequestQuotaExceeded` (429) with ``retry_after`` = when the oldest request leaves the window.
 
 Counting and inserting must be one step, or two concurrent calls both see "one below the quota" and both
-insert (issue 9, defect 6: 300 concurrent endpoint creates gave 56 of 50). Each check therefore starts with
+insert (300 concurrent endpoint creates gave 56 of 50). Each check therefore starts with
 ``pg_advisory_xact_lock`` keyed by the owner (``tenants.sql``), held until the caller's transaction commits
 or rolls back, and counts only then: every process on the database serializes on the same lock. The lock
 is taken first in its transaction, before any row lock, so it cannot take part in a lock cycle; waiting for

@@ -10,7 +10,7 @@
 It checks secrets too: a known key with another secret (or passphrase) answers INVALID_SECRET
 (INVALID_PASSPHRASE), as an exchange would. Unknown keys answer INVALID_KEY. It records every call.
 
-``INVARIANT_SQL`` states DESIGN.md's invariants as queries that return the rows breaking them;
+``INVARIANT_SQL`` states the invariants of docs/design.md §4 as queries that return the rows breaking them;
 ``broken_invariants(engine)`` runs them all, and ``unfinished_jobs(engine)`` lists the jobs a quiet queue should
 not have (running, or queued and due):
 
@@ -196,7 +196,7 @@ async def settle(
     raise AssertionError("jobs still due after settle(): a retry loop that never ends?")
 
 
-# DESIGN.md's invariants, each as a query returning the rows that break it (none: it holds).
+# the invariants of docs/design.md §4, each as a query returning the rows that break it (none: it holds).
 INVARIANT_SQL: Mapping[str, str] = {
     "revoked credentials hold no key material": """
         SELECT c.id FROM credentials c JOIN credential_secrets s ON s.credential_id = c.id

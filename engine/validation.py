@@ -24,7 +24,7 @@ MAX_PAGE = 500
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _OWNER = re.compile(r"^[A-Za-z0-9._:@|+\-]+$")
 _ACCOUNT_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
-# venues whose seeds' "required fields" include a passphrase (seed 03); COINBASE depends on the key kind
+# venues whose "required fields" include a passphrase (docs/api-dialect.md §5); COINBASE depends on the key kind
 PASSPHRASE_REQUIRED = frozenset({Venue.OKX})
 
 

@@ -2,7 +2,7 @@
 
 venues/README.md holds the conventions and the probe <-> simulator contract every venue module follows.
 
-A probe takes one set of API keys, signs requests exactly as its venue documents (``shared/venues.md``), and
+A probe takes one set of API keys, signs requests exactly as its venue documents (``docs/venues.md``), and
 answers with one frozen :class:`ProbeResult` or raises :class:`ProbeFailure` carrying one normalized
 :class:`Outcome`. Permanent outcomes fail verification; transient ones make the job retry, honouring
 ``retry_after`` when the venue gave one.
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 
 class Venue(enum.StrEnum):
-    """The exchanges the engine speaks to; values are the seeds' spelling."""
+    """The exchanges the engine speaks to; values are the spelling of docs/api-dialect.md §5."""
 
     BINANCE = "BINANCE"
     OKX = "OKX"
@@ -37,7 +37,7 @@ class Venue(enum.StrEnum):
 
 
 class Outcome(enum.StrEnum):
-    """One normalized answer for every venue reply (DESIGN.md, venues.md section 0)."""
+    """One normalized answer for every venue reply (docs/design.md §8.2, docs/venues.md §0)."""
 
     OK = "OK"
     INVALID_KEY = "INVALID_KEY"
@@ -96,7 +96,7 @@ class ApiKeys:
 
 
 def mask_api_key(api_key: str) -> str:
-    """The display form of an API key: a short prefix, then ``***`` (seed 02 shows ``your-api-***``).
+    """The display form of an API key: a short prefix, then ``***`` (docs/api-dialect.md §4 shows ``your-api-***``).
 
     Short keys show less, so that the shown part is never most of the key.
     """
@@ -142,7 +142,7 @@ class Permissions:
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """What a successful probe found. ``identities`` use the seeds' account-type names."""
+    """What a successful probe found. ``identities`` use the account-type names of docs/api-dialect.md §5."""
 
     venue: Venue
     venue_account_id: str

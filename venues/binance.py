@@ -1,10 +1,10 @@
-"""Binance: HMAC-SHA256 signed query strings (venues.md section 1).
+"""Binance: HMAC-SHA256 signed query strings (docs/venues.md §1).
 
 One probe = one verify call (``GET /sapi/v1/account/apiRestrictions``, the key's permissions), then the three
 identity calls at once: spot ``/api/v3/account`` (also the account ``uid``), cross margin
 ``/sapi/v1/margin/account`` and USD-M futures ``/fapi/v2/account``.
 
-Only HMAC keys are supported; RSA/Ed25519 keys (venues.md 1.2 step 5) are refused by :meth:`check_keys`.
+Only HMAC keys are supported; RSA/Ed25519 keys (docs/venues.md §1.2 step 5) are refused by :meth:`check_keys`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from urllib.parse import quote, urlencode
 
 from venues import base, http
 
-RECV_WINDOW_MS = 5000  # venues.md 1.2: the documented default (max 60000)
+RECV_WINDOW_MS = 5000  # docs/venues.md §1.2: the documented default (max 60000)
 RESTRICTIONS_PATH = "/sapi/v1/account/apiRestrictions"
 SPOT_ACCOUNT_PATH = "/api/v3/account"
 MARGIN_ACCOUNT_PATH = "/sapi/v1/margin/account"
 FUTURES_ACCOUNT_PATH = "/fapi/v2/account"
-TIME_PATHS = {"api": "/api/v3/time", "fapi": "/fapi/v1/time"}  # venues.md 6, clock-sync endpoints
+TIME_PATHS = {"api": "/api/v3/time", "fapi": "/fapi/v1/time"}  # docs/venues.md §6, clock-sync endpoints
 
-# venues.md 1.6: request weights of the calls a probe makes
+# docs/venues.md §1.6: request weights of the calls a probe makes
 RESTRICTIONS_WEIGHT = 1.0
 SPOT_ACCOUNT_WEIGHT = 20.0
 MARGIN_ACCOUNT_WEIGHT = 10.0
 FUTURES_ACCOUNT_WEIGHT = 5.0
 
-# venues.md 1.5 (plus -3003 from 1.4): code -> (outcome, what it means). A code the doc classes as a bug of
+# docs/venues.md §1.5 (plus -3003 from 1.4): code -> (outcome, what it means). A code the doc classes as a bug of
 # ours (-1131) is SERVER_ERROR: transient, so a probe bug never marks a customer's key FAILED.
 _CODES: dict[int, tuple[base.Outcome, str]] = {
     -2014: (base.Outcome.INVALID_KEY, "API-key format invalid"),
@@ -62,7 +62,7 @@ _CODES: dict[int, tuple[base.Outcome, str]] = {
 }
 ERRORS: dict[int, base.Outcome] = {code: outcome for code, (outcome, _) in _CODES.items()}
 
-# Answers without a Binance error code, by HTTP status (venues.md 1.5 "HTTP"). 5xx is SERVER_ERROR.
+# Answers without a Binance error code, by HTTP status (docs/venues.md §1.5 "HTTP"). 5xx is SERVER_ERROR.
 HTTP_STATUS: dict[int, base.Outcome] = {
     418: base.Outcome.RATE_LIMITED,  # IP auto-banned after ignoring 429s
     429: base.Outcome.RATE_LIMITED,
@@ -74,7 +74,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9]{8,128}")
 
 
 def encode_params(params: Sequence[tuple[str, str]]) -> str:
-    """A query string, non-ASCII values percent-encoded as UTF-8 *before* signing (venues.md 1.2 step 3)."""
+    """A query string, non-ASCII values percent-encoded as UTF-8 *before* signing (docs/venues.md §1.2 step 3)."""
     return urlencode(params, quote_via=quote)
 
 
@@ -133,7 +133,7 @@ def classify(reply: http.Reply) -> base.ProbeFailure | None:
 
 
 def permissions_from_restrictions(body: Any) -> base.Permissions:
-    """Map ``apiRestrictions`` (venues.md 1.3) to :class:`Permissions`; ``ValueError`` if malformed."""
+    """Map ``apiRestrictions`` (docs/venues.md §1.3) to :class:`Permissions`; ``ValueError`` if malformed."""
     if not isinstance(body, dict):
         raise ValueError("apiRestrictions is not an object")
     if not isinstance(body.get("enableReading"), bool) or not isinstance(body.get("ipRestrict"), bool):
@@ -156,7 +156,7 @@ def permissions_from_restrictions(body: Any) -> base.Permissions:
         transfer=body.get("enableInternalTransfer") is True or body.get("permitsUniversalTransfer") is True,
         ip_restricted=body["ipRestrict"],
         ip_allowlist=(),  # Binance does not return the list itself
-        # the expiry of the spot & margin *trading* permission (venues.md 1.7), not of the key
+        # the expiry of the spot & margin *trading* permission (docs/venues.md §1.7), not of the key
         expires_at_ms=int(expiry) if expiry is not None else None,
     )
 
@@ -169,7 +169,7 @@ class BinanceProbe(http.VenueProbe):
         "api": "https://api.binance.com",  # /api and /sapi
         "fapi": "https://fapi.binance.com",
     }
-    # The limiter counts request *weight* (the cost of each call): spot allows 6000/min per IP (venues.md
+    # The limiter counts request *weight* (the cost of each call): spot allows 6000/min per IP (docs/venues.md
     # 1.6); we take half, leaving room for the trading backend on the same IP. A probe weighs 36.
     rate_per_second: ClassVar[float] = 50.0
     burst: ClassVar[float | None] = 60.0
@@ -192,7 +192,7 @@ class BinanceProbe(http.VenueProbe):
             self.check_keys(keys)
         except base.KeyFormatProblem as problem:
             raise base.format_failure(self.venue, problem) from None
-        # venues.md 6: the spot testnet has no /sapi (404), so /api/v3/account is the verify call there. Only
+        # docs/venues.md §6: the spot testnet has no /sapi (404), so /api/v3/account is the verify call there. Only
         # with a base_url: on the production hosts a 404 is an anomaly (a proxy?) and must never turn a key
         # that can withdraw into one reported without permissions.
         missing = (404,) if self.base_url is not None else ()
@@ -305,7 +305,7 @@ class BinanceProbe(http.VenueProbe):
         return await self._call("GET", f"{self.url(role, path)}?{query}", headers=headers, limit=False)
 
     async def _resync(self, role: str, seen: int) -> None:
-        """Learn the venue's clock from the time endpoint of the host that refused (venues.md 6)."""
+        """Learn the venue's clock from the time endpoint of the host that refused (docs/venues.md §6)."""
         await self.resync_clock(self.url(role, TIME_PATHS[role]), self._server_ms, seen=seen)
 
     def _server_ms(self, reply: http.Reply) -> float:

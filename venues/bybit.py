@@ -1,8 +1,8 @@
-"""Bybit (V5): hex HMAC-SHA256 over timestamp + apiKey + recvWindow + query/body (venues.md section 3).
+"""Bybit (V5): hex HMAC-SHA256 over timestamp + apiKey + recvWindow + query/body (docs/venues.md §3).
 
 One probe = ``GET /v5/user/query-api`` (the key's permissions, IPs, expiry and ``userID``), then two identity
 calls at once: ``/v5/account/info`` (``unifiedMarginStatus``: unified vs classic) and
-``/v5/user/get-member-type`` (the wallets of this UID), which venues.md 3.4 turns into unified/spot/contract.
+``/v5/user/get-member-type`` (the wallets of this UID), which docs/venues.md §3.4 turns into unified/spot/contract.
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ from typing import Any, ClassVar
 
 from venues import base, http
 
-RECV_WINDOW_MS = 5000  # venues.md 3.2: the documented default
+RECV_WINDOW_MS = 5000  # docs/venues.md §3.2: the documented default
 QUERY_API_PATH = "/v5/user/query-api"
 ACCOUNT_INFO_PATH = "/v5/account/info"
 MEMBER_TYPE_PATH = "/v5/user/get-member-type"
-TIME_PATH = "/v5/market/time"  # venues.md 6, clock-sync endpoints
-INVALID_KEY_CODE = 10003  # may mean "a key of another environment" (venues.md 3.5)
+TIME_PATH = "/v5/market/time"  # docs/venues.md §6, clock-sync endpoints
+INVALID_KEY_CODE = 10003  # may mean "a key of another environment" (docs/venues.md §3.5)
 # Where a key refused by mainnet (10003) may live; tried only with the default URLs (venues/README.md)
 OTHER_ENVIRONMENTS: Mapping[str, str] = {
     "testnet": "https://api-testnet.bybit.com",
     "demo": "https://api-demo.bybit.com",
 }
-IP_BAN_WAIT_S = 600.0  # venues.md 3.5: HTTP 403 "access too frequent" -> stop and wait >= 10 minutes
+IP_BAN_WAIT_S = 600.0  # docs/venues.md §3.5: HTTP 403 "access too frequent" -> stop and wait >= 10 minutes
 DAY_MS = 86_400_000
 
-# venues.md 3.5: retCode -> (outcome, what it means). The doc's "bug" rows (parameter error, route not
+# docs/venues.md §3.5: retCode -> (outcome, what it means). The doc's "bug" rows (parameter error, route not
 # found) are SERVER_ERROR: transient, so a probe bug never marks a key FAILED. 10028/100028 (an endpoint
 # for the other account kind) are PERMISSION_DENIED: on an identity call that means "not reached".
 _CODES: dict[int, tuple[base.Outcome, str]] = {
@@ -62,7 +62,7 @@ _CODES: dict[int, tuple[base.Outcome, str]] = {
 }
 ERRORS: dict[int, base.Outcome] = {code: outcome for code, (outcome, _) in _CODES.items()}
 
-# Answers without a retCode, by HTTP status (venues.md 3.5 "HTTP"). Any other 4xx/5xx is SERVER_ERROR.
+# Answers without a retCode, by HTTP status (docs/venues.md §3.5 "HTTP"). Any other 4xx/5xx is SERVER_ERROR.
 HTTP_STATUS: dict[int, base.Outcome] = {
     401: base.Outcome.INVALID_KEY,  # "invalid request (wrong key / missing auth headers)"
     403: base.Outcome.RATE_LIMITED,  # IP rate limit breached (or a US IP): transient, wait >= 10 min
@@ -70,7 +70,7 @@ HTTP_STATUS: dict[int, base.Outcome] = {
 }
 _IP_HINTS = ("ip address", "allowlist", "whitelist")  # venues/README.md: an auth error naming an IP
 
-# query-api permission groups that allow trading (venues.md 3.3 "Derivation")
+# query-api permission groups that allow trading (docs/venues.md §3.3 "Derivation")
 TRADE_GROUPS = ("ContractTrade", "Spot", "Options", "Derivatives")
 TRANSFER_PERMISSIONS = ("AccountTransfer", "SubMemberTransfer", "SubMemberTransferList")
 UNIFIED_STATUSES = frozenset({3, 4, 5, 6})  # UTA1.0, UTA1.0 pro, UTA2.0, UTA2.0 pro
@@ -145,7 +145,7 @@ def classify(reply: http.Reply) -> base.ProbeFailure | None:
 
 
 def permissions_from_api_info(info: Mapping[str, Any], now_ms: int) -> base.Permissions:
-    """Map ``query-api`` ``result`` (venues.md 3.3) to :class:`Permissions`; ``ValueError`` if malformed."""
+    """Map ``query-api`` ``result`` (docs/venues.md §3.3) to :class:`Permissions`; ``ValueError`` if malformed."""
     groups = info.get("permissions")
     read_only = info.get("readOnly")
     if not isinstance(groups, dict) or read_only not in (0, 1):
@@ -159,7 +159,7 @@ def permissions_from_api_info(info: Mapping[str, Any], now_ms: int) -> base.Perm
         trade=read_only == 0 and any(groups.get(group) for group in TRADE_GROUPS),
         withdraw="Withdraw" in wallet,
         transfer=read_only == 0 and any(p in wallet for p in TRANSFER_PERMISSIONS),  # a write, like trading
-        ip_restricted=bool(ips),  # [] or ["*"] mean "no IP bound" (venues.md 3.3)
+        ip_restricted=bool(ips),  # [] or ["*"] mean "no IP bound" (docs/venues.md §3.3)
         ip_allowlist=tuple(ips),
         expires_at_ms=key_expiry_ms(info, now_ms),
     )
@@ -168,7 +168,7 @@ def permissions_from_api_info(info: Mapping[str, Any], now_ms: int) -> base.Perm
 def key_expiry_ms(info: Mapping[str, Any], now_ms: int) -> int | None:
     """``expiredAt`` in ms; else ``deadlineDay`` days from now; None when neither says (IP-bound keys).
 
-    An IP-bound key reports ``expiredAt`` "1970-01-01T00:00:00Z" and ``deadlineDay`` -2 (venues.md 3.3).
+    An IP-bound key reports ``expiredAt`` "1970-01-01T00:00:00Z" and ``deadlineDay`` -2 (docs/venues.md §3.3).
     """
     expired_at = info.get("expiredAt")
     if isinstance(expired_at, str) and expired_at:
@@ -188,7 +188,7 @@ def key_expiry_ms(info: Mapping[str, Any], now_ms: int) -> int | None:
 
 
 def identities_from(margin_status: int | None, wallets: Sequence[str] | None) -> set[str]:
-    """Identities from venues.md 3.4: unified <= a UTA status (>= 3) or a UNIFIED wallet; spot and
+    """Identities from docs/venues.md §3.4: unified <= a UTA status (>= 3) or a UNIFIED wallet; spot and
     contract <= the classic status or their own wallets. ``None`` for an answer the key could not read.
     """
     found: set[str] = set()
@@ -207,7 +207,7 @@ class BybitProbe(http.VenueProbe):
 
     venue: ClassVar[base.Venue] = base.Venue.BYBIT
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://api.bybit.com"}
-    # per IP: 600 requests / 5 s (venues.md 3.6), half of it for us; per UID and endpoint: query-api and
+    # per IP: 600 requests / 5 s (docs/venues.md §3.6), half of it for us; per UID and endpoint: query-api and
     # get-member-type 10/s, account/info 50/s
     rate_per_second: ClassVar[float] = 60.0
     burst: ClassVar[float | None] = 60.0

@@ -1,11 +1,11 @@
 """Coinbase probe: Advanced Trade with CDP keys (JWT) and Coinbase Exchange keys (HMAC + passphrase).
 
-CDP keys (venues.md 4A): ``GET /api/v3/brokerage/key_permissions`` gives can_view/can_trade/can_transfer
+CDP keys (docs/venues.md §4A): ``GET /api/v3/brokerage/key_permissions`` gives can_view/can_trade/can_transfer
 and the key's one portfolio (the account id); then ``accounts`` and ``portfolios`` run together to confirm
 the "default" identity. A 401 cannot tell a bad key name from a bad private key from clock skew (4A.5): we
 resync from the public time endpoint and retry once before calling it INVALID_KEY.
 
-Exchange keys (venues.md 4B): there is no permission endpoint. ``GET /accounts`` (the verify) and
+Exchange keys (docs/venues.md §4B): there is no permission endpoint. ``GET /accounts`` (the verify) and
 ``GET /profiles`` (the account id: the default profile) run together; read=True is all we can say
 (details "permissions": "unknown").
 """
@@ -28,11 +28,11 @@ ADVANCED_TIME = "/api/v3/brokerage/time"
 EXCHANGE_ACCOUNTS = "/accounts"
 EXCHANGE_PROFILES = "/profiles"
 EXCHANGE_TIME = "/time"
-IDENTITY = "default"  # the seeds' one Coinbase identity: the key's portfolio / profile
+IDENTITY = "default"  # the one Coinbase identity of docs/api-dialect.md §5: the key's portfolio / profile
 
 Outcome = base.Outcome
 
-# Advanced Trade error codes (body "error" or "errors[0].id"), venues.md 4A.5. Matched case-insensitively.
+# Advanced Trade error codes (body "error" or "errors[0].id"), docs/venues.md §4A.5. Matched case-insensitively.
 CDP_ERROR_CODES: Mapping[str, base.Outcome] = {
     "unauthorized": Outcome.INVALID_KEY,
     "authentication_error": Outcome.INVALID_KEY,
@@ -48,7 +48,7 @@ CDP_HTTP_STATUS: Mapping[int, base.Outcome] = {
     403: Outcome.PERMISSION_DENIED,
     429: Outcome.RATE_LIMITED,
 }
-# Coinbase Exchange messages (body {"message": ...}), venues.md 4B; matched case-insensitively as substrings.
+# Coinbase Exchange messages (body {"message": ...}), docs/venues.md §4B; matched case-insensitively as substrings.
 EXCHANGE_MESSAGES: Mapping[str, base.Outcome] = {
     "Invalid API Key": Outcome.INVALID_KEY,
     "invalid signature": Outcome.INVALID_SECRET,
@@ -57,11 +57,11 @@ EXCHANGE_MESSAGES: Mapping[str, base.Outcome] = {
     "Private rate limit exceeded": Outcome.RATE_LIMITED,
     "under maintenance": Outcome.MAINTENANCE,
     "Cancel only mode": Outcome.MAINTENANCE,
-    "IP address not allowed": Outcome.IP_NOT_ALLOWED,  # the contract's answer (venues.md 8: undocumented)
+    "IP address not allowed": Outcome.IP_NOT_ALLOWED,  # the contract's answer (docs/venues.md §8: undocumented)
 }
 EXCHANGE_HTTP_STATUS: Mapping[int, base.Outcome] = {
     401: Outcome.INVALID_KEY,
-    403: Outcome.PERMISSION_DENIED,  # venues.md 4B [unconfirmed]
+    403: Outcome.PERMISSION_DENIED,  # docs/venues.md §4B [unconfirmed]
     429: Outcome.RATE_LIMITED,
 }
 
@@ -154,7 +154,7 @@ class CoinbaseProbe(http.VenueProbe):
         return base.ProbeResult(
             venue=self.venue,
             venue_account_id=portfolio,
-            # can_transfer covers withdrawals and portfolio moves alike (venues.md 4A.3)
+            # can_transfer covers withdrawals and portfolio moves alike (docs/venues.md §4A.3)
             permissions=base.Permissions(
                 read=can_view, trade=can_trade, withdraw=can_transfer, transfer=can_transfer
             ),
@@ -243,7 +243,7 @@ class CoinbaseProbe(http.VenueProbe):
         raise self._unreadable(EXCHANGE_PROFILES)
 
     async def _exchange_get(self, signer: coinbase_auth.ExchangeSigner, path: str) -> Any:
-        """One signed GET; "request timestamp expired" resyncs the clock and retries once (venues.md 4B)."""
+        """One signed GET; "request timestamp expired" resyncs the clock and retries once (docs/venues.md §4B)."""
         url = self.url("exchange", path)
         for attempt in range(2):
             await self.throttle(signer.api_key)
@@ -283,7 +283,7 @@ class CoinbaseProbe(http.VenueProbe):
     # -- shared ---------------------------------------------------------------------------------------------
 
     async def _resync_clock(self, path: str, seen: int) -> None:
-        """Learn the venue clock from its public time endpoint (venues.md 6) unless it moved since ``seen``."""
+        """Learn the venue clock from its public time endpoint (docs/venues.md §6) unless it moved since ``seen``."""
         role = "advanced" if path == ADVANCED_TIME else "exchange"
 
         def server_ms(reply: http.Reply) -> float:
@@ -321,7 +321,7 @@ def _server_time_ms(body: object) -> float | None:
 
 
 def _cdp_code(body: object) -> str | None:
-    """``{"error": "..."}`` or ``{"errors": [{"id": "..."}]}`` (venues.md 4A.5)."""
+    """``{"error": "..."}`` or ``{"errors": [{"id": "..."}]}`` (docs/venues.md §4A.5)."""
     if not isinstance(body, dict):
         return None
     error = body.get("error")

@@ -4,7 +4,7 @@ The key kind is told from the secret (venues/README.md, the probe <-> simulator 
 
 * contains ``-----BEGIN``: a CDP key whose secret is a PEM: EC P-256 (``ES256``) or Ed25519 (``EdDSA``);
 * base64 decoding to exactly 64 bytes and no passphrase: a CDP Ed25519 key (seed = first 32 bytes, 4A.2);
-* any other base64 secret, with a passphrase: a Coinbase Exchange key (venues.md 4B).
+* any other base64 secret, with a passphrase: a Coinbase Exchange key (docs/venues.md §4B).
 
 The JWT is built with ``cryptography`` alone: base64url without padding, ES256 signatures as raw ``r||s``.
 """
@@ -28,10 +28,12 @@ from yarl import URL
 
 from venues import base
 
-JWT_LIFETIME_S = 120  # "lifetime 2 minutes", venues.md 4A.2
-JWT_ISSUER = "cdp"  # the CDP docs' and CDP SDK's value; the contract fixes it (venues.md 4A.2 lists both)
+JWT_LIFETIME_S = 120  # "lifetime 2 minutes", docs/venues.md §4A.2
+JWT_ISSUER = (
+    "cdp"  # the CDP docs' and CDP SDK's value; the contract fixes it (docs/venues.md §4A.2 lists both)
+)
 PEM_MARKER = "-----BEGIN"
-ED25519_SECRET_BYTES = 64  # 32-byte seed || 32-byte public key (venues.md 4A.2)
+ED25519_SECRET_BYTES = 64  # 32-byte seed || 32-byte public key (docs/venues.md §4A.2)
 P256_COORDINATE_BYTES = 32
 
 # Public key halves: key names (organizations/{org}/apiKeys/{id}), UUIDs, hex Exchange keys. No spaces.
@@ -40,7 +42,7 @@ _PASSPHRASE_MAX = 256
 
 
 class CdpSigner:
-    """Signs Advanced Trade requests with a fresh JWT each (venues.md 4A.2). Holds a loaded private key."""
+    """Signs Advanced Trade requests with a fresh JWT each (docs/venues.md §4A.2). Holds a loaded private key."""
 
     __slots__ = ("_private_key", "algorithm", "key_name")
 
@@ -76,7 +78,7 @@ class CdpSigner:
 
 
 class ExchangeSigner:
-    """Signs Coinbase Exchange requests with the CB-ACCESS-* HMAC headers (venues.md 4B)."""
+    """Signs Coinbase Exchange requests with the CB-ACCESS-* HMAC headers (docs/venues.md §4B)."""
 
     __slots__ = ("_passphrase", "_secret", "api_key")
 
@@ -101,7 +103,7 @@ class ExchangeSigner:
 
 
 def exchange_signature(secret: bytes, timestamp: str, method: str, request_path: str, body: str) -> str:
-    """base64(HMAC-SHA256(base64decode(secret), timestamp + METHOD + requestPath + body)) (venues.md 4B)."""
+    """base64(HMAC-SHA256(base64decode(secret), timestamp + METHOD + requestPath + body)) (docs/venues.md §4B)."""
     message = (timestamp + method.upper() + request_path + body).encode()
     return base64.b64encode(hmac.new(secret, message, hashlib.sha256).digest()).decode("ascii")
 

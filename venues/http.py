@@ -123,7 +123,7 @@ class VenueProbe:
         headers: Mapping[str, str] | None = None,
         resolution_ms: float = 0.0,
     ) -> None:
-        """Learn the venue's clock from its public time endpoint ``url`` (venues.md 6) into ``clock_offset_ms``.
+        """Learn the venue's clock from its public time endpoint ``url`` (docs/venues.md §6) into ``clock_offset_ms``.
 
         ``server_ms_of`` reads the venue's time in ms from the answer (raising :class:`ProbeFailure` when the
         answer is a refusal or unreadable); the offset is taken against the midpoint of the round trip. With

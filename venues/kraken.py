@@ -29,15 +29,15 @@ SPOT_TRADE_BALANCE = "TradeBalance"
 SPOT_TIME = "/0/public/Time"
 FUTURES_CHECK = "/api/auth/v1/api-keys/v3/check"
 FUTURES_ACCOUNTS = "/derivatives/api/v3/accounts"
-FUTURES_ACCOUNTS_COST = 2  # venues.md 5B
-USER_AGENT = "credential-engine/0.1"  # Kraken requires a User-Agent (venues.md 5A.2)
+FUTURES_ACCOUNTS_COST = 2  # docs/venues.md §5B
+USER_AGENT = "credential-engine/0.1"  # Kraken requires a User-Agent (docs/venues.md §5A.2)
 FORM = "application/x-www-form-urlencoded"
 INVALID_KEY_CODE = "EAPI:Invalid key"
 PERMISSION_DENIED_CODE = "EGeneral:Permission denied"
 
 Outcome = base.Outcome
 
-# Spot errors (body {"error": ["E<Category>:<Message>"]}, HTTP 200), venues.md 5A.5. A code matches its entry
+# Spot errors (body {"error": ["E<Category>:<Message>"]}, HTTP 200), docs/venues.md §5A.5. A code matches its entry
 # exactly or with a ":<detail>" suffix ("EService: Throttled: <ts>"); spaces are ignored.
 KRAKEN_SPOT_ERRORS: Mapping[str, base.Outcome] = {
     INVALID_KEY_CODE: Outcome.INVALID_KEY,  # also a body/signature mismatch (5A.2)
@@ -56,12 +56,12 @@ KRAKEN_SPOT_ERRORS: Mapping[str, base.Outcome] = {
     "EGeneral:Internal error": Outcome.SERVER_ERROR,
     "EDatabase:Internal error": Outcome.SERVER_ERROR,
     "ETrade:User Locked": Outcome.ACCOUNT_RESTRICTED,
-    # "bug" in venues.md: our request is wrong, not the key. Transient, so the job ends dead for an operator
+    # "bug" in docs/venues.md: our request is wrong, not the key. Transient, so the job ends dead for an operator
     # instead of failing a good credential.
     "EGeneral:Invalid arguments": Outcome.SERVER_ERROR,
     "EAPI:Bad request": Outcome.SERVER_ERROR,
 }
-# Futures errors (body {"result": "error", "error": "<code>"}), venues.md 5B.
+# Futures errors (body {"result": "error", "error": "<code>"}), docs/venues.md §5B.
 KRAKEN_FUTURES_ERRORS: Mapping[str, base.Outcome] = {
     "authenticationError": Outcome.INVALID_KEY,  # invalid key, signature or permission: no telling
     "nonceBelowThreshold": Outcome.CLOCK_SKEW,
@@ -114,7 +114,7 @@ class KrakenProbe(http.VenueProbe):
         "spot": "https://api.kraken.com",
         "futures": "https://futures.kraken.com",
     }
-    rate_per_second = 50.0  # futures: 500 cost per 10 s (venues.md 5B); spot is limited per key, below
+    rate_per_second = 50.0  # futures: 500 cost per 10 s (docs/venues.md §5B); spot is limited per key, below
     burst = 100.0
     # Spot: a per-key counter, starter tier max 15, decay 0.33/s (5A.6). The key owner's own bots share that
     # counter, so we stay well below its top.
@@ -282,7 +282,7 @@ class KrakenProbe(http.VenueProbe):
                 and check.outcome is Outcome.INVALID_KEY
                 and not isinstance(accounts, BaseException)
             ):
-                # The accounts call proves the key; the check's signing path is unconfirmed (venues.md 5B).
+                # The accounts call proves the key; the check's signing path is unconfirmed (docs/venues.md §5B).
                 raise base.ProbeFailure(
                     Outcome.SERVER_ERROR,
                     "Kraken Futures accepted the key on /accounts but the api-keys check refused it: "
@@ -321,7 +321,7 @@ class KrakenProbe(http.VenueProbe):
     async def _futures_get(self, pair: kraken_auth.KrakenKeys, path: str, *, cost: float = 1.0) -> Any:
         """One signed futures GET; a refused nonce resyncs and retries once with a higher one."""
         url = self.url("futures", path)
-        endpoint_path = path.removeprefix("/derivatives")  # signed without the prefix (venues.md 5B)
+        endpoint_path = path.removeprefix("/derivatives")  # signed without the prefix (docs/venues.md §5B)
         for attempt in range(2):
             seen = self.clock_generation
             nonce = str(self.nonces.next(pair.api_key))
@@ -419,7 +419,7 @@ def _is_spot_read(name: str) -> bool:
 
 def _futures_permissions(raw: object) -> tuple[bool, bool, bool, str]:
     """(read, trade, withdraw, summary) from the check's ``permissions`` object, whose schema is undocumented
-    (venues.md 8). We read it as the Futures UI sets it: a "general" area (no access / read only / full
+    (docs/venues.md §8). We read it as the Futures UI sets it: a "general" area (no access / read only / full
     access) and a "withdrawal" area (no access / full access), under any spelling."""
     if isinstance(raw, dict):
         entries = [(str(k), v) for k, v in raw.items()]

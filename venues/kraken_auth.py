@@ -13,7 +13,7 @@ from collections.abc import Callable
 from venues import base
 
 SPOT_SECRET_BYTES = (
-    64  # a spot secret decodes to 64 bytes (venues.md 5A.8's vector); futures secrets may differ
+    64  # a spot secret decodes to 64 bytes (docs/venues.md §5A.8's vector); futures secrets may differ
 )
 MIN_SECRET_BYTES = 32
 _KEY_RE = re.compile(r"[A-Za-z0-9+/=_-]{16,128}")  # Kraken public keys are base64-like, ~56 characters
@@ -50,19 +50,19 @@ def parse_keys(keys: base.ApiKeys) -> KrakenKeys:
 
 
 def spot_signature(secret: bytes, path: str, nonce: str, post_data: str) -> str:
-    """``base64(HMAC-SHA512(secret, path || SHA256(nonce + postdata)))`` (venues.md 5A.2)."""
+    """``base64(HMAC-SHA512(secret, path || SHA256(nonce + postdata)))`` (docs/venues.md §5A.2)."""
     inner = hashlib.sha256((nonce + post_data).encode()).digest()
     return base64.b64encode(hmac.new(secret, path.encode() + inner, hashlib.sha512).digest()).decode("ascii")
 
 
 def futures_authent(secret: bytes, post_data: str, nonce: str, endpoint_path: str) -> str:
-    """``base64(HMAC-SHA512(secret, SHA256(postData + Nonce + endpointPath)))`` (venues.md 5B)."""
+    """``base64(HMAC-SHA512(secret, SHA256(postData + Nonce + endpointPath)))`` (docs/venues.md §5B)."""
     inner = hashlib.sha256((post_data + nonce + endpoint_path).encode()).digest()
     return base64.b64encode(hmac.new(secret, inner, hashlib.sha512).digest()).decode("ascii")
 
 
 class NonceBook:
-    """Strictly increasing millisecond nonces, one counter per API key (venues.md 5A.2).
+    """Strictly increasing millisecond nonces, one counter per API key (docs/venues.md §5A.2).
 
     :meth:`next` never awaits, so under asyncio it is atomic: concurrent requests of one key each get a
     nonce above every nonce handed out before. Counters are keyed by a digest of the API key (the book holds

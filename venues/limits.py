@@ -44,7 +44,7 @@ class RateLimiter:
 
 class KeyLimiters:
     """One token bucket per API key, for limits the venue counts per key or per user (OKX and Bybit per UID,
-    Coinbase per user/profile, Kraken spot per key: venues.md 2.6, 3.6, 4A.6, 4B, 5A.6).
+    Coinbase per user/profile, Kraken spot per key: docs/venues.md §2.6, 3.6, 4A.6, 4B, 5A.6).
 
     Bounded (least recently used keys are forgotten past ``max_keys``) and holds no key: buckets are found by
     the SHA-256 of the key.
@@ -69,7 +69,7 @@ class KeyLimiters:
 
 class SlidingWindows:
     """At most ``limit`` calls in any ``seconds`` window, per (key, endpoint): exactly how OKX and Bybit count
-    per UID and endpoint, and Coinbase per user (venues.md 2.6, 3.6, 4A.6). A token bucket of burst B and
+    per UID and endpoint, and Coinbase per user (docs/venues.md §2.6, 3.6, 4A.6). A token bucket of burst B and
     rate R lets B + R calls through in one second; a window never lets more than ``limit`` through.
 
     Windows are widened by ``margin`` (10 %): requests leave here in order but reach the venue with jitter.

@@ -1,4 +1,4 @@
-"""OKX (API v5): base64 HMAC-SHA256 over timestamp + METHOD + requestPath + body (venues.md section 2).
+"""OKX (API v5): base64 HMAC-SHA256 over timestamp + METHOD + requestPath + body (docs/venues.md §2).
 
 One probe = ``GET /api/v5/account/config`` (the key's ``perm``, ``ip`` and the account ``uid``), then the two
 identity calls at once: trading ``/api/v5/account/balance`` and funding ``/api/v5/asset/balances``.
@@ -21,11 +21,11 @@ from venues import base, http
 CONFIG_PATH = "/api/v5/account/config"
 TRADING_BALANCE_PATH = "/api/v5/account/balance"
 FUNDING_BALANCES_PATH = "/api/v5/asset/balances"
-TIME_PATH = "/api/v5/public/time"  # venues.md 6, clock-sync endpoints
-DEMO_HEADER = "x-simulated-trading"  # venues.md 2.1: demo trading = same host + this header set to "1"
+TIME_PATH = "/api/v5/public/time"  # docs/venues.md §6, clock-sync endpoints
+DEMO_HEADER = "x-simulated-trading"  # docs/venues.md §2.1: demo trading = same host + this header set to "1"
 ENVIRONMENT_MISMATCH_CODE = "50101"
 
-# venues.md 2.5: code -> (outcome, what it means). The doc's "bug" rows (a header we always send reported
+# docs/venues.md §2.5: code -> (outcome, what it means). The doc's "bug" rows (a header we always send reported
 # missing, a method we never use) are SERVER_ERROR: transient, so a probe bug never marks a key FAILED.
 _CODES: dict[str, tuple[base.Outcome, str]] = {
     "50100": (base.Outcome.ACCOUNT_RESTRICTED, "API frozen, contact OKX customer service"),
@@ -70,7 +70,7 @@ HTTP_STATUS: dict[int, base.Outcome] = {429: base.Outcome.RATE_LIMITED}
 _API_KEY = re.compile(r"[A-Za-z0-9-]{8,128}")  # a UUID in practice
 _SECRET = re.compile(r"[A-Za-z0-9]{8,128}")  # 32 upper-case hex in practice
 _PASSPHRASE = re.compile(r"[\x21-\x7e]{1,128}")  # chosen by the user: visible ASCII (it travels in a header)
-INACTIVITY_DELETION_DAYS = 14  # venues.md 2.7 [3rd-party]: trade/withdraw keys without a bound IP
+INACTIVITY_DELETION_DAYS = 14  # docs/venues.md §2.7 [3rd-party]: trade/withdraw keys without a bound IP
 
 
 def iso_timestamp(ms: int) -> str:
@@ -82,7 +82,7 @@ def iso_timestamp(ms: int) -> str:
 def sign(secret: str, timestamp: str, method: str, request_path: str, body: str = "") -> str:
     """OK-ACCESS-SIGN: base64(HMAC-SHA256(secret as text, timestamp + METHOD + requestPath + body)).
 
-    ``request_path`` includes ``?query`` for GET; ``body`` is the exact JSON sent (venues.md 2.2).
+    ``request_path`` includes ``?query`` for GET; ``body`` is the exact JSON sent (docs/venues.md §2.2).
     """
     message = f"{timestamp}{method.upper()}{request_path}{body}"
     digest = hmac.new(secret.encode(), message.encode(), hashlib.sha256).digest()
@@ -142,7 +142,7 @@ def classify(reply: http.Reply) -> base.ProbeFailure | None:
 
 
 def permissions_from_config(config: Any) -> base.Permissions:
-    """Map ``account/config`` ``data[0]`` (venues.md 2.3) to permissions; ``ValueError`` if malformed."""
+    """Map ``account/config`` ``data[0]`` (docs/venues.md §2.3) to permissions; ``ValueError`` if malformed."""
     if not isinstance(config, dict):
         raise ValueError("config is not an object")
     perm, ip = config.get("perm"), config.get("ip", "")
@@ -151,13 +151,13 @@ def permissions_from_config(config: Any) -> base.Permissions:
     granted = {p.strip() for p in perm.split(",") if p.strip()}
     allowlist = tuple(a.strip() for a in ip.split(",") if a.strip())
     return base.Permissions(
-        read=True,  # account/config itself needs the Read permission (venues.md 2.3)
+        read=True,  # account/config itself needs the Read permission (docs/venues.md §2.3)
         trade="trade" in granted,
         withdraw="withdraw" in granted,
         transfer=False,  # OKX keys have no separate transfer permission (perm: read_only, trade, withdraw)
         ip_restricted=bool(allowlist),
         ip_allowlist=allowlist,
-        expires_at_ms=None,  # no expiry field (venues.md 2.7)
+        expires_at_ms=None,  # no expiry field (docs/venues.md §2.7)
     )
 
 
@@ -166,7 +166,8 @@ class OkxProbe(http.VenueProbe):
 
     venue: ClassVar[base.Venue] = base.Venue.OKX
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://www.okx.com"}
-    # OKX counts these endpoints per UID (account/config 5/2 s, balance 10/2 s, asset balances 6/s: venues.md 2.6);
+    # OKX counts these endpoints per UID (docs/venues.md §2.6: account/config 5/2 s, balance 10/2 s,
+    # asset balances 6/s);
     # no per-IP figure is documented, so the venue-wide bucket is only a safety cap
     rate_per_second: ClassVar[float] = 100.0
     burst: ClassVar[float | None] = 100.0

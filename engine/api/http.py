@@ -1,6 +1,6 @@
-"""The REST API's HTTP layer: the seeds' envelope, the error mapping, body and query parsing, middlewares.
+"""The REST API's HTTP layer: the envelope (docs/api-dialect.md §1), errors, body and query parsing, middlewares.
 
-Every answer of ``/api/...``, ``/healthz`` and ``/readyz`` is the seeds' envelope::
+Every answer of ``/api/...``, ``/healthz`` and ``/readyz`` is the envelope of docs/api-dialect.md §1::
 
     {"data": ..., "success": true, "errno": 0, "error": null}            (+ "pagination" on lists)
     {"data": null, "success": false, "errno": -100001, "error": "apiKey: is required"}
@@ -78,7 +78,7 @@ def dumps(value: Any) -> str:
 
 
 def ok(data: Any, *, status: int = 200, page: Page[Any] | None = None) -> web.Response:
-    """A success envelope; ``page`` adds the seeds' ``pagination`` object."""
+    """A success envelope; ``page`` adds the ``pagination`` object of docs/api-dialect.md §6."""
     body: dict[str, Any] = {"data": data, "success": True, "errno": 0, "error": None}
     if page is not None:
         body["pagination"] = {"offset": page.offset, "limit": page.limit, "total": page.total}

@@ -161,7 +161,7 @@ def _paths() -> dict[str, Any]:
         "/api/v3/tradingAccount/connect": {
             "post": _operation(
                 "connectTradingAccount",
-                "Connect a trading account (seed 05)",
+                "Connect a trading account (docs/api-dialect.md §8)",
                 account,
                 body="ConnectTradingAccountRequest",
                 tag="tradingAccount",

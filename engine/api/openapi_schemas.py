@@ -66,7 +66,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Credential": {
         "type": "object",
-        "description": "Seeds 01-04's credential object. Both spellings (credentialType/type, nickname/name) "
+        "description": "The credential object. Both spellings (credentialType/type, nickname/name) "
         "are present. apiKey is masked; secrets are never returned.",
         "required": [
             "credentialId",
@@ -115,7 +115,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "TradingAccount": {
         "type": "object",
-        "description": "Seed 05's trading account.",
+        "description": "docs/api-dialect.md §8's trading account.",
         "required": [
             "tradingAccountId",
             "userId",
@@ -165,12 +165,15 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "venue": ref("Venue"),
             "credentialType": ref("CredentialType"),
-            "type": {**ref("CredentialType"), "description": "seed 02's spelling of credentialType"},
+            "type": {
+                **ref("CredentialType"),
+                "description": "docs/api-dialect.md §4's spelling of credentialType",
+            },
             "apiKey": {"type": "string", "maxLength": 512},
             "apiSecret": {"type": "string", "maxLength": 8192},
             "apiPassphrase": {"type": "string", "maxLength": 128, "description": "required for OKX"},
             "nickname": {"type": "string", "maxLength": 100},
-            "name": {"type": "string", "maxLength": 100, "description": "seed 02's spelling of nickname"},
+            "name": {"type": "string", "maxLength": 100, "description": "another spelling of nickname"},
         },
     },
     "CredentialIdRequest": {
@@ -207,7 +210,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "ConnectTradingAccountRequest": {
         "type": "object",
-        "description": "Either seed 05's body (venue, apiKey, apiSecret[, apiPassphrase]: the keys are stored, "
+        "description": "Either keys (venue, apiKey, apiSecret[, apiPassphrase]: the keys are stored, "
         "verified and connected in one call), or credentialId of a VERIFIED credential.",
         "oneOf": [
             {"required": ["venue", "apiKey", "apiSecret"]},

@@ -1,6 +1,6 @@
-"""The REST API's domain routes: credentials and trading accounts, in the seeds' dialect.
+"""The REST API's domain routes: credentials and trading accounts, in the dialect of docs/api-dialect.md.
 
-Each handler reads its fields (both spellings the seeds use, where they differ), calls one
+Each handler reads its fields (both spellings of docs/api-dialect.md §4, where they differ), calls one
 :class:`~engine.engine.CredentialEngine` method for the token's owner, and answers the public dict of the
 result in the envelope. Field rules (required, lengths, formats) are the engine's own (``engine.validation``),
 so the library and the API refuse the same things with the same messages.
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 ENGINE: web.AppKey[CredentialEngine] = web.AppKey("engine")
 CONNECT_WAIT: web.AppKey[float] = web.AppKey("connect_wait", float)
-DEFAULT_LIMIT = 50  # seed 04's pagination example
+DEFAULT_LIMIT = 50  # docs/api-dialect.md §6's pagination example
 
 
 def engine_of(request: web.Request) -> CredentialEngine:
@@ -31,7 +31,7 @@ def engine_of(request: web.Request) -> CredentialEngine:
 
 
 async def create_credential(request: web.Request) -> web.Response:
-    """POST /api/v3/credential/create (seed 01's and seed 02's spellings both work)."""
+    """POST /api/v3/credential/create (both spellings of docs/api-dialect.md §4 work)."""
     f = await http.body(request)
     cred = await engine_of(request).create_credential(
         http.owner_of(request),
@@ -60,7 +60,7 @@ async def get_credential(request: web.Request) -> web.Response:
 
 
 async def list_credentials(request: web.Request) -> web.Response:
-    """GET /api/v3/credential/list with seed 04's filters and pagination."""
+    """GET /api/v3/credential/list with docs/api-dialect.md §6's filters and pagination."""
     f = http.query(request)
     page = await engine_of(request).list_credentials(
         http.owner_of(request),
@@ -102,7 +102,7 @@ _KEY_FIELDS = ("venue", "apiKey", "apiSecret", "apiPassphrase")
 
 
 async def connect_trading_account(request: web.Request) -> web.Response:
-    """POST /api/v3/tradingAccount/connect: seed 05's body with keys, or a verified credentialId."""
+    """POST /api/v3/tradingAccount/connect: docs/api-dialect.md §8's body with keys, or a verified credentialId."""
     f = await http.body(request)
     credential_id = f.text("credentialId")
     account_type, name = f.text("accountType"), f.text("name", "nickname")

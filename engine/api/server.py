@@ -1,4 +1,4 @@
-"""The REST API server (aiohttp): the seeds' endpoints over one :class:`~engine.engine.CredentialEngine`.
+"""The REST API server (aiohttp): docs/api-dialect.md §3's endpoints over one :class:`~engine.engine.CredentialEngine`.
 
     async with CredentialEngine(EngineConfig.from_env()) as eng:
         server = ApiServer(eng, ApiConfig.from_env())

@@ -1,4 +1,4 @@
-"""The REST API's webhook routes, in the seeds' dialect (``/api/v3/<object>/<verb>``, camelCase, envelope).
+"""The REST API's webhook routes, in docs/api-dialect.md's dialect (``/api/v3/<object>/<verb>``, camelCase, envelope).
 
 An endpoint's signing secret (``whsec_...``) is in the answer of ``webhook/create`` and
 ``webhook/rotateSecret`` only: the receiver needs it to check signatures, and it is never shown again.

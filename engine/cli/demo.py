@@ -6,7 +6,7 @@ HTTP call a client would make; test keys come from the exchange simulator's admi
 again and again. A webhook receiver on loopback checks each event's Standard Webhooks signature and prints it.
 
 Steps: webhook endpoint, a credential per venue, verification, a key the policy refuses, the list, a trading
-account connected both ways (credentialId, and seed 05's keys), a staged rotation, a revocation.
+account connected both ways (credentialId, and docs/api-dialect.md §8's keys), a staged rotation, a revocation.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ async def lifecycle(client: Client, receiver: Receiver) -> None:
 
 
 async def _credentials(client: Client, receiver: Receiver) -> None:
-    step(2, "create a credential for each venue (seed 01/02): PENDING, verification enqueued")
+    step(2, "create a credential for each venue (docs/api-dialect.md §4): PENDING, verification enqueued")
     created: dict[Venue, tuple[dict[str, Any], dict[str, Any]]] = {}
     for venue in Venue:
         key = await client.new_key(venue, label="make-demo")
@@ -168,7 +168,7 @@ async def _credentials(client: Client, receiver: Receiver) -> None:
     for cred, _ in created.values():
         show(await client.wait_for(cred["credentialId"], lambda c: c["status"] != "PENDING"))
 
-    step(4, "a key that can withdraw: the policy refuses it (seed 03's best practices)")
+    step(4, "a key that can withdraw: the policy refuses it (the best practices of docs/api-dialect.md §10)")
     risky = await client.new_key(Venue.BYBIT, withdraw=True, label="make-demo")
     body = {
         "venue": "BYBIT",
@@ -179,13 +179,16 @@ async def _credentials(client: Client, receiver: Receiver) -> None:
     bad = await client.post("/api/v3/credential/create", body)
     show(await client.wait_for(bad["credentialId"], lambda c: c["status"] != "PENDING"))
 
-    step(5, "list VERIFIED credentials (seed 04)")
+    step(5, "list VERIFIED credentials (docs/api-dialect.md §6)")
     answer = await client.call("GET", "/api/v3/credential/list", params={"credentialStatus": "VERIFIED"})
     for cred in answer["data"]:
         show(cred)
     print(f"    pagination {answer['pagination']}")
 
-    step(6, "connect trading accounts (seed 05): from a verified credential, and in one call from keys")
+    step(
+        6,
+        "connect trading accounts (docs/api-dialect.md §8): from a verified credential, and in one call from keys",
+    )
     spot = await client.post(
         "/api/v3/tradingAccount/connect",
         {"credentialId": binance["credentialId"], "accountType": "SPOT", "name": "Binance spot desk"},

@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("connect", parents=[owner, keys], help="connect a trading account")
     p.add_argument("--credential", dest="credential_id", help="a VERIFIED credential's id")
-    p.add_argument("--venue", help="or: the venue of new keys (seed 05: stored, verified and connected)")
+    p.add_argument(
+        "--venue", help="or: the venue of new keys (docs/api-dialect.md §8: stored, verified and connected)"
+    )
     p.add_argument("--api-key", help="with --venue: the API key")
     p.add_argument("--account-type", help="spot, margin, futures, ... (default: the first identity)")
     p.add_argument("--name", help="the account's name")

@@ -178,7 +178,7 @@ def _curl(url: str, path: str, body: dict[str, Any] | None = None) -> str:
 
 
 def banner(live: Live) -> str:
-    """The URL, token, test keys and copy-paste curl examples for the seeds' flows."""
+    """The URL, token, test keys and copy-paste curl examples for the flows of docs/api-dialect.md §3."""
     out = [
         "credential-engine sandbox is running (Ctrl-C stops it)",
         "",
@@ -202,10 +202,10 @@ def banner(live: Live) -> str:
     coinbase = next(k for k in live.keys if k.venue is Venue.COINBASE and k.label == "demo-exchange")
     out += [
         "",
-        "Try (seeds 02, 04, 05):",
+        "Try (docs/api-dialect.md §3):",
         f"  export TOKEN={live.token}",
         "",
-        "# create a credential (seed 02)",
+        "# create a credential (docs/api-dialect.md §4)",
         _curl(
             live.url,
             "/api/v3/credential/create",
@@ -217,7 +217,7 @@ def banner(live: Live) -> str:
             },
         ),
         "",
-        "# OKX needs its passphrase (seed 01)",
+        "# OKX needs its passphrase (docs/api-dialect.md §4)",
         _curl(
             live.url,
             "/api/v3/credential/create",
@@ -231,10 +231,10 @@ def banner(live: Live) -> str:
             },
         ),
         "",
-        "# list verified credentials (seed 04)",
+        "# list verified credentials (docs/api-dialect.md §6)",
         _curl(live.url, "/api/v3/credential/list?credentialStatus=VERIFIED"),
         "",
-        "# connect a Coinbase account with its keys in one call (seed 05)",
+        "# connect a Coinbase account with its keys in one call (docs/api-dialect.md §8)",
         _curl(
             live.url,
             "/api/v3/tradingAccount/connect",

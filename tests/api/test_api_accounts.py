@@ -34,7 +34,7 @@ async def test_connect_with_a_verified_credential(
 
 
 async def test_connect_with_keys_creates_verifies_and_connects(api: Any) -> None:
-    """Seed 05's body with keys: the answer is the ACTIVE account, and the credential is VERIFIED."""
+    """docs/api-dialect.md §8's body with keys: the answer is the ACTIVE account, and the credential is VERIFIED."""
     reply = await api.post(
         CONNECT,
         {
@@ -46,13 +46,15 @@ async def test_connect_with_keys_creates_verifies_and_connects(api: Any) -> None
     )
     assert reply.status == 200, reply.body
     assert reply.data["status"] == "ACTIVE"
-    assert reply.data["accountType"] == "MARGIN"  # the first identity, as the seed leaves it optional
+    assert (
+        reply.data["accountType"] == "MARGIN"
+    )  # the first identity, as docs/api-dialect.md §8 leaves it optional
     cred = await api.get("/api/v3/credential/get", {"credentialId": reply.data["credentialId"]})
     assert cred.data["status"] == "VERIFIED"
 
 
 async def test_connect_with_bad_keys_is_seed_05s_error(api: Any) -> None:
-    """Keys the exchange refuses answer seed 05's example error exactly."""
+    """Keys the exchange refuses answer the example error of docs/api-dialect.md §9 exactly."""
     reply = await api.post(
         CONNECT, {"venue": "BINANCE", "apiKey": "not-a-known-key", "apiSecret": "whatever", "name": "x"}
     )
@@ -138,7 +140,7 @@ async def test_disconnect_get_and_list(
 async def test_revoke_disconnects_accounts_or_refuses_without_cascade(
     api: Any, eng: CredentialEngine, create_body: Callable[..., Any]
 ) -> None:
-    """cascade=false with an ACTIVE account is 409 (seed 04); the default cascade disconnects it."""
+    """cascade=false with an ACTIVE account is 409 (docs/api-dialect.md §7); the default cascade disconnects it."""
     cid = await verified_credential(api, eng, create_body)
     account = (await api.post(CONNECT, {"credentialId": cid})).data
     refused = await api.post("/api/v3/credential/revoke", {"credentialId": cid, "cascade": False})
@@ -165,7 +167,7 @@ async def test_other_owners_accounts_answer_404(
 
 
 async def test_connect_with_keys_that_fail_for_good_reason(api: Any, fake: Any) -> None:
-    """A key the exchange refuses for a permanent reason (IP not allowed) is seed 05's 400 as well."""
+    """A key the exchange refuses for a permanent reason (IP not allowed) is a 400 (docs/api-dialect.md §9) too."""
     fake.fail_key("binance-ip-blocked", Outcome.IP_NOT_ALLOWED, "secret-ip")
     reply = await api.post(
         CONNECT, {"venue": "BINANCE", "apiKey": "binance-ip-blocked", "apiSecret": "secret-ip"}

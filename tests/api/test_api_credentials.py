@@ -21,7 +21,7 @@ def no_secret_in(text: str) -> None:
 async def test_create_answers_a_pending_credential_with_a_masked_key(
     api: Any, create_body: Callable[..., Any]
 ) -> None:
-    """Create answers 200 with seed 01's fields, PENDING, the key masked and no secret anywhere."""
+    """Create answers 200 with docs/api-dialect.md §4's fields, PENDING, the key masked and no secret anywhere."""
     reply = await api.post(CREATE, create_body())
     assert reply.status == 200
     data = reply.data
@@ -38,7 +38,7 @@ async def test_create_answers_a_pending_credential_with_a_masked_key(
 
 
 async def test_create_accepts_seed_02_spellings(api: Any) -> None:
-    """Seed 02's body (name, type, no credentialType) creates the same credential."""
+    """docs/api-dialect.md §4's body (name, type, no credentialType) creates the same credential."""
     reply = await api.post(
         CREATE,
         {
@@ -95,7 +95,7 @@ async def test_same_key_for_another_owner_is_not_a_duplicate(
 
 
 async def test_okx_without_passphrase_is_400_naming_it(api: Any) -> None:
-    """OKX requires apiPassphrase (seed 01): the error names the field."""
+    """OKX requires apiPassphrase (docs/api-dialect.md §4): the error names the field."""
     reply = await api.post(CREATE, {"venue": "OKX", "apiKey": "okx-key-0001", "apiSecret": "okx-secret-0001"})
     assert reply.status == 400
     assert reply.body["error"].startswith("apiPassphrase")
@@ -118,7 +118,7 @@ async def test_verify_enqueues_and_answers_the_credential(
 async def test_list_filters_and_paginates(
     api: Any, eng: CredentialEngine, create_body: Callable[..., Any]
 ) -> None:
-    """List honours credentialStatus, credentialType, venue, offset and limit, with seed 04's pagination."""
+    """List honours credentialStatus, credentialType, venue, offset and limit, with pagination (api-dialect §6)."""
     await api.post(CREATE, create_body())
     await api.post(
         CREATE, create_body(apiKey="binance-key-0002", apiSecret="binance-secret-0002", nickname="two")

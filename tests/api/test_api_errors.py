@@ -123,7 +123,7 @@ async def test_repeated_query_parameter_is_400(api: Any) -> None:
 
 
 async def test_invalid_key_format_is_422(api: Any, create_body: Callable[..., Any]) -> None:
-    """Key material that cannot be right for the venue answers 422 -100002 (seed 01)."""
+    """Key material that cannot be right for the venue answers 422 -100002 (docs/api-dialect.md §9)."""
     for body in (create_body(apiKey="malformed-key"), create_body(apiKey="has space")):
         reply = await api.post(CREATE, body)
         assert reply.status == 422, body

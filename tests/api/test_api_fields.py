@@ -1,7 +1,7 @@
 """Absent is absent; an explicit ``null`` or an empty query value is a wrong value.
 
 The table is the OpenAPI document itself: every query parameter and every request-body property of every
-``/api`` operation (plus the spellings the seeds use that the document names in descriptions only). Each
+``/api`` operation (plus the spellings of docs/api-dialect.md that the document names in descriptions only). Each
 one, sent as JSON ``null`` (body) or as an empty value (query), must answer 400 naming that field, like any
 other wrong value, never "no filter" or "the default". The control: each operation with only its required
 fields (every optional one absent) is not a 400.

@@ -1,4 +1,4 @@
-"""/metrics does not count the job table per scrape (issue 9, defect 8): concurrent scrapes share one count,
+"""/metrics does not count the job table per scrape: concurrent scrapes share one count,
 and later scrapes reuse it for JOB_COUNTS_TTL seconds (engine/api/metrics.py's SharedRead)."""
 
 from __future__ import annotations

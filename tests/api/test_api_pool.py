@@ -1,4 +1,4 @@
-"""The pool cannot be hung by a tenant (issue 9, defect 1): over real loopback HTTP, on a real PostgreSQL."""
+"""The pool cannot be hung by a tenant: over real loopback HTTP, on a real PostgreSQL."""
 
 from __future__ import annotations
 

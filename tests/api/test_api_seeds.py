@@ -1,7 +1,7 @@
-"""The seeds' own examples, run as written with only the host and the token changed.
+"""The product's own examples (docs/api-dialect.md §2), run as written with only the host and the token changed.
 
 Seeds 02 and 05 show Python ``requests`` code and ``curl`` commands against
-``https://cadenza-api-uat.algo724.com``; here they run against the test server. FakeVenue knows the seeds'
+``https://cadenza-api-uat.algo724.com``; here they run against the test server. FakeVenue knows the product examples'
 placeholder keys (``your-api-key`` / ``your-api-secret``), so they verify as real keys would.
 """
 
@@ -48,7 +48,7 @@ def seed_keys(fake: FakeVenue) -> None:
 
 
 def seed_02_requests(base: str, access_token: str) -> str:
-    """Seed 02's Usage block, verbatim but for the host."""
+    """docs/api-dialect.md §4's Usage block, verbatim but for the host."""
     headers = {"Authorization": f"Bearer {access_token}"}
     response = requests.post(
         f"{base}/api/v3/credential/create",
@@ -67,7 +67,7 @@ def seed_02_requests(base: str, access_token: str) -> str:
 
 
 def seed_05_requests(base: str, access_token: str) -> tuple[str, str]:
-    """Seed 05's Usage block, verbatim but for the host: a Binance account, then a Coinbase one."""
+    """docs/api-dialect.md §8's Usage block, verbatim but for the host: a Binance account, then a Coinbase one."""
     headers = {"Authorization": f"Bearer {access_token}"}
     # Connect a Binance account
     response = requests.post(
@@ -102,20 +102,20 @@ def seed_05_requests(base: str, access_token: str) -> tuple[str, str]:
 
 
 async def test_seed_02_requests_example(api: Any) -> None:
-    """Seed 02's requests code creates the credential and reads credentialId from data."""
+    """docs/api-dialect.md §4's requests code creates the credential and reads credentialId from data."""
     text = await asyncio.to_thread(seed_02_requests, api.url, api.token("seed-user"))
     body = json.loads(text)
     assert body["success"] is True and body["errno"] == 0 and body["error"] is None
     data = body["data"]
     assert data["name"] == "My Binance API Key"
     assert data["type"] == "EXCHANGE"
-    # masked as seed 02 shows it: a prefix then ***; short keys show less of themselves than the seed's example
+    # masked as docs/api-dialect.md §4 shows it: a prefix then ***; short keys show less of themselves
     assert data["apiKey"].endswith("***") and "your-api-key".startswith(data["apiKey"][:-3])
     assert "your-api-secret" not in text
 
 
 async def test_seed_05_requests_example(api: Any) -> None:
-    """Seed 05's requests code connects a Binance and a Coinbase (with passphrase) account."""
+    """docs/api-dialect.md §8's requests code connects a Binance and a Coinbase (with passphrase) account."""
     binance, coinbase = await asyncio.to_thread(seed_05_requests, api.url, api.token("seed-user"))
     for text, venue, name in (
         (binance, "BINANCE", "My Binance Account"),
@@ -131,7 +131,7 @@ async def test_seed_05_requests_example(api: Any) -> None:
 
 
 async def run_curl(command: str, base: str, token: str) -> dict[str, Any]:
-    """Run a seed's curl command with the host and token replaced (and -s to keep the output clean)."""
+    """Run a product example's curl command with the host and token replaced (and -s to keep the output clean)."""
     shell_line = command.replace("\\\n", " ")  # line continuations, as the shell joins them
     argv = shlex.split(shell_line.replace(SEED_HOST, base).replace(SEED_TOKEN, token))
     proc = await asyncio.create_subprocess_exec(
@@ -145,7 +145,7 @@ async def run_curl(command: str, base: str, token: str) -> dict[str, Any]:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_seed_02_and_05_curl_examples(api: Any) -> None:
-    """Seed 02's and seed 05's curl commands succeed as written, with the host and token replaced."""
+    """The curl commands of docs/api-dialect.md §4 and §8 succeed as written, with the host and token replaced."""
     created = await run_curl(SEED_02_CURL, api.url, api.token("curl-user-1"))
     assert created["success"] is True and created["data"]["name"] == "My API Key"
     connected = await run_curl(SEED_05_CURL, api.url, api.token("curl-user-2"))
@@ -155,7 +155,7 @@ async def test_seed_02_and_05_curl_examples(api: Any) -> None:
 
 
 async def test_seed_04_list_with_filter(api: Any) -> None:
-    """Seed 04's list and its credentialStatus filter answer its list response shape."""
+    """docs/api-dialect.md §6's list and its credentialStatus filter answer its list response shape."""
     await asyncio.to_thread(seed_02_requests, api.url, api.token())
     await asyncio.to_thread(seed_05_requests, api.url, api.token())  # verifies the key on the way
     headers = {"Authorization": f"Bearer {api.token()}"}

@@ -315,7 +315,7 @@ async def test_revoked_is_terminal(eng: CredentialEngine, fake: FakeVenue, trigg
 
 
 def test_transition_table_matches_design() -> None:
-    """The machine encodes exactly DESIGN.md's table: every row allowed, everything else forbidden."""
+    """The machine encodes exactly the table of docs/design.md §3.2: every row allowed, everything else forbidden."""
     live = {"PENDING", "VERIFIED", "FAILED"}
     expected = {
         "verify_succeeded": {s: "VERIFIED" for s in live},
@@ -440,7 +440,7 @@ async def test_owners_are_isolated(eng: CredentialEngine, fake: FakeVenue) -> No
 
 
 async def test_list_filters_and_pagination(eng: CredentialEngine, fake: FakeVenue) -> None:
-    """list_credentials filters by status, type and venue and pages with the seeds' offset/limit/total."""
+    """list_credentials filters by status, type and venue and pages (offset/limit/total, docs/api-dialect.md §6)."""
     for i in range(5):
         fake.add_key(f"p{i}", "s")
         await eng.create_credential(
@@ -511,7 +511,7 @@ async def test_connect_requires_verified_and_a_reachable_identity(
 
 
 async def test_connect_with_keys_creates_verifies_and_connects(make_engine: object, fake: FakeVenue) -> None:
-    """Seed 05's form: keys in, ACTIVE account out; bad keys are VerificationFailed and leave no keys."""
+    """docs/api-dialect.md §8's form: keys in, ACTIVE account out; bad keys are VerificationFailed and leave no keys."""
     eng: CredentialEngine = await make_engine(workers=2)  # type: ignore[operator]
     fake.add_key("seed05", "s", identities=("spot", "margin"))
     account = await eng.connect_trading_account(

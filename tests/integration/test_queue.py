@@ -732,7 +732,7 @@ async def _has_new_listener(sql: asyncpg.Connection, old_pid: int) -> bool:
     return bool(pids) and old_pid not in pids
 
 
-# ------------------------------------------------------------------------------- connections of their own (issue 9)
+# ------------------------------------------------------------------------------- connections of their own
 
 SHORT_LEASE = queue.QueueSettings(
     lease_seconds=1.0, heartbeat_interval=0.2, poll_interval=0.1, shutdown_timeout=1.0

@@ -1,5 +1,5 @@
 """Per-owner quotas (engine/quotas.py) on real PostgreSQL: counts taken under one per-owner lock, so concurrent
-calls through real connections can never exceed them (issue 9, defect 6 and "Quotas")."""
+calls through real connections can never exceed them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every example block of README.md, run or checked as a reader would use it (issue #10: "every example in the
+"""Every example block of README.md, run or checked as a reader would use it ("every example in the
 README is run by a test").
 
 The blocks are read from README.md by heading, language and position, so an example edited without its test

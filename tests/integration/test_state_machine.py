@@ -1,4 +1,4 @@
-"""Hypothesis drives the public API at random and checks DESIGN.md's invariants after every step."""
+"""Hypothesis drives the public API at random and checks the invariants of docs/design.md §4 after every step."""
 
 from __future__ import annotations
 

@@ -40,19 +40,16 @@ WRONG_SECRET = {
     "binance-default": "INVALID_SECRET",
     "okx-default": "INVALID_SECRET",
     "bybit-default": "INVALID_SECRET",
-    "coinbase-cdp": "INVALID_KEY",  # a CDP 401 cannot tell key from secret (venues.md 4A.5)
+    "coinbase-cdp": "INVALID_KEY",  # a CDP 401 cannot tell key from secret (docs/venues.md §4A.5)
     "coinbase-cdp_ed25519": "INVALID_KEY",
     "coinbase-exchange": "INVALID_SECRET",
     "kraken-spot": "INVALID_SECRET",
-    "kraken-futures": "INVALID_KEY",  # authenticationError covers both (venues.md 5B)
+    "kraken-futures": "INVALID_KEY",  # authenticationError covers both (docs/venues.md §5B)
 }
-IP_NOT_ALLOWED = (
-    dict.fromkeys(IDS, "IP_NOT_ALLOWED")
-    | {
-        "binance-default": "INVALID_KEY",  # -2015: unknown key, IP or permission, indistinguishable (venues.md 1.5)
-        "kraken-futures": "INVALID_KEY",  # authenticationError (contract)
-    }
-)
+IP_NOT_ALLOWED = dict.fromkeys(IDS, "IP_NOT_ALLOWED") | {
+    "binance-default": "INVALID_KEY",  # -2015: unknown key, IP or permission, indistinguishable (venues §1.5)
+    "kraken-futures": "INVALID_KEY",  # authenticationError (contract)
+}
 EXPIRED = dict.fromkeys(IDS, "INVALID_KEY") | {"bybit-default": "KEY_EXPIRED"}
 
 
@@ -184,7 +181,7 @@ async def test_withdraw_keys_fail_the_default_policy(
 ) -> None:
     """A key that can withdraw is FAILED by the default policy, naming the rule (where the venue tells)."""
     if venue is Venue.COINBASE and kind == "exchange":
-        pytest.skip("Coinbase Exchange exposes no permissions (venues.md 4B): withdraw cannot be seen")
+        pytest.skip("Coinbase Exchange exposes no permissions (docs/venues.md §4B): withdraw cannot be seen")
     key = sim.add_key(venue, kind=kind, withdraw=True, ip_allowlist=("127.0.0.1",))
     done = await final(real_engine, await create(real_engine, key))
     assert (done.status, done.failure_reason) == (CredentialStatus.FAILED, "POLICY_WITHDRAW_ENABLED")

@@ -1,4 +1,4 @@
-"""The reliability suite (issue 6): crashes, a database restart, exchange faults, leak canaries, owner isolation
+"""The reliability suite: crashes, a database restart, exchange faults, leak canaries, owner isolation
 and concurrent conflicting operations across two engine processes.
 
 Every test in this folder is marked ``reliability`` and runs at one of two sizes: the short one in ``make test``

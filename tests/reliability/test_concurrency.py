@@ -3,7 +3,7 @@
 The test process holds one engine; a second OS process (tests/reliability/peer_process.py) holds another on the
 same database, with its own pool, driven over a pipe. Each step starts one operation in each process at the same
 instant (revoke against rotate, two rotations, connect against revoke, both running the job queue, ...). After
-every step DESIGN.md's invariants hold; each operation either succeeds or fails with the error its contract
+every step the invariants of docs/design.md §4 hold; each operation either succeeds or fails with the error its contract
 names (nothing else escapes); after the queue has run in both processes nothing is left half-done (no PENDING
 credential, no staged rotation, no unfinished job), and outcomes agree with the row lock (two revokes: one wins).
 """

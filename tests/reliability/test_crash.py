@@ -4,7 +4,7 @@ The test process creates, rotates, connects and revokes (an engine without worke
 separate worker processes (tests/reliability/worker_process.py) probing the exchange simulator over loopback
 HTTP. A killer SIGKILLs a worker that holds running jobs, at random moments, and starts a replacement. Afterwards
 nothing may be stuck or lost: every job finished, every credential reached exactly the state its plan says, with
-exactly the events its plan says, DESIGN.md's invariants hold, and the listener heard every event, gapless.
+exactly the events its plan says, the invariants of docs/design.md §4 hold, and the listener heard every event, gapless.
 """
 
 from __future__ import annotations

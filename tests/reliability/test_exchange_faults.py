@@ -39,7 +39,7 @@ KEY_KINDS: list[tuple[Venue, str | None]] = [
     (Venue.KRAKEN, "futures"),
 ]
 
-# The most requests one key may send within any second, from the venues' documented limits (venues.md x.6).
+# The most requests one key may send within any second, from the venues' documented limits (docs/venues.md §x.6).
 # None: the venue counts per IP only ("the limits on the API are based on the IPs, not the API keys", 1.6);
 # those budgets are checked by the simulator itself (rate_limit_violations).
 PER_KEY_PER_SECOND: dict[tuple[Venue, str | None], int | None] = {
@@ -56,7 +56,7 @@ PER_KEY_PER_SECOND: dict[tuple[Venue, str | None], int | None] = {
 
 # Verification storms: extra verifications of ONE key, asked for as fast as the queue takes them (a user
 # hammering "verify"; up to ``workers`` probes of the key at once). Without the engine's per-key buckets each of
-# these breaks the venue's documented per-key or per-account limit (venues.md: OKX account/config 5 per 2 s,
+# these breaks the venue's documented per-key or per-account limit (docs/venues.md: OKX account/config 5 per 2 s,
 # Bybit query-api 10/s per UID, Coinbase 30/s per user, Coinbase Exchange 15/s burst 30); with them it must not.
 # Kraken Spot (0.33 calls/s once the burst is spent) and Binance (a per-IP weight budget) would take minutes.
 STORMS: dict[tuple[Venue, str | None], int] = {

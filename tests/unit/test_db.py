@@ -85,7 +85,7 @@ async def test_a_changed_schema_is_applied_and_recorded(db: dbmod.Database) -> N
     assert await db.fetchval("schema_digest") == dbmod.schema_digest()
 
 
-# ---- one pool connection per task (issue 9) ---------------------------------------------------------------------
+# ---- one pool connection per task ---------------------------------------------------------------------
 
 STUCK = 5.0  # seconds: a pool wait the guard or a timeout should have cut short fails the test here
 

@@ -19,7 +19,7 @@ def test_all_lists_exactly_the_public_names() -> None:
 
 
 def test_contract_names_exist() -> None:
-    """The names other parts and users rely on (issue 2's contract) are importable from ``engine``."""
+    """The names other parts and users rely on are importable from ``engine``."""
     for name in ("CredentialEngine", "EngineConfig", "Venue", "CredentialType", "CredentialStatus"):
         assert hasattr(engine, name), name
     assert [v.value for v in engine.Venue] == ["BINANCE", "OKX", "BYBIT", "COINBASE", "KRAKEN"]

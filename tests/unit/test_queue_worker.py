@@ -175,7 +175,7 @@ async def test_drain_runs_everything_and_writes_each_outcome_once() -> None:
 
 async def test_one_heartbeat_extends_every_running_job() -> None:
     """Each heartbeat is one call carrying every job whose handler runs; jobs still buffered (not started) are
-    not extended: a job nobody started must not be held here for ever (issue 9, defect 5)."""
+    not extended: a job nobody started must not be held here for ever."""
     backend = FakeBackend(jobs=5)
     release = asyncio.Event()
 
@@ -376,7 +376,7 @@ async def test_an_attempt_that_is_not_ours_is_released_without_a_write() -> None
     assert backend.written == []
 
 
-# ---------------------------------------------------------------------- issue 9: hung handlers and prefetch
+# ---------------------------------------------------------------------- hung handlers and prefetch
 
 
 async def test_a_job_past_its_time_limit_is_cancelled_and_the_runner_goes_on() -> None:

@@ -53,7 +53,7 @@ def test_non_public_addresses_are_named(address: str, problem: str) -> None:
 @pytest.mark.parametrize(
     ("address", "problem"),
     [
-        ("fec0::1", "site-local"),  # issue 9, defect 8: deprecated site-local (RFC 3879), called global
+        ("fec0::1", "site-local"),  # deprecated site-local (RFC 3879), called global
         ("fec0:0:0:1::5", "site-local"),
         ("feff:ffff::1", "site-local"),  # the top of fec0::/10
         ("3fff::1", "documentation"),  # RFC 9637

@@ -14,7 +14,7 @@ users, as people use moto for AWS::
         result = await probe.probe(key.api_keys)
 
 Standalone: ``python -m venues.simulator --seed-demo`` (or ``credential-engine simulator``). Rules the
-probes and the simulator share where venues.md is silent are in venues/README.md ("contract").
+probes and the simulator share where docs/venues.md is silent are in venues/README.md ("contract").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Binance's server side: spot /api, wallet and margin /sapi, USD-M /fapi and COIN-M /dapi on one port.
 
-Authentication (venues.md 1.2): ``X-MBX-APIKEY`` header; ``signature`` = lower hex HMAC-SHA256 of the query
+Authentication (docs/venues.md §1.2): ``X-MBX-APIKEY`` header; ``signature`` = lower hex HMAC-SHA256 of the query
 string concatenated with the body (no separator), sent as the last parameter; ``timestamp`` accepted iff
 ``timestamp < serverTime + 1000`` and ``serverTime - timestamp <= recvWindow`` (default 5000, max 60000).
 Unknown, expired and IP-refused keys, and keys with reading disabled, all answer -2015 (HTTP 401) with the
@@ -25,12 +25,14 @@ from venues.simulator import common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 _KEY_FORMAT = re.compile(r"[A-Za-z0-9]{1,128}")
-DEFAULT_RECV_WINDOW = 5000  # ms, venues.md 1.2
+DEFAULT_RECV_WINDOW = 5000  # ms, docs/venues.md §1.2
 MAX_RECV_WINDOW = 60000  # ms
-AHEAD_TOLERANCE = 1000  # ms a timestamp may be ahead of the server (venues.md 1.2)
-TRADING_PERMISSION_DAYS = 30  # venues.md 1.7: trading on keys without an IP whitelist lapses after 30 days
+AHEAD_TOLERANCE = 1000  # ms a timestamp may be ahead of the server (docs/venues.md §1.2)
+TRADING_PERMISSION_DAYS = (
+    30  # docs/venues.md §1.7: trading on keys without an IP whitelist lapses after 30 days
+)
 
-# Weight per endpoint (venues.md 1.6) and the per-IP budget of its host (REQUEST_WEIGHT per minute).
+# Weight per endpoint (docs/venues.md §1.6) and the per-IP budget of its host (REQUEST_WEIGHT per minute).
 WEIGHTS = {
     "/api/v3/time": 1,
     "/fapi/v1/time": 1,
@@ -41,7 +43,7 @@ WEIGHTS = {
     "/sapi/v1/margin/account": 10,
     "/fapi/v2/account": 5,
     "/fapi/v3/account": 5,
-    "/dapi/v1/account": 5,  # not documented (venues.md 8); taken as the fapi weight
+    "/dapi/v1/account": 5,  # not documented (docs/venues.md §8); taken as the fapi weight
 }
 HOST_BUDGETS = {
     "api": ratelimit.Window(6000, 60.0),  # spot REQUEST_WEIGHT 6000/min per IP
@@ -52,7 +54,7 @@ HOST_BUDGETS = {
 
 
 def sign(secret: str, payload: str) -> str:
-    """lower hex HMAC-SHA256(secret as ASCII, totalParams) (venues.md 1.2 step 4)."""
+    """lower hex HMAC-SHA256(secret as ASCII, totalParams) (docs/venues.md §1.2 step 4)."""
     return hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
 
 
@@ -64,7 +66,7 @@ def signature_valid(secret: str, payload: str, signature: str) -> bool:
 def pop_signature(params: str) -> tuple[str, str | None]:
     """Split ``a=1&b=2&signature=s`` into (``a=1&b=2``, ``s``); (params, None) when it carries none.
 
-    The signature must be the last parameter (venues.md 1.2 step 4).
+    The signature must be the last parameter (docs/venues.md §1.2 step 4).
     """
     if params.startswith("signature="):
         head, value = "", params[len("signature=") :]
@@ -152,7 +154,7 @@ class BinanceServer(common.VenueServer):
         key = self.lookup(api_key)
         if key is None or not self.usable(key):
             raise common.Reject(self._rejected(request))
-        payload = query + body  # totalParams: no separator at the join (venues.md 1.2 step 3)
+        payload = query + body  # totalParams: no separator at the join (docs/venues.md §1.2 step 3)
         if not signature_valid(key.api_secret, payload, signature):
             raise common.Reject(error(-1022, "Signature for this request is not valid."))
         params = dict(parse_qsl(query, keep_blank_values=True)) | dict(
@@ -170,7 +172,7 @@ class BinanceServer(common.VenueServer):
             raise common.Reject(
                 error(-1102, "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed.")
             ) from None
-        if stamp >= 10**15:  # spot also accepts microseconds (venues.md 1.2 step 2)
+        if stamp >= 10**15:  # spot also accepts microseconds (docs/venues.md §1.2 step 2)
             stamp //= 1000
         try:
             recv_window = float(params.get("recvWindow", DEFAULT_RECV_WINDOW))
@@ -215,7 +217,7 @@ class BinanceServer(common.VenueServer):
         return common.answer(body)
 
     def _trading_expiry(self, key: TestKey) -> int | None:
-        """``tradingAuthorityExpirationTime``: the key's own expiry if set, else venues.md 1.7's 30 days."""
+        """``tradingAuthorityExpirationTime``: the key's own expiry if set, else docs/venues.md §1.7's 30 days."""
         if not key.trade:
             return None
         if key.expires_at_ms is not None:
@@ -265,7 +267,7 @@ class BinanceServer(common.VenueServer):
         key = await self.authenticate(request)
         if "margin" not in key.identities:
             raise common.Reject(error(-3003, "Margin account does not exist."), auth=False)
-        # The whole body is a plausible invention: venues.md documents only the -3003 answer.
+        # The whole body is a plausible invention: docs/venues.md documents only the -3003 answer.
         return common.answer(
             {
                 "borrowEnabled": key.trade,
@@ -282,9 +284,9 @@ class BinanceServer(common.VenueServer):
     async def futures_account(self, request: web.Request) -> web.Response:
         key = await self.authenticate(request)
         if "futures" not in key.identities:
-            # venues.md 1.4: keys not enabled for futures answer -2015
+            # docs/venues.md §1.4: keys not enabled for futures answer -2015
             raise common.Reject(self._rejected(request), auth=False)
-        # Plausible invention: venues.md documents the endpoint, not its body.
+        # Plausible invention: docs/venues.md documents the endpoint, not its body.
         return common.answer(
             {
                 "feeTier": 0,

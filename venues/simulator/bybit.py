@@ -1,11 +1,11 @@
 """Bybit V5's server side: user/query-api, account/info, user/get-member-type, account/wallet-balance.
 
-Authentication (venues.md 3.2): headers ``X-BAPI-API-KEY``, ``X-BAPI-TIMESTAMP`` (ms), ``X-BAPI-SIGN`` =
+Authentication (docs/venues.md §3.2): headers ``X-BAPI-API-KEY``, ``X-BAPI-TIMESTAMP`` (ms), ``X-BAPI-SIGN`` =
 lower hex HMAC-SHA256(secret, timestamp + apiKey + recvWindow + queryString-or-body), optional
 ``X-BAPI-RECV-WINDOW`` (default 5000; the header text is what is signed, "" when absent). Accepted iff
 ``server - recvWindow <= timestamp < server + 1000``.
 
-HTTP statuses: 10003 (unknown key, missing key header) is HTTP 401 (venues.md 3.5 "401 invalid request:
+HTTP statuses: 10003 (unknown key, missing key header) is HTTP 401 (docs/venues.md §3.5 "401 invalid request:
 wrong key / missing auth headers"); every other retCode comes with HTTP 200, Bybit's usual style.
 Keys of another environment (testnet, demo) answer 10003 here (contract); expired keys 33004.
 Checks run in this order: key header, timestamp format (10002), key known (10003), expiry (33004),
@@ -27,9 +27,9 @@ from venues.simulator.registry import TestKey
 
 DEFAULT_RECV_WINDOW = 5000  # ms
 AHEAD_TOLERANCE = 1000  # ms
-KEY_LIFETIME_DAYS = 90  # venues.md 3.7: a key with no IP bound is invalid after 90 days
-IP_BUDGET = ratelimit.Window(600, 5.0)  # 600 requests / 5 s per IP, all hosts (venues.md 3.6)
-ENDPOINT_LIMITS = {  # per UID per endpoint per second (venues.md 3.6)
+KEY_LIFETIME_DAYS = 90  # docs/venues.md §3.7: a key with no IP bound is invalid after 90 days
+IP_BUDGET = ratelimit.Window(600, 5.0)  # 600 requests / 5 s per IP, all hosts (docs/venues.md §3.6)
+ENDPOINT_LIMITS = {  # per UID per endpoint per second (docs/venues.md §3.6)
     "/v5/user/query-api": ratelimit.Window(10, 1.0),
     "/v5/user/get-member-type": ratelimit.Window(10, 1.0),
     "/v5/account/info": ratelimit.Window(50, 1.0),
@@ -39,7 +39,7 @@ WALLETS = {"UNIFIED": "unified", "SPOT": "spot", "CONTRACT": "contract"}  # acco
 
 
 def sign(secret: str, prehash: str) -> str:
-    """lower hex HMAC-SHA256(secret as UTF-8, prehash) (venues.md 3.2)."""
+    """lower hex HMAC-SHA256(secret as UTF-8, prehash) (docs/venues.md §3.2)."""
     return hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).hexdigest()
 
 
@@ -78,7 +78,7 @@ class BybitServer(common.VenueServer):
     def rate_limited(self, request: web.Request, retry_after: float, rule: ratelimit.Rule) -> web.Response:
         headers = {"Retry-After": faults.retry_after_header(retry_after)}  # simulator addition
         if rule.by_ip:
-            # venues.md 3.5: an IP over its budget gets HTTP 403; the JSON body is a simulator choice.
+            # docs/venues.md §3.5: an IP over its budget gets HTTP 403; the JSON body is a simulator choice.
             return self.error(10006, "Too many visits. Exceeded the API Rate Limit.", 403, headers)
         reset_ms = self.now_ms() + int(retry_after * 1000)
         limit = rule.limit.limit if isinstance(rule.limit, ratelimit.Window) else rule.limit.capacity
@@ -93,7 +93,7 @@ class BybitServer(common.VenueServer):
         if kind == faults.RATE_LIMITED:
             return self.rate_limited(request, retry_after, ratelimit.Rule("fault", ratelimit.Window(10, 1.0)))
         if kind == faults.MAINTENANCE:
-            # Not documented by venues.md: 10016 ("service restarting") with HTTP 503 is a simulator choice.
+            # Not documented by docs/venues.md: 10016 ("service restarting") with HTTP 503 is a simulator choice.
             return self.error(10016, "Service is under maintenance, please try again later.", 503)
         if kind == faults.MALFORMED:
             return common.truncated('{"retCode":0,"retMsg":"OK","result":{"id":"1","readOnly":0},"time":1}')
@@ -198,7 +198,7 @@ class BybitServer(common.VenueServer):
 
     def _expiry(self, key: TestKey) -> tuple[int, str]:
         """(deadlineDay, expiredAt): the key's own expiry, else 90 days for keys with no IP bound
-        (venues.md 3.7); an IP-bound key shows -2 and the epoch, as in Bybit's example."""
+        (docs/venues.md §3.7); an IP-bound key shows -2 and the epoch, as in Bybit's example."""
         expires = key.expires_at_ms
         if expires is None and not key.ip_allowlist:
             expires = key.created_at_ms + KEY_LIFETIME_DAYS * 86_400_000
@@ -209,7 +209,7 @@ class BybitServer(common.VenueServer):
 
     async def account_info(self, request: web.Request) -> web.Response:
         key = await self.authenticate(request)
-        # venues.md 3.4: 1 classic (spot/contract wallets), 3 UTA1.0 (unified plus a legacy wallet), 5 UTA2.0.
+        # docs/venues.md §3.4: 1 classic (spot/contract wallets), 3 UTA1.0 (unified plus a legacy wallet), 5 UTA2.0.
         if "unified" not in key.identities:
             status = 1
         elif key.identities == ("unified",):
@@ -241,7 +241,7 @@ class BybitServer(common.VenueServer):
             raise common.Reject(self.error(10001, "params error: accountType is invalid"), auth=False)
         identity = WALLETS.get(account_type)
         if identity is not None and identity not in key.identities:
-            # venues.md 3.5 lists 10028 / 100028 (API only for / not for unified accounts); wording ours.
+            # docs/venues.md §3.5 lists 10028 / 100028 (API only for / not for unified accounts); wording ours.
             if account_type == "UNIFIED":
                 msg = "The API can only be accessed by unified account users."
                 raise common.Reject(self.error(10028, msg), auth=False)

@@ -1,8 +1,8 @@
 """Coinbase's server side: Advanced Trade (CDP keys, JWT bearer tokens) and Exchange, on one port.
 
-Advanced Trade (venues.md 4A): ``/api/v3/brokerage/key_permissions``, ``/accounts``, ``/portfolios`` and the
+Advanced Trade (docs/venues.md §4A): ``/api/v3/brokerage/key_permissions``, ``/accounts``, ``/portfolios`` and the
 public ``/time``. Tokens are checked by :mod:`venues.simulator.coinbase_jwt`. Every authentication failure
-is HTTP 401 ``{"error":"unauthorized","error_details":<reason>,"message":<reason>}`` (venues.md 4A.5 gives
+is HTTP 401 ``{"error":"unauthorized","error_details":<reason>,"message":<reason>}`` (docs/venues.md §4A.5 gives
 the shape, the reasons are the simulator's, and none of them mentions an IP unless the IP is the cause:
 the contract's IP answer). Missing view scope is HTTP 403 ``PERMISSION_DENIED``.
 
@@ -21,7 +21,7 @@ from venues.simulator import coinbase_exchange, coinbase_jwt, common, faults, ra
 from venues.simulator.registry import TestKey
 
 PREFIX = "/api/v3/brokerage"
-PRIVATE_BUDGET = ratelimit.Window(30, 1.0)  # 30 requests/s per user (venues.md 4A.6)
+PRIVATE_BUDGET = ratelimit.Window(30, 1.0)  # 30 requests/s per user (docs/venues.md §4A.6)
 PUBLIC_BUDGET = ratelimit.Window(10, 1.0)  # 10 requests/s per IP
 
 
@@ -78,7 +78,7 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
         if kind == faults.MALFORMED:
             return common.truncated('{"can_view":true,"can_trade":false,"can_transfer":false}')
         if kind == faults.MAINTENANCE:
-            # venues.md 4A.5 names no maintenance answer: HTTP 503 in the error shape is a simulator choice.
+            # docs/venues.md §4A.5 names no maintenance answer: HTTP 503 in the error shape is a simulator choice.
             reason = "service unavailable: under maintenance"
             return common.answer({"error": "unavailable", "error_details": reason, "message": reason}, 503)
         reason = "internal server error"
@@ -153,7 +153,7 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
     async def accounts(self, request: web.Request) -> web.Response:
         key = await self.authenticate(request)
         self._view(key)
-        # Plausible account fields (venues.md 4A.4 names the endpoint only).
+        # Plausible account fields (docs/venues.md §4A.4 names the endpoint only).
         account = {
             "uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:BTC")),
             "name": "BTC Wallet",

@@ -1,13 +1,13 @@
 """Coinbase Exchange's server side (key + base64 secret + passphrase): GET /accounts, /profiles, /time.
 
-Authentication (venues.md 4B): headers ``CB-ACCESS-KEY``, ``CB-ACCESS-TIMESTAMP`` (seconds since the epoch),
+Authentication (docs/venues.md §4B): headers ``CB-ACCESS-KEY``, ``CB-ACCESS-TIMESTAMP`` (seconds since the epoch),
 ``CB-ACCESS-PASSPHRASE`` and ``CB-ACCESS-SIGN`` = base64(HMAC-SHA256(base64decode(secret), timestamp +
 METHOD + requestPath + body)), requestPath including the query string (contract, as ccxt does); the
 timestamp must be within 30 s of server time. Errors are ``{"message": ...}``.
 
 Checks run in this order: headers present (400), key known and not expired (401 "Invalid API Key"),
 passphrase (401 "Invalid Passphrase"), timestamp (400 "request timestamp expired"), signature (401 "invalid
-signature"), IP allow-list (401 "IP address not allowed", contract). Statuses beyond venues.md's "HTTP
+signature"), IP allow-list (401 "IP address not allowed", contract). Statuses beyond docs/venues.md's "HTTP
 400/401" are simulator choices.
 """
 
@@ -25,15 +25,15 @@ from aiohttp import web
 from venues.simulator import common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
-TIMESTAMP_WINDOW = 30.0  # seconds, venues.md 4B
-PRIVATE_BUDGET = ratelimit.Bucket(capacity=30, rate=15)  # 15 rps per profile, burst 30 (venues.md 4B)
+TIMESTAMP_WINDOW = 30.0  # seconds, docs/venues.md §4B
+PRIVATE_BUDGET = ratelimit.Bucket(capacity=30, rate=15)  # 15 rps per profile, burst 30 (docs/venues.md §4B)
 PUBLIC_BUDGET = ratelimit.Bucket(capacity=15, rate=10)  # public 10 rps per IP, burst 15
 REQUIRED_HEADERS = ("CB-ACCESS-KEY", "CB-ACCESS-SIGN", "CB-ACCESS-TIMESTAMP", "CB-ACCESS-PASSPHRASE")
 PATHS = ("/accounts", "/profiles", "/time")
 
 
 def sign(secret_b64: str, prehash: str) -> str:
-    """base64(HMAC-SHA256(key = base64decode(secret), prehash)) (venues.md 4B)."""
+    """base64(HMAC-SHA256(key = base64decode(secret), prehash)) (docs/venues.md §4B)."""
     mac = hmac.new(base64.b64decode(secret_b64), prehash.encode(), hashlib.sha256)
     return base64.b64encode(mac.digest()).decode()
 
@@ -105,18 +105,18 @@ class CoinbaseExchange(common.VenueServer):
 
     def _readable(self, key: TestKey) -> None:
         if not key.read or "default" not in key.identities:
-            # venues.md 0: HTTP 403 [unconfirmed]; the wording is a simulator choice.
+            # docs/venues.md §0: HTTP 403 [unconfirmed]; the wording is a simulator choice.
             raise common.Reject(error("Forbidden", 403), auth=False)
 
     async def exchange_time(self, request: web.Request) -> web.Response:
-        # The shape of Coinbase Exchange's GET /time (not quoted in venues.md): iso + epoch seconds.
+        # The shape of Coinbase Exchange's GET /time (not quoted in docs/venues.md): iso + epoch seconds.
         now = self.now_ms()
         return common.answer({"iso": common.iso_ms(now), "epoch": now / 1000})
 
     async def exchange_accounts(self, request: web.Request) -> web.Response:
         key = await self.exchange_authenticate(request)
         self._readable(key)
-        # Account fields are plausible choices (venues.md does not quote the body).
+        # Account fields are plausible choices (docs/venues.md does not quote the body).
         account_id = uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:BTC")
         accounts = [
             {

@@ -1,9 +1,9 @@
-"""Checking the JWT bearer tokens of Coinbase CDP keys (venues.md 4A.2 and the contract in venues/README.md).
+"""Checking the JWT bearer tokens of Coinbase CDP keys (docs/venues.md §4A.2 and the contract in venues/README.md).
 
 A token is ``base64url(header).base64url(payload).base64url(signature)``; ES256 signatures are raw ``r || s``
 (64 bytes) made with the key's EC P-256 private key, EdDSA signatures are Ed25519 made with the seed (the
 first 32 bytes of the base64 secret). The simulator accepts a token when the signature verifies with the
-registered key and: ``kid == sub == key name``, ``iss`` is ``cdp`` or ``coinbase-cloud`` (venues.md 4A.2:
+registered key and: ``kid == sub == key name``, ``iss`` is ``cdp`` or ``coinbase-cloud`` (docs/venues.md §4A.2:
 both are used by official code), ``nbf <= now + 5 s``, ``exp > now``, ``exp - nbf <= 120`` and ``uri`` (or,
 as the CDP SDK sends for Ed25519 keys, one of ``uris``) equals ``"<METHOD> <Host header><path>"``.
 """
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 NBF_LEEWAY = 5  # seconds a token's nbf may be ahead of the server (contract)
-MAX_LIFETIME = 120  # seconds between nbf and exp (venues.md 4A.2)
+MAX_LIFETIME = 120  # seconds between nbf and exp (docs/venues.md §4A.2)
 ISSUERS = ("cdp", "coinbase-cloud")
 ALGORITHMS = {"cdp": "ES256", "cdp_ed25519": "EdDSA"}  # key kind -> JWT alg
 

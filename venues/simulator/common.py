@@ -127,7 +127,7 @@ class VenueServer:
         raise NotImplementedError
 
     def rate_rules(self, request: web.Request, key: registry.TestKey | None) -> list[ratelimit.Rule]:
-        """The documented budgets this request draws from (venues.md x.6)."""
+        """The documented budgets this request draws from (docs/venues.md §x.6)."""
         raise NotImplementedError
 
     def rate_limited(self, request: web.Request, retry_after: float, rule: ratelimit.Rule) -> web.Response:

@@ -1,4 +1,4 @@
-"""Realistic key material and account ids in each venue's format (venues.md sections 1-5).
+"""Realistic key material and account ids in each venue's format (docs/venues.md §1-5).
 
 Key material comes from :mod:`secrets` (never the seeded fault RNG), so two simulators never hand out the
 same keys. Formats:
@@ -71,7 +71,7 @@ def _coinbase(kind: str | None, uid: str) -> Material:
         private = ec.generate_private_key(ec.SECP256R1())
         pem = private.private_bytes(
             serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,  # SEC1: "BEGIN EC PRIVATE KEY" (venues.md 4A.2)
+            serialization.PrivateFormat.TraditionalOpenSSL,  # SEC1: "BEGIN EC PRIVATE KEY" (docs/venues.md §4A.2)
             serialization.NoEncryption(),
         ).decode("ascii")
         # Keys of one account share the organization id, as on the real portal.
@@ -81,7 +81,7 @@ def _coinbase(kind: str | None, uid: str) -> Material:
         signer = ed25519.Ed25519PrivateKey.generate()
         seed = signer.private_bytes_raw()
         public = signer.public_key().public_bytes_raw()
-        return Material(str(uuid.uuid4()), _b64(seed + public))  # venues.md 4A.2: seed || public key
+        return Material(str(uuid.uuid4()), _b64(seed + public))  # docs/venues.md §4A.2: seed || public key
     passphrase = _chars(string.ascii_lowercase + string.digits, 11)
     return Material(secrets.token_hex(16), _b64(secrets.token_bytes(64)), passphrase)
 
@@ -98,7 +98,7 @@ def account_id(venue: Venue, kind: str | None) -> str:
 
 
 def iiban(seed: str) -> str:
-    """A Kraken-style IIBAN (``AA88 N84G WOAK NMOI``, venues.md 5A.3), stable for a given ``seed``."""
+    """A Kraken-style IIBAN (``AA88 N84G WOAK NMOI``, docs/venues.md §5A.3), stable for a given ``seed``."""
     digest = hashlib.sha256(seed.encode()).digest()
     chars = "".join(_UPPER_ALNUM[b % len(_UPPER_ALNUM)] for b in digest[:12])
     return f"AA{digest[12] % 90 + 10} {chars[0:4]} {chars[4:8]} {chars[8:12]}"

@@ -1,12 +1,12 @@
 """Kraken's server side: Spot ``/0/private/*`` and ``/0/public/Time``, plus Futures (same port, contract).
 
-Spot authentication (venues.md 5A.2): headers ``API-Key`` and ``API-Sign`` = base64(HMAC-SHA512(
+Spot authentication (docs/venues.md §5A.2): headers ``API-Key`` and ``API-Sign`` = base64(HMAC-SHA512(
 base64decode(secret), URI path || SHA256(nonce + POST data))); the body (form-encoded, or JSON when
 ``Content-Type: application/json``) carries ``nonce``, which must exceed every nonce used before with that
 key (no nonce window). Errors are HTTP 200 ``{"error":["E...:..."]}``.
 
 Checks run in this order: key known, not expired, production (``EAPI:Invalid key``, contract), signature
-(``EAPI:Invalid signature``: venues.md lists it; a key that exists but signs wrong is told apart here),
+(``EAPI:Invalid signature``: docs/venues.md lists it; a key that exists but signs wrong is told apart here),
 nonce (``EAPI:Invalid nonce``), IP allow-list (``EGeneral:Permission denied``, contract), then the
 endpoint's permission (``EGeneral:Permission denied``).
 """
@@ -28,14 +28,14 @@ from venues.base import Venue
 from venues.simulator import common, faults, kraken_futures, ratelimit
 from venues.simulator.registry import TestKey
 
-# Kraken's per-key call counter, Starter tier (venues.md 5A.6): at most 15, decaying 0.33 per second.
+# Kraken's per-key call counter, Starter tier (docs/venues.md §5A.6): at most 15, decaying 0.33 per second.
 SPOT_COUNTER = ratelimit.Bucket(capacity=15, rate=0.33)
-# Strings from venues.md 5A.3 (the four confirmed ones).
+# Strings from docs/venues.md §5A.3 (the four confirmed ones).
 READ_PERMISSIONS = ("query-funds", "query-open-trades")
 
 
 def api_sign(secret_b64: str, uri_path: str, nonce: str, post_data: str) -> str:
-    """The ``API-Sign`` header value (venues.md 5A.2)."""
+    """The ``API-Sign`` header value (docs/venues.md §5A.2)."""
     message = uri_path.encode() + hashlib.sha256((nonce + post_data).encode()).digest()
     mac = hmac.new(base64.b64decode(secret_b64), message, hashlib.sha512)
     return base64.b64encode(mac.digest()).decode()
@@ -101,7 +101,7 @@ class KrakenServer(kraken_futures.KrakenFutures):
             return common.truncated(
                 '{"error":[],"result":{"apiKeyName":"sim","permissions":["query-funds"]}}'
             )
-        # venues.md 5A.5: a non-200 status means the request never reached the API (a proxy answered).
+        # docs/venues.md §5A.5: a non-200 status means the request never reached the API (a proxy answered).
         return error("EGeneral:Internal error", 500)
 
     # -- authentication ---------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class KrakenServer(kraken_futures.KrakenFutures):
         return key
 
     def _funds(self, key: TestKey) -> None:
-        """Balance and TradeBalance need "Query Funds" (venues.md 5A.3) and the spot identity."""
+        """Balance and TradeBalance need "Query Funds" (docs/venues.md §5A.3) and the spot identity."""
         if not key.read or "spot" not in key.identities:
             raise common.Reject(error("EGeneral:Permission denied"), auth=False)
 

@@ -1,6 +1,6 @@
 """Kraken Futures' server side: the auth service's key check and ``/derivatives/api/v3/accounts``.
 
-Authentication (venues.md 5B and the contract): headers ``APIKey``, ``Authent`` and optional ``Nonce``;
+Authentication (docs/venues.md §5B and the contract): headers ``APIKey``, ``Authent`` and optional ``Nonce``;
 ``Authent = base64(HMAC-SHA512(base64decode(secret), SHA256(postData + Nonce + endpointPath)))`` where
 postData is the query string for GET (the body for POST), Nonce is "" when not sent, and endpointPath is the
 URL path without a leading ``/derivatives`` (``/api/auth/v1/api-keys/v3/check`` for the auth service).
@@ -11,7 +11,7 @@ Unknown, expired, badly signed and IP-refused keys all answer HTTP 401
 faults) use the same body shape; their HTTP statuses are simulator choices (200 for nonce errors, 429 for
 ``apiLimitExceeded``, 5xx for server faults).
 
-The ``permissions`` object of the key check is not documented (venues.md 5B, 8): the simulator answers
+The ``permissions`` object of the key check is not documented (docs/venues.md §5B, 8): the simulator answers
 ``{"general": "FULL_ACCESS" | "READ_ONLY" | "NO_ACCESS", "withdrawal": "FULL_ACCESS" | "NO_ACCESS"}``,
 after the Futures UI's "General API" and "Withdrawal API" settings.
 """
@@ -32,12 +32,12 @@ from venues.simulator.registry import TestKey
 
 CHECK_PATH = "/api/auth/v1/api-keys/v3/check"
 ACCOUNTS_PATH = "/derivatives/api/v3/accounts"
-DERIVATIVES_BUDGET = ratelimit.Window(500, 10.0)  # 500 cost per 10 s (venues.md 5B)
+DERIVATIVES_BUDGET = ratelimit.Window(500, 10.0)  # 500 cost per 10 s (docs/venues.md §5B)
 COSTS = {ACCOUNTS_PATH: 2}
 
 
 def authent(secret_b64: str, post_data: str, nonce: str, endpoint_path: str) -> str:
-    """The ``Authent`` header value (venues.md 5B)."""
+    """The ``Authent`` header value (docs/venues.md §5B)."""
     digest = hashlib.sha256((post_data + nonce + endpoint_path).encode()).digest()
     mac = hmac.new(base64.b64decode(secret_b64), digest, hashlib.sha512)
     return base64.b64encode(mac.digest()).decode()
@@ -135,7 +135,7 @@ class KrakenFutures(common.VenueServer):
         if not (key.read or key.trade) or "futures" not in key.identities:
             raise common.Reject(self.futures_error("authenticationError", 401), auth=False)
         flex_id = uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:flex")
-        # Account types from venues.md 5B; balances and other fields are plausible choices.
+        # Account types from docs/venues.md §5B; balances and other fields are plausible choices.
         accounts = {
             "cash": {"type": "cashAccount", "balances": {"xbt": 0.0, "usd": 0.0}},
             "flex": {

@@ -1,12 +1,12 @@
 """OKX v5's server side: account/config, account/balance, asset/balances and the public time.
 
-Authentication (venues.md 2.2): headers ``OK-ACCESS-KEY``, ``OK-ACCESS-TIMESTAMP`` (ISO-8601 ms UTC),
+Authentication (docs/venues.md §2.2): headers ``OK-ACCESS-KEY``, ``OK-ACCESS-TIMESTAMP`` (ISO-8601 ms UTC),
 ``OK-ACCESS-PASSPHRASE`` (plaintext) and ``OK-ACCESS-SIGN`` = base64(HMAC-SHA256(secret as text,
 timestamp + METHOD + requestPath(with ?query) + body)); the timestamp must be within 30 s of server time.
 Demo keys (environment "demo") need ``x-simulated-trading: 1`` and production keys must not send it, else
 50101 (contract). Expired keys answer 50119 "API key doesn't exist" (contract).
 
-Every 501xx answer is HTTP 401 (venues.md 2.5, OKX tables as quoted by pyted/okx), 50120 included.
+Every 501xx answer is HTTP 401 (docs/venues.md §2.5, OKX tables as quoted by pyted/okx), 50120 included.
 Checks run in this order: headers present (50103/50104/50106/50107), timestamp format (50112), timestamp
 window (50102), key known (50111) and not expired (50119), environment (50101), passphrase (50105),
 signature (50113), IP allow-list (50110).
@@ -25,8 +25,8 @@ from venues.base import Venue
 from venues.simulator import common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
-TIMESTAMP_WINDOW_MS = 30_000  # venues.md 2.2: +-30 s
-# (limit, seconds) per endpoint, rule "User ID" (venues.md 2.6)
+TIMESTAMP_WINDOW_MS = 30_000  # docs/venues.md §2.2: +-30 s
+# (limit, seconds) per endpoint, rule "User ID" (docs/venues.md §2.6)
 ENDPOINT_LIMITS = {
     "/api/v5/account/config": ratelimit.Window(5, 2.0),
     "/api/v5/account/balance": ratelimit.Window(10, 2.0),
@@ -41,7 +41,7 @@ REQUIRED_HEADERS = (
 
 
 def sign(secret: str, prehash: str) -> str:
-    """base64(HMAC-SHA256(key = secret as UTF-8 text, not base64-decoded, prehash)) (venues.md 2.2)."""
+    """base64(HMAC-SHA256(key = secret as UTF-8 text, not base64-decoded, prehash)) (docs/venues.md §2.2)."""
     return base64.b64encode(hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).digest()).decode()
 
 
@@ -82,7 +82,7 @@ class OkxServer(common.VenueServer):
         return [ratelimit.Rule(f"okx:{subject}:{request.path}", limit)]
 
     def rate_limited(self, request: web.Request, retry_after: float, rule: ratelimit.Rule) -> web.Response:
-        # Retry-After is a simulator addition; OKX documents only HTTP 429 + 50011 (venues.md 2.5).
+        # Retry-After is a simulator addition; OKX documents only HTTP 429 + 50011 (docs/venues.md §2.5).
         return common.answer(
             {"code": "50011", "msg": "Too Many Requests", "data": []},
             429,
@@ -122,7 +122,7 @@ class OkxServer(common.VenueServer):
         if not hmac.compare_digest(headers["OK-ACCESS-PASSPHRASE"], key.api_passphrase or ""):
             raise common.Reject(error(50105, 'Request header "OK-ACCESS-PASSPHRASE" incorrect.'))
         body = await request.text() if request.can_read_body else ""
-        # requestPath with its ?query exactly as sent (venues.md 2.2); raw_path is the request target.
+        # requestPath with its ?query exactly as sent (docs/venues.md §2.2); raw_path is the request target.
         prehash = stamp_text + request.method.upper() + request.raw_path + body
         if not hmac.compare_digest(sign(key.api_secret, prehash), headers["OK-ACCESS-SIGN"]):
             raise common.Reject(error(50113, "Invalid Sign"))
@@ -143,7 +143,7 @@ class OkxServer(common.VenueServer):
             for name, on in (("read_only", key.read), ("trade", key.trade), ("withdraw", key.withdraw))
             if on
         ]
-        # venues.md 2.3 names the fields; values beyond perm/ip/uid/mainUid/label/type are plausible choices.
+        # docs/venues.md §2.3 names the fields; values beyond perm/ip/uid/mainUid/label/type are plausible choices.
         config = {
             "acctLv": "2",
             "autoLoan": False,
@@ -175,7 +175,7 @@ class OkxServer(common.VenueServer):
     async def trading_balance(self, request: web.Request) -> web.Response:
         key = await self.authenticate(request)
         self._require(key, "trading")
-        # Shape of venues.md 2.4 (totalEq, details); the other fields are plausible choices.
+        # Shape of docs/venues.md §2.4 (totalEq, details); the other fields are plausible choices.
         data = {
             "adjEq": "",
             "details": [],

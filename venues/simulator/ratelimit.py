@@ -1,7 +1,7 @@
 """Rate-limit bookkeeping of the simulated venues.
 
 Each venue module turns a request into :class:`Rule` values (whose budget, which limit, what cost), from
-the documented limits of its endpoints (venues.md x.6). Two kinds of limit cover the five venues:
+the documented limits of its endpoints (docs/venues.md §x.6). Two kinds of limit cover the five venues:
 
 * :class:`Window`: at most ``limit`` cost within any ``seconds`` (Binance weight per minute, OKX "5 requests
   per 2 s", Bybit per-second limits, Coinbase Advanced 30/s, Kraken Futures 500 cost per 10 s).

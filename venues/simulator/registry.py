@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from venues.base import ApiKeys, Venue, mask_api_key
 from venues.simulator import keygen
 
-# Identity names are the seeds' (contract: "Identities use the seeds' names").
+# Identity names are those of docs/api-dialect.md §5 (contract: "Identities use the names of docs/api-dialect.md §5").
 IDENTITIES: Mapping[tuple[Venue, str | None], tuple[str, ...]] = {
     (Venue.BINANCE, None): ("futures", "margin", "spot"),
     (Venue.OKX, None): ("funding", "trading"),
@@ -245,7 +245,7 @@ class Registry:
         return self._nonces.get(api_key)
 
     def accept_nonce(self, api_key: str, nonce: int) -> bool:
-        """Record ``nonce`` if it is above every nonce used before with this key (Kraken, venues.md 5A.2).
+        """Record ``nonce`` if it is above every nonce used before with this key (Kraken, docs/venues.md §5A.2).
 
         Check and record happen with no await in between, so concurrent requests cannot both pass.
         """

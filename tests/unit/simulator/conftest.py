@@ -1,6 +1,6 @@
 """Fixtures of the simulator tests: a running simulator, a client session, and signed-request helpers.
 
-The signers here are written from venues.md's formulas, independently of the simulator's verifiers (and
+The signers here are written from docs/venues.md's formulas, independently of the simulator's verifiers (and
 never importing the probe modules), so each side checks the other.
 """
 
@@ -58,7 +58,7 @@ def make_jwt(
     exp: float | None = None,
     uri: str | None = None,
 ) -> str:
-    """A CDP bearer token (venues.md 4A.2): ES256 for "cdp" keys, EdDSA for "cdp_ed25519" keys."""
+    """A CDP bearer token (docs/venues.md §4A.2): ES256 for "cdp" keys, EdDSA for "cdp_ed25519" keys."""
     now = int(time.time())
     alg = "ES256" if key.kind == "cdp" else "EdDSA"
     header = {"alg": alg, "kid": kid or key.api_key, "nonce": secrets.token_hex(16), "typ": "JWT"}
@@ -126,7 +126,7 @@ class Client:
     async def get(self, venue: Venue, path: str, **kwargs: Any) -> Answer:
         return await self.send("GET", self.base(venue) + path, **kwargs)
 
-    # -- BINANCE (venues.md 1.2) ------------------------------------------------------------------
+    # -- BINANCE (docs/venues.md §1.2) ------------------------------------------------------------------
 
     async def binance(
         self,
@@ -148,7 +148,7 @@ class Client:
         url = f"{self.base(Venue.BINANCE)}{path}?{query}&signature={signature}"
         return await self.send("GET", url, {"X-MBX-APIKEY": api_key or key.api_key})
 
-    # -- OKX (venues.md 2.2) ----------------------------------------------------------------------
+    # -- OKX (docs/venues.md §2.2) ----------------------------------------------------------------------
 
     async def okx(
         self,
@@ -177,7 +177,7 @@ class Client:
             headers["x-simulated-trading"] = "1"
         return await self.send("GET", self.base(Venue.OKX) + request_path, headers)
 
-    # -- BYBIT (venues.md 3.2) --------------------------------------------------------------------
+    # -- BYBIT (docs/venues.md §3.2) --------------------------------------------------------------------
 
     async def bybit(
         self,
@@ -205,7 +205,7 @@ class Client:
         url = self.base(Venue.BYBIT) + path + (f"?{query}" if query else "")
         return await self.send("GET", url, headers)
 
-    # -- COINBASE Advanced (venues.md 4A.2) and Exchange (4B) -------------------------------------
+    # -- COINBASE Advanced (docs/venues.md §4A.2) and Exchange (4B) -------------------------------------
 
     async def cdp(self, key: TestKey, path: str, **claims: Any) -> Answer:
         token = make_jwt(key, method="GET", host=self.host(Venue.COINBASE), path=path, **claims)
@@ -233,7 +233,7 @@ class Client:
         }
         return await self.get(Venue.COINBASE, request_path, headers=headers)
 
-    # -- KRAKEN Spot (venues.md 5A.2) and Futures (5B) --------------------------------------------
+    # -- KRAKEN Spot (docs/venues.md §5A.2) and Futures (5B) --------------------------------------------
 
     def next_nonce(self) -> int:
         self._nonce += 1

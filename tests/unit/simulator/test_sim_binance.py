@@ -1,4 +1,4 @@
-"""The simulated Binance: venues.md section 1 and the contract of venues/README.md."""
+"""The simulated Binance: docs/venues.md §1 and the contract of venues/README.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ RESTRICTIONS = "/sapi/v1/account/apiRestrictions"
 
 
 def test_official_vector_is_accepted() -> None:
-    """The spot doc example of venues.md 1.8 (first payload) verifies; one changed byte does not."""
+    """The spot doc example of docs/venues.md §1.8 (first payload) verifies; one changed byte does not."""
     secret = "NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j"
     payload = (
         "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1"
@@ -53,7 +53,7 @@ async def test_read_only_key_without_ip_has_no_trading_expiry(sim: Simulator, cl
 
 
 async def test_trading_key_without_ip_expires_after_30_days(sim: Simulator, client: Any) -> None:
-    """venues.md 1.7: trading on a key with no IP whitelist lapses 30 days after creation."""
+    """docs/venues.md §1.7: trading on a key with no IP whitelist lapses 30 days after creation."""
     key = sim.add_key(Venue.BINANCE, trade=True)
     answer = await client.binance(key, RESTRICTIONS)
     assert answer.body["tradingAuthorityExpirationTime"] == key.created_at_ms + 30 * 86_400_000

@@ -1,4 +1,4 @@
-"""The simulated Bybit: venues.md section 3 and the contract of venues/README.md."""
+"""The simulated Bybit: docs/venues.md §3 and the contract of venues/README.md."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ async def test_query_api_reports_registered_permissions(sim: Simulator, client: 
 
 
 async def test_read_only_key_without_ip(sim: Simulator, client: Any) -> None:
-    """A read-only key with no IP: readOnly 1, ips ["*"], an expiry 90 days out (venues.md 3.7)."""
+    """A read-only key with no IP: readOnly 1, ips ["*"], an expiry 90 days out (docs/venues.md §3.7)."""
     key = sim.add_key(Venue.BYBIT, trade=False)
     result = (await client.bybit(key, QUERY_API)).body["result"]
     assert result["readOnly"] == 1
@@ -70,7 +70,7 @@ async def test_expired_key_answers_33004(sim: Simulator, client: Any) -> None:
 
 
 async def test_timestamp_window(sim: Simulator, client: Any) -> None:
-    """Accepted iff server - recvWindow <= ts < server + 1000 (venues.md 3.2), else 10002."""
+    """Accepted iff server - recvWindow <= ts < server + 1000 (docs/venues.md §3.2), else 10002."""
     key = sim.add_key(Venue.BYBIT)
     now = int(time.time() * 1000)
     assert (await client.bybit(key, QUERY_API, timestamp=now - 6_000)).body["retCode"] == 10002

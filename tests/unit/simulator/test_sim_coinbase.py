@@ -1,4 +1,4 @@
-"""The simulated Coinbase: Advanced Trade with CDP keys (venues.md 4A), Exchange (4B), and the contract."""
+"""The simulated Coinbase: Advanced Trade with CDP keys (docs/venues.md §4A), Exchange (4B), and the contract."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ async def test_key_permissions_reports_registered_permissions(sim: Simulator, cl
 
 
 async def test_coinbase_cloud_issuer_is_accepted(sim: Simulator, client: Any) -> None:
-    """iss "coinbase-cloud" (coinbase-advanced-py, ccxt) passes as "cdp" does (venues.md 4A.2)."""
+    """iss "coinbase-cloud" (coinbase-advanced-py, ccxt) passes as "cdp" does (docs/venues.md §4A.2)."""
     key = sim.add_key(Venue.COINBASE)
     assert (await client.cdp(key, PERMISSIONS, iss="coinbase-cloud")).status == 200
     assert (await client.cdp(key, PERMISSIONS, iss="someone")).status == 401

@@ -21,7 +21,7 @@ CALLS = {
     Venue.KRAKEN: ("kraken", "GetApiKeyInfo"),
 }
 
-# (HTTP status, venue code) of each kind, per venue (venues.md x.5 and the simulator's documented choices).
+# (HTTP status, venue code) of each kind, per venue (docs/venues.md §x.5 and the simulator's documented choices).
 EXPECTED: dict[Venue, dict[str, tuple[int, Any]]] = {
     Venue.BINANCE: {"server_error": (500, -1001), "rate_limited": (429, -1003), "maintenance": (503, -1016)},
     Venue.OKX: {

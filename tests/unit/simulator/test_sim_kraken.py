@@ -1,4 +1,4 @@
-"""The simulated Kraken: Spot (venues.md 5A), Futures (5B) and the contract of venues/README.md."""
+"""The simulated Kraken: Spot (docs/venues.md §5A), Futures (5B) and the contract of venues/README.md."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ACCOUNTS = "/derivatives/api/v3/accounts"
 
 
 def test_official_vector_is_accepted() -> None:
-    """The venues.md 5A.8 vector: the simulator's API-Sign for the documented inputs is the documented one."""
+    """The docs/venues.md §5A.8 vector: the simulator's API-Sign for the documented inputs is the documented one."""
     secret = "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg=="
     payload = "nonce=1616492376594&ordertype=limit&pair=XBTUSD&price=37500&type=buy&volume=1.25"
     expected = "4/dpxb3iT4tp/ZCVEwSnEsLxx0bqyhLpdfOpc6fn7OR8+UClSV5n9E6aSS8MPtnRfp32bAb0nmbRn6H8ndwLUQ=="
@@ -43,7 +43,7 @@ async def test_get_api_key_info_reports_registered_permissions(sim: Simulator, c
 
 
 async def test_json_body_is_accepted(sim: Simulator, client: Any) -> None:
-    """A JSON body {"nonce": n} signed as sent passes (venues.md 5A.2)."""
+    """A JSON body {"nonce": n} signed as sent passes (docs/venues.md §5A.2)."""
     expires = int(time.time() * 1000) + 86_400_000
     key = sim.add_key(Venue.KRAKEN, expires_at_ms=expires)
     answer = await client.kraken(key, "GetApiKeyInfo", as_json=True)

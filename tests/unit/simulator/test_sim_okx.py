@@ -1,4 +1,4 @@
-"""The simulated OKX: venues.md section 2 and the contract of venues/README.md."""
+"""The simulated OKX: docs/venues.md §2 and the contract of venues/README.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Binance probe (venues/binance.py) against venues.md section 1, with aioresponses (no network)."""
+"""The Binance probe (venues/binance.py) against docs/venues.md §1, with aioresponses (no network)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from venues import base, binance, http, limits
 
 API = "https://api.binance.com"
 FAPI = "https://fapi.binance.com"
-# venues.md 1.8, the spot documentation's key pair
+# docs/venues.md §1.8, the spot documentation's key pair
 DOC_KEY = "vmPUZE6mv9SD5VNHk4HlWFsOr6aKE2zvsw0MuIgwCIPy6utIco14y7Ju91duEh8A"
 DOC_SECRET = "NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j"
 KEYS = base.ApiKeys(api_key=DOC_KEY, api_secret=DOC_SECRET)
@@ -44,7 +44,7 @@ SPOT: dict[str, Any] = {"uid": 354937868, "accountType": "SPOT", "canTrade": Tru
 MARGIN: dict[str, Any] = {"tradeEnabled": True, "totalAssetOfBtc": "0", "userAssets": []}
 FUTURES: dict[str, Any] = {"totalWalletBalance": "0", "assets": [], "positions": []}
 
-# venues.md 1.5 (and -3003 from 1.4), copied by hand: the module's table must say exactly this. Where the doc
+# docs/venues.md §1.5 (and -3003 from 1.4), copied by hand: the module's table must say exactly this. Where the doc
 # gives two classes or "bug", the choice made in venues/binance.py is written here too.
 DOC_CODES: dict[int, base.Outcome] = {
     -2014: base.Outcome.INVALID_KEY,
@@ -77,7 +77,7 @@ def at(host: str, path: str) -> re.Pattern[str]:
 
 
 def ref_sign(secret: str, payload: str) -> str:
-    """venues.md 1.2 step 4, written independently of the module."""
+    """docs/venues.md §1.2 step 4, written independently of the module."""
     return hmac.new(secret.encode("ascii"), payload.encode("ascii"), hashlib.sha256).hexdigest()
 
 
@@ -99,7 +99,7 @@ def mock_good(
     m.get(at(FAPI, binance.FUTURES_ACCOUNT_PATH), payload=futures or FUTURES)
 
 
-# -- signing: the official vectors (venues.md 1.8) -------------------------------------------------------
+# -- signing: the official vectors (docs/venues.md §1.8) -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -537,11 +537,11 @@ async def test_connection_error(probe: binance.BinanceProbe, mocked: aioresponse
 
 
 def test_error_table_is_the_documented_one() -> None:
-    """binance.ERRORS holds exactly the codes of venues.md 1.5 (+ -3003), each in its documented class."""
+    """binance.ERRORS holds exactly the codes of docs/venues.md §1.5 (+ -3003), each in its documented class."""
     assert binance.ERRORS == DOC_CODES
 
 
-# venues.md 1.5 "HTTP", copied by hand (5xx, and any other 4xx, are SERVER_ERROR outside the table)
+# docs/venues.md §1.5 "HTTP", copied by hand (5xx, and any other 4xx, are SERVER_ERROR outside the table)
 DOC_HTTP: dict[int, base.Outcome] = {
     418: base.Outcome.RATE_LIMITED,
     429: base.Outcome.RATE_LIMITED,
@@ -551,7 +551,7 @@ DOC_HTTP: dict[int, base.Outcome] = {
 
 
 def test_http_table_is_the_documented_one() -> None:
-    """binance.HTTP_STATUS holds exactly the statuses venues.md 1.5 gives a meaning."""
+    """binance.HTTP_STATUS holds exactly the statuses docs/venues.md §1.5 gives a meaning."""
     assert binance.HTTP_STATUS == DOC_HTTP
 
 
@@ -592,7 +592,7 @@ def test_classify_follows_the_doc(code: int, outcome: base.Outcome) -> None:
 
 
 def test_unknown_code_is_transient() -> None:
-    """A code venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
+    """A code docs/venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
     reply = http.Reply(status=400, headers={}, body={"code": -9999, "msg": "new"}, text="")
     failure = binance.classify(reply)
     assert failure is not None

@@ -1,4 +1,4 @@
-"""The Bybit probe (venues/bybit.py) against venues.md section 3, with aioresponses (no network)."""
+"""The Bybit probe (venues/bybit.py) against docs/venues.md §3, with aioresponses (no network)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ API_INFO: dict[str, Any] = {
     },
     "ips": ["203.0.113.7", "198.51.100.9"],
     "type": 1,
-    "deadlineDay": -2,  # venues.md 3.3: what an IP-bound key reports
+    "deadlineDay": -2,  # docs/venues.md §3.3: what an IP-bound key reports
     "expiredAt": "1970-01-01T00:00:00Z",
     "createdAt": "2024-11-23T07:24:35Z",
     "uta": 1,
@@ -60,7 +60,7 @@ ACCOUNT_INFO: dict[str, Any] = {
 }
 MEMBERS: dict[str, Any] = {"accounts": [{"uid": str(USER_ID), "accountType": ["UNIFIED", "FUND"]}]}
 
-# venues.md 3.5, copied by hand: the module's table must say exactly this. Where the doc says "bug" or gives
+# docs/venues.md §3.5, copied by hand: the module's table must say exactly this. Where the doc says "bug" or gives
 # two classes, the choice made in venues/bybit.py is written here too.
 DOC_CODES: dict[int, base.Outcome] = {
     10003: base.Outcome.INVALID_KEY,  # "INVALID_KEY or WRONG_ENVIRONMENT (try other hosts)"
@@ -88,7 +88,7 @@ DOC_CODES: dict[int, base.Outcome] = {
 
 
 def ref_sign(secret: str, timestamp: str, api_key: str, recv_window: str, query_or_body: str) -> str:
-    """venues.md 3.2 written independently of the module: hex HMAC-SHA256(ts + key + recvWindow + payload)."""
+    """docs/venues.md §3.2 written independently of the module: hex HMAC-SHA256(ts + key + recvWindow + payload)."""
     payload = (timestamp + api_key + recv_window + query_or_body).encode("utf-8")
     return hmac.new(secret.encode("utf-8"), payload, hashlib.sha256).hexdigest()
 
@@ -135,7 +135,7 @@ def mock_good(
     m.get(host + bybit.MEMBER_TYPE_PATH, payload=ok(members or MEMBERS))
 
 
-# -- signing (venues.md 3.2; 3.8: the doc's signatures cannot be reproduced, its pre-sign strings can) ---
+# -- signing (docs/venues.md §3.2; 3.8: the doc's signatures cannot be reproduced, its pre-sign strings can) ---
 
 
 def test_pre_sign_strings_match_the_guide() -> None:
@@ -296,7 +296,7 @@ async def test_identities_follow_account_kind_and_wallets(
     wallets: list[str],
     identities: tuple[str, ...],
 ) -> None:
-    """unifiedMarginStatus and the UID's wallets give unified / spot / contract (venues.md 3.4)."""
+    """unifiedMarginStatus and the UID's wallets give unified / spot / contract (docs/venues.md §3.4)."""
     mock_good(
         mocked,
         account={**ACCOUNT_INFO, "unifiedMarginStatus": status},
@@ -523,11 +523,11 @@ async def test_timeout(probe: bybit.BybitProbe, mocked: aioresponses) -> None:
 
 
 def test_error_table_is_the_documented_one() -> None:
-    """bybit.ERRORS holds exactly the retCodes of venues.md 3.5, each in its documented class."""
+    """bybit.ERRORS holds exactly the retCodes of docs/venues.md §3.5, each in its documented class."""
     assert bybit.ERRORS == DOC_CODES
 
 
-# venues.md 3.5 "HTTP", copied by hand (5xx, and any other 4xx, are SERVER_ERROR outside the table)
+# docs/venues.md §3.5 "HTTP", copied by hand (5xx, and any other 4xx, are SERVER_ERROR outside the table)
 DOC_HTTP: dict[int, base.Outcome] = {
     401: base.Outcome.INVALID_KEY,  # "invalid request (wrong key / missing auth headers)"
     403: base.Outcome.RATE_LIMITED,  # "IP rate limit breached" (or GET with a body, or a US IP)
@@ -536,7 +536,7 @@ DOC_HTTP: dict[int, base.Outcome] = {
 
 
 def test_http_table_is_the_documented_one() -> None:
-    """bybit.HTTP_STATUS holds exactly the statuses venues.md 3.5 gives a meaning."""
+    """bybit.HTTP_STATUS holds exactly the statuses docs/venues.md §3.5 gives a meaning."""
     assert bybit.HTTP_STATUS == DOC_HTTP
 
 
@@ -573,7 +573,7 @@ def test_classify_follows_the_doc(code: int, outcome: base.Outcome) -> None:
 
 
 def test_unknown_code_is_transient() -> None:
-    """A retCode venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
+    """A retCode docs/venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
     failure = bybit.classify(http.Reply(status=200, headers={}, body=error(170999), text=""))
     assert failure is not None
     assert failure.outcome is base.Outcome.SERVER_ERROR

@@ -46,7 +46,7 @@ PEM_BODY_LINE = PEM.splitlines()[1]
 ED_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(hashlib.sha256(CANARY.encode()).digest())
 ED_SECRET = base64.b64encode(
     ED_KEY.private_bytes_raw() + ED_KEY.public_key().public_bytes_raw()
-).decode()  # seed || public key, venues.md 4A.2
+).decode()  # seed || public key, docs/venues.md §4A.2
 EXCHANGE_SECRET = base64.b64encode((CANARY.encode() * 8)[:64]).decode()
 OTHER_SECRET = base64.b64encode(b"x" * 40).decode()  # base64, not 64 bytes: only an Exchange secret
 
@@ -282,7 +282,7 @@ async def test_probe_of_malformed_keys_sends_nothing(
 
 
 def documented_cb_access_sign(secret_b64: str, timestamp: str, method: str, path: str, body: str) -> str:
-    """venues.md 4B, written out again: base64(HMAC_SHA256(b64decode(secret), ts + METHOD + path + body))."""
+    """docs/venues.md §4B, written out again: base64(HMAC_SHA256(b64decode(secret), ts + METHOD + path + body))."""
     message = f"{timestamp}{method}{path}{body}".encode()
     return base64.b64encode(hmac.new(base64.b64decode(secret_b64), message, hashlib.sha256).digest()).decode()
 
@@ -592,7 +592,7 @@ async def test_cdp_status_table(probe: coinbase.CoinbaseProbe, mocked: aiorespon
     assert await cdp_outcome(probe, mocked, status, body="") is coinbase.CDP_HTTP_STATUS[status]
 
 
-# venues.md 4A.5, copied: (status, body) -> documented class.
+# docs/venues.md §4A.5, copied: (status, body) -> documented class.
 CDP_DOCUMENTED = [
     (401, {"body": "Unauthorized"}, base.Outcome.INVALID_KEY),
     (401, {"payload": {"error": "unauthorized", "message": "x"}}, base.Outcome.INVALID_KEY),
@@ -623,7 +623,7 @@ async def test_cdp_documented_errors(
     answer: dict[str, Any],
     expected: base.Outcome,
 ) -> None:
-    """Each error venues.md 4A.5 lists lands in the class it documents."""
+    """Each error docs/venues.md §4A.5 lists lands in the class it documents."""
     assert await cdp_outcome(probe, mocked, status, **answer) is expected
 
 
@@ -656,7 +656,7 @@ async def test_exchange_status_table(
     assert outcome is coinbase.EXCHANGE_HTTP_STATUS[status]
 
 
-# venues.md 4B, copied (+ the contract's IP answer).
+# docs/venues.md §4B, copied (+ the contract's IP answer).
 EXCHANGE_DOCUMENTED = [
     (401, "Invalid API Key", base.Outcome.INVALID_KEY),
     (401, "invalid signature", base.Outcome.INVALID_SECRET),
@@ -673,7 +673,7 @@ EXCHANGE_DOCUMENTED = [
 async def test_exchange_documented_errors(
     probe: coinbase.CoinbaseProbe, mocked: aioresponses, status: int, message: str, expected: base.Outcome
 ) -> None:
-    """Each error venues.md 4B lists lands in the class it documents."""
+    """Each error docs/venues.md §4B lists lands in the class it documents."""
     assert await exchange_outcome(probe, mocked, status, payload={"message": message}) is expected
 
 

@@ -102,7 +102,7 @@ def server_time(offset_s: float) -> dict[str, Any]:
     return ok({"unixtime": int(time.time() + offset_s), "rfc1123": "ignored"})
 
 
-# -- independent implementations of the documented formulas (venues.md 5A.2, 5B), not the module's --------
+# -- independent implementations of the documented formulas (docs/venues.md §5A.2, 5B), not the module's --------
 
 
 def documented_api_sign(secret_b64: str, path: str, post_data: str) -> str:
@@ -121,7 +121,7 @@ def documented_authent(secret_b64: str, post_data: str, nonce: str, endpoint_pat
 
 
 def test_spot_signature_reproduces_official_vector() -> None:
-    """The AddOrder example of venues.md 5A.8 signs byte for byte."""
+    """The AddOrder example of docs/venues.md §5A.8 signs byte for byte."""
     secret = base64.b64decode(
         "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg=="
     )
@@ -531,7 +531,7 @@ async def test_spot_error_table(probe: kraken.KrakenProbe, mocked: aioresponses,
     assert failure.venue_code == code
 
 
-# venues.md 5A.5, copied: error -> documented class (our pick where it names two).
+# docs/venues.md §5A.5, copied: error -> documented class (our pick where it names two).
 SPOT_DOCUMENTED = [
     ("EAPI:Invalid key", {base.Outcome.INVALID_KEY}),
     ("EAPI:Invalid signature", {base.Outcome.INVALID_SECRET}),
@@ -558,7 +558,7 @@ SPOT_DOCUMENTED = [
 async def test_spot_documented_errors(
     probe: kraken.KrakenProbe, mocked: aioresponses, code: str, allowed: set[base.Outcome]
 ) -> None:
-    """Each error venues.md 5A.5 lists lands in the class it documents."""
+    """Each error docs/venues.md §5A.5 lists lands in the class it documents."""
     assert (await spot_outcome(probe, mocked, code)).outcome in allowed
 
 
@@ -595,7 +595,7 @@ async def test_futures_error_table(probe: kraken.KrakenProbe, mocked: aiorespons
     assert await futures_outcome(probe, mocked, code, 200) is kraken.KRAKEN_FUTURES_ERRORS[code]
 
 
-# venues.md 5B, copied.
+# docs/venues.md §5B, copied.
 FUTURES_DOCUMENTED = [
     ("authenticationError", 401, {base.Outcome.INVALID_KEY}),
     ("authenticationError", 200, {base.Outcome.INVALID_KEY}),
@@ -615,7 +615,7 @@ FUTURES_DOCUMENTED = [
 async def test_futures_documented_errors(
     probe: kraken.KrakenProbe, mocked: aioresponses, code: str, status: int, allowed: set[base.Outcome]
 ) -> None:
-    """Each error venues.md 5B lists lands in the class it documents."""
+    """Each error docs/venues.md §5B lists lands in the class it documents."""
     assert await futures_outcome(probe, mocked, code, status) in allowed
 
 

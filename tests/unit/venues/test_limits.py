@@ -33,7 +33,7 @@ async def test_key_buckets_are_bounded_and_hold_no_key() -> None:
 
 
 async def test_per_user_venues_use_per_key_buckets() -> None:
-    """OKX, Bybit, Coinbase and Kraken count per key/user (venues.md x.6); Binance per IP only (1.6)."""
+    """OKX, Bybit, Coinbase and Kraken count per key/user (docs/venues.md §x.6); Binance per IP only (1.6)."""
     async with aiohttp.ClientSession() as session:
         for venue in Venue:
             probe = build_probe(venue, session)

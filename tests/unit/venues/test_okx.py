@@ -1,4 +1,4 @@
-"""The OKX probe (venues/okx.py) against venues.md section 2, with aioresponses (no network)."""
+"""The OKX probe (venues/okx.py) against docs/venues.md §2, with aioresponses (no network)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ CONFIG: dict[str, Any] = {
 BALANCE: dict[str, Any] = {"code": "0", "msg": "", "data": [{"totalEq": "0", "details": []}]}
 FUNDING: dict[str, Any] = {"code": "0", "msg": "", "data": []}
 
-# venues.md 2.5, copied by hand: the module's table must say exactly this. Where the doc says "bug" or gives
+# docs/venues.md §2.5, copied by hand: the module's table must say exactly this. Where the doc says "bug" or gives
 # two classes, the choice made in venues/okx.py is written here too.
 DOC_CODES: dict[str, base.Outcome] = {
     "50100": base.Outcome.ACCOUNT_RESTRICTED,
@@ -75,7 +75,7 @@ DOC_CODES: dict[str, base.Outcome] = {
 
 
 def ref_sign(secret: str, timestamp: str, method: str, request_path: str, body: str = "") -> str:
-    """venues.md 2.2 written independently of the module: base64(HMAC-SHA256(secret, ts+METHOD+path+body))."""
+    """docs/venues.md §2.2 written independently of the module: base64(HMAC-SHA256(secret, ts+METHOD+path+body))."""
     message = (timestamp + method + request_path + body).encode("utf-8")
     return base64.b64encode(hmac.new(secret.encode("utf-8"), message, hashlib.sha256).digest()).decode()
 
@@ -99,7 +99,7 @@ def mock_good(m: aioresponses, *, config: dict[str, Any] | None = None) -> None:
     m.get(HOST + okx.FUNDING_BALANCES_PATH, payload=FUNDING)
 
 
-# -- signing (venues.md 2.2; OKX publishes no numeric vector, 2.8) ---------------------------------------
+# -- signing (docs/venues.md §2.2; OKX publishes no numeric vector, 2.8) ---------------------------------------
 
 
 def test_iso_timestamp() -> None:
@@ -206,7 +206,7 @@ async def test_read_only_key_without_ip(probe: okx.OkxProbe, mocked: aioresponse
 async def test_trade_key_without_ip_is_flagged_for_deletion(
     probe: okx.OkxProbe, mocked: aioresponses
 ) -> None:
-    """A trade key with no bound IP carries the 14-day inactivity deletion note (venues.md 2.7)."""
+    """A trade key with no bound IP carries the 14-day inactivity deletion note (docs/venues.md §2.7)."""
     mock_good(mocked, config=config_answer(perm="read_only,trade", ip=""))
     result = await probe.probe(KEYS)
     assert result.details["deletedAfterInactiveDays"] == "14"
@@ -410,12 +410,12 @@ async def test_timeout(probe: okx.OkxProbe, mocked: aioresponses) -> None:
 
 
 def test_error_table_is_the_documented_one() -> None:
-    """okx.ERRORS holds exactly the codes of venues.md 2.5, each in its documented class."""
+    """okx.ERRORS holds exactly the codes of docs/venues.md §2.5, each in its documented class."""
     assert okx.ERRORS == DOC_CODES
 
 
 def test_http_table_is_the_documented_one() -> None:
-    """okx.HTTP_STATUS holds the one status venues.md 2.5/2.6 gives a meaning without a code: 429."""
+    """okx.HTTP_STATUS holds the one status docs/venues.md §2.5/2.6 gives a meaning without a code: 429."""
     assert okx.HTTP_STATUS == {429: base.Outcome.RATE_LIMITED}
 
 
@@ -457,7 +457,7 @@ def test_classify_follows_the_doc(code: str, outcome: base.Outcome) -> None:
 
 
 def test_unknown_code_is_transient() -> None:
-    """A code venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
+    """A code docs/venues.md does not list is SERVER_ERROR: never a reason to mark a key FAILED."""
     failure = okx.classify(http.Reply(status=200, headers={}, body=error("59999"), text=""))
     assert failure is not None
     assert failure.outcome is base.Outcome.SERVER_ERROR
