@@ -4,6 +4,7 @@
     ├── InvalidRequest            400  -100001  a field is missing, of the wrong type, too long ... (names it)
     │   └── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
     ├── Unauthorized              401  -110001  missing, malformed or expired bearer token (REST API, api/auth.py)
+    ├── Forbidden                 403  -110005  the token's scopes do not cover the route (REST API, api/scopes.py)
     ├── NotFound                  404  -100003  no such id for this owner (other owners' ids too)
     ├── Conflict                  409  -100005  the request fights the current state
     │   ├── DuplicateCredential   409  -100004  same API key already stored for this owner and venue
@@ -71,6 +72,14 @@ class Unauthorized(CredentialEngineError):
 
     http_status = 401
     errno = -110001
+
+
+class Forbidden(CredentialEngineError):
+    """The REST API knows who is calling, but the token's scopes do not cover the route (``engine.api.scopes``);
+    the message names the scope that is missing."""
+
+    http_status = 403
+    errno = -110005
 
 
 class NotFound(CredentialEngineError):

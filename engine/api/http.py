@@ -34,7 +34,7 @@ from aiohttp import web
 
 from engine import db as dbmod
 from engine import errors
-from engine.api import auth
+from engine.api import auth, scopes
 from engine.models import Page
 
 log = structlog.get_logger("engine.api")
@@ -212,7 +212,7 @@ async def body(request: web.Request) -> Fields:
 
 OWNER: web.RequestKey[str] = web.RequestKey("owner", str)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
-TOKEN_VERIFIER: web.AppKey[auth.TokenVerifier] = web.AppKey("token_verifier", auth.TokenVerifier)
+TOKEN_VERIFIER: web.AppKey[auth.Authenticator] = web.AppKey("token_verifier", auth.Authenticator)
 HTTP_COUNTS: web.AppKey[Counter[tuple[str, str, int]]] = web.AppKey("http_counts", Counter)
 
 
@@ -288,17 +288,23 @@ def _retry_after(exc: errors.CredentialEngineError) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def authenticate(request: web.Request) -> str:
-    """The owner of the request's bearer token (also kept on the request); :class:`errors.Unauthorized`."""
+async def authenticate(request: web.Request) -> str:
+    """The owner of the request's bearer token (also kept on the request, with the token's scopes);
+    :class:`errors.Unauthorized`."""
     token = auth.bearer_token(request.headers.get("Authorization"))
-    owner = request[OWNER] = request.app[TOKEN_VERIFIER].verify(token).owner_id
+    claims = await request.app[TOKEN_VERIFIER].verify(token)
+    request[scopes.SCOPES] = claims.scopes
+    owner = request[OWNER] = claims.owner_id
     return owner
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``/api/...`` needs a valid bearer token; its ``sub`` is the owner every handler acts for (already known
-    when the rate limit middleware, engine/api/limits.py, authenticated the request)."""
-    if request.path.startswith("/api/") and OWNER not in request:
-        authenticate(request)
+    """``/api/...`` needs a valid bearer token (401) whose scopes cover the route (403,
+    :mod:`engine.api.scopes`); its owner claim names the owner every handler acts for (already known when
+    the rate limit middleware, engine/api/limits.py, authenticated the request)."""
+    if request.path.startswith("/api/"):
+        if OWNER not in request:
+            await authenticate(request)
+        scopes.authorize(request)
     return await handler(request)

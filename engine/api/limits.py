@@ -355,7 +355,7 @@ async def rate_limit_middleware(request: web.Request, handler: http.Handler) -> 
     limiter = request.app[LIMITER]
     if request.path.startswith("/api/"):
         try:
-            owner = http.authenticate(request)
+            owner = await http.authenticate(request)
         except errors.Unauthorized:
             limiter.check_address(_address(request, limiter))  # a 429 replaces the 401 once over the limit
             raise

@@ -11,6 +11,7 @@ import functools
 import json
 from typing import Any
 
+from engine.api import scopes
 from engine.api.openapi_schemas import SCHEMAS, UUID, Schema, envelope, json_content, ref
 from engine.webhooks.models import DeliveryState
 
@@ -37,7 +38,16 @@ _COMMON_ERRORS = {
         "content": json_content(ref("Error")),
     },
     "401": {
-        "description": "missing, malformed or expired bearer token",
+        "description": "missing, malformed or expired bearer token; a wrong issuer, audience, algorithm or key "
+        "(errno -110001)",
+        "headers": {
+            "WWW-Authenticate": {"description": "the Bearer challenge", "schema": {"type": "string"}}
+        },
+        "content": json_content(ref("Error")),
+    },
+    "403": {
+        "description": "the token's scopes do not cover this operation (errno -110005; the operation's "
+        "security requirement names the scope it needs)",
         "content": json_content(ref("Error")),
     },
     "429": _TOO_MANY,
@@ -392,6 +402,33 @@ def _ops_paths() -> dict[str, Any]:
     }
 
 
+_SCOPE_TEXT = {
+    scopes.CREDENTIALS_READ: "read credentials",
+    scopes.CREDENTIALS_WRITE: "create, verify, rotate and revoke credentials (and connect a trading account "
+    "with keys, which stores a credential)",
+    scopes.ACCOUNTS_READ: "read trading accounts",
+    scopes.ACCOUNTS_WRITE: "connect and disconnect trading accounts",
+    scopes.WEBHOOKS_READ: "read webhook endpoints and their deliveries",
+    scopes.WEBHOOKS_WRITE: "create, update, delete webhook endpoints, rotate their secrets, retry deliveries",
+}
+
+
+def _with_scopes(paths: dict[str, Any]) -> dict[str, Any]:
+    """Each /api operation's security requirement names its scope (engine/api/scopes.py); OpenAPI 3.1 lets
+    a non-OAuth scheme list role names there (https://spec.openapis.org/oas/v3.1.0#security-requirement-object)."""
+    for path, item in paths.items():
+        for method, operation in item.items():
+            scope = scopes.required_scope(method, path)
+            if scope is not None:
+                operation["security"] = [{"bearerAuth": [scope]}]
+                if (method, path) == ("post", "/api/v3/tradingAccount/connect"):
+                    operation["description"] = (
+                        "Connecting with keys stores a credential too, so it also needs credentials:write "
+                        "(403 without it)."
+                    )
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI document (a new dict each call)."""
     return {
@@ -411,14 +448,20 @@ def document() -> dict[str, Any]:
             {"name": "webhook", "description": "signed event delivery (Standard Webhooks)"},
             {"name": "operations", "description": "health, readiness, metrics; no token needed"},
         ],
-        "paths": _paths(),
+        "paths": _with_scopes(_paths()),
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",
                     "scheme": "bearer",
                     "bearerFormat": "JWT",
-                    "description": "HS256 JWT; sub = owner id, exp required. `credential-engine token --owner ID`",
+                    "description": "A JWT: from the identity provider (RS256, ES256 or EdDSA, keys from "
+                    "ENGINE_API_JWKS_URL, iss and aud checked) or a development HS256 token "
+                    "(`credential-engine token --owner ID`). The owner claim (sub unless "
+                    "ENGINE_API_OWNER_CLAIM says otherwise) names the owner; exp is required; the scope "
+                    "(space-separated) or scp (list) claim grants the scopes each operation's security "
+                    "requirement names: "
+                    + "; ".join(f"{name}: {text}" for name, text in _SCOPE_TEXT.items()),
                 }
             },
             "schemas": json.loads(json.dumps(SCHEMAS)),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from engine import errors
-from engine.api import http
+from engine.api import http, scopes
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -109,6 +109,8 @@ async def connect_trading_account(request: web.Request) -> web.Response:
     venue, api_key, api_secret, api_passphrase = (f.text(name) for name in _KEY_FIELDS)
     if credential_id is not None and any(f.present(name) for name in _KEY_FIELDS):
         raise errors.InvalidRequest("credentialId", "give credentialId or venue/apiKey/apiSecret, not both")
+    if credential_id is None:  # connect with keys stores a credential too
+        scopes.require(request, scopes.CREDENTIALS_WRITE)
     account = await engine_of(request).connect_trading_account(
         http.owner_of(request),
         credential_id=credential_id,

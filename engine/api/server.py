@@ -12,8 +12,12 @@ answers to requests aiohttp refuses before the application sees them), :mod:`eng
 (health, readiness, metrics, OpenAPI), :mod:`engine.api.openapi` (the document). The server does not own the
 engine: whoever opened it closes it, after the server.
 
-Environment (``ApiConfig.from_env``): ``ENGINE_API_JWT_SECRET`` (required, >= 32 bytes),
-``ENGINE_API_HOST`` (127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes),
+Environment (``ApiConfig.from_env``): how tokens are checked, at least one of ``ENGINE_API_JWKS_URL`` (an
+identity provider's keys, :mod:`engine.api.jwks`, with ``ENGINE_API_ISSUER`` and ``ENGINE_API_AUDIENCE``
+required beside it, ``ENGINE_API_JWT_ALGORITHMS`` (RS256,ES256,EdDSA), ``ENGINE_API_JWKS_CACHE_TTL`` (300 s),
+``ENGINE_API_JWKS_REFETCH_INTERVAL`` (30 s), ``ENGINE_API_JWKS_TIMEOUT`` (5 s)) and ``ENGINE_API_JWT_SECRET``
+(HS256, >= 32 bytes: development tokens); ``ENGINE_API_OWNER_CLAIM`` (``sub``: the identity provider's claim
+naming the owner); ``ENGINE_API_HOST`` (127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes),
 ``ENGINE_API_CONNECT_TIMEOUT`` (30 s: how long connect-with-keys waits for the verification), and the rate
 limits of :mod:`engine.api.limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``).
 """
@@ -29,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine import errors
-from engine.api import auth, http, limits, metrics, ops, protocol, routes, webhook_routes
+from engine.api import auth, http, jwks, limits, metrics, ops, protocol, routes, scopes, webhook_routes
 from engine.config import settings_view
 from engine.sensitive import SecretText
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
 
+JWKS_URL_ENV = "ENGINE_API_JWKS_URL"
 MAX_BODY_BYTES = 64 * 1024  # the largest valid request (a PEM secret and a few fields) is a few KiB
 SHUTDOWN_TIMEOUT = 5.0  # seconds given to in-flight requests when the server stops
 
@@ -50,11 +55,21 @@ ROUTES: tuple[tuple[str, str, http.Handler], ...] = (
 class ApiConfig:
     """How the REST API listens and whom it trusts. No I/O when built.
 
-    ``jwt_secret`` is left out of the ``repr`` and kept as a :class:`~engine.sensitive.SecretText`, so a
-    traceback rendered with frame locals shows ``'***'`` for it.
+    Tokens are checked with an identity provider's keys (``jwks_url``, with ``issuer`` and ``audience``),
+    with the shared HS256 ``jwt_secret``, or both; at least one is required. ``jwt_secret`` is left out of
+    the ``repr`` and kept as a :class:`~engine.sensitive.SecretText`, so a traceback rendered with frame
+    locals shows ``'***'`` for it.
     """
 
-    jwt_secret: str = field(repr=False)
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    jwt_algorithms: tuple[str, ...] = tuple(sorted(auth.PUBLIC_KEY_ALGORITHMS))
+    owner_claim: str = auth.DEFAULT_OWNER_CLAIM
+    jwks_cache_ttl: float = jwks.DEFAULT_CACHE_TTL
+    jwks_refetch_interval: float = jwks.DEFAULT_MIN_REFETCH_INTERVAL
+    jwks_timeout: float = jwks.DEFAULT_TIMEOUT
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = MAX_BODY_BYTES
@@ -62,8 +77,34 @@ class ApiConfig:
     rate_limits: limits.RateLimits = field(default_factory=limits.RateLimits)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "jwt_secret", SecretText(self.jwt_secret))
-        auth.check_secret(self.jwt_secret)
+        if self.jwt_secret is not None:
+            object.__setattr__(self, "jwt_secret", SecretText(self.jwt_secret))
+            auth.check_secret(self.jwt_secret)
+        if self.jwt_secret is None and self.jwks_url is None:
+            raise errors.ConfigurationError(
+                f"the API needs a way to check bearer tokens: set {JWKS_URL_ENV} (an identity provider) or "
+                f"{auth.SECRET_ENV} (development tokens; `credential-engine serve --sandbox` makes one)",
+                field=JWKS_URL_ENV,
+            )
+        if self.jwks_url is not None:
+            jwks.check_url(self.jwks_url)
+            for name, env in (("issuer", "ENGINE_API_ISSUER"), ("audience", "ENGINE_API_AUDIENCE")):
+                if not getattr(self, name):
+                    raise errors.ConfigurationError(
+                        f"{env} is required with {JWKS_URL_ENV}: without it a token the identity provider "
+                        "issued for another service would be accepted here",
+                        field=env,
+                    )
+            if not self.jwt_algorithms or not set(self.jwt_algorithms) <= auth.PUBLIC_KEY_ALGORITHMS:
+                raise errors.ConfigurationError(
+                    f"ENGINE_API_JWT_ALGORITHMS must be some of {', '.join(sorted(auth.PUBLIC_KEY_ALGORITHMS))}",
+                    field="ENGINE_API_JWT_ALGORITHMS",
+                )
+        for name in ("jwks_cache_ttl", "jwks_refetch_interval", "jwks_timeout"):
+            if not getattr(self, name) >= 0 or (
+                name != "jwks_refetch_interval" and not getattr(self, name) > 0
+            ):
+                raise errors.ConfigurationError(f"{name} must be positive", field=name)
         if not 0 <= self.port <= 65535:
             raise errors.ConfigurationError("port must be 0-65535 (0 picks a free port)", field="port")
         if self.max_body_bytes < 1024:
@@ -80,12 +121,26 @@ class ApiConfig:
         kwargs: dict[str, Any] = {}
         if env.get(auth.SECRET_ENV):
             kwargs["jwt_secret"] = env[auth.SECRET_ENV]
-        if env.get("ENGINE_API_HOST"):
-            kwargs["host"] = env["ENGINE_API_HOST"]
+        for name, key in (
+            ("host", "ENGINE_API_HOST"),
+            ("jwks_url", JWKS_URL_ENV),
+            ("issuer", "ENGINE_API_ISSUER"),
+            ("audience", "ENGINE_API_AUDIENCE"),
+            ("owner_claim", "ENGINE_API_OWNER_CLAIM"),
+        ):
+            if env.get(key):
+                kwargs[name] = env[key]
+        if env.get("ENGINE_API_JWT_ALGORITHMS"):
+            kwargs["jwt_algorithms"] = tuple(
+                part.strip() for part in env["ENGINE_API_JWT_ALGORITHMS"].split(",") if part.strip()
+            )
         for name, key, conv in (
             ("port", "ENGINE_API_PORT", int),
             ("max_body_bytes", "ENGINE_API_MAX_BODY", int),
             ("connect_wait_timeout", "ENGINE_API_CONNECT_TIMEOUT", float),
+            ("jwks_cache_ttl", "ENGINE_API_JWKS_CACHE_TTL", float),
+            ("jwks_refetch_interval", "ENGINE_API_JWKS_REFETCH_INTERVAL", float),
+            ("jwks_timeout", "ENGINE_API_JWKS_TIMEOUT", float),
         ):
             if env.get(key):
                 try:
@@ -94,13 +149,33 @@ class ApiConfig:
                     raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
         kwargs["rate_limits"] = limits.RateLimits.from_env(env)
         kwargs.update(overrides)
-        if "jwt_secret" not in kwargs:
-            raise errors.ConfigurationError(
-                f"{auth.SECRET_ENV} is not set: the API needs a secret to check bearer tokens "
-                "(or run `credential-engine serve --sandbox`, which makes one)",
-                field=auth.SECRET_ENV,
-            )
         return cls(**kwargs)
+
+    def authenticator(self) -> tuple[auth.Authenticator, jwks.JwksKeys | None]:
+        """The token check these settings describe, and the JWKS cache it fetches through (to start and
+        close with the application), if any."""
+        verifiers: list[auth.TokenVerifier] = []
+        keys: jwks.JwksKeys | None = None
+        if self.jwks_url is not None:
+            keys = jwks.JwksKeys(
+                self.jwks_url,
+                algorithms=self.jwt_algorithms,
+                cache_ttl=self.jwks_cache_ttl,
+                min_refetch_interval=self.jwks_refetch_interval,
+                timeout=self.jwks_timeout,
+            )
+            verifiers.append(
+                auth.TokenVerifier(
+                    algorithms=self.jwt_algorithms,
+                    async_keys=keys.key,
+                    issuer=self.issuer,
+                    audience=self.audience,
+                    owner_claim=self.owner_claim,
+                )
+            )
+        if self.jwt_secret is not None:
+            verifiers.append(auth.TokenVerifier.hs256(self.jwt_secret))
+        return auth.Authenticator(*verifiers), keys
 
 
 def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
@@ -116,13 +191,31 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     limits.install(app, engine, config.rate_limits)
     app[routes.ENGINE] = engine
     app[routes.CONNECT_WAIT] = config.connect_wait_timeout
-    app[http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
+    authenticator, keys = config.authenticator()
+    app[http.TOKEN_VERIFIER] = authenticator
+    if keys is not None:
+        app[JWKS_KEYS] = keys
+        app.on_startup.append(_start_keys)
+        app.on_cleanup.append(_close_keys)
     app[http.HTTP_COUNTS] = Counter()
     app[metrics.JOB_COUNTS] = metrics.SharedRead(metrics.JOB_COUNTS_TTL)
+    scopes.check_routes((method, path) for method, path, _ in ROUTES)  # no /api route without a scope
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_response_prepare.append(_without_server_header)
     return app
+
+
+JWKS_KEYS: web.AppKey[jwks.JwksKeys] = web.AppKey("jwks_keys", jwks.JwksKeys)
+
+
+async def _start_keys(app: web.Application) -> None:
+    """One bounded fetch of the identity provider's keys; a failure is logged and the server starts anyway."""
+    await app[JWKS_KEYS].start()
+
+
+async def _close_keys(app: web.Application) -> None:
+    await app[JWKS_KEYS].close()
 
 
 async def _without_server_header(request: web.Request, response: web.StreamResponse) -> None:

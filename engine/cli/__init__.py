@@ -3,7 +3,7 @@
     credential-engine serve [--sandbox]          API + workers (sandbox: simulator with test accounts)
     credential-engine worker                     queue workers only (scale out)
     credential-engine simulator [...]            the exchange simulator alone
-    credential-engine token --owner ID           a development bearer token (needs ENGINE_API_JWT_SECRET)
+    credential-engine token --owner ID [--scope S] a development bearer token (needs ENGINE_API_JWT_SECRET)
     credential-engine create|list|get|verify|rotate|revoke ...       one command per lifecycle operation
     credential-engine connect|disconnect|accounts ...                trading accounts
     credential-engine webhooks add|list|remove|rotate-secret|deliveries ...

@@ -250,7 +250,8 @@ def token(args: argparse.Namespace) -> int:
     secret = os.environ.get(auth.SECRET_ENV)
     if not secret:
         raise errors.ConfigurationError(f"{auth.SECRET_ENV} is not set (the server's token secret)")
-    print(auth.mint_token(secret, args.owner, ttl=args.ttl))
+    granted = None if not args.scope else [name for given in args.scope for name in given.split()]
+    print(auth.mint_token(secret, args.owner, ttl=args.ttl, scopes=granted))
     return 0
 
 

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from engine import rewrap
-from engine.api import auth
+from engine.api import auth, scopes
 from engine.cli import commands, webhooks
 
 
@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", required=True, help="the token's sub")
     p.add_argument(
         "--ttl", type=float, default=auth.DEFAULT_TTL, help="seconds it stays valid (default 3600)"
+    )
+    p.add_argument(
+        "--scope",
+        action="append",
+        metavar="SCOPE",
+        help="grant only these scopes (repeatable or space-separated; default: every scope: "
+        f"{' '.join(scopes.ALL_SCOPES)})",
     )
     p.set_defaults(func=commands.token)
 

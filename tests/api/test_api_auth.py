@@ -287,7 +287,9 @@ async def test_expired_malformed_and_foreign_tokens_are_401(api: Any, jwt_secret
 async def test_lax_tokens_signed_with_the_servers_secret_are_401(api: Any, jwt_secret: str) -> None:
     """Correctly signed by PyJWT with the server's own secret, each lax token is still refused over HTTP."""
     exp = time.time() + 600
-    good = jwt.encode({"sub": "owner-1", "exp": exp}, jwt_secret, algorithm="HS256")
+    good = jwt.encode(
+        {"sub": "owner-1", "exp": exp, "scope": "credentials:read"}, jwt_secret, algorithm="HS256"
+    )
     assert (await api.get("/api/v3/credential/list", token=good)).status == 200
     lax = [
         good + "!!",

@@ -8,7 +8,7 @@ from typing import Any
 from openapi_spec_validator import validate
 
 from engine import CredentialEngine, EngineConfig
-from engine.api import ApiConfig, make_app, openapi
+from engine.api import ApiConfig, make_app, openapi, scopes
 
 
 def served_routes() -> set[tuple[str, str]]:
@@ -35,16 +35,26 @@ def test_document_matches_the_routes() -> None:
 
 
 def test_every_api_operation_needs_a_token_and_documents_errors() -> None:
-    """/api operations inherit bearer security and list 400, 401 and the error default; operator routes are open."""
+    """/api operations require the bearer token with their one scope (the server's, engine/api/scopes.py) and
+    list 400, 401, 403 and the error default; operator routes are open."""
     document = openapi.document()
     assert document["security"] == [{"bearerAuth": []}]
+    assert document["components"]["securitySchemes"]["bearerAuth"]["bearerFormat"] == "JWT"
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if path.startswith("/api/"):
-                assert "security" not in operation, (method, path)
-                assert {"200", "400", "401", "default"} <= set(operation["responses"]), (method, path)
+                scope = scopes.ROUTE_SCOPES[(method.upper(), path)]
+                assert operation["security"] == [{"bearerAuth": [scope]}], (method, path)
+                assert {"200", "400", "401", "403", "default"} <= set(operation["responses"]), (method, path)
             else:
                 assert operation["security"] == [], (method, path)
+                assert (method.upper(), path) in scopes.PUBLIC_ROUTES
+
+
+def test_every_scope_is_documented_in_the_scheme() -> None:
+    """The security scheme's description explains each scope the operations name."""
+    text = openapi.document()["components"]["securitySchemes"]["bearerAuth"]["description"]
+    assert all(f"{name}:" in text for name in scopes.ALL_SCOPES)
 
 
 def test_operation_ids_are_unique() -> None:
