@@ -159,7 +159,8 @@ async def make_api(jwt_secret: str) -> AsyncIterator[ApiFactory]:
     async with aiohttp.ClientSession() as session:
 
         async def factory(engine: CredentialEngine, **settings: Any) -> Api:
-            srv = ApiServer(engine, ApiConfig(jwt_secret=jwt_secret, port=0, **settings))
+            """``settings`` override ApiConfig's (``jwt_secret=None``: only an identity provider's keys)."""
+            srv = ApiServer(engine, ApiConfig(**{"jwt_secret": jwt_secret, "port": 0, **settings}))
             await srv.start()
             servers.append(srv)
             return Api(session, srv.url, jwt_secret)
