@@ -50,7 +50,7 @@ import structlog
 from aiohttp import web
 
 from engine import errors
-from engine.api import http
+from engine.api import http, jwks
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -356,8 +356,9 @@ async def rate_limit_middleware(request: web.Request, handler: http.Handler) -> 
     if request.path.startswith("/api/"):
         try:
             owner = await http.authenticate(request)
-        except errors.Unauthorized:
-            limiter.check_address(_address(request, limiter))  # a 429 replaces the 401 once over the limit
+        except (errors.Unauthorized, jwks.IdentityProviderUnavailable):
+            # a 429 replaces the 401 (or the 503 of an unreachable identity provider) once over the limit
+            limiter.check_address(_address(request, limiter))
             raise
         limiter.check_owner(owner)
     elif request.path not in EXEMPT_PATHS:
