@@ -264,10 +264,12 @@ class JwksKeys:
                     raise _FetchFailed(f"status {resp.status}")
                 if resp.content_length is not None and resp.content_length > self._max_bytes:
                     raise _FetchFailed(f"body over {self._max_bytes} bytes")
-                body = await resp.content.read(self._max_bytes + 1)
-                if len(body) > self._max_bytes:
-                    raise _FetchFailed(f"body over {self._max_bytes} bytes")
-        return self._parse(body)
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):  # chunked bodies: counted as read
+                    body += chunk
+                    if len(body) > self._max_bytes:
+                        raise _FetchFailed(f"body over {self._max_bytes} bytes")
+        return self._parse(bytes(body))
 
     def _parse(self, body: bytes) -> dict[str, jwt.PyJWK]:
         try:

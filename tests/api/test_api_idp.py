@@ -65,6 +65,7 @@ class Idp:
         self.down = False  # answer 503
         self.hang = False  # never answer
         self.body: bytes | None = None  # answer this instead
+        self.chunked = False  # send the body in small chunks, without Content-Length
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -77,9 +78,17 @@ class Idp:
             await asyncio.sleep(3600)
         if self.down:
             return web.Response(status=503, text="down")
-        if self.body is not None:
-            return web.Response(body=self.body, content_type="application/json")
-        return web.json_response({"keys": self.keys})
+        body = self.body if self.body is not None else json.dumps({"keys": self.keys}).encode()
+        if not self.chunked:
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()  # no Content-Length: the reader must count
+        await response.prepare(request)
+        for start in range(0, len(body), 4096):
+            await response.write(body[start : start + 4096])
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
 
     async def start(self) -> None:
         app = web.Application()
@@ -342,6 +351,29 @@ async def test_bad_jwks_documents_are_fetch_failures(idp: Idp, rsa_key: Key, bod
             await authenticator(keys).verify(rsa_key.sign())
     finally:
         await keys.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_size_bound_holds_with_and_without_content_length(
+    idp: Idp, rsa_key: Key, chunked: bool
+) -> None:
+    """A large JWKS under the bound is read whole (in many chunks); one over it is refused, Content-Length
+    or not."""
+    idp.chunked = chunked
+    padded = [{**rsa_key.jwk, "kid": f"k{n}", "x-note": "x" * 1500} for n in range(60)]  # ~120 KB
+    idp.keys = [*padded, rsa_key.jwk]
+    keys = jwks.JwksKeys(idp.url, timeout=5, max_bytes=200 * 1024)
+    await keys.start()
+    try:
+        assert len(keys.kids) == 61
+    finally:
+        await keys.close()
+    small = jwks.JwksKeys(idp.url, timeout=5, max_bytes=64 * 1024)
+    await small.start()
+    try:
+        assert small.kids == frozenset()
+    finally:
+        await small.close()
 
 
 async def test_unusable_keys_are_skipped(idp: Idp, rsa_key: Key) -> None:
