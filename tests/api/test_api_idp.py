@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
+import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -470,3 +471,19 @@ async def test_server_starts_with_the_idp_down_and_answers_503(
     assert reply.status == 503 and int(reply.headers["Retry-After"]) >= 1
     assert "service unavailable" in reply.body["error"]
     assert (await api.get("/healthz", token=None)).status == 200
+
+
+async def test_nothing_the_idp_or_a_token_sends_is_logged_or_echoed(idp: Idp, rsa_key: Key) -> None:
+    """Canary: a broken JWKS body and a token's kid and claims appear in no log event and no error message."""
+    canary = "CANARY-7f3c2a"
+    idp.body = ('{"keys": [{"kty": "RSA", "kid": "' + canary + '", "n": "' + canary + '"}], "x": ').encode()
+    with structlog.testing.capture_logs() as logged:
+        keys = jwks.JwksKeys(idp.url, timeout=2)
+        await keys.start()
+        try:
+            with pytest.raises(errors.CredentialEngineError) as caught:
+                await authenticator(keys).verify(rsa_key.sign(kid=canary, sub=canary))
+        finally:
+            await keys.close()
+    assert any(event["event"] == "jwks_fetch_failed" for event in logged)
+    assert canary not in repr(logged) and canary not in str(caught.value) and canary not in repr(keys)
