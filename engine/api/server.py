@@ -100,11 +100,13 @@ class ApiConfig:
                     f"ENGINE_API_JWT_ALGORITHMS must be some of {', '.join(sorted(auth.PUBLIC_KEY_ALGORITHMS))}",
                     field="ENGINE_API_JWT_ALGORITHMS",
                 )
-        for name in ("jwks_cache_ttl", "jwks_refetch_interval", "jwks_timeout"):
-            if not getattr(self, name) >= 0 or (
-                name != "jwks_refetch_interval" and not getattr(self, name) > 0
-            ):
+        for name in ("jwks_cache_ttl", "jwks_timeout"):
+            if not getattr(self, name) > 0:  # NaN too
                 raise errors.ConfigurationError(f"{name} must be positive", field=name)
+        if not self.jwks_refetch_interval >= 0:
+            raise errors.ConfigurationError(
+                "jwks_refetch_interval must be >= 0", field="jwks_refetch_interval"
+            )
         if not 0 <= self.port <= 65535:
             raise errors.ConfigurationError("port must be 0-65535 (0 picks a free port)", field="port")
         if self.max_body_bytes < 1024:

@@ -427,6 +427,22 @@ def test_jwks_url_must_be_https_unless_loopback() -> None:
         )
 
 
+def test_bad_jwks_settings_name_the_variable() -> None:
+    """A value that is no number, or out of range, is a ConfigurationError naming it."""
+    base = {"ENGINE_API_JWKS_URL": "https://idp.example/jwks", "ENGINE_API_ISSUER": ISSUER,
+            "ENGINE_API_AUDIENCE": AUDIENCE}  # fmt: skip
+    for key, value, field in (
+        ("ENGINE_API_JWKS_TIMEOUT", "soon", "ENGINE_API_JWKS_TIMEOUT"),
+        ("ENGINE_API_JWKS_TIMEOUT", "nan", "jwks_timeout"),
+        ("ENGINE_API_JWKS_CACHE_TTL", "0", "jwks_cache_ttl"),
+        ("ENGINE_API_JWKS_REFETCH_INTERVAL", "-1", "jwks_refetch_interval"),
+        ("ENGINE_API_JWKS_URL", "http://idp.example/jwks", "ENGINE_API_JWKS_URL"),
+    ):
+        with pytest.raises(errors.ConfigurationError) as caught:
+            ApiConfig.from_env({**base, key: value})
+        assert caught.value.field == field, key
+
+
 # ---- the server with an identity provider -------------------------------------------------------------------
 
 
