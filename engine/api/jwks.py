@@ -64,6 +64,7 @@ class IdentityProviderUnavailable(errors.CredentialEngineError):
     fetched: 503 with ``retry_after`` (the envelope's fixed 5xx text; the reason is in the log)."""
 
     http_status = 503
+    errno = -110006
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

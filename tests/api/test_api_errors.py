@@ -16,6 +16,7 @@ import structlog.testing
 
 from engine import CredentialEngine, errors
 from engine.api import http as api_http
+from engine.api.jwks import IdentityProviderUnavailable
 from engine.testing import FakeVenue
 from venues.base import ApiKeys, ProbeResult, Venue
 
@@ -36,6 +37,7 @@ def error_kinds() -> dict[str, type[errors.CredentialEngineError]]:
         if inspect.isclass(cls) and issubclass(cls, errors.CredentialEngineError)
     }
     kinds.update({cls.__name__: cls for cls in api_http.HTTP_ERRORS})
+    kinds["IdentityProviderUnavailable"] = IdentityProviderUnavailable  # beside the JWKS code that raises it
     return kinds
 
 
