@@ -24,6 +24,7 @@ from aiohttp.abc import AbstractResolver
 
 from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
 from engine import db as dbmod
+from engine import metrics as metricsmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
@@ -78,6 +79,8 @@ class CredentialEngine:
         self._jobs: jobs.LifecycleJobs | None = None
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
         self.webhooks = webhooks_service.WebhookService(self, resolver=webhook_resolver)
+        # Prometheus: eng.metrics.registry (engine, process, platform, GC) or eng.metrics.collector (engine only)
+        self.metrics = metricsmod.EngineMetrics(self)
 
     # ---- lifecycle of the object -----------------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class CredentialEngine:
                 acquire_timeout=cfg.pool_acquire_timeout,
                 command_timeout=cfg.db_command_timeout,
             )
+        self.metrics.bind(asyncio.get_running_loop())
         await self._db.apply_schema()
         if cfg.master_keys:
             keyring = crypto.MasterKeyring.from_spec(cfg.master_keys)

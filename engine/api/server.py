@@ -21,7 +21,6 @@ limits of :mod:`engine.api.limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine import errors
-from engine.api import auth, http, limits, metrics, ops, protocol, routes, webhook_routes
+from engine.api import auth, http, limits, ops, protocol, routes, webhook_routes
 from engine.config import settings_view
 from engine.sensitive import SecretText
 
@@ -117,8 +116,9 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     app[routes.ENGINE] = engine
     app[routes.CONNECT_WAIT] = config.connect_wait_timeout
     app[http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
-    app[http.HTTP_COUNTS] = Counter()
-    app[metrics.JOB_COUNTS] = metrics.SharedRead(metrics.JOB_COUNTS_TTL)
+    app[http.HTTP_COUNTS] = (
+        engine.metrics.http_requests
+    )  # the engine's registry shows them (engine/metrics.py)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_response_prepare.append(_without_server_header)

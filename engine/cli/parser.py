@@ -37,6 +37,23 @@ def _page(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=50)
 
 
+def _metrics_options(parser: argparse.ArgumentParser, port_help: str) -> None:
+    port = os.environ.get("ENGINE_METRICS_PORT")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(port) if port and port.isdigit() else None,
+        metavar="PORT",
+        help=f"{port_help} (default $ENGINE_METRICS_PORT; none: no such listener; 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("ENGINE_METRICS_HOST") or "127.0.0.1",
+        metavar="ADDRESS",
+        help="address of the metrics listener (default $ENGINE_METRICS_HOST or 127.0.0.1; 0.0.0.0 in a container)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="credential-engine",
@@ -53,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, help="concurrent jobs in this process (default $ENGINE_WORKERS or 10)"
     )
+    _metrics_options(p, "a listener of its own for /metrics, besides the API's /metrics route")
     p.set_defaults(func=commands.serve)
 
     p = sub.add_parser("worker", help="run queue workers only (scale out)")
     p.add_argument("--workers", type=int, default=10, help="concurrent jobs in this process")
+    _metrics_options(p, "serve Prometheus metrics on this port (GET /metrics), so every worker is scraped")
     p.set_defaults(func=commands.worker)
 
     p = sub.add_parser(
