@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
+from engine import crypto, errors, events, jobs, keys, lifecycle, quotas, rewrap, validation
 from engine import db as dbmod
 from engine import metrics as metricsmod
 from engine import queue as queuemod
@@ -65,8 +65,10 @@ class CredentialEngine:
         http_session: aiohttp.ClientSession | None = None,
         probes: Mapping[Venue, Probe] | None = None,
         webhook_resolver: AbstractResolver | None = None,
+        key_provider: keys.KeyProvider | None = None,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
+        self._key_provider = key_provider  # replaces the master keys of the configuration (engine/keys.py)
         self._injected_pool = pool
         self._injected_session = http_session
         self._probes: dict[Venue, Probe] = dict(probes or {})
@@ -121,12 +123,7 @@ class CredentialEngine:
             )
         self.metrics.bind(asyncio.get_running_loop())
         await self._db.apply_schema()
-        if cfg.master_keys:
-            keyring = crypto.MasterKeyring.from_spec(cfg.master_keys)
-        else:
-            keyring = await asyncio.to_thread(
-                crypto.MasterKeyring.load_or_create, self.data_dir / "master.keys"
-            )
+        keyring = await keys.load_keyring(self._keys())
         await rewrap.check_keyring(self._db, keyring)  # no start with a master key version missing
         self._store = Store(self._db, crypto.Vault(keyring))
         await self._store.load_fingerprint_key()
@@ -165,6 +162,25 @@ class CredentialEngine:
         await self.bus.start(self._db)
         if cfg.workers > 0:
             await self._queue.start()
+
+    def _keys(self) -> keys.KeyProvider:
+        """The key provider given to the constructor, or the one the configuration names (engine/keys.py)."""
+        cfg = self.config
+        configured = cfg.master_keys or cfg.master_keys_file is not None or cfg.kms is not None
+        if self._key_provider is not None:
+            if configured:
+                raise errors.ConfigurationError(
+                    f"a key_provider ({self._key_provider.source}) and master keys in the configuration: "
+                    "give only one",
+                    field="master_keys",
+                )
+            return self._key_provider
+        return keys.provider_for(
+            master_keys=cfg.master_keys,
+            master_keys_file=cfg.master_keys_file,
+            kms=cfg.kms,
+            data_dir=self.data_dir,
+        )
 
     async def close(self) -> None:
         """Finish or hand back running jobs, stop listeners, close what this engine opened. Idempotent."""

@@ -10,6 +10,7 @@ import os
 from engine import rewrap
 from engine.api import auth
 from engine.cli import commands, webhooks
+from engine.cli import keys as keys_cli
 
 
 def _owner_parent() -> argparse.ArgumentParser:
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {rewrap.DEFAULT_LOCK_TIMEOUT:g})",
     )
     p.set_defaults(func=commands.rewrap_keys)
+
+    keys_cli.add_parsers(sub)
 
     p = sub.add_parser("migrate", help="apply the database schema again (idempotent; repairs drift)")
     p.set_defaults(func=commands.migrate)
