@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -258,4 +257,51 @@ async def test_worker_metrics_port_of_a_real_process(
         _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "Traceback" not in err.decode()
-    assert threading.active_count() >= 1
+
+
+async def test_serve_metrics_route_and_metrics_port_of_a_real_process(
+    database_url: str, master_keys: str, tmp_path: Path
+) -> None:
+    """`credential-engine serve --metrics-port 0` (a real process): the API's /metrics route and the metrics
+    listener answer the same families; the listener counts the API's requests too (one registry)."""
+    from engine.api import auth
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "ENGINE_MASTER_KEYS": master_keys,
+        "ENGINE_DATA_DIR": str(tmp_path),
+        "ENGINE_API_PORT": "0",
+        "ENGINE_WORKERS": "1",
+        auth.SECRET_ENV: auth.generate_secret(),
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", "serve", "--metrics-port", "0",
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode()
+        api_url = line.split("listening on ", 1)[1].split()[0]
+        metrics_url = line.rsplit("metrics on ", 1)[1].strip()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{api_url}/metrics") as resp:
+                assert resp.status == 200
+                route = Scrape(await resp.text())
+            async with http.get(metrics_url) as resp:
+                assert resp.status == 200
+                listener = Scrape(await resp.text())
+        check_families(route)
+        check_families(listener)
+        assert (
+            listener.value(
+                "credential_engine_http_requests_total", route="/metrics", method="GET", status="200"
+            )
+            >= 1
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
