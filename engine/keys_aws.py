@@ -135,7 +135,7 @@ async def decrypt_spec(settings: KmsSettings, *, source: str) -> MasterKeysText:
 async def _decrypt(settings: KmsSettings, source: str) -> MasterKeysText | str:
     """The spec, masked, or the message of what went wrong."""
     params: dict[str, Any] = {
-        "CiphertextBlob": settings.blob(),
+        "CiphertextBlob": await asyncio.to_thread(settings.blob),  # a file, perhaps
         "EncryptionContext": dict(settings.encryption_context),
     }
     if settings.key_id:

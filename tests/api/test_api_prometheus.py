@@ -150,6 +150,37 @@ async def test_a_host_registry_includes_the_engine_collector(eng: CredentialEngi
     assert "process_cpu_seconds" not in scrape.families  # the host's registry has its own process metrics
 
 
+async def test_a_scrape_on_the_engines_loop_never_waits(
+    eng: CredentialEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate_latest called on the engine's loop (a host's own handler) cannot wait for the database: it
+    answers the counts it holds and starts one count, whose numbers the next scrape shows."""
+    await eng.metrics.refresh()
+    real = eng.queue.counts
+    calls = 0
+
+    async def counted() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        counts = await real()
+        return {**counts, "queued": counts["queued"] + 1000}  # recognisable
+
+    monkeypatch.setattr(eng.queue, "counts", counted)
+    eng.metrics.job_counts.clock = lambda: float("inf")  # the kept count is due
+    first = Scrape(generate_latest(eng.metrics.registry).decode())
+    assert first.value("credential_engine_jobs", state="queued") < 1000 and calls == 0  # kept, not waited for
+    second = Scrape(generate_latest(eng.metrics.registry).decode())  # still running: no second count started
+    assert second.value("credential_engine_jobs", state="queued") < 1000
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if calls:
+            break
+    await asyncio.sleep(0.1)
+    eng.metrics.job_counts.clock = lambda: 0.0  # the new count is fresh now
+    third = Scrape(generate_latest(eng.metrics.registry).decode())
+    assert third.value("credential_engine_jobs", state="queued") >= 1000 and calls >= 1
+
+
 async def test_the_job_count_failing_leaves_the_other_families(
     api: Any, eng: CredentialEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

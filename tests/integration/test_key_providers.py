@@ -375,7 +375,14 @@ async def test_the_decrypted_keyring_never_reaches_logs_reprs_or_errors(
         await store_and_read(eng)
         provider = AwsKmsKeys(kms)
         keyring = await provider.load()
-        texts = [repr(eng.config), repr(kms), repr(provider), repr(keyring), str(keyring)]
+        texts = [
+            repr(eng.config),
+            repr(kms),
+            repr(provider),
+            repr(keyring),
+            str(keyring),
+            repr(EnvironmentKeys(SPEC)),
+        ]
         with pytest.raises(errors.ConfigurationError) as refused:
             await AwsKmsKeys(settings(kms_server, ciphertext, key_id=other)).load()
         texts.append(with_locals(refused.value))
