@@ -167,8 +167,13 @@ async def serve(args: argparse.Namespace) -> int:
         overrides["workers"] = args.workers
     config = EngineConfig.from_env(**overrides)
     if args.sandbox:
-        async with sandbox.running(config, host=_host(args), port=_port(args, 8080)) as live:
+        async with (
+            sandbox.running(config, host=_host(args), port=_port(args, 8080)) as live,
+            _metrics_listener(live.engine, args) as metrics_url,
+        ):
             print(sandbox.banner(live), flush=True)
+            if metrics_url:
+                print(f"metrics on {metrics_url}", flush=True)
             await stop.wait()
         return 0
     api_overrides: dict[str, Any] = {}

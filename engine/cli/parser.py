@@ -39,11 +39,10 @@ def _page(parser: argparse.ArgumentParser) -> None:
 
 
 def _metrics_options(parser: argparse.ArgumentParser, port_help: str) -> None:
-    port = os.environ.get("ENGINE_METRICS_PORT")
     parser.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(port) if port and port.isdigit() else None,
+        type=int,  # argparse converts a string default too: a bad $ENGINE_METRICS_PORT is a usage error
+        default=os.environ.get("ENGINE_METRICS_PORT") or None,
         metavar="PORT",
         help=f"{port_help} (default $ENGINE_METRICS_PORT; none: no such listener; 0 picks a free port)",
     )
