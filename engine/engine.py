@@ -22,8 +22,9 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, keys, lifecycle, quotas, rewrap, validation
+from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
 from engine import db as dbmod
+from engine import keys as keyproviders
 from engine import metrics as metricsmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
@@ -65,7 +66,7 @@ class CredentialEngine:
         http_session: aiohttp.ClientSession | None = None,
         probes: Mapping[Venue, Probe] | None = None,
         webhook_resolver: AbstractResolver | None = None,
-        key_provider: keys.KeyProvider | None = None,
+        key_provider: keyproviders.KeyProvider | None = None,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
         self._key_provider = key_provider  # replaces the master keys of the configuration (engine/keys.py)
@@ -123,7 +124,7 @@ class CredentialEngine:
             )
         self.metrics.bind(asyncio.get_running_loop())
         await self._db.apply_schema()
-        keyring = await keys.load_keyring(self._keys())
+        keyring = await keyproviders.load_keyring(self._keys())
         await rewrap.check_keyring(self._db, keyring)  # no start with a master key version missing
         self._store = Store(self._db, crypto.Vault(keyring))
         await self._store.load_fingerprint_key()
@@ -163,7 +164,7 @@ class CredentialEngine:
         if cfg.workers > 0:
             await self._queue.start()
 
-    def _keys(self) -> keys.KeyProvider:
+    def _keys(self) -> keyproviders.KeyProvider:
         """The key provider given to the constructor, or the one the configuration names (engine/keys.py)."""
         cfg = self.config
         configured = cfg.master_keys or cfg.master_keys_file is not None or cfg.kms is not None
@@ -175,7 +176,7 @@ class CredentialEngine:
                     field="master_keys",
                 )
             return self._key_provider
-        return keys.provider_for(
+        return keyproviders.provider_for(
             master_keys=cfg.master_keys,
             master_keys_file=cfg.master_keys_file,
             kms=cfg.kms,

@@ -116,9 +116,8 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
     app[routes.ENGINE] = engine
     app[routes.CONNECT_WAIT] = config.connect_wait_timeout
     app[http.TOKEN_VERIFIER] = auth.TokenVerifier.hs256(config.jwt_secret)
-    app[http.HTTP_COUNTS] = (
-        engine.metrics.http_requests
-    )  # the engine's registry shows them (engine/metrics.py)
+    # counted into the engine's own counter: its registry shows them (engine/metrics.py)
+    app[http.HTTP_COUNTS] = engine.metrics.http_requests
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_response_prepare.append(_without_server_header)
