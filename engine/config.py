@@ -5,6 +5,9 @@ Environment variables (all optional):
     DATABASE_URL / PG* (libpq)   the PostgreSQL server; none -> the embedded server in ENGINE_DATA_DIR
     ENGINE_DATA_DIR              zero-config state (embedded PostgreSQL, generated master key)
     ENGINE_MASTER_KEYS           "1:<base64 32 bytes>,2:<...>" versioned master keys (see engine/crypto.py)
+    ENGINE_MASTER_KEYS_FILE      or: a file holding that spec (0600, this user's, no symbolic link)
+    ENGINE_MASTER_KEYS_KMS, ENGINE_MASTER_KEYS_KMS_FILE, ENGINE_KMS_*   or: the spec encrypted by AWS KMS
+                                 (engine/keys.py KmsSettings; at most one of the three ways)
     ENGINE_VENUE_URLS            "BINANCE=http://127.0.0.1:9001,OKX=..." base URL per venue (sandbox, simulator)
     ENGINE_WORKERS               jobs run concurrently per process (0 = run no workers in this process)
     ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine import errors
+from engine.keys import KmsSettings
 from engine.sensitive import MasterKeysText, SecretDsn, SecretText
 from venues.base import Permissions, ProbeResult, Venue
 
@@ -131,6 +135,8 @@ class EngineConfig:
     database_url: str | None = None
     data_dir: Path | None = None
     master_keys: str | None = None
+    master_keys_file: Path | None = None  # a file holding the spec (engine/keys.py KeyFile)
+    kms: KmsSettings | None = None  # the spec encrypted by AWS KMS (engine/keys.py AwsKmsKeys)
     venue_urls: Mapping[Venue, str] = field(default_factory=dict)
     probe_timeout: float = 10.0
     # honour the venues' documented limits client side; off only against simulators and test servers
@@ -218,6 +224,11 @@ class EngineConfig:
             kwargs["data_dir"] = Path(env["ENGINE_DATA_DIR"])
         if env.get("ENGINE_MASTER_KEYS"):
             kwargs["master_keys"] = env["ENGINE_MASTER_KEYS"]
+        if env.get("ENGINE_MASTER_KEYS_FILE"):
+            kwargs["master_keys_file"] = Path(env["ENGINE_MASTER_KEYS_FILE"])
+        kms = KmsSettings.from_env(env)
+        if kms is not None:
+            kwargs["kms"] = kms
         if env.get("ENGINE_VENUE_URLS"):
             kwargs["venue_urls"] = parse_venue_urls(env["ENGINE_VENUE_URLS"])
         if env.get("ENGINE_JOB_TIMEOUTS"):

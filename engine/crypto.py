@@ -51,6 +51,7 @@ __all__ = [
     "Vault",
     "fingerprint",
     "generate_fingerprint_key",
+    "read_key_file",
 ]
 
 log = structlog.get_logger("engine.crypto")
@@ -233,10 +234,23 @@ def _decode_key(text: str) -> bytes | None:
         return None
 
 
-def _refused(path: Path, reason: str) -> errors.ConfigurationError:
-    return errors.ConfigurationError(
-        f"the master key file {path} is refused: {reason}", field=MASTER_KEYS_SETTING
-    )
+def read_key_file(path: Path, *, setting: str) -> MasterKeysText:
+    """The keyring spec stored in an operator's key file (``ENGINE_MASTER_KEYS_FILE``), masked.
+
+    The checks of :meth:`MasterKeyring.load_or_create`, without creating anything: refused with a
+    :class:`errors.ConfigurationError` naming ``setting``, the path and the reason when the file is missing,
+    a symbolic link, not a regular file, owned by another user or accessible to group/others, or when its
+    folder (or one above it) could be changed by another user.
+    """
+    try:
+        _check_folders(path, setting)
+        return MasterKeysText(_read_private_file(path, setting))
+    except errors.ConfigurationError as exc:
+        raise errors.ConfigurationError(f"{setting}: {exc.message}", field=setting) from None
+
+
+def _refused(path: Path, reason: str, setting: str = MASTER_KEYS_SETTING) -> errors.ConfigurationError:
+    return errors.ConfigurationError(f"the master key file {path} is refused: {reason}", field=setting)
 
 
 def _make_private_folder(path: Path) -> None:
@@ -262,7 +276,7 @@ def _make_private_folder(path: Path) -> None:
         ) from None
 
 
-def _check_folders(path: Path) -> None:
+def _check_folders(path: Path, setting: str = MASTER_KEYS_SETTING) -> None:
     """Refuse a key file whose folder someone else could change: the folder is owned by this process's user
     or root, and neither it nor any folder above it is writable by group/others without the sticky bit
     (``/tmp``'s sticky bit lets nobody else rename or delete our entries)."""
@@ -275,19 +289,21 @@ def _check_folders(path: Path) -> None:
             info = os.stat(each)
         except OSError as exc:
             raise _refused(
-                path, f"cannot inspect the folder {each} ({exc.strerror or type(exc).__name__})"
+                path, f"cannot inspect the folder {each} ({exc.strerror or type(exc).__name__})", setting
             ) from None
         if each == folder and info.st_uid not in (me, 0):
             raise _refused(
                 path,
                 f"its folder {each} is owned by uid {info.st_uid}, not by this process's user (uid {me}) or "
                 "root, who could replace the file",
+                setting,
             )
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
             raise _refused(
                 path,
                 f"the folder {each} is writable by group/others (mode {stat.S_IMODE(info.st_mode):04o}, no "
                 f"sticky bit), who could replace the file; run `chmod go-w {each}`",
+                setting,
             )
 
 
@@ -328,7 +344,7 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
-def _read_private_file(path: Path) -> str:
+def _read_private_file(path: Path, setting: str = MASTER_KEYS_SETTING) -> str:
     """Read a key file: a regular file, not a symbolic link, owned by this process's user, mode 0600 or
     stricter. ``O_NONBLOCK`` keeps a FIFO put in its place from blocking the start for ever."""
     try:
@@ -338,25 +354,28 @@ def _read_private_file(path: Path) -> str:
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW: the last component is a symbolic link
             raise _refused(
-                path, "it is a symbolic link (the key file itself must be a regular file)"
+                path, "it is a symbolic link (the key file itself must be a regular file)", setting
             ) from None
         raise errors.ConfigurationError(
             f"cannot read the master key file {path} ({exc.strerror or type(exc).__name__})",
-            field=MASTER_KEYS_SETTING,
+            field=setting,
         ) from None
     with os.fdopen(fd, "r", encoding="ascii", errors="replace") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise _refused(path, "it is not a regular file")
+            raise _refused(path, "it is not a regular file", setting)
         if os.name == "posix" and info.st_uid != os.geteuid():
             raise _refused(
-                path, f"it is owned by uid {info.st_uid}, not by this process's user (uid {os.geteuid()})"
+                path,
+                f"it is owned by uid {info.st_uid}, not by this process's user (uid {os.geteuid()})",
+                setting,
             )
         if os.name == "posix" and info.st_mode & 0o077:
             raise _refused(
                 path,
                 f"it is accessible to group/others (mode {stat.S_IMODE(info.st_mode):04o}); "
                 f"run `chmod 600 {path}`",
+                setting,
             )
         return handle.read()
 

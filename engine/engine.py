@@ -24,6 +24,8 @@ from aiohttp.abc import AbstractResolver
 
 from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
 from engine import db as dbmod
+from engine import keys as keyproviders
+from engine import metrics as metricsmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
@@ -64,8 +66,10 @@ class CredentialEngine:
         http_session: aiohttp.ClientSession | None = None,
         probes: Mapping[Venue, Probe] | None = None,
         webhook_resolver: AbstractResolver | None = None,
+        key_provider: keyproviders.KeyProvider | None = None,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
+        self._key_provider = key_provider  # replaces the master keys of the configuration (engine/keys.py)
         self._injected_pool = pool
         self._injected_session = http_session
         self._probes: dict[Venue, Probe] = dict(probes or {})
@@ -78,6 +82,8 @@ class CredentialEngine:
         self._jobs: jobs.LifecycleJobs | None = None
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
         self.webhooks = webhooks_service.WebhookService(self, resolver=webhook_resolver)
+        # Prometheus: eng.metrics.registry (engine, process, platform, GC) or eng.metrics.collector (engine only)
+        self.metrics = metricsmod.EngineMetrics(self)
 
     # ---- lifecycle of the object -----------------------------------------------------------------------
 
@@ -116,13 +122,9 @@ class CredentialEngine:
                 acquire_timeout=cfg.pool_acquire_timeout,
                 command_timeout=cfg.db_command_timeout,
             )
+        self.metrics.bind(asyncio.get_running_loop())
         await self._db.apply_schema()
-        if cfg.master_keys:
-            keyring = crypto.MasterKeyring.from_spec(cfg.master_keys)
-        else:
-            keyring = await asyncio.to_thread(
-                crypto.MasterKeyring.load_or_create, self.data_dir / "master.keys"
-            )
+        keyring = await keyproviders.load_keyring(self._keys())
         await rewrap.check_keyring(self._db, keyring)  # no start with a master key version missing
         self._store = Store(self._db, crypto.Vault(keyring))
         await self._store.load_fingerprint_key()
@@ -161,6 +163,25 @@ class CredentialEngine:
         await self.bus.start(self._db)
         if cfg.workers > 0:
             await self._queue.start()
+
+    def _keys(self) -> keyproviders.KeyProvider:
+        """The key provider given to the constructor, or the one the configuration names (engine/keys.py)."""
+        cfg = self.config
+        configured = cfg.master_keys or cfg.master_keys_file is not None or cfg.kms is not None
+        if self._key_provider is not None:
+            if configured:
+                raise errors.ConfigurationError(
+                    f"a key_provider ({self._key_provider.source}) and master keys in the configuration: "
+                    "give only one",
+                    field="master_keys",
+                )
+            return self._key_provider
+        return keyproviders.provider_for(
+            master_keys=cfg.master_keys,
+            master_keys_file=cfg.master_keys_file,
+            kms=cfg.kms,
+            data_dir=self.data_dir,
+        )
 
     async def close(self) -> None:
         """Finish or hand back running jobs, stop listeners, close what this engine opened. Idempotent."""

@@ -372,13 +372,16 @@ def _ops_paths() -> dict[str, Any]:
         "/metrics": {
             "get": {
                 "operationId": "metrics",
-                "summary": "Prometheus metrics (text exposition format 0.0.4)",
+                "summary": "Prometheus metrics (text format 0.0.4; OpenMetrics 1.0 when Accept asks for it)",
                 "tags": ["operations"],
                 "security": unauthenticated,
                 "responses": {
                     "200": {
                         "description": "metrics",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
                     }
                 },
             }

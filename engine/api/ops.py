@@ -45,29 +45,8 @@ def _word(up: bool) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics (Prometheus text format)."""
-    eng = routes.engine_of(request)
-    queue = eng.queue
-    counters = queue.counters
-    stats = eng.bus.stats
-    snap = metricsmod.Snapshot(
-        job_counts=await request.app[metricsmod.JOB_COUNTS].get(queue.counts),  # not a table scan per scrape
-        job_attempts={
-            "processed": counters.processed,
-            "retried": counters.retried,
-            "failed": counters.failed,
-            "dead": counters.dead,
-            "handed_back": counters.handed_back,
-            "timed_out": counters.timed_out,
-        },
-        probes=eng.probe_metrics,
-        events={"read": stats.read, "delivered": stats.delivered, "listener_failed": stats.listener_failures},
-        webhooks=eng.webhooks.metrics,
-        http_requests=list(request.app[http.HTTP_COUNTS].items()),
-    )
-    return web.Response(
-        body=metricsmod.render(snap).encode("utf-8"), headers={"Content-Type": metricsmod.CONTENT_TYPE}
-    )
+    """GET /metrics (Prometheus text format, or OpenMetrics when the scraper asks; engine/metrics.py)."""
+    return await metricsmod.answer(routes.engine_of(request), request)
 
 
 async def openapi_document(request: web.Request) -> web.Response:

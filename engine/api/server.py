@@ -25,7 +25,6 @@ limits of :mod:`engine.api.limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine import errors
-from engine.api import auth, http, jwks, limits, metrics, ops, protocol, routes, scopes, webhook_routes
+from engine.api import auth, http, jwks, limits, ops, protocol, routes, scopes, webhook_routes
 from engine.config import settings_view
 from engine.sensitive import SecretText
 
@@ -199,8 +198,8 @@ def make_app(engine: CredentialEngine, config: ApiConfig) -> web.Application:
         app[JWKS_KEYS] = keys
         app.on_startup.append(_start_keys)
         app.on_cleanup.append(_close_keys)
-    app[http.HTTP_COUNTS] = Counter()
-    app[metrics.JOB_COUNTS] = metrics.SharedRead(metrics.JOB_COUNTS_TTL)
+    # counted into the engine's own counter: its registry shows them (engine/metrics.py)
+    app[http.HTTP_COUNTS] = engine.metrics.http_requests
     scopes.check_routes((method, path) for method, path, _ in ROUTES)  # no /api route without a scope
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

@@ -9,6 +9,7 @@
     credential-engine webhooks add|list|remove|rotate-secret|deliveries ...
     credential-engine jobs list|retry ...        dead jobs and their retry
     credential-engine rewrap-keys                re-wrap data keys under the current master key (1: some left)
+    credential-engine keys encrypt --kms-key-id ID   a master keyring encrypted by AWS KMS (ENGINE_MASTER_KEYS_KMS)
     credential-engine migrate                    apply the schema
 
 Lifecycle commands talk to the database directly (``EngineConfig.from_env()``, the service's environment),

@@ -21,6 +21,7 @@ from typing import Any
 
 from engine import errors
 from engine.api import ApiConfig, ApiServer, auth
+from engine.api.metrics import MetricsServer
 from engine.cli import output as out
 from engine.cli import sandbox
 from engine.config import EngineConfig
@@ -166,8 +167,13 @@ async def serve(args: argparse.Namespace) -> int:
         overrides["workers"] = args.workers
     config = EngineConfig.from_env(**overrides)
     if args.sandbox:
-        async with sandbox.running(config, host=_host(args), port=_port(args, 8080)) as live:
+        async with (
+            sandbox.running(config, host=_host(args), port=_port(args, 8080)) as live,
+            _metrics_listener(live.engine, args) as metrics_url,
+        ):
             print(sandbox.banner(live), flush=True)
+            if metrics_url:
+                print(f"metrics on {metrics_url}", flush=True)
             await stop.wait()
         return 0
     api_overrides: dict[str, Any] = {}
@@ -176,15 +182,30 @@ async def serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         api_overrides["port"] = args.port
     api_config = ApiConfig.from_env(**api_overrides)
-    async with CredentialEngine(config) as eng:
+    async with CredentialEngine(config) as eng, _metrics_listener(eng, args) as metrics_url:
         server = ApiServer(eng, api_config)
         await server.start()
-        print(f"credential-engine listening on {server.url} (workers: {config.workers})", flush=True)
+        shown = f"; metrics on {metrics_url}" if metrics_url else ""
+        print(f"credential-engine listening on {server.url} (workers: {config.workers}){shown}", flush=True)
         try:
             await stop.wait()
         finally:
             await server.close()
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _metrics_listener(eng: CredentialEngine, args: argparse.Namespace) -> AsyncIterator[str | None]:
+    """``--metrics-port``: a listener answering /metrics while the command runs; yields its URL (or None)."""
+    if args.metrics_port is None:
+        yield None
+        return
+    server = MetricsServer(eng, host=args.metrics_host, port=args.metrics_port)
+    await server.start()
+    try:
+        yield server.url
+    finally:
+        await server.close()
 
 
 def _host(args: argparse.Namespace) -> str:
@@ -211,8 +232,9 @@ def simulator(args: argparse.Namespace) -> int:
 async def worker(args: argparse.Namespace) -> int:
     """Queue workers only (scale out: run more of these against the same database)."""
     stop = _stop_event()
-    async with opened(workers=args.workers) as eng:
-        print(f"credential-engine worker running {eng.config.workers} job(s) at a time", flush=True)
+    async with opened(workers=args.workers) as eng, _metrics_listener(eng, args) as metrics_url:
+        shown = f"; metrics on {metrics_url}" if metrics_url else ""
+        print(f"credential-engine worker running {eng.config.workers} job(s) at a time{shown}", flush=True)
         await stop.wait()
     return 0
 

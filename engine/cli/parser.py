@@ -10,6 +10,7 @@ import os
 from engine import rewrap
 from engine.api import auth, scopes
 from engine.cli import commands, webhooks
+from engine.cli import keys as keys_cli
 
 
 def _owner_parent() -> argparse.ArgumentParser:
@@ -37,6 +38,22 @@ def _page(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=50)
 
 
+def _metrics_options(parser: argparse.ArgumentParser, port_help: str) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,  # argparse converts a string default too: a bad $ENGINE_METRICS_PORT is a usage error
+        default=os.environ.get("ENGINE_METRICS_PORT") or None,
+        metavar="PORT",
+        help=f"{port_help} (default $ENGINE_METRICS_PORT; none: no such listener; 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("ENGINE_METRICS_HOST") or "127.0.0.1",
+        metavar="ADDRESS",
+        help="address of the metrics listener (default $ENGINE_METRICS_HOST or 127.0.0.1; 0.0.0.0 in a container)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="credential-engine",
@@ -53,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, help="concurrent jobs in this process (default $ENGINE_WORKERS or 10)"
     )
+    _metrics_options(p, "a listener of its own for /metrics, besides the API's /metrics route")
     p.set_defaults(func=commands.serve)
 
     p = sub.add_parser("worker", help="run queue workers only (scale out)")
     p.add_argument("--workers", type=int, default=10, help="concurrent jobs in this process")
+    _metrics_options(p, "serve Prometheus metrics on this port (GET /metrics), so every worker is scraped")
     p.set_defaults(func=commands.worker)
 
     p = sub.add_parser(
@@ -178,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {rewrap.DEFAULT_LOCK_TIMEOUT:g})",
     )
     p.set_defaults(func=commands.rewrap_keys)
+
+    keys_cli.add_parsers(sub)
 
     p = sub.add_parser("migrate", help="apply the database schema again (idempotent; repairs drift)")
     p.set_defaults(func=commands.migrate)

@@ -1,5 +1,5 @@
 """/metrics does not count the job table per scrape: concurrent scrapes share one count,
-and later scrapes reuse it for JOB_COUNTS_TTL seconds (engine/api/metrics.py's SharedRead)."""
+and later scrapes reuse it for JOB_COUNTS_TTL seconds (engine/metrics.py's SharedRead)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from engine import CredentialEngine, errors
-from engine.api import ApiServer
-from engine.api import metrics as api_metrics
+from engine import metrics as api_metrics
 
 
 class Clock:
@@ -23,16 +22,16 @@ class Clock:
 
 def jobs_done(text: str) -> int:
     (line,) = [ln for ln in text.splitlines() if ln.startswith('credential_engine_jobs{state="done"}')]
-    return int(line.split()[-1])
+    return int(float(line.split()[-1]))
 
 
 async def test_concurrent_scrapes_run_the_count_query_once(
-    api: Any, server: ApiServer, eng: CredentialEngine, monkeypatch: pytest.MonkeyPatch, create_body: Any
+    api: Any, eng: CredentialEngine, monkeypatch: pytest.MonkeyPatch, create_body: Any
 ) -> None:
     """30 concurrent scrapes run JobQueue.counts (the full-table GROUP BY) once, and all show its numbers;
     scrapes within the TTL reuse them; the first scrape after the TTL counts again and sees new jobs."""
     clock = Clock()
-    server.app[api_metrics.JOB_COUNTS].clock = clock
+    eng.metrics.job_counts.clock = clock
     real = eng.queue.counts
     calls = 0
 
