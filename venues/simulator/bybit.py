@@ -138,7 +138,7 @@ class BybitServer(common.VenueServer):
         if not common.ip_allowed(key, request):
             msg = "Unmatched IP, please check your API key's bound IP addresses."
             raise common.Reject(self.error(10010, msg))
-        return key
+        return self.accepted(request, key)
 
     # -- endpoints --------------------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
         if not common.ip_allowed(key, request):
             ip = common.client_ip(request)
             raise common.Reject(unauthorized(f"IP address {ip} is not in the API key's allowlist"))
-        return key
+        return self.accepted(request, key)
 
     def _view(self, key: TestKey) -> None:
         if not key.read or "default" not in key.identities:

@@ -101,7 +101,7 @@ class CoinbaseExchange(common.VenueServer):
             raise common.Reject(error("invalid signature", 401))
         if not common.ip_allowed(key, request):
             raise common.Reject(error("IP address not allowed", 401))
-        return key
+        return self.accepted(request, key)
 
     def _readable(self, key: TestKey) -> None:
         if not key.read or "default" not in key.identities:

@@ -126,7 +126,7 @@ class KrakenServer(kraken_futures.KrakenFutures):
             raise common.Reject(error("EAPI:Invalid nonce"))
         if not common.ip_allowed(key, request):
             raise common.Reject(error("EGeneral:Permission denied"))
-        return key
+        return self.accepted(request, key)
 
     def _funds(self, key: TestKey) -> None:
         """Balance and TradeBalance need "Query Funds" (docs/venues.md §5A.3) and the spot identity."""

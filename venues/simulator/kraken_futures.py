@@ -106,7 +106,7 @@ class KrakenFutures(common.VenueServer):
             self._accept_nonce(key, nonce)
         if not common.ip_allowed(key, request):
             raise denied
-        return key
+        return self.accepted(request, key)
 
     def _accept_nonce(self, key: TestKey, nonce: str) -> None:
         if not nonce.isdigit():

@@ -129,7 +129,7 @@ class OkxServer(common.VenueServer):
         if not common.ip_allowed(key, request):
             ip = common.client_ip(request)
             raise common.Reject(error(50110, f"Your IP {ip} is not included in your API key's IP whitelist."))
-        return key
+        return self.accepted(request, key)
 
     # -- endpoints --------------------------------------------------------------------------------
 

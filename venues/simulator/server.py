@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import admin, binance, bybit, coinbase, common, faults, kraken, okx, stats
+from venues.simulator import admin, binance, bybit, coinbase, common, faults, kraken, okx, signlog, stats, trading
 from venues.simulator.registry import TestKey
 
 SERVERS: dict[Venue, type[common.VenueServer]] = {
@@ -204,3 +205,34 @@ class Simulator:
 
     def stats(self, venue: Venue | str) -> stats.VenueStats:
         return self._state.stats[_venue(venue)].snapshot()
+
+    # -- trading and the signing log ----------------------------------------------------------------
+
+    def signed_requests(
+        self,
+        venue: Venue | str | None = None,
+        *,
+        api_key: str | None = None,
+        since: float | None = None,
+        authenticated: bool | None = None,
+    ) -> list[signlog.SignedRequest]:
+        """Requests that claimed a key (oldest first), filtered by venue, key, arrival time
+        (``since``: wall-clock seconds, ``time.time()``) and whether the venue authenticated them."""
+        return self._state.signing_log.query(
+            venue=_venue(venue) if venue is not None else None,
+            api_key=api_key,
+            since=since,
+            authenticated=authenticated,
+        )
+
+    def balances(self, venue: Venue | str, uid: str, wallet: str) -> dict[str, tuple[Decimal, Decimal]]:
+        """``{asset: (free, locked)}`` of one account wallet (see :mod:`venues.simulator.trading`)."""
+        return self._state.book.balances((_venue(venue), str(uid), wallet))
+
+    def set_balance(self, venue: Venue | str, uid: str, wallet: str, asset: str, free: Decimal | str) -> None:
+        """Set the free amount of ``asset`` in an account wallet (e.g. 0 to see an order refused)."""
+        self._state.book.set_balance((_venue(venue), str(uid), wallet), asset, Decimal(str(free)))
+
+    def orders(self, venue: Venue | str, uid: str, wallet: str) -> list[trading.Order]:
+        """Every order an account wallet placed, open or cancelled, oldest first."""
+        return self._state.book.orders((_venue(venue), str(uid), wallet))

@@ -1,0 +1,136 @@
+"""ccxt trades a little against the simulator: one test per API the simulator imitates.
+
+ccxt (``ccxt.async_support``) is the independent client: it signs every request with its own code and
+parses every answer, so a wrong signature check, a wrong shape or a wrong error code in the simulator
+shows as a ccxt failure. Each test points every URL group of the ccxt exchange at the simulator, then:
+load markets, fetch the balance, place a limit buy (the quote currency is reserved), see it among the
+open orders, cancel it (the reservation comes back), see an unaffordable order refused with
+``InsufficientFunds``, and find the key in the simulator's signing log. Skipped when ccxt is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from venues.base import Venue
+from venues.simulator import Simulator, TestKey
+
+ccxt = pytest.importorskip("ccxt.async_support")
+ccxt_errors = pytest.importorskip("ccxt.base.errors")
+
+
+def point_at(exchange: Any, base_url: str) -> None:
+    """Every URL group of ``exchange.urls['api']`` on ``base_url``, keeping each group's path."""
+
+    def retarget(url: Any) -> Any:
+        if isinstance(url, dict):
+            return {name: retarget(value) for name, value in url.items()}
+        if not isinstance(url, str):
+            return url
+        path = urlsplit(url.replace("{hostname}", "example.invalid")).path
+        return base_url + path
+
+    exchange.urls["api"] = retarget(exchange.urls["api"])
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(seed=7) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def make_exchange() -> AsyncIterator[Callable[..., Any]]:
+    made: list[Any] = []
+
+    def factory(name: str, base_url: str, key: TestKey, **options: Any) -> Any:
+        config: dict[str, Any] = {"apiKey": key.api_key, "secret": key.api_secret, "options": options}
+        if key.api_passphrase:
+            config["password"] = key.api_passphrase
+        exchange = getattr(ccxt, name)(config)
+        point_at(exchange, base_url)
+        made.append(exchange)
+        return exchange
+
+    yield factory
+    for exchange in made:
+        await exchange.close()
+
+
+async def trade_a_little(
+    sim: Simulator,
+    exchange: Any,
+    key: TestKey,
+    *,
+    wallet: str,
+    symbol: str,
+    hold: str,
+    price: float,
+    amount: float,
+    order_path: str,
+    refusal: str | None = None,
+) -> None:
+    """The scenario every API passes (see the module docstring).
+
+    ``refusal``: the venue's error code when ccxt cannot map it to InsufficientFunds on a loopback URL
+    (ccxt picks Binance's per-product error tables by host name).
+    """
+    started = time.time()
+    markets = await exchange.load_markets()
+    assert symbol in markets
+    before = await exchange.fetch_balance()
+    free_before = before[hold]["free"]
+    assert free_before > 0
+
+    order = await exchange.create_order(symbol, "limit", "buy", amount, price)
+    assert order["id"]
+    held = await exchange.fetch_balance()
+    assert held[hold]["free"] == pytest.approx(free_before - price * amount)
+    assert held[hold]["used"] == pytest.approx(price * amount)
+
+    open_orders = await exchange.fetch_open_orders(symbol)
+    assert [o["id"] for o in open_orders] == [order["id"]]
+    assert open_orders[0]["price"] == pytest.approx(price)
+    assert open_orders[0]["amount"] == pytest.approx(amount)
+    assert open_orders[0]["side"] == "buy"
+
+    await exchange.cancel_order(order["id"], symbol)
+    assert await exchange.fetch_open_orders(symbol) == []
+    after = await exchange.fetch_balance()
+    assert after[hold]["free"] == pytest.approx(free_before)
+
+    expected = ccxt_errors.InsufficientFunds if refusal is None else ccxt_errors.ExchangeError
+    with pytest.raises(expected) as refused:
+        await exchange.create_order(symbol, "limit", "buy", amount * 1_000_000, price)
+    assert refusal is None or refusal in str(refused.value)
+    assert (await exchange.fetch_balance())[hold]["free"] == pytest.approx(free_before)
+
+    uid_orders = sim.orders(key.venue, key.uid, wallet)
+    assert [o.status for o in uid_orders] == ["canceled"]
+    signed = sim.signed_requests(key.venue, api_key=key.api_key, since=started)
+    assert signed and all(entry.authenticated for entry in signed)
+    assert any(entry.path == order_path for entry in signed)
+    assert all(entry.at >= started for entry in signed)
+
+
+async def test_binance_spot(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.BINANCE)
+    exchange = make_exchange("binance", sim.urls[Venue.BINANCE], key)
+    await trade_a_little(
+        sim, exchange, key, wallet="spot", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
+        order_path="/api/v3/order",
+    )
+
+
+async def test_binance_usdm(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.BINANCE)
+    exchange = make_exchange("binanceusdm", sim.urls[Venue.BINANCE], key)
+    await trade_a_little(
+        sim, exchange, key, wallet="futures", symbol="BTC/USDT:USDT", hold="USDT", price=20000.0,
+        amount=0.01, order_path="/fapi/v1/order", refusal='"code":-2019',
+    )
