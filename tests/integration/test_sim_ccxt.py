@@ -134,3 +134,12 @@ async def test_binance_usdm(sim: Simulator, make_exchange: Callable[..., Any]) -
         sim, exchange, key, wallet="futures", symbol="BTC/USDT:USDT", hold="USDT", price=20000.0,
         amount=0.01, order_path="/fapi/v1/order", refusal='"code":-2019',
     )
+
+
+async def test_okx(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.OKX)
+    exchange = make_exchange("okx", sim.urls[Venue.OKX], key)
+    await trade_a_little(
+        sim, exchange, key, wallet="trading", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
+        order_path="/api/v5/trade/batch-orders",
+    )
