@@ -143,3 +143,12 @@ async def test_okx(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
         sim, exchange, key, wallet="trading", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
         order_path="/api/v5/trade/batch-orders",
     )
+
+
+async def test_bybit(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.BYBIT)
+    exchange = make_exchange("bybit", sim.urls[Venue.BYBIT], key)
+    await trade_a_little(
+        sim, exchange, key, wallet="unified", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
+        order_path="/v5/order/create",
+    )
