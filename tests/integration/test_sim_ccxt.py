@@ -181,3 +181,12 @@ async def test_kraken_futures(sim: Simulator, make_exchange: Callable[..., Any])
         sim, exchange, key, wallet="futures", symbol="BTC/USD:USD", hold="USD", price=20000.0, amount=0.01,
         order_path="/derivatives/api/v3/sendorder", parses_open_price=False,
     )
+
+
+async def test_coinbase_exchange(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.COINBASE, kind="exchange")
+    exchange = make_exchange("coinbaseexchange", sim.urls[Venue.COINBASE], key)
+    await trade_a_little(
+        sim, exchange, key, wallet="exchange", symbol="BTC/USD", hold="USD", price=20000.0, amount=0.01,
+        order_path="/orders",
+    )

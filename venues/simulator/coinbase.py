@@ -17,7 +17,7 @@ import uuid
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import coinbase_exchange, coinbase_jwt, common, faults, ratelimit
+from venues.simulator import coinbase_exchange, coinbase_exchange_trading, coinbase_jwt, common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 PREFIX = "/api/v3/brokerage"
@@ -52,7 +52,7 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
 
     def rate_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
         if not self.advanced(request):
-            if request.path in coinbase_exchange.PATHS:
+            if coinbase_exchange_trading.is_exchange_path(request.path):
                 return self.exchange_rules(request, key)
             return []
         if request.path == f"{PREFIX}/time":
