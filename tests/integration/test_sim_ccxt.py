@@ -190,3 +190,16 @@ async def test_coinbase_exchange(sim: Simulator, make_exchange: Callable[..., An
         sim, exchange, key, wallet="exchange", symbol="BTC/USD", hold="USD", price=20000.0, amount=0.01,
         order_path="/orders",
     )
+
+
+@pytest.mark.parametrize("kind", ["cdp", "cdp_ed25519"])
+async def test_coinbase_advanced(sim: Simulator, make_exchange: Callable[..., Any], kind: str) -> None:
+    key = sim.add_key(Venue.COINBASE, kind=kind)
+    # ccxt's default balance call is the v2 retail API; Advanced Trade's own is v3 accounts.
+    exchange = make_exchange(
+        "coinbase", sim.urls[Venue.COINBASE], key, fetchBalance="v3PrivateGetBrokerageAccounts"
+    )
+    await trade_a_little(
+        sim, exchange, key, wallet="default", symbol="BTC/USD", hold="USD", price=20000.0, amount=0.01,
+        order_path="/api/v3/brokerage/orders",
+    )
