@@ -43,16 +43,16 @@ class KrakenFuturesTrading(common.VenueServer):
 
     def futures_trading_routes(self) -> list[web.RouteDef]:
         return [
-            web.get(f"{PREFIX}/instruments", self.instruments),
-            web.post(f"{PREFIX}/sendorder", self.send_order),
-            web.post(f"{PREFIX}/cancelorder", self.cancel_order),
-            web.get(f"{PREFIX}/openorders", self.open_orders),
+            web.get(f"{PREFIX}/instruments", self.futures_instruments),
+            web.post(f"{PREFIX}/sendorder", self.futures_send_order),
+            web.post(f"{PREFIX}/cancelorder", self.futures_cancel_order),
+            web.get(f"{PREFIX}/openorders", self.futures_open_orders),
         ]
 
-    def _success(self, **fields: Any) -> web.Response:
+    def _futures_success(self, **fields: Any) -> web.Response:
         return common.answer({"result": "success", **fields, "serverTime": common.iso_ms(self.now_ms())})
 
-    def _invalid(self, field: str) -> common.Reject:
+    def _futures_invalid(self, field: str) -> common.Reject:
         body = {"result": "error", "error": f"invalidArgument: {field}", "serverTime": common.iso_ms(self.now_ms())}
         return common.Reject(common.answer(body, 400), auth=False)
 
@@ -71,7 +71,7 @@ class KrakenFuturesTrading(common.VenueServer):
             for asset, (free, locked) in held.items()
         }
 
-    async def instruments(self, request: web.Request) -> web.Response:
+    async def futures_instruments(self, request: web.Request) -> web.Response:
         instruments = [
             {
                 "symbol": m.symbol,
@@ -98,9 +98,9 @@ class KrakenFuturesTrading(common.VenueServer):
             }
             for m in MARKETS.values()
         ]
-        return self._success(instruments=instruments)
+        return self._futures_success(instruments=instruments)
 
-    async def _trader(self, request: web.Request) -> tuple[TestKey, dict[str, str]]:
+    async def _futures_trader(self, request: web.Request) -> tuple[TestKey, dict[str, str]]:
         key = await self.futures_authenticate(request)
         if not key.trade or "futures" not in key.identities:
             raise common.Reject(self.futures_error("authenticationError", 401), auth=False)
@@ -111,7 +111,7 @@ class KrakenFuturesTrading(common.VenueServer):
         raise NotImplementedError  # KrakenFutures'
 
     @staticmethod
-    def _order(order: trading.Order) -> dict[str, Any]:
+    def _futures_order(order: trading.Order) -> dict[str, Any]:
         return {
             "orderId": order.order_id,
             "cliOrdId": order.client_id,
@@ -126,21 +126,21 @@ class KrakenFuturesTrading(common.VenueServer):
             "lastUpdateTimestamp": common.iso_ms(order.updated_ms),
         }
 
-    async def send_order(self, request: web.Request) -> web.Response:
-        key, fields = await self._trader(request)
+    async def futures_send_order(self, request: web.Request) -> web.Response:
+        key, fields = await self._futures_trader(request)
         market = MARKETS.get(fields.get("symbol", ""))
         if market is None:
-            raise self._invalid("symbol")
+            raise self._futures_invalid("symbol")
         if fields.get("orderType") != "lmt":
-            raise self._invalid("orderType")  # simulator: limit orders only
+            raise self._futures_invalid("orderType")  # simulator: limit orders only
         side = fields.get("side")
         if side not in ("buy", "sell"):
-            raise self._invalid("side")
+            raise self._futures_invalid("side")
         price, size = trading.decimal(fields.get("limitPrice")), trading.decimal(fields.get("size"))
         if price is None:
-            raise self._invalid("limitPrice")
+            raise self._futures_invalid("limitPrice")
         if size is None:
-            raise self._invalid("size")
+            raise self._futures_invalid("size")
         received = common.iso_ms(self.now_ms())
         order_id = str(uuid.uuid4())
         try:
@@ -155,38 +155,38 @@ class KrakenFuturesTrading(common.VenueServer):
                 now_ms=self.now_ms(),
             )
         except trading.InsufficientBalance:
-            return self._success(sendStatus={"status": "insufficientAvailableFunds", "receivedTime": received})
+            return self._futures_success(sendStatus={"status": "insufficientAvailableFunds", "receivedTime": received})
         except trading.TooManyOrders:
-            return self._success(sendStatus={"status": "maxPositionViolation", "receivedTime": received})
+            return self._futures_success(sendStatus={"status": "maxPositionViolation", "receivedTime": received})
         status = {
             "order_id": order_id,
             "status": "placed",
             "receivedTime": received,
-            "orderEvents": [{"order": self._order(order), "reducedQuantity": None, "type": "PLACE"}],
+            "orderEvents": [{"order": self._futures_order(order), "reducedQuantity": None, "type": "PLACE"}],
         }
-        return self._success(sendStatus=status)
+        return self._futures_success(sendStatus=status)
 
-    async def cancel_order(self, request: web.Request) -> web.Response:
-        key, fields = await self._trader(request)
+    async def futures_cancel_order(self, request: web.Request) -> web.Response:
+        key, fields = await self._futures_trader(request)
         order_id, client_id = fields.get("order_id"), fields.get("cliOrdId")
         if not order_id and not client_id:
-            raise self._invalid("order_id")
+            raise self._futures_invalid("order_id")
         received = common.iso_ms(self.now_ms())
         try:
             order = self.state.book.cancel(
                 self.wallet(key, "futures"), order_id=order_id or None, client_id=client_id or None, now_ms=self.now_ms()
             )
         except trading.UnknownOrder:
-            return self._success(cancelStatus={"status": "notFound", "receivedTime": received})
+            return self._futures_success(cancelStatus={"status": "notFound", "receivedTime": received})
         status = {
             "status": "cancelled",
             "order_id": order.order_id,
             "receivedTime": received,
-            "orderEvents": [{"uid": order.order_id, "order": self._order(order), "type": "CANCEL"}],
+            "orderEvents": [{"uid": order.order_id, "order": self._futures_order(order), "type": "CANCEL"}],
         }
-        return self._success(cancelStatus=status)
+        return self._futures_success(cancelStatus=status)
 
-    async def open_orders(self, request: web.Request) -> web.Response:
+    async def futures_open_orders(self, request: web.Request) -> web.Response:
         key = await self.futures_authenticate(request)
         if not (key.read or key.trade) or "futures" not in key.identities:
             raise common.Reject(self.futures_error("authenticationError", 401), auth=False)
@@ -207,4 +207,4 @@ class KrakenFuturesTrading(common.VenueServer):
             }
             for o in self.state.book.open_orders(self.wallet(key, "futures"))
         ]
-        return self._success(openOrders=listed)
+        return self._futures_success(openOrders=listed)
