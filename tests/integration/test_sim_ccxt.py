@@ -133,7 +133,14 @@ async def test_binance_spot(sim: Simulator, make_exchange: Callable[..., Any]) -
     key = sim.add_key(Venue.BINANCE)
     exchange = make_exchange("binance", sim.urls[Venue.BINANCE], key)
     await trade_a_little(
-        sim, exchange, key, wallet="spot", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
+        sim,
+        exchange,
+        key,
+        wallet="spot",
+        symbol="BTC/USDT",
+        hold="USDT",
+        price=20000.0,
+        amount=0.01,
         order_path="/api/v3/order",
     )
 
@@ -142,8 +149,16 @@ async def test_binance_usdm(sim: Simulator, make_exchange: Callable[..., Any]) -
     key = sim.add_key(Venue.BINANCE)
     exchange = make_exchange("binanceusdm", sim.urls[Venue.BINANCE], key)
     await trade_a_little(
-        sim, exchange, key, wallet="futures", symbol="BTC/USDT:USDT", hold="USDT", price=20000.0,
-        amount=0.01, order_path="/fapi/v1/order", refusal='"code":-2019',
+        sim,
+        exchange,
+        key,
+        wallet="futures",
+        symbol="BTC/USDT:USDT",
+        hold="USDT",
+        price=20000.0,
+        amount=0.01,
+        order_path="/fapi/v1/order",
+        refusal='"code":-2019',
     )
 
 
@@ -151,7 +166,14 @@ async def test_okx(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
     key = sim.add_key(Venue.OKX)
     exchange = make_exchange("okx", sim.urls[Venue.OKX], key)
     await trade_a_little(
-        sim, exchange, key, wallet="trading", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
+        sim,
+        exchange,
+        key,
+        wallet="trading",
+        symbol="BTC/USDT",
+        hold="USDT",
+        price=20000.0,
+        amount=0.01,
         order_path="/api/v5/trade/batch-orders",
     )
 
@@ -160,7 +182,14 @@ async def test_bybit(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
     key = sim.add_key(Venue.BYBIT)
     exchange = make_exchange("bybit", sim.urls[Venue.BYBIT], key)
     await trade_a_little(
-        sim, exchange, key, wallet="unified", symbol="BTC/USDT", hold="USDT", price=20000.0, amount=0.01,
+        sim,
+        exchange,
+        key,
+        wallet="unified",
+        symbol="BTC/USDT",
+        hold="USDT",
+        price=20000.0,
+        amount=0.01,
         order_path="/v5/order/create",
     )
 
@@ -169,7 +198,14 @@ async def test_kraken_spot(sim: Simulator, make_exchange: Callable[..., Any]) ->
     key = sim.add_key(Venue.KRAKEN)
     exchange = make_exchange("kraken", sim.urls[Venue.KRAKEN], key)
     await trade_a_little(
-        sim, exchange, key, wallet="spot", symbol="BTC/USD", hold="USD", price=20000.0, amount=0.01,
+        sim,
+        exchange,
+        key,
+        wallet="spot",
+        symbol="BTC/USD",
+        hold="USD",
+        price=20000.0,
+        amount=0.01,
         order_path="/0/private/AddOrder",
     )
 
@@ -178,8 +214,16 @@ async def test_kraken_futures(sim: Simulator, make_exchange: Callable[..., Any])
     key = sim.add_key(Venue.KRAKEN, kind="futures")
     exchange = make_exchange("krakenfutures", sim.urls[Venue.KRAKEN], key)
     await trade_a_little(
-        sim, exchange, key, wallet="futures", symbol="BTC/USD:USD", hold="USD", price=20000.0, amount=0.01,
-        order_path="/derivatives/api/v3/sendorder", parses_open_price=False,
+        sim,
+        exchange,
+        key,
+        wallet="futures",
+        symbol="BTC/USD:USD",
+        hold="USD",
+        price=20000.0,
+        amount=0.01,
+        order_path="/derivatives/api/v3/sendorder",
+        parses_open_price=False,
     )
 
 
@@ -187,7 +231,14 @@ async def test_coinbase_exchange(sim: Simulator, make_exchange: Callable[..., An
     key = sim.add_key(Venue.COINBASE, kind="exchange")
     exchange = make_exchange("coinbaseexchange", sim.urls[Venue.COINBASE], key)
     await trade_a_little(
-        sim, exchange, key, wallet="exchange", symbol="BTC/USD", hold="USD", price=20000.0, amount=0.01,
+        sim,
+        exchange,
+        key,
+        wallet="exchange",
+        symbol="BTC/USD",
+        hold="USD",
+        price=20000.0,
+        amount=0.01,
         order_path="/orders",
     )
 
@@ -200,6 +251,13 @@ async def test_coinbase_advanced(sim: Simulator, make_exchange: Callable[..., An
         "coinbase", sim.urls[Venue.COINBASE], key, fetchBalance="v3PrivateGetBrokerageAccounts"
     )
     await trade_a_little(
-        sim, exchange, key, wallet="default", symbol="BTC/USD", hold="USD", price=20000.0, amount=0.01,
+        sim,
+        exchange,
+        key,
+        wallet="default",
+        symbol="BTC/USD",
+        hold="USD",
+        price=20000.0,
+        amount=0.01,
         order_path="/api/v3/brokerage/orders",
     )

@@ -29,8 +29,12 @@ SPOT_MARKETS: Mapping[str, trading.Market] = {
     "ETHUSDT": trading.Market("ETHUSDT", "ETH", "USDT", Decimal("0.01"), Decimal("0.0001")),
 }
 FUTURES_MARKETS: Mapping[str, trading.Market] = {
-    "BTCUSDT": trading.Market("BTCUSDT", "BTC", "USDT", Decimal("0.1"), Decimal("0.001"), Decimal("0.001"), True),
-    "ETHUSDT": trading.Market("ETHUSDT", "ETH", "USDT", Decimal("0.01"), Decimal("0.001"), Decimal("0.001"), True),
+    "BTCUSDT": trading.Market(
+        "BTCUSDT", "BTC", "USDT", Decimal("0.1"), Decimal("0.001"), Decimal("0.001"), True
+    ),
+    "ETHUSDT": trading.Market(
+        "ETHUSDT", "ETH", "USDT", Decimal("0.01"), Decimal("0.001"), Decimal("0.001"), True
+    ),
 }
 COINS = ("BTC", "ETH", "USDT")
 
@@ -103,13 +107,18 @@ class BinanceTrading(common.VenueServer):
         market = self._market(markets, params)
         side = params.get("side", "")
         if side not in ("BUY", "SELL"):
-            raise common.Reject(_error(-1102, "Mandatory parameter 'side' was not sent, was empty/null, or malformed."), auth=False)
+            raise common.Reject(
+                _error(-1102, "Mandatory parameter 'side' was not sent, was empty/null, or malformed."),
+                auth=False,
+            )
         if params.get("type") != "LIMIT":
             raise common.Reject(_error(-1116, "Invalid orderType."), auth=False)  # simulator: LIMIT only
         price = trading.decimal(params.get("price"))
         amount = trading.decimal(params.get("quantity"))
         if price is None or amount is None:
-            raise common.Reject(_error(-1100, "Illegal characters found in parameter 'price' or 'quantity'."), auth=False)
+            raise common.Reject(
+                _error(-1100, "Illegal characters found in parameter 'price' or 'quantity'."), auth=False
+            )
         if amount < market.min_amount:
             raise common.Reject(_error(-1013, "Filter failure: LOT_SIZE"), auth=False)
         client_id = params.get("newClientOrderId") or f"sim{self.state.book.next_id()}"
@@ -147,7 +156,10 @@ class BinanceTrading(common.VenueServer):
             raise common.Reject(_error(-1102, msg), auth=False)
         try:
             return self.state.book.cancel(
-                self.wallet(key, wallet), order_id=order_id or None, client_id=client_id or None, now_ms=self.now_ms()
+                self.wallet(key, wallet),
+                order_id=order_id or None,
+                client_id=client_id or None,
+                now_ms=self.now_ms(),
             )
         except trading.UnknownOrder:
             raise common.Reject(_error(-2011, "Unknown order sent."), auth=False) from None
@@ -166,9 +178,23 @@ class BinanceTrading(common.VenueServer):
 
     def _filters(self, market: trading.Market) -> list[dict[str, Any]]:
         return [
-            {"filterType": "PRICE_FILTER", "minPrice": str(market.tick), "maxPrice": "1000000.00", "tickSize": str(market.tick)},
-            {"filterType": "LOT_SIZE", "minQty": str(market.min_amount), "maxQty": "9000.00000000", "stepSize": str(market.step)},
-            {"filterType": "MIN_NOTIONAL" if market.futures else "NOTIONAL", "minNotional": "5", "notional": "5"},
+            {
+                "filterType": "PRICE_FILTER",
+                "minPrice": str(market.tick),
+                "maxPrice": "1000000.00",
+                "tickSize": str(market.tick),
+            },
+            {
+                "filterType": "LOT_SIZE",
+                "minQty": str(market.min_amount),
+                "maxQty": "9000.00000000",
+                "stepSize": str(market.step),
+            },
+            {
+                "filterType": "MIN_NOTIONAL" if market.futures else "NOTIONAL",
+                "minNotional": "5",
+                "notional": "5",
+            },
         ]
 
     async def spot_exchange_info(self, request: web.Request) -> web.Response:
@@ -301,7 +327,12 @@ class BinanceTrading(common.VenueServer):
     async def spot_place(self, request: web.Request) -> web.Response:
         order, _ = await self._place(request, SPOT_MARKETS, "spot")
         body = self._spot_order(order, with_times=False)
-        body |= {"transactTime": order.created_ms, "workingTime": order.created_ms, "origQuoteOrderQty": "0.00000000", "fills": []}
+        body |= {
+            "transactTime": order.created_ms,
+            "workingTime": order.created_ms,
+            "origQuoteOrderQty": "0.00000000",
+            "fills": [],
+        }
         return common.answer(body)
 
     async def spot_cancel(self, request: web.Request) -> web.Response:
@@ -317,7 +348,9 @@ class BinanceTrading(common.VenueServer):
     def spot_balances(self, key: TestKey) -> list[dict[str, str]]:
         """The ``balances`` of GET /api/v3/account: every asset of the key's spot wallet."""
         held = self.state.book.balances(self.wallet(key, "spot"))
-        return [{"asset": a, "free": trading.fmt(f), "locked": trading.fmt(lk)} for a, (f, lk) in held.items()]
+        return [
+            {"asset": a, "free": trading.fmt(f), "locked": trading.fmt(lk)} for a, (f, lk) in held.items()
+        ]
 
     # -- USD-M futures --------------------------------------------------------------------------
 

@@ -24,8 +24,12 @@ from venues.simulator import common, trading
 from venues.simulator.registry import TestKey
 
 MARKETS: Mapping[str, trading.Market] = {
-    "BTCUSDT": trading.Market("BTCUSDT", "BTC", "USDT", Decimal("0.01"), Decimal("0.000001"), Decimal("0.000048")),
-    "ETHUSDT": trading.Market("ETHUSDT", "ETH", "USDT", Decimal("0.01"), Decimal("0.00001"), Decimal("0.00062")),
+    "BTCUSDT": trading.Market(
+        "BTCUSDT", "BTC", "USDT", Decimal("0.01"), Decimal("0.000001"), Decimal("0.000048")
+    ),
+    "ETHUSDT": trading.Market(
+        "ETHUSDT", "ETH", "USDT", Decimal("0.01"), Decimal("0.00001"), Decimal("0.00062")
+    ),
 }
 CATEGORIES = ("spot", "linear", "inverse", "option")
 CHAINS = {"BTC": "BTC", "ETH": "ETH", "USDT": "ETH"}
@@ -59,7 +63,7 @@ class BybitTrading(common.VenueServer):
         """The wallet spot orders trade from: unified if the account has one, else classic spot."""
         return "unified" if "unified" in key.identities else "spot"
 
-    def coin_list(self, key: TestKey, wallet: str) -> list[dict[str, str]]:
+    def coin_list(self, key: TestKey, wallet: str) -> list[dict[str, Any]]:
         """The ``coin`` list of GET /v5/account/wallet-balance for one wallet."""
         coins = []
         for coin, (free, locked) in self.state.book.balances(self.wallet(key, wallet)).items():

@@ -12,8 +12,6 @@ Exchange paths (``/accounts``, ``/profiles``, ``/time``) are served by
 
 from __future__ import annotations
 
-import uuid
-
 from aiohttp import web
 
 from venues.base import Venue

@@ -105,7 +105,11 @@ class CoinbaseExchangeTrading(common.VenueServer):
 
     async def exchange_currencies(self, request: web.Request) -> web.Response:
         listed = []
-        for code, kind, precision in (("BTC", "crypto", "0.00000001"), ("ETH", "crypto", "0.00000001"), ("USD", "fiat", "0.01")):
+        for code, kind, precision in (
+            ("BTC", "crypto", "0.00000001"),
+            ("ETH", "crypto", "0.00000001"),
+            ("USD", "fiat", "0.01"),
+        ):
             listed.append(
                 {
                     "id": code,
@@ -141,7 +145,9 @@ class CoinbaseExchangeTrading(common.VenueServer):
             raise _message("Forbidden", 403)
         return key
 
-    def _exchange_order(self, order: trading.Order, key: TestKey, status: str | None = None) -> dict[str, Any]:
+    def _exchange_order(
+        self, order: trading.Order, key: TestKey, status: str | None = None
+    ) -> dict[str, Any]:
         return {
             "id": order.order_id,
             "price": trading.fmt(order.price),

@@ -114,5 +114,7 @@ def check_claims(token: Token, *, key_name: str, now: float, method: str, host: 
     # "<METHOD> http://<host><path>": accepted as the same request target (loopback contract).
     accepted = (expected, f"{method.upper()} http://{host}{path}")
     uris = payload.get("uris")
-    if payload.get("uri") not in accepted and not (isinstance(uris, list) and any(u in uris for u in accepted)):
+    if payload.get("uri") not in accepted and not (
+        isinstance(uris, list) and any(u in uris for u in accepted)
+    ):
         raise JwtError("JWT uri claim does not match the request")

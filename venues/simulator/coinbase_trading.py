@@ -1,10 +1,10 @@
 """Coinbase Advanced Trade's trading endpoints: enough for a ccxt client to load markets and trade a little.
 
 Public (docs/venues.md §4A.9): ``GET /api/v3/brokerage/market/products`` (SPOT: BTC-USD and ETH-USD; other
-product types list nothing) and the v2 currency lists ccxt loads with the markets (``/v2/currencies``,
-``/v2/currencies/crypto``, ``/v2/exchange-rates`` with fixed simulator rates). Signed with a CDP JWT as every Advanced call: ``transaction_summary`` (fee
-tier), ``accounts`` (the portfolio's ``default`` wallet: available balance and hold per currency),
-``POST orders`` (``limit_limit_gtc``), ``POST orders/batch_cancel`` and ``GET orders/historical/batch``.
+product types list nothing) and the v2 lists ccxt loads with the markets (``/v2/currencies``,
+``/v2/currencies/crypto``, ``/v2/exchange-rates`` with fixed simulator rates). Signed with a CDP JWT as
+every Advanced call: ``transaction_summary`` (fee tier), ``accounts`` (the portfolio's ``default``
+wallet: available balance and hold per currency), ``POST orders`` (``limit_limit_gtc``), ``POST orders/batch_cancel`` and ``GET orders/historical/batch``.
 
 Order outcomes follow Advanced Trade: HTTP 200 with ``success`` false and an ``error_response`` whose
 ``error`` is ``INSUFFICIENT_FUND`` for an unaffordable order (``UNKNOWN_PRODUCT_ID`` for an unknown product,
@@ -38,7 +38,11 @@ RATES = {"USD": "1", "BTC": "0.00002", "ETH": "0.0004", "USDT": "1"}
 
 
 def _permission_denied() -> common.Reject:
-    body = {"error": "PERMISSION_DENIED", "error_details": "Missing required scopes", "message": "Missing required scopes"}
+    body = {
+        "error": "PERMISSION_DENIED",
+        "error_details": "Missing required scopes",
+        "message": "Missing required scopes",
+    }
     return common.Reject(common.answer(body, 403), auth=False)
 
 
@@ -72,7 +76,9 @@ class CoinbaseTrading(common.VenueServer):
             stamp = common.iso_ms(key.created_at_ms)
             accounts.append(
                 {
-                    "uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:{currency}")),
+                    "uuid": str(
+                        uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:{currency}")
+                    ),
                     "name": f"{currency} Wallet",
                     "currency": currency,
                     "available_balance": {"value": str(free), "currency": currency},
@@ -91,7 +97,7 @@ class CoinbaseTrading(common.VenueServer):
 
     async def market_products(self, request: web.Request) -> web.Response:
         kind = request.query.get("product_type", "SPOT")
-        products = []
+        products: list[dict[str, Any]] = []
         if kind == "SPOT":
             products = [
                 {
@@ -274,7 +280,9 @@ class CoinbaseTrading(common.VenueServer):
             try:
                 self.state.book.cancel(self.wallet(key, "default"), order_id=order_id, now_ms=self.now_ms())
             except trading.UnknownOrder:
-                results.append({"success": False, "failure_reason": "UNKNOWN_CANCEL_ORDER", "order_id": order_id})
+                results.append(
+                    {"success": False, "failure_reason": "UNKNOWN_CANCEL_ORDER", "order_id": order_id}
+                )
             else:
                 results.append(
                     {"success": True, "failure_reason": "UNKNOWN_CANCEL_FAILURE_REASON", "order_id": order_id}

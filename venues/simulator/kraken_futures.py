@@ -69,7 +69,10 @@ class KrakenFutures(kraken_futures_trading.KrakenFuturesTrading):
         return common.answer(body, status, headers)
 
     def futures_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
-        if not request.path.startswith("/derivatives/") or request.path in kraken_futures_trading.PUBLIC_PATHS:
+        if (
+            not request.path.startswith("/derivatives/")
+            or request.path in kraken_futures_trading.PUBLIC_PATHS
+        ):
             return []  # the auth service's budget is not documented; public calls cost nothing
         claimed = request.headers.get("APIKey", "")
         cost = COSTS.get(request.path, 1)

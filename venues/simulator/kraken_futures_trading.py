@@ -27,8 +27,12 @@ from venues.simulator.registry import TestKey
 
 PREFIX = "/derivatives/api/v3"
 MARKETS: Mapping[str, trading.Market] = {
-    "PF_XBTUSD": trading.Market("PF_XBTUSD", "BTC", "USD", Decimal("1"), Decimal("0.0001"), Decimal("0.0001"), True),
-    "PF_ETHUSD": trading.Market("PF_ETHUSD", "ETH", "USD", Decimal("0.1"), Decimal("0.001"), Decimal("0.001"), True),
+    "PF_XBTUSD": trading.Market(
+        "PF_XBTUSD", "BTC", "USD", Decimal("1"), Decimal("0.0001"), Decimal("0.0001"), True
+    ),
+    "PF_ETHUSD": trading.Market(
+        "PF_ETHUSD", "ETH", "USD", Decimal("0.1"), Decimal("0.001"), Decimal("0.001"), True
+    ),
 }
 COSTS = {f"{PREFIX}/sendorder": 10, f"{PREFIX}/cancelorder": 10, f"{PREFIX}/openorders": 2}
 PUBLIC_PATHS = (f"{PREFIX}/instruments",)
@@ -53,7 +57,11 @@ class KrakenFuturesTrading(common.VenueServer):
         return common.answer({"result": "success", **fields, "serverTime": common.iso_ms(self.now_ms())})
 
     def _futures_invalid(self, field: str) -> common.Reject:
-        body = {"result": "error", "error": f"invalidArgument: {field}", "serverTime": common.iso_ms(self.now_ms())}
+        body = {
+            "result": "error",
+            "error": f"invalidArgument: {field}",
+            "serverTime": common.iso_ms(self.now_ms()),
+        }
         return common.Reject(common.answer(body, 400), auth=False)
 
     def flex_currencies(self, key: TestKey) -> dict[str, dict[str, float]]:
@@ -82,7 +90,9 @@ class KrakenFuturesTrading(common.VenueServer):
                 "impactMidSize": 1,
                 "maxPositionSize": 1000000,
                 "openingDate": "2022-01-01T00:00:00.000Z",
-                "marginLevels": [{"numNonContractUnits": 0, "initialMargin": 0.02, "maintenanceMargin": 0.01}],
+                "marginLevels": [
+                    {"numNonContractUnits": 0, "initialMargin": 0.02, "maintenanceMargin": 0.01}
+                ],
                 "fundingRateCoefficient": 8,
                 "maxRelativeFundingRate": 0.001,
                 "contractValueTradePrecision": max(0, -m.step.as_tuple().exponent),  # type: ignore[operator]
@@ -107,7 +117,9 @@ class KrakenFuturesTrading(common.VenueServer):
         body = await request.text() if request.body_exists else ""
         return key, dict(parse_qsl(body or request.rel_url.raw_query_string, keep_blank_values=True))
 
-    def futures_error(self, code: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    def futures_error(
+        self, code: str, status: int = 200, headers: dict[str, str] | None = None
+    ) -> web.Response:
         raise NotImplementedError  # KrakenFutures'
 
     @staticmethod
@@ -155,9 +167,13 @@ class KrakenFuturesTrading(common.VenueServer):
                 now_ms=self.now_ms(),
             )
         except trading.InsufficientBalance:
-            return self._futures_success(sendStatus={"status": "insufficientAvailableFunds", "receivedTime": received})
+            return self._futures_success(
+                sendStatus={"status": "insufficientAvailableFunds", "receivedTime": received}
+            )
         except trading.TooManyOrders:
-            return self._futures_success(sendStatus={"status": "maxPositionViolation", "receivedTime": received})
+            return self._futures_success(
+                sendStatus={"status": "maxPositionViolation", "receivedTime": received}
+            )
         status = {
             "order_id": order_id,
             "status": "placed",
@@ -174,7 +190,10 @@ class KrakenFuturesTrading(common.VenueServer):
         received = common.iso_ms(self.now_ms())
         try:
             order = self.state.book.cancel(
-                self.wallet(key, "futures"), order_id=order_id or None, client_id=client_id or None, now_ms=self.now_ms()
+                self.wallet(key, "futures"),
+                order_id=order_id or None,
+                client_id=client_id or None,
+                now_ms=self.now_ms(),
             )
         except trading.UnknownOrder:
             return self._futures_success(cancelStatus={"status": "notFound", "receivedTime": received})

@@ -33,8 +33,12 @@ ASSETS: Mapping[str, dict[str, Any]] = {
     "USDT": {"altname": "USDT", "decimals": 8, "display_decimals": 4},
 }
 MARKETS: Mapping[str, trading.Market] = {
-    "XXBTZUSD": trading.Market("XXBTZUSD", "BTC", "USD", Decimal("0.1"), Decimal("0.00000001"), Decimal("0.0001")),
-    "XETHZUSD": trading.Market("XETHZUSD", "ETH", "USD", Decimal("0.01"), Decimal("0.00000001"), Decimal("0.002")),
+    "XXBTZUSD": trading.Market(
+        "XXBTZUSD", "BTC", "USD", Decimal("0.1"), Decimal("0.00000001"), Decimal("0.0001")
+    ),
+    "XETHZUSD": trading.Market(
+        "XETHZUSD", "ETH", "USD", Decimal("0.01"), Decimal("0.00000001"), Decimal("0.002")
+    ),
 }
 ALTNAMES = {"XBTUSD": "XXBTZUSD", "ETHUSD": "XETHZUSD"}  # Kraken accepts a pair's altname too
 NOT_COUNTED = ("/0/private/AddOrder", "/0/private/CancelOrder")  # matching-engine limits, not the counter
@@ -61,7 +65,10 @@ def _fields(body: str, content_type: str) -> dict[str, str]:
 def txid() -> str:
     """An order id in Kraken's shape: ``OQCLML-BW3P3-BUCMWZ``."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-    part = lambda n: "".join(secrets.choice(alphabet) for _ in range(n))  # noqa: E731
+
+    def part(length: int) -> str:
+        return "".join(secrets.choice(alphabet) for _ in range(length))
+
     return f"O{part(5)}-{part(5)}-{part(6)}"
 
 
@@ -177,7 +184,9 @@ class KrakenTrading(common.VenueServer):
             raise _error("EOrder:Insufficient funds") from None
         except trading.TooManyOrders:
             raise _error("EOrder:Orders limit exceeded") from None
-        return common.answer({"error": [], "result": {"descr": {"order": self._text(order)}, "txid": [order_id]}})
+        return common.answer(
+            {"error": [], "result": {"descr": {"order": self._text(order)}, "txid": [order_id]}}
+        )
 
     @staticmethod
     def _text(order: trading.Order) -> str:
@@ -206,7 +215,9 @@ class KrakenTrading(common.VenueServer):
         for order in self.state.book.open_orders(self.wallet(key, "spot")):
             entry: dict[str, Any] = {
                 "refid": None,
-                "userref": int(order.extra["userref"]) if str(order.extra.get("userref") or "").isdigit() else 0,
+                "userref": int(order.extra["userref"])
+                if str(order.extra.get("userref") or "").isdigit()
+                else 0,
                 "status": "open",
                 "opentm": order.created_ms / 1000,
                 "starttm": 0,

@@ -1,9 +1,10 @@
 """OKX v5's trading endpoints: enough for a ccxt client to load spot markets and trade a little.
 
 Public ``GET /api/v5/public/instruments`` (SPOT lists BTC-USDT and ETH-USDT; other instrument types list
-nothing). Signed (docs/venues.md §2.9): ``GET /api/v5/asset/currencies``, ``POST /api/v5/trade/order`` and
-``batch-orders`` (limit, cash mode), ``POST /api/v5/trade/cancel-order`` and ``cancel-batch-orders``, ``GET /api/v5/trade/orders-pending``; the trading
-account's balances come from :mod:`venues.simulator.trading` (wallet ``trading``).
+nothing). Signed (docs/venues.md §2.9): ``GET /api/v5/asset/currencies``, ``POST /api/v5/trade/order``
+and ``batch-orders`` (limit, cash mode), ``POST /api/v5/trade/cancel-order`` and
+``cancel-batch-orders``, ``GET /api/v5/trade/orders-pending``; the trading account's balances come from
+:mod:`venues.simulator.trading` (wallet ``trading``).
 
 Order answers carry the per-order ``sCode``/``sMsg`` of OKX: a refused order answers HTTP 200 with
 ``code`` "1" and ``sCode`` 51008 (insufficient balance), a cancel of an order that is not open ``sCode``

@@ -17,7 +17,19 @@ from typing import Any
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import admin, binance, bybit, coinbase, common, faults, kraken, okx, signlog, stats, trading
+from venues.simulator import (
+    admin,
+    binance,
+    bybit,
+    coinbase,
+    common,
+    faults,
+    kraken,
+    okx,
+    signlog,
+    stats,
+    trading,
+)
 from venues.simulator.registry import TestKey
 
 SERVERS: dict[Venue, type[common.VenueServer]] = {
