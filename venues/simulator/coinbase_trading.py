@@ -4,7 +4,8 @@ Public (docs/venues.md §4A.9): ``GET /api/v3/brokerage/market/products`` (SPOT:
 product types list nothing) and the v2 lists ccxt loads with the markets (``/v2/currencies``,
 ``/v2/currencies/crypto``, ``/v2/exchange-rates`` with fixed simulator rates). Signed with a CDP JWT as
 every Advanced call: ``transaction_summary`` (fee tier), ``accounts`` (the portfolio's ``default``
-wallet: available balance and hold per currency), ``POST orders`` (``limit_limit_gtc``), ``POST orders/batch_cancel`` and ``GET orders/historical/batch``.
+wallet: available balance and hold per currency), ``POST orders`` (``limit_limit_gtc``),
+``POST orders/batch_cancel`` and ``GET orders/historical/batch``.
 
 Order outcomes follow Advanced Trade: HTTP 200 with ``success`` false and an ``error_response`` whose
 ``error`` is ``INSUFFICIENT_FUND`` for an unaffordable order (``UNKNOWN_PRODUCT_ID`` for an unknown product,
