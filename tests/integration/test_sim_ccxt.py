@@ -261,3 +261,39 @@ async def test_coinbase_advanced(sim: Simulator, make_exchange: Callable[..., An
         amount=0.01,
         order_path="/api/v3/brokerage/orders",
     )
+
+
+async def test_rotation_on_a_live_exchange_object_and_revocation(
+    sim: Simulator, make_exchange: Callable[..., Any]
+) -> None:
+    """The signing log tells which key signed each order; a removed (revoked) key is refused and logged."""
+    old = sim.add_key(Venue.OKX)
+    new = sim.add_key(Venue.OKX, uid=old.uid)
+    exchange = make_exchange("okx", sim.urls[Venue.OKX], old)
+    await exchange.load_markets()
+    first = await exchange.create_order("BTC/USDT", "limit", "buy", 0.01, 20000.0)
+    exchange.apiKey, exchange.secret, exchange.password = new.api_key, new.api_secret, new.api_passphrase
+    revoked_at = time.time()
+    sim.remove_key(old.api_key)
+    second = await exchange.create_order("BTC/USDT", "limit", "buy", 0.01, 20000.0)
+    assert sim.signed_requests(api_key=old.api_key, since=revoked_at) == []
+    orders = [entry for entry in sim.signed_requests(Venue.OKX) if entry.path == "/api/v5/trade/batch-orders"]
+    assert [entry.api_key for entry in orders] == [old.api_key, new.api_key]
+    # Both keys belong to one account: the new key sees (and cancels) the order the old one placed.
+    assert {o["id"] for o in await exchange.fetch_open_orders("BTC/USDT")} == {first["id"], second["id"]}
+
+    exchange.apiKey, exchange.secret, exchange.password = old.api_key, old.api_secret, old.api_passphrase
+    with pytest.raises(ccxt_errors.AuthenticationError):
+        await exchange.fetch_balance()
+    [late] = sim.signed_requests(api_key=old.api_key, since=revoked_at)
+    assert (late.path, late.status, late.authenticated) == ("/api/v5/account/balance", 401, False)
+
+
+async def test_read_only_key_cannot_place_orders(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.BINANCE, trade=False)
+    exchange = make_exchange("binance", sim.urls[Venue.BINANCE], key)
+    await exchange.load_markets()
+    with pytest.raises(ccxt_errors.AuthenticationError):  # Binance answers -2015 (HTTP 401)
+        await exchange.create_order("BTC/USDT", "limit", "buy", 0.01, 20000.0)
+    assert sim.orders(Venue.BINANCE, key.uid, "spot") == []
+    assert (await exchange.fetch_balance())["USDT"]["used"] == 0
