@@ -54,7 +54,8 @@ class _Phase(enum.Enum):
 
 
 class Simulator:
-    """Exchange simulator: the private endpoints of every venue's probe, with the venues' own auth rules.
+    """Exchange simulator: the private endpoints of every venue's probe, with the venues' own auth rules,
+    plus the little trading set of docs/venues.md §x.9 and the signing log.
 
     ``seed`` seeds the RNG that picks injected faults (key material always comes from ``secrets``).
     ``enforce_rate_limits=False`` keeps counting violations in :meth:`stats` but answers them normally.
