@@ -81,12 +81,14 @@ async def trade_a_little(
     order_path: str,
     refusal: str | None = None,
     parses_open_price: bool = True,
+    params: dict[str, Any] | None = None,
 ) -> None:
     """The scenario every API passes (see the module docstring).
 
     ``refusal``: the venue's error code when ccxt cannot map it to InsufficientFunds on a loopback URL
     (ccxt picks Binance's per-product error tables by host name). ``parses_open_price`` False: ccxt
-    leaves the price of an open order unset (its krakenfutures parser ignores ``limitPrice``).
+    leaves the price of an open order unset (its krakenfutures parser ignores ``limitPrice``). ``params``
+    go with every order call (Binance cross margin: ``marginMode``).
     """
     started = time.time()
     markets = await exchange.load_markets()
@@ -95,13 +97,14 @@ async def trade_a_little(
     free_before = before[hold]["free"]
     assert free_before > 0
 
-    order = await exchange.create_order(symbol, "limit", "buy", amount, price)
+    extra = params or {}
+    order = await exchange.create_order(symbol, "limit", "buy", amount, price, extra)
     assert order["id"]
     held = await exchange.fetch_balance()
     assert held[hold]["free"] == pytest.approx(free_before - price * amount)
     assert held[hold]["used"] == pytest.approx(price * amount)
 
-    open_orders = await exchange.fetch_open_orders(symbol)
+    open_orders = await exchange.fetch_open_orders(symbol, params=extra)
     assert [o["id"] for o in open_orders] == [order["id"]]
     if parses_open_price:
         assert open_orders[0]["price"] == pytest.approx(price)
@@ -110,14 +113,14 @@ async def trade_a_little(
     assert open_orders[0]["amount"] == pytest.approx(amount)
     assert open_orders[0]["side"] == "buy"
 
-    await exchange.cancel_order(order["id"], symbol)
-    assert await exchange.fetch_open_orders(symbol) == []
+    await exchange.cancel_order(order["id"], symbol, extra)
+    assert await exchange.fetch_open_orders(symbol, params=extra) == []
     after = await exchange.fetch_balance()
     assert after[hold]["free"] == pytest.approx(free_before)
 
     expected = ccxt_errors.InsufficientFunds if refusal is None else ccxt_errors.ExchangeError
     with pytest.raises(expected) as refused:
-        await exchange.create_order(symbol, "limit", "buy", amount * 1_000_000, price)
+        await exchange.create_order(symbol, "limit", "buy", amount * 1_000_000, price, extra)
     assert refusal is None or refusal in str(refused.value)
     assert (await exchange.fetch_balance())[hold]["free"] == pytest.approx(free_before)
 
@@ -297,3 +300,23 @@ async def test_read_only_key_cannot_place_orders(sim: Simulator, make_exchange: 
         await exchange.create_order("BTC/USDT", "limit", "buy", 0.01, 20000.0)
     assert sim.orders(Venue.BINANCE, key.uid, "spot") == []
     assert (await exchange.fetch_balance())["USDT"]["used"] == 0
+
+
+async def test_binance_cross_margin(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    key = sim.add_key(Venue.BINANCE)
+    exchange = make_exchange(
+        "binance", sim.urls[Venue.BINANCE], key, defaultType="margin", defaultMarginMode="cross"
+    )
+    await trade_a_little(
+        sim,
+        exchange,
+        key,
+        wallet="margin",
+        symbol="BTC/USDT",
+        hold="USDT",
+        price=20000.0,
+        amount=0.01,
+        order_path="/sapi/v1/margin/order",
+        params={"marginMode": "cross"},
+    )
+    assert sim.orders(Venue.BINANCE, key.uid, "spot") == []  # the spot wallet was never touched

@@ -53,6 +53,8 @@ WEIGHTS = {
     "/sapi/v1/margin/isolated/allPairs": 10,
     "/api/v3/order": 1,
     "/api/v3/openOrders": 6,  # with a symbol (80 without)
+    "/sapi/v1/margin/order": 6,  # UID weight in Binance's table; counted on the IP budget here
+    "/sapi/v1/margin/openOrders": 10,
     "/fapi/v2/balance": 5,
     "/fapi/v3/balance": 5,
     "/fapi/v1/order": 1,
@@ -291,7 +293,7 @@ class BinanceServer(binance_trading.BinanceTrading):
                 "totalNetAssetOfBtc": "0.00000000",
                 "tradeEnabled": key.trade,
                 "transferEnabled": True,
-                "userAssets": [],
+                "userAssets": self.margin_assets(key),
             }
         )
 

@@ -1,10 +1,12 @@
 """Binance's trading endpoints (spot ``/api/v3`` and USD-M ``/fapi``), enough for a ccxt client to trade a little.
 
 Public: ``exchangeInfo`` of spot, USD-M and COIN-M (the last lists no symbol). Signed (docs/venues.md §1.9):
-wallet coin list and margin pair lists (empty), spot ``account`` balances, USD-M ``account`` (v2/v3) and
-``balance``, and per product ``order`` (POST place, DELETE cancel) and ``openOrders`` (GET). Orders are
+wallet coin list, cross-margin pairs (the spot pairs; no isolated pairs), spot ``account`` balances, cross-margin ``account``
+``userAssets``, USD-M ``account`` (v2/v3) and ``balance``, and per product ``order`` (POST place, DELETE
+cancel) and ``openOrders`` (GET) under ``/api/v3``, ``/sapi/v1/margin`` and ``/fapi/v1``. Orders are
 LIMIT/GTC only and rest in :mod:`venues.simulator.trading` (no matching). Spot orders trade from the
-``spot`` wallet, USD-M orders from the ``futures`` wallet (margin = notional, leverage 1).
+``spot`` wallet, cross-margin orders from the ``margin`` wallet (no borrowing), USD-M orders from the
+``futures`` wallet (margin = notional, leverage 1).
 
 Errors (docs/venues.md §1.9): an unaffordable spot order answers -2010 "Account has insufficient balance
 for requested action." and a USD-M one -2019 "Margin is insufficient." (HTTP 400); cancelling an order that
@@ -60,10 +62,13 @@ class BinanceTrading(common.VenueServer):
             web.get("/dapi/v1/exchangeInfo", self.coin_exchange_info),
             web.get("/sapi/v1/capital/config/getall", self.coins),
             web.get("/sapi/v1/margin/allPairs", self.margin_pairs),
-            web.get("/sapi/v1/margin/isolated/allPairs", self.margin_pairs),
+            web.get("/sapi/v1/margin/isolated/allPairs", self.isolated_margin_pairs),
             web.post("/api/v3/order", self.spot_place),
             web.delete("/api/v3/order", self.spot_cancel),
             web.get("/api/v3/openOrders", self.spot_open_orders),
+            web.post("/sapi/v1/margin/order", self.margin_place),
+            web.delete("/sapi/v1/margin/order", self.margin_cancel),
+            web.get("/sapi/v1/margin/openOrders", self.margin_open_orders),
             web.get("/fapi/v2/balance", self.futures_balance),
             web.get("/fapi/v3/balance", self.futures_balance),
             web.post("/fapi/v1/order", self.futures_place),
@@ -292,7 +297,23 @@ class BinanceTrading(common.VenueServer):
 
     async def margin_pairs(self, request: web.Request) -> web.Response:
         await self.authenticate(request)
-        return common.answer([])  # no margin pairs in the simulator
+        pairs = [
+            {
+                "id": index,
+                "symbol": m.symbol,
+                "base": m.base,
+                "quote": m.quote,
+                "isMarginTrade": True,
+                "isBuyAllowed": True,
+                "isSellAllowed": True,
+            }
+            for index, m in enumerate(SPOT_MARKETS.values(), start=1)
+        ]
+        return common.answer(pairs)
+
+    async def isolated_margin_pairs(self, request: web.Request) -> web.Response:
+        await self.authenticate(request)
+        return common.answer([])  # the simulator has no isolated margin
 
     # -- spot -----------------------------------------------------------------------------------
 
@@ -350,6 +371,39 @@ class BinanceTrading(common.VenueServer):
         held = self.state.book.balances(self.wallet(key, "spot"))
         return [
             {"asset": a, "free": trading.fmt(f), "locked": trading.fmt(lk)} for a, (f, lk) in held.items()
+        ]
+
+    # -- cross margin (same pairs as spot, the ``margin`` wallet, no borrowing) ---------------------
+
+    async def margin_place(self, request: web.Request) -> web.Response:
+        order, _ = await self._place(request, SPOT_MARKETS, "margin")
+        body = self._spot_order(order, with_times=False) | {
+            "transactTime": order.created_ms,
+            "isIsolated": False,
+        }
+        return common.answer(body)
+
+    async def margin_cancel(self, request: web.Request) -> web.Response:
+        order = await self._cancel(request, SPOT_MARKETS, "margin")
+        body = self._spot_order(order, with_times=False)
+        return common.answer(body | {"origClientOrderId": order.client_id, "isIsolated": False})
+
+    async def margin_open_orders(self, request: web.Request) -> web.Response:
+        orders = await self._open(request, SPOT_MARKETS, "margin")
+        return common.answer([self._spot_order(o, with_times=True) | {"isIsolated": False} for o in orders])
+
+    def margin_assets(self, key: TestKey) -> list[dict[str, str]]:
+        """The ``userAssets`` of GET /sapi/v1/margin/account: the key's margin wallet (nothing borrowed)."""
+        return [
+            {
+                "asset": asset,
+                "free": trading.fmt(free),
+                "locked": trading.fmt(locked),
+                "borrowed": "0.00000000",
+                "interest": "0.00000000",
+                "netAsset": trading.fmt(free + locked),
+            }
+            for asset, (free, locked) in self.state.book.balances(self.wallet(key, "margin")).items()
         ]
 
     # -- USD-M futures --------------------------------------------------------------------------
