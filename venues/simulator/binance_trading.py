@@ -1,12 +1,13 @@
 """Binance's trading endpoints (spot ``/api/v3`` and USD-M ``/fapi``), enough for a ccxt client to trade a little.
 
 Public: ``exchangeInfo`` of spot, USD-M and COIN-M (the last lists no symbol). Signed (docs/venues.md §1.9):
-wallet coin list, cross-margin pairs (the spot pairs; no isolated pairs), spot ``account`` balances,
-cross-margin ``account`` ``userAssets``, USD-M ``account`` (v2/v3) and ``balance``, and per product ``order`` (POST place, DELETE
-cancel) and ``openOrders`` (GET) under ``/api/v3``, ``/sapi/v1/margin`` and ``/fapi/v1``. Orders are
-LIMIT/GTC only and rest in :mod:`venues.simulator.trading` (no matching). Spot orders trade from the
-``spot`` wallet, cross-margin orders from the ``margin`` wallet (no borrowing), USD-M orders from the
-``futures`` wallet (margin = notional, leverage 1).
+the wallet coin list, the cross-margin pairs (the spot pairs; no isolated pairs), spot ``account``
+balances, cross-margin ``account`` ``userAssets``, USD-M ``account`` (v2/v3) and ``balance``, and per
+product ``order`` (POST place, DELETE cancel) and ``openOrders`` (GET) under ``/api/v3``,
+``/sapi/v1/margin`` and ``/fapi/v1``. Orders are LIMIT/GTC only and rest in
+:mod:`venues.simulator.trading` (no matching). Spot orders trade from the ``spot`` wallet, cross-margin
+orders from the ``margin`` wallet (no borrowing), USD-M orders from the ``futures`` wallet (margin =
+notional, leverage 1).
 
 Errors (docs/venues.md §1.9): an unaffordable spot order answers -2010 "Account has insufficient balance
 for requested action." and a USD-M one -2019 "Margin is insufficient." (HTTP 400); cancelling an order that
