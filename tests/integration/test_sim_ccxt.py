@@ -320,3 +320,24 @@ async def test_binance_cross_margin(sim: Simulator, make_exchange: Callable[...,
         params={"marginMode": "cross"},
     )
     assert sim.orders(Venue.BINANCE, key.uid, "spot") == []  # the spot wallet was never touched
+
+
+async def test_okx_demo_key_with_sandbox_mode(sim: Simulator, make_exchange: Callable[..., Any]) -> None:
+    """A demo key trades only with ccxt's sandbox flag (it sends ``x-simulated-trading: 1``)."""
+    key = sim.add_key(Venue.OKX, environment="demo")
+    exchange = make_exchange("okx", sim.urls[Venue.OKX], key)
+    with pytest.raises(ccxt_errors.AuthenticationError):  # 50101: key and environment do not match
+        await exchange.fetch_balance()
+    exchange.set_sandbox_mode(True)
+    point_at(exchange, sim.urls[Venue.OKX])
+    await trade_a_little(
+        sim,
+        exchange,
+        key,
+        wallet="trading",
+        symbol="ETH/USDT",
+        hold="USDT",
+        price=1500.0,
+        amount=0.5,
+        order_path="/api/v5/trade/batch-orders",
+    )

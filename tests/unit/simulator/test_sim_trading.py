@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from venues.base import Venue
-from venues.simulator import Faults, Simulator, trading
+from venues.simulator import Faults, Simulator, signlog, trading
 
 BTC_USDT = trading.Market("BTCUSDT", "BTC", "USDT")
 PERP = trading.Market("PF_XBTUSD", "BTC", "USD", futures=True)
@@ -124,6 +124,14 @@ async def test_no_request_signed_with_a_revoked_key_after_the_moment(sim: Simula
     assert late.status == 401
     [entry] = sim.signed_requests(api_key=old.api_key, since=revoked_at)
     assert (entry.status, entry.authenticated) == (401, False)
+
+
+def test_log_keeps_the_latest_entries_only() -> None:
+    log = signlog.SigningLog(max_entries=3)
+    for n in range(5):
+        log.record(signlog.SignedRequest(Venue.OKX, f"k{n}", "GET", "/p", float(n), 200, True))
+    assert [e.api_key for e in log.query()] == ["k2", "k3", "k4"]
+    assert [e.api_key for e in log.query(since=3.0)] == ["k3", "k4"]
 
 
 async def test_log_never_holds_secrets(sim: Simulator, client: Any) -> None:
