@@ -14,9 +14,10 @@
 ``GET /urls``               ``{"venues": {venue: url}, "admin": url}``
 ``GET /requests``           the signing log: ``[{venue, api_key, method, path, at, status,
                             authenticated}]``; filters ``?venue=&api_key=&since=`` (seconds)
+``DELETE /requests``        empties the signing log -> 204
 ``GET /balances/{venue}/{uid}/{wallet}``  ``{asset: {"free": str, "locked": str}}``
 ``PUT /balances/{venue}/{uid}/{wallet}``  body ``{"asset": "USDT", "free": "100"}`` -> the balances
-``GET /orders/{venue}/{uid}/{wallet}``    every order of the wallet, open or cancelled
+``GET /orders/{venue}/{uid}/{wallet}``    the wallet's open orders and latest cancelled ones
 ==========================  ==========================================================================
 
 ``{api_key}`` is the key, URL-encoded. Coinbase CDP key names contain ``/``: send them percent-encoded
@@ -107,6 +108,8 @@ class SimulatorControls(Protocol):
         authenticated: bool | None = None,
     ) -> list[signlog.SignedRequest]: ...
 
+    def clear_signed_requests(self) -> None: ...
+
     def balances(self, venue: Venue, uid: str, wallet: str) -> dict[str, tuple[Decimal, Decimal]]: ...
 
     def set_balance(self, venue: Venue, uid: str, wallet: str, asset: str, free: Decimal | str) -> None: ...
@@ -160,6 +163,7 @@ class AdminApi:
                 web.get("/stats", self.stats),
                 web.get("/urls", self.urls),
                 web.get("/requests", self.requests),
+                web.delete("/requests", self.clear_requests),
                 web.get("/balances/{venue}/{uid}/{wallet}", self.balances),
                 web.put("/balances/{venue}/{uid}/{wallet}", self.set_balance),
                 web.get("/orders/{venue}/{uid}/{wallet}", self.orders),
@@ -251,6 +255,10 @@ class AdminApi:
         venue = _venue(query["venue"]) if "venue" in query else None
         entries = self.sim.signed_requests(venue, api_key=query.get("api_key"), since=since)
         return common.answer([entry.as_dict() for entry in entries])
+
+    async def clear_requests(self, request: web.Request) -> web.Response:
+        self.sim.clear_signed_requests()
+        return web.Response(status=204)
 
     def _balances(self, venue: Venue, uid: str, wallet: str) -> web.Response:
         held = self.sim.balances(venue, uid, wallet)

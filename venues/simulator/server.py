@@ -238,6 +238,10 @@ class Simulator:
             authenticated=authenticated,
         )
 
+    def clear_signed_requests(self) -> None:
+        """Empty the signing log (e.g. between phases of a long run)."""
+        self._state.signing_log.clear()
+
     def balances(self, venue: Venue | str, uid: str, wallet: str) -> dict[str, tuple[Decimal, Decimal]]:
         """``{asset: (free, locked)}`` of one account wallet (see :mod:`venues.simulator.trading`)."""
         return self._state.book.balances((_venue(venue), str(uid), wallet))
@@ -247,5 +251,5 @@ class Simulator:
         self._state.book.set_balance((_venue(venue), str(uid), wallet), asset, Decimal(str(free)))
 
     def orders(self, venue: Venue | str, uid: str, wallet: str) -> list[trading.Order]:
-        """Every order an account wallet placed, open or cancelled, oldest first."""
+        """An account wallet's open orders and its latest cancelled ones, oldest first."""
         return self._state.book.orders((_venue(venue), str(uid), wallet))

@@ -27,7 +27,8 @@ STARTING_BALANCES: Mapping[str, Decimal] = {
     "USDT": Decimal("10000"),
     "USD": Decimal("10000"),
 }
-MAX_ORDERS_PER_WALLET = 200  # open orders one wallet may hold (venues document their own caps; ours is lower)
+MAX_ORDERS_PER_WALLET = 200  # open orders one wallet may hold (Binance's usual MAX_NUM_ORDERS per symbol)
+MAX_CLOSED_PER_WALLET = 1000  # cancelled orders a wallet remembers (oldest forgotten first): bounded memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,14 @@ class Book:
         free[order.hold_asset] = free.get(order.hold_asset, Decimal(0)) + order.hold
         order.status = "canceled"
         order.updated_ms = now_ms
+        self._forget_old(wallet)
         return order
+
+    def _forget_old(self, wallet: WalletId) -> None:
+        orders = self._orders.get(wallet, {})
+        closed = [order_id for order_id, o in orders.items() if o.status != "open"]
+        for order_id in closed[: max(0, len(closed) - MAX_CLOSED_PER_WALLET)]:
+            del orders[order_id]
 
     def open_orders(self, wallet: WalletId, symbol: str | None = None) -> list[Order]:
         """Open orders of the wallet (of ``symbol`` if given), oldest first."""
@@ -207,7 +215,7 @@ class Book:
         ]
 
     def orders(self, wallet: WalletId) -> list[Order]:
-        """Every order the wallet ever placed, oldest first."""
+        """The wallet's open orders and its latest cancelled ones, oldest first."""
         return list(self._orders.get(wallet, {}).values())
 
 

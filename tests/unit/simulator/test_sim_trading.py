@@ -81,6 +81,16 @@ def test_set_balance_refuses_negative_and_non_finite(amount: str) -> None:
         trading.Book().set_balance(WALLET, "USDT", Decimal(amount))
 
 
+def test_cancelled_orders_are_forgotten_beyond_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trading, "MAX_CLOSED_PER_WALLET", 2)
+    book = trading.Book()
+    placed = [place(book, "buy", "1", "1") for _ in range(4)]
+    for order in placed[:3]:
+        book.cancel(WALLET, order_id=order.order_id, now_ms=2)
+    assert [o.order_id for o in book.orders(WALLET)] == [o.order_id for o in placed[1:]]
+    assert book.balances(WALLET)["USDT"] == (Decimal("9999"), Decimal("1"))
+
+
 def test_open_orders_cap() -> None:
     book = trading.Book()
     for _ in range(trading.MAX_ORDERS_PER_WALLET):
@@ -174,6 +184,9 @@ async def test_admin_requests_balances_and_orders(
     assert sim.balances(Venue.BINANCE, key.uid, "spot")["USDT"] == (Decimal("12.5"), Decimal(0))
     async with session.get(f"{admin}/orders/BINANCE/{key.uid}/spot") as resp:
         assert await resp.json() == []
+    async with session.delete(f"{admin}/requests") as resp:
+        assert resp.status == 204
+    assert sim.signed_requests() == []
 
 
 # -- rate limits and faults cover the trading endpoints ------------------------------------------------
