@@ -50,7 +50,8 @@ class CoinbaseServer(coinbase_trading.CoinbaseTrading, coinbase_exchange.Coinbas
 
     @staticmethod
     def advanced(request: web.Request) -> bool:
-        return request.path.startswith(PREFIX + "/")
+        """Advanced Trade's paths, and the v2 lists ccxt loads with its markets (answered in its shapes)."""
+        return request.path.startswith((PREFIX + "/", "/v2/"))
 
     def claimed_key(self, request: web.Request) -> str | None:
         if "CB-ACCESS-KEY" in request.headers:

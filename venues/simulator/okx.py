@@ -40,6 +40,7 @@ ENDPOINT_LIMITS = {
     "/api/v5/trade/cancel-batch-orders": ratelimit.Window(300, 2.0),
     "/api/v5/trade/orders-pending": ratelimit.Window(60, 2.0),
 }
+PUBLIC_PATHS = ("/api/v5/public/instruments",)
 REQUIRED_HEADERS = (
     ("OK-ACCESS-KEY", 50103),
     ("OK-ACCESS-PASSPHRASE", 50104),
@@ -87,6 +88,9 @@ class OkxServer(okx_trading.OkxTrading):
         limit = ENDPOINT_LIMITS.get(request.path)
         if limit is None:
             return []
+        if request.path in PUBLIC_PATHS:  # public endpoints: the budget is the IP's
+            ip = common.client_ip(request)
+            return [ratelimit.Rule(f"okx:ip:{ip}:{request.path}", limit, by_ip=True)]
         subject = self.subject(key, self.claimed_key(request))
         return [ratelimit.Rule(f"okx:{subject}:{request.path}", limit)]
 

@@ -201,6 +201,21 @@ async def test_public_trading_endpoint_is_rate_limited(sim: Simulator, client: A
     assert "Retry-After" in answers[15].headers
 
 
+async def test_public_instruments_of_okx_are_limited_per_ip(sim: Simulator, client: Any) -> None:
+    """20 requests per 2 s (docs/venues.md §2.9); the 21st answers OKX's 429 / 50011."""
+    path = "/api/v5/public/instruments?instType=SPOT"
+    answers = [await client.get(Venue.OKX, path) for _ in range(21)]
+    assert {a.status for a in answers[:20]} == {200}
+    assert (answers[20].status, answers[20].body["code"]) == (429, "50011")
+
+
+async def test_coinbase_v2_lists_share_the_public_budget(sim: Simulator, client: Any) -> None:
+    """Advanced Trade's public budget (10/s per IP) covers the v2 lists ccxt loads with its markets."""
+    answers = [await client.get(Venue.COINBASE, "/v2/currencies") for _ in range(11)]
+    assert {a.status for a in answers[:10]} == {200}
+    assert answers[10].status == 429 and answers[10].body["error"] == "rate_limit_exceeded"
+
+
 async def test_private_trading_endpoint_draws_on_the_kraken_counter(sim: Simulator, client: Any) -> None:
     key = sim.add_key(Venue.KRAKEN)
     answers = [await client.kraken(key, "BalanceEx") for _ in range(16)]
