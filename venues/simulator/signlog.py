@@ -17,6 +17,7 @@ from typing import Any
 from venues.base import Venue
 
 MAX_ENTRIES = 100_000
+MAX_KEY_CHARS = 256  # a claimed key is recorded cut to this length (real key ids are shorter): bounded memory
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,14 @@ def test_log_keeps_the_latest_entries_only() -> None:
     assert [e.api_key for e in log.query(since=3.0)] == ["k3", "k4"]
 
 
+async def test_log_cuts_an_oversized_claimed_key(sim: Simulator, client: Any) -> None:
+    huge = "A" * 4000
+    answer = await client.send("GET", sim.urls[Venue.BINANCE] + "/api/v3/account", {"X-MBX-APIKEY": huge})
+    assert answer.status == 401
+    [entry] = sim.signed_requests(Venue.BINANCE)
+    assert entry.api_key == huge[: signlog.MAX_KEY_CHARS] and not entry.authenticated
+
+
 async def test_log_never_holds_secrets(sim: Simulator, client: Any) -> None:
     key = sim.add_key(Venue.OKX)
     await client.okx(key, "/api/v5/account/balance")
