@@ -12,6 +12,12 @@
 ``PUT /clock/{venue}``      body ``{"offset_ms": int}`` -> 204
 ``GET /stats``              ``{venue: stats}`` (``?venue=BINANCE`` for one)
 ``GET /urls``               ``{"venues": {venue: url}, "admin": url}``
+``GET /requests``           the signing log: ``[{venue, api_key, method, path, at, status,
+                            authenticated}]``; filters ``?venue=&api_key=&since=`` (seconds)
+``DELETE /requests``        empties the signing log -> 204
+``GET /balances/{venue}/{uid}/{wallet}``  ``{asset: {"free": str, "locked": str}}``
+``PUT /balances/{venue}/{uid}/{wallet}``  body ``{"asset": "USDT", "free": "100"}`` -> the balances
+``GET /orders/{venue}/{uid}/{wallet}``    the wallet's open orders and latest cancelled ones
 ==========================  ==========================================================================
 
 ``{api_key}`` is the key, URL-encoded. Coinbase CDP key names contain ``/``: send them percent-encoded
@@ -27,13 +33,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults
+from venues.simulator import common, faults, signlog, trading
 from venues.simulator.registry import TestKey
 from venues.simulator.stats import VenueStats
 
@@ -92,6 +99,23 @@ class SimulatorControls(Protocol):
 
     def stats(self, venue: Venue) -> VenueStats: ...
 
+    def signed_requests(
+        self,
+        venue: Venue | None = None,
+        *,
+        api_key: str | None = None,
+        since: float | None = None,
+        authenticated: bool | None = None,
+    ) -> list[signlog.SignedRequest]: ...
+
+    def clear_signed_requests(self) -> None: ...
+
+    def balances(self, venue: Venue, uid: str, wallet: str) -> dict[str, tuple[Decimal, Decimal]]: ...
+
+    def set_balance(self, venue: Venue, uid: str, wallet: str, asset: str, free: Decimal | str) -> None: ...
+
+    def orders(self, venue: Venue, uid: str, wallet: str) -> list[trading.Order]: ...
+
 
 def _error(message: str, status: int) -> web.Response:
     return common.answer({"error": message}, status)
@@ -138,6 +162,11 @@ class AdminApi:
                 web.put("/clock/{venue}", self.set_clock),
                 web.get("/stats", self.stats),
                 web.get("/urls", self.urls),
+                web.get("/requests", self.requests),
+                web.delete("/requests", self.clear_requests),
+                web.get("/balances/{venue}/{uid}/{wallet}", self.balances),
+                web.put("/balances/{venue}/{uid}/{wallet}", self.set_balance),
+                web.get("/orders/{venue}/{uid}/{wallet}", self.orders),
             ]
         )
         return application
@@ -216,3 +245,47 @@ class AdminApi:
                 "admin": self.sim.admin_url,
             }
         )
+
+    async def requests(self, request: web.Request) -> web.Response:
+        query = request.query
+        try:
+            since = float(query["since"]) if "since" in query else None
+        except ValueError:
+            return _error("since must be a number of seconds", 400)
+        venue = _venue(query["venue"]) if "venue" in query else None
+        entries = self.sim.signed_requests(venue, api_key=query.get("api_key"), since=since)
+        return common.answer([entry.as_dict() for entry in entries])
+
+    async def clear_requests(self, request: web.Request) -> web.Response:
+        self.sim.clear_signed_requests()
+        return web.Response(status=204)
+
+    def _balances(self, venue: Venue, uid: str, wallet: str) -> web.Response:
+        held = self.sim.balances(venue, uid, wallet)
+        return common.answer({a: {"free": str(f), "locked": str(lk)} for a, (f, lk) in held.items()})
+
+    async def balances(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        return self._balances(_venue(info["venue"]), info["uid"], info["wallet"])
+
+    async def set_balance(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        venue = _venue(info["venue"])
+        data = await _json_object(request)
+        asset, free = data.get("asset"), data.get("free")
+        if not isinstance(asset, str) or not asset:
+            return _error("asset (a currency code) is required", 400)
+        try:
+            amount = Decimal(str(free))
+        except (InvalidOperation, ValueError):
+            return _error("free must be a decimal amount", 400)
+        try:
+            self.sim.set_balance(venue, info["uid"], info["wallet"], asset, amount)
+        except ValueError as exc:
+            return _error(str(exc), 400)
+        return self._balances(venue, info["uid"], info["wallet"])
+
+    async def orders(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        orders = self.sim.orders(_venue(info["venue"]), info["uid"], info["wallet"])
+        return common.answer([order.as_dict() for order in orders])

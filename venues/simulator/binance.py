@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults, ratelimit
+from venues.simulator import binance_trading, common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 _KEY_FORMAT = re.compile(r"[A-Za-z0-9]{1,128}")
@@ -44,6 +44,21 @@ WEIGHTS = {
     "/fapi/v2/account": 5,
     "/fapi/v3/account": 5,
     "/dapi/v1/account": 5,  # not documented (docs/venues.md §8); taken as the fapi weight
+    # trading (docs/venues.md §1.9)
+    "/api/v3/exchangeInfo": 20,
+    "/fapi/v1/exchangeInfo": 1,
+    "/dapi/v1/exchangeInfo": 1,
+    "/sapi/v1/capital/config/getall": 10,
+    "/sapi/v1/margin/allPairs": 1,
+    "/sapi/v1/margin/isolated/allPairs": 10,
+    "/api/v3/order": 1,
+    "/api/v3/openOrders": 6,  # with a symbol (80 without)
+    "/sapi/v1/margin/order": 6,  # UID weight in Binance's table; counted on the IP budget here
+    "/sapi/v1/margin/openOrders": 10,
+    "/fapi/v2/balance": 5,
+    "/fapi/v3/balance": 5,
+    "/fapi/v1/order": 1,
+    "/fapi/v1/openOrders": 1,  # with a symbol (40 without)
 }
 HOST_BUDGETS = {
     "api": ratelimit.Window(6000, 60.0),  # spot REQUEST_WEIGHT 6000/min per IP
@@ -83,7 +98,7 @@ def error(code: int, msg: str, status: int = 400) -> web.Response:
     return common.answer({"code": code, "msg": msg}, status)
 
 
-class BinanceServer(common.VenueServer):
+class BinanceServer(binance_trading.BinanceTrading):
     venue = Venue.BINANCE
 
     def routes(self) -> list[web.RouteDef]:
@@ -98,6 +113,7 @@ class BinanceServer(common.VenueServer):
             web.get("/fapi/v2/account", self.futures_account),
             web.get("/fapi/v3/account", self.futures_account),
             web.get("/dapi/v1/account", self.futures_account),
+            *self.trading_routes(),
         ]
 
     def claimed_key(self, request: web.Request) -> str | None:
@@ -163,7 +179,7 @@ class BinanceServer(common.VenueServer):
         self._check_timestamp(params)
         if not common.ip_allowed(key, request) or not key.read:
             raise common.Reject(self._rejected(request))
-        return key
+        return self.accepted(request, key)
 
     def _check_timestamp(self, params: dict[str, str]) -> None:
         try:
@@ -257,7 +273,7 @@ class BinanceServer(common.VenueServer):
                 "preventSor": False,
                 "updateTime": self.now_ms(),
                 "accountType": "SPOT",
-                "balances": [{"asset": "BTC", "free": "0.00000000", "locked": "0.00000000"}],
+                "balances": self.spot_balances(key),
                 "permissions": ["SPOT"],
                 "uid": int(key.uid) if key.uid.isdigit() else key.uid,
             }
@@ -277,7 +293,7 @@ class BinanceServer(common.VenueServer):
                 "totalNetAssetOfBtc": "0.00000000",
                 "tradeEnabled": key.trade,
                 "transferEnabled": True,
-                "userAssets": [],
+                "userAssets": self.margin_assets(key),
             }
         )
 
@@ -301,7 +317,7 @@ class BinanceServer(common.VenueServer):
                 "totalMarginBalance": "0.00000000",
                 "availableBalance": "0.00000000",
                 "maxWithdrawAmount": "0.00000000",
-                "assets": [],
+                "assets": self.futures_assets(key),
                 "positions": [],
             }
         )

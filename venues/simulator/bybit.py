@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults, ratelimit
+from venues.simulator import bybit_trading, common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 DEFAULT_RECV_WINDOW = 5000  # ms
@@ -34,6 +34,10 @@ ENDPOINT_LIMITS = {  # per UID per endpoint per second (docs/venues.md §3.6)
     "/v5/user/get-member-type": ratelimit.Window(10, 1.0),
     "/v5/account/info": ratelimit.Window(50, 1.0),
     "/v5/account/wallet-balance": ratelimit.Window(50, 1.0),
+    # trading (docs/venues.md §3.9)
+    "/v5/order/create": ratelimit.Window(20, 1.0),
+    "/v5/order/cancel": ratelimit.Window(20, 1.0),
+    "/v5/order/realtime": ratelimit.Window(50, 1.0),
 }
 WALLETS = {"UNIFIED": "unified", "SPOT": "spot", "CONTRACT": "contract"}  # accountType -> identity
 
@@ -43,7 +47,7 @@ def sign(secret: str, prehash: str) -> str:
     return hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).hexdigest()
 
 
-class BybitServer(common.VenueServer):
+class BybitServer(bybit_trading.BybitTrading):
     venue = Venue.BYBIT
 
     def routes(self) -> list[web.RouteDef]:
@@ -53,6 +57,7 @@ class BybitServer(common.VenueServer):
             web.get("/v5/account/info", self.account_info),
             web.get("/v5/user/get-member-type", self.member_type),
             web.get("/v5/account/wallet-balance", self.wallet_balance),
+            *self.trading_routes(),
         ]
 
     def envelope(self, result: Any, code: int = 0, msg: str = "OK") -> dict[str, Any]:
@@ -138,7 +143,7 @@ class BybitServer(common.VenueServer):
         if not common.ip_allowed(key, request):
             msg = "Unmatched IP, please check your API key's bound IP addresses."
             raise common.Reject(self.error(10010, msg))
-        return key
+        return self.accepted(request, key)
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -260,6 +265,6 @@ class BybitServer(common.VenueServer):
             "accountIMRate": "0",
             "accountMMRate": "0",
             "accountLTV": "0",
-            "coin": [],
+            "coin": self.coin_list(key, identity) if identity is not None else [],
         }
         return common.answer(self.envelope({"list": [wallet]}))

@@ -12,12 +12,18 @@ Exchange paths (``/accounts``, ``/profiles``, ``/time``) are served by
 
 from __future__ import annotations
 
-import uuid
-
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import coinbase_exchange, coinbase_jwt, common, faults, ratelimit
+from venues.simulator import (
+    coinbase_exchange,
+    coinbase_exchange_trading,
+    coinbase_jwt,
+    coinbase_trading,
+    common,
+    faults,
+    ratelimit,
+)
 from venues.simulator.registry import TestKey
 
 PREFIX = "/api/v3/brokerage"
@@ -29,7 +35,7 @@ def unauthorized(reason: str) -> web.Response:
     return common.answer({"error": "unauthorized", "error_details": reason, "message": reason}, 401)
 
 
-class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
+class CoinbaseServer(coinbase_trading.CoinbaseTrading, coinbase_exchange.CoinbaseExchange):
     venue = Venue.COINBASE
 
     def routes(self) -> list[web.RouteDef]:
@@ -38,12 +44,14 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
             web.get(f"{PREFIX}/key_permissions", self.key_permissions),
             web.get(f"{PREFIX}/accounts", self.accounts),
             web.get(f"{PREFIX}/portfolios", self.portfolios),
+            *self.trading_routes(),
             *self.exchange_routes(),
         ]
 
     @staticmethod
     def advanced(request: web.Request) -> bool:
-        return request.path.startswith(PREFIX + "/")
+        """Advanced Trade's paths, and the v2 lists ccxt loads with its markets (answered in its shapes)."""
+        return request.path.startswith((PREFIX + "/", "/v2/"))
 
     def claimed_key(self, request: web.Request) -> str | None:
         if "CB-ACCESS-KEY" in request.headers:
@@ -52,10 +60,10 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
 
     def rate_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
         if not self.advanced(request):
-            if request.path in coinbase_exchange.PATHS:
+            if coinbase_exchange_trading.is_exchange_path(request.path):
                 return self.exchange_rules(request, key)
             return []
-        if request.path == f"{PREFIX}/time":
+        if request.path == f"{PREFIX}/time" or request.path in coinbase_trading.PUBLIC_PATHS:
             return [ratelimit.Rule(f"coinbase:ip:{common.client_ip(request)}", PUBLIC_BUDGET, by_ip=True)]
         subject = self.subject(key, self.claimed_key(request))
         return [ratelimit.Rule(f"coinbase:{subject}", PRIVATE_BUDGET)]
@@ -119,7 +127,7 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
         if not common.ip_allowed(key, request):
             ip = common.client_ip(request)
             raise common.Reject(unauthorized(f"IP address {ip} is not in the API key's allowlist"))
-        return key
+        return self.accepted(request, key)
 
     def _view(self, key: TestKey) -> None:
         if not key.read or "default" not in key.identities:
@@ -153,23 +161,9 @@ class CoinbaseServer(coinbase_exchange.CoinbaseExchange):
     async def accounts(self, request: web.Request) -> web.Response:
         key = await self.authenticate(request)
         self._view(key)
-        # Plausible account fields (docs/venues.md §4A.4 names the endpoint only).
-        account = {
-            "uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:BTC")),
-            "name": "BTC Wallet",
-            "currency": "BTC",
-            "available_balance": {"value": "0", "currency": "BTC"},
-            "default": True,
-            "active": True,
-            "created_at": common.iso_ms(key.created_at_ms),
-            "updated_at": common.iso_ms(key.created_at_ms),
-            "deleted_at": None,
-            "type": "ACCOUNT_TYPE_CRYPTO",
-            "ready": True,
-            "hold": {"value": "0", "currency": "BTC"},
-            "retail_portfolio_id": key.uid,
-        }
-        return common.answer({"accounts": [account], "has_next": False, "cursor": "", "size": 1})
+        # Plausible account fields (docs/venues.md §4A.4 names the endpoint only); balances from the book.
+        accounts = self.portfolio_accounts(key)
+        return common.answer({"accounts": accounts, "has_next": False, "cursor": "", "size": len(accounts)})
 
     async def portfolios(self, request: web.Request) -> web.Response:
         key = await self.authenticate(request)

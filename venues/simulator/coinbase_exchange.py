@@ -22,14 +22,13 @@ import uuid
 
 from aiohttp import web
 
-from venues.simulator import common, faults, ratelimit
+from venues.simulator import coinbase_exchange_trading, common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 TIMESTAMP_WINDOW = 30.0  # seconds, docs/venues.md §4B
 PRIVATE_BUDGET = ratelimit.Bucket(capacity=30, rate=15)  # 15 rps per profile, burst 30 (docs/venues.md §4B)
 PUBLIC_BUDGET = ratelimit.Bucket(capacity=15, rate=10)  # public 10 rps per IP, burst 15
 REQUIRED_HEADERS = ("CB-ACCESS-KEY", "CB-ACCESS-SIGN", "CB-ACCESS-TIMESTAMP", "CB-ACCESS-PASSPHRASE")
-PATHS = ("/accounts", "/profiles", "/time")
 
 
 def sign(secret_b64: str, prehash: str) -> str:
@@ -42,7 +41,7 @@ def error(message: str, status: int) -> web.Response:
     return common.answer({"message": message}, status)
 
 
-class CoinbaseExchange(common.VenueServer):
+class CoinbaseExchange(coinbase_exchange_trading.CoinbaseExchangeTrading):
     """The Exchange half of the COINBASE venue server (see :mod:`venues.simulator.coinbase`)."""
 
     def exchange_routes(self) -> list[web.RouteDef]:
@@ -50,10 +49,11 @@ class CoinbaseExchange(common.VenueServer):
             web.get("/time", self.exchange_time),
             web.get("/accounts", self.exchange_accounts),
             web.get("/profiles", self.exchange_profiles),
+            *self.exchange_trading_routes(),
         ]
 
     def exchange_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
-        if request.path == "/time":
+        if request.path in coinbase_exchange_trading.PUBLIC_PATHS:
             return [
                 ratelimit.Rule(f"coinbase-exchange:ip:{common.client_ip(request)}", PUBLIC_BUDGET, by_ip=True)
             ]
@@ -61,7 +61,8 @@ class CoinbaseExchange(common.VenueServer):
         return [ratelimit.Rule(f"coinbase-exchange:{subject}", PRIVATE_BUDGET)]
 
     def exchange_rate_limited(self, request: web.Request, retry_after: float) -> web.Response:
-        message = "Public rate limit exceeded" if request.path == "/time" else "Private rate limit exceeded"
+        public = request.path in coinbase_exchange_trading.PUBLIC_PATHS
+        message = "Public rate limit exceeded" if public else "Private rate limit exceeded"
         return common.answer(
             {"message": message}, 429, {"Retry-After": faults.retry_after_header(retry_after)}
         )
@@ -101,7 +102,7 @@ class CoinbaseExchange(common.VenueServer):
             raise common.Reject(error("invalid signature", 401))
         if not common.ip_allowed(key, request):
             raise common.Reject(error("IP address not allowed", 401))
-        return key
+        return self.accepted(request, key)
 
     def _readable(self, key: TestKey) -> None:
         if not key.read or "default" not in key.identities:
@@ -116,22 +117,9 @@ class CoinbaseExchange(common.VenueServer):
     async def exchange_accounts(self, request: web.Request) -> web.Response:
         key = await self.exchange_authenticate(request)
         self._readable(key)
-        # Account fields are plausible choices (docs/venues.md does not quote the body).
-        account_id = uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:BTC")
-        accounts = [
-            {
-                "id": str(account_id),
-                "currency": "BTC",
-                "balance": "0.0000000000000000",
-                "hold": "0.0000000000000000",
-                "available": "0",
-                "profile_id": key.uid,
-                "trading_enabled": key.trade,
-                "pending_deposit": "0",
-                "display_name": "BTC",
-            }
-        ]
-        return common.answer(accounts)
+        # Account fields are plausible choices (docs/venues.md does not quote the body); balances are the
+        # profile's wallet in the trading book.
+        return common.answer(self.exchange_wallet_accounts(key))
 
     async def exchange_profiles(self, request: web.Request) -> web.Response:
         key = await self.exchange_authenticate(request)

@@ -5,7 +5,8 @@ A token is ``base64url(header).base64url(payload).base64url(signature)``; ES256 
 first 32 bytes of the base64 secret). The simulator accepts a token when the signature verifies with the
 registered key and: ``kid == sub == key name``, ``iss`` is ``cdp`` or ``coinbase-cloud`` (docs/venues.md §4A.2:
 both are used by official code), ``nbf <= now + 5 s``, ``exp > now``, ``exp - nbf <= 120`` and ``uri`` (or,
-as the CDP SDK sends for Ed25519 keys, one of ``uris``) equals ``"<METHOD> <Host header><path>"``.
+as the CDP SDK sends for Ed25519 keys, one of ``uris``) equals ``"<METHOD> <Host header><path>"`` (over the
+simulator's plain HTTP also ``"<METHOD> http://<Host header><path>"``, which is what ccxt signs there).
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def check_claims(token: Token, *, key_name: str, now: float, method: str, host: 
     if exp - nbf > MAX_LIFETIME:
         raise JwtError("JWT lifetime exceeds 120 seconds")
     expected = f"{method.upper()} {host}{path}"
+    # Over the simulator's plain HTTP, a client that strips only "https://" from its URL (ccxt) signs
+    # "<METHOD> http://<host><path>": accepted as the same request target (loopback contract).
+    accepted = (expected, f"{method.upper()} http://{host}{path}")
     uris = payload.get("uris")
-    if payload.get("uri") != expected and not (isinstance(uris, list) and expected in uris):
+    if payload.get("uri") not in accepted and not (
+        isinstance(uris, list) and any(u in uris for u in accepted)
+    ):
         raise JwtError("JWT uri claim does not match the request")

@@ -30,10 +30,11 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from venues.base import Venue, mask_api_key
-from venues.simulator import faults, ratelimit, registry, stats
+from venues.simulator import faults, ratelimit, registry, signlog, stats, trading
 
 log = logging.getLogger("venues.simulator")
 
+AUTHENTICATED = web.RequestKey("simulator.authenticated", str)  # the API key the venue authenticated
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -49,6 +50,8 @@ class State:
         self.limits = ratelimit.RateLimits()
         self.stats = {venue: stats.StatsRecorder(venue) for venue in Venue}
         self.closing = asyncio.Event()  # set by close(): hanging "timeout" faults end at once
+        self.book = trading.Book()
+        self.signing_log = signlog.SigningLog()
 
     def now_ms(self, venue: Venue) -> int:
         """The venue's clock: our clock shifted by the venue's configured offset."""
@@ -155,6 +158,15 @@ class VenueServer:
             and not key.expired(self.now_ms())
         )
 
+    def accepted(self, request: web.Request, key: registry.TestKey) -> registry.TestKey:
+        """Mark ``request`` as authenticated by ``key`` (the signing log records it); returns ``key``."""
+        request[AUTHENTICATED] = key.api_key
+        return key
+
+    def wallet(self, key: registry.TestKey, wallet: str) -> trading.WalletId:
+        """The trading-book wallet ``wallet`` of the key's account."""
+        return (self.venue, key.uid, wallet)
+
     def subject(self, key: registry.TestKey | None, claimed: str | None) -> str:
         """The account a per-user budget belongs to: the uid when the key is known, else the claim."""
         return f"uid:{key.uid}" if key is not None else f"key:{claimed or ''}"
@@ -169,6 +181,7 @@ class VenueServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
+        arrived = time.time()
         claimed = self.claimed_key(request)
         status = 500
         try:
@@ -179,6 +192,18 @@ class VenueServer:
             status = exc.status
             raise
         finally:
+            if claimed:
+                self.state.signing_log.record(
+                    signlog.SignedRequest(
+                        venue=self.venue,
+                        api_key=claimed[: signlog.MAX_KEY_CHARS],
+                        method=request.method,
+                        path=request.path,
+                        at=arrived,
+                        status=status,
+                        authenticated=request.get(AUTHENTICATED) == claimed,  # full claim, not the cut
+                    )
+                )
             log.debug(
                 "simulator %s %s %s key=%s -> %s in %.1f ms",
                 self.venue.value,

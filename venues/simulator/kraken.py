@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults, kraken_futures, ratelimit
+from venues.simulator import common, faults, kraken_futures, kraken_trading, ratelimit
 from venues.simulator.registry import TestKey
 
 # Kraken's per-key call counter, Starter tier (docs/venues.md §5A.6): at most 15, decaying 0.33 per second.
@@ -60,7 +60,7 @@ def error(message: str, status: int = 200, headers: dict[str, str] | None = None
     return common.answer({"error": [message]}, status, headers)
 
 
-class KrakenServer(kraken_futures.KrakenFutures):
+class KrakenServer(kraken_futures.KrakenFutures, kraken_trading.KrakenTrading):
     venue = Venue.KRAKEN
 
     def routes(self) -> list[web.RouteDef]:
@@ -69,6 +69,7 @@ class KrakenServer(kraken_futures.KrakenFutures):
             web.post("/0/private/GetApiKeyInfo", self.api_key_info),
             web.post("/0/private/Balance", self.balance),
             web.post("/0/private/TradeBalance", self.trade_balance),
+            *self.trading_routes(),
             *self.futures_routes(),
         ]
 
@@ -78,7 +79,7 @@ class KrakenServer(kraken_futures.KrakenFutures):
     def rate_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
         if kraken_futures.is_futures(request.path):
             return self.futures_rules(request, key)
-        if not request.path.startswith("/0/private/"):
+        if not request.path.startswith("/0/private/") or request.path in kraken_trading.NOT_COUNTED:
             return []
         return [ratelimit.Rule(f"kraken:key:{request.headers.get('API-Key', '')}", SPOT_COUNTER)]
 
@@ -126,7 +127,7 @@ class KrakenServer(kraken_futures.KrakenFutures):
             raise common.Reject(error("EAPI:Invalid nonce"))
         if not common.ip_allowed(key, request):
             raise common.Reject(error("EGeneral:Permission denied"))
-        return key
+        return self.accepted(request, key)
 
     def _funds(self, key: TestKey) -> None:
         """Balance and TradeBalance need "Query Funds" (docs/venues.md §5A.3) and the spot identity."""

@@ -27,13 +27,13 @@ from typing import Any
 
 from aiohttp import web
 
-from venues.simulator import common, faults, keygen, ratelimit
+from venues.simulator import common, faults, keygen, kraken_futures_trading, ratelimit
 from venues.simulator.registry import TestKey
 
 CHECK_PATH = "/api/auth/v1/api-keys/v3/check"
 ACCOUNTS_PATH = "/derivatives/api/v3/accounts"
 DERIVATIVES_BUDGET = ratelimit.Window(500, 10.0)  # 500 cost per 10 s (docs/venues.md §5B)
-COSTS = {ACCOUNTS_PATH: 2}
+COSTS = {ACCOUNTS_PATH: 2, **kraken_futures_trading.COSTS}
 
 
 def authent(secret_b64: str, post_data: str, nonce: str, endpoint_path: str) -> str:
@@ -52,11 +52,15 @@ def is_futures(path: str) -> bool:
     return path.startswith(("/derivatives/", "/api/auth/"))
 
 
-class KrakenFutures(common.VenueServer):
+class KrakenFutures(kraken_futures_trading.KrakenFuturesTrading):
     """The Futures half of the KRAKEN venue server (see :mod:`venues.simulator.kraken`)."""
 
     def futures_routes(self) -> list[web.RouteDef]:
-        return [web.get(CHECK_PATH, self.futures_check), web.get(ACCOUNTS_PATH, self.futures_accounts)]
+        return [
+            web.get(CHECK_PATH, self.futures_check),
+            web.get(ACCOUNTS_PATH, self.futures_accounts),
+            *self.futures_trading_routes(),
+        ]
 
     def futures_error(
         self, code: str, status: int = 200, headers: dict[str, str] | None = None
@@ -65,8 +69,11 @@ class KrakenFutures(common.VenueServer):
         return common.answer(body, status, headers)
 
     def futures_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
-        if not request.path.startswith("/derivatives/"):
-            return []  # the auth service's budget is not documented
+        if (
+            not request.path.startswith("/derivatives/")
+            or request.path in kraken_futures_trading.PUBLIC_PATHS
+        ):
+            return []  # the auth service's budget is not documented; public calls cost nothing
         claimed = request.headers.get("APIKey", "")
         cost = COSTS.get(request.path, 1)
         return [ratelimit.Rule(f"kraken-futures:key:{claimed}", DERIVATIVES_BUDGET, cost)]
@@ -95,7 +102,9 @@ class KrakenFutures(common.VenueServer):
         if request.method == "GET":
             post_data = request.rel_url.raw_query_string
         else:
-            post_data = await request.text() if request.can_read_body else ""
+            # POST parameters may travel in the form body or, as ccxt sends them, in the query string.
+            body = await request.text() if request.can_read_body else ""
+            post_data = body or request.rel_url.raw_query_string
         try:
             expected = authent(key.api_secret, post_data, nonce, endpoint_path(request.path))
         except binascii.Error:
@@ -106,7 +115,7 @@ class KrakenFutures(common.VenueServer):
             self._accept_nonce(key, nonce)
         if not common.ip_allowed(key, request):
             raise denied
-        return key
+        return self.accepted(request, key)
 
     def _accept_nonce(self, key: TestKey, nonce: str) -> None:
         if not nonce.isdigit():
@@ -141,7 +150,7 @@ class KrakenFutures(common.VenueServer):
             "flex": {
                 "type": "multiCollateralMarginAccount",
                 "id": str(flex_id),
-                "currencies": {},
+                "currencies": self.flex_currencies(key),
                 "initialMargin": 0.0,
                 "maintenanceMargin": 0.0,
                 "balanceValue": 0.0,

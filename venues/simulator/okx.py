@@ -22,7 +22,7 @@ import hmac
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults, ratelimit
+from venues.simulator import common, faults, okx_trading, ratelimit
 from venues.simulator.registry import TestKey
 
 TIMESTAMP_WINDOW_MS = 30_000  # docs/venues.md §2.2: +-30 s
@@ -31,7 +31,16 @@ ENDPOINT_LIMITS = {
     "/api/v5/account/config": ratelimit.Window(5, 2.0),
     "/api/v5/account/balance": ratelimit.Window(10, 2.0),
     "/api/v5/asset/balances": ratelimit.Window(6, 1.0),
+    # trading (docs/venues.md §2.9)
+    "/api/v5/public/instruments": ratelimit.Window(20, 2.0),
+    "/api/v5/asset/currencies": ratelimit.Window(6, 1.0),
+    "/api/v5/trade/order": ratelimit.Window(60, 2.0),
+    "/api/v5/trade/cancel-order": ratelimit.Window(60, 2.0),
+    "/api/v5/trade/batch-orders": ratelimit.Window(300, 2.0),
+    "/api/v5/trade/cancel-batch-orders": ratelimit.Window(300, 2.0),
+    "/api/v5/trade/orders-pending": ratelimit.Window(60, 2.0),
 }
+PUBLIC_PATHS = ("/api/v5/public/instruments",)
 REQUIRED_HEADERS = (
     ("OK-ACCESS-KEY", 50103),
     ("OK-ACCESS-PASSPHRASE", 50104),
@@ -60,7 +69,7 @@ def parse_timestamp(value: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-class OkxServer(common.VenueServer):
+class OkxServer(okx_trading.OkxTrading):
     venue = Venue.OKX
 
     def routes(self) -> list[web.RouteDef]:
@@ -69,6 +78,7 @@ class OkxServer(common.VenueServer):
             web.get("/api/v5/account/config", self.account_config),
             web.get("/api/v5/account/balance", self.trading_balance),
             web.get("/api/v5/asset/balances", self.funding_balances),
+            *self.trading_routes(),
         ]
 
     def claimed_key(self, request: web.Request) -> str | None:
@@ -78,6 +88,9 @@ class OkxServer(common.VenueServer):
         limit = ENDPOINT_LIMITS.get(request.path)
         if limit is None:
             return []
+        if request.path in PUBLIC_PATHS:  # public endpoints: the budget is the IP's
+            ip = common.client_ip(request)
+            return [ratelimit.Rule(f"okx:ip:{ip}:{request.path}", limit, by_ip=True)]
         subject = self.subject(key, self.claimed_key(request))
         return [ratelimit.Rule(f"okx:{subject}:{request.path}", limit)]
 
@@ -129,7 +142,7 @@ class OkxServer(common.VenueServer):
         if not common.ip_allowed(key, request):
             ip = common.client_ip(request)
             raise common.Reject(error(50110, f"Your IP {ip} is not included in your API key's IP whitelist."))
-        return key
+        return self.accepted(request, key)
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -178,7 +191,7 @@ class OkxServer(common.VenueServer):
         # Shape of docs/venues.md §2.4 (totalEq, details); the other fields are plausible choices.
         data = {
             "adjEq": "",
-            "details": [],
+            "details": self.trading_details(key),
             "imr": "",
             "isoEq": "0",
             "mgnRatio": "",

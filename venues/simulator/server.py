@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import admin, binance, bybit, coinbase, common, faults, kraken, okx, stats
+from venues.simulator import (
+    admin,
+    binance,
+    bybit,
+    coinbase,
+    common,
+    faults,
+    kraken,
+    okx,
+    signlog,
+    stats,
+    trading,
+)
 from venues.simulator.registry import TestKey
 
 SERVERS: dict[Venue, type[common.VenueServer]] = {
@@ -41,7 +54,8 @@ class _Phase(enum.Enum):
 
 
 class Simulator:
-    """Exchange simulator: the private endpoints of every venue's probe, with the venues' own auth rules.
+    """Exchange simulator: the private endpoints of every venue's probe, with the venues' own auth rules,
+    plus the little trading set of docs/venues.md §x.9 and the signing log.
 
     ``seed`` seeds the RNG that picks injected faults (key material always comes from ``secrets``).
     ``enforce_rate_limits=False`` keeps counting violations in :meth:`stats` but answers them normally.
@@ -204,3 +218,38 @@ class Simulator:
 
     def stats(self, venue: Venue | str) -> stats.VenueStats:
         return self._state.stats[_venue(venue)].snapshot()
+
+    # -- trading and the signing log ----------------------------------------------------------------
+
+    def signed_requests(
+        self,
+        venue: Venue | str | None = None,
+        *,
+        api_key: str | None = None,
+        since: float | None = None,
+        authenticated: bool | None = None,
+    ) -> list[signlog.SignedRequest]:
+        """Requests that claimed a key (oldest first), filtered by venue, key, arrival time
+        (``since``: wall-clock seconds, ``time.time()``) and whether the venue authenticated them."""
+        return self._state.signing_log.query(
+            venue=_venue(venue) if venue is not None else None,
+            api_key=api_key,
+            since=since,
+            authenticated=authenticated,
+        )
+
+    def clear_signed_requests(self) -> None:
+        """Empty the signing log (e.g. between phases of a long run)."""
+        self._state.signing_log.clear()
+
+    def balances(self, venue: Venue | str, uid: str, wallet: str) -> dict[str, tuple[Decimal, Decimal]]:
+        """``{asset: (free, locked)}`` of one account wallet (see :mod:`venues.simulator.trading`)."""
+        return self._state.book.balances((_venue(venue), str(uid), wallet))
+
+    def set_balance(self, venue: Venue | str, uid: str, wallet: str, asset: str, free: Decimal | str) -> None:
+        """Set the free amount of ``asset`` in an account wallet (e.g. 0 to see an order refused)."""
+        self._state.book.set_balance((_venue(venue), str(uid), wallet), asset, Decimal(str(free)))
+
+    def orders(self, venue: Venue | str, uid: str, wallet: str) -> list[trading.Order]:
+        """An account wallet's open orders and its latest cancelled ones, oldest first."""
+        return self._state.book.orders((_venue(venue), str(uid), wallet))

@@ -56,7 +56,7 @@ async def test_close_is_idempotent_and_final() -> None:
 
 async def test_unknown_path_is_404(sim: Simulator, client: Any) -> None:
     """Paths the simulator does not serve answer 404 and count as requests."""
-    assert (await client.get(Venue.BINANCE, "/api/v3/order")).status == 404
+    assert (await client.get(Venue.BINANCE, "/api/v3/myTrades")).status == 404
     assert sim.stats(Venue.BINANCE).requests == 1
 
 
