@@ -111,4 +111,7 @@ async def test_four_processes_share_the_per_ip_budgets(
     # the backlog went through at about the shared allowance, not at four processes' worth: Bybit's is 300
     # requests per 5.5 s, 3 per probe, so 160 probes take at least 8 s once the first window's burst is spent
     rows = await fetch(database_url, "SELECT budget, egress_group FROM venue_budgets ORDER BY budget")
-    assert {(r["budget"], r["egress_group"]) for r in rows} >= {("bybit", "rack-1"), ("binance:api", "rack-1")}
+    assert {(r["budget"], r["egress_group"]) for r in rows} >= {
+        ("bybit", "rack-1"),
+        ("binance:api", "rack-1"),
+    }

@@ -27,7 +27,8 @@ class VenueStats:
     faults: int = 0
     auth_failures: int = 0
     rate_limit_violations: int = 0
-    ip_rate_limit_violations: int = 0  # those of a budget the venue counts per IP (Binance weight, Bybit 600/5 s)
+    # the violations of a budget the venue counts per IP (Binance weight, Bybit 600/5 s)
+    ip_rate_limit_violations: int = 0
     max_per_second: int = 0  # over all keys
     max_per_second_by_key: Mapping[str, int] = field(default_factory=dict)
 
