@@ -353,15 +353,17 @@ CREATE TABLE IF NOT EXISTS venue_budgets (
     PRIMARY KEY (egress_group, budget)
 );
 
--- Take up to p_want (at least p_need, else nothing) of budget p_budget of group p_group, whose window is p_slots
--- slots of p_slot_seconds holding at most p_allowance; p_charge is spent already (grants a process made on its
--- own while the database was out of reach) and is counted first. Returns what was granted, the seconds until
--- the current slot ends (grants are spent before it does) and the total now in the window. The row lock
--- serializes concurrent takers for the length of this one call.
+-- Take up to p_want of budget p_budget of group p_group, whose window is p_slots slots of p_slot_seconds
+-- holding at most p_allowance: nothing unless the grant and what the caller still holds of this slot (p_have,
+-- granted in slot p_have_slot) reach p_need. p_charge is spent already (what a process spent on its own while
+-- the database was out of reach) and is counted first. Returns what was granted, the slot it belongs to, the
+-- seconds until that slot ends (grants are spent before it does) and the total now in the window. The row
+-- lock serializes concurrent takers for the length of this one call.
+DROP FUNCTION IF EXISTS venue_budget_take(text, text, float8, integer, float8, float8, float8, float8);
 CREATE OR REPLACE FUNCTION venue_budget_take(
     p_group text, p_budget text, p_slot_seconds float8, p_slots integer, p_allowance float8,
-    p_want float8, p_need float8, p_charge float8,
-    OUT granted float8, OUT ends_in float8, OUT in_window float8
+    p_want float8, p_need float8, p_have float8, p_have_slot bigint, p_charge float8,
+    OUT granted float8, OUT slot_index bigint, OUT ends_in float8, OUT in_window float8
 ) AS $$
 DECLARE
     v_now    float8 := extract(epoch FROM clock_timestamp());
@@ -387,13 +389,14 @@ BEGIN
     v_counts[1] := v_counts[1] + greatest(p_charge, 0);
     in_window := (SELECT sum(c) FROM unnest(v_counts) AS c);
     granted := least(p_want, p_allowance - in_window);
-    IF granted < p_need THEN
+    IF granted + (CASE WHEN p_have_slot = v_slot THEN p_have ELSE 0 END) < p_need THEN
         granted := 0;
     END IF;
     v_counts[1] := v_counts[1] + granted;
     in_window := in_window + granted;
     UPDATE venue_budgets SET newest_slot = v_slot, counts = v_counts, updated_at = clock_timestamp()
     WHERE egress_group = p_group AND budget = p_budget;
+    slot_index := v_slot;
     ends_in := least(greatest((v_slot + 1) * p_slot_seconds - v_now, 0), p_slot_seconds);
 END
 $$ LANGUAGE plpgsql;

@@ -79,6 +79,7 @@ class _Lane:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: callers are served in arrival order
     tokens: float = 0.0
+    slot: int = -1  # the database slot the tokens were granted in
     expires: float = 0.0  # monotonic: the granted tokens are void from then on
     spent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
     spent_total: float = 0.0  # the sum of ``spent``
@@ -186,9 +187,11 @@ class SharedBudgets:
                 if now >= lane.retry_at:
                     answer = await self._ask(lane, budget, need, now)
                     if answer is not None:
-                        granted, valid_until = answer
-                        lane.tokens, lane.expires = granted, valid_until
-                        if granted < need:  # the window is full: ask again when this slot is over
+                        granted, slot, valid_until = answer
+                        # what is left of an earlier grant stays good within its own slot only
+                        lane.tokens = granted + (lane.tokens if slot == lane.slot else 0.0)
+                        lane.slot, lane.expires = slot, valid_until
+                        if granted == 0:  # the window is full: ask again when this slot is over
                             self.stats["waits"] += 1
                             await asyncio.sleep(max(0.001, valid_until - time.monotonic()) + 0.001)
                         continue
@@ -206,8 +209,8 @@ class SharedBudgets:
 
     async def _ask(
         self, lane: _Lane, budget: IpBudget, need: float, now: float
-    ) -> tuple[float, float] | None:
-        """One database take: (tokens granted, monotonic time they lapse), or None when it failed."""
+    ) -> tuple[float, int, float] | None:
+        """One database take: (tokens granted, their slot, monotonic time they lapse), or None when it failed."""
         seconds = slot_seconds(budget)
         recent = lane.spent_since(now - seconds)  # what this process spent during the last slot
         want = max(need, min(recent, budget.allowance * CHUNK))
@@ -224,6 +227,8 @@ class SharedBudgets:
                     budget.allowance,
                     want,
                     need,
+                    lane.tokens if now < lane.expires else 0.0,
+                    lane.slot,
                     charge,
                 )
         except _UNREACHABLE as exc:
@@ -239,7 +244,7 @@ class SharedBudgets:
         granted = float(row["granted"])
         self.stats["granted"] += int(granted)
         # the slot ends ends_in seconds after the database read its clock, which was after ``sent``
-        return granted, sent + float(row["ends_in"])
+        return granted, int(row["slot_index"]), sent + float(row["ends_in"])
 
     def _report_unreachable(self, exc: BaseException) -> None:
         if not self._unreachable:  # once per outage
