@@ -261,6 +261,10 @@ class EngineConfig:
         kwargs["quotas"] = Quotas.from_env(env)
         kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
         if env.get("ENGINE_EGRESS_GROUP"):
+            if not _EGRESS_GROUP.fullmatch(env["ENGINE_EGRESS_GROUP"]):
+                raise errors.ConfigurationError(
+                    "ENGINE_EGRESS_GROUP: 1 to 64 letters, digits and ._:-", field="ENGINE_EGRESS_GROUP"
+                )
             kwargs["egress_group"] = env["ENGINE_EGRESS_GROUP"]
         kwargs["shared_venue_budgets"] = _flag(env, "ENGINE_SHARED_VENUE_BUDGETS", True)
         if env.get("ENGINE_LOG_LEVEL"):
