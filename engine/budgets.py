@@ -19,8 +19,9 @@ whether it counts in sliding windows (as the simulator does) or in calendar minu
 process gets only 1/N while the others sit idle, and while N changes (a process starts or dies) the shares add
 up to more than the budget until everyone has counted again. The counter gives the whole allowance to whoever
 needs it and stays exact when processes come and go, for one short statement (one row lock) per chunk of
-tokens: a process asks for what it spent during the last slot, at most 1/20 of the allowance, so Bybit's
-300-request allowance costs about five statements a second per busy process, Binance's much fewer.
+tokens: a process asks for what it will spend until the slot ends at the pace of the last slot, at most 1/20
+of the allowance, so Bybit's 300-request allowance costs a few statements a second per busy process,
+Binance's fewer.
 
 **What can go wrong, and what happens then.**
 
@@ -212,8 +213,11 @@ class SharedBudgets:
     ) -> tuple[float, int, float] | None:
         """One database take: (tokens granted, their slot, monotonic time they lapse), or None when it failed."""
         seconds = slot_seconds(budget)
-        recent = lane.spent_since(now - seconds)  # what this process spent during the last slot
-        want = max(need, min(recent, budget.allowance * CHUNK))
+        # what this process will spend before the slot ends, at the pace of the last slot: a grant left over
+        # when its slot ends is lost, so ask for the rest of this slot only (its end: from the last grant's)
+        rest = (lane.expires - now) % seconds if lane.expires > 0 else seconds
+        pace = lane.spent_since(now - seconds) / seconds
+        want = max(need, min(pace * (rest or seconds), budget.allowance * CHUNK))
         charge = lane.unreported
         sent = time.monotonic()
         try:
