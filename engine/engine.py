@@ -130,7 +130,8 @@ class CredentialEngine:
         self._session = self._injected_session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
         )
-        if cfg.venue_rate_limits and cfg.shared_venue_budgets:
+        # shared only by the probes this engine builds (injected ones, such as engine.testing's, keep their own)
+        if cfg.venue_rate_limits and cfg.shared_venue_budgets and set(Venue) - set(self._probes):
             self._budgets = budgets.SharedBudgets(self._db, group=cfg.egress_group)
             await self._budgets.start()
         self._jobs = jobs.LifecycleJobs(self)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -169,3 +170,15 @@ async def test_probes_take_each_call_from_the_per_ip_budget_of_its_host(
             )
             await probe.probe(ApiKeys(key.api_key, key.api_secret))
             assert unlimited.calls == []
+
+
+async def test_the_engine_shares_budgets_only_for_the_probes_it_builds(make_engine: Any) -> None:
+    """Venue modules get the engine's SharedBudgets of its egress group; injected probes (FakeVenue), sharing
+    off or client-side limits off: none."""
+    built = await make_engine(probes={}, egress_group="rack-7")
+    assert isinstance(built.venue_budgets, budgetsmod.SharedBudgets)
+    assert built.venue_budgets.group == "rack-7"
+    assert built.probe(Venue.BYBIT).budgets is built.venue_budgets  # type: ignore[attr-defined]
+    assert (await make_engine()).venue_budgets is None  # FakeVenue probes for every venue
+    assert (await make_engine(probes={}, shared_venue_budgets=False)).venue_budgets is None
+    assert (await make_engine(probes={}, venue_rate_limits=False)).venue_budgets is None
