@@ -108,8 +108,8 @@ async def test_four_processes_share_the_per_ip_budgets(
     assert figures["bybit_ip_violations"] == 0, figures
     assert figures["binance_ip_violations"] == 0, figures
     assert figures["bybit_violations"] == 0 and figures["binance_violations"] == 0, figures
-    # the backlog went through at about the shared allowance, not at four processes' worth: Bybit's is 300
-    # requests per 5.5 s, 3 per probe, so 160 probes take at least 8 s once the first window's burst is spent
+    # the processes drew on their group's shared rows (with the sharing off the same backlog gave 194 refused
+    # Bybit requests: 240 probes are 720 requests, over the 600 per 5 s the four processes' buckets let through)
     rows = await fetch(database_url, "SELECT budget, egress_group FROM venue_budgets ORDER BY budget")
     assert {(r["budget"], r["egress_group"]) for r in rows} >= {
         ("bybit", "rack-1"),
