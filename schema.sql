@@ -337,3 +337,76 @@ CREATE TABLE IF NOT EXISTS api_instances (
     seen_at     timestamptz NOT NULL DEFAULT now()
 );
 -- END tenants
+
+-- BEGIN budgets (owned by engine/budgets.py)
+-- Per-IP venue budgets shared by the engine processes of one egress group (docs/venues.md §1.6, §3.6): one row
+-- per (egress group, budget). Time is cut into slots of slot_seconds by the database clock (one clock for every
+-- process); counts[1] is what was granted in slot newest_slot, counts[i] in slot newest_slot - i + 1. A grant is
+-- made only while the slots of the window (counts[1..n]) hold at most the allowance. Bounded: one row per budget
+-- and group, no history kept.
+CREATE TABLE IF NOT EXISTS venue_budgets (
+    egress_group  text NOT NULL,
+    budget        text NOT NULL,
+    newest_slot   bigint NOT NULL,
+    counts        float8[] NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (egress_group, budget)
+);
+
+-- Take up to p_want of budget p_budget of group p_group, whose window is p_slots slots of p_slot_seconds
+-- holding at most p_allowance: nothing unless the grant and what the caller still holds of this slot (p_have,
+-- granted in slot p_have_slot) reach p_need. p_charge is spent already (what a process spent on its own while
+-- the database was out of reach) and is counted first. Returns what was granted, the slot it belongs to, the
+-- seconds until that slot ends (grants are spent before it does) and the total now in the window. The row
+-- lock serializes concurrent takers for the length of this one call.
+DROP FUNCTION IF EXISTS venue_budget_take(text, text, float8, integer, float8, float8, float8, float8);
+CREATE OR REPLACE FUNCTION venue_budget_take(
+    p_group text, p_budget text, p_slot_seconds float8, p_slots integer, p_allowance float8,
+    p_want float8, p_need float8, p_have float8, p_have_slot bigint, p_charge float8,
+    OUT granted float8, OUT slot_index bigint, OUT ends_in float8, OUT in_window float8
+) AS $$
+DECLARE
+    v_now    float8 := extract(epoch FROM clock_timestamp());
+    v_slot   bigint := floor(v_now / p_slot_seconds)::bigint;
+    v_row    venue_budgets%ROWTYPE;
+    v_counts float8[];
+    v_shift  bigint;
+BEGIN
+    INSERT INTO venue_budgets (egress_group, budget, newest_slot, counts)
+    VALUES (p_group, p_budget, v_slot, array_fill(0::float8, ARRAY[p_slots]))
+    ON CONFLICT (egress_group, budget) DO NOTHING;
+    SELECT * INTO v_row FROM venue_budgets WHERE egress_group = p_group AND budget = p_budget FOR UPDATE;
+    -- a database clock that stepped back keeps counting in the newest slot (stricter, never looser)
+    v_shift := greatest(v_slot - v_row.newest_slot, 0);
+    v_slot := v_row.newest_slot + v_shift;
+    IF v_shift >= p_slots OR cardinality(v_row.counts) <> p_slots THEN
+        v_counts := array_fill(0::float8, ARRAY[p_slots]);
+    ELSIF v_shift > 0 THEN
+        v_counts := array_fill(0::float8, ARRAY[v_shift::integer]) || v_row.counts[1:p_slots - v_shift];
+    ELSE
+        v_counts := v_row.counts;
+    END IF;
+    v_counts[1] := v_counts[1] + greatest(p_charge, 0);
+    in_window := (SELECT sum(c) FROM unnest(v_counts) AS c);
+    granted := least(p_want, p_allowance - in_window);
+    IF granted + (CASE WHEN p_have_slot = v_slot THEN p_have ELSE 0 END) < p_need THEN
+        granted := 0;
+    END IF;
+    v_counts[1] := v_counts[1] + granted;
+    in_window := in_window + granted;
+    UPDATE venue_budgets SET newest_slot = v_slot, counts = v_counts, updated_at = clock_timestamp()
+    WHERE egress_group = p_group AND budget = p_budget;
+    slot_index := v_slot;
+    ends_in := least(greatest((v_slot + 1) * p_slot_seconds - v_now, 0), p_slot_seconds);
+END
+$$ LANGUAGE plpgsql;
+
+-- The engine processes of each egress group, for the fallback when the database is out of reach: each process
+-- then spends at most 1/N of a budget, N being the live processes of its group last counted here. Each process
+-- refreshes its row every few seconds; rows silent for long are deleted by the others.
+CREATE TABLE IF NOT EXISTS venue_budget_processes (
+    process_id    text PRIMARY KEY,
+    egress_group  text NOT NULL,
+    seen_at       timestamptz NOT NULL DEFAULT now()
+);
+-- END budgets

@@ -96,6 +96,14 @@ PLANS = [
         240,
         "owner A's backlog of 5,000 verifications (issue size), 50 ms per request, 10 workers, 30 B creates",
     ),
+    Plan(
+        "budgets",
+        {"seconds": 75.0, "bybit": 900, "binance": 500},
+        {"seconds": 20.0, "bybit": 300, "binance": 40},
+        420,
+        "4 worker processes, 900 Bybit + 500 Binance verifications, up to 75 s per mode (Binance's minute window"
+        " needs over 60 s to show the per-process violations; no size in the issue)",
+    ),
     Plan("events", {"n": 2000}, {"n": 300}, 300, "N = 2,000 credentials per phase", optional=True),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
 ]

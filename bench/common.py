@@ -592,7 +592,14 @@ async def _simulator_child(latency: float, seed: int) -> None:
                         await asyncio.sleep(0)  # keep serving while thousands of keys are made
                 say({"keys": made})
             elif op == "stats":
-                keep = ("requests", "faults", "auth_failures", "rate_limit_violations", "max_per_second")
+                keep = (
+                    "requests",
+                    "faults",
+                    "auth_failures",
+                    "rate_limit_violations",
+                    "ip_rate_limit_violations",
+                    "max_per_second",
+                )
                 say(
                     {
                         "stats": {

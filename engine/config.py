@@ -12,6 +12,8 @@ Environment variables (all optional):
     ENGINE_WORKERS               jobs run concurrently per process (0 = run no workers in this process)
     ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
     ENGINE_PROBE_TIMEOUT         seconds per venue request (default 10)
+    ENGINE_EGRESS_GROUP          processes leaving through one public IP share its per-IP venue budgets (default
+                                 "default"); ENGINE_SHARED_VENUE_BUDGETS=0 keeps them per process
     ENGINE_JOB_TIMEOUT           seconds a job handler may run before it is cancelled (default 300; verifications
                                  and webhook deliveries derive theirs from their request timeouts)
     ENGINE_JOB_TIMEOUTS          "verify=60,webhook_delivery=45": per job kind, overriding the above
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from engine.sensitive import MasterKeysText, SecretDsn, SecretText
 from venues.base import Permissions, ProbeResult, Venue
 
 DAY_MS = 86_400_000
+_EGRESS_GROUP = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # an egress group name
 # Svix's published schedule: delay before each attempt of a webhook delivery (the first is immediate)
 WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
@@ -141,6 +145,10 @@ class EngineConfig:
     probe_timeout: float = 10.0
     # honour the venues' documented limits client side; off only against simulators and test servers
     venue_rate_limits: bool = True
+    # the processes leaving through one public IP share the venues' per-IP budgets (engine/budgets.py); give
+    # each egress IP its own group name. shared_venue_budgets=False: each process keeps them alone (one per IP)
+    egress_group: str = "default"
+    shared_venue_budgets: bool = True
     policy: VerificationPolicy = field(default_factory=VerificationPolicy)
     quotas: Quotas = field(default_factory=Quotas)
     workers: int = 10  # concurrent jobs in this process; 0 = this process runs no workers
@@ -204,6 +212,11 @@ class EngineConfig:
                 raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)
         if self.reverify_interval <= 0:
             raise errors.ConfigurationError("reverify_interval must be positive", field="reverify_interval")
+        if not _EGRESS_GROUP.fullmatch(self.egress_group):
+            raise errors.ConfigurationError(
+                "egress_group: 1 to 64 letters, digits and ._:- (one name per egress IP)",
+                field="egress_group",
+            )
         for venue in self.venue_urls:
             if not isinstance(venue, Venue):
                 raise errors.ConfigurationError(
@@ -258,6 +271,13 @@ class EngineConfig:
         kwargs["policy"] = policy
         kwargs["quotas"] = Quotas.from_env(env)
         kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
+        if env.get("ENGINE_EGRESS_GROUP"):
+            if not _EGRESS_GROUP.fullmatch(env["ENGINE_EGRESS_GROUP"]):
+                raise errors.ConfigurationError(
+                    "ENGINE_EGRESS_GROUP: 1 to 64 letters, digits and ._:-", field="ENGINE_EGRESS_GROUP"
+                )
+            kwargs["egress_group"] = env["ENGINE_EGRESS_GROUP"]
+        kwargs["shared_venue_budgets"] = _flag(env, "ENGINE_SHARED_VENUE_BUDGETS", True)
         if env.get("ENGINE_LOG_LEVEL"):
             kwargs["log_level"] = env["ENGINE_LOG_LEVEL"]
         kwargs["log_json"] = _flag(env, "ENGINE_LOG_JSON", False)

@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
+from engine import budgets, crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
 from engine import db as dbmod
 from engine import keys as keyproviders
 from engine import metrics as metricsmod
@@ -80,6 +80,7 @@ class CredentialEngine:
         self._queue: queuemod.JobQueue | None = None
         self._session: aiohttp.ClientSession | None = None
         self._jobs: jobs.LifecycleJobs | None = None
+        self._budgets: budgets.SharedBudgets | None = None  # per-IP venue budgets shared by the egress group
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
         self.webhooks = webhooks_service.WebhookService(self, resolver=webhook_resolver)
         # Prometheus: eng.metrics.registry (engine, process, platform, GC) or eng.metrics.collector (engine only)
@@ -131,6 +132,10 @@ class CredentialEngine:
         self._session = self._injected_session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
         )
+        # shared only by the probes this engine builds (injected ones, such as engine.testing's, keep their own)
+        if cfg.venue_rate_limits and cfg.shared_venue_budgets and set(Venue) - set(self._probes):
+            self._budgets = budgets.SharedBudgets(self._db, group=cfg.egress_group)
+            await self._budgets.start()
         self._jobs = jobs.LifecycleJobs(self)
         handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
         unknown = sorted(set(cfg.job_timeouts) - set(handlers))
@@ -198,6 +203,8 @@ class CredentialEngine:
         # fixed order: stop taking work, stop telling, then release connections
         if self._queue is not None:
             await self._queue.stop()
+        if self._budgets is not None:
+            await self._budgets.stop()
         await self.webhooks.close()
         await self.bus.stop()
         if self._session is not None and self._injected_session is None:
@@ -236,6 +243,11 @@ class CredentialEngine:
             raise errors.EngineClosed("the engine is not open")
         return self._jobs.metrics
 
+    @property
+    def venue_budgets(self) -> budgets.SharedBudgets | None:
+        """The per-IP venue budgets this process shares with its egress group (None: not shared)."""
+        return self._budgets
+
     def probe(self, venue: Venue) -> Probe:
         """The probe for ``venue`` (injected, or built on first use against ``config.venue_urls``)."""
         probe = self._probes.get(venue)
@@ -248,6 +260,7 @@ class CredentialEngine:
                 base_url=self.config.venue_urls.get(venue),
                 timeout=self.config.probe_timeout,
                 rate_limited=self.config.venue_rate_limits,
+                budgets=self._budgets,
             )
             self._probes[venue] = probe
         return probe

@@ -14,6 +14,8 @@ from venues.base import ApiKeys, Outcome, Permissions, Probe, ProbeFailure, Prob
 if TYPE_CHECKING:
     import aiohttp
 
+    from venues.limits import IpBudgets
+
 __all__ = [
     "ApiKeys",
     "Outcome",
@@ -42,13 +44,17 @@ def build_probe(
     base_url: str | None = None,
     timeout: float = 10.0,
     rate_limited: bool = True,
+    budgets: IpBudgets | None = None,
 ) -> Probe:
     """The probe for ``venue``, sending through ``session`` (owned by the caller) to ``base_url`` if given.
 
     ``rate_limited=False`` lifts the client-side limits (a simulator or test server whose limits are not the
-    venue's); never against a real exchange.
+    venue's); never against a real exchange. ``budgets`` shares the venue's per-IP limits with the other
+    processes of the same egress IP (``venues.limits.IpBudgets``; the engine passes its own).
     """
     module_name, class_name = _PROBES[venue]
     cls = getattr(importlib.import_module(module_name), class_name)
-    probe: Probe = cls(session, base_url=base_url, timeout=timeout, rate_limited=rate_limited)
+    probe: Probe = cls(
+        session, base_url=base_url, timeout=timeout, rate_limited=rate_limited, budgets=budgets
+    )
     return probe

@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
-from venues import base, http
+from venues import base, http, limits
 
 RECV_WINDOW_MS = 5000  # docs/venues.md §1.2: the documented default (max 60000)
 RESTRICTIONS_PATH = "/sapi/v1/account/apiRestrictions"
@@ -173,6 +173,13 @@ class BinanceProbe(http.VenueProbe):
     # 1.6); we take half, leaving room for the trading backend on the same IP. A probe weighs 36.
     rate_per_second: ClassVar[float] = 50.0
     burst: ClassVar[float | None] = 60.0
+    # Shared by the processes of one egress IP (docs/venues.md §1.6): weight per minute per IP, per host family;
+    # half of each for us, as above. /sapi counts some endpoints per UID, ours per IP (12,000/min, ccxt).
+    ip_budgets: ClassVar[Mapping[str, limits.IpBudget]] = {
+        "/api/": limits.IpBudget("binance:api", 6000, 60.0),
+        "/sapi/": limits.IpBudget("binance:sapi", 12000, 60.0),
+        "/fapi/": limits.IpBudget("binance:fapi", 2400, 60.0),
+    }
 
     def check_keys(self, keys: base.ApiKeys) -> None:
         """HMAC keys and secrets are 64 alphanumerics in production; 8..128 pass (testnet, other formats)."""
@@ -299,7 +306,9 @@ class BinanceProbe(http.VenueProbe):
     async def _send(
         self, keys: base.ApiKeys, role: str, path: str, params: Sequence[tuple[str, str]], cost: float
     ) -> http.Reply:
-        await self.throttle(None, cost)  # per IP only (1.6); wait first, then stamp: no stale requests
+        await self.throttle(
+            None, cost, path=path
+        )  # per IP only (1.6); wait first, then stamp: no stale requests
         query = signed_query(keys.api_secret, self.now_ms(), params)
         headers = {"X-MBX-APIKEY": keys.api_key}
         return await self._call("GET", f"{self.url(role, path)}?{query}", headers=headers, limit=False)

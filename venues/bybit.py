@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from venues import base, http
+from venues import base, http, limits
 
 RECV_WINDOW_MS = 5000  # docs/venues.md §3.2: the documented default
 QUERY_API_PATH = "/v5/user/query-api"
@@ -211,6 +211,8 @@ class BybitProbe(http.VenueProbe):
     # get-member-type 10/s, account/info 50/s
     rate_per_second: ClassVar[float] = 60.0
     burst: ClassVar[float | None] = 60.0
+    # shared by the processes of one egress IP: 600 requests / 5 s for every host (docs/venues.md §3.6), half for us
+    ip_budgets: ClassVar[Mapping[str, limits.IpBudget]] = {"/": limits.IpBudget("bybit", 600, 5.0)}
     key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {
         QUERY_API_PATH: (10, 1.0),
         MEMBER_TYPE_PATH: (10, 1.0),

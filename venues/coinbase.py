@@ -104,9 +104,15 @@ class CoinbaseProbe(http.VenueProbe):
         timeout: float = http.DEFAULT_TIMEOUT,
         limiter: limits.RateLimiter | None = None,
         rate_limited: bool = True,
+        budgets: limits.IpBudgets | None = None,
     ) -> None:
         super().__init__(
-            session, base_url=base_url, timeout=timeout, limiter=limiter, rate_limited=rate_limited
+            session,
+            base_url=base_url,
+            timeout=timeout,
+            limiter=limiter,
+            rate_limited=rate_limited,
+            budgets=budgets,
         )
 
     def check_keys(self, keys: base.ApiKeys) -> None:

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from venues.base import Outcome, ProbeFailure, Venue
-from venues.limits import UNLIMITED, KeyLimiters, RateLimiter, SlidingWindows
+from venues.limits import UNLIMITED, IpBudget, IpBudgets, KeyLimiters, RateLimiter, SlidingWindows
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,11 @@ class VenueProbe:
     Subclasses set ``venue``, ``default_urls`` (host role -> production URL) and ``rate_per_second``,
     and implement ``check_keys`` and ``probe``. When ``base_url`` is given (sandbox, test server, the
     simulator), every host role of the venue uses it (``EngineConfig.venue_urls``).
+
+    ``ip_budgets`` maps request path prefixes to the venue's per-IP limits (the longest matching prefix counts
+    a call). With ``budgets`` (the engine's shared budgets, :class:`venues.limits.IpBudgets`), each call takes
+    its cost from that budget too, after this process's own buckets: the processes behind one egress IP
+    together stay within it. Without, this process's buckets are the only limit (one process per IP).
     """
 
     venue: ClassVar[Venue]
@@ -65,6 +70,8 @@ class VenueProbe:
     key_burst: ClassVar[float | None] = None
     # per-key windows: request path (or "*": every call of the key) -> (at most N calls, in S seconds)
     key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {}
+    # per-IP budgets shared with the other processes of the egress IP: request path prefix -> budget
+    ip_budgets: ClassVar[Mapping[str, IpBudget]] = {}
 
     def __init__(
         self,
@@ -74,6 +81,7 @@ class VenueProbe:
         timeout: float = DEFAULT_TIMEOUT,
         limiter: RateLimiter | None = None,
         rate_limited: bool = True,
+        budgets: IpBudgets | None = None,
     ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/") if base_url else None
@@ -87,6 +95,7 @@ class VenueProbe:
             KeyLimiters(key_rate, self.key_burst or max(1.0, key_rate)) if key_rate else None
         )
         self.windows: SlidingWindows | None = SlidingWindows() if rate_limited and self.key_windows else None
+        self.budgets = budgets if rate_limited else None
         self.clock_offset_ms = 0  # venue time minus our time, learnt after a CLOCK_SKEW answer
         self.clock_generation = 0  # bumped by each resync (see resync_clock)
         self._clock_lock = asyncio.Lock()
@@ -96,9 +105,23 @@ class VenueProbe:
         base = self.base_url or self.default_urls[role]
         return base + path
 
+    def ip_budget(self, path: str) -> IpBudget | None:
+        """The per-IP budget a call to ``path`` draws on (the longest matching prefix of ``ip_budgets``)."""
+        best = ""
+        for prefix in self.ip_budgets:
+            if path.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return self.ip_budgets.get(best) if best else None
+
+    async def _take_ip_budget(self, path: str | None, cost: float) -> None:
+        if self.budgets is not None and path is not None:
+            budget = self.ip_budget(path)
+            if budget is not None:
+                await self.budgets.take(budget, cost)
+
     async def throttle(self, api_key: str | None, cost: float = 1.0, *, path: str | None = None) -> None:
         """Wait for the key's own limits (its bucket, its windows for ``path`` and for every call), then the
-        venue-wide bucket.
+        venue-wide bucket, then (with shared ``budgets``) the per-IP budget ``path`` draws on.
 
         Call it *before* stamping a timestamp or nonce, and send with ``_call(limit=False)``: a request that
         waited in a queue must not go out stale.
@@ -113,6 +136,7 @@ class VenueProbe:
                     if rule is not None:
                         await self.windows.acquire(api_key, endpoint, *rule)
         await self.limiter.acquire(cost)
+        await self._take_ip_budget(path, cost)
 
     async def resync_clock(
         self,
@@ -135,6 +159,7 @@ class VenueProbe:
             if seen is not None and seen != self.clock_generation:
                 return
             await self.limiter.acquire()
+            await self._take_ip_budget(URL(url).path, 1.0)  # public time calls count per IP too
             sent_ms = time.time() * 1000
             reply = await self._call("GET", url, headers=headers, limit=False)
             local_ms = (sent_ms + time.time() * 1000) / 2

@@ -130,9 +130,15 @@ class KrakenProbe(http.VenueProbe):
         limiter: limits.RateLimiter | None = None,
         spot_key_limits: tuple[float, float] | None = None,
         rate_limited: bool = True,
+        budgets: limits.IpBudgets | None = None,
     ) -> None:
         super().__init__(
-            session, base_url=base_url, timeout=timeout, limiter=limiter, rate_limited=rate_limited
+            session,
+            base_url=base_url,
+            timeout=timeout,
+            limiter=limiter,
+            rate_limited=rate_limited,
+            budgets=budgets,
         )
         if spot_key_limits is not None and rate_limited:
             self.key_limiters = limits.KeyLimiters(*spot_key_limits)

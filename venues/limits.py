@@ -1,7 +1,14 @@
-"""Client-side rate limits every probe shares: a token bucket, one bucket per key, sliding windows per key.
+"""Client-side rate limits every probe shares: a token bucket, one bucket per key, sliding windows per key,
+and the interface of the per-IP budgets several processes share.
 
 They spread a burst of probes out instead of tripping the venue's limit (a 429, or on Binance a 418 IP ban).
 Pure asyncio: no HTTP client here; :class:`venues.http.VenueProbe` combines them in ``throttle``.
+
+Limits a venue counts per IP address (Binance's request weight, Bybit's 600 requests per 5 s: docs/venues.md
+§1.6, §3.6) are described by :class:`IpBudget` values. The buckets above keep one process within them; every
+process behind the same egress IP draws on the same budget at the venue, so a probe may also be given an
+:class:`IpBudgets` (the engine's PostgreSQL-backed one, ``engine/budgets.py``), which it asks before each call.
+This module defines only the protocol: the venue modules never talk to a database.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import collections
 import hashlib
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
 
 
 class RateLimiter:
@@ -100,6 +109,40 @@ class SlidingWindows:
                     sent.append(now)
                     return
                 await asyncio.sleep(sent[0] + window - now)
+
+
+@dataclass(frozen=True, slots=True)
+class IpBudget:
+    """A limit the venue counts per IP address: at most ``limit`` cost (requests, or request weight) in any
+    ``seconds`` (docs/venues.md §x.6). ``share`` is the part of it this engine may use, all its processes
+    behind one egress IP together; the rest stays free for the trading backend calling from the same IP.
+    ``name`` is unique across venues (``binance:api``, ``bybit``): processes sharing the budget find it by name.
+    """
+
+    name: str
+    limit: float
+    seconds: float
+    share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.limit <= 0 or self.seconds <= 0 or not 0 < self.share <= 1:
+            raise ValueError("an IpBudget needs limit > 0, seconds > 0 and 0 < share <= 1")
+
+    @property
+    def allowance(self) -> float:
+        """The cost this engine may spend within any ``seconds``: ``limit`` x ``share``."""
+        return self.limit * self.share
+
+
+class IpBudgets(Protocol):
+    """Per-IP budgets shared by every process of one egress IP (implemented by ``engine.budgets``).
+
+    :meth:`take` returns once ``cost`` of ``budget`` belongs to the caller; the caller sends its request at once
+    (the grant is valid only briefly). It waits, never refuses, and never raises for the store's sake: an
+    implementation that cannot reach its store falls back to a conservative local share of the budget.
+    """
+
+    async def take(self, budget: IpBudget, cost: float) -> None: ...
 
 
 UNLIMITED = 1e9  # a rate that never waits: for simulators and benchmarks that must not be throttled

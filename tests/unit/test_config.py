@@ -48,6 +48,17 @@ def test_from_env_reads_every_setting() -> None:
     assert cfg.allow_private_webhook_urls is True
 
 
+def test_egress_group_and_budget_sharing_from_env() -> None:
+    """The processes of one egress IP share its venue budgets: the group name, sharing on by default."""
+    default = EngineConfig.from_env({})
+    assert (default.egress_group, default.shared_venue_budgets) == ("default", True)
+    cfg = EngineConfig.from_env({"ENGINE_EGRESS_GROUP": "eu-nat-1", "ENGINE_SHARED_VENUE_BUDGETS": "0"})
+    assert (cfg.egress_group, cfg.shared_venue_budgets) == ("eu-nat-1", False)
+    with pytest.raises(errors.ConfigurationError) as info:
+        EngineConfig(egress_group="")
+    assert info.value.field == "egress_group"
+
+
 def test_from_env_libpq_variables_and_defaults() -> None:
     """Only PG* variables: a libpq DSN; nothing at all: no DSN (the embedded server)."""
     assert EngineConfig.from_env({"PGHOST": "db.internal"}).database_url == "postgresql://"
@@ -63,6 +74,9 @@ def test_from_env_libpq_variables_and_defaults() -> None:
         ({"ENGINE_POLICY_REQUIRE_TRADE": "maybe"}, "ENGINE_POLICY_REQUIRE_TRADE"),
         ({"ENGINE_VENUE_URLS": "FTX=http://x"}, "ENGINE_VENUE_URLS"),
         ({"ENGINE_VENUE_URLS": "BINANCE=ftp://x"}, "ENGINE_VENUE_URLS"),
+        ({"ENGINE_EGRESS_GROUP": "two words"}, "ENGINE_EGRESS_GROUP"),
+        ({"ENGINE_EGRESS_GROUP": "x" * 65}, "ENGINE_EGRESS_GROUP"),
+        ({"ENGINE_SHARED_VENUE_BUDGETS": "sometimes"}, "ENGINE_SHARED_VENUE_BUDGETS"),
     ],
 )
 def test_bad_settings_name_the_setting(env: dict[str, str], field: str) -> None:

@@ -227,9 +227,11 @@ class VenueServer:
             self.rate_rules(request, key), time.monotonic(), enforce=self.state.enforce_rate_limits
         )
         if exceeded is not None:
+            rule, wait = exceeded
             recorder.rate_limit_violations += 1
+            if rule.by_ip:
+                recorder.ip_rate_limit_violations += 1
             if self.state.enforce_rate_limits:
-                rule, wait = exceeded
                 return self.rate_limited(request, wait, rule)
         if settings is not None:
             kind = settings.pick(self.state.rng)

@@ -27,6 +27,8 @@ class VenueStats:
     faults: int = 0
     auth_failures: int = 0
     rate_limit_violations: int = 0
+    # the violations of a budget the venue counts per IP (Binance weight, Bybit 600/5 s)
+    ip_rate_limit_violations: int = 0
     max_per_second: int = 0  # over all keys
     max_per_second_by_key: Mapping[str, int] = field(default_factory=dict)
 
@@ -37,6 +39,7 @@ class VenueStats:
             "faults": self.faults,
             "auth_failures": self.auth_failures,
             "rate_limit_violations": self.rate_limit_violations,
+            "ip_rate_limit_violations": self.ip_rate_limit_violations,
             "max_per_second": self.max_per_second,
             "max_per_second_by_key": dict(self.max_per_second_by_key),
         }
@@ -51,6 +54,7 @@ class StatsRecorder:
         self.faults = 0
         self.auth_failures = 0
         self.rate_limit_violations = 0
+        self.ip_rate_limit_violations = 0
         self._recent: dict[str, collections.deque[float]] = {}
         self._max_by_key: dict[str, int] = {}
 
@@ -72,6 +76,7 @@ class StatsRecorder:
             faults=self.faults,
             auth_failures=self.auth_failures,
             rate_limit_violations=self.rate_limit_violations,
+            ip_rate_limit_violations=self.ip_rate_limit_violations,
             max_per_second=max(self._max_by_key.values(), default=0),
             max_per_second_by_key=dict(self._max_by_key),
         )
