@@ -47,9 +47,9 @@ WITH beat AS (
     INSERT INTO api_instances (id) VALUES ($1)
     ON CONFLICT (id) DO UPDATE SET seen_at = now()
 ), gone AS (
-    DELETE FROM api_instances WHERE seen_at < now() - make_interval(secs => $2 * 10) AND id <> $1
+    DELETE FROM api_instances WHERE seen_at < now() - make_interval(secs => $2::float8 * 10) AND id <> $1
 )
-SELECT count(*) FROM api_instances WHERE id <> $1 AND seen_at > now() - make_interval(secs => $2);
+SELECT count(*) FROM api_instances WHERE id <> $1 AND seen_at > now() - make_interval(secs => $2::float8);
 
 -- api_instance_gone --
 -- API process $1 stops: the others stop counting it at their next beat.
