@@ -97,6 +97,13 @@ PLANS = [
         "owner A's backlog of 5,000 verifications (issue size), 50 ms per request, 10 workers, 30 B creates",
     ),
     Plan("events", {"n": 2000}, {"n": 300}, 300, "N = 2,000 credentials per phase", optional=True),
+    Plan(
+        "statements",
+        {"n": 200},
+        {"n": 50},
+        180,
+        "N = 200 credentials, 10 clients, FakeVenue; backlog run by 10 workers, then live with one client",
+    ),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
 ]
 
