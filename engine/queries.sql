@@ -44,12 +44,6 @@ SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked
        NULL::timestamptz AS pending_started_at
 FROM written;
 
--- insert_secret --
--- One encrypted secret version (CURRENT or PENDING); the fingerprint index refuses duplicates.
-INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
-                                ciphertext, key_fingerprint, masked_api_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
-
 -- get_credential --
 -- One credential of one owner (other owners' ids find nothing).
 SELECT * FROM credential_view WHERE id = $1 AND owner_id = $2;
@@ -199,10 +193,6 @@ FROM written;
 -- delete_secret --
 -- Destroy one secret version's material.
 DELETE FROM credential_secrets WHERE credential_id = $1 AND version = $2;
-
--- delete_pending_secrets --
--- Destroy any staged (PENDING) secret of a credential; returns the versions destroyed.
-DELETE FROM credential_secrets WHERE credential_id = $1 AND state = 'PENDING' RETURNING version;
 
 -- delete_secrets_for_immediate_rotation --
 -- rotate_immediately: destroy the current version $2 and any staged one of a credential.
