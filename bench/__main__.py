@@ -105,6 +105,13 @@ PLANS = [
         " needs over 60 s to show the per-process violations; no size in the issue)",
     ),
     Plan("events", {"n": 2000}, {"n": 300}, 300, "N = 2,000 credentials per phase", optional=True),
+    Plan(
+        "statements",
+        {"n": 200},
+        {"n": 50},
+        180,
+        "N = 200 credentials, 10 clients, FakeVenue; backlog run by 10 workers, then live with one client",
+    ),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
 ]
 

@@ -1,9 +1,12 @@
 """``CredentialEngine``: the one object an embedding application holds.
 
-It owns the pool, the HTTP session, the workers and the event bus (except a pool or session the caller
-injected: those it uses and never closes), does no I/O in its constructor, opens once (``async with``),
-and refuses to reopen after closing. Every lifecycle operation is one transaction that locks the credential
-row first, applies the guarded change, writes its outbox event(s) and enqueues the job that follows.
+It wires the parts and owns their open and close order: the pool, the store, the job queue, the outbox, the
+webhook service, the lifecycle jobs, the trading accounts, the HTTP session and the event bus (except a pool or
+session the caller injected: those it uses and never closes). Each part is built from the parts it uses, never
+from the engine. It does no I/O in its constructor, opens once (``async with``), and refuses to reopen after
+closing. Every credential operation is one transaction that locks the credential row first, writes the change
+through the store (which returns the credential as written), records its event(s) through the outbox and
+enqueues the job that follows.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import uuid
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import structlog
@@ -27,6 +30,7 @@ from engine import db as dbmod
 from engine import keys as keyproviders
 from engine import metrics as metricsmod
 from engine import queue as queuemod
+from engine.accounts import TradingAccounts
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.models import (
@@ -38,11 +42,15 @@ from engine.models import (
     TradingAccount,
     TradingAccountStatus,
 )
-from engine.store import Store, account_from_row, credential_from_row
+from engine.outbox import Outbox
+from engine.payloads import RevokeCascade, RotationVerify, Verify, enqueue, verify_key
+from engine.store import Store, credential_from_row
 from engine.webhooks import service as webhooks_service
-from engine.webhooks.models import DeliveryState, WebhookDelivery, WebhookEndpoint
+from engine.webhooks.delivery import DELIVER
+from engine.webhooks.fanout import FanOut
+from engine.webhooks.models import DeliveryState, WebhookDelivery, WebhookEndpoint, WebhookSettings
 from venues import build_probe
-from venues.base import ApiKeys, KeyFormatProblem, Probe, Venue, mask_api_key
+from venues.base import ApiKeys, KeyFormatProblem, Probe, Venue
 
 log = structlog.get_logger("engine")
 
@@ -53,6 +61,15 @@ class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"  # jobs still running may finish their work; then everything is released
     CLOSED = "closed"
+
+
+class _Parts(NamedTuple):
+    """What an open engine's operations use."""
+
+    store: Store
+    queue: queuemod.JobQueue
+    outbox: Outbox
+    accounts: TradingAccounts
 
 
 class CredentialEngine:
@@ -76,13 +93,24 @@ class CredentialEngine:
         self._state = _State.NEW
         self.bus = events.EventBus(poll_interval=self.config.poll_interval)
         self._db: dbmod.Database | None = None
-        self._store: Store | None = None
         self._queue: queuemod.JobQueue | None = None
         self._session: aiohttp.ClientSession | None = None
         self._jobs: jobs.LifecycleJobs | None = None
         self._budgets: budgets.SharedBudgets | None = None  # per-IP venue budgets shared by the egress group
+        self._parts: _Parts | None = None
+        cfg = self.config
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
-        self.webhooks = webhooks_service.WebhookService(self, resolver=webhook_resolver)
+        self.webhooks = webhooks_service.WebhookService(
+            WebhookSettings(
+                quotas=cfg.quotas,
+                allow_private=cfg.allow_private_webhook_urls,
+                timeout=cfg.webhook_timeout,
+                retry_schedule=tuple(cfg.webhook_retry_schedule),
+                disable_after=cfg.webhook_disable_after,
+                secret_grace=cfg.webhook_secret_grace,
+            ),
+            resolver=webhook_resolver,
+        )
         # Prometheus: eng.metrics.registry (engine, process, platform, GC) or eng.metrics.collector (engine only)
         self.metrics = metricsmod.EngineMetrics(self)
 
@@ -127,8 +155,8 @@ class CredentialEngine:
         await self._db.apply_schema()
         keyring = await keyproviders.load_keyring(self._keys())
         await rewrap.check_keyring(self._db, keyring)  # no start with a master key version missing
-        self._store = Store(self._db, crypto.Vault(keyring))
-        await self._store.load_fingerprint_key()
+        store = Store(self._db, crypto.Vault(keyring))
+        await store.load_fingerprint_key()
         self._session = self._injected_session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
         )
@@ -136,14 +164,7 @@ class CredentialEngine:
         if cfg.venue_rate_limits and cfg.shared_venue_budgets and set(Venue) - set(self._probes):
             self._budgets = budgets.SharedBudgets(self._db, group=cfg.egress_group)
             await self._budgets.start()
-        self._jobs = jobs.LifecycleJobs(self)
-        handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
-        unknown = sorted(set(cfg.job_timeouts) - set(handlers))
-        if unknown:
-            raise errors.ConfigurationError(
-                f"job_timeouts names no job kind: {', '.join(unknown)} (kinds: {', '.join(sorted(handlers))})",
-                field="job_timeouts",
-            )
+        # the queue first (handlers are registered below), then what records events, then what runs jobs
         settings = queuemod.QueueSettings(
             concurrency=max(1, cfg.workers),
             batch_size=cfg.claim_batch_size,
@@ -155,19 +176,39 @@ class CredentialEngine:
             backoff_max=cfg.backoff_max,
             shutdown_timeout=cfg.shutdown_timeout,
             handler_timeout=cfg.job_timeout,
-            handler_timeouts={
-                **jobs.handler_timeouts(cfg),
-                **self.webhooks.handler_timeouts(),
-                **cfg.job_timeouts,
-            },
+            handler_timeouts=dict(cfg.job_timeouts),  # the operator's overrides win over each kind's own
         )
-        self._queue = queuemod.JobQueue(self._db, handlers, settings)
-        self._queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
-        self._queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
-        await self.webhooks.start()
+        queue = self._queue = queuemod.JobQueue(self._db, settings=settings)
+        outbox = Outbox(FanOut(queue, self.webhooks.metrics), self.bus.poke)
+        await self.webhooks.open(db=self._db, vault=store.vault, queue=queue, outbox=outbox)
+        self._jobs = jobs.LifecycleJobs(
+            store=store,
+            db=self._db,
+            queue=queue,
+            outbox=outbox,
+            probe=self.probe,
+            policy=cfg.policy,
+            reverify_interval=cfg.reverify_interval,
+            job_retention=cfg.job_retention,
+            purge_webhook_secrets=self.webhooks.purge_expired_secrets,
+        )
+        timeouts = jobs.handler_timeouts(cfg)
+        for kind, handler in self._jobs.handlers().items():
+            queue.register(kind, handler, timeout=timeouts[kind])
+        queue.register(DELIVER, self.webhooks.deliverer.run, timeout=self.webhooks.deliverer.timeout)
+        unknown = sorted(set(cfg.job_timeouts) - queue.kinds)
+        if unknown:
+            raise errors.ConfigurationError(
+                f"job_timeouts names no job kind: {', '.join(unknown)} (kinds: {', '.join(sorted(queue.kinds))})",
+                field="job_timeouts",
+            )
+        queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
+        queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
+        accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
+        self._parts = _Parts(store, queue, outbox, accounts)
         await self.bus.start(self._db)
         if cfg.workers > 0:
-            await self._queue.start()
+            await queue.start()
 
     def _keys(self) -> keyproviders.KeyProvider:
         """The key provider given to the constructor, or the one the configuration names (engine/keys.py)."""
@@ -216,11 +257,11 @@ class CredentialEngine:
     def data_dir(self) -> Path:
         return self.config.data_dir or default_data_dir()
 
-    def _ready(self) -> tuple[Store, queuemod.JobQueue]:
+    def _ready(self) -> _Parts:
         # CLOSING still serves: the jobs the queue lets finish during shutdown use the store and the queue
-        if self._state not in (_State.OPEN, _State.CLOSING) or self._store is None or self._queue is None:
+        if self._state not in (_State.OPEN, _State.CLOSING) or self._parts is None:
             raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
-        return self._store, self._queue
+        return self._parts
 
     @property
     def db(self) -> dbmod.Database:
@@ -230,11 +271,11 @@ class CredentialEngine:
 
     @property
     def store(self) -> Store:
-        return self._ready()[0]
+        return self._ready().store
 
     @property
     def queue(self) -> queuemod.JobQueue:
-        return self._ready()[1]
+        return self._ready().queue
 
     @property
     def probe_metrics(self) -> jobs.ProbeMetrics:
@@ -285,7 +326,7 @@ class CredentialEngine:
         nickname: str | None = None,
     ) -> Credential:
         """Store new keys (encrypted) as a PENDING credential and enqueue their verification."""
-        store, queue = self._ready()
+        store, queue, outbox, _ = self._ready()
         owner = validation.owner(owner_id)
         the_venue = validation.venue(venue)
         ctype = validation.credential_type(credential_type)
@@ -294,8 +335,10 @@ class CredentialEngine:
         self._check_keys(the_venue, keys)
         credential_id = uuid.uuid4()
         async with self.db.transaction() as conn:
-            await quotas.check_credentials(conn, owner, self.config.quotas)  # first: the owner's lock
-            await store.insert_credential(
+            quota = await quotas.lock_for_credential(
+                conn, owner, self.config.quotas
+            )  # first: the owner's lock
+            cred = await store.insert_credential(
                 conn,
                 credential_id=credential_id,
                 owner_id=owner,
@@ -303,21 +346,19 @@ class CredentialEngine:
                 credential_type=ctype,
                 nickname=name,
                 keys=keys,
+                quota=quota,
             )
-            # the new row already holds event sequence 1 (insert_credential): no separate bump
-            cred = await self._emit(conn, owner, credential_id, "credential.created", sequence=1)
-            await queue.enqueue(
-                jobs.VERIFY,
-                {"credentialId": str(credential_id), "version": 1},
-                conn=conn,
-                dedupe_key=jobs.verify_key(credential_id),
-                fair_key=owner,
-            )
-        self.bus.poke()
+            if cred is None:
+                assert quota is not None  # only a quota refuses the insert
+                raise quotas.credentials_full(quota)
+            # the new row holds event sequence 1, its credential.created
+            await outbox.credential_event(conn, cred, "credential.created", sequence=1)
+            await enqueue(queue, Verify(credential_id, 1), conn=conn, fair_key=owner)
+        outbox.committed()
         return cred
 
     async def get_credential(self, owner_id: str, credential_id: uuid.UUID | str) -> Credential:
-        store, _ = self._ready()
+        store = self._ready().store
         return await store.get(
             validation.owner(owner_id), validation.uuid_value(credential_id, "credentialId")
         )
@@ -332,7 +373,7 @@ class CredentialEngine:
         offset: int = 0,
         limit: int = 50,
     ) -> Page[Credential]:
-        store, _ = self._ready()
+        store = self._ready().store
         offset, limit = validation.page(offset, limit)
         return await store.list(
             validation.owner(owner_id),
@@ -347,7 +388,7 @@ class CredentialEngine:
 
     async def verify_credential(self, owner_id: str, credential_id: uuid.UUID | str) -> Credential:
         """Enqueue a (re-)verification of the current keys. The status changes when the probe answers."""
-        store, queue = self._ready()
+        store, queue, _, _ = self._ready()
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         async with self.db.transaction() as conn:
@@ -355,13 +396,7 @@ class CredentialEngine:
             row = await store.lock(conn, owner, cid)
             if not lifecycle.allowed("verify_succeeded", row["status"]):
                 raise errors.InvalidTransition("verify", row["status"])
-            await queue.enqueue(
-                jobs.VERIFY,
-                {"credentialId": str(cid), "version": int(row["secret_version"])},
-                conn=conn,
-                dedupe_key=jobs.verify_key(cid),
-                fair_key=owner,
-            )
+            await enqueue(queue, Verify(cid, int(row["secret_version"])), conn=conn, fair_key=owner)
             return credential_from_row(row)  # the row read under the lock; enqueueing changed none of it
 
     async def rotate_credential(
@@ -379,7 +414,7 @@ class CredentialEngine:
         ``immediate=True`` is the compromised-key path: the old material is destroyed now and the credential
         is PENDING until the new keys verify.
         """
-        store, queue = self._ready()
+        store, queue, outbox, _ = self._ready()
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         async with self.db.transaction() as conn:
@@ -389,47 +424,30 @@ class CredentialEngine:
             lifecycle.target(trigger, row["status"])  # InvalidTransition for REVOKED
             keys = validation.api_keys(the_venue, api_key, api_secret, api_passphrase)
             self._check_keys(the_venue, keys)
-            old_version = int(row["secret_version"])
+            work: Verify | RotationVerify
             if immediate:
                 # a verification still queued for the old keys would swallow (dedupe) the one enqueued below
-                await queue.cancel_keys([jobs.verify_key(cid)], conn=conn)
-                await conn.fetch("delete_pending_secrets", cid)
-                await conn.execute("delete_secret", cid, old_version)
-                moved = await conn.fetchrow(
-                    "rotate_immediately", cid, lifecycle.sources(trigger), old_version, _masked(keys)
-                )
-                assert moved is not None  # the row is locked and its status was checked
-                version, sequence = int(moved["secret_version"]), int(moved["event_seq"])
-                state, extra = "CURRENT", {"immediate": True, "previousStatus": row["status"]}
-                job_kind, dedupe_key = jobs.VERIFY, jobs.verify_key(cid)
+                await queue.cancel_keys([verify_key(cid)], conn=conn)
+                change = await store.rotate_immediately(conn, row, keys)
+                extra: dict[str, Any] = {"immediate": True, "previousStatus": row["status"]}
                 # the new keys must reach the credential's pinned venue account (checked by the verify job)
-                payload = {"credentialId": str(cid), "version": version}
+                work = Verify(cid, change.credential.secret_version)
             else:
                 if row["pending_version"] is not None:
                     raise errors.RotationPending(
                         "a rotation is already waiting for verification", field="credentialId"
                     )
-                staged = await conn.fetchrow("stage_rotation", cid, lifecycle.sources(trigger), old_version)
-                assert staged is not None
-                version, sequence = int(staged["last_secret_version"]), int(staged["event_seq"])
-                state, extra = "PENDING", {"immediate": False}
-                job_kind, dedupe_key = jobs.ROTATION_VERIFY, jobs.rotation_key(cid, version)
-                payload = {"credentialId": str(cid), "version": version}
-            await store.insert_secret(
-                conn,
-                credential_id=cid,
-                owner_id=owner,
-                venue=the_venue,
-                version=version,
-                state=state,
-                keys=keys,
+                change = await store.stage_rotation(conn, row, keys)
+                staged = change.credential.pending_rotation
+                assert staged is not None  # the statement returns the version it staged
+                extra = {"immediate": False}
+                work = RotationVerify(cid, staged.secret_version)
+            await outbox.credential_event(
+                conn, change.credential, "credential.rotation_started", sequence=change.sequence, extra=extra
             )
-            cred = await self._emit(
-                conn, owner, cid, "credential.rotation_started", sequence=sequence, extra=extra
-            )
-            await queue.enqueue(job_kind, payload, conn=conn, dedupe_key=dedupe_key, fair_key=owner)
-        self.bus.poke()
-        return cred
+            await enqueue(queue, work, conn=conn, fair_key=owner)
+        outbox.committed()
+        return change.credential
 
     async def revoke_credential(
         self, owner_id: str, credential_id: uuid.UUID | str, *, cascade: bool = True
@@ -438,49 +456,42 @@ class CredentialEngine:
 
         With ``cascade=False`` a credential that still has ACTIVE accounts is refused (409).
         """
-        store, queue = self._ready()
+        store, queue, outbox, _ = self._ready()
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         async with self.db.transaction() as conn:
             row = await store.lock(conn, owner, cid)
             lifecycle.target("revoke", row["status"])
-            active = int(await conn.fetchval("count_active_accounts", cid))
-            if active and not cascade:
-                raise errors.ActiveAccountsExist(
-                    f"the credential has {active} ACTIVE trading account(s); disconnect them or revoke with cascade",
-                    field="credentialId",
-                )
-            for account_row in await conn.fetch("disable_credential_accounts", cid):
-                account = account_from_row(account_row)
-                await self._emit(
+            if not cascade:
+                active = await store.count_active_accounts(conn, cid)
+                if active:
+                    raise errors.ActiveAccountsExist(
+                        f"the credential has {active} ACTIVE trading account(s); disconnect them or revoke with "
+                        "cascade",
+                        field="credentialId",
+                    )
+            for account in await store.disconnect_all_accounts(conn, cid):
+                disconnected = await store.next_event(conn, cid)
+                await outbox.credential_event(
                     conn,
-                    owner,
-                    cid,
+                    disconnected.credential,
                     "trading_account.disconnected",
+                    sequence=disconnected.sequence,
                     extra={"tradingAccount": account.public_dict(), "reason": "CREDENTIAL_REVOKED"},
                 )
-            await conn.execute("delete_all_secrets", cid)
-            revoked = await conn.fetchrow("mark_revoked", cid, owner, lifecycle.sources("revoke"))
-            assert revoked is not None
-            cred = await self._emit(
+            change = await store.revoke(conn, owner, cid)
+            await outbox.credential_event(
                 conn,
-                owner,
-                cid,
+                change.credential,
                 "credential.revoked",
-                sequence=int(revoked["event_seq"]),
-                extra={"previousStatus": revoked["previous_status"]},
+                sequence=change.sequence,
+                extra={"previousStatus": change.previous_status},
             )
-            cancel = [jobs.verify_key(cid)]
-            if row["pending_version"] is not None:
-                cancel.append(jobs.rotation_key(cid, int(row["pending_version"])))
-            await queue.enqueue(
-                jobs.REVOKE_CASCADE,
-                {"credentialId": str(cid), "cancelKeys": cancel},
-                conn=conn,
-                fair_key=owner,
-            )
-        self.bus.poke()
-        return cred
+            pending = row["pending_version"]
+            cascade_job = RevokeCascade.of(cid, int(pending) if pending is not None else None)
+            await enqueue(queue, cascade_job, conn=conn, fair_key=owner)
+        outbox.committed()
+        return change.credential
 
     async def wait_for_status(
         self,
@@ -526,7 +537,7 @@ class CredentialEngine:
         self, owner_id: str, credential_id: uuid.UUID | str, *, purpose: str | None = None
     ) -> ApiKeys:
         """The decrypted keys, for the trading backend to sign its own requests. Audited; repr redacted."""
-        store, _ = self._ready()
+        store = self._ready().store
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         reason = validation.nickname(purpose, "purpose")
@@ -546,7 +557,7 @@ class CredentialEngine:
             if secret is None:
                 raise errors.Conflict("the credential holds no key material", field="credentialId")
             keys = store.open_secret(secret)
-            await conn.execute("insert_key_access", cid, owner, secret.version, reason)
+            await store.audit_reveal(conn, cid, owner, secret.version, reason)
         log.info("keys_revealed", credential_id=str(cid), secret_version=secret.version)
         return keys
 
@@ -558,7 +569,7 @@ class CredentialEngine:
         rows = await self.db.fetch("list_events", cid, owner)
         return [events.event_from_row(r) for r in rows]
 
-    # ---- trading accounts ----------------------------------------------------------------------------------
+    # ---- trading accounts (engine/accounts.py) -------------------------------------------------------------
 
     async def connect_trading_account(
         self,
@@ -574,114 +585,25 @@ class CredentialEngine:
         wait_timeout: float = 30.0,
     ) -> TradingAccount:
         """Connect an account of a VERIFIED credential, or create + verify + connect from keys (api-dialect §8)."""
-        store, _ = self._ready()
-        owner = validation.owner(owner_id)
-        wanted_type = validation.account_type(account_type)
-        account_name = validation.nickname(name, "name")
-        if credential_id is None:
-            cid = await self._credential_for_keys(
-                owner, venue, api_key, api_secret, api_passphrase, wait_timeout
-            )
-        else:
-            cid = validation.uuid_value(credential_id, "credentialId")
-        async with self.db.transaction() as conn:
-            row = await store.lock(conn, owner, cid)
-            if row["status"] != CredentialStatus.VERIFIED:
-                raise errors.Conflict(
-                    f"the credential must be VERIFIED to connect accounts (it is {row['status']})",
-                    field="credentialId",
-                )
-            cred = credential_from_row(row)
-            chosen = wanted_type or (cred.identities[0] if cred.identities else "default")
-            if cred.identities and chosen not in cred.identities:
-                raise errors.InvalidRequest(
-                    "accountType", f"this credential reaches {', '.join(cred.identities)}, not {chosen}"
-                )
-            try:  # a unique violation aborts the transaction anyway: no savepoint needed to report it
-                account_row = await conn.fetchrow(
-                    "insert_trading_account",
-                    uuid.uuid4(),
-                    owner,
-                    cid,
-                    cred.venue.value,
-                    account_name,
-                    chosen,
-                )
-            except dbmod.UniqueViolation:
-                raise errors.Conflict(
-                    f"a {chosen} account of this credential is already connected", field="accountType"
-                ) from None
-            assert account_row is not None
-            account = account_from_row(account_row)
-            await self._emit(
-                conn, owner, cid, "trading_account.connected", extra={"tradingAccount": account.public_dict()}
-            )
-        self.bus.poke()
-        return account
-
-    async def _credential_for_keys(
-        self,
-        owner: str,
-        venue: Venue | str | None,
-        api_key: str | None,
-        api_secret: str | None,
-        api_passphrase: str | None,
-        wait_timeout: float,
-    ) -> uuid.UUID:
-        store, _ = self._ready()
-        the_venue = validation.venue(venue)
-        keys = validation.api_keys(the_venue, api_key, api_secret, api_passphrase)
-        existing = await store.find_by_fingerprint(owner, the_venue, keys.api_key)
-        if existing is not None:
-            cid = existing
-        else:
-            cred = await self.create_credential(
-                owner,
-                venue=the_venue,
-                api_key=keys.api_key,
-                api_secret=keys.api_secret,
-                api_passphrase=keys.api_passphrase,
-            )
-            cid = cred.credential_id
-        done = await self.wait_for_status(
-            owner, cid, {CredentialStatus.VERIFIED, CredentialStatus.FAILED}, timeout=wait_timeout
+        return await self._ready().accounts.connect(
+            owner_id,
+            credential_id=credential_id,
+            account_type=account_type,
+            name=name,
+            venue=venue,
+            api_key=api_key,
+            api_secret=api_secret,
+            api_passphrase=api_passphrase,
+            wait_timeout=wait_timeout,
         )
-        if done.status is CredentialStatus.FAILED:
-            if existing is None:  # do not keep keys that failed, created only for this call
-                await self.revoke_credential(owner, cid)
-            raise errors.VerificationFailed(
-                f"Invalid API credentials for {the_venue.value}", reason=done.failure_reason
-            )
-        return cid
 
     async def disconnect_trading_account(
         self, owner_id: str, trading_account_id: uuid.UUID | str
     ) -> TradingAccount:
-        store, _ = self._ready()
-        owner = validation.owner(owner_id)
-        aid = validation.uuid_value(trading_account_id, "tradingAccountId")
-        current = await store.get_account(owner, aid)
-        async with self.db.transaction() as conn:
-            await store.lock(conn, owner, current.credential_id)
-            row = await conn.fetchrow("disable_trading_account", aid, owner)
-            if row is None:  # already DISABLED: idempotent. Read on this transaction's connection: the pool
-                return await store.get_account(owner, aid, conn=conn)  # refuses a task that holds one
-            account = account_from_row(row)
-            await self._emit(
-                conn,
-                owner,
-                account.credential_id,
-                "trading_account.disconnected",
-                extra={"tradingAccount": account.public_dict(), "reason": "DISCONNECTED"},
-            )
-        self.bus.poke()
-        return account
+        return await self._ready().accounts.disconnect(owner_id, trading_account_id)
 
     async def get_trading_account(self, owner_id: str, trading_account_id: uuid.UUID | str) -> TradingAccount:
-        store, _ = self._ready()
-        return await store.get_account(
-            validation.owner(owner_id), validation.uuid_value(trading_account_id, "tradingAccountId")
-        )
+        return await self._ready().accounts.get(owner_id, trading_account_id)
 
     async def list_trading_accounts(
         self,
@@ -693,17 +615,8 @@ class CredentialEngine:
         offset: int = 0,
         limit: int = 50,
     ) -> Page[TradingAccount]:
-        store, _ = self._ready()
-        offset, limit = validation.page(offset, limit)
-        return await store.list_accounts(
-            validation.owner(owner_id),
-            credential_id=None
-            if credential_id is None
-            else validation.uuid_value(credential_id, "credentialId"),
-            status=validation.account_status(status),
-            venue=validation.venue(venue) if venue is not None else None,
-            offset=offset,
-            limit=limit,
+        return await self._ready().accounts.list(
+            owner_id, credential_id=credential_id, status=status, venue=venue, offset=offset, limit=limit
         )
 
     # ---- events, jobs, keys --------------------------------------------------------------------------------
@@ -714,7 +627,7 @@ class CredentialEngine:
 
     async def run_until_idle(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - arq-style API
         """Run every due job and deliver every event to listeners, until nothing is left to do (tests, scripts)."""
-        _, queue = self._ready()
+        queue = self._ready().queue
         total = 0
         while True:
             ran = await queue.run_until_idle(timeout=timeout)
@@ -742,13 +655,13 @@ class CredentialEngine:
         for (``lock_timeout`` seconds in all). Drop an old master key version only when the report is
         ``complete``; otherwise ``report.left`` names what is still under an old version (engine/rewrap.py).
         """
-        store, _ = self._ready()
+        store = self._ready().store
         runner = rewrap.Rewrapper(
             self.db, store.vault, batch_size=batch_size, lock_timeout=lock_timeout, progress=progress
         )
         return await runner.run()
 
-    # ---- webhooks (engine/webhooks_service.py; Standard Webhooks delivery in engine/webhooks_delivery.py) ------
+    # ---- webhooks (engine/webhooks/service.py; Standard Webhooks delivery in engine/webhooks/delivery.py) ------
 
     async def add_webhook_endpoint(
         self,
@@ -813,31 +726,3 @@ class CredentialEngine:
         """Send a dead delivery again; its retry schedule starts over."""
         self._ready()
         return await self.webhooks.retry_delivery(owner_id, delivery_id)
-
-    # ---- helpers -------------------------------------------------------------------------------------------
-
-    async def _emit(
-        self,
-        conn: dbmod.Conn,
-        owner: str,
-        cid: uuid.UUID,
-        event_type: str,
-        *,
-        sequence: int | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> Credential:
-        """Write one event with the credential's public fields as they are now in this transaction."""
-        if sequence is None:
-            sequence = int(await conn.fetchval("bump_event_seq", cid))
-        cred = await self.store.get(owner, cid, conn=conn)
-        data = {"credential": cred.public_dict(), **dict(extra or {})}
-        recorded = await events.record(
-            conn, type=event_type, owner_id=owner, credential_id=cid, sequence=sequence, data=data
-        )
-        if recorded.webhooks_wanted:  # deliveries commit with the event (webhooks_service.py)
-            await self.webhooks.fan_out(conn, recorded.event)
-        return cred
-
-
-def _masked(keys: ApiKeys) -> str:
-    return mask_api_key(keys.api_key)

@@ -25,7 +25,7 @@
 Defined beside the code that raises them (same root, own errno ranges):
 
     engine.db.PoolExhausted                   503  -100011  (StorageError)  no pool connection free in time
-    engine.worker.WorkerFailed                503  -140001  a queue worker gave up after repeated crashes
+    engine.queue.WorkerFailed                 503  -140001  a queue worker gave up after repeated crashes
     engine.queue.StaleAttempt                 409  (Conflict)  this attempt no longer owns its job (fencing)
     engine.webhooks.WebhookVerificationError  401  -130001  a received webhook fails its signature or timestamp
     engine.api.jwks.IdentityProviderUnavailable  503  -110006  a token's key is unknown and the JWKS unreachable

@@ -2,8 +2,11 @@
 
 Each handler probes outside any transaction (a venue call can take seconds), then applies the result in one
 transaction that locks the credential, re-checks the fence (the secret version it probed is still the one in
-use or staged), writes the change and its events, and marks the job done (``queue.complete_in``) so that a
-late or duplicate attempt can never apply twice. Transient venue outcomes never change a status: they raise
+use or staged; a verification first tries its guarded write directly, whose fences say the same, and reads
+the row under the lock only when that write is refused), writes the change through the store (each write
+returns the credential as it left it), records its events through the outbox, and marks the job done
+(``queue.complete_in``) so that a late or duplicate attempt can never apply twice. Transient venue outcomes
+never change a status: they raise
 ``Retry`` (honouring the venue's Retry-After) and the credential stays as it is.
 
 A credential is pinned to the venue account of its first successful verification
@@ -16,33 +19,57 @@ credential never moves to another account, and so neither do its trading account
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from engine import lifecycle, logs
+from engine import logs
 from engine import queue as queuemod
-from engine.config import DAY_MS, EngineConfig
+from engine.config import DAY_MS, EngineConfig, VerificationPolicy
+from engine.db import Conn, Database
 from engine.models import Credential, CredentialStatus
-from venues.base import MAX_SEQUENTIAL_REQUESTS, ApiKeys, ProbeFailure, ProbeResult, Venue
-
-if TYPE_CHECKING:
-    from engine.db import Conn
-    from engine.engine import CredentialEngine
+from engine.outbox import Outbox
+from engine.payloads import (
+    EXPIRY_WARNING,
+    PURGE_JOBS,
+    REVERIFY_SWEEP,
+    REVOKE_CASCADE,
+    ROTATION_VERIFY,
+    VERIFY,
+    ExpiryWarning,
+    RevokeCascade,
+    RotationVerify,
+    Verify,
+    enqueue,
+    rotation_key,
+    verify_key,
+)
+from engine.store import Store
+from venues.base import MAX_SEQUENTIAL_REQUESTS, ApiKeys, Probe, ProbeFailure, ProbeResult, Venue
 
 log = structlog.get_logger("engine.jobs")
 
-VERIFY = "verify"
-ROTATION_VERIFY = "rotation_verify"
-REVOKE_CASCADE = "revoke_cascade"
-REVERIFY_SWEEP = "reverify_sweep"
-PURGE_JOBS = "purge_jobs"
+__all__ = [
+    "ACCOUNT_MISMATCH",
+    "EXPIRY_WARNING",
+    "PURGE_JOBS",
+    "REVERIFY_SWEEP",
+    "REVOKE_CASCADE",
+    "ROTATION_VERIFY",
+    "VERIFY",
+    "LifecycleJobs",
+    "ProbeMetrics",
+    "handler_timeouts",
+    "rotation_key",
+    "sweep_period",
+    "verify_key",
+]
+
 PURGE_PERIOD = 3600.0  # seconds between purges of old finished jobs and of expired webhook secrets
-EXPIRY_WARNING = "expiry_warning"
 SWEEP_BATCH = 1000
 # a verification (manual, sweep, staged or immediate rotation) reached another venue account than the one the
 # credential was first verified on (credentials.pinned_venue_account_id); the trading accounts stay where they are
@@ -55,17 +82,6 @@ _MISMATCH_MESSAGE = (
 PROBE_JOB_MARGIN = 30.0
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-def verify_key(credential_id: uuid.UUID) -> str:
-    """Dedupe key: at most one queued verification per credential."""
-    return f"verify:{credential_id}"
-
-
-def rotation_key(credential_id: uuid.UUID, version: int) -> str:
-    """Dedupe key of the verification of staged version ``version`` (per version: a check left queued by an
-    immediate rotation must never swallow the check of a later staging)."""
-    return f"rotate:{credential_id}:{version}"
 
 
 def handler_timeouts(config: EngineConfig) -> dict[str, float]:
@@ -120,10 +136,32 @@ def _account_of(cred: Credential) -> str | None:
 
 
 class LifecycleJobs:
-    """The handlers, bound to one engine."""
+    """The lifecycle's job handlers, built from the parts they use: the store, the database (transactions),
+    the queue, the outbox, the probes (``probe(venue)``), the verification policy, the engine's settings and the
+    webhook secrets' purge (run by the hourly purge job)."""
 
-    def __init__(self, engine: CredentialEngine) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        *,
+        store: Store,
+        db: Database,
+        queue: queuemod.JobQueue,
+        outbox: Outbox,
+        probe: Callable[[Venue], Probe],
+        policy: VerificationPolicy,
+        reverify_interval: float,
+        job_retention: float,
+        purge_webhook_secrets: Callable[[], Awaitable[int]],
+    ) -> None:
+        self._store = store
+        self._db = db
+        self._queue = queue
+        self._outbox = outbox
+        self._probe_of = probe
+        self._policy = policy
+        self._reverify_interval = reverify_interval
+        self._job_retention = job_retention
+        self._purge_webhook_secrets = purge_webhook_secrets
         self.metrics = ProbeMetrics()
 
     def handlers(self) -> dict[str, queuemod.Handler]:
@@ -141,7 +179,7 @@ class LifecycleJobs:
         started = time.monotonic()
         try:
             with logs.secret_scope(keys):  # anything that logs during the probe is scrubbed of these values
-                result = await self.engine.probe(venue).probe(keys)
+                result = await self._probe_of(venue).probe(keys)
         except ProbeFailure as failure:
             self.metrics.observe(venue, failure.outcome.value, time.monotonic() - started)
             if failure.transient:
@@ -154,105 +192,105 @@ class LifecycleJobs:
     # ---- verify ----------------------------------------------------------------------------------------------
 
     async def verify(self, job: queuemod.Job) -> None:
-        store = self.engine.store
-        cid = uuid.UUID(job.payload["credentialId"])
-        version = int(job.payload["version"])
+        store = self._store
+        work = Verify.from_payload(job.payload)
+        cid, version = work.credential_id, work.version
         cred, secret = await store.get_with_secret(cid, version)
         if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
         outcome = await self._probe(cred.venue, store.open_secret(secret))
-        async with self.engine.db.transaction() as conn:
-            current = await store.lock_get(conn, cred.owner_id, cid)
-            if current.status is CredentialStatus.REVOKED or current.secret_version != version:
-                await self._done(conn, job)
-                return
-            expected = _account_of(current)  # read under the lock
-            if isinstance(outcome, ProbeFailure):
-                await self._fail(conn, current, version, outcome.outcome.value, outcome.message)
-            elif expected is not None and outcome.venue_account_id != expected:
-                await self._fail(conn, current, version, ACCOUNT_MISMATCH, _MISMATCH_MESSAGE)
-            else:
-                reason, warnings = self.engine.config.policy.evaluate(outcome)
-                if reason is not None:
-                    await self._fail(conn, current, version, reason, _policy_message(reason))
-                else:
-                    await self._succeed(conn, current, version, outcome, warnings)
+        async with self._db.transaction() as conn:
+            # First the guarded write decided on the row read before the probe: it is the transaction's first
+            # write (it locks the row) and its fences (status, secret version, pinned account) refuse it when
+            # the row changed in a way that matters. Refused, or with nothing new to write: decide again on the
+            # row read under its lock.
+            if not await self._apply(conn, cred, version, outcome, locked=False):
+                current = await store.lock_get(conn, cred.owner_id, cid)
+                if current.status is CredentialStatus.REVOKED or current.secret_version != version:
+                    await self._done(conn, job)
+                    return
+                await self._apply(conn, current, version, outcome, locked=True)
             await self._done(conn, job)
-        self.engine.bus.poke()
+        self._outbox.committed()
 
-    async def _fail(self, conn: Conn, cred: Credential, version: int, reason: str, message: str) -> None:
-        row = await conn.fetchrow(
-            "mark_failed", cred.credential_id, lifecycle.sources("verify_rejected"), version, reason, message
-        )
-        if row is None:
-            return
-        await self.engine._emit(
+    async def _apply(
+        self, conn: Conn, cred: Credential, version: int, outcome: ProbeResult | ProbeFailure, *, locked: bool
+    ) -> bool:
+        """Write what the probe of secret ``version`` found, judged against ``cred``. Unless ``locked`` (``cred``
+        read under the row lock), returns False, having written nothing, when a fence refused the write or
+        the findings equal the row's (the no-event touch is decided under the lock only)."""
+        expected = _account_of(cred)
+        if isinstance(outcome, ProbeFailure):
+            return await self._fail(conn, cred, version, outcome.outcome.value, outcome.message) or locked
+        if expected is not None and outcome.venue_account_id != expected:
+            return await self._fail(conn, cred, version, ACCOUNT_MISMATCH, _MISMATCH_MESSAGE) or locked
+        reason, warnings = self._policy.evaluate(outcome)
+        if reason is not None:
+            return await self._fail(conn, cred, version, reason, _policy_message(reason)) or locked
+        if _same_findings(cred, outcome, warnings):
+            if not locked:
+                return False
+            await self._store.touch_verified(conn, cred.credential_id, version)
+            return True
+        return await self._succeed(conn, cred, version, outcome, warnings) or locked
+
+    async def _fail(self, conn: Conn, cred: Credential, version: int, reason: str, message: str) -> bool:
+        change = await self._store.mark_failed(conn, cred.credential_id, version, reason, message)
+        if change is None:
+            return False
+        await self._outbox.credential_event(
             conn,
-            cred.owner_id,
-            cred.credential_id,
+            change.credential,
             "credential.verification_failed",
-            sequence=int(row["event_seq"]),
-            extra={"previousStatus": row["previous_status"], "reason": reason, "message": message},
+            sequence=change.sequence,
+            extra={"previousStatus": change.previous_status, "reason": reason, "message": message},
         )
         log.info("credential_failed", credential_id=str(cred.credential_id), reason=reason)
+        return True
 
     async def _succeed(
         self, conn: Conn, cred: Credential, version: int, result: ProbeResult, warnings: tuple[str, ...]
-    ) -> None:
-        if _same_findings(cred, result, warnings):
-            await conn.execute("touch_verified", cred.credential_id, version)
-            return
-        row = await conn.fetchrow(
-            "mark_verified",
-            cred.credential_id,
-            lifecycle.sources("verify_succeeded"),
-            version,
-            sorted(result.identities),
-            result.permissions.as_dict(),
-            result.venue_account_id,
-            result.environment,
-            list(warnings),
-        )
-        if row is None:
-            return
-        previous = row["previous_status"]
+    ) -> bool:
+        change = await self._store.mark_verified(conn, cred.credential_id, version, result, warnings)
+        if change is None:
+            return False
+        previous = change.previous_status
         event_type = "credential.verified"
         if previous == CredentialStatus.VERIFIED:
             event_type = "credential.permissions_changed"
-        await self.engine._emit(
+        await self._outbox.credential_event(
             conn,
-            cred.owner_id,
-            cred.credential_id,
+            change.credential,
             event_type,
-            sequence=int(row["event_seq"]),
-            extra={"previousStatus": previous, "previousPermissions": row["previous_permissions"]},
+            sequence=change.sequence,
+            extra={"previousStatus": previous, "previousPermissions": change.previous_permissions},
         )
         await self._plan_expiry_warning(conn, cred, result)
+        return True
 
     async def _plan_expiry_warning(self, conn: Conn, cred: Credential, result: ProbeResult) -> None:
         expires = result.permissions.expires_at_ms
         if expires is None:
             return
-        warn_at = expires - self.engine.config.policy.expiry_warning_days * DAY_MS
-        await self.engine.queue.enqueue(
-            EXPIRY_WARNING,
-            {"credentialId": str(cred.credential_id), "expiresAt": expires},
+        warn_at = expires - self._policy.expiry_warning_days * DAY_MS
+        await enqueue(
+            self._queue,
+            ExpiryWarning(cred.credential_id, expires),
             conn=conn,
             run_at=datetime.fromtimestamp(max(warn_at, int(time.time() * 1000)) / 1000, tz=UTC),
-            dedupe_key=f"expiry:{cred.credential_id}:{expires}",
         )
 
     # ---- rotation ----------------------------------------------------------------------------------------------
 
     async def rotation_verify(self, job: queuemod.Job) -> None:
-        store = self.engine.store
-        cid = uuid.UUID(job.payload["credentialId"])
-        version = int(job.payload["version"])
+        store = self._store
+        work = RotationVerify.from_payload(job.payload)
+        cid, version = work.credential_id, work.version
         cred, secret = await store.get_with_secret(cid, version)
         if cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING":
             return  # discarded (immediate rotation, revoke) or already promoted
         outcome = await self._probe(cred.venue, store.open_secret(secret))
-        async with self.engine.db.transaction() as conn:
+        async with self._db.transaction() as conn:
             current = await store.lock_get(conn, cred.owner_id, cid)
             staged = current.pending_rotation  # read under the lock, with the row
             if (
@@ -274,13 +312,13 @@ class LifecycleJobs:
                     "the new keys belong to another venue account than the credential's; the old keys stay in use",
                 )
             else:
-                reason, warnings = self.engine.config.policy.evaluate(outcome)
+                reason, warnings = self._policy.evaluate(outcome)
                 if reason is not None:
                     await self._reject_rotation(conn, current, version, reason, _policy_message(reason))
                 else:
                     await self._promote(conn, current, version, staged.masked_api_key, outcome, warnings)
             await self._done(conn, job)
-        self.engine.bus.poke()
+        self._outbox.committed()
 
     async def _promote(
         self,
@@ -291,30 +329,13 @@ class LifecycleJobs:
         result: ProbeResult,
         warnings: tuple[str, ...],
     ) -> None:
-        old_version = cred.secret_version
-        await conn.execute("delete_secret", cred.credential_id, old_version)  # old material destroyed
-        await conn.execute("promote_secret", cred.credential_id, version)
-        row = await conn.fetchrow(
-            "mark_rotated",
-            cred.credential_id,
-            lifecycle.sources("rotation_succeeded"),
-            old_version,
-            version,
-            masked,
-            sorted(result.identities),
-            result.permissions.as_dict(),
-            result.venue_account_id,
-            result.environment,
-            list(warnings),
-        )
-        assert row is not None  # locked, live, fenced on the version read under the lock
-        await self.engine._emit(
+        change = await self._store.promote(conn, cred, version, masked, result, warnings)
+        await self._outbox.credential_event(
             conn,
-            cred.owner_id,
-            cred.credential_id,
+            change.credential,
             "credential.rotated",
-            sequence=int(row["event_seq"]),
-            extra={"previousStatus": row["previous_status"], "previousApiKey": cred.masked_api_key},
+            sequence=change.sequence,
+            extra={"previousStatus": change.previous_status, "previousApiKey": cred.masked_api_key},
         )
         await self._plan_expiry_warning(conn, cred, result)
         log.info("credential_rotated", credential_id=str(cred.credential_id), version=version)
@@ -322,17 +343,12 @@ class LifecycleJobs:
     async def _reject_rotation(
         self, conn: Conn, cred: Credential, version: int, reason: str, message: str
     ) -> None:
-        await conn.execute("delete_secret", cred.credential_id, version)  # staged material destroyed
-        row = await conn.fetchrow(
-            "mark_rotation_rejected", cred.credential_id, lifecycle.sources("rotation_rejected"), reason
-        )
-        assert row is not None
-        await self.engine._emit(
+        change = await self._store.reject_rotation(conn, cred.credential_id, version, reason)
+        await self._outbox.credential_event(
             conn,
-            cred.owner_id,
-            cred.credential_id,
+            change.credential,
             "credential.rotation_failed",
-            sequence=int(row["event_seq"]),
+            sequence=change.sequence,
             extra={"reason": reason, "message": message, "rejectedVersion": version},
         )
         log.info("rotation_rejected", credential_id=str(cred.credential_id), reason=reason)
@@ -342,63 +358,54 @@ class LifecycleJobs:
     async def revoke_cascade(self, job: queuemod.Job) -> None:
         """After a revoke: cancel the credential's queued verification and rotation check (the revoke transaction
         names their dedupe keys; an index lookup each). Expiry warnings left queued find it revoked and no-op."""
-        cid = job.payload["credentialId"]
-        cancelled = await self.engine.queue.cancel_keys(list(job.payload.get("cancelKeys", ())))
-        log.info("revoke_cascade", credential_id=cid, cancelled_jobs=cancelled)
+        work = RevokeCascade.from_payload(job.payload)
+        cancelled = await self._queue.cancel_keys(list(work.cancel_keys))
+        log.info("revoke_cascade", credential_id=str(work.credential_id), cancelled_jobs=cancelled)
 
     async def reverify_sweep(self, job: queuemod.Job) -> None:
-        """Enqueue a re-verification for VERIFIED credentials not verified for ``reverify_interval``."""
-        rows = await self.engine.db.fetch(
-            "due_for_reverify", self.engine.config.reverify_interval, SWEEP_BATCH
-        )
+        """Enqueue a re-verification for VERIFIED credentials not verified for ``reverify_interval`` (a
+        verification that finds the credential changed meanwhile is stale and does nothing)."""
+        rows = await self._store.due_for_reverify(self._reverify_interval, SWEEP_BATCH)
         if not rows:
             return
-        async with self.engine.db.transaction() as conn:
+        async with self._db.transaction() as conn:
             for row in rows:
-                cred = await self.engine.store.get_by_id(row["id"], conn=conn)
-                if cred is None or cred.status is not CredentialStatus.VERIFIED:
-                    continue
-                await self.engine.queue.enqueue(
-                    VERIFY,
-                    {"credentialId": str(cred.credential_id), "version": cred.secret_version},
-                    conn=conn,
-                    dedupe_key=verify_key(cred.credential_id),
-                    fair_key=cred.owner_id,
-                )
+                work = Verify(row["id"], int(row["secret_version"]))
+                await enqueue(self._queue, work, conn=conn, fair_key=row["owner_id"])
         log.info("reverify_sweep", enqueued=len(rows))
 
     async def purge_jobs(self, job: queuemod.Job) -> None:
         """Delete done and cancelled jobs finished longer than ``job_retention`` ago (dead ones stay for operators),
         and destroy webhook secrets past their grace period."""
-        purged = await self.engine.queue.purge(self.engine.config.job_retention)
+        purged = await self._queue.purge(self._job_retention)
         log.info("jobs_purged", purged=purged)
-        await self.engine.webhooks.purge_expired_secrets()
+        await self._purge_webhook_secrets()
 
     async def expiry_warning(self, job: queuemod.Job) -> None:
         """Announce once that a key's known expiry is near (``credential.expiring``)."""
-        cid = uuid.UUID(job.payload["credentialId"])
-        expires = int(job.payload["expiresAt"])
-        cred = await self.engine.store.get_by_id(cid)
+        work = ExpiryWarning.from_payload(job.payload)
+        cid, expires = work.credential_id, work.expires_at_ms
+        cred = await self._store.get_by_id(cid)
         if cred is None or cred.permissions is None or cred.permissions.expires_at_ms != expires:
             return
-        async with self.engine.db.transaction() as conn:
-            await self.engine.store.lock(conn, cred.owner_id, cid)
-            if await conn.fetchrow("mark_expiry_warned", cid, expires) is None:
+        async with self._db.transaction() as conn:  # the guarded UPDATE is the first write: it locks the row
+            change = await self._store.mark_expiry_warned(conn, cid, expires)
+            if change is None:
                 await self._done(conn, job)
                 return
             days = max(0, (expires - int(time.time() * 1000)) // DAY_MS)
-            await self.engine._emit(
+            await self._outbox.credential_event(
                 conn,
-                cred.owner_id,
-                cid,
+                change.credential,
                 "credential.expiring",
+                sequence=change.sequence,
                 extra={"expiresAt": expires, "daysLeft": days},
             )
             await self._done(conn, job)
-        self.engine.bus.poke()
+        self._outbox.committed()
 
     async def _done(self, conn: Conn, job: queuemod.Job) -> None:
-        await self.engine.queue.complete_in(conn, job)
+        await self._queue.complete_in(conn, job)
 
 
 def _policy_message(reason: str) -> str:

@@ -2,9 +2,10 @@
 
 The machine is only a table and a validator. It holds no model and runs no callbacks (``AsyncMachine``
 swallows ``CancelledError`` and cancels a running trigger when a second arrives: docs/design.md §2.2).
-The database row is the truth and the concurrency control: every change is a guarded update
-(``WHERE status = ANY(sources(trigger)) AND secret_version = $fence``), and zero rows means the transition
-is not allowed *now*, which the store turns into :class:`errors.InvalidTransition`.
+The database row is the truth and the concurrency control: every change is a guarded update of the store
+(``WHERE status = ANY(sources(trigger)) AND secret_version = $fence``). A caller asks :func:`target` first, on
+the row it locked (:class:`errors.InvalidTransition` when the status forbids the trigger); a job whose guarded
+update matches no row learns that the credential moved on since it read it (revoked, rotated) and does nothing.
 
     trigger              from                      to
     create               (new)                     PENDING

@@ -1,7 +1,9 @@
 -- Named queries of the credential store (engine/store.py) and the outbox (engine/events.py).
 -- Each block: "-- name --", one comment line saying what it does, the SQL with asyncpg $n placeholders.
 -- Every status change is a guarded UPDATE: "status = ANY($allowed) AND secret_version = $fence"; zero rows
--- means the lifecycle (or a newer state) forbids it, and the store raises a typed error.
+-- means the lifecycle (or a newer state) forbids it, and the caller decides what that means (a stale job, a
+-- typed error). Every credential write returns the credential's public row as credential_view shows it after
+-- the write (the "written" CTE joined to the staged secret), so nothing is read again to report it.
 
 -- ping --
 -- Cheapest round trip, for readiness checks.
@@ -21,16 +23,26 @@ INSERT INTO engine_schema (id, digest) VALUES (true, $1)
 ON CONFLICT (id) DO UPDATE SET digest = EXCLUDED.digest, applied_at = now();
 
 -- insert_credential --
--- A new credential, PENDING, secret version 1; event sequence 1 is its credential.created.
-INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status, secret_version,
-                         event_seq)
-VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 1, 1);
-
--- insert_secret --
--- One encrypted secret version (CURRENT or PENDING); the fingerprint index refuses duplicates.
-INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
-                                ciphertext, key_fingerprint, masked_api_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+-- A new credential, PENDING, with its secret version 1 (CURRENT; $7-$11 sealed material, fingerprint) and event
+-- sequence 1 (its credential.created); no row when owner $2 holds $12 credentials that are not REVOKED (its
+-- quota; NULL: none). Run after the owner's quota lock: this statement's snapshot, taken after the lock, sees
+-- every committed credential of the owner. Returns the public row.
+WITH room AS (
+    SELECT $12::integer IS NULL
+           OR (SELECT count(*) FROM credentials WHERE owner_id = $2 AND status <> 'REVOKED') < $12 AS ok
+), written AS (
+    INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
+                             secret_version, event_seq)
+    SELECT $1, $2, $3, $4, $5, $6, 'PENDING', 1, 1 FROM room WHERE room.ok
+    RETURNING *
+), secret AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT written.id, 1, 'CURRENT', $2, $3, $7, $8, $9, $10, $11, $6 FROM written
+)
+SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked_api_key,
+       NULL::timestamptz AS pending_started_at
+FROM written;
 
 -- get_credential --
 -- One credential of one owner (other owners' ids find nothing).
@@ -95,59 +107,96 @@ FROM credential_secrets WHERE credential_id = $1 AND version = $2;
 
 -- mark_verified --
 -- verify_succeeded, fenced on the probed secret version and on the pinned venue account (the first verification
--- pins it; another account changes nothing); returns the previous status and permissions.
+-- pins it; another account changes nothing); the public row, the previous status and permissions.
 WITH old AS (
     SELECT id, status AS previous_status, permissions AS previous_permissions
     FROM credentials WHERE id = $1 FOR UPDATE
+), written AS (
+    UPDATE credentials c
+    SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6,
+        pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $6), environment = $7,
+        warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
+        event_seq = event_seq + 1
+    FROM old
+    WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+      AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $6)
+    RETURNING c.*, old.previous_status, old.previous_permissions
 )
-UPDATE credentials c
-SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6,
-    pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $6), environment = $7,
-    warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
-    event_seq = event_seq + 1
-FROM old
-WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
-  AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $6)
-RETURNING c.event_seq, old.previous_status, old.previous_permissions;
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- mark_failed --
--- verify_rejected (a permanent cause), fenced on the probed secret version.
-WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE)
-UPDATE credentials c
-SET status = 'FAILED', failure_reason = $4, failure_message = $5, updated_at = now(), event_seq = event_seq + 1
-FROM old
-WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
-RETURNING c.event_seq, old.previous_status;
+-- verify_rejected (a permanent cause), fenced on the probed secret version; the public row and previous status.
+WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE),
+written AS (
+    UPDATE credentials c
+    SET status = 'FAILED', failure_reason = $4, failure_message = $5, updated_at = now(), event_seq = event_seq + 1
+    FROM old
+    WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+    RETURNING c.*, old.previous_status
+)
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- touch_verified --
 -- A re-verification found nothing new: record when, without an event.
 UPDATE credentials SET verified_at = now() WHERE id = $1 AND status = 'VERIFIED' AND secret_version = $2;
 
 -- stage_rotation --
--- rotate: reserve the next secret version number; the status is unchanged, the event sequence moves.
-UPDATE credentials
-SET last_secret_version = last_secret_version + 1, rotation_failure_reason = NULL, updated_at = now(),
-    event_seq = event_seq + 1
-WHERE id = $1 AND status = ANY($2::text[]) AND secret_version = $3
-RETURNING last_secret_version, event_seq, status;
+-- rotate: take secret version $4 (last_secret_version + 1, read under the row lock) and store its sealed
+-- material ($5 owner, $6 venue, $7-$10 sealed, $11 fingerprint, $12 masked key) as PENDING; the status is
+-- unchanged, the event sequence moves. The public row, with the staged version as its pending rotation.
+WITH written AS (
+    UPDATE credentials
+    SET last_secret_version = $4, rotation_failure_reason = NULL, updated_at = now(), event_seq = event_seq + 1
+    WHERE id = $1 AND status = ANY($2::text[]) AND secret_version = $3 AND last_secret_version = $4 - 1
+    RETURNING *
+), staged AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT written.id, $4, 'PENDING', $5, $6, $7, $8, $9, $10, $11, $12 FROM written
+    RETURNING version, masked_api_key, created_at
+)
+SELECT written.*, staged.version AS pending_version, staged.masked_api_key AS pending_masked_api_key,
+       staged.created_at AS pending_started_at
+FROM written, staged;
 
 -- rotate_immediately --
--- rotate_immediately: the new version becomes current at once and the credential goes back to PENDING.
-UPDATE credentials
-SET status = 'PENDING', secret_version = last_secret_version + 1, last_secret_version = last_secret_version + 1,
-    masked_api_key = $4, permissions = NULL, identities = '{}', warnings = '{}', failure_reason = NULL,
-    failure_message = NULL, rotation_failure_reason = NULL, verified_at = NULL, updated_at = now(),
-    event_seq = event_seq + 1
-WHERE id = $1 AND status = ANY($2::text[]) AND secret_version = $3
-RETURNING secret_version, event_seq;
+-- rotate_immediately: version $4 (last_secret_version + 1, read under the row lock) becomes current at once with
+-- its sealed material ($6 owner, $7 venue, $8-$11 sealed, $12 fingerprint; $5 masked key) and the credential
+-- goes back to PENDING. Run after the old material was destroyed. The public row.
+WITH written AS (
+    UPDATE credentials
+    SET status = 'PENDING', secret_version = $4, last_secret_version = $4,
+        masked_api_key = $5, permissions = NULL, identities = '{}', warnings = '{}', failure_reason = NULL,
+        failure_message = NULL, rotation_failure_reason = NULL, verified_at = NULL, updated_at = now(),
+        event_seq = event_seq + 1
+    WHERE id = $1 AND status = ANY($2::text[]) AND secret_version = $3 AND last_secret_version = $4 - 1
+    RETURNING *
+), current_secret AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT written.id, $4, 'CURRENT', $6, $7, $8, $9, $10, $11, $12, $5 FROM written
+)
+SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked_api_key,
+       NULL::timestamptz AS pending_started_at
+FROM written;
 
 -- delete_secret --
 -- Destroy one secret version's material.
 DELETE FROM credential_secrets WHERE credential_id = $1 AND version = $2;
 
--- delete_pending_secrets --
--- Destroy any staged (PENDING) secret of a credential; returns the versions destroyed.
-DELETE FROM credential_secrets WHERE credential_id = $1 AND state = 'PENDING' RETURNING version;
+-- delete_secrets_for_immediate_rotation --
+-- rotate_immediately: destroy the current version $2 and any staged one of a credential.
+DELETE FROM credential_secrets WHERE credential_id = $1 AND (version = $2 OR state = 'PENDING');
 
 -- delete_all_secrets --
 -- Destroy every secret version of a credential (revoke).
@@ -159,51 +208,93 @@ UPDATE credential_secrets SET state = 'CURRENT' WHERE credential_id = $1 AND ver
 
 -- mark_rotated --
 -- rotation_succeeded: the staged version is current and verified; fenced on the old version, a live status and
--- the pinned venue account (pinned here when the credential never verified before).
+-- the pinned venue account (pinned here when the credential never verified before). Run after the old material
+-- was destroyed and the staged row promoted. The public row, the previous status and permissions.
 WITH old AS (
     SELECT id, status AS previous_status, permissions AS previous_permissions
     FROM credentials WHERE id = $1 FOR UPDATE
+), written AS (
+    UPDATE credentials c
+    SET status = 'VERIFIED', secret_version = $4, masked_api_key = $5, identities = $6, permissions = $7,
+        venue_account_id = $8, pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $8), environment = $9,
+        warnings = $10, failure_reason = NULL, failure_message = NULL,
+        rotation_failure_reason = NULL, verified_at = now(), updated_at = now(), event_seq = event_seq + 1
+    FROM old
+    WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
+      AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $8)
+    RETURNING c.*, old.previous_status, old.previous_permissions
 )
-UPDATE credentials c
-SET status = 'VERIFIED', secret_version = $4, masked_api_key = $5, identities = $6, permissions = $7,
-    venue_account_id = $8, pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $8), environment = $9,
-    warnings = $10, failure_reason = NULL, failure_message = NULL,
-    rotation_failure_reason = NULL, verified_at = now(), updated_at = now(), event_seq = event_seq + 1
-FROM old
-WHERE c.id = old.id AND c.status = ANY($2::text[]) AND c.secret_version = $3
-  AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $8)
-RETURNING c.event_seq, old.previous_status, old.previous_permissions;
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- mark_rotation_rejected --
--- rotation_rejected: record why; status and current keys unchanged.
-UPDATE credentials
-SET rotation_failure_reason = $3, updated_at = now(), event_seq = event_seq + 1
-WHERE id = $1 AND status = ANY($2::text[])
-RETURNING event_seq, status;
+-- rotation_rejected: record why; status and current keys unchanged. Run after the staged material was
+-- destroyed. The public row.
+WITH written AS (
+    UPDATE credentials
+    SET rotation_failure_reason = $3, updated_at = now(), event_seq = event_seq + 1
+    WHERE id = $1 AND status = ANY($2::text[])
+    RETURNING *
+)
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- mark_revoked --
--- revoke: terminal; the secret version becomes 0 (no material left).
-WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE)
-UPDATE credentials c
-SET status = 'REVOKED', secret_version = 0, revoked_at = now(), updated_at = now(), event_seq = event_seq + 1,
-    identities = '{}'
-FROM old
-WHERE c.id = old.id AND c.owner_id = $2 AND c.status = ANY($3::text[])
-RETURNING c.event_seq, old.previous_status;
+-- revoke: terminal; the secret version becomes 0 (no material left). The public row and previous status.
+WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE),
+written AS (
+    UPDATE credentials c
+    SET status = 'REVOKED', secret_version = 0, revoked_at = now(), updated_at = now(), event_seq = event_seq + 1,
+        identities = '{}'
+    FROM old
+    WHERE c.id = old.id AND c.owner_id = $2 AND c.status = ANY($3::text[])
+    RETURNING c.*, old.previous_status
+)
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- bump_event_seq --
--- Hand out the next event sequence number of a credential (events that change no status).
-UPDATE credentials SET event_seq = event_seq + 1, updated_at = now() WHERE id = $1 RETURNING event_seq;
+-- Hand out the next event sequence number of a credential (events that change no status). The public row.
+WITH written AS (
+    UPDATE credentials SET event_seq = event_seq + 1, updated_at = now() WHERE id = $1 RETURNING *
+)
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- mark_expiry_warned --
--- Remember that the expiry at $2 was announced, so it is announced once.
-UPDATE credentials SET expiry_warned_at_ms = $2
-WHERE id = $1 AND expiry_warned_at_ms IS DISTINCT FROM $2 AND status = 'VERIFIED'
-RETURNING id;
+-- Remember that the expiry at $2 is being announced (so it is announced once) and hand out the announcement's
+-- event sequence number; no row when it was announced already or the credential is no longer VERIFIED.
+WITH written AS (
+    UPDATE credentials SET expiry_warned_at_ms = $2, event_seq = event_seq + 1, updated_at = now()
+    WHERE id = $1 AND expiry_warned_at_ms IS DISTINCT FROM $2 AND status = 'VERIFIED'
+    RETURNING *
+)
+SELECT w.*,
+       p.version        AS pending_version,
+       p.masked_api_key AS pending_masked_api_key,
+       p.created_at     AS pending_started_at
+FROM written w
+LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
 -- due_for_reverify --
--- VERIFIED credentials not verified for $1 seconds, oldest first.
-SELECT id FROM credentials
+-- VERIFIED credentials not verified for $1 seconds, oldest first, with their owner and current secret version.
+SELECT id, owner_id, secret_version FROM credentials
 WHERE status = 'VERIFIED' AND verified_at < now() - make_interval(secs => $1)
 ORDER BY verified_at
 LIMIT $2;
@@ -266,9 +357,10 @@ WHERE credential_id = $1 AND owner_id = $2 ORDER BY accessed_at DESC, id DESC LI
 SELECT name, kek_version, wrapped_dek, nonce, ciphertext FROM engine_keys WHERE name = $1;
 
 -- insert_engine_key --
--- Store an engine-internal wrapped key unless another process stored one first.
+-- Store an engine-internal wrapped key unless another process stored one first (then no row).
 INSERT INTO engine_keys (name, kek_version, wrapped_dek, nonce, ciphertext) VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (name) DO NOTHING;
+ON CONFLICT (name) DO NOTHING
+RETURNING name;
 
 -- secrets_to_rewrap --
 -- Master-key rotation: up to $4 secret versions (CURRENT and PENDING) after key ($2, $3) in key order wrapped

@@ -41,19 +41,26 @@ async def lock_owner(conn: Conn, owner_id: str) -> None:
     await conn.execute("lock_owner", owner_id, LOCK_TIMEOUT)
 
 
-async def check_credentials(conn: Conn, owner_id: str, quotas: Quotas) -> None:
-    """Before inserting a credential: :class:`errors.QuotaExceeded` when the owner holds its quota already."""
+async def lock_for_credential(conn: Conn, owner_id: str, quotas: Quotas) -> int | None:
+    """Before inserting a credential: take the owner's lock and return the credential quota to pass to
+    ``Store.insert_credential`` (None: no quota, no lock). The insert counts the owner's live credentials in
+    its own statement, whose snapshot is taken after the lock, and inserts nothing when the quota is reached:
+    then raise :func:`credentials_full`."""
     limit = quotas.credentials
     if not limit:
-        return
+        return None
     await lock_owner(conn, owner_id)
-    if int(await conn.fetchval("count_live_credentials", owner_id)) >= limit:
-        raise errors.QuotaExceeded(
-            f"credentials: this owner holds {limit} credentials that are not revoked, its quota; "
-            "revoke one to make room",
-            quota="credentials",
-            limit=limit,
-        )
+    return limit
+
+
+def credentials_full(limit: int) -> errors.QuotaExceeded:
+    """The error of a credential insert refused by the quota."""
+    return errors.QuotaExceeded(
+        f"credentials: this owner holds {limit} credentials that are not revoked, its quota; "
+        "revoke one to make room",
+        quota="credentials",
+        limit=limit,
+    )
 
 
 async def check_webhook_endpoints(conn: Conn, owner_id: str, quotas: Quotas) -> None:

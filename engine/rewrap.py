@@ -39,7 +39,7 @@ import structlog
 
 from engine import crypto, errors
 from engine.db import Conn, Database, LockNotAvailable, Record
-from engine.webhooks.service import secret_purpose
+from engine.webhooks.secrets import secret_purpose
 
 log = structlog.get_logger("engine.rewrap")
 

@@ -1,14 +1,19 @@
 """Credential, secret and trading-account persistence on top of ``engine.db`` (named queries only).
 
-Every method that changes state takes the caller's transaction (``conn``) so that the change, its outbox
-event and any job it enqueues commit together. Status changes are the guarded updates of ``queries.sql``;
-zero rows become typed errors here. Key material enters and leaves only through :class:`crypto.Vault`.
+The store owns every write to credentials, their secrets, their trading accounts and the reveal audit. Each
+write method takes the caller's transaction (``conn``), so that the change, its outbox event and any job it
+enqueues commit together, and returns what it wrote: the credential's public row after the write (a
+:class:`Change`, with the event sequence number the change took), a trading account, or None when a guarded
+update matched no row. Status changes are the guarded updates of ``queries.sql`` (allowed source statuses from
+the lifecycle table, fenced on the secret version); what zero rows mean (a stale job, a refused call) the
+caller decides. Key material enters and leaves only through :class:`crypto.Vault`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +29,7 @@ from engine.models import (
     TradingAccount,
     TradingAccountStatus,
 )
-from venues.base import ApiKeys, Permissions, Venue, mask_api_key
+from venues.base import ApiKeys, Permissions, ProbeResult, Venue, mask_api_key
 
 FINGERPRINT_KEY = "fingerprint-hmac"
 
@@ -89,6 +94,34 @@ def _sealed(row: Record) -> crypto.Sealed:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """A credential write: the public row after it, the event sequence number it took, and what came before
+    (for the event; None where the write does not report it)."""
+
+    credential: Credential
+    sequence: int
+    previous_status: str | None = None
+    previous_permissions: dict[str, Any] | None = None
+
+
+def _change(row: Record | None) -> Change | None:
+    if row is None:
+        return None
+    return Change(
+        credential=credential_from_row(row),
+        sequence=int(row["event_seq"]),
+        previous_status=row.get("previous_status"),
+        previous_permissions=row.get("previous_permissions"),
+    )
+
+
+def _written(row: Record | None) -> Change:
+    change = _change(row)
+    assert change is not None  # the row is locked and its status was checked by the caller
+    return change
+
+
+@dataclass(frozen=True, slots=True)
 class SecretRow:
     credential_id: uuid.UUID
     version: int
@@ -110,8 +143,9 @@ class Store:
         async with self.db.transaction() as conn:
             row = await conn.fetchrow("get_engine_key", FINGERPRINT_KEY)
             if row is None:
-                sealed = self.vault.wrap_blob(crypto.generate_fingerprint_key(), purpose=FINGERPRINT_KEY)
-                await conn.execute(
+                key = crypto.generate_fingerprint_key()
+                sealed = self.vault.wrap_blob(key, purpose=FINGERPRINT_KEY)
+                stored = await conn.fetchrow(
                     "insert_engine_key",
                     FINGERPRINT_KEY,
                     sealed.kek_version,
@@ -119,7 +153,12 @@ class Store:
                     sealed.nonce,
                     sealed.ciphertext,
                 )
-                row = await conn.fetchrow("get_engine_key", FINGERPRINT_KEY)
+                if stored is not None:  # ours is the key: nothing to read back
+                    self._fingerprint_key = key
+                    return
+                row = await conn.fetchrow(
+                    "get_engine_key", FINGERPRINT_KEY
+                )  # another process stored one first
             assert row is not None
             self._fingerprint_key = self.vault.unwrap_blob(_sealed(row), purpose=FINGERPRINT_KEY)
 
@@ -140,59 +179,129 @@ class Store:
         credential_type: CredentialType,
         nickname: str | None,
         keys: ApiKeys,
-    ) -> None:
-        masked = mask_api_key(keys.api_key)
-        await conn.execute(
-            "insert_credential", credential_id, owner_id, venue.value, credential_type.value, nickname, masked
-        )
-        await self.insert_secret(
-            conn,
-            credential_id=credential_id,
-            owner_id=owner_id,
-            venue=venue,
-            version=1,
-            state="CURRENT",
-            keys=keys,
-        )
+        quota: int | None = None,
+    ) -> Credential | None:
+        """A new PENDING credential with its keys as secret version 1, in one statement; None when the owner
+        already holds ``quota`` credentials that are not revoked (take the owner's quota lock first)."""
+        sealed = self.vault.seal(keys, credential_id=credential_id, version=1)
+        with _refused_keys(venue):
+            row = await conn.fetchrow(
+                "insert_credential", credential_id, owner_id, venue.value, credential_type.value, nickname,
+                mask_api_key(keys.api_key), sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
+                sealed.ciphertext, self.fingerprint(venue, keys.api_key), quota,
+            )  # fmt: skip
+        return credential_from_row(row) if row is not None else None
 
-    async def insert_secret(
+    async def stage_rotation(self, conn: Conn, locked: Record, keys: ApiKeys) -> Change:
+        """``rotate``: store ``keys`` as the next secret version, PENDING (``locked``: the row read under the
+        lock). The credential's status and current keys stay; the staged version is its pending rotation."""
+        cid: uuid.UUID = locked["id"]
+        venue = Venue(locked["venue"])
+        version = int(locked["last_secret_version"]) + 1
+        sealed = self.vault.seal(keys, credential_id=cid, version=version)
+        with _refused_keys(venue):
+            row = await conn.fetchrow(
+                "stage_rotation", cid, lifecycle.sources("rotate"), int(locked["secret_version"]), version,
+                locked["owner_id"], venue.value, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
+                sealed.ciphertext, self.fingerprint(venue, keys.api_key), mask_api_key(keys.api_key),
+            )  # fmt: skip
+        return _written(row)
+
+    async def rotate_immediately(self, conn: Conn, locked: Record, keys: ApiKeys) -> Change:
+        """``rotate_immediately``: destroy the current and any staged material, make ``keys`` the current
+        version at once, the credential PENDING until they verify."""
+        cid: uuid.UUID = locked["id"]
+        venue = Venue(locked["venue"])
+        old_version = int(locked["secret_version"])
+        version = int(locked["last_secret_version"]) + 1
+        sealed = self.vault.seal(keys, credential_id=cid, version=version)
+        await conn.execute("delete_secrets_for_immediate_rotation", cid, old_version)
+        masked = mask_api_key(keys.api_key)
+        with _refused_keys(venue):
+            row = await conn.fetchrow(
+                "rotate_immediately", cid, lifecycle.sources("rotate_immediately"), old_version, version, masked,
+                locked["owner_id"], venue.value, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
+                sealed.ciphertext, self.fingerprint(venue, keys.api_key),
+            )  # fmt: skip
+        return _written(row)
+
+    async def mark_verified(
+        self, conn: Conn, cid: uuid.UUID, version: int, result: ProbeResult, warnings: Iterable[str]
+    ) -> Change | None:
+        """``verify_succeeded`` for secret version ``version``; None when fenced out (rotated, revoked, or
+        another venue account than the pinned one)."""
+        row = await conn.fetchrow(
+            "mark_verified", cid, lifecycle.sources("verify_succeeded"), version, sorted(result.identities),
+            result.permissions.as_dict(), result.venue_account_id, result.environment, list(warnings),
+        )  # fmt: skip
+        return _change(row)
+
+    async def touch_verified(self, conn: Conn, cid: uuid.UUID, version: int) -> None:
+        """A re-verification found nothing new: record when (no event)."""
+        await conn.execute("touch_verified", cid, version)
+
+    async def mark_failed(
+        self, conn: Conn, cid: uuid.UUID, version: int, reason: str, message: str
+    ) -> Change | None:
+        """``verify_rejected`` for secret version ``version``; None when fenced out."""
+        row = await conn.fetchrow(
+            "mark_failed", cid, lifecycle.sources("verify_rejected"), version, reason, message
+        )
+        return _change(row)
+
+    async def promote(
         self,
         conn: Conn,
-        *,
-        credential_id: uuid.UUID,
-        owner_id: str,
-        venue: Venue,
+        cred: Credential,
         version: int,
-        state: str,
-        keys: ApiKeys,
+        masked: str,
+        result: ProbeResult,
+        warnings: Iterable[str],
+    ) -> Change:
+        """``rotation_succeeded``: destroy the old material, make staged ``version`` current and verified
+        (``cred``: the credential read under the lock)."""
+        cid = cred.credential_id
+        await conn.execute("delete_secret", cid, cred.secret_version)  # old material destroyed
+        await conn.execute("promote_secret", cid, version)
+        row = await conn.fetchrow(
+            "mark_rotated", cid, lifecycle.sources("rotation_succeeded"), cred.secret_version, version, masked,
+            sorted(result.identities), result.permissions.as_dict(), result.venue_account_id, result.environment,
+            list(warnings),
+        )  # fmt: skip
+        return _written(row)
+
+    async def reject_rotation(self, conn: Conn, cid: uuid.UUID, version: int, reason: str) -> Change:
+        """``rotation_rejected``: destroy staged ``version``; the current keys and status stay."""
+        await conn.execute("delete_secret", cid, version)  # staged material destroyed
+        row = await conn.fetchrow(
+            "mark_rotation_rejected", cid, lifecycle.sources("rotation_rejected"), reason
+        )
+        return _written(row)
+
+    async def revoke(self, conn: Conn, owner_id: str, cid: uuid.UUID) -> Change:
+        """``revoke``: destroy every secret version; the credential is REVOKED for good (disconnect its
+        accounts first: :meth:`disconnect_all_accounts`)."""
+        await conn.execute("delete_all_secrets", cid)
+        return _written(await conn.fetchrow("mark_revoked", cid, owner_id, lifecycle.sources("revoke")))
+
+    async def next_event(self, conn: Conn, cid: uuid.UUID) -> Change:
+        """The next event sequence number of a credential, for an event that changes no status."""
+        return _written(await conn.fetchrow("bump_event_seq", cid))
+
+    async def mark_expiry_warned(self, conn: Conn, cid: uuid.UUID, expires_at_ms: int) -> Change | None:
+        """Take the expiry announcement of ``expires_at_ms`` (once); None when announced already or the
+        credential is no longer VERIFIED."""
+        return _change(await conn.fetchrow("mark_expiry_warned", cid, expires_at_ms))
+
+    async def audit_reveal(
+        self, conn: Conn, cid: uuid.UUID, owner_id: str, version: int, purpose: str | None
     ) -> None:
-        sealed = self.vault.seal(keys, credential_id=credential_id, version=version)
-        try:  # a unique violation aborts the transaction anyway: no savepoint needed to report it
-            await conn.execute(
-                "insert_secret",
-                credential_id,
-                version,
-                state,
-                owner_id,
-                venue.value,
-                sealed.kek_version,
-                sealed.wrapped_dek,
-                sealed.nonce,
-                sealed.ciphertext,
-                self.fingerprint(venue, keys.api_key),
-                mask_api_key(keys.api_key),
-            )
-        except UniqueViolation as exc:
-            if exc.constraint == "credential_secrets_fingerprint":
-                raise errors.DuplicateCredential(
-                    f"a credential with this API key already exists for this owner on {venue.value}",
-                    field="apiKey",
-                ) from None
-            if exc.constraint == "credential_secrets_one_pending":
-                raise errors.RotationPending(
-                    "a rotation is already waiting for verification", field="credentialId"
-                ) from None
-            raise
+        """Record one reveal of decrypted keys."""
+        await conn.execute("insert_key_access", cid, owner_id, version, purpose)
+
+    async def due_for_reverify(self, interval: float, limit: int) -> tuple[Record, ...]:
+        """VERIFIED credentials not verified for ``interval`` seconds: id, owner_id, secret_version."""
+        return tuple(await self.db.fetch("due_for_reverify", interval, limit))
 
     async def get(self, owner_id: str, credential_id: uuid.UUID, *, conn: Conn | None = None) -> Credential:
         runner: Conn | Database = conn or self.db
@@ -301,6 +410,37 @@ class Store:
             raise errors.NotFound(f"trading account {account_id} not found", field="tradingAccountId")
         return account_from_row(row)
 
+    async def connect_account(
+        self, conn: Conn, cred: Credential, *, name: str | None, account_type: str
+    ) -> TradingAccount:
+        """A new ACTIVE trading account of ``cred`` (locked by the caller); :class:`errors.Conflict` when an
+        account of that type is connected already."""
+        try:  # a unique violation aborts the transaction anyway: no savepoint needed to report it
+            row = await conn.fetchrow(
+                "insert_trading_account", uuid.uuid4(), cred.owner_id, cred.credential_id, cred.venue.value,
+                name, account_type,
+            )  # fmt: skip
+        except UniqueViolation:
+            raise errors.Conflict(
+                f"a {account_type} account of this credential is already connected", field="accountType"
+            ) from None
+        assert row is not None
+        return account_from_row(row)
+
+    async def disconnect_account(
+        self, conn: Conn, owner_id: str, account_id: uuid.UUID
+    ) -> TradingAccount | None:
+        """DISABLE an ACTIVE account; None when it is not ACTIVE (already disconnected)."""
+        row = await conn.fetchrow("disable_trading_account", account_id, owner_id)
+        return account_from_row(row) if row is not None else None
+
+    async def disconnect_all_accounts(self, conn: Conn, cid: uuid.UUID) -> tuple[TradingAccount, ...]:
+        """DISABLE every ACTIVE account of a credential (the revoke cascade); the accounts disabled."""
+        return tuple(account_from_row(r) for r in await conn.fetch("disable_credential_accounts", cid))
+
+    async def count_active_accounts(self, conn: Conn, cid: uuid.UUID) -> int:
+        return int(await conn.fetchval("count_active_accounts", cid))
+
     async def list_accounts(
         self,
         owner_id: str,
@@ -322,6 +462,19 @@ class Store:
         return Page(items=[account_from_row(r) for r in rows], offset=offset, limit=limit, total=total)
 
 
-def fenced_sources(trigger: str) -> Sequence[str]:
-    """The statuses the guarded UPDATE of ``trigger`` accepts (from the one lifecycle table)."""
-    return lifecycle.sources(trigger)
+@contextlib.contextmanager
+def _refused_keys(venue: Venue) -> Iterator[None]:
+    """A unique violation of the secrets table as the typed error it means."""
+    try:
+        yield
+    except UniqueViolation as exc:
+        if exc.constraint == "credential_secrets_fingerprint":
+            raise errors.DuplicateCredential(
+                f"a credential with this API key already exists for this owner on {venue.value}",
+                field="apiKey",
+            ) from None
+        if exc.constraint == "credential_secrets_one_pending":
+            raise errors.RotationPending(
+                "a rotation is already waiting for verification", field="credentialId"
+            ) from None
+        raise

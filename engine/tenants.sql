@@ -8,10 +8,6 @@
 SELECT pg_advisory_xact_lock(774412, hashtext($1))
 FROM (SELECT set_config('lock_timeout', $2, true)) AS bound;
 
--- count_live_credentials --
--- How many credentials owner $1 holds that are not REVOKED (the credential quota).
-SELECT count(*) FROM credentials WHERE owner_id = $1 AND status <> 'REVOKED';
-
 -- verify_requests_in_window --
 -- Owner $1's verify requests of the last $2 seconds.
 SELECT count(*) FROM owner_verify_requests

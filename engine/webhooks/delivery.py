@@ -4,7 +4,8 @@ A job (kind ``webhook_delivery``) makes one HTTP attempt and then, in one transa
 itself done (``queue.complete_in``, fenced) and enqueues what follows: the next attempt (delayed by the retry
 schedule), or the next parked event of the same credential. A worker that dies mid-attempt leaves its job
 leased; the lease expires, another worker takes the job and makes the same attempt again, with the same
-``webhook-id`` (the event id), so receivers dedupe it.
+``webhook-id`` (the event id), so receivers dedupe it. The job's payload is a :class:`DeliveryJob`; its dedupe
+key (``webhook:<delivery>``) keeps one queued attempt per delivery.
 
 Answers: 2xx delivered; 410 Gone disables the endpoint at once; anything else, a timeout
 (``webhook_timeout``, 15 s) or a refused address is a failure, retried after the next delay of
@@ -32,21 +33,21 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import aiohttp
 import structlog
 
+from engine import crypto, errors
 from engine import db as dbmod
-from engine import errors
 from engine import queue as queuemod
 from engine.models import Event
-from engine.webhooks import guard, signing
-
-if TYPE_CHECKING:
-    from engine.webhooks.service import WebhookService
+from engine.outbox import Outbox
+from engine.webhooks import guard, secrets, signing
+from engine.webhooks.models import WebhookEndpoint, WebhookMetrics, WebhookSettings
 
 log = structlog.get_logger("engine.webhooks")
 
@@ -61,16 +62,42 @@ JOB_MARGIN = 30.0  # seconds a delivery job gets on top of webhook_timeout (DNS 
 DELIVERED, FAILED, GONE, REFUSED = "delivered", "failed", "gone", "refused"
 
 
-def job_payload(
-    delivery_id: uuid.UUID, endpoint_id: uuid.UUID, credential_id: uuid.UUID | None
-) -> dict[str, Any]:
-    """The job's payload. The credential is ``streamId``, never ``credentialId``: the revoke cascade cancels
-    queued jobs whose payload holds the credential id, and the ``credential.revoked`` delivery must survive."""
-    return {
-        "deliveryId": str(delivery_id),
-        "endpointId": str(endpoint_id),
-        "streamId": str(credential_id) if credential_id is not None else None,
-    }
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """The next attempt of delivery ``delivery_id`` to ``endpoint_id``; ``stream_id`` is the event's credential
+    (the delivery stream it is ordered in), None for events without one."""
+
+    KIND: ClassVar[str] = DELIVER
+    delivery_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    stream_id: uuid.UUID | None
+
+    @property
+    def dedupe_key(self) -> str | None:
+        return f"webhook:{self.delivery_id}"
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "deliveryId": str(self.delivery_id),
+            "endpointId": str(self.endpoint_id),
+            "streamId": str(self.stream_id) if self.stream_id is not None else None,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> DeliveryJob:
+        stream = payload.get("streamId")
+        return cls(
+            uuid.UUID(str(payload["deliveryId"])),
+            uuid.UUID(str(payload["endpointId"])),
+            uuid.UUID(str(stream)) if stream is not None else None,
+        )
+
+
+async def enqueue_attempt(
+    queue: queuemod.JobQueue, conn: dbmod.Conn, job: DeliveryJob, *, delay: float = 0.0
+) -> None:
+    """The job of a delivery's next attempt, inside ``conn``'s transaction."""
+    await queue.enqueue(job.KIND, job.to_payload(), conn=conn, delay=delay, dedupe_key=job.dedupe_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,33 +159,38 @@ def body_of(event: Event) -> bytes:
 
 
 class Deliverer:
-    """The ``webhook_delivery`` job handler of one engine."""
+    """The ``webhook_delivery`` job handler: built from the database, the queue, the outbox (for
+    ``webhook_endpoint.disabled``), the vault (to open signing secrets), the webhook HTTP session, the counters
+    and the settings."""
 
-    def __init__(self, service: WebhookService) -> None:
-        self.service = service
+    def __init__(
+        self,
+        *,
+        db: dbmod.Database,
+        queue: queuemod.JobQueue,
+        outbox: Outbox,
+        vault: crypto.Vault,
+        session: Callable[[], aiohttp.ClientSession],
+        metrics: WebhookMetrics,
+        settings: WebhookSettings,
+    ) -> None:
+        self._db = db
+        self._queue = queue
+        self._outbox = outbox
+        self._vault = vault
+        self._session = session
+        self._metrics = metrics
+        self._settings = settings
         self._rng = random.Random()
 
-    async def enqueue(
-        self,
-        conn: dbmod.Conn,
-        delivery_id: uuid.UUID,
-        endpoint_id: uuid.UUID,
-        credential_id: uuid.UUID | None,
-        *,
-        delay: float = 0.0,
-    ) -> None:
-        """The job of the delivery's next attempt, inside ``conn``'s transaction."""
-        await self.service.engine.queue.enqueue(
-            DELIVER,
-            job_payload(delivery_id, endpoint_id, credential_id),
-            conn=conn,
-            delay=delay,
-            dedupe_key=f"webhook:{delivery_id}",
-        )
+    @property
+    def timeout(self) -> float:
+        """The job's time limit: one HTTP attempt plus the guard's lookups and the database work."""
+        return self._settings.timeout + JOB_MARGIN
 
     async def run(self, job: queuemod.Job) -> None:
-        delivery_id = uuid.UUID(job.payload["deliveryId"])
-        db = self.service.engine.db
+        delivery_id = DeliveryJob.from_payload(job.payload).delivery_id
+        db = self._db
         row = await db.fetchrow("webhook_delivery_for_attempt", delivery_id)
         if row is None or row["state"] != "pending":
             return  # removed, delivered, dead or parked meanwhile: nothing to do
@@ -174,9 +206,8 @@ class Deliverer:
 
     async def _park_or_go(self, job: queuemod.Job, seen: dbmod.Record) -> dbmod.Record | None:
         """Under the stream lock: park behind the earlier undelivered event, or go on if it has ended since."""
-        engine = self.service.engine
         delivery_id: uuid.UUID = seen["id"]
-        async with engine.db.transaction() as conn:
+        async with self._db.transaction() as conn:
             await conn.fetchval("lock_webhook_stream", str(seen["endpoint_id"]), str(seen["credential_id"]))
             row = await conn.fetchrow("webhook_delivery_for_attempt", delivery_id)
             if row is None or row["state"] != "pending":
@@ -184,25 +215,24 @@ class Deliverer:
             if not row["blocked"]:
                 return row
             await conn.fetchrow("park_webhook_delivery", delivery_id)
-            await engine.queue.complete_in(conn, job)
-        self.service.metrics.count(row["endpoint_id"], "parked")
+            await self._queue.complete_in(conn, job)
+        self._metrics.count(row["endpoint_id"], "parked")
         return None
 
     async def _attempt(self, row: dbmod.Record) -> Answer:
         """One signed POST. Never raises for what the receiver or the network does."""
-        service = self.service
-        cfg = service.engine.config
+        cfg = self._settings
         event = event_of(row)
         body = body_of(event)
         try:
-            target = guard.parse_url(row["url"], allow_private=service.allow_private)
+            target = guard.parse_url(row["url"], allow_private=cfg.allow_private)
         except errors.InvalidRequest as exc:
             return Answer(REFUSED, None, 0.0, f"refused: the URL {exc.reason}")
-        if target.is_ip and not service.allow_private:
+        if target.is_ip and not cfg.allow_private:
             why = guard.refusal(target.host, [target.host])
             if why is not None:
                 return Answer(REFUSED, None, 0.0, f"refused: {why}")
-        keys = service.open_secrets(row["endpoint_id"], row)
+        keys = secrets.open_all(self._vault, row["endpoint_id"], row)
         msg_id = str(event.event_id)
         timestamp = int(time.time())
         headers = {
@@ -214,12 +244,12 @@ class Deliverer:
         }
         started = time.monotonic()
         try:
-            async with service.session.post(
+            async with self._session().post(
                 target.url,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=cfg.webhook_timeout),
+                timeout=aiohttp.ClientTimeout(total=cfg.timeout),
             ) as response:
                 await _read_capped(response)
                 status = response.status
@@ -227,7 +257,7 @@ class Deliverer:
         except guard.AddressRefused as exc:
             return Answer(REFUSED, None, _ms_since(started), f"refused: {exc}"[:ERROR_MAX])
         except TimeoutError:
-            return Answer(FAILED, None, _ms_since(started), f"timeout after {cfg.webhook_timeout:g}s")
+            return Answer(FAILED, None, _ms_since(started), f"timeout after {cfg.timeout:g}s")
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or type(exc.os_error).__name__
             return Answer(FAILED, None, _ms_since(started), f"connect failed: {reason}"[:ERROR_MAX])
@@ -242,19 +272,18 @@ class Deliverer:
 
     async def _settle(self, job: queuemod.Job, row: dbmod.Record, answer: Answer) -> None:
         """Record the attempt and decide what follows, in one transaction (lock order: stream, endpoint, rows)."""
-        service = self.service
-        engine = service.engine
-        cfg = engine.config
+        cfg = self._settings
+        metrics = self._metrics
         endpoint_id: uuid.UUID = row["endpoint_id"]
         credential_id: uuid.UUID | None = row["credential_id"]
         delivery_id: uuid.UUID = row["id"]
         attempt = int(row["attempts"]) + 1
         tries = attempt - int(row["retry_base"])
-        schedule = tuple(cfg.webhook_retry_schedule)
-        service.metrics.count(endpoint_id, answer.outcome)
-        service.metrics.observe(answer.latency_ms / 1000)
+        schedule = tuple(cfg.retry_schedule)
+        metrics.count(endpoint_id, answer.outcome)
+        metrics.observe(answer.latency_ms / 1000)
         next_delay: float | None = None
-        async with engine.db.transaction() as conn:
+        async with self._db.transaction() as conn:
             if credential_id is not None:
                 await conn.fetchval("lock_webhook_stream", str(endpoint_id), str(credential_id))
             disable: str | None = None
@@ -262,9 +291,7 @@ class Deliverer:
                 await conn.execute("webhook_endpoint_succeeded", endpoint_id)
                 state = "delivered"
             else:
-                clock = await conn.fetchrow(
-                    "webhook_endpoint_failed", endpoint_id, float(cfg.webhook_disable_after)
-                )
+                clock = await conn.fetchrow("webhook_endpoint_failed", endpoint_id, float(cfg.disable_after))
                 if clock is not None and answer.outcome == GONE:
                     disable = "GONE"
                 elif clock is not None and clock["overdue"]:
@@ -278,21 +305,24 @@ class Deliverer:
                 "record_webhook_attempt", delivery_id, attempt, answer.outcome, answer.status, answer.latency_ms,
                 answer.error, state, next_delay,
             )  # fmt: skip
-            await engine.queue.complete_in(conn, job)
+            await self._queue.complete_in(conn, job)
             if recorded is None:
                 return  # the delivery ended meanwhile (endpoint disabled or removed)
             if disable is not None:
-                await service.disable(conn, endpoint_id, disable)
+                await self._disable(conn, endpoint_id, disable)
             elif next_delay is not None:
-                await self.enqueue(conn, delivery_id, endpoint_id, credential_id, delay=next_delay)
+                retry = DeliveryJob(delivery_id, endpoint_id, credential_id)
+                await enqueue_attempt(self._queue, conn, retry, delay=next_delay)
             elif credential_id is not None:
                 woken = await conn.fetchrow("wake_next_webhook_delivery", endpoint_id, credential_id)
                 if woken is not None:
-                    await self.enqueue(conn, woken["id"], endpoint_id, credential_id)
+                    await enqueue_attempt(
+                        self._queue, conn, DeliveryJob(woken["id"], endpoint_id, credential_id)
+                    )
         if disable is not None:
-            engine.bus.poke()  # webhook_endpoint.disabled committed: tell this process's listeners now
+            self._outbox.committed()  # webhook_endpoint.disabled committed: tell this process's listeners now
         if state == "dead":
-            service.metrics.count(endpoint_id, "dead")
+            metrics.count(endpoint_id, "dead")
         log.log(
             20 if answer.outcome != DELIVERED else 10,
             "webhook_attempt",
@@ -307,6 +337,26 @@ class Deliverer:
             state=state,
             next_attempt_in=None if next_delay is None else round(next_delay, 3),
         )
+
+    async def _disable(self, conn: dbmod.Conn, endpoint_id: uuid.UUID, reason: str) -> WebhookEndpoint | None:
+        """Inside ``conn``: disable the endpoint (GONE, FAILING), kill its pending deliveries and emit
+        ``webhook_endpoint.disabled`` (fanned out to the owner's other endpoints). None if already disabled."""
+        row = await conn.fetchrow("disable_webhook_endpoint", endpoint_id, reason)
+        if row is None:
+            return None
+        endpoint = WebhookEndpoint.from_row(row)
+        await conn.execute("kill_webhook_deliveries", endpoint_id, f"endpoint disabled ({reason})")
+        await self._outbox.record(
+            conn,
+            type="webhook_endpoint.disabled",
+            owner_id=endpoint.owner_id,
+            credential_id=None,
+            sequence=int(row["event_seq"]),
+            data={"endpoint": endpoint.event_dict(), "reason": reason},
+        )
+        self._metrics.count(endpoint_id, "disabled")
+        log.warning("webhook_endpoint_disabled", endpoint_id=str(endpoint_id), reason=reason)
+        return endpoint
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> None:

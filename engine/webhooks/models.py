@@ -13,8 +13,11 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from engine.config import Quotas
 
 Record = Mapping[str, Any]  # a database row (engine.db.Record), without importing the driver here
 
@@ -24,8 +27,23 @@ __all__ = [
     "WebhookDelivery",
     "WebhookEndpoint",
     "WebhookMetrics",
+    "WebhookSettings",
     "display_url",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """The settings the webhook parts use (from ``EngineConfig``: ``allow_private_webhook_urls``,
+    ``webhook_timeout``, ``webhook_retry_schedule``, ``webhook_disable_after``, ``webhook_secret_grace``, and
+    the owners' quotas)."""
+
+    quotas: Quotas
+    allow_private: bool = False
+    timeout: float = 15.0
+    retry_schedule: tuple[float, ...] = (0.0,)
+    disable_after: float = 5 * 86400.0
+    secret_grace: float = 86400.0
 
 
 class DeliveryState(enum.StrEnum):

@@ -62,12 +62,12 @@ async def test_job_timeouts_follow_the_request_timeouts(make_engine: EngineFacto
     eng = await make_engine(
         probe_timeout=2.0, webhook_timeout=7.0, job_timeout=50.0, job_timeouts={"purge_jobs": 900}
     )
-    settings = eng.queue.settings
+    queue = eng.queue  # each kind registered with its own timeout; job_timeouts (the settings) win
     probing = 2.0 * MAX_SEQUENTIAL_REQUESTS + jobs.PROBE_JOB_MARGIN
-    assert settings.timeout_for(jobs.VERIFY) == settings.timeout_for(jobs.ROTATION_VERIFY) == probing
-    assert settings.timeout_for("webhook_delivery") == 7.0 + 30.0
-    assert settings.timeout_for(jobs.REVOKE_CASCADE) == 50.0
-    assert settings.timeout_for(jobs.PURGE_JOBS) == 900.0
+    assert queue.timeout_for(jobs.VERIFY) == queue.timeout_for(jobs.ROTATION_VERIFY) == probing
+    assert queue.timeout_for("webhook_delivery") == 7.0 + 30.0
+    assert queue.timeout_for(jobs.REVOKE_CASCADE) == 50.0
+    assert queue.timeout_for(jobs.PURGE_JOBS) == 900.0
 
 
 async def test_a_timeout_for_an_unknown_job_kind_is_refused(make_engine: EngineFactory) -> None:

@@ -18,7 +18,7 @@ from engine.rewrap import Leftover
 from engine.store import FINGERPRINT_KEY
 from engine.testing import FakeVenue, settle
 from engine.webhooks import signing
-from engine.webhooks.service import secret_purpose
+from engine.webhooks.secrets import secret_purpose
 
 OWNER = "owner-rewrap"
 

@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from engine import Venue, worker
+from engine import Venue
+from engine.queue import worker
 from engine.testing import FakeVenue
 
 

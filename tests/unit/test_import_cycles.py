@@ -6,8 +6,6 @@ b`` names the submodule ``a.b`` when there is one, relative imports are resolved
 ``importlib.import_module("a.b")`` with a literal name counts too. Importing a submodule also runs its package's
 ``__init__``, but that implicit edge is left out: every package would otherwise loop with its own submodules.
 The strongly connected components of that graph with more than one module are the import loops.
-
-Run with ``--runxfail`` to see the loops still left in ``engine/``.
 """
 
 from __future__ import annotations
@@ -17,8 +15,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "venues")
@@ -279,7 +275,6 @@ def test_no_import_loop_in_venues() -> None:
     assert not loops, "\n" + describe(graph, loops)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/ cycles are removed by issue #10 item 2")
 def test_no_import_loop_in_engine() -> None:
     graph, loops = _components_touching("engine")
     assert not loops, "\n" + describe(graph, loops)

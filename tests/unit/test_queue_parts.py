@@ -108,7 +108,7 @@ def test_error_text_is_type_and_message_truncated() -> None:
 
 def test_queue_sql_blocks_are_named_and_described() -> None:
     """Every block of queue.sql has a one-line description, then SQL with $n placeholders, never Python braces."""
-    text = importlib.resources.files("engine").joinpath("queue.sql").read_text(encoding="utf-8")
+    text = importlib.resources.files("engine.queue").joinpath("queue.sql").read_text(encoding="utf-8")
     blocks = dbmod.parse_queries(text)
     expected = {
         "enqueue_job",

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from engine import errors
-from engine import worker as workermod
+from engine.queue import worker as workermod
 
 Outcome = tuple[str, int]
 

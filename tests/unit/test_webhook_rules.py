@@ -55,11 +55,15 @@ def test_retry_after_header_forms() -> None:
     assert delivery.parse_retry_after(None) is None
 
 
-def test_job_payload_never_names_the_credential_id_key() -> None:
-    """The revoke cascade cancels queued jobs whose payload contains credentialId: deliveries must not match."""
-    cid = uuid.uuid4()
-    payload = delivery.job_payload(uuid.uuid4(), uuid.uuid4(), cid)
-    assert "credentialId" not in payload and payload["streamId"] == str(cid)
+def test_a_delivery_job_round_trips_its_payload() -> None:
+    """The payload stored in the queue reads back as the same job (credential or none); one queued attempt per
+    delivery (the dedupe key names the delivery); the payload's field names stay those of queued jobs."""
+    for stream in (uuid.uuid4(), None):
+        job = delivery.DeliveryJob(uuid.uuid4(), uuid.uuid4(), stream)
+        payload = job.to_payload()
+        assert set(payload) == {"deliveryId", "endpointId", "streamId"}
+        assert delivery.DeliveryJob.from_payload(payload) == job
+        assert job.dedupe_key == f"webhook:{job.delivery_id}"
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
-"""The durable job queue, in PostgreSQL: what a job is, how its outcome is decided, and the queue's API.
+"""The durable job queue, in PostgreSQL: what a job is, how its outcome is decided, and every SQL statement.
 
-A job row (table ``queue_jobs``, SQL in ``engine/queue.sql``) moves::
+:class:`engine.queue.JobQueue` (:mod:`engine.queue.jobqueue`) is the API; :class:`SqlBackend` here runs the
+named queries of ``engine/queue/queue.sql`` for it and for the worker runtime. A job row (table ``queue_jobs``)
+moves::
 
     queued --claim--> running --done-----------------> done
       ^                  |  --Retry / error, tries left--> queued (run_at = now + delay)
@@ -20,13 +22,13 @@ Guarantees and how they are kept:
 - **Handler timeouts.** Each kind has one (:attr:`QueueSettings.handler_timeouts`, else ``handler_timeout``).
   Past it the handler is cancelled and the attempt fails with :class:`HandlerTimeout` (backoff, then dead
   like any failure); a handler that ignores the cancellation is abandoned after a grace period and its runner
-  replaced (:mod:`engine.worker`; its late writes are fenced out). The claim also records ``lease_cap`` =
+  replaced (:mod:`engine.queue.worker`; its late writes are fenced out). The claim also records ``lease_cap`` =
   claim time + the kind's timeout + ``LEASE_CAP_LEASES`` leases: heartbeats never extend a lease past it, so
   even a worker whose timeout cannot fire (a blocked event loop) lets go of the job, and another worker
   takes it back.
 - **Prefetch.** Claimed jobs wait locally for a free runner; their leases are not extended while they wait.
   One that waited ``(lease_seconds - heartbeat_interval) / 2`` is handed back (uncounted) for another worker,
-  and the worker then claims no more than its free runners can start (:mod:`engine.worker`).
+  and the worker then claims no more than its free runners can start (:mod:`engine.queue.worker`).
 - **Fair claims.** A job may name its owner (``fair_key``). Due jobs of owners get a start tag (start-time
   fair queueing): one after the owner's last queued job, and never before the smallest queued tag, so an
   owner with an empty queue goes next and an owner's backlog takes turns with everyone else's. Each claim
@@ -53,18 +55,15 @@ Guarantees and how they are kept:
   Handlers use the pool like any other code. An engine process with workers holds ``pool_max_size + 5``
   connections at most (the event bus LISTENs on one more).
 
-The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`engine.worker`.
+The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`engine.queue.worker`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import re
-import socket
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ import structlog
 
 from engine import db as dbmod
 from engine import errors
-from engine import worker as workermod
+from engine.queue import worker as workermod
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -86,7 +85,6 @@ __all__ = [
     "HandlerTimeout",
     "Job",
     "JobInfo",
-    "JobQueue",
     "QueueSettings",
     "Retry",
     "StaleAttempt",
@@ -296,7 +294,7 @@ def error_text(exc: BaseException) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
+class Outcome:
     """The write the flusher makes for one attempt."""
 
     job_id: int
@@ -309,7 +307,7 @@ class _Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class _Periodic:
+class Periodic:
     kind: str
     interval: float
     payload: dict[str, Any]
@@ -319,295 +317,26 @@ class _Periodic:
         return PERIODIC_KEY_PREFIX + self.kind
 
 
-class JobQueue:
-    """Durable jobs in PostgreSQL, run by asyncio workers in this process. Construction does no I/O.
-
-    ``start()`` once, ``stop()`` once (idempotent). ``run_until_idle()`` works started or not (burst mode).
-    """
-
-    def __init__(
-        self,
-        db: dbmod.Database,
-        handlers: Mapping[str, Handler],
-        settings: QueueSettings = DEFAULT_SETTINGS,
-        *,
-        worker_id: str | None = None,
-    ) -> None:
-        self._db = db
-        self._handlers: dict[str, Handler] = dict(handlers)
-        self.settings = settings
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.counters = Counters()
-        self._periodic: dict[str, _Periodic] = {}
-        self._worker: workermod.Worker[Job, _Outcome, dbmod.Conn] | None = None
-        self._phase = "new"  # new -> starting -> started -> stopped
-        self._backend = _Backend(db, self._handlers, settings, self.worker_id, self.counters, self._periodic)
-
-    # ---------------------------------------------------------------- lifecycle
-
-    @property
-    def running(self) -> bool:
-        """The workers are alive (for readiness checks)."""
-        return self._worker is not None and self._worker.alive
-
-    @property
-    def listening(self) -> bool:
-        """The LISTEN connection is up (when it is not, the queue still polls)."""
-        return self._worker is not None and self._worker.listening
-
-    def every(self, kind: str, interval: float, payload: Mapping[str, Any] | None = None) -> None:
-        """Run ``kind`` every ``interval`` seconds (first run at start). Register before :meth:`start`."""
-        if self._phase != "new":
-            raise errors.ConfigurationError("register periodic jobs before JobQueue.start()")
-        if kind not in self._handlers:
-            raise errors.ConfigurationError(f"periodic job {kind!r} has no handler")
-        if interval <= 0:
-            raise errors.ConfigurationError(f"periodic job {kind!r}: interval must be positive")
-        self._periodic[kind] = _Periodic(kind, float(interval), dict(payload or {}))
-
-    async def start(self) -> None:
-        """Seed the periodic jobs and start the workers (fetcher, runners, flusher, heartbeat, listener)."""
-        if self._phase != "new":
-            raise errors.EngineClosed("a JobQueue starts once")
-        self._phase = "starting"
-        try:
-            for spec in self._periodic.values():
-                await self._db.fetchrow(
-                    "ensure_periodic",
-                    spec.kind,
-                    spec.payload,
-                    spec.key,
-                    self.settings.max_attempts,
-                    self.settings.channel,
-                )
-        except BaseException:
-            self._phase = "new"  # nothing started: the caller may try again
-            raise
-        self._phase = "started"
-        self._worker = self._new_worker(listen=True)
-        self._worker.start()
-
-    async def stop(self) -> None:
-        """Stop claiming; wait up to ``shutdown_timeout`` for running jobs; hand back the rest. Idempotent."""
-        self._phase = "stopped"
-        if self._worker is not None:
-            await self._worker.stop()
-        await self._backend.close()
-
-    async def run_until_idle(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - arq-style API
-        """Claim and run jobs until none is ready and none runs here; returns the attempts run.
-
-        Started: waits for the background workers to drain. Not started: runs a temporary worker (no LISTEN,
-        periodic jobs not seeded) and stops it. Jobs scheduled in the future are not waited for.
-        Raises TimeoutError after ``timeout`` seconds.
-        """
-        if self._phase == "stopped":
-            raise errors.EngineClosed("the JobQueue is stopped")
-        if self._worker is not None:
-            return await self._worker.drain(timeout)
-        burst = self._new_worker(listen=False)
-        burst.start()
-        try:
-            return await burst.drain(timeout)
-        finally:
-            await burst.stop()
-
-    def _new_worker(self, *, listen: bool) -> workermod.Worker[Job, _Outcome, dbmod.Conn]:
-        s = self.settings
-        return workermod.Worker(
-            self._backend,
-            name=self.worker_id,
-            concurrency=s.concurrency,
-            batch_size=s.batch_size,
-            heartbeat_interval=s.heartbeat_interval,
-            poll_interval=s.poll_interval,
-            shutdown_timeout=s.shutdown_timeout,
-            listen=listen,
-            hold_unstarted=s.hold_unstarted,
-            cancel_grace=s.cancel_grace,
-        )
-
-    def _wake(self) -> None:
-        if self._worker is not None:
-            self._worker.wake()
-
-    # ---------------------------------------------------------------- producing
-
-    async def enqueue(
-        self,
-        kind: str,
-        payload: Mapping[str, Any] | None = None,
-        *,
-        conn: dbmod.Conn | None = None,
-        run_at: datetime | None = None,
-        delay: float = 0.0,
-        dedupe_key: str | None = None,
-        max_attempts: int | None = None,
-        fair_key: str | None = None,
-    ) -> int | None:
-        """Add a job; returns its id, or None when a queued job already holds ``dedupe_key``.
-
-        With ``conn`` it joins the caller's transaction (the NOTIFY fires at its commit). It runs at
-        ``run_at`` (timezone-aware; default now) plus ``delay`` seconds. ``fair_key`` names whose work it is
-        (an owner): jobs due now that carry one are claimed fairly across keys (see "Fair claims" above).
-        """
-        _check_fair_key(fair_key)
-        if run_at is not None and run_at.utcoffset() is None:
-            raise errors.InvalidRequest("run_at", "must be timezone-aware")
-        if delay < 0:
-            raise errors.InvalidRequest("delay", "must be 0 or more")
-        if max_attempts is not None and max_attempts < 1:
-            raise errors.InvalidRequest("max_attempts", "must be at least 1")
-        args = (
-            kind,
-            dict(payload or {}),
-            dedupe_key,
-            max_attempts or self.settings.max_attempts,
-            run_at,
-            float(delay),
-            self.settings.channel,
-            fair_key,
-        )
-        if conn is not None:
-            row = await conn.fetchrow("enqueue_job", *args)
-        else:
-            row = await self._db.fetchrow("enqueue_job", *args)
-            if row is not None and run_at is None and not delay:
-                self._wake()
-        return None if row is None else int(row["id"])
-
-    async def enqueue_many(
-        self,
-        kind: str,
-        payloads: Sequence[Mapping[str, Any]],
-        *,
-        conn: dbmod.Conn | None = None,
-        fair_key: str | None = None,
-    ) -> int:
-        """Add one job per payload in as few statements as possible (all or none); returns how many.
-        With ``fair_key``, the jobs are that owner's, in this order (see :meth:`enqueue`)."""
-        _check_fair_key(fair_key)
-        if conn is None:
-            async with self._db.transaction() as tx:
-                count = await self._insert_many(tx, kind, payloads, fair_key)
-            self._wake()
-            return count
-        return await self._insert_many(conn, kind, payloads, fair_key)
-
-    async def _insert_many(
-        self, conn: dbmod.Conn, kind: str, payloads: Sequence[Mapping[str, Any]], fair_key: str | None
-    ) -> int:
-        count = 0
-        for start in range(0, len(payloads), ENQUEUE_CHUNK):
-            chunk = [dict(p) for p in payloads[start : start + ENQUEUE_CHUNK]]
-            row = await conn.fetchrow(
-                "enqueue_many", kind, chunk, self.settings.max_attempts, self.settings.channel, fair_key
-            )
-            count += int(row["n"]) if row is not None else 0
-        return count
-
-    # ---------------------------------------------------------------- inside handlers
-
-    async def complete_in(self, conn: dbmod.Conn, job: Job) -> None:
-        """Mark this attempt done inside the caller's transaction (fenced on id and attempt).
-
-        Raises :class:`StaleAttempt` when the attempt no longer owns the job; let it propagate so the
-        transaction rolls back. For a periodic job the next occurrence is queued in the same transaction.
-        """
-        row = await conn.fetchrow("complete_job", job.id, job.attempt)
-        if row is None:
-            raise StaleAttempt(job.id, job.attempt)
-        # the handler's transaction will hold "done": unless it raises after all, the worker writes nothing more
-        self._backend.completed_in.add((job.id, job.attempt))
-        spec = self._backend.periodic_of(job)
-        if spec is not None:
-            await self._backend.schedule_next(conn, spec)
-
-    # ---------------------------------------------------------------- operators
-
-    async def list_jobs(
-        self, *, state: str | None = None, kind: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[JobInfo]:
-        """Jobs, newest first, optionally of one state and kind."""
-        if state is not None and state not in STATES:
-            raise errors.InvalidRequest("state", f"must be one of {', '.join(STATES)}")
-        if not 1 <= limit <= LIST_LIMIT_MAX:
-            raise errors.InvalidRequest("limit", f"must be between 1 and {LIST_LIMIT_MAX}")
-        if offset < 0:
-            raise errors.InvalidRequest("offset", "must be 0 or more")
-        rows = await self._db.fetch("list_jobs", state, kind, limit, offset)
-        return [JobInfo(**dict(row)) for row in rows]
-
-    async def list_dead(self, *, kind: str | None = None, limit: int = 100, offset: int = 0) -> list[JobInfo]:
-        """Dead jobs, newest first."""
-        return await self.list_jobs(state="dead", kind=kind, limit=limit, offset=offset)
-
-    async def retry_dead(self, job_id: int) -> bool:
-        """Send a dead job back to the queue to run now, its tries reset. False when it is not dead."""
-        channel = self.settings.channel
-        try:
-            row = await self._db.fetchrow("retry_dead", job_id, False, channel)
-        except dbmod.UniqueViolation as exc:
-            if exc.constraint != DEDUPE_INDEX:
-                raise
-            row = await self._db.fetchrow("retry_dead", job_id, True, channel)  # a twin got queued meanwhile
-        if row is None:
-            return False
-        log.info("queue_job_revived", job_id=job_id)
-        self._wake()
-        return True
-
-    async def counts(self) -> dict[str, int]:
-        """How many jobs are in each state (every state present)."""
-        counts = dict.fromkeys(STATES, 0)
-        for row in await self._db.fetch("count_jobs"):
-            counts[row["state"]] = int(row["n"])
-        return counts
-
-    async def cancel_queued(
-        self, *, kind: str | None = None, payload_contains: Mapping[str, Any] | None = None
-    ) -> int:
-        """Cancel queued (not started) jobs of ``kind`` and/or whose payload contains ``payload_contains``
-        (JSON containment, e.g. ``{"credentialId": "..."}``); returns how many. Running jobs are not touched.
-        Cancelling a periodic job's occurrence stops it until the next :meth:`start`."""
-        if kind is None and payload_contains is None:
-            raise errors.InvalidRequest("kind", "cancel_queued needs kind or payload_contains")
-        payload = None if payload_contains is None else dict(payload_contains)
-        return int(await self._db.fetchval("cancel_queued", kind, payload))
-
-    async def cancel_keys(self, dedupe_keys: Sequence[str], *, conn: dbmod.Conn | None = None) -> int:
-        """Cancel the queued jobs holding these dedupe keys (index lookups, unlike ``cancel_queued``'s
-        payload filter, which scans every queued job); returns how many."""
-        runner: dbmod.Conn | dbmod.Database = conn or self._db
-        return int(await runner.fetchval("cancel_queued_keys", list(dedupe_keys)))
-
-    async def purge(self, older_than: float) -> int:
-        """Delete done and cancelled jobs finished more than ``older_than`` seconds ago; returns how many."""
-        return int(await self._db.fetchval("purge_finished", float(older_than)))
-
-
-def _check_fair_key(fair_key: str | None) -> None:
-    if fair_key is not None and not 0 < len(fair_key) <= FAIR_KEY_MAX:
-        raise errors.InvalidRequest("fair_key", f"must be 1 to {FAIR_KEY_MAX} characters")
-
-
-class _Backend:
+class SqlBackend:
     """What the worker runtime calls (:class:`workermod.Backend`): the queue's SQL and its outcome rules."""
 
     def __init__(
         self,
         db: dbmod.Database,
         handlers: Mapping[str, Handler],
+        timeouts: Mapping[str, float],
         settings: QueueSettings,
         worker_id: str,
         counters: Counters,
-        periodic: Mapping[str, _Periodic],
+        periodic: Mapping[str, Periodic],
     ) -> None:
         self._db = db
-        self._handlers = handlers
-        self._kinds = sorted(handlers)  # claims only take kinds this process can run
-        self._caps = [settings.lease_cap_for(kind) for kind in self._kinds]  # lease_cap per kind, in seconds
+        self._handlers = handlers  # filled by JobQueue (constructor, register()) before a worker runs
+        self._timeouts = timeouts  # default time limits given to JobQueue.register()
         self._settings = settings
+        self._kinds: list[str] = []  # claims only take kinds this process can run (refresh_kinds)
+        self._caps: list[float] = []  # lease_cap per kind, in seconds
+        self.refresh_kinds()
         self._worker_id = worker_id
         self._counters = counters
         self._periodic = periodic  # filled by JobQueue.every() before start
@@ -622,11 +351,119 @@ class _Backend:
         self._writes = dbmod.DedicatedConnection(db, OUTCOMES_CONNECTION)
         self._beats = dbmod.DedicatedConnection(db, HEARTBEAT_CONNECTION)
 
-    def periodic_of(self, job: Job) -> _Periodic | None:
+    def time_limit_of(self, kind: str) -> float:
+        """Seconds a handler of ``kind`` may run: ``settings.handler_timeouts``, else the timeout it was
+        registered with, else ``settings.handler_timeout``."""
+        s = self._settings
+        if kind in s.handler_timeouts:
+            return s.handler_timeouts[kind]
+        return self._timeouts.get(kind, s.handler_timeout)
+
+    def refresh_kinds(self) -> None:
+        """Claim the kinds that have handlers now, with their lease caps (a handler was registered)."""
+        self._kinds = sorted(self._handlers)
+        self._caps = [
+            self.time_limit_of(k) + LEASE_CAP_LEASES * self._settings.lease_seconds for k in self._kinds
+        ]
+
+    # ---- producing and operating (JobQueue's statements) ------------------------------------------------
+
+    async def seed_periodic(self) -> None:
+        """Make sure each periodic job has one queued occurrence (the queue starts)."""
+        s = self._settings
+        for spec in self._periodic.values():
+            await self._db.fetchrow(
+                "ensure_periodic", spec.kind, spec.payload, spec.key, s.max_attempts, s.channel
+            )
+
+    async def enqueue(
+        self,
+        conn: dbmod.Conn | None,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        dedupe_key: str | None,
+        max_attempts: int,
+        run_at: datetime | None,
+        delay: float,
+        fair_key: str | None,
+    ) -> int | None:
+        args = (kind, payload, dedupe_key, max_attempts, run_at, delay, self._settings.channel, fair_key)
+        runner: dbmod.Conn | dbmod.Database = conn if conn is not None else self._db
+        row = await runner.fetchrow("enqueue_job", *args)
+        return None if row is None else int(row["id"])
+
+    async def enqueue_many(
+        self,
+        conn: dbmod.Conn | None,
+        kind: str,
+        payloads: Sequence[Mapping[str, Any]],
+        fair_key: str | None,
+    ) -> int:
+        if conn is None:
+            async with self._db.transaction() as tx:
+                return await self._insert_many(tx, kind, payloads, fair_key)
+        return await self._insert_many(conn, kind, payloads, fair_key)
+
+    async def _insert_many(
+        self, conn: dbmod.Conn, kind: str, payloads: Sequence[Mapping[str, Any]], fair_key: str | None
+    ) -> int:
+        s = self._settings
+        count = 0
+        for start in range(0, len(payloads), ENQUEUE_CHUNK):
+            chunk = [dict(p) for p in payloads[start : start + ENQUEUE_CHUNK]]
+            row = await conn.fetchrow("enqueue_many", kind, chunk, s.max_attempts, s.channel, fair_key)
+            count += int(row["n"]) if row is not None else 0
+        return count
+
+    async def complete_in(self, conn: dbmod.Conn, job: Job) -> None:
+        """Mark this attempt done in the caller's transaction; :class:`StaleAttempt` if it is not ours."""
+        row = await conn.fetchrow("complete_job", job.id, job.attempt)
+        if row is None:
+            raise StaleAttempt(job.id, job.attempt)
+        # the handler's transaction will hold "done": unless it raises after all, the worker writes nothing more
+        self.completed_in.add((job.id, job.attempt))
+        spec = self.periodic_of(job)
+        if spec is not None:
+            await self.schedule_next(conn, spec)
+
+    async def list_jobs(self, state: str | None, kind: str | None, limit: int, offset: int) -> list[JobInfo]:
+        rows = await self._db.fetch("list_jobs", state, kind, limit, offset)
+        return [JobInfo(**dict(row)) for row in rows]
+
+    async def retry_dead(self, job_id: int) -> bool:
+        channel = self._settings.channel
+        try:
+            row = await self._db.fetchrow("retry_dead", job_id, False, channel)
+        except dbmod.UniqueViolation as exc:
+            if exc.constraint != DEDUPE_INDEX:
+                raise
+            row = await self._db.fetchrow("retry_dead", job_id, True, channel)  # a twin got queued meanwhile
+        return row is not None
+
+    async def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in await self._db.fetch("count_jobs"):
+            counts[row["state"]] = int(row["n"])
+        return counts
+
+    async def cancel_queued(self, kind: str | None, payload: dict[str, Any] | None) -> int:
+        return int(await self._db.fetchval("cancel_queued", kind, payload))
+
+    async def cancel_keys(self, conn: dbmod.Conn | None, dedupe_keys: list[str]) -> int:
+        runner: dbmod.Conn | dbmod.Database = conn if conn is not None else self._db
+        return int(await runner.fetchval("cancel_queued_keys", dedupe_keys))
+
+    async def purge(self, older_than: float) -> int:
+        return int(await self._db.fetchval("purge_finished", older_than))
+
+    # ---- what the worker runtime calls ----------------------------------------------------------------------
+
+    def periodic_of(self, job: Job) -> Periodic | None:
         spec = self._periodic.get(job.kind)
         return spec if spec is not None and job.dedupe_key == spec.key else None
 
-    async def schedule_next(self, conn: dbmod.Conn, spec: _Periodic) -> None:
+    async def schedule_next(self, conn: dbmod.Conn, spec: Periodic) -> None:
         """Queue the next occurrence of a periodic job (a no-op when one is queued already)."""
         s = self._settings
         await conn.fetchrow(
@@ -652,10 +489,10 @@ class _Backend:
         for dedicated in (self._claims, self._writes, self._beats):
             await dedicated.close()
 
-    def rides_along(self, outcome: _Outcome) -> bool:
+    def rides_along(self, outcome: Outcome) -> bool:
         return outcome.state == "done" and outcome.periodic is None
 
-    async def claim(self, session: dbmod.Conn, limit: int, done: Sequence[_Outcome]) -> list[Job]:
+    async def claim(self, session: dbmod.Conn, limit: int, done: Sequence[Outcome]) -> list[Job]:
         lease = self._settings.lease_seconds
         done_ids = [o.job_id for o in done]
         done_attempts = [o.attempt for o in done]
@@ -687,7 +524,7 @@ class _Backend:
             jobs.append(job)
         return jobs
 
-    async def execute(self, job: Job) -> _Outcome | None:
+    async def execute(self, job: Job) -> Outcome | None:
         handler = self._handlers[job.kind]
         # bound in the runner task's own context, so handler logs carry the job; restored afterwards
         tokens = structlog.contextvars.bind_contextvars(job_id=job.id, job_kind=job.kind, attempt=job.attempt)
@@ -723,9 +560,9 @@ class _Backend:
         return self._final(job, "done", None)
 
     def time_limit(self, job: Job) -> float:
-        return self._settings.timeout_for(job.kind)
+        return self.time_limit_of(job.kind)
 
-    def timed_out(self, job: Job, *, abandoned: bool) -> _Outcome:
+    def timed_out(self, job: Job, *, abandoned: bool) -> Outcome:
         """The outcome of an attempt whose handler ran past its kind's timeout: a failed try."""
         self.completed_in.discard((job.id, job.attempt))
         self._counters.timed_out += 1
@@ -740,11 +577,11 @@ class _Backend:
         )
         return self._again(job, None, error_text(exc), failed=True)
 
-    def _final(self, job: Job, state: str, error: str | None) -> _Outcome:
+    def _final(self, job: Job, state: str, error: str | None) -> Outcome:
         spec = self.periodic_of(job)
-        return _Outcome(job.id, job.attempt, state, error=error, periodic=None if spec is None else spec.kind)
+        return Outcome(job.id, job.attempt, state, error=error, periodic=None if spec is None else spec.kind)
 
-    def _again(self, job: Job, after: float | None, error: str, *, failed: bool) -> _Outcome:
+    def _again(self, job: Job, after: float | None, error: str, *, failed: bool) -> Outcome:
         """Another try after ``after`` seconds (None: backoff), or dead when this was the last."""
         if failed:
             self._counters.failed += 1
@@ -764,14 +601,14 @@ class _Backend:
             delay=round(after, 3),
             error=error,
         )
-        return _Outcome(job.id, job.attempt, "queued", delay=after, error=error)
+        return Outcome(job.id, job.attempt, "queued", delay=after, error=error)
 
-    def hand_back(self, job: Job) -> _Outcome:
+    def hand_back(self, job: Job) -> Outcome:
         self._counters.handed_back += 1
         log.info("queue_job_handed_back", job_id=job.id, kind=job.kind, attempt=job.attempt)
-        return _Outcome(job.id, job.attempt, "queued", uncount=1)
+        return Outcome(job.id, job.attempt, "queued", uncount=1)
 
-    async def finish(self, session: dbmod.Conn, outcomes: Sequence[_Outcome]) -> bool:
+    async def finish(self, session: dbmod.Conn, outcomes: Sequence[Outcome]) -> bool:
         plain = [o for o in outcomes if o.state == "done" and o.periodic is None]
         other = [o for o in outcomes if o.state != "done" or o.periodic is not None]
         if plain:  # the common case gets the lean statement
@@ -792,7 +629,7 @@ class _Backend:
                     await self._write(session, [outcome], drop_keys=True)
         return any(o.state == "queued" for o in other)
 
-    async def _write(self, conn: dbmod.Conn, outcomes: Sequence[_Outcome], *, drop_keys: bool) -> None:
+    async def _write(self, conn: dbmod.Conn, outcomes: Sequence[Outcome], *, drop_keys: bool) -> None:
         args = (
             [o.job_id for o in outcomes],
             [o.attempt for o in outcomes],
