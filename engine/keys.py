@@ -33,11 +33,13 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 
-from engine import crypto, errors
+from engine import crypto, errors, keys_aws
+from engine.keys_aws import KMS_SETTING
 from engine.sensitive import MasterKeysText
 
 __all__ = [
     "DEFAULT_KMS_CONTEXT",
+    "KMS_SETTING",
     "AwsKmsKeys",
     "EnvironmentKeys",
     "GeneratedKeyFile",
@@ -51,7 +53,6 @@ __all__ = [
 log = structlog.get_logger("engine.keys")
 
 FILE_SETTING = "ENGINE_MASTER_KEYS_FILE"
-KMS_SETTING = "ENGINE_MASTER_KEYS_KMS"
 KMS_FILE_SETTING = "ENGINE_MASTER_KEYS_KMS_FILE"
 KMS_CONTEXT_SETTING = "ENGINE_KMS_ENCRYPTION_CONTEXT"
 # bound to the purpose: a ciphertext of this KMS key made for anything else does not decrypt as master keys
@@ -251,8 +252,6 @@ class AwsKmsKeys:
         return f"AwsKmsKeys(source={self.source!r})"
 
     async def load(self) -> crypto.MasterKeyring:
-        from engine import keys_aws  # aiobotocore loads only when KMS is used
-
         return await keys_aws.decrypt_keyring(self.settings, source=self.source)
 
 

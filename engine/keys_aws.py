@@ -19,13 +19,34 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from engine import crypto, errors
-from engine.keys import KMS_SETTING, KmsSettings
 from engine.sensitive import MasterKeysText
 
 __all__ = ["decrypt_keyring", "decrypt_spec", "encrypt_spec"]
+
+KMS_SETTING = "ENGINE_MASTER_KEYS_KMS"  # the setting named in errors (engine/keys.py re-uses it)
+
+
+class KmsSettings(Protocol):
+    """What a decryption needs of :class:`engine.keys.KmsSettings` (a protocol, so this module does not import
+    engine.keys, which imports it)."""
+
+    @property
+    def setting(self) -> str: ...
+    @property
+    def key_id(self) -> str | None: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def endpoint_url(self) -> str | None: ...
+    @property
+    def encryption_context(self) -> Mapping[str, str]: ...
+    @property
+    def timeout(self) -> float: ...
+    def blob(self) -> bytes: ...
+
 
 MAX_PLAINTEXT = 4096  # kms:Encrypt's limit
 # loggers of the AWS SDK whose DEBUG records carry request or response bodies
