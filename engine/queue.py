@@ -832,8 +832,8 @@ class _Backend:
     async def listen(self, on_notify: Callable[[], None]) -> workermod.Listener:
         listener = await self._db.open_listener(application_name=LISTEN_CONNECTION)
         try:
-            await listener.add(self._settings.channel, lambda _payload: on_notify())
             await self._db.check_listener(listener)  # one warning when it hears nothing; polling goes on
+            await listener.add(self._settings.channel, lambda _payload: on_notify())
         except BaseException:
             await listener.close()
             raise

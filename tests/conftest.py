@@ -170,10 +170,15 @@ async def database_url(pg_server: str, pg_admin: str, template_database: str) ->
 
 @pytest.fixture
 async def db(database_url: str, pooler_settings: dict[str, Any]) -> AsyncIterator[dbmod.Database]:
-    """A connected Database on a fresh per-test database."""
+    """A connected Database on a fresh per-test database (with the pooler's settings, ENGINE_TEST_POOLER)."""
     config = EngineConfig(**pooler_settings)
+    listen = config.listen_database_url
     database = await dbmod.Database.connect(
-        database_url, min_size=1, max_size=8, statement_cache_size=config.statement_cache_size
+        database_url,
+        min_size=1,
+        max_size=8,
+        statement_cache_size=config.statement_cache_size,
+        listen_dsn=dsn_with_database(listen, urlsplit(database_url).path.lstrip("/")) if listen else None,
     )
     try:
         yield database

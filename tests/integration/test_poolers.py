@@ -26,7 +26,8 @@ from engine import db as dbmod
 from engine.testing import FakeVenue
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("ENGINE_TEST_POOLER") != "transaction" or not os.environ.get("ENGINE_TEST_ADMIN_DATABASE_URL"),
+    os.environ.get("ENGINE_TEST_POOLER") != "transaction"
+    or not os.environ.get("ENGINE_TEST_ADMIN_DATABASE_URL"),
     reason="needs PgBouncer in transaction mode in front of the test server (make test-postgres, second pass)",
 )
 
@@ -138,7 +139,9 @@ async def test_a_listen_through_the_pooler_is_found_deaf_warned_once_and_polling
 
         deaf.subscribe(listener, ["credential.created"])
         deadline = time.monotonic() + 3 * dbmod.LISTEN_CHECK_TIMEOUT
-        while deaf._db is not None and deaf._db.listen_works is None:  # both listeners check in the background
+        while (
+            deaf._db is not None and deaf._db.listen_works is None
+        ):  # both listeners check in the background
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         await asyncio.sleep(dbmod.LISTEN_CHECK_TIMEOUT + 1)  # the second listener's check ends too
@@ -157,7 +160,9 @@ async def test_a_listen_through_the_pooler_is_found_deaf_warned_once_and_polling
     assert producer._db is not None and producer._db.listen_works is True  # LISTEN on the direct DSN
 
 
-async def _latencies(listening: CredentialEngine, producing: CredentialEngine, fake: FakeVenue) -> list[float]:
+async def _latencies(
+    listening: CredentialEngine, producing: CredentialEngine, fake: FakeVenue
+) -> list[float]:
     """Seconds from the start of each create in ``producing`` to its event in ``listening`` (another engine:
     own pool, own LISTEN connection, so only NOTIFY or polling can bring it)."""
     arrived: dict[uuid.UUID, float] = {}
@@ -185,7 +190,7 @@ async def _latencies(listening: CredentialEngine, producing: CredentialEngine, f
 
 
 async def test_listener_latency_through_the_pooler_with_a_direct_listen_dsn(
-    make_engine: Any, fake: FakeVenue, database_url: str, pg_admin: str
+    make_engine: Any, fake: FakeVenue, database_url: str, pg_admin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Events committed by another engine reach a listener polling only every 30 s: through the pooler (LISTEN
     on the direct DSN) as through a direct connection. The figures are printed, not asserted (noisy machine)."""
@@ -201,8 +206,9 @@ async def test_listener_latency_through_the_pooler_with_a_direct_listen_dsn(
         assert listening._db is not None and listening._db.listen_works is True
         await listening.close()
         await producing.close()
-    for mode, samples in figures.items():
-        print(
-            f"\nlistener latency {mode}: median {statistics.median(samples) * 1000:.1f} ms,"
-            f" max {max(samples) * 1000:.1f} ms over {len(samples)} creates (create + NOTIFY + read)"
-        )
+    with capsys.disabled():  # the figures in the run's output, passed or not
+        for mode, samples in figures.items():
+            print(
+                f"\nlistener latency {mode}: median {statistics.median(samples) * 1000:.1f} ms,"
+                f" max {max(samples) * 1000:.1f} ms over {len(samples)} creates (create + NOTIFY + read)"
+            )

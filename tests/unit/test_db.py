@@ -53,6 +53,62 @@ async def test_driver_errors_are_translated(db: dbmod.Database) -> None:
     assert info.value.__cause__ is None
 
 
+@pytest.mark.parametrize(
+    ("script", "sqlstate"),
+    [
+        ("EXECUTE canary_statement_name", "26000"),
+        ("PREPARE canary_statement_name AS SELECT 1; PREPARE canary_statement_name AS SELECT 2", "42P05"),
+    ],
+)
+async def test_prepared_statement_errors_keep_the_drivers_hint(
+    db: dbmod.Database, script: str, sqlstate: str
+) -> None:
+    """26000 and 42P05 (what a transaction pooler does to named prepared statements) keep the driver's hint,
+    statement_cache_size=0, and name the engine's setting, in a fixed text: nothing of the statement."""
+    with pytest.raises(errors.StorageError) as info:
+        async with db.connection() as conn:
+            await conn.execute_script(script)
+    text = str(info.value)
+    assert text.startswith(f"database error {sqlstate} (")
+    assert "statement_cache_size=0" in text and "ENGINE_DB_POOLER=transaction" in text
+    assert "canary" not in text
+
+
+async def test_a_listener_that_hears_its_own_notify_is_recorded_as_working(db: dbmod.Database) -> None:
+    """check_listener: the NOTIFY sent through the pool arrives on a direct LISTEN connection; the private
+    channel is UNLISTENed afterwards and nothing is warned."""
+    listener = await db.open_listener(application_name="ce-test-listen")
+    try:
+        assert db.listen_works is None
+        assert await db.check_listener(listener) is True
+        assert db.listen_works is True
+        assert await listener._raw.fetch("SELECT pg_listening_channels()") == []
+    finally:
+        await listener.close()
+
+
+async def test_listen_connections_use_the_listen_dsn(database_url: str) -> None:
+    """With ``listen_dsn`` the LISTEN connections go there (an unreachable one here: opening fails) while the
+    pool and the other dedicated connections keep the main DSN."""
+    database = await dbmod.Database.connect(
+        database_url,
+        min_size=1,
+        max_size=2,
+        acquire_timeout=2,
+        listen_dsn="postgresql://nobody@127.0.0.1:1/x",
+    )
+    try:
+        assert await database.fetchval("ping") == 1
+        dedicated = dbmod.DedicatedConnection(database, "ce-test-dedicated")
+        async with dedicated.session() as conn:
+            assert await conn.fetchval("ping") == 1
+        await dedicated.close()
+        with pytest.raises(errors.StorageError, match="database unreachable"):
+            await database.open_listener()
+    finally:
+        await database.close()
+
+
 async def test_released_connections_roll_back_open_transactions(db: dbmod.Database) -> None:
     """Skipping the reset query on release still never hands out a connection inside a transaction."""
     async with db.connection() as conn:
