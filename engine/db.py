@@ -495,18 +495,26 @@ class Database:
         there is one."""
         return RawListener(await self.connect_dedicated(application_name=application_name, listen=True))
 
-    async def check_listener(self, listener: RawListener, *, within: float = LISTEN_CHECK_TIMEOUT) -> bool:
+    async def check_listener(
+        self, listener: RawListener, *, within: float = LISTEN_CHECK_TIMEOUT
+    ) -> bool | None:
         """Whether ``listener`` hears a NOTIFY sent through the pool: it LISTENs on a private channel, the pool
         NOTIFYs it, and it must arrive within ``within`` seconds. A transaction pooler forwards LISTEN to
         whichever server connection is free and then moves on, so nothing arrives: that is warned once per
         Database, with the reason (:data:`LISTEN_DEAF_WARNING`); the callers keep polling either way.
-        Records the answer in :attr:`listen_works`. Database errors raise :class:`errors.StorageError`."""
+        Records the answer in :attr:`listen_works`. None, and nothing recorded, when the pool could not send
+        the NOTIFY (a starved pool must not keep a LISTEN connection from starting: the next one checks).
+        An error of the LISTEN connection itself raises :class:`errors.StorageError`."""
         channel = f"ce_listen_check_{secrets.token_hex(8)}"
         heard = asyncio.Event()
         await listener.add(channel, lambda _payload: heard.set())
         try:
-            async with self.connection() as conn:
-                await notify(conn, channel, "")
+            try:
+                async with self.connection() as conn:
+                    await notify(conn, channel, "")
+            except errors.StorageError as exc:
+                log.info("listen_check_skipped", error=str(exc))
+                return None
             try:
                 async with asyncio.timeout(within):
                     await heard.wait()

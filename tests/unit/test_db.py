@@ -87,6 +87,26 @@ async def test_a_listener_that_hears_its_own_notify_is_recorded_as_working(db: d
         await listener.close()
 
 
+async def test_a_starved_pool_skips_the_listen_check_without_failing_the_listener(database_url: str) -> None:
+    """The check's NOTIFY goes through the pool: when no pool connection comes free, the check is skipped
+    (None, nothing recorded, nothing warned) instead of keeping the LISTEN connection from starting."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=1, acquire_timeout=0.3)
+    release = asyncio.Event()
+    listener = await database.open_listener()
+    try:
+        holder = asyncio.create_task(_hold_one(database, release))
+        await asyncio.sleep(0.1)
+        assert await database.check_listener(listener) is None
+        assert database.listen_works is None
+        assert await listener._raw.fetch("SELECT pg_listening_channels()") == []
+        release.set()
+        await holder
+        assert await database.check_listener(listener) is True
+    finally:
+        await listener.close()
+        await database.close()
+
+
 async def test_listen_connections_use_the_listen_dsn(database_url: str) -> None:
     """With ``listen_dsn`` the LISTEN connections go there (an unreachable one here: opening fails) while the
     pool and the other dedicated connections keep the main DSN."""
