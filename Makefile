@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup run demo test test-fast reliability bench lint typecheck fmt check package-check clean
+.PHONY: setup run demo test test-fast test-postgres reliability bench lint typecheck fmt check package-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Debian's PostgreSQL and PgBouncer (installed when missing: run as root), a cluster and a transaction-mode
+# PgBouncer of its own on free loopback ports, a LOGIN CREATEDB role; the integration and short reliability
+# tests directly, then the pooler-relevant ones through PgBouncer (tests/servers/realpg.sh says which).
+test-postgres: $(STAMP)
+	PY=$(BIN)/python PYTEST_ARGS="$(PYTEST_ARGS)" bash tests/servers/realpg.sh
 
 reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -m reliability --reliability-full $(PYTEST_ARGS)

@@ -21,6 +21,11 @@ Environment variables (all optional):
     ENGINE_POOL_MAX_SIZE         most pool connections of this process (default 10; 1 + 4 with workers outside it)
     ENGINE_POOL_ACQUIRE_TIMEOUT  seconds a request waits for a pool connection before a 503 (default 10)
     ENGINE_DB_COMMAND_TIMEOUT    seconds one SQL statement may take, lock waits included (default 60)
+    ENGINE_DB_POOLER             none | session | transaction: what sits between the engine and PostgreSQL
+                                 (transaction: PgBouncer pool_mode=transaction; turns the statement cache off)
+    ENGINE_DB_STATEMENT_CACHE_SIZE   asyncpg's prepared-statement cache per connection (default 100, 0 with
+                                 ENGINE_DB_POOLER=transaction)
+    ENGINE_LISTEN_DATABASE_URL   a direct (unpooled) DSN for the LISTEN connections; default: the main DSN
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
@@ -52,6 +57,8 @@ from venues.base import Permissions, ProbeResult, Venue
 
 DAY_MS = 86_400_000
 _EGRESS_GROUP = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # an egress group name
+DB_POOLERS = ("none", "session", "transaction")
+DEFAULT_STATEMENT_CACHE_SIZE = 100  # asyncpg's own default
 # Svix's published schedule: delay before each attempt of a webhook delivery (the first is immediate)
 WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
@@ -167,6 +174,14 @@ class EngineConfig:
     pool_max_size: int = 10
     pool_acquire_timeout: float = 10.0  # a starved pool answers StorageError (503) after this, never hangs
     db_command_timeout: float = 60.0  # per SQL statement (asyncpg command_timeout), row-lock waits included
+    # what sits between the engine and PostgreSQL: "none", "session" (a session pooler: nothing changes) or
+    # "transaction" (PgBouncer pool_mode=transaction: server connections change between transactions, so no
+    # named prepared statements, and LISTEN needs listen_database_url)
+    db_pooler: str = "none"
+    # asyncpg's prepared-statement cache per connection; None: 0 with db_pooler="transaction", else 100
+    db_statement_cache_size: int | None = None
+    # a direct DSN (same database, no transaction pooler) for the LISTEN connections; None: database_url
+    listen_database_url: str | None = None
     allow_private_webhook_urls: bool = False
     webhook_timeout: float = 15.0  # seconds per webhook attempt
     webhook_retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
@@ -181,6 +196,18 @@ class EngineConfig:
             object.__setattr__(self, "database_url", SecretDsn(self.database_url))
         if self.master_keys is not None:
             object.__setattr__(self, "master_keys", MasterKeysText(self.master_keys))
+        if self.listen_database_url is not None:
+            object.__setattr__(self, "listen_database_url", SecretDsn(self.listen_database_url))
+        if self.db_pooler not in DB_POOLERS:
+            raise errors.ConfigurationError(
+                f"db_pooler must be one of {', '.join(DB_POOLERS)}", field="db_pooler"
+            )
+        cache = self.db_statement_cache_size
+        if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 0):
+            raise errors.ConfigurationError(
+                "db_statement_cache_size must be an integer >= 0 (0: no prepared-statement cache)",
+                field="db_statement_cache_size",
+            )
         if self.workers < 0:
             raise errors.ConfigurationError("workers must be >= 0", field="workers")
         schedule = self.webhook_retry_schedule
@@ -223,6 +250,14 @@ class EngineConfig:
                     f"venue_urls key {venue!r} is not a Venue", field="venue_urls"
                 )
 
+    @property
+    def statement_cache_size(self) -> int:
+        """asyncpg's ``statement_cache_size`` for every connection: the setting, else what the pooler implies
+        (0 through a transaction pooler, whose server connections do not keep named prepared statements)."""
+        if self.db_statement_cache_size is not None:
+            return self.db_statement_cache_size
+        return 0 if self.db_pooler == "transaction" else DEFAULT_STATEMENT_CACHE_SIZE
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:
         """Build from environment variables (see the module docstring); keyword overrides win."""
@@ -233,6 +268,10 @@ class EngineConfig:
             dsn = "postgresql://"  # libpq variables fill in the rest (asyncpg honours them)
         if dsn:
             kwargs["database_url"] = dsn
+        if env.get("ENGINE_LISTEN_DATABASE_URL"):
+            kwargs["listen_database_url"] = env["ENGINE_LISTEN_DATABASE_URL"]
+        if env.get("ENGINE_DB_POOLER"):
+            kwargs["db_pooler"] = env["ENGINE_DB_POOLER"].strip().lower()
         if env.get("ENGINE_DATA_DIR"):
             kwargs["data_dir"] = Path(env["ENGINE_DATA_DIR"])
         if env.get("ENGINE_MASTER_KEYS"):
@@ -256,6 +295,7 @@ class EngineConfig:
             ("pool_max_size", "ENGINE_POOL_MAX_SIZE", int),
             ("pool_acquire_timeout", "ENGINE_POOL_ACQUIRE_TIMEOUT", float),
             ("db_command_timeout", "ENGINE_DB_COMMAND_TIMEOUT", float),
+            ("db_statement_cache_size", "ENGINE_DB_STATEMENT_CACHE_SIZE", int),
         ):
             if env.get(key):
                 try:
@@ -288,6 +328,7 @@ class EngineConfig:
 # variables read by from_env() and the API's configuration (engine/api.py) whose values are secret
 SECRET_VARIABLES: dict[str, type[SecretText]] = {
     "DATABASE_URL": SecretDsn,
+    "ENGINE_LISTEN_DATABASE_URL": SecretDsn,
     "ENGINE_MASTER_KEYS": MasterKeysText,
 }
 # any other variable with one of these in its name is shown as *** (ENGINE_API_JWT_SECRET, PGPASSWORD, ...)

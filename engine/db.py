@@ -30,6 +30,16 @@ hold the connection, may use the pool. The check is one ``ContextVar.get`` per a
 (tests, development and production alike). What it cannot see: a holder *awaiting* a child task that waits
 for the pool (``asyncio.wait_for`` and ``gather`` run coroutines in tasks of their own); the acquire timeout
 ends such a wait with :class:`PoolExhausted` instead of a hang.
+
+**Poolers** (README "Connection poolers"). Through a *transaction* pooler (PgBouncer ``pool_mode =
+transaction``) consecutive transactions of one client run on different server connections, so the engine keeps
+no session state: every advisory lock is transaction-scoped, the queue's claim sets ``enable_sort`` with
+``SET LOCAL`` in its own transaction, and ``statement_cache_size=0`` (``EngineConfig.db_pooler``) makes asyncpg
+use unnamed statements, parsed and run in one round trip, instead of named prepared statements that live on one
+server connection (with the cache on, SQLSTATE 26000 "prepared statement does not exist" and 42P05 "already
+exists" follow; the error then says so). LISTEN needs a session of its own: ``listen_dsn`` (a direct DSN)
+serves the LISTEN connections, and :meth:`Database.check_listener` finds a LISTEN that hears nothing (it
+NOTIFYs itself through the pool), warns once and says why; polling carries on either way.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import contextvars
 import hashlib
 import importlib.resources
 import re
+import secrets
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -101,6 +112,18 @@ QUERY_FILES = ("queries.sql", "queue/queue.sql", "webhooks/webhooks.sql", "tenan
 
 DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted
 DEFAULT_COMMAND_TIMEOUT = 60.0  # seconds per statement (asyncpg command_timeout), row-lock waits included
+DEFAULT_STATEMENT_CACHE_SIZE = 100  # asyncpg's own default; 0 through a transaction pooler
+LISTEN_CHECK_TIMEOUT = 5.0  # seconds a LISTEN connection has to hear the NOTIFY the engine sends itself
+LISTEN_DEAF_WARNING = (
+    "LISTEN through a transaction pooler receives nothing; "
+    "set ENGINE_LISTEN_DATABASE_URL to a direct connection"
+)
+# SQLSTATEs of named prepared statements lost or doubled by a transaction pooler, and the driver's advice
+_POOLER_SQLSTATES = frozenset({"26000", "42P05"})
+_POOLER_HINT = (
+    "a transaction pooler (PgBouncer pool_mode=transaction) is in front of the server: the driver's hint is "
+    "to use statement_cache_size=0; set ENGINE_DB_POOLER=transaction (or ENGINE_DB_STATEMENT_CACHE_SIZE=0)"
+)
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for connections in use before terminating them
 
 # the task that holds a pool connection in this context (see the module docstring), None when none does
@@ -154,7 +177,10 @@ def _translate(exc: BaseException) -> errors.StorageError:
         return LockNotAvailable()
     if isinstance(exc, asyncpg.PostgresError):
         # sqlstate and class only: the message may quote values of the row
-        return errors.StorageError(f"database error {exc.sqlstate} ({type(exc).__name__})")
+        text = f"database error {exc.sqlstate} ({type(exc).__name__})"
+        if exc.sqlstate in _POOLER_SQLSTATES:  # the driver's hint, as a fixed text: it names no value
+            text += f": {_POOLER_HINT}"
+        return errors.StorageError(text)
     return errors.StorageError(f"database unreachable ({type(exc).__name__})")
 
 
@@ -237,8 +263,9 @@ class Conn:
 async def _keep_session(conn: Any) -> None:
     """Pool release without the reset query (``UNLISTEN *; RESET ALL; ...``: one more round trip per release,
     about 6 % of a busy engine's CPU in a py-spy profile). Safe because pool connections carry no session
-    state: LISTEN happens on dedicated connections, nothing runs SET, and every advisory lock is
-    transaction-scoped (``pg_advisory_xact_lock``). asyncpg still rolls back an open transaction first."""
+    state: LISTEN happens on dedicated connections, nothing runs a session SET (only ``SET LOCAL``), and every
+    advisory lock is transaction-scoped (``pg_advisory_xact_lock``). asyncpg still rolls back an open
+    transaction first. The same holds through a transaction pooler (module docstring)."""
 
 
 async def _init_connection(conn: Any) -> None:
@@ -253,6 +280,7 @@ class Database:
 
     Every pool acquire waits at most ``acquire_timeout`` seconds (:class:`PoolExhausted` past it) and refuses,
     at once, a task that already holds a pool connection (:class:`errors.PoolReentry`; module docstring).
+    ``listen_dsn`` (a direct DSN to the same database) serves the LISTEN connections; None: the pool's DSN.
     """
 
     def __init__(
@@ -262,6 +290,7 @@ class Database:
         owns_pool: bool,
         queries: Mapping[str, str] | None = None,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        listen_dsn: str | None = None,
     ) -> None:
         if not acquire_timeout > 0:
             raise errors.ConfigurationError("acquire_timeout must be positive", field="pool_acquire_timeout")
@@ -269,6 +298,10 @@ class Database:
         self._owns_pool = owns_pool
         self.acquire_timeout = float(acquire_timeout)
         self.queries: Mapping[str, str] = queries if queries is not None else load_queries(*QUERY_FILES)
+        self._listen_dsn = listen_dsn
+        # whether a LISTEN connection heard the engine's own NOTIFY: None until checked (check_listener)
+        self.listen_works: bool | None = None
+        self._deaf_warned = False
 
     @classmethod
     async def connect(
@@ -279,7 +312,11 @@ class Database:
         max_size: int = 10,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        statement_cache_size: int = DEFAULT_STATEMENT_CACHE_SIZE,
+        listen_dsn: str | None = None,
     ) -> Database:
+        """Open a pool. ``statement_cache_size=0`` through a transaction pooler (module docstring); the
+        dedicated connections (:meth:`connect_dedicated`) use the same setting."""
         with translated():
             pool = await asyncpg.create_pool(
                 dsn,
@@ -288,13 +325,16 @@ class Database:
                 init=_init_connection,
                 reset=_keep_session,
                 command_timeout=command_timeout,
+                statement_cache_size=statement_cache_size,
             )
-        return cls(pool, owns_pool=True, acquire_timeout=acquire_timeout)
+        return cls(pool, owns_pool=True, acquire_timeout=acquire_timeout, listen_dsn=listen_dsn)
 
     @classmethod
-    def from_pool(cls, pool: Any, *, acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT) -> Database:
+    def from_pool(
+        cls, pool: Any, *, acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT, listen_dsn: str | None = None
+    ) -> Database:
         """Use a pool the caller made (and closes). It must have the jsonb codec; see ``init_connection``."""
-        return cls(pool, owns_pool=False, acquire_timeout=acquire_timeout)
+        return cls(pool, owns_pool=False, acquire_timeout=acquire_timeout, listen_dsn=listen_dsn)
 
     init_connection = staticmethod(_init_connection)
 
@@ -424,10 +464,10 @@ class Database:
             return False
         return True
 
-    async def connect_dedicated(self, *, application_name: str | None = None) -> Any:
+    async def connect_dedicated(self, *, application_name: str | None = None, listen: bool = False) -> Any:
         """A new raw connection outside the pool (LISTEN, :class:`DedicatedConnection`), with the pool's
         arguments and codecs; connecting waits at most ``acquire_timeout`` seconds. ``application_name``
-        names it in ``pg_stat_activity``."""
+        names it in ``pg_stat_activity``. ``listen``: to the LISTEN DSN when there is one."""
         kwargs = {**self.dsn_kwargs, "timeout": self.acquire_timeout}
         if application_name:
             kwargs["server_settings"] = {
@@ -436,7 +476,8 @@ class Database:
             }
         try:
             # the DSN is a positional argument of the pool, the rest keyword arguments
-            raw = await asyncpg.connect(*self._pool._connect_args, **kwargs)
+            args = (self._listen_dsn,) if listen and self._listen_dsn else tuple(self._pool._connect_args)
+            raw = await asyncpg.connect(*args, **kwargs)
         except TimeoutError:  # before the driver errors: TimeoutError is an OSError
             raise errors.StorageError("database unreachable (connect timed out)") from None
         except _DRIVER_ERRORS as exc:
@@ -450,8 +491,48 @@ class Database:
         return raw
 
     async def open_listener(self, *, application_name: str | None = None) -> RawListener:
-        """A dedicated connection for LISTEN (never from the pool: it must stay open)."""
-        return RawListener(await self.connect_dedicated(application_name=application_name))
+        """A dedicated connection for LISTEN (never from the pool: it must stay open), to the LISTEN DSN when
+        there is one."""
+        return RawListener(await self.connect_dedicated(application_name=application_name, listen=True))
+
+    async def check_listener(
+        self, listener: RawListener, *, within: float = LISTEN_CHECK_TIMEOUT
+    ) -> bool | None:
+        """Whether ``listener`` hears a NOTIFY sent through the pool: it LISTENs on a private channel, the pool
+        NOTIFYs it, and it must arrive within ``within`` seconds. A transaction pooler forwards LISTEN to
+        whichever server connection is free and then moves on, so nothing arrives: that is warned once per
+        Database, with the reason (:data:`LISTEN_DEAF_WARNING`); the callers keep polling either way.
+        Records the answer in :attr:`listen_works`. None, and nothing recorded, when the pool could not send
+        the NOTIFY (a starved pool must not keep a LISTEN connection from starting: the next one checks).
+        An error of the LISTEN connection itself raises :class:`errors.StorageError`."""
+        channel = f"ce_listen_check_{secrets.token_hex(8)}"
+        heard = asyncio.Event()
+        await listener.add(channel, lambda _payload: heard.set())
+        try:
+            try:
+                async with self.connection() as conn:
+                    await notify(conn, channel, "")
+            except errors.StorageError as exc:
+                log.info("listen_check_skipped", error=str(exc))
+                return None
+            try:
+                async with asyncio.timeout(within):
+                    await heard.wait()
+                works = True
+            except TimeoutError:
+                works = False
+        finally:
+            await listener.remove(channel)
+        self.listen_works = works
+        if not works and not self._deaf_warned:
+            self._deaf_warned = True
+            log.warning(
+                "listen_receives_nothing",
+                reason=LISTEN_DEAF_WARNING,
+                waited_seconds=within,
+                listen_dsn_set=self._listen_dsn is not None,
+            )
+        return works
 
 
 class DedicatedConnection:
@@ -459,15 +540,14 @@ class DedicatedConnection:
     queue's fetcher, flusher and heartbeat (API load must not starve job leases).
 
     Opened on first use and opened afresh when lost: a session whose block raises drops the connection (it
-    may be broken, or cancelled mid-statement), and the next session connects again. Each name in ``setup``
-    (a named query) runs on every new connection. One user at a time (an asyncio lock). ``name`` is its
-    ``application_name`` in ``pg_stat_activity``.
+    may be broken, or cancelled mid-statement), and the next session connects again. It carries no session
+    state (no session SET: through a transaction pooler that would reach other clients). One user at a time
+    (an asyncio lock). ``name`` is its ``application_name`` in ``pg_stat_activity``.
     """
 
-    def __init__(self, db: Database, name: str, *, setup: Sequence[str] = ()) -> None:
+    def __init__(self, db: Database, name: str) -> None:
         self._db = db
         self.name = name
-        self._setup = tuple(setup)
         self._raw: Any = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -490,16 +570,9 @@ class DedicatedConnection:
             return Conn(self._raw, self._db.queries)
         self._drop()
         raw = await self._db.connect_dedicated(application_name=self.name)
-        conn = Conn(raw, self._db.queries)
-        try:
-            for name in self._setup:
-                await conn.execute(name)
-        except BaseException:
-            raw.terminate()
-            raise
         self._raw = raw
         self.opened += 1
-        return conn
+        return Conn(raw, self._db.queries)
 
     def _drop(self) -> None:
         raw, self._raw = self._raw, None
@@ -526,6 +599,7 @@ class RawListener:
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         self.lost = asyncio.Event()
+        self._callbacks: dict[str, Callable[..., None]] = {}
         raw.add_termination_listener(lambda _conn: self.lost.set())
 
     async def add(self, channel: str, callback: Callable[[str], None]) -> None:
@@ -534,6 +608,15 @@ class RawListener:
 
         with _statement():
             await self._raw.add_listener(channel, _cb)
+        self._callbacks[channel] = _cb
+
+    async def remove(self, channel: str) -> None:
+        """UNLISTEN ``channel`` (a no-op for a channel not added, or on a lost connection)."""
+        cb = self._callbacks.pop(channel, None)
+        if cb is None or self._raw.is_closed():
+            return
+        with _statement():
+            await self._raw.remove_listener(channel, cb)
 
     async def ping(self) -> None:
         with _statement():

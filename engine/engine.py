@@ -141,7 +141,11 @@ class CredentialEngine:
     async def _open(self) -> None:
         cfg = self.config
         if self._injected_pool is not None:
-            self._db = dbmod.Database.from_pool(self._injected_pool, acquire_timeout=cfg.pool_acquire_timeout)
+            self._db = dbmod.Database.from_pool(
+                self._injected_pool,
+                acquire_timeout=cfg.pool_acquire_timeout,
+                listen_dsn=cfg.listen_database_url,
+            )
         else:
             dsn = cfg.database_url or await start_embedded(self.data_dir)
             self._db = await dbmod.Database.connect(
@@ -150,6 +154,8 @@ class CredentialEngine:
                 max_size=cfg.pool_max_size,
                 acquire_timeout=cfg.pool_acquire_timeout,
                 command_timeout=cfg.db_command_timeout,
+                statement_cache_size=cfg.statement_cache_size,
+                listen_dsn=cfg.listen_database_url,
             )
         self.metrics.bind(asyncio.get_running_loop())
         await self._db.apply_schema()

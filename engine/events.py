@@ -279,6 +279,7 @@ class EventBus:
             listener: dbmod.RawListener | None = None
             try:
                 listener = await self._db.open_listener(application_name="ce-events-listen")
+                await self._db.check_listener(listener)  # one warning when it hears nothing; polling goes on
                 await listener.add(CHANNEL, lambda _payload: self._wake.set())
                 delay = 0.1
                 self._wake.set()  # events may have committed while we were away

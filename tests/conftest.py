@@ -1,5 +1,16 @@
 """Fixtures shared by every test: a real PostgreSQL (embedded unless ENGINE_TEST_DATABASE_URL is set), one fresh
 database per test cloned from a template that already holds the schema, and the aioresponses fix for aiohttp 3.14.
+
+Another server (``make test-postgres`` sets these; README "Connection poolers"):
+
+    ENGINE_TEST_DATABASE_URL          the server the tests' engines use (a DSN; its database name is replaced)
+    ENGINE_TEST_ADMIN_DATABASE_URL    where databases are created and dropped (default: the one above); direct
+                                      to the server when the one above is a pooler
+    ENGINE_TEST_POOLER                the engines' ``db_pooler`` (none, session, transaction)
+    ENGINE_TEST_LISTEN_DATABASE_URL   the engines' ``listen_database_url`` (the per-test database's name is put in)
+
+The role needs LOGIN and CREATEDB only: databases are dropped without ``WITH (FORCE)`` (which also needs the
+right to end autovacuum workers, pg_signal_backend) after ending the role's own sessions on them.
 """
 
 from __future__ import annotations
@@ -65,17 +76,72 @@ def pg_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def template_database(pg_server: str) -> str:
+def pg_admin(pg_server: str) -> str:
+    """DSN for CREATE/DROP DATABASE: ENGINE_TEST_ADMIN_DATABASE_URL (direct, when pg_server is a pooler), or
+    pg_server."""
+    return os.environ.get("ENGINE_TEST_ADMIN_DATABASE_URL") or pg_server
+
+
+@pytest.fixture(scope="session")
+def pooler_settings() -> dict[str, Any]:
+    """EngineConfig settings for the server in between (ENGINE_TEST_POOLER; {} for a direct connection).
+    ``listen_database_url`` is the direct server's DSN: the per-test database is put in by make_engine."""
+    settings: dict[str, Any] = {}
+    if os.environ.get("ENGINE_TEST_POOLER"):
+        settings["db_pooler"] = os.environ["ENGINE_TEST_POOLER"]
+    if os.environ.get("ENGINE_TEST_LISTEN_DATABASE_URL"):
+        settings["listen_database_url"] = os.environ["ENGINE_TEST_LISTEN_DATABASE_URL"]
+    return settings
+
+
+DROP_ATTEMPTS = 50  # x 0.1 s: sessions that end late (a pooler's server connections) or come back
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop ``name`` as a role with CREATEDB only: end this role's own sessions on it (a role may end its own
+    backends), then DROP DATABASE without FORCE, which also stops autovacuum workers by itself. Retried while
+    a session is still there, for at most DROP_ATTEMPTS tries."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        for attempt in range(DROP_ATTEMPTS):
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND usename = current_user AND pid <> pg_backend_pid()",
+                name,
+            )
+            try:
+                await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+                return
+            except asyncpg.ObjectInUseError:
+                if attempt == DROP_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def drop_db(pg_admin: str) -> Callable[[str], Awaitable[None]]:
+    """``await drop_db(name)``: :func:`drop_database` on the admin DSN (tests that take a database away)."""
+
+    async def drop(name: str) -> None:
+        await drop_database(pg_admin, name)
+
+    return drop
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_admin: str) -> str:
     """A database holding the current schema.sql, cloned for each test."""
 
     async def build() -> None:
-        admin = await asyncpg.connect(pg_server)
+        await drop_database(pg_admin, TEMPLATE)
+        admin = await asyncpg.connect(pg_admin)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
             await admin.execute(f"CREATE DATABASE {TEMPLATE}")
         finally:
             await admin.close()
-        conn = await asyncpg.connect(dsn_with_database(pg_server, TEMPLATE))
+        conn = await asyncpg.connect(dsn_with_database(pg_admin, TEMPLATE))
         try:
             await conn.execute(dbmod.schema_sql())
             # recorded as applied, so engines on the clones skip the DDL as they would in production
@@ -90,26 +156,30 @@ def template_database(pg_server: str) -> str:
 
 
 @pytest.fixture
-async def database_url(pg_server: str, template_database: str) -> AsyncIterator[str]:
+async def database_url(pg_server: str, pg_admin: str, template_database: str) -> AsyncIterator[str]:
     """A fresh database with the schema, dropped after the test."""
     name = "t_" + uuid.uuid4().hex[:16]
-    admin = await asyncpg.connect(pg_server)
+    admin = await asyncpg.connect(pg_admin)
     try:
         await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
     finally:
         await admin.close()
     yield dsn_with_database(pg_server, name)
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await drop_database(pg_admin, name)
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[dbmod.Database]:
-    """A connected Database on a fresh per-test database."""
-    database = await dbmod.Database.connect(database_url, min_size=1, max_size=8)
+async def db(database_url: str, pooler_settings: dict[str, Any]) -> AsyncIterator[dbmod.Database]:
+    """A connected Database on a fresh per-test database (with the pooler's settings, ENGINE_TEST_POOLER)."""
+    config = EngineConfig(**pooler_settings)
+    listen = config.listen_database_url
+    database = await dbmod.Database.connect(
+        database_url,
+        min_size=1,
+        max_size=8,
+        statement_cache_size=config.statement_cache_size,
+        listen_dsn=dsn_with_database(listen, urlsplit(database_url).path.lstrip("/")) if listen else None,
+    )
     try:
         yield database
     finally:
@@ -165,10 +235,21 @@ def engine_defaults() -> dict[str, Any]:
 
 @pytest.fixture
 async def make_engine(
-    database_url: str, master_keys: str, fake: FakeVenue, tmp_path: Path, engine_defaults: dict[str, Any]
+    database_url: str,
+    master_keys: str,
+    fake: FakeVenue,
+    tmp_path: Path,
+    engine_defaults: dict[str, Any],
+    pooler_settings: dict[str, Any],
 ) -> AsyncIterator[EngineFactory]:
     """Open engines on the per-test database (FakeVenue probes, workers off: tests drive them with
-    run_until_idle), with the folder's ``engine_defaults`` and the call's overrides; closed after the test."""
+    run_until_idle), with the pooler's settings (ENGINE_TEST_POOLER), the folder's ``engine_defaults`` and the
+    call's overrides; closed after the test."""
+    pooled = dict(pooler_settings)
+    if "listen_database_url" in pooled:
+        pooled["listen_database_url"] = dsn_with_database(
+            pooled["listen_database_url"], urlsplit(database_url).path.lstrip("/")
+        )
     opened: list[CredentialEngine] = []
 
     async def factory(**overrides: Any) -> CredentialEngine:
@@ -182,6 +263,7 @@ async def make_engine(
             "lease_seconds": 5.0,
             "backoff_base": 0.01,
             "backoff_max": 0.05,
+            **pooled,
             **engine_defaults,
             **overrides,
         }

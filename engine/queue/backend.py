@@ -346,8 +346,10 @@ class SqlBackend:
         # Dedicated connections, not pool ones, so that API load starving the pool cannot starve job leases:
         # the fetcher claims on one (claims must walk the ready index in order and stop after `limit` rows;
         # with stale statistics, right after a bulk enqueue, the planner would rather sort the whole backlog,
-        # hence enable_sort off on it), the flusher writes outcomes on one, the heartbeat extends leases on one.
-        self._claims = dbmod.DedicatedConnection(db, CLAIMS_CONNECTION, setup=("claim_connection_setup",))
+        # hence enable_sort off for each claim, SET LOCAL in its own transaction: a session SET would leak to
+        # the other clients of a transaction pooler), the flusher writes outcomes on one, the heartbeat extends
+        # leases on one.
+        self._claims = dbmod.DedicatedConnection(db, CLAIMS_CONNECTION)
         self._writes = dbmod.DedicatedConnection(db, OUTCOMES_CONNECTION)
         self._beats = dbmod.DedicatedConnection(db, HEARTBEAT_CONNECTION)
 
@@ -496,9 +498,11 @@ class SqlBackend:
         lease = self._settings.lease_seconds
         done_ids = [o.job_id for o in done]
         done_attempts = [o.attempt for o in done]
-        rows = await session.fetch(
-            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
-        )
+        async with session.savepoint():  # a transaction of its own (the session is outside one)
+            await session.execute("claim_transaction_setup")
+            rows = await session.fetch(
+                "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
+            )
         jobs: list[Job] = []
         for row in rows:
             job = Job(
@@ -665,6 +669,7 @@ class SqlBackend:
     async def listen(self, on_notify: Callable[[], None]) -> workermod.Listener:
         listener = await self._db.open_listener(application_name=LISTEN_CONNECTION)
         try:
+            await self._db.check_listener(listener)  # one warning when it hears nothing; polling goes on
             await listener.add(self._settings.channel, lambda _payload: on_notify())
         except BaseException:
             await listener.close()

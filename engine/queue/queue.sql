@@ -50,9 +50,10 @@ WITH inserted AS (
 )
 SELECT id, pg_notify($5, '') FROM inserted;
 
--- claim_connection_setup --
--- Once per fetcher's dedicated connection: prefer the ready index's order to sorting the backlog (stale statistics).
-SET enable_sort = off;
+-- claim_transaction_setup --
+-- First in each claiming transaction: prefer the ready index's order to sorting the backlog (stale statistics).
+-- SET LOCAL ends with the transaction: a session SET would stay on a pooler's server connection for other clients.
+SET LOCAL enable_sort = off;
 
 -- claim_jobs --
 -- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease,

@@ -190,13 +190,13 @@ async def test_closed_engine_is_503(eng: CredentialEngine, api: Any) -> None:
 
 
 async def test_unreachable_database_is_503(
-    api: Any, pg_server: str, database_url: str, template_database: str
+    api: Any, pg_admin: str, database_url: str, template_database: str, drop_db: Any
 ) -> None:
     """When the database goes away, requests answer 503 -100011 and /readyz says the database is down."""
     name = urlsplit(database_url).path.lstrip("/")
-    admin = await asyncpg.connect(pg_server)
+    admin = await asyncpg.connect(pg_admin)
     try:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await drop_db(name)
         reply = await api.get("/api/v3/credential/list")
         ready = await api.get("/readyz")
     finally:  # bring it back, so that the engine shuts down as usual

@@ -47,12 +47,12 @@ def leaks(text: str) -> list[str]:
 
 
 def with_password(dsn: str, password: str) -> str:
-    """The test database's DSN with a password in it (the embedded server trusts its socket: it is ignored)."""
+    """The test database's DSN with a password in it (the embedded server trusts its socket, the test-postgres
+    cluster its loopback: it is ignored). The host keeps its port."""
     parts = urlsplit(dsn)
     user = parts.username or "postgres"
-    return urlunsplit(
-        (parts.scheme, f"{user}:{password}@{parts.hostname or ''}", parts.path, parts.query, "")
-    )
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, f"{user}:{password}@{host}", parts.path, parts.query, ""))
 
 
 def with_locals(exc: BaseException) -> str:

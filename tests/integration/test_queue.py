@@ -50,8 +50,9 @@ async def make_queue(db: dbmod.Database) -> AsyncIterator[MakeQueue]:
 
 @pytest.fixture
 async def sql(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection for the literal SQL a test uses to look at (or tamper with) the table."""
-    conn = await asyncpg.connect(database_url)
+    """A plain connection for the literal SQL a test uses to look at (or tamper with) the table (no statement
+    cache: it works through the transaction pooler of make test-postgres too)."""
+    conn = await asyncpg.connect(database_url, statement_cache_size=0)
     try:
         yield conn
     finally:

@@ -170,3 +170,35 @@ def test_bad_job_timeouts_name_the_setting(env: dict[str, str], field: str) -> N
     with pytest.raises(errors.ConfigurationError) as info:
         EngineConfig.from_env(env)
     assert info.value.field == field
+
+
+def test_pooler_settings_from_env_and_what_they_imply() -> None:
+    """ENGINE_DB_POOLER=transaction turns asyncpg's statement cache off unless ENGINE_DB_STATEMENT_CACHE_SIZE says
+    otherwise; ENGINE_LISTEN_DATABASE_URL is a secret DSN (password masked); bad values name the setting."""
+    assert EngineConfig().statement_cache_size == 100
+    assert EngineConfig(db_pooler="session").statement_cache_size == 100
+    cfg = EngineConfig.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:pw1@bouncer:6432/engine",
+            "ENGINE_DB_POOLER": "Transaction",
+            "ENGINE_LISTEN_DATABASE_URL": "postgresql://app:listen-pw@db:5432/engine",
+        }
+    )
+    assert (cfg.db_pooler, cfg.statement_cache_size) == ("transaction", 0)
+    assert cfg.listen_database_url == "postgresql://app:listen-pw@db:5432/engine"
+    assert "listen-pw" not in repr(cfg) and "postgresql://app:***@db:5432/engine" in repr(cfg)
+    explicit = EngineConfig.from_env(
+        {"ENGINE_DB_POOLER": "transaction", "ENGINE_DB_STATEMENT_CACHE_SIZE": "20"}
+    )
+    assert explicit.statement_cache_size == 20
+    assert EngineConfig.from_env({"ENGINE_DB_STATEMENT_CACHE_SIZE": "0"}).statement_cache_size == 0
+    for kwargs, field in (
+        ({"db_pooler": "pgpool"}, "db_pooler"),
+        ({"db_statement_cache_size": -1}, "db_statement_cache_size"),
+    ):
+        with pytest.raises(errors.ConfigurationError) as info:
+            EngineConfig(**kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field
+    with pytest.raises(errors.ConfigurationError) as info:
+        EngineConfig.from_env({"ENGINE_DB_STATEMENT_CACHE_SIZE": "lots"})
+    assert info.value.field == "ENGINE_DB_STATEMENT_CACHE_SIZE"

@@ -53,6 +53,82 @@ async def test_driver_errors_are_translated(db: dbmod.Database) -> None:
     assert info.value.__cause__ is None
 
 
+@pytest.mark.parametrize(
+    ("script", "sqlstate"),
+    [
+        ("EXECUTE canary_statement_name", "26000"),
+        ("PREPARE canary_statement_name AS SELECT 1; PREPARE canary_statement_name AS SELECT 2", "42P05"),
+    ],
+)
+async def test_prepared_statement_errors_keep_the_drivers_hint(
+    db: dbmod.Database, script: str, sqlstate: str
+) -> None:
+    """26000 and 42P05 (what a transaction pooler does to named prepared statements) keep the driver's hint,
+    statement_cache_size=0, and name the engine's setting, in a fixed text: nothing of the statement."""
+    with pytest.raises(errors.StorageError) as info:
+        async with db.connection() as conn:
+            await conn.execute_script(script)
+    text = str(info.value)
+    assert text.startswith(f"database error {sqlstate} (")
+    assert "statement_cache_size=0" in text and "ENGINE_DB_POOLER=transaction" in text
+    assert "canary" not in text
+
+
+async def test_a_listener_that_hears_its_own_notify_is_recorded_as_working(db: dbmod.Database) -> None:
+    """check_listener: the NOTIFY sent through the pool arrives on a direct LISTEN connection; the private
+    channel is UNLISTENed afterwards and nothing is warned."""
+    listener = await db.open_listener(application_name="ce-test-listen")
+    try:
+        assert db.listen_works is None
+        assert await db.check_listener(listener) is True
+        assert db.listen_works is True
+        assert await listener._raw.fetch("SELECT pg_listening_channels()") == []
+    finally:
+        await listener.close()
+
+
+async def test_a_starved_pool_skips_the_listen_check_without_failing_the_listener(database_url: str) -> None:
+    """The check's NOTIFY goes through the pool: when no pool connection comes free, the check is skipped
+    (None, nothing recorded, nothing warned) instead of keeping the LISTEN connection from starting."""
+    database = await dbmod.Database.connect(database_url, min_size=1, max_size=1, acquire_timeout=0.3)
+    release = asyncio.Event()
+    listener = await database.open_listener()
+    try:
+        holder = asyncio.create_task(_hold_one(database, release))
+        await asyncio.sleep(0.1)
+        assert await database.check_listener(listener) is None
+        assert database.listen_works is None
+        assert await listener._raw.fetch("SELECT pg_listening_channels()") == []
+        release.set()
+        await holder
+        assert await database.check_listener(listener) is True
+    finally:
+        await listener.close()
+        await database.close()
+
+
+async def test_listen_connections_use_the_listen_dsn(database_url: str) -> None:
+    """With ``listen_dsn`` the LISTEN connections go there (an unreachable one here: opening fails) while the
+    pool and the other dedicated connections keep the main DSN."""
+    database = await dbmod.Database.connect(
+        database_url,
+        min_size=1,
+        max_size=2,
+        acquire_timeout=2,
+        listen_dsn="postgresql://nobody@127.0.0.1:1/x",
+    )
+    try:
+        assert await database.fetchval("ping") == 1
+        dedicated = dbmod.DedicatedConnection(database, "ce-test-dedicated")
+        async with dedicated.session() as conn:
+            assert await conn.fetchval("ping") == 1
+        await dedicated.close()
+        with pytest.raises(errors.StorageError, match="database unreachable"):
+            await database.open_listener()
+    finally:
+        await database.close()
+
+
 async def test_released_connections_roll_back_open_transactions(db: dbmod.Database) -> None:
     """Skipping the reset query on release still never hands out a connection inside a transaction."""
     async with db.connection() as conn:
@@ -262,10 +338,10 @@ def test_a_database_refuses_an_acquire_timeout_that_is_no_bound() -> None:
 async def test_a_dedicated_connection_is_outside_the_pool_and_comes_back_when_lost(
     database_url: str,
 ) -> None:
-    """It answers while the pool is exhausted, runs its setup on every new connection, reconnects after its
-    backend is killed, and refuses sessions once closed."""
+    """It answers while the pool is exhausted, reconnects after its backend is killed, and refuses sessions
+    once closed."""
     database = await dbmod.Database.connect(database_url, min_size=1, max_size=1, acquire_timeout=0.3)
-    dedicated = dbmod.DedicatedConnection(database, "ce-test-dedicated", setup=("claim_connection_setup",))
+    dedicated = dbmod.DedicatedConnection(database, "ce-test-dedicated")
     release = asyncio.Event()
     try:
         holder = asyncio.create_task(_hold_one(database, release))
@@ -274,7 +350,6 @@ async def test_a_dedicated_connection_is_outside_the_pool_and_comes_back_when_lo
             await database.fetchval("ping")
         async with dedicated.session() as conn:
             assert await conn.fetchval("ping") == 1
-            assert await conn._conn.fetchval("SHOW enable_sort") == "off"  # the setup ran
             assert (
                 await conn._conn.fetchval("SELECT current_setting('application_name')") == "ce-test-dedicated"
             )
@@ -289,7 +364,6 @@ async def test_a_dedicated_connection_is_outside_the_pool_and_comes_back_when_lo
             try:  # and the next session connects afresh (or the first one does, when the driver saw it)
                 async with dedicated.session() as conn:
                     assert await conn.fetchval("ping") == 1
-                    assert await conn._conn.fetchval("SHOW enable_sort") == "off"
                 break
             except errors.StorageError:
                 failures += 1
