@@ -97,7 +97,7 @@ def schema_digest() -> str:
     return hashlib.sha256(schema_sql().encode()).hexdigest()
 
 
-QUERY_FILES = ("queries.sql", "queue.sql", "webhooks/webhooks.sql", "tenants.sql")
+QUERY_FILES = ("queries.sql", "queue.sql", "webhooks/webhooks.sql", "tenants.sql", "retention.sql")
 
 DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted
 DEFAULT_COMMAND_TIMEOUT = 60.0  # seconds per statement (asyncpg command_timeout), row-lock waits included

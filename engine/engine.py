@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
+from engine import crypto, errors, events, jobs, lifecycle, quotas, retention, rewrap, validation
 from engine import db as dbmod
 from engine import queue as queuemod
 from engine.config import EngineConfig
@@ -70,7 +70,11 @@ class CredentialEngine:
         self._injected_session = http_session
         self._probes: dict[Venue, Probe] = dict(probes or {})
         self._state = _State.NEW
-        self.bus = events.EventBus(poll_interval=self.config.poll_interval)
+        self.bus = events.EventBus(
+            poll_interval=self.config.poll_interval,
+            listen_check_interval=self.config.listen_check_interval,
+            listen_check_timeout=self.config.listen_check_timeout,
+        )
         self._db: dbmod.Database | None = None
         self._store: Store | None = None
         self._queue: queuemod.JobQueue | None = None
@@ -130,7 +134,8 @@ class CredentialEngine:
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
         )
         self._jobs = jobs.LifecycleJobs(self)
-        handlers = {**self._jobs.handlers(), **self.webhooks.handlers()}
+        self.retention = retention.Retention(self._db, retention.RetentionSettings.of(cfg))
+        handlers = {**self._jobs.handlers(), **self.webhooks.handlers(), **self.retention.handlers()}
         unknown = sorted(set(cfg.job_timeouts) - set(handlers))
         if unknown:
             raise errors.ConfigurationError(
@@ -147,6 +152,8 @@ class CredentialEngine:
             backoff_base=cfg.backoff_base,
             backoff_max=cfg.backoff_max,
             shutdown_timeout=cfg.shutdown_timeout,
+            listen_check_interval=cfg.listen_check_interval,
+            listen_check_timeout=cfg.listen_check_timeout,
             handler_timeout=cfg.job_timeout,
             handler_timeouts={
                 **jobs.handler_timeouts(cfg),
@@ -157,6 +164,7 @@ class CredentialEngine:
         self._queue = queuemod.JobQueue(self._db, handlers, settings)
         self._queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
         self._queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
+        self._queue.every(retention.RETENTION_PURGE, cfg.retention_interval)
         await self.webhooks.start()
         await self.bus.start(self._db)
         if cfg.workers > 0:
