@@ -539,6 +539,10 @@ class RawListener:
         with _statement():
             await self._raw.execute("SELECT 1")
 
+    def terminate(self) -> None:
+        """Drop the connection at once, without the closing handshake (its peer stopped answering)."""
+        self._raw.terminate()
+
     async def close(self) -> None:
         with contextlib.suppress(*_DRIVER_ERRORS, TimeoutError):
             await self._raw.close(timeout=2)

@@ -23,11 +23,14 @@ DEFAULT_TIMEOUT = 5.0  # seconds a check may take before the connection counts a
 
 
 class Pingable(Protocol):
-    """A LISTEN connection: ``lost`` is set when it closes; ``ping`` runs a cheap query on it."""
+    """A LISTEN connection: ``lost`` is set when it closes; ``ping`` runs a cheap query on it; ``terminate``
+    drops it at once (no goodbye to a peer that no longer answers)."""
 
     lost: asyncio.Event
 
     async def ping(self) -> None: ...
+
+    def terminate(self) -> None: ...
 
 
 def check_bounds(interval: float, timeout: float) -> None:
@@ -41,7 +44,8 @@ async def until_lost(
     listener: Pingable, *, interval: float = DEFAULT_INTERVAL, check_timeout: float = DEFAULT_TIMEOUT
 ) -> str:
     """Return when ``listener`` is lost: ``"closed"`` (the driver saw it end) or ``"silent"`` (a check did not
-    answer within ``check_timeout``, or failed)."""
+    answer within ``check_timeout``, or failed; the connection is then terminated, so that closing it later
+    does not wait for a peer that no longer answers)."""
     while True:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
@@ -52,4 +56,7 @@ async def until_lost(
             async with asyncio.timeout(check_timeout):
                 await listener.ping()
         except (TimeoutError, errors.StorageError):
-            return "closed" if listener.lost.is_set() else "silent"
+            if listener.lost.is_set():
+                return "closed"
+            listener.terminate()
+            return "silent"
