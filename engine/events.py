@@ -244,6 +244,11 @@ class EventBus:
                 async with asyncio.timeout(retention.CURSOR_PUBLISH_INTERVAL):
                     await self.beacon.remove()
 
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """The outbox cursor ``(txid, position)``: every event at or before it has been read."""
+        return self._cursor
+
     def poke(self) -> None:
         """This process committed events: read them now instead of waiting for NOTIFY."""
         self._wake.set()

@@ -51,11 +51,13 @@ WITH bound AS MATERIALIZED (
     SELECT e.position FROM events e
     WHERE e.created_at < now() - make_interval(secs => $1)
       AND NOT EXISTS (SELECT 1 FROM bound b WHERE (e.txid, e.position) > (b.txid, b.position))
-      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id)
+      -- OFFSET 0 keeps this a per-row probe of webhook_deliveries_once (event_id, ...) on the rows the index scan
+      -- walks, in age order; as an anti join the planner may hash the whole deliveries table and sort instead
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id OFFSET 0)
     ORDER BY e.created_at
     LIMIT $3
 ), gone AS (
-    DELETE FROM events WHERE position IN (SELECT position FROM doomed) RETURNING 1
+    DELETE FROM events WHERE position = ANY (ARRAY(SELECT position FROM doomed)) RETURNING 1
 )
 SELECT count(*) FROM gone;
 
@@ -68,10 +70,10 @@ WITH doomed AS (
     ORDER BY delivered_at
     LIMIT $2
 ), attempts AS (
-    SELECT count(*) AS n FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM doomed)
+    SELECT count(*) AS n FROM webhook_attempts WHERE delivery_id = ANY (ARRAY(SELECT id FROM doomed))
 ), gone AS (
     DELETE FROM webhook_deliveries
-    WHERE id IN (SELECT id FROM doomed)
+    WHERE id = ANY (ARRAY(SELECT id FROM doomed))
       AND state = 'delivered' AND delivered_at < now() - make_interval(secs => $1)
     RETURNING 1
 )
@@ -86,10 +88,10 @@ WITH doomed AS (
     ORDER BY updated_at
     LIMIT $2
 ), attempts AS (
-    SELECT count(*) AS n FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM doomed)
+    SELECT count(*) AS n FROM webhook_attempts WHERE delivery_id = ANY (ARRAY(SELECT id FROM doomed))
 ), gone AS (
     DELETE FROM webhook_deliveries
-    WHERE id IN (SELECT id FROM doomed)
+    WHERE id = ANY (ARRAY(SELECT id FROM doomed))
       AND state = 'dead' AND updated_at < now() - make_interval(secs => $1)
     RETURNING 1
 )
@@ -103,7 +105,7 @@ WITH doomed AS (
     ORDER BY accessed_at
     LIMIT $2
 ), gone AS (
-    DELETE FROM key_access_audit WHERE id IN (SELECT id FROM doomed) RETURNING 1
+    DELETE FROM key_access_audit WHERE id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1
 )
 SELECT count(*) FROM gone;
 
@@ -114,7 +116,7 @@ WITH gone AS (
     DELETE FROM owner_verify_requests
     WHERE ctid = ANY (ARRAY(
         SELECT ctid FROM owner_verify_requests
-        WHERE at < clock_timestamp() - make_interval(secs => $1)
+        WHERE at < now() - make_interval(secs => $1)  -- now(), not clock_timestamp(): a volatile bound is no index bound
         ORDER BY at
         LIMIT $2
         FOR UPDATE SKIP LOCKED
