@@ -98,6 +98,14 @@ PLANS = [
     ),
     Plan("events", {"n": 2000}, {"n": 300}, 300, "N = 2,000 credentials per phase", optional=True),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
+    Plan(
+        "soak",
+        {"events": 30_000, "sample_every": 15.0},
+        {"events": 3_000, "sample_every": 3.0, "credentials": 100},
+        600,
+        "30,000 events, retention 5 s (the issue's 200,000: python -m bench.soak, about 16 minutes here)",
+        optional=True,
+    ),
 ]
 
 
