@@ -12,11 +12,18 @@ SELECT pg_advisory_xact_lock_shared(774413);
 SELECT pg_advisory_xact_lock(774413);
 
 -- event_cursor_register --
--- Bus $1 starts reading just past every finished event: its cursor row, and that cursor. Run after
+-- Bus $1 starts reading just past every finished event: its cursor row, and that cursor (the last finished
+-- event in (txid, position) order, one step back along events_tail; (0, 0) on an empty outbox). Run after
 -- retention_lock_shared, in the same transaction.
 INSERT INTO event_cursors (id, txid, position)
-SELECT $1, coalesce(max(txid::text::bigint), 0), coalesce(max(position), 0)
-FROM events WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+SELECT $1, coalesce(last.txid, 0), coalesce(last.position, 0)
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT txid::text::bigint AS txid, position FROM events
+    WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY events.txid DESC, events.position DESC
+    LIMIT 1
+) AS last ON true
 ON CONFLICT (id) DO UPDATE SET txid = excluded.txid, position = excluded.position, seen_at = now()
 RETURNING txid, position;
 

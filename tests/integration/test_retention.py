@@ -334,3 +334,7 @@ async def test_each_purge_statement_is_an_index_scan(db: dbmod.Database, sql: as
         sorts = [line for line in plan.splitlines() if "Sort Key" in line and "event_cursors" not in line]
         assert sorts == [], plan  # (the live cursors, one row per process, are sorted: a handful of rows)
         print(f"\n-- {name}\n{plan}")
+    # a bus starting reads its cursor one step back along events_tail, not through the whole outbox
+    plan = "\n".join(r[0] for r in await sql.fetch("EXPLAIN " + db.queries["event_cursor_register"], "bus"))
+    assert "Scan Backward using events_tail on events" in plan, plan
+    assert "Seq Scan on events" not in plan, plan
