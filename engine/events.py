@@ -293,14 +293,22 @@ class EventBus:
                 await asyncio.sleep(self.poll_interval)
 
     async def _publish_cursor(self) -> None:
-        """Refresh the published cursor every ``CURSOR_PUBLISH_INTERVAL`` seconds (the database may be away)."""
+        """Publish the cursor every ``CURSOR_PUBLISH_INTERVAL`` seconds when it moved, and at least every
+        ``CURSOR_KEEPALIVE`` seconds when it did not (the row stays fresh); the database may be away."""
         assert self.beacon is not None
+        loop = asyncio.get_running_loop()
+        published, at = self._cursor, loop.time()
         while True:
             await asyncio.sleep(retention.CURSOR_PUBLISH_INTERVAL)
+            cursor = self._cursor
+            if cursor == published and loop.time() - at < retention.CURSOR_KEEPALIVE:
+                continue
             try:
-                await self.beacon.publish(self._cursor)
+                await self.beacon.publish(cursor)
             except errors.StorageError as exc:
                 log.warning("events_cursor_publish_failed", error=str(exc))
+                continue
+            published, at = cursor, loop.time()
 
     async def _listen(self) -> None:
         """Keep a LISTEN connection, checked on an interval; replace it when it closes or goes silent, with

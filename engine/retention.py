@@ -13,7 +13,8 @@ What grows with use and how long it stays (``EngineConfig``; 0 keeps a table's r
 
 **Listener cursors.** Each :class:`engine.events.EventBus` reads the outbox with a ``(txid, position)`` cursor
 from its own start. It publishes that cursor in ``event_cursors`` (:class:`CursorBeacon`): registered at start
-together with the starting cursor, refreshed every ``CURSOR_PUBLISH_INTERVAL`` seconds, removed at stop. The
+together with the starting cursor, published every ``CURSOR_PUBLISH_INTERVAL`` seconds when it moved (at least
+every ``CURSOR_KEEPALIVE`` seconds when it did not), removed at stop. The
 purge deletes only events at or before the smallest cursor refreshed within ``CURSOR_STALE_AFTER`` seconds
 (so a bus that lags, its database reads failing or slow, keeps every event it has not read, however old). A
 killed process stops holding events back once its row is stale; a bus that was silent that long and comes back
@@ -55,7 +56,8 @@ RETENTION_PURGE = "retention_purge"  # the periodic queue job
 BATCH_SIZE = 5_000  # most rows one purge statement deletes
 MAX_BATCHES = 20  # most purge statements per table per run
 RUN_BUDGET = 120.0  # seconds after which a run starts no more statements (the rest waits for the next run)
-CURSOR_PUBLISH_INTERVAL = 5.0  # seconds between refreshes of a bus's published cursor
+CURSOR_PUBLISH_INTERVAL = 5.0  # seconds between publications of a bus's cursor, when it moved
+CURSOR_KEEPALIVE = 60.0  # ... and at least this often when it did not (the row stays fresh)
 CURSOR_STALE_AFTER = 300.0  # a cursor not refreshed this long is a dead process's: it holds nothing back
 API_INSTANCE_STALE_AFTER = 3600.0  # API process rows silent this long are purged (live ones beat every 5 s)
 

@@ -4,6 +4,7 @@ live event bus has not read or that a webhook delivery still needs. Rows are age
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import uuid
 from collections.abc import AsyncIterator
@@ -338,3 +339,23 @@ async def test_each_purge_statement_is_an_index_scan(db: dbmod.Database, sql: as
     plan = "\n".join(r[0] for r in await sql.fetch("EXPLAIN " + db.queries["event_cursor_register"], "bus"))
     assert "Scan Backward using events_tail on events" in plan, plan
     assert "Seq Scan on events" not in plan, plan
+
+
+async def test_a_bus_publishes_its_cursor_by_itself(
+    make_engine: Any, fake: FakeVenue, sql: asyncpg.Connection
+) -> None:
+    eng = await make_engine()
+    assert eng.bus.beacon is not None
+    start = tuple(
+        await sql.fetchrow("SELECT txid, position FROM event_cursors WHERE id = $1", eng.bus.beacon.id)
+    )
+    await new_credential(eng, fake, "publish-key-hhhhhhhh")
+    await eng.bus.drain()
+    assert eng.bus.cursor != start
+    deadline = asyncio.get_running_loop().time() + retention.CURSOR_PUBLISH_INTERVAL * 3
+    while True:
+        row = await sql.fetchrow("SELECT txid, position FROM event_cursors WHERE id = $1", eng.bus.beacon.id)
+        if tuple(row) == eng.bus.cursor:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the bus did not publish its cursor"
+        await asyncio.sleep(0.1)
