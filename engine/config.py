@@ -22,7 +22,7 @@ Environment variables (all optional):
     ENGINE_DEAD_DELIVERY_RETENTION   seconds dead webhook deliveries are kept (default 90 days)
     ENGINE_KEY_ACCESS_RETENTION  seconds key-access audit rows are kept (default 400 days)
     ENGINE_RETENTION_INTERVAL    seconds between runs of the retention purge (default 300)
-    ENGINE_LISTEN_CHECK_INTERVAL seconds an idle LISTEN connection waits before it is checked (default 5)
+    ENGINE_LISTEN_CHECK_INTERVAL seconds between checks (SELECT 1) of each LISTEN connection (default 5)
     ENGINE_LISTEN_CHECK_TIMEOUT  seconds the check may take before the connection is replaced (default 5)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
@@ -163,7 +163,7 @@ class EngineConfig:
     dead_delivery_retention: float = retention.DEFAULT_DEAD_DELIVERY_RETENTION
     key_access_retention: float = retention.DEFAULT_KEY_ACCESS_RETENTION
     retention_interval: float = retention.DEFAULT_INTERVAL  # seconds between purge runs
-    # LISTEN connections (event bus, queue) idle this long are checked with SELECT 1, replaced past the timeout
+    # LISTEN connections (event bus, queue) are checked with SELECT 1 this often, replaced past the timeout
     listen_check_interval: float = liveness.DEFAULT_INTERVAL
     listen_check_timeout: float = liveness.DEFAULT_TIMEOUT
     pool_min_size: int = 2

@@ -12,7 +12,7 @@ truth; NOTIFY (and a local poke for this process's own commits) only says "look 
 fallback, so nothing is lost across a lost connection. Every engine process sharing the database hears every
 change, whichever process made it.
 
-The LISTEN connection is checked with ``SELECT 1`` when idle for ``listen_check_interval`` seconds
+The LISTEN connection is checked with ``SELECT 1`` every ``listen_check_interval`` seconds
 (:mod:`engine.liveness`): one that does not answer within ``listen_check_timeout`` (the peer stopped forwarding
 without closing) is replaced, and every reconnect is followed at once by a read of the outbox.
 

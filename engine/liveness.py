@@ -2,11 +2,12 @@
 
 A LISTEN connection only receives: when the peer stops forwarding without closing (a NAT or firewall that
 dropped the mapping, a half-open TCP connection, a stuck pooler), no error ever arrives and NOTIFYs simply
-stop. :func:`until_lost` returns when the connection closes, or when it is idle for ``interval`` seconds and
-then does not answer ``SELECT 1`` within ``check_timeout`` seconds. So a dead LISTEN connection is noticed within
-``interval + check_timeout`` seconds of its last answer, and its owner (the event bus, the queue's worker) opens a
-new one and reads what was committed meanwhile from the tables (the outbox, the queue), since NOTIFY is only
-a wake-up call.
+stop. :func:`until_lost` runs ``SELECT 1`` on the connection every ``interval`` seconds (notifications arriving
+meanwhile do not put the check off: a connection can deliver a late notification and be dead) and returns when
+the connection closes, or when a check does not answer within ``check_timeout`` seconds. So a dead LISTEN
+connection is noticed within ``interval + check_timeout`` seconds of its last answer, and its owner (the event
+bus, the queue's worker) opens a new one and reads what was committed meanwhile from the tables (the outbox,
+the queue), since NOTIFY is only a wake-up call. The cost: one round trip per interval per LISTEN connection.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol
 
 from engine import errors
 
-DEFAULT_INTERVAL = 5.0  # seconds between checks of an idle LISTEN connection
+DEFAULT_INTERVAL = 5.0  # seconds between checks of a LISTEN connection
 DEFAULT_TIMEOUT = 5.0  # seconds a check may take before the connection counts as dead
 
 

@@ -127,9 +127,7 @@ class QueueSettings:
     backoff_max: float = 600.0  # longest retry delay
     shutdown_timeout: float = 10.0  # how long stop() waits for running jobs before handing them back
     channel: str = "ce_jobs"  # the LISTEN/NOTIFY channel
-    listen_check_interval: float = (
-        liveness.DEFAULT_INTERVAL
-    )  # an idle LISTEN connection is checked this often
+    listen_check_interval: float = liveness.DEFAULT_INTERVAL  # the LISTEN connection is checked this often
     listen_check_timeout: float = liveness.DEFAULT_TIMEOUT  # ... and replaced when the check takes longer
     handler_timeout: float = 300.0  # longest run of a handler whose kind has no timeout of its own
     handler_timeouts: Mapping[str, float] = field(default_factory=dict)  # kind -> longest run of its handler

@@ -26,7 +26,8 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
                 buffer (running, or outcome unwritten); and hands back buffered jobs that waited longer than
                 ``hold_unstarted`` (their runners are stuck): the database gives them to whoever is free.
                 Until a runner finishes a job, the fetcher then claims only for free runners.
-    listener    LISTEN on a dedicated connection; reconnects with backoff when it is lost
+    listener    LISTEN on a dedicated connection, checked with SELECT 1 every ``listen_check_interval`` seconds
+                (:mod:`engine.liveness`); reconnects with backoff when it is lost or silent, then claims at once
 
 The fetcher and the flusher keep one connection (a backend *session*) across back-to-back statements and
 give it back when they go idle. The queue's backend makes each session, and the heartbeat's statement, use a
@@ -64,7 +65,7 @@ RESTART_DELAY_MIN = 0.05  # seconds before restarting a crashed side task; doubl
 RESTART_DELAY_MAX = 5.0  # ... up to this; also the cap of the LISTEN reconnect backoff
 MAX_CRASHES = 5  # consecutive unexpected crashes of one task before the worker fails loudly
 HEALTHY_AFTER = 30.0  # a task that ran this long before crashing starts its crash count afresh
-LISTENER_PING_INTERVAL = 5.0  # an idle LISTEN connection is pinged this often: a dead peer sends nothing
+LISTENER_PING_INTERVAL = 5.0  # the LISTEN connection is pinged this often: a dead peer sends nothing
 LISTENER_PING_TIMEOUT = 5.0  # ... and replaced when the ping takes longer (engine.liveness)
 SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection before giving it back
 RIDE_WINDOW = 0.005  # how long an outcome waits for the next claim to carry it before the flusher writes it
