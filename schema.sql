@@ -170,6 +170,19 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_credential_sequence ON events (credential_id, sequence);
 CREATE INDEX IF NOT EXISTS events_owner ON events (owner_id, position);
 CREATE INDEX IF NOT EXISTS events_tail ON events (txid, position);
+-- the retention purge (engine/retention.py) walks old events in age order here
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+
+-- The outbox cursor of each running EventBus (engine/events.py), published every few seconds: the retention
+-- purge never deletes an event after the smallest cursor refreshed within the stale bound (a process that stops
+-- deletes its row; a killed one stops holding events back once its row is stale).
+CREATE TABLE IF NOT EXISTS event_cursors (
+    id          text PRIMARY KEY,
+    txid        bigint NOT NULL,
+    position    bigint NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    seen_at     timestamptz NOT NULL DEFAULT now()
+);
 
 -- Every reveal of decrypted keys to the embedding application.
 CREATE TABLE IF NOT EXISTS key_access_audit (
@@ -181,6 +194,8 @@ CREATE TABLE IF NOT EXISTS key_access_audit (
     accessed_at    timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS key_access_audit_credential ON key_access_audit (credential_id, accessed_at);
+-- the retention purge deletes rows past ENGINE_KEY_ACCESS_RETENTION through this
+CREATE INDEX IF NOT EXISTS key_access_audit_accessed ON key_access_audit (accessed_at);
 
 -- BEGIN queue (owned by engine/queue.py)
 -- The durable job queue. A job moves queued -> running -> done | dead, or back to queued (retry, hand-back);
@@ -304,6 +319,9 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_stream
     ON webhook_deliveries (endpoint_id, credential_id, sequence) WHERE state IN ('pending', 'waiting');
 CREATE INDEX IF NOT EXISTS webhook_deliveries_owner ON webhook_deliveries (owner_id, created_at, id);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, created_at, id);
+-- the retention purge: delivered and dead deliveries in age order (pending and waiting ones are never purged)
+CREATE INDEX IF NOT EXISTS webhook_deliveries_delivered ON webhook_deliveries (delivered_at) WHERE state = 'delivered';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_dead ON webhook_deliveries (updated_at) WHERE state = 'dead';
 
 -- Every attempt: when, the answer (or why there was none) and how long it took. Never a body or a secret.
 CREATE TABLE IF NOT EXISTS webhook_attempts (

@@ -113,6 +113,14 @@ PLANS = [
         "N = 200 credentials, 10 clients, FakeVenue; backlog run by 10 workers, then live with one client",
     ),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
+    Plan(
+        "soak",
+        {"events": 30_000, "sample_every": 15.0},
+        {"events": 3_000, "sample_every": 3.0, "credentials": 100},
+        600,
+        "30,000 events, retention 5 s (the issue's 200,000: python -m bench.soak, about 16 minutes here)",
+        optional=True,
+    ),
 ]
 
 

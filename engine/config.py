@@ -26,6 +26,14 @@ Environment variables (all optional):
     ENGINE_DB_STATEMENT_CACHE_SIZE   asyncpg's prepared-statement cache per connection (default 100, 0 with
                                  ENGINE_DB_POOLER=transaction)
     ENGINE_LISTEN_DATABASE_URL   a direct (unpooled) DSN for the LISTEN connections; default: the main DSN
+    ENGINE_EVENT_RETENTION       seconds outbox events are kept once every live listener read them and no webhook
+                                 delivery needs them (default 30 days; 0 = for ever; engine/retention.py)
+    ENGINE_DELIVERY_RETENTION    seconds delivered webhook deliveries and their attempts are kept (default 30 days)
+    ENGINE_DEAD_DELIVERY_RETENTION   seconds dead webhook deliveries are kept (default 90 days)
+    ENGINE_KEY_ACCESS_RETENTION  seconds key-access audit rows are kept (default 400 days)
+    ENGINE_RETENTION_INTERVAL    seconds between runs of the retention purge (default 300)
+    ENGINE_LISTEN_CHECK_INTERVAL seconds between checks (SELECT 1) of each LISTEN connection (default 5)
+    ENGINE_LISTEN_CHECK_TIMEOUT  seconds the check may take before the connection is replaced (default 5)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
@@ -50,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine import errors
+from engine import errors, liveness, retention
 from engine.keys import KmsSettings
 from engine.sensitive import MasterKeysText, SecretDsn, SecretText
 from venues.base import Permissions, ProbeResult, Venue
@@ -170,6 +178,15 @@ class EngineConfig:
     job_timeouts: Mapping[str, float] = field(default_factory=dict)  # job kind -> seconds (overrides)
     reverify_interval: float = 86_400.0
     job_retention: float = 7 * 86_400.0  # done and cancelled jobs are purged this long after they finished
+    # the retention purge (engine/retention.py): seconds each kind of row is kept, 0 = for ever
+    event_retention: float = retention.DEFAULT_EVENT_RETENTION  # and only once read by every live bus
+    delivery_retention: float = retention.DEFAULT_DELIVERY_RETENTION  # delivered webhook deliveries
+    dead_delivery_retention: float = retention.DEFAULT_DEAD_DELIVERY_RETENTION
+    key_access_retention: float = retention.DEFAULT_KEY_ACCESS_RETENTION
+    retention_interval: float = retention.DEFAULT_INTERVAL  # seconds between purge runs
+    # LISTEN connections (event bus, queue) are checked with SELECT 1 this often, replaced past the timeout
+    listen_check_interval: float = liveness.DEFAULT_INTERVAL
+    listen_check_timeout: float = liveness.DEFAULT_TIMEOUT
     pool_min_size: int = 2
     pool_max_size: int = 10
     pool_acquire_timeout: float = 10.0  # a starved pool answers StorageError (503) after this, never hangs
@@ -244,6 +261,8 @@ class EngineConfig:
                 "egress_group: 1 to 64 letters, digits and ._:- (one name per egress IP)",
                 field="egress_group",
             )
+        retention.check_settings(self)
+        liveness.check_bounds(self.listen_check_interval, self.listen_check_timeout)
         for venue in self.venue_urls:
             if not isinstance(venue, Venue):
                 raise errors.ConfigurationError(
@@ -296,6 +315,13 @@ class EngineConfig:
             ("pool_acquire_timeout", "ENGINE_POOL_ACQUIRE_TIMEOUT", float),
             ("db_command_timeout", "ENGINE_DB_COMMAND_TIMEOUT", float),
             ("db_statement_cache_size", "ENGINE_DB_STATEMENT_CACHE_SIZE", int),
+            ("event_retention", "ENGINE_EVENT_RETENTION", float),
+            ("delivery_retention", "ENGINE_DELIVERY_RETENTION", float),
+            ("dead_delivery_retention", "ENGINE_DEAD_DELIVERY_RETENTION", float),
+            ("key_access_retention", "ENGINE_KEY_ACCESS_RETENTION", float),
+            ("retention_interval", "ENGINE_RETENTION_INTERVAL", float),
+            ("listen_check_interval", "ENGINE_LISTEN_CHECK_INTERVAL", float),
+            ("listen_check_timeout", "ENGINE_LISTEN_CHECK_TIMEOUT", float),
         ):
             if env.get(key):
                 try:

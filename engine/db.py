@@ -108,7 +108,14 @@ def schema_digest() -> str:
     return hashlib.sha256(schema_sql().encode()).hexdigest()
 
 
-QUERY_FILES = ("queries.sql", "queue/queue.sql", "webhooks/webhooks.sql", "tenants.sql", "budgets.sql")
+QUERY_FILES = (
+    "queries.sql",
+    "queue/queue.sql",
+    "webhooks/webhooks.sql",
+    "tenants.sql",
+    "budgets.sql",
+    "retention.sql",
+)
 
 DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted
 DEFAULT_COMMAND_TIMEOUT = 60.0  # seconds per statement (asyncpg command_timeout), row-lock waits included
@@ -621,6 +628,10 @@ class RawListener:
     async def ping(self) -> None:
         with _statement():
             await self._raw.execute("SELECT 1")
+
+    def terminate(self) -> None:
+        """Drop the connection at once, without the closing handshake (its peer stopped answering)."""
+        self._raw.terminate()
 
     async def close(self) -> None:
         with contextlib.suppress(*_DRIVER_ERRORS, TimeoutError):

@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import budgets, crypto, errors, events, jobs, lifecycle, quotas, rewrap, validation
+from engine import budgets, crypto, errors, events, jobs, lifecycle, quotas, retention, rewrap, validation
 from engine import db as dbmod
 from engine import keys as keyproviders
 from engine import metrics as metricsmod
@@ -91,7 +91,11 @@ class CredentialEngine:
         self._injected_session = http_session
         self._probes: dict[Venue, Probe] = dict(probes or {})
         self._state = _State.NEW
-        self.bus = events.EventBus(poll_interval=self.config.poll_interval)
+        self.bus = events.EventBus(
+            poll_interval=self.config.poll_interval,
+            listen_check_interval=self.config.listen_check_interval,
+            listen_check_timeout=self.config.listen_check_timeout,
+        )
         self._db: dbmod.Database | None = None
         self._queue: queuemod.JobQueue | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -170,6 +174,7 @@ class CredentialEngine:
         if cfg.venue_rate_limits and cfg.shared_venue_budgets and set(Venue) - set(self._probes):
             self._budgets = budgets.SharedBudgets(self._db, group=cfg.egress_group)
             await self._budgets.start()
+        self.retention = retention.Retention(self._db, retention.RetentionSettings.of(cfg))
         # the queue first (handlers are registered below), then what records events, then what runs jobs
         settings = queuemod.QueueSettings(
             concurrency=max(1, cfg.workers),
@@ -181,6 +186,8 @@ class CredentialEngine:
             backoff_base=cfg.backoff_base,
             backoff_max=cfg.backoff_max,
             shutdown_timeout=cfg.shutdown_timeout,
+            listen_check_interval=cfg.listen_check_interval,
+            listen_check_timeout=cfg.listen_check_timeout,
             handler_timeout=cfg.job_timeout,
             handler_timeouts=dict(cfg.job_timeouts),  # the operator's overrides win over each kind's own
         )
@@ -202,6 +209,8 @@ class CredentialEngine:
         for kind, handler in self._jobs.handlers().items():
             queue.register(kind, handler, timeout=timeouts[kind])
         queue.register(DELIVER, self.webhooks.deliverer.run, timeout=self.webhooks.deliverer.timeout)
+        for kind, handler in self.retention.handlers().items():
+            queue.register(kind, handler)
         unknown = sorted(set(cfg.job_timeouts) - queue.kinds)
         if unknown:
             raise errors.ConfigurationError(
@@ -210,6 +219,7 @@ class CredentialEngine:
             )
         queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
         queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
+        queue.every(retention.RETENTION_PURGE, cfg.retention_interval)
         accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
         self._parts = _Parts(store, queue, outbox, accounts)
         await self.bus.start(self._db)

@@ -12,6 +12,13 @@ truth; NOTIFY (and a local poke for this process's own commits) only says "look 
 fallback, so nothing is lost across a lost connection. Every engine process sharing the database hears every
 change, whichever process made it.
 
+The LISTEN connection is checked with ``SELECT 1`` every ``listen_check_interval`` seconds
+(:mod:`engine.liveness`): one that does not answer within ``listen_check_timeout`` (the peer stopped forwarding
+without closing) is replaced, and every reconnect is followed at once by a read of the outbox.
+
+The bus publishes its cursor (:class:`engine.retention.CursorBeacon`): the retention purge never deletes an
+event this bus has not read yet.
+
 Each subscription has its own queue and task: a slow or failing listener never blocks the workers or the
 other listeners; its failures are logged and counted.
 """
@@ -29,7 +36,7 @@ from typing import Any, NamedTuple
 import structlog
 
 from engine import db as dbmod
-from engine import errors
+from engine import errors, liveness, retention
 from engine.models import Event
 
 log = structlog.get_logger("engine.events")
@@ -126,15 +133,27 @@ class BusStats:
     read: int = 0
     delivered: int = 0
     listener_failures: int = 0
-    reconnects: int = 0
+    reconnects: int = 0  # LISTEN connections lost (closed or silent) and replaced
+    silent: int = 0  # ... of which found silent by a check (no answer within listen_check_timeout)
     failures_by_listener: Counter[str] = field(default_factory=Counter)  # listener name -> failures
 
 
 class EventBus:
     """Tails the outbox and feeds subscribed listeners. ``subscribe`` works before ``start``."""
 
-    def __init__(self, *, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        poll_interval: float = 1.0,
+        listen_check_interval: float = liveness.DEFAULT_INTERVAL,
+        listen_check_timeout: float = liveness.DEFAULT_TIMEOUT,
+    ) -> None:
+        liveness.check_bounds(listen_check_interval, listen_check_timeout)
         self.poll_interval = poll_interval
+        self.listen_check_interval = listen_check_interval
+        self.listen_check_timeout = listen_check_timeout
+        self.beacon: retention.CursorBeacon | None = None
+        self._beacon_task: asyncio.Task[None] | None = None
         self.stats = BusStats()
         self._subs: list[Subscription] = []
         self._db: dbmod.Database | None = None
@@ -202,23 +221,34 @@ class EventBus:
 
     async def start(self, db: dbmod.Database) -> None:
         self._db = db
-        row = await db.fetchrow("events_cursor_now")
-        assert row is not None
-        self._cursor = (int(row["txid"]), int(row["position"]))
+        self.beacon = retention.CursorBeacon(db)
+        self._cursor = (
+            await self.beacon.register()
+        )  # the starting cursor, published before any purge sees past it
         for sub in self._subs:
             self._start_sub(sub)
         self._tail_task = asyncio.create_task(self._tail(), name="ce-events-tail")
         self._listen_task = asyncio.create_task(self._listen(), name="ce-events-listen")
+        self._beacon_task = asyncio.create_task(self._publish_cursor(), name="ce-events-cursor")
 
     async def stop(self) -> None:
         self._closing = True
-        tasks = [t for t in (self._listen_task, self._tail_task) if t is not None]
+        tasks = [t for t in (self._listen_task, self._tail_task, self._beacon_task) if t is not None]
         tasks += [s.task for s in self._subs if s.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.beacon is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(retention.CURSOR_PUBLISH_INTERVAL):
+                    await self.beacon.remove()
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """The outbox cursor ``(txid, position)``: every event at or before it has been read."""
+        return self._cursor
 
     def poke(self) -> None:
         """This process committed events: read them now instead of waiting for NOTIFY."""
@@ -271,8 +301,27 @@ class EventBus:
                 log.exception("events_read_crashed")
                 await asyncio.sleep(self.poll_interval)
 
+    async def _publish_cursor(self) -> None:
+        """Publish the cursor every ``CURSOR_PUBLISH_INTERVAL`` seconds when it moved, and at least every
+        ``CURSOR_KEEPALIVE`` seconds when it did not (the row stays fresh); the database may be away."""
+        assert self.beacon is not None
+        loop = asyncio.get_running_loop()
+        published, at = self._cursor, loop.time()
+        while True:
+            await asyncio.sleep(retention.CURSOR_PUBLISH_INTERVAL)
+            cursor = self._cursor
+            if cursor == published and loop.time() - at < retention.CURSOR_KEEPALIVE:
+                continue
+            try:
+                await self.beacon.publish(cursor)
+            except errors.StorageError as exc:
+                log.warning("events_cursor_publish_failed", error=str(exc))
+                continue
+            published, at = cursor, loop.time()
+
     async def _listen(self) -> None:
-        """Keep a LISTEN connection; reconnect with backoff when it is lost (polling covers the gap)."""
+        """Keep a LISTEN connection, checked on an interval; replace it when it closes or goes silent, with
+        backoff while it cannot be opened (polling covers the gap), and read the outbox at once after each."""
         assert self._db is not None
         delay = 0.1
         while not self._closing:
@@ -283,9 +332,13 @@ class EventBus:
                 await listener.add(CHANNEL, lambda _payload: self._wake.set())
                 delay = 0.1
                 self._wake.set()  # events may have committed while we were away
-                await listener.lost.wait()
+                how = await liveness.until_lost(
+                    listener, interval=self.listen_check_interval, check_timeout=self.listen_check_timeout
+                )
                 self.stats.reconnects += 1
-                log.info("events_listener_lost")
+                if how == "silent":
+                    self.stats.silent += 1
+                log.info("events_listener_lost", how=how)
             except errors.StorageError as exc:
                 log.warning("events_listen_failed", error=str(exc))
                 await asyncio.sleep(delay)

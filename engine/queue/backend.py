@@ -73,7 +73,7 @@ from typing import Any
 import structlog
 
 from engine import db as dbmod
-from engine import errors
+from engine import errors, liveness
 from engine.queue import worker as workermod
 
 __all__ = [
@@ -125,6 +125,8 @@ class QueueSettings:
     backoff_max: float = 600.0  # longest retry delay
     shutdown_timeout: float = 10.0  # how long stop() waits for running jobs before handing them back
     channel: str = "ce_jobs"  # the LISTEN/NOTIFY channel
+    listen_check_interval: float = liveness.DEFAULT_INTERVAL  # the LISTEN connection is checked this often
+    listen_check_timeout: float = liveness.DEFAULT_TIMEOUT  # ... and replaced when the check takes longer
     handler_timeout: float = 300.0  # longest run of a handler whose kind has no timeout of its own
     handler_timeouts: Mapping[str, float] = field(default_factory=dict)  # kind -> longest run of its handler
 
@@ -152,6 +154,7 @@ class QueueSettings:
             raise bad("channel", "a lower-case identifier (letters, digits, _; at most 63)")
         if not (0 < self.handler_timeout < math.inf):
             raise bad("handler_timeout", "positive and finite")
+        liveness.check_bounds(self.listen_check_interval, self.listen_check_timeout)
         for kind, seconds in self.handler_timeouts.items():
             if not (0 < seconds < math.inf):
                 raise bad(f"handler_timeouts[{kind!r}]", "positive and finite")

@@ -171,6 +171,8 @@ class JobQueue:
             listen=listen,
             hold_unstarted=s.hold_unstarted,
             cancel_grace=s.cancel_grace,
+            listen_check_interval=s.listen_check_interval,
+            listen_check_timeout=s.listen_check_timeout,
         )
 
     def _wake(self) -> None:

@@ -26,7 +26,8 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
                 buffer (running, or outcome unwritten); and hands back buffered jobs that waited longer than
                 ``hold_unstarted`` (their runners are stuck): the database gives them to whoever is free.
                 Until a runner finishes a job, the fetcher then claims only for free runners.
-    listener    LISTEN on a dedicated connection; reconnects with backoff when it is lost
+    listener    LISTEN on a dedicated connection, checked with SELECT 1 every ``listen_check_interval`` seconds
+                (:mod:`engine.liveness`); reconnects with backoff when it is lost or silent, then claims at once
 
 The fetcher and the flusher keep one connection (a backend *session*) across back-to-back statements and
 give it back when they go idle. The queue's backend makes each session, and the heartbeat's statement, use a
@@ -54,7 +55,7 @@ from typing import Generic, Protocol, TypeVar
 
 import structlog
 
-from engine import errors
+from engine import errors, liveness
 
 __all__ = ["Backend", "Claimed", "Listener", "Worker", "WorkerFailed"]
 
@@ -64,8 +65,8 @@ RESTART_DELAY_MIN = 0.05  # seconds before restarting a crashed side task; doubl
 RESTART_DELAY_MAX = 5.0  # ... up to this; also the cap of the LISTEN reconnect backoff
 MAX_CRASHES = 5  # consecutive unexpected crashes of one task before the worker fails loudly
 HEALTHY_AFTER = 30.0  # a task that ran this long before crashing starts its crash count afresh
-LISTENER_PING_INTERVAL = 15.0  # an idle LISTEN connection is pinged this often: a dead peer sends nothing
-LISTENER_PING_TIMEOUT = 5.0
+LISTENER_PING_INTERVAL = 5.0  # the LISTEN connection is pinged this often: a dead peer sends nothing
+LISTENER_PING_TIMEOUT = 5.0  # ... and replaced when the ping takes longer (engine.liveness)
 SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection before giving it back
 RIDE_WINDOW = 0.005  # how long an outcome waits for the next claim to carry it before the flusher writes it
 FLUSH_CHUNK = 1000  # most outcomes written by one statement; also how many may wait before claims pause
@@ -99,6 +100,8 @@ class Listener(Protocol):
     lost: asyncio.Event
 
     async def ping(self) -> None: ...
+
+    def terminate(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -166,6 +169,8 @@ class Worker(Generic[J, R, S]):
         listen: bool,
         hold_unstarted: float | None = None,
         cancel_grace: float = 5.0,
+        listen_check_interval: float = LISTENER_PING_INTERVAL,
+        listen_check_timeout: float = LISTENER_PING_TIMEOUT,
     ) -> None:
         """``hold_unstarted``: seconds a claimed job may wait for a runner before it is handed back (None: no
         limit); it must leave a heartbeat's time before the claim's lease runs out. ``cancel_grace``: seconds
@@ -179,6 +184,7 @@ class Worker(Generic[J, R, S]):
         self._poll_interval = poll_interval
         self._shutdown_timeout = shutdown_timeout
         self._listen = listen
+        self._listen_check = (listen_check_interval, listen_check_timeout)
 
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._buffer: asyncio.Queue[J] = asyncio.Queue()
@@ -725,13 +731,6 @@ class Worker(Generic[J, R, S]):
 
     async def _watch(self, listener: Listener) -> None:
         """Return when the LISTEN connection is lost (closed, or silent and not answering a ping)."""
-        while not listener.lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LISTENER_PING_INTERVAL):
-                    await listener.lost.wait()
-                    return
-            try:
-                async with asyncio.timeout(LISTENER_PING_TIMEOUT):
-                    await listener.ping()
-            except (TimeoutError, errors.StorageError):
-                return
+        interval, timeout = self._listen_check
+        how = await liveness.until_lost(listener, interval=interval, check_timeout=timeout)
+        log.info("queue_listener_check", worker=self._name, how=how)

@@ -31,6 +31,9 @@ class FakeListener:
     async def ping(self) -> None:
         return None
 
+    def terminate(self) -> None:
+        self.closed = True
+
     async def close(self) -> None:
         self.closed = True
 
