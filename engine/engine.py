@@ -174,7 +174,9 @@ class CredentialEngine:
         if cfg.venue_rate_limits and cfg.shared_venue_budgets and set(Venue) - set(self._probes):
             self._budgets = budgets.SharedBudgets(self._db, group=cfg.egress_group)
             await self._budgets.start()
-        self.retention = retention.Retention(self._db, retention.RetentionSettings.of(cfg))
+        self.retention = retention.Retention(
+            self._db, retention.RetentionSettings.of(cfg, verify_window=quotas.VERIFY_WINDOW_SECONDS)
+        )
         # the queue first (handlers are registered below), then what records events, then what runs jobs
         settings = queuemod.QueueSettings(
             concurrency=max(1, cfg.workers),

@@ -39,16 +39,30 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from engine import errors
-from engine.quotas import VERIFY_WINDOW_SECONDS
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
     from engine.db import Database
+
+
+class EngineConfig(Protocol):
+    """The retention settings of :class:`engine.config.EngineConfig` (a protocol: config imports this module)."""
+
+    @property
+    def event_retention(self) -> float: ...
+    @property
+    def delivery_retention(self) -> float: ...
+    @property
+    def dead_delivery_retention(self) -> float: ...
+    @property
+    def key_access_retention(self) -> float: ...
+    @property
+    def retention_interval(self) -> float: ...
+
 
 log = structlog.get_logger("engine.retention")
 
@@ -104,14 +118,16 @@ class RetentionSettings:
     max_batches: int = MAX_BATCHES
     run_budget: float = RUN_BUDGET
     cursor_stale_after: float = CURSOR_STALE_AFTER
+    verify_window: float = 3600.0  # the hourly verify quota's window (engine.quotas.VERIFY_WINDOW_SECONDS)
 
     @classmethod
-    def of(cls, config: EngineConfig) -> RetentionSettings:
+    def of(cls, config: EngineConfig, *, verify_window: float) -> RetentionSettings:
         return cls(
             events=config.event_retention,
             deliveries=config.delivery_retention,
             dead_deliveries=config.dead_delivery_retention,
             key_access=config.key_access_retention,
+            verify_window=verify_window,
         )
 
 
@@ -182,8 +198,8 @@ class Retention:
             ("key_access_audit", s.key_access, simple("purge_key_access_audit", s.key_access)),
             (
                 "owner_verify_requests",
-                VERIFY_WINDOW_SECONDS,
-                simple("purge_verify_requests", VERIFY_WINDOW_SECONDS),
+                s.verify_window,
+                simple("purge_verify_requests", s.verify_window),
             ),
             (
                 "api_instances",

@@ -18,7 +18,7 @@ def test_defaults() -> None:
     assert cfg.key_access_retention == 400 * 86_400
     assert cfg.retention_interval == 300
     assert (cfg.listen_check_interval, cfg.listen_check_timeout) == (5, 5)
-    settings = retention.RetentionSettings.of(cfg)
+    settings = retention.RetentionSettings.of(cfg, verify_window=3600.0)
     assert (settings.batch_size, settings.max_batches) == (5_000, 20)
 
 
