@@ -198,9 +198,10 @@ class BinanceProbe(http.VenueProbe):
         missing = (404,) if self.base_url is not None else ()
         # One round trip: the verify call and the three identity calls go out at once (docs/venues.md §6).
         # What the speculation costs: Binance counts request weight per IP (§1.6), and we take refused requests
-        # to be charged too (docs/venues.md §8), so a bad key now spends 1 + 20 + 10 + 5 = 36 weight instead of 1: 35 more, 0.6 % of the 6000 a minute
-        # per IP; a good key spends the same 36 as before. Bad keys are rare (a typo, a deleted key), their cost
-        # is bounded by the client-side limiter like every call, and every good key saves a round trip.
+        # to be charged too (docs/venues.md §8), so a bad key now spends 1 + 20 + 10 + 5 = 36 weight instead of
+        # 1: 35 more, 0.6 % of the 6000 a minute per IP; a good key spends the same 36 as before. Bad keys are
+        # rare (a typo, a deleted key), every call still waits on the client-side limiter, and every good key
+        # saves a round trip.
         restrictions, *answers = await http.gather_identities(
             [
                 self._signed_get(

@@ -1,8 +1,9 @@
 """Bybit (V5): hex HMAC-SHA256 over timestamp + apiKey + recvWindow + query/body (docs/venues.md §3).
 
 One probe = one round trip: ``GET /v5/user/query-api`` (the key's permissions, IPs, expiry and ``userID``)
-and two identity calls at once (query-api's refusal decides): ``/v5/account/info`` (``unifiedMarginStatus``: unified vs classic) and
-``/v5/user/get-member-type`` (the wallets of this UID), which docs/venues.md §3.4 turns into unified/spot/contract.
+and two identity calls at once (query-api's refusal decides): ``/v5/account/info`` (``unifiedMarginStatus``:
+unified vs classic) and ``/v5/user/get-member-type`` (the wallets of this UID), which docs/venues.md §3.4 turns
+into unified/spot/contract.
 """
 
 from __future__ import annotations

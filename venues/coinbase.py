@@ -2,8 +2,9 @@
 
 CDP keys (docs/venues.md §4A): ``GET /api/v3/brokerage/key_permissions`` gives can_view/can_trade/can_transfer
 and the key's one portfolio (the account id); ``accounts`` and ``portfolios``, sent at the same time (one round
-trip; key_permissions' refusal decides), confirm the "default" identity. A 401 cannot tell a bad key name from a bad private key from clock skew (4A.5): we
-resync from the public time endpoint and retry once before calling it INVALID_KEY.
+trip; key_permissions' refusal decides), confirm the "default" identity. A 401 cannot tell a bad key name from
+a bad private key from clock skew (4A.5): we resync from the public time endpoint and retry once before calling
+it INVALID_KEY.
 
 Exchange keys (docs/venues.md §4B): there is no permission endpoint. ``GET /accounts`` (the verify) and
 ``GET /profiles`` (the account id: the default profile) run together; read=True is all we can say

@@ -23,7 +23,12 @@ KINDS: list[tuple[Venue, str | None, set[str]]] = [
     (
         Venue.BINANCE,
         None,
-        {"/sapi/v1/account/apiRestrictions", "/api/v3/account", "/sapi/v1/margin/account", "/fapi/v2/account"},
+        {
+            "/sapi/v1/account/apiRestrictions",
+            "/api/v3/account",
+            "/sapi/v1/margin/account",
+            "/fapi/v2/account",
+        },
     ),
     (Venue.OKX, None, {"/api/v5/account/config", "/api/v5/account/balance", "/api/v5/asset/balances"}),
     (Venue.BYBIT, None, {"/v5/user/query-api", "/v5/account/info", "/v5/user/get-member-type"}),

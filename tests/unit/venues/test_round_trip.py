@@ -31,12 +31,15 @@ Answer = tuple[int, Any, dict[str, str]]  # HTTP status, JSON body, headers
 PEM = (
     ec.generate_private_key(ec.SECP256R1())
     .private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
     )
     .decode()
 )
 KRAKEN_KEY = "Kr4kenPublicKeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 RATE_LIMITED_AFTER = {"Retry-After": "7"}
+NOW_MS = int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ CASES = [
     Case(
         "okx",
         okx.OkxProbe,
-        base.ApiKeys("37c541a1-c2b5-4c4f-9f5d-3d8a2b1c0e9f", "22582BD0CFF14C41EDBF1AB98506286D", "Pass-phrase1"),
+        base.ApiKeys(
+            "37c541a1-c2b5-4c4f-9f5d-3d8a2b1c0e9f", "22582BD0CFF14C41EDBF1AB98506286D", "Pass-phrase1"
+        ),
         ("GET", "https://www.okx.com/api/v5/account/config"),
         (401, {"code": "50113", "msg": "Invalid Sign", "data": []}, {}),
         base.Outcome.INVALID_SECRET,
@@ -108,7 +113,7 @@ CASES = [
         ],
         (429, {"error": "rate_limit_exceeded", "message": "Too many requests"}, RATE_LIMITED_AFTER),
         # a 401 resyncs the clock once and retries (docs/venues.md §4A.5)
-        [("GET", "https://api.coinbase.com/api/v3/brokerage/time", (200, {"epochMillis": str(int(time.time() * 1000))}, {}))],
+        [("GET", "https://api.coinbase.com/api/v3/brokerage/time", (200, {"epochMillis": str(NOW_MS)}, {}))],
     ),
     Case(
         "coinbase-exchange",
@@ -164,6 +169,7 @@ class Timeline:
         self.arrived: list[str] = []
         self.answered: list[str] = []
         self.all_in = asyncio.Event()
+        self.identities_answered = asyncio.Event()
 
     def reply(self, name: str, answer: Answer, *, last: bool) -> Callable[..., Awaitable[CallbackResult]]:
         status, body, headers = answer
@@ -172,11 +178,14 @@ class Timeline:
             self.arrived.append(name)
             if len(self.arrived) >= self.expected:
                 self.all_in.set()
-            await asyncio.wait_for(self.all_in.wait(), 5.0)  # TimeoutError: a call waited for another's answer
+            await asyncio.wait_for(
+                self.all_in.wait(), 5.0
+            )  # TimeoutError: a call waited for another's answer
             if last:  # the verify call answers after every identity call has answered
-                while len(self.answered) < self.expected - 1:
-                    await asyncio.sleep(0.005)
+                await asyncio.wait_for(self.identities_answered.wait(), 5.0)
             self.answered.append(name)
+            if len(self.answered) >= self.expected - 1:
+                self.identities_answered.set()
             return CallbackResult(status=status, body=json.dumps(body), headers=headers)
 
         return callback
@@ -209,7 +218,9 @@ async def test_verify_transient_retries_after_the_longest_retry_after(
 ) -> None:
     """A transient verify failure retries the whole probe, no sooner than any call that was refused said."""
     case = CASES[0]
-    mocked.get(exact(case.verify[1]), status=429, payload={"code": -1003}, headers={"Retry-After": "3"}, repeat=True)
+    mocked.get(
+        exact(case.verify[1]), status=429, payload={"code": -1003}, headers={"Retry-After": "3"}, repeat=True
+    )
     for _, url in case.identities:
         mocked.get(exact(url), status=429, payload={"code": -1003}, headers={"Retry-After": "9"}, repeat=True)
     failure = await failure_of(case.build(session).probe(case.keys))
