@@ -105,3 +105,30 @@ async def test_a_bad_key_gets_the_verify_calls_verdict_in_one_round_trip(
     assert caught.value.outcome.value == "INVALID_KEY", caught.value.message
     first_answer = next(i for i, (event, _) in enumerate(timeline) if event == "answered")
     assert paths <= {path for event, path in timeline[:first_answer] if event == "sent"}
+
+
+TIME_PATHS = {
+    "/api/v3/time",
+    "/fapi/v1/time",
+    "/api/v5/public/time",
+    "/v5/market/time",
+    "/api/v3/brokerage/time",
+    "/time",
+    "/0/public/Time",
+}
+
+
+@pytest.mark.parametrize(("venue", "kind", "paths"), KINDS, ids=IDS)
+async def test_a_skewed_clock_is_fetched_once_for_all_the_calls_sent_together(
+    sim: Simulator, timeline: list[tuple[str, str]], venue: Venue, kind: str | None, paths: set[str]
+) -> None:
+    """The venue's clock is 200 s ahead: the calls sent together are all refused for the same skew, share one
+    fetch of the venue's time, retry, and the key verifies."""
+    key = sim.add_key(venue, kind=kind, ip_allowlist=("127.0.0.1",))
+    sim.set_clock_offset(venue, 200_000)  # past even a CDP JWT's 120 s life
+    async with aiohttp.ClientSession() as session:
+        result = await build_probe(venue, session, base_url=sim.urls[venue]).probe(key.api_keys)
+    assert result.venue_account_id
+    fetched = [path for event, path in timeline if event == "sent" and path in TIME_PATHS]
+    # Kraken's nonces need only increase (5A.2, 5B.2): a skewed clock refuses none of them
+    assert len(fetched) == (0 if venue is Venue.KRAKEN else 1), fetched
