@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from venue_support import failure_of  # tests/unit/venues is on sys.path
 
-from venues import base, binance, bybit, coinbase, http, kraken, okx
+from venues import base, binance, bybit, coinbase, http, kraken, limits, okx
 
 Answer = tuple[int, Any, dict[str, str]]  # HTTP status, JSON body, headers
 
@@ -246,3 +246,22 @@ def test_raise_verify_failure_rules() -> None:
     assert caught.value is slow  # a tie: the verify call's own failure
     with pytest.raises(KeyError):
         http.raise_verify_failure(KeyError("bug"), [busy])
+
+
+async def test_calls_sent_together_still_pay_the_limiter_exactly(
+    session: aiohttp.ClientSession, mocked: aioresponses
+) -> None:
+    """Binance's per-IP weight: a probe sending its four calls at once is charged 1 + 20 + 10 + 5 = 36, each
+    call through the limiter (a bucket of exactly 36 that hardly refills lets the probe through, empty)."""
+    case = CASES[0]
+    limiter = limits.RateLimiter(0.001, 36.0)
+    mocked.get(
+        exact(case.verify[1]), status=400, payload={"code": -1022, "msg": "bad signature"}, repeat=True
+    )
+    for _, url in case.identities:
+        mocked.get(exact(url), status=400, payload={"code": -1022, "msg": "bad signature"}, repeat=True)
+    probe = binance.BinanceProbe(session, limiter=limiter)
+    failure = await asyncio.wait_for(failure_of(probe.probe(case.keys)), 10.0)
+    assert failure.outcome is base.Outcome.INVALID_SECRET
+    assert limiter._tokens < 1.0  # all 36 spent: nothing skipped the limiter, nothing was charged twice
+    assert len(mocked.requests) == 4
