@@ -1,8 +1,9 @@
 """Bybit (V5): hex HMAC-SHA256 over timestamp + apiKey + recvWindow + query/body (docs/venues.md §3).
 
-One probe = ``GET /v5/user/query-api`` (the key's permissions, IPs, expiry and ``userID``), then two identity
-calls at once: ``/v5/account/info`` (``unifiedMarginStatus``: unified vs classic) and
-``/v5/user/get-member-type`` (the wallets of this UID), which docs/venues.md §3.4 turns into unified/spot/contract.
+One probe = one round trip: ``GET /v5/user/query-api`` (the key's permissions, IPs, expiry and ``userID``)
+and two identity calls at once (query-api's refusal decides): ``/v5/account/info`` (``unifiedMarginStatus``:
+unified vs classic) and ``/v5/user/get-member-type`` (the wallets of this UID), which docs/venues.md §3.4 turns
+into unified/spot/contract.
 """
 
 from __future__ import annotations
@@ -231,7 +232,17 @@ class BybitProbe(http.VenueProbe):
             self.check_keys(keys)
         except base.KeyFormatProblem as problem:
             raise base.format_failure(self.venue, problem) from None
-        api_reply = await self._verify(keys)
+        # One round trip: query-api and both identity calls go out at once (docs/venues.md §6); the query-api
+        # answer decides (a bad key fails all three). What the speculation costs: a bad key spends two more
+        # requests of the 600 per 5 s per IP (§3.6), 0.3 %; a good key sends the same three calls as before.
+        api_reply, account, members = await http.gather_identities(
+            [
+                self._verify(keys),
+                self._signed_get(keys, ACCOUNT_INFO_PATH),
+                self._signed_get(keys, MEMBER_TYPE_PATH),
+            ]
+        )
+        http.raise_verify_failure(api_reply, [account, members])
         info = api_reply.body["result"]
         user_id = info.get("userID")
         try:
@@ -245,11 +256,7 @@ class BybitProbe(http.VenueProbe):
             when = datetime.fromtimestamp(expiry / 1000, tz=UTC).isoformat(timespec="seconds")
             raise base.ProbeFailure(base.Outcome.KEY_EXPIRED, f"Bybit reports the API key expired at {when}")
 
-        account, members = http.settle_identities(
-            await http.gather_identities(
-                [self._signed_get(keys, ACCOUNT_INFO_PATH), self._signed_get(keys, MEMBER_TYPE_PATH)]
-            )
-        )
+        account, members = http.settle_identities([account, members])
         margin_status = self._margin_status(account)
         wallets = self._wallets(members, str(user_id))
         return base.ProbeResult(

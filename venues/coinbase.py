@@ -1,9 +1,10 @@
 """Coinbase probe: Advanced Trade with CDP keys (JWT) and Coinbase Exchange keys (HMAC + passphrase).
 
 CDP keys (docs/venues.md §4A): ``GET /api/v3/brokerage/key_permissions`` gives can_view/can_trade/can_transfer
-and the key's one portfolio (the account id); then ``accounts`` and ``portfolios`` run together to confirm
-the "default" identity. A 401 cannot tell a bad key name from a bad private key from clock skew (4A.5): we
-resync from the public time endpoint and retry once before calling it INVALID_KEY.
+and the key's one portfolio (the account id); ``accounts`` and ``portfolios``, sent at the same time (one round
+trip; key_permissions' refusal decides), confirm the "default" identity. A 401 cannot tell a bad key name from
+a bad private key from clock skew (4A.5): we resync from the public time endpoint and retry once before calling
+it INVALID_KEY.
 
 Exchange keys (docs/venues.md §4B): there is no permission endpoint. ``GET /accounts`` (the verify) and
 ``GET /profiles`` (the account id: the default profile) run together; read=True is all we can say
@@ -130,7 +131,19 @@ class CoinbaseProbe(http.VenueProbe):
     # -- Advanced Trade (CDP keys) -------------------------------------------------------------------------
 
     async def _probe_cdp(self, signer: coinbase_auth.CdpSigner) -> base.ProbeResult:
-        found = await self._cdp_get(signer, KEY_PERMISSIONS)
+        # One round trip: key_permissions and both identity calls go out at once (docs/venues.md §6); the
+        # key_permissions answer decides (a bad key fails all three). What the speculation costs: a bad key
+        # spends two more requests (four with the retry after the clock resync that a 401 triggers, §4A.5),
+        # counted against that key's own per-user budget (§4A.6), which a refused key does not have anyway; the
+        # clock is still fetched once for all of them. A good key sends the same three calls as before.
+        found, accounts, portfolios = await http.gather_identities(
+            [
+                self._cdp_get(signer, KEY_PERMISSIONS),
+                self._cdp_get(signer, ACCOUNTS, query="?limit=1"),
+                self._cdp_get(signer, PORTFOLIOS),
+            ]
+        )
+        http.raise_verify_failure(found, [accounts, portfolios])
         portfolio = found.get("portfolio_uuid")
         # A false flag may be left out (proto3 JSON drops defaults): missing reads as False.
         flags = [found.get(name, False) for name in ("can_view", "can_trade", "can_transfer")]
@@ -138,9 +151,6 @@ class CoinbaseProbe(http.VenueProbe):
             raise self._unreadable(KEY_PERMISSIONS)
         can_view, can_trade, can_transfer = flags
 
-        accounts, portfolios = await http.gather_identities(
-            [self._cdp_get(signer, ACCOUNTS, query="?limit=1"), self._cdp_get(signer, PORTFOLIOS)]
-        )
         reached = False
         if not isinstance(accounts, BaseException):
             if not isinstance(accounts.get("accounts"), list):
@@ -219,8 +229,7 @@ class CoinbaseProbe(http.VenueProbe):
         accounts, profiles = await http.gather_identities(
             [self._exchange_get(signer, EXCHANGE_ACCOUNTS), self._exchange_get(signer, EXCHANGE_PROFILES)]
         )
-        if isinstance(accounts, BaseException):
-            raise accounts  # the verify call decides; its failure is the key's verdict
+        http.raise_verify_failure(accounts, [profiles])  # the verify call decides; its refusal is the verdict
         if not isinstance(accounts, list) or not all(isinstance(a, dict) for a in accounts):
             raise self._unreadable(EXCHANGE_ACCOUNTS)
         profile_id = self._default_profile(profiles, accounts)

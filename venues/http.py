@@ -3,7 +3,8 @@
 :class:`VenueProbe` is the shared machinery of the five venue modules. Its :meth:`VenueProbe._call` sends one
 signed request exactly as signed and translates aiohttp's errors at this one place, raising ``from None``:
 aiohttp's exceptions carry request URLs (signed query strings) and headers (API keys) in their ``str``/``repr``.
-:func:`gather_identities` and :func:`settle_identities` run and judge the concurrent identity calls.
+:func:`gather_identities` runs a probe's calls at once (the verify call and every identity call: one round trip);
+:func:`raise_verify_failure` and :func:`settle_identities` judge their answers.
 """
 
 from __future__ import annotations
@@ -250,6 +251,29 @@ def settle_identities(results: Sequence[object]) -> list[Reply | ProbeFailure]:
     return settled
 
 
+def raise_verify_failure(verify: object, others: Sequence[object]) -> None:
+    """Raise what a probe whose calls all went out at once must report before it reads any identity answer.
+
+    ``verify`` is the answer (or exception) of the call that verifies the key and reads its permissions,
+    ``others`` those of the identity calls sent beside it. Where the verify call failed, it decides
+    (docs/venues.md §6): a permanent failure is the key's verdict, whatever the identity calls answered (a bad
+    key fails them all, often with another code). A transient one retries the whole probe: the transient
+    failure with the longest ``retry_after`` among all the calls is raised (the verify call's on a tie), so the
+    retry does not come back before a limit that refused another call has passed. Returns when the verify call
+    succeeded.
+    """
+    if not isinstance(verify, BaseException):
+        return
+    if not isinstance(verify, ProbeFailure) or not verify.transient:
+        raise verify
+    transient = [verify, *(r for r in others if isinstance(r, ProbeFailure) and r.transient)]
+    raise max(transient, key=lambda failure: failure.retry_after or 0.0)
+
+
 async def gather_identities(checks: Sequence[Any]) -> list[Any]:
-    """Run identity checks concurrently (one request per account type). Failures are returned, not raised."""
+    """Run a probe's calls concurrently (its verify call and one request per account type): one round trip.
+
+    Failures are returned, not raised: the caller judges them together (:func:`raise_verify_failure`,
+    :func:`settle_identities`). Each call still waits on the client-side limiters itself (``throttle``).
+    """
     return list(await asyncio.gather(*checks, return_exceptions=True))

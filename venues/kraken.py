@@ -1,12 +1,13 @@
 """Kraken probe: spot keys (API-Sign; GetApiKeyInfo) and futures keys (Authent; api-keys/v3/check).
 
-One probe for both APIs, whose keys are different keys (venues/README.md). A secret that decodes to 64 bytes
-may be a spot key: ``POST /0/private/GetApiKeyInfo`` reads its permissions, IP allowlist, expiry and IIBAN,
-then ``Balance`` and ``TradeBalance`` run together for the "spot" identity. If spot answers
-``EAPI:Invalid key`` (or the secret cannot be a spot secret), the futures auth service's
-``GET /api/auth/v1/api-keys/v3/check`` and ``GET /derivatives/api/v3/accounts`` run together: the check gives
-permissions and the account UID, the accounts call the "futures" identity. When both APIs reject the key, the
-spot answer is reported.
+One probe for both APIs, whose keys are different keys (venues/README.md), in one round trip. A secret that
+decodes to 64 bytes may be a spot or a futures key: ``POST /0/private/GetApiKeyInfo`` (permissions, IP
+allowlist, expiry and IIBAN), ``Balance`` and ``TradeBalance`` (the "spot" identity), the futures auth
+service's ``GET /api/auth/v1/api-keys/v3/check`` (permissions, account UID) and
+``GET /derivatives/api/v3/accounts`` (the "futures" identity) all go out at once. GetApiKeyInfo decides: unless
+it answers ``EAPI:Invalid key``, the key is judged as a spot key; then the futures answers judge it. When
+both APIs reject the key, the spot answer is reported. Any other secret is a futures key: only the two futures
+calls are sent, at once.
 
 Nonces are strictly increasing per API key across concurrent requests (:class:`kraken_auth.NonceBook`); a
 refused nonce resyncs the clock from ``GET /0/public/Time`` and retries once with a higher one.
@@ -15,7 +16,7 @@ refused nonce resyncs the clock from ``GET /0/public/Time`` and retries once wit
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
@@ -154,17 +155,30 @@ class KrakenProbe(http.VenueProbe):
             outcome = Outcome.INVALID_SECRET if problem.field == "apiSecret" else Outcome.INVALID_KEY
             raise base.ProbeFailure(outcome, f"Kraken keys are malformed: {problem}") from None
         if not pair.may_be_spot:
-            return await self._probe_futures(pair)
+            return self._futures_result(*await http.gather_identities(self._futures_calls(pair)))
+        # One round trip. A secret of spot length may belong to a spot or a futures key (the two APIs issue
+        # different keys of the same shape), so the spot calls (GetApiKeyInfo, Balance, TradeBalance) and the
+        # futures calls (the api-keys check, accounts) go out at once; GetApiKeyInfo decides which answers count.
+        # What the speculation costs: a spot key also sends the two futures calls, refused (authenticationError)
+        # without touching any futures account's budget of 500 per 10 s (docs/venues.md §5B.6), since the key
+        # has no futures account; a futures key also sends Balance and TradeBalance, refused as
+        # "EAPI:Invalid key" on a spot counter (§5A.6) that no key owns. Two extra requests per probe, never a
+        # cost to a real key's budget (a spot probe costs 6 instead of 3 on our per-IP safety bucket of 50 a
+        # second), for one round trip instead of two for every futures key.
+        info, balance, trade_balance, check, accounts = await http.gather_identities(
+            [
+                self._spot(pair, SPOT_KEY_INFO),
+                self._spot(pair, SPOT_BALANCE),
+                self._spot(pair, SPOT_TRADE_BALANCE),
+                *self._futures_calls(pair),
+            ]
+        )
+        if not (isinstance(info, base.ProbeFailure) and info.venue_code == INVALID_KEY_CODE):
+            http.raise_verify_failure(info, [balance, trade_balance])  # GetApiKeyInfo decides (5A.3)
+            return self._probe_spot(info, [balance, trade_balance])
+        spot_rejection = info
         try:
-            info = await self._spot(pair, SPOT_KEY_INFO)
-        except base.ProbeFailure as failure:
-            if failure.venue_code != INVALID_KEY_CODE:
-                raise
-            spot_rejection = failure
-        else:
-            return await self._probe_spot(pair, info)
-        try:
-            return await self._probe_futures(pair)
+            return self._futures_result(check, accounts)
         except base.ProbeFailure as failure:
             if failure.outcome is not Outcome.INVALID_KEY:
                 raise  # e.g. a futures key of an inactive account, or futures unreachable: not conclusive
@@ -176,15 +190,12 @@ class KrakenProbe(http.VenueProbe):
 
     # -- spot --------------------------------------------------------------------------------------------
 
-    async def _probe_spot(self, pair: kraken_auth.KrakenKeys, info: Mapping[str, Any]) -> base.ProbeResult:
-        """The rest of a spot probe, once GetApiKeyInfo answered ``info``."""
+    def _probe_spot(self, info: Mapping[str, Any], checks: Sequence[object]) -> base.ProbeResult:
+        """A spot probe's result, from GetApiKeyInfo's ``info`` and the answers of the identity ``checks``."""
         permissions, details = self._read_key_info(info)
         account_id = info.get("iban")
         if not isinstance(account_id, str) or not account_id:
             raise self._unreadable(f"spot {SPOT_KEY_INFO}")
-        checks = await http.gather_identities(
-            [self._spot(pair, SPOT_BALANCE), self._spot(pair, SPOT_TRADE_BALANCE)]
-        )
         reached = _reached(checks, not_reached={Outcome.PERMISSION_DENIED})
         return base.ProbeResult(
             venue=self.venue,
@@ -275,13 +286,15 @@ class KrakenProbe(http.VenueProbe):
 
     # -- futures -----------------------------------------------------------------------------------------
 
-    async def _probe_futures(self, pair: kraken_auth.KrakenKeys) -> base.ProbeResult:
-        check, accounts = await http.gather_identities(
-            [
-                self._futures_get(pair, FUTURES_CHECK),
-                self._futures_get(pair, FUTURES_ACCOUNTS, cost=FUTURES_ACCOUNTS_COST),
-            ]
-        )
+    def _futures_calls(self, pair: kraken_auth.KrakenKeys) -> list[Coroutine[Any, Any, Any]]:
+        """The futures probe's two calls, to be sent at once: the api-keys check (the verify) and accounts."""
+        return [
+            self._futures_get(pair, FUTURES_CHECK),
+            self._futures_get(pair, FUTURES_ACCOUNTS, cost=FUTURES_ACCOUNTS_COST),
+        ]
+
+    def _futures_result(self, check: Any, accounts: Any) -> base.ProbeResult:
+        """A futures probe's result from the answers (or failures) of the check and the accounts call."""
         if isinstance(check, BaseException):
             if (
                 isinstance(check, base.ProbeFailure)

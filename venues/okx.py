@@ -1,7 +1,8 @@
 """OKX (API v5): base64 HMAC-SHA256 over timestamp + METHOD + requestPath + body (docs/venues.md §2).
 
-One probe = ``GET /api/v5/account/config`` (the key's ``perm``, ``ip`` and the account ``uid``), then the two
-identity calls at once: trading ``/api/v5/account/balance`` and funding ``/api/v5/asset/balances``.
+One probe = one round trip: ``GET /api/v5/account/config`` (the key's ``perm``, ``ip`` and the account ``uid``)
+and the two identity calls at once: trading ``/api/v5/account/balance`` and funding ``/api/v5/asset/balances``;
+the config call's refusal decides.
 Every key has a passphrase; a key of the demo-trading environment is told apart by retrying with
 ``x-simulated-trading: 1`` (venues/README.md, probe <-> simulator contract).
 """
@@ -199,7 +200,18 @@ class OkxProbe(http.VenueProbe):
             self.check_keys(keys)
         except base.KeyFormatProblem as problem:
             raise base.format_failure(self.venue, problem) from None
-        config_reply = await self._verify(keys)
+        # One round trip: account/config and both balance calls go out at once (docs/venues.md §6); the config
+        # call's refusal decides (a bad key fails all three). What the speculation costs: a bad key spends two
+        # more requests, refused before any UID is known, so no per-UID window of a real account (§2.6) pays
+        # for them, and the client-side windows still hold every call. A good key sends the same three calls.
+        config_reply, *answers = await http.gather_identities(
+            [
+                self._verify(keys),
+                self._signed_get(keys, TRADING_BALANCE_PATH),
+                self._signed_get(keys, FUNDING_BALANCES_PATH),
+            ]
+        )
+        http.raise_verify_failure(config_reply, answers)
         try:
             config = config_reply.body["data"][0]
             permissions = permissions_from_config(config)
@@ -209,9 +221,6 @@ class OkxProbe(http.VenueProbe):
         if isinstance(uid, bool) or not isinstance(uid, int | str) or str(uid) == "":
             raise self.malformed(config_reply)
 
-        answers = await http.gather_identities(
-            [self._signed_get(keys, TRADING_BALANCE_PATH), self._signed_get(keys, FUNDING_BALANCES_PATH)]
-        )
         # a success is reached; a permanent refusal (50120 no permission, ...) is not
         identities = [
             name
