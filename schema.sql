@@ -170,7 +170,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_credential_sequence ON events (credential_id, sequence);
 CREATE INDEX IF NOT EXISTS events_owner ON events (owner_id, position);
 CREATE INDEX IF NOT EXISTS events_tail ON events (txid, position);
--- the retention purge (engine/retention.py) walks old events in age order here
+-- the retention purge (engine/bounds/retention.py) walks old events in age order here
 CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
 
 -- The outbox cursor of each running EventBus (engine/events.py), published every few seconds: the retention
@@ -337,7 +337,7 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
 CREATE INDEX IF NOT EXISTS webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
 -- END webhooks
 
--- BEGIN tenants (owned by engine/quotas.py and engine/api/limits.py)
+-- BEGIN tenants (owned by engine/bounds/quotas.py and engine/api/limits.py)
 -- Verify requests of each owner, one row per request, for the hourly quota (a sliding window: at most N in any
 -- hour). Rows older than the window are deleted in small batches by later requests.
 CREATE TABLE IF NOT EXISTS owner_verify_requests (
@@ -356,7 +356,7 @@ CREATE TABLE IF NOT EXISTS api_instances (
 );
 -- END tenants
 
--- BEGIN budgets (owned by engine/budgets.py)
+-- BEGIN budgets (owned by engine/bounds/budgets.py)
 -- Per-IP venue budgets shared by the engine processes of one egress group (docs/venues.md §1.6, §3.6): one row
 -- per (egress group, budget). Time is cut into slots of slot_seconds by the database clock (one clock for every
 -- process); counts[1] is what was granted in slot newest_slot, counts[i] in slot newest_slot - i + 1. A grant is

@@ -42,7 +42,7 @@ from engine.models import (
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
-    from engine.rewrap import RewrapReport
+    from engine.keys.rewrap import RewrapReport
 
 __version__ = "0.1.0"
 
@@ -55,7 +55,7 @@ def __getattr__(name: str) -> Any:
 
         return CredentialEngine
     if name == "RewrapReport":
-        from engine.rewrap import RewrapReport
+        from engine.keys.rewrap import RewrapReport
 
         return RewrapReport
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -7,7 +7,7 @@ Environment variables (all optional):
     ENGINE_MASTER_KEYS           "1:<base64 32 bytes>,2:<...>" versioned master keys (see engine/crypto.py)
     ENGINE_MASTER_KEYS_FILE      or: a file holding that spec (0600, this user's, no symbolic link)
     ENGINE_MASTER_KEYS_KMS, ENGINE_MASTER_KEYS_KMS_FILE, ENGINE_KMS_*   or: the spec encrypted by AWS KMS
-                                 (engine/keys.py KmsSettings; at most one of the three ways)
+                                 (engine/keys/providers.py KmsSettings; at most one of the three ways)
     ENGINE_VENUE_URLS            "BINANCE=http://127.0.0.1:9001,OKX=..." base URL per venue (sandbox, simulator)
     ENGINE_WORKERS               jobs run concurrently per process (0 = run no workers in this process)
     ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
@@ -27,7 +27,7 @@ Environment variables (all optional):
                                  ENGINE_DB_POOLER=transaction)
     ENGINE_LISTEN_DATABASE_URL   a direct (unpooled) DSN for the LISTEN connections; default: the main DSN
     ENGINE_EVENT_RETENTION       seconds outbox events are kept once every live listener read them and no webhook
-                                 delivery needs them (default 30 days; 0 = for ever; engine/retention.py)
+                                 delivery needs them (default 30 days; 0 = for ever; engine/bounds/retention.py)
     ENGINE_DELIVERY_RETENTION    seconds delivered webhook deliveries and their attempts are kept (default 30 days)
     ENGINE_DEAD_DELIVERY_RETENTION   seconds dead webhook deliveries are kept (default 90 days)
     ENGINE_KEY_ACCESS_RETENTION  seconds key-access audit rows are kept (default 400 days)
@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine import errors, liveness, retention
+from engine import errors, liveness
+from engine.bounds import retention
 from engine.keys import KmsSettings
 from engine.sensitive import MasterKeysText, SecretDsn, SecretText
 from venues.base import Permissions, ProbeResult, Venue
@@ -108,7 +109,7 @@ class VerificationPolicy:
 @dataclass(frozen=True, kw_only=True)
 class Quotas:
     """What one owner may hold and do, enforced by the engine (library, CLI and REST API alike) under a
-    per-owner lock, so concurrent calls in any number of processes cannot exceed them (``engine.quotas``).
+    per-owner lock, so concurrent calls in any number of processes cannot exceed them (``engine.bounds.quotas``).
     0 means no quota of that kind."""
 
     credentials: int = 10_000  # credentials not REVOKED (revoked ones hold no keys and do not count)
@@ -154,13 +155,13 @@ class EngineConfig:
     database_url: str | None = None
     data_dir: Path | None = None
     master_keys: str | None = None
-    master_keys_file: Path | None = None  # a file holding the spec (engine/keys.py KeyFile)
-    kms: KmsSettings | None = None  # the spec encrypted by AWS KMS (engine/keys.py AwsKmsKeys)
+    master_keys_file: Path | None = None  # a file holding the spec (engine/keys/providers.py KeyFile)
+    kms: KmsSettings | None = None  # the spec encrypted by AWS KMS (engine/keys/providers.py AwsKmsKeys)
     venue_urls: Mapping[Venue, str] = field(default_factory=dict)
     probe_timeout: float = 10.0
     # honour the venues' documented limits client side; off only against simulators and test servers
     venue_rate_limits: bool = True
-    # the processes leaving through one public IP share the venues' per-IP budgets (engine/budgets.py); give
+    # the processes leaving through one public IP share the venues' per-IP budgets (engine/bounds/budgets.py); give
     # each egress IP its own group name. shared_venue_budgets=False: each process keeps them alone (one per IP)
     egress_group: str = "default"
     shared_venue_budgets: bool = True
@@ -178,7 +179,7 @@ class EngineConfig:
     job_timeouts: Mapping[str, float] = field(default_factory=dict)  # job kind -> seconds (overrides)
     reverify_interval: float = 86_400.0
     job_retention: float = 7 * 86_400.0  # done and cancelled jobs are purged this long after they finished
-    # the retention purge (engine/retention.py): seconds each kind of row is kept, 0 = for ever
+    # the retention purge (engine/bounds/retention.py): seconds each kind of row is kept, 0 = for ever
     event_retention: float = retention.DEFAULT_EVENT_RETENTION  # and only once read by every live bus
     delivery_retention: float = retention.DEFAULT_DELIVERY_RETENTION  # delivered webhook deliveries
     dead_delivery_retention: float = retention.DEFAULT_DEAD_DELIVERY_RETENTION

@@ -112,9 +112,9 @@ QUERY_FILES = (
     "queries.sql",
     "queue/queue.sql",
     "webhooks/webhooks.sql",
-    "tenants.sql",
-    "budgets.sql",
-    "retention.sql",
+    "bounds/tenants.sql",
+    "bounds/budgets.sql",
+    "bounds/retention.sql",
 )
 
 DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted

@@ -25,14 +25,16 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import budgets, crypto, errors, events, jobs, lifecycle, quotas, retention, rewrap, validation
+from engine import crypto, errors, events, jobs, lifecycle, validation
 from engine import db as dbmod
-from engine import keys as keyproviders
 from engine import metrics as metricsmod
 from engine import queue as queuemod
 from engine.accounts import TradingAccounts
+from engine.bounds import budgets, quotas, retention
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
+from engine.keys import providers as keyproviders
+from engine.keys import rewrap
 from engine.models import (
     Credential,
     CredentialStatus,
@@ -86,7 +88,9 @@ class CredentialEngine:
         key_provider: keyproviders.KeyProvider | None = None,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
-        self._key_provider = key_provider  # replaces the master keys of the configuration (engine/keys.py)
+        self._key_provider = (
+            key_provider  # replaces the master keys of the configuration (engine/keys/providers.py)
+        )
         self._injected_pool = pool
         self._injected_session = http_session
         self._probes: dict[Venue, Probe] = dict(probes or {})
@@ -229,7 +233,7 @@ class CredentialEngine:
             await queue.start()
 
     def _keys(self) -> keyproviders.KeyProvider:
-        """The key provider given to the constructor, or the one the configuration names (engine/keys.py)."""
+        """The key provider given to the constructor, or the one the configuration names (engine/keys/providers.py)."""
         cfg = self.config
         configured = cfg.master_keys or cfg.master_keys_file is not None or cfg.kms is not None
         if self._key_provider is not None:
@@ -671,7 +675,7 @@ class CredentialEngine:
 
         No secret is decrypted. Rows other transactions hold are skipped while passes make progress, then waited
         for (``lock_timeout`` seconds in all). Drop an old master key version only when the report is
-        ``complete``; otherwise ``report.left`` names what is still under an old version (engine/rewrap.py).
+        ``complete``; otherwise ``report.left`` names what is still under an old version (engine/keys/rewrap.py).
         """
         store = self._ready().store
         runner = rewrap.Rewrapper(

@@ -169,7 +169,7 @@ class RateLimited(CredentialEngineError):
 
 class RequestQuotaExceeded(RateLimited):
     """The owner's hourly quota of one kind of request (``quota``, e.g. ``verify_requests_per_hour``) is spent;
-    ``retry_after`` is when the oldest request of the last hour leaves the window (``engine.quotas``)."""
+    ``retry_after`` is when the oldest request of the last hour leaves the window (``engine.bounds.quotas``)."""
 
     errno = -100017
 

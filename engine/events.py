@@ -16,7 +16,7 @@ The LISTEN connection is checked with ``SELECT 1`` every ``listen_check_interval
 (:mod:`engine.liveness`): one that does not answer within ``listen_check_timeout`` (the peer stopped forwarding
 without closing) is replaced, and every reconnect is followed at once by a read of the outbox.
 
-The bus publishes its cursor (:class:`engine.retention.CursorBeacon`): the retention purge never deletes an
+The bus publishes its cursor (:class:`engine.bounds.retention.CursorBeacon`): the retention purge never deletes an
 event this bus has not read yet.
 
 Each subscription has its own queue and task: a slow or failing listener never blocks the workers or the
@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 import structlog
 
 from engine import db as dbmod
-from engine import errors, liveness, retention
+from engine import errors, liveness
+from engine.bounds import retention
 from engine.models import Event
 
 log = structlog.get_logger("engine.events")

@@ -7,7 +7,7 @@ Pure asyncio: no HTTP client here; :class:`venues.http.VenueProbe` combines them
 Limits a venue counts per IP address (Binance's request weight, Bybit's 600 requests per 5 s: docs/venues.md
 §1.6, §3.6) are described by :class:`IpBudget` values. The buckets above keep one process within them; every
 process behind the same egress IP draws on the same budget at the venue, so a probe may also be given an
-:class:`IpBudgets` (the engine's PostgreSQL-backed one, ``engine/budgets.py``), which it asks before each call.
+:class:`IpBudgets` (the engine's PostgreSQL-backed one, ``engine/bounds/budgets.py``), which it asks before each call.
 This module defines only the protocol: the venue modules never talk to a database.
 """
 
@@ -135,7 +135,7 @@ class IpBudget:
 
 
 class IpBudgets(Protocol):
-    """Per-IP budgets shared by every process of one egress IP (implemented by ``engine.budgets``).
+    """Per-IP budgets shared by every process of one egress IP (implemented by ``engine.bounds.budgets``).
 
     :meth:`take` returns once ``cost`` of ``budget`` belongs to the caller; the caller sends its request at once
     (the grant is valid only briefly). It waits, never refuses, and never raises for the store's sake: an

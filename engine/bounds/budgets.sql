@@ -1,4 +1,4 @@
--- Named queries of the shared per-IP venue budgets (engine/budgets.py). Same block format as queries.sql.
+-- Named queries of the shared per-IP venue budgets (engine/bounds/budgets.py). Same block format as queries.sql.
 
 -- budget_take --
 -- Take up to $6 of budget $2 of egress group $1 (window: $4 slots of $3 seconds holding at most $5): nothing

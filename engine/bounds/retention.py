@@ -8,7 +8,7 @@ What grows with use and how long it stays (``EngineConfig``; 0 keeps a table's r
 * outbox events older than ``event_retention`` (30 days) that **every live event bus has read** and that have
   **no webhook delivery left** (deliveries reference their event; a delivery, pending or kept, keeps it);
 * key-access audit rows older than ``key_access_retention`` (400 days);
-* the per-owner verify-request log past the quota's window (an hour: ``engine.quotas``), API process rows silent
+* the per-owner verify-request log past the quota's window (an hour: ``engine.bounds.quotas``), API process rows silent
   for an hour, and the cursor rows of buses silent for ``CURSOR_STALE_AFTER``.
 
 **Listener cursors.** Each :class:`engine.events.EventBus` reads the outbox with a ``(txid, position)`` cursor
@@ -118,7 +118,9 @@ class RetentionSettings:
     max_batches: int = MAX_BATCHES
     run_budget: float = RUN_BUDGET
     cursor_stale_after: float = CURSOR_STALE_AFTER
-    verify_window: float = 3600.0  # the hourly verify quota's window (engine.quotas.VERIFY_WINDOW_SECONDS)
+    verify_window: float = (
+        3600.0  # the hourly verify quota's window (engine.bounds.quotas.VERIFY_WINDOW_SECONDS)
+    )
 
     @classmethod
     def of(cls, config: EngineConfig, *, verify_window: float) -> RetentionSettings:

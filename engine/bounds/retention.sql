@@ -1,4 +1,4 @@
--- Named queries of the retention purge (engine/retention.py) and of the event buses' published cursors. Same
+-- Named queries of the retention purge (engine/bounds/retention.py) and of the event buses' published cursors. Same
 -- block format as queries.sql. Every purge statement deletes at most $n rows, found through an index in age
 -- order (EXPLAIN: an index scan with a LIMIT; tests/integration/test_retention.py checks each plan).
 

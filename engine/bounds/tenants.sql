@@ -1,4 +1,4 @@
--- Named queries of the per-owner quotas (engine/quotas.py) and of the API processes' registry that divides the
+-- Named queries of the per-owner quotas (engine/bounds/quotas.py) and of the API processes' registry that divides the
 -- rate limits (engine/api/limits.py). Same block format as queries.sql.
 
 -- lock_owner --

@@ -1,4 +1,4 @@
-"""``credential-engine keys encrypt``: a master keyring encrypted by an AWS KMS key (engine/keys.py).
+"""``credential-engine keys encrypt``: a master keyring encrypted by an AWS KMS key (engine/keys/providers.py).
 
 The keyring is read from a file (``--input FILE``, ``-`` for stdin), made afresh (``--generate``), or made from
 the keyring the configuration's ``ENGINE_MASTER_KEYS_KMS`` holds with a new version added (``--add-version``:
@@ -16,8 +16,9 @@ import os
 import sys
 from typing import Any
 
-from engine import crypto, errors, keys
+from engine import crypto, errors
 from engine.config import EngineConfig
+from engine.keys import providers as keys
 from engine.sensitive import MasterKeysText
 
 
@@ -56,7 +57,7 @@ def add_parsers(sub: Any) -> None:
 
 
 async def encrypt(args: argparse.Namespace) -> int:
-    from engine import keys_aws
+    from engine.keys import aws as keys_aws
 
     env = os.environ
     context = (
@@ -111,7 +112,7 @@ async def _spec(args: argparse.Namespace) -> MasterKeysText:
             f"--add-version needs the current keyring: set {keys.KMS_SETTING} or {keys.KMS_FILE_SETTING}",
             field=keys.KMS_SETTING,
         )
-    from engine import keys_aws
+    from engine.keys import aws as keys_aws
 
     current = await keys_aws.decrypt_spec(settings, source=keys.AwsKmsKeys(settings).source)
     keyring = crypto.MasterKeyring.from_spec(current, setting="the current keyring")

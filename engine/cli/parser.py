@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from engine import rewrap
 from engine.api import auth, scopes
 from engine.cli import commands, webhooks
 from engine.cli import keys as keys_cli
+from engine.keys import rewrap
 
 
 def _owner_parent() -> argparse.ArgumentParser:

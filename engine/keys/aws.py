@@ -26,7 +26,7 @@ from engine.sensitive import MasterKeysText
 
 __all__ = ["decrypt_keyring", "decrypt_spec", "encrypt_spec"]
 
-KMS_SETTING = "ENGINE_MASTER_KEYS_KMS"  # the setting named in errors (engine/keys.py re-uses it)
+KMS_SETTING = "ENGINE_MASTER_KEYS_KMS"  # the setting named in errors (engine/keys/providers.py re-uses it)
 
 
 class KmsSettings(Protocol):

@@ -9,7 +9,7 @@ and ``async def load() -> MasterKeyring``, called once when the engine opens. Bu
                                                     nobody else can change (crypto.read_key_file)
     AwsKmsKeys         ENGINE_MASTER_KEYS_KMS       the spec encrypted by an AWS KMS key (base64 of the
                        or ..._KMS_FILE              ciphertext blob), decrypted once at start with
-                                                    kms:Decrypt and an encryption context (engine/keys_aws.py,
+                                                    kms:Decrypt and an encryption context (engine/keys/aws.py,
                                                     extra ``aws``)
     GeneratedKeyFile   none of them                 zero-config: ENGINE_DATA_DIR/master.keys, made if missing
 
@@ -33,8 +33,9 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 
-from engine import crypto, errors, keys_aws
-from engine.keys_aws import KMS_SETTING
+from engine import crypto, errors
+from engine.keys import aws as keys_aws
+from engine.keys.aws import KMS_SETTING
 from engine.sensitive import MasterKeysText
 
 __all__ = [
@@ -238,7 +239,7 @@ def parse_context(spec: str) -> dict[str, str]:
 
 
 class AwsKmsKeys:
-    """The spec decrypted by AWS KMS (engine/keys_aws.py; needs the ``aws`` extra: aiobotocore)."""
+    """The spec decrypted by AWS KMS (engine/keys/aws.py; needs the ``aws`` extra: aiobotocore)."""
 
     def __init__(self, settings: KmsSettings) -> None:
         self.settings = settings

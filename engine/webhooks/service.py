@@ -23,8 +23,9 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, quotas, validation
+from engine import crypto, errors, events, validation
 from engine import db as dbmod
+from engine.bounds import quotas
 from engine.models import Page
 from engine.outbox import Outbox
 from engine.queue import JobQueue
@@ -166,7 +167,7 @@ class WebhookService:
         db, vault, _ = self._open_parts()
         sealed = secrets.seal(vault, endpoint_id, 1, secret)
         async with db.transaction() as conn:
-            # count and insert under the owner's lock: concurrent adds cannot pass the quota (engine/quotas.py)
+            # count and insert under the owner's lock: concurrent adds cannot pass the quota (engine/bounds/quotas.py)
             await quotas.check_webhook_endpoints(conn, owner, self.settings.quotas)
             row = await conn.fetchrow(
                 "insert_webhook_endpoint", endpoint_id, owner, checked, text, list(wanted) if wanted else None

@@ -1,4 +1,4 @@
-"""Rate limits and quotas over HTTP (engine/api/limits.py, engine/quotas.py): 429 with Retry-After in the
+"""Rate limits and quotas over HTTP (engine/api/limits.py, engine/bounds/quotas.py): 429 with Retry-After in the
 envelope, per owner and per client address, refill on an injected clock, shared by two API processes on one
 database; quota refusals with their documented status and errno."""
 

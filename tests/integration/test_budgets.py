@@ -1,4 +1,4 @@
-"""Per-IP venue budgets shared through PostgreSQL (engine/budgets.py), on a real database.
+"""Per-IP venue budgets shared through PostgreSQL (engine/bounds/budgets.py), on a real database.
 
 Several :class:`SharedBudgets` on one database stand for the processes of an egress group (each holds its own
 lanes, counters and process row, exactly as separate processes do; one event loop lets the test compare their
@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 import structlog
 
-from engine import budgets as budgetsmod
 from engine import db as dbmod
+from engine.bounds import budgets as budgetsmod
 from venues import build_probe
 from venues.base import ApiKeys, Venue
 from venues.limits import IpBudget

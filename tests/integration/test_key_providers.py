@@ -1,4 +1,4 @@
-"""Master keys from a key provider (engine/keys.py): the environment, a file, AWS KMS (a real KMS-compatible server
+"""Master keys from a key provider (engine/keys/providers.py): the environment, a file, AWS KMS (a real KMS server
 on loopback: moto's ThreadedMotoServer, reached by aiobotocore over HTTP), and a provider of the caller's own."""
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ async def test_the_decrypted_keyring_never_reaches_logs_reprs_or_errors(
     """Canary: the engine's logging and the AWS SDK's at DEBUG (botocore logs request and response bodies at
     DEBUG) while an engine decrypts its keyring, uses it, and while a CLI-style encryption runs; then the
     reprs of the config, the provider, the keyring, and a failure rendered with locals."""
-    from engine import keys_aws
+    from engine.keys import aws as keys_aws
 
     key_id, other = kms_keys
     config = structlog.get_config()

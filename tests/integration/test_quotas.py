@@ -1,4 +1,4 @@
-"""Per-owner quotas (engine/quotas.py) on real PostgreSQL: counts taken under one per-owner lock, so concurrent
+"""Per-owner quotas (engine/bounds/quotas.py) on real PostgreSQL: counts taken under one per-owner lock, so concurrent
 calls through real connections can never exceed them."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine import Credential, CredentialEngine, CredentialStatus, errors, quotas
+from engine import Credential, CredentialEngine, CredentialStatus, errors
+from engine.bounds import quotas
 from engine.config import Quotas
 from engine.testing import FakeVenue
 

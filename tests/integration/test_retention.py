@@ -1,4 +1,4 @@
-"""Retention (engine/retention.py): old rows purged in bounded batches, recent ones kept, and never an event that a
+"""Retention (engine/bounds/retention.py): old rows purged in bounded batches, recent ones kept, never an event that a
 live event bus has not read or that a webhook delivery still needs. Rows are aged by moving their timestamps back
 (the purge compares them with now())."""
 
@@ -14,8 +14,9 @@ import asyncpg
 import pytest
 from test_webhooks_support import FAST_SCHEDULE, OWNER, Receiver, new_credential
 
-from engine import CredentialEngine, Event, retention
+from engine import CredentialEngine, Event
 from engine import db as dbmod
+from engine.bounds import retention
 from engine.testing import FakeVenue, settle
 
 DAY = 86_400

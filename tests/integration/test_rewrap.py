@@ -14,7 +14,7 @@ import pytest
 
 from engine import CredentialEngine, Venue, errors
 from engine.crypto import Sealed
-from engine.rewrap import Leftover
+from engine.keys.rewrap import Leftover
 from engine.store import FINGERPRINT_KEY
 from engine.testing import FakeVenue, settle
 from engine.webhooks import signing

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from engine import EngineConfig, errors, retention
+from engine import EngineConfig, errors
+from engine.bounds import retention
 from engine.queue import QueueSettings
 
 
