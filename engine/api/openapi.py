@@ -11,11 +11,13 @@ import functools
 import json
 from typing import Any
 
+from engine import validation
 from engine.api import scopes
-from engine.api.openapi_schemas import SCHEMAS, UUID, Schema, envelope, json_content, ref
+from engine.api.openapi_schemas import SCHEMAS, UUID, UUID_FIELD, Schema, envelope, json_content, ref
 from engine.webhooks.models import DeliveryState
 
 VERSION = "0.1.0"
+MAX_OFFSET = 10_000_000  # engine/validation.py page(): a larger offset is refused (400)
 
 
 _ERROR = {"description": "error envelope", "content": json_content(ref("Error"))}
@@ -50,7 +52,16 @@ _COMMON_ERRORS = {
         "security requirement names the scope it needs)",
         "content": json_content(ref("Error")),
     },
+    "413": {
+        "description": "the body is over the server's limit (ENGINE_API_MAX_BODY, 64 KiB by default; errno -110004)",
+        "content": json_content(ref("Error")),
+    },
     "429": _TOO_MANY,
+    "503": {
+        "description": "no database connection came free in time, or the engine is stopping (retry later)",
+        "headers": _RETRY_AFTER,
+        "content": json_content(ref("Error")),
+    },
     "default": _ERROR,
 }
 
@@ -69,11 +80,17 @@ def _operation(
     responses: dict[str, Any] = {
         "200": {"description": "success", "content": json_content(envelope(data, paginated=paginated))}
     }
-    for status, text in (errors or {}).items():
-        responses[status] = {"description": text, "content": json_content(ref("Error"))}
     responses.update(_COMMON_ERRORS)
+    for status, text in (errors or {}).items():  # an operation's own text wins over the common one
+        responses[status] = {
+            **responses.get(status, {}),
+            "description": text,
+            "content": json_content(ref("Error")),
+        }
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag], "responses": responses}
-    if body is not None:
+    if body is None:
+        responses.pop("413")  # a GET's body is not read
+    else:
         op["requestBody"] = {"required": True, "content": json_content(ref(body))}
     if params:
         op["parameters"] = params
@@ -85,8 +102,12 @@ def _query(name: str, schema: Schema, description: str, *, required: bool = Fals
 
 
 _PAGE = [
-    _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "items to skip"),
-    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "items per page"),
+    _query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}, "items to skip"),
+    _query(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": validation.MAX_PAGE, "default": 50},
+        "items per page",
+    ),
 ]
 _NOT_FOUND = {"404": "no such credential for this owner (another owner's id answers the same)"}
 
@@ -126,7 +147,7 @@ def _paths() -> dict[str, Any]:
                 cred,
                 tag="credential",
                 errors=_NOT_FOUND,
-                params=[_query("credentialId", UUID, "the credential", required=True)],
+                params=[_query("credentialId", UUID_FIELD, "the credential", required=True)],
             )
         },
         "/api/v3/credential/list": {
@@ -152,6 +173,8 @@ def _paths() -> dict[str, Any]:
                 body="RotateCredentialRequest",
                 tag="credential",
                 errors={
+                    "400": "invalid request (a field missing or invalid, named in error: errno -100001); also "
+                    "for a request the schema allows: new keys of an OKX credential without apiPassphrase",
                     **_NOT_FOUND,
                     "409": "REVOKED, or a rotation already pending",
                     "422": "invalid API key format",
@@ -176,6 +199,9 @@ def _paths() -> dict[str, Any]:
                 body="ConnectTradingAccountRequest",
                 tag="tradingAccount",
                 errors={
+                    "400": "invalid request (a field missing or invalid, named in error: errno -100001); also for "
+                    "a request the schema allows: the exchange refused the keys (errno -120001, docs/api-dialect.md "
+                    "§8), or accountType is not one of the credential's identities (errno -100001)",
                     **_NOT_FOUND,
                     "408": "the keys were not verified in time (they stay stored; retry the call)",
                     "409": "the credential is not VERIFIED, this account type is already connected, or (with "
@@ -201,7 +227,7 @@ def _paths() -> dict[str, Any]:
                 account,
                 tag="tradingAccount",
                 errors={"404": "no such trading account for this owner"},
-                params=[_query("tradingAccountId", UUID, "the trading account", required=True)],
+                params=[_query("tradingAccountId", UUID_FIELD, "the trading account", required=True)],
             )
         },
         "/api/v3/tradingAccount/list": {
@@ -212,7 +238,7 @@ def _paths() -> dict[str, Any]:
                 tag="tradingAccount",
                 paginated=True,
                 params=[
-                    _query("credentialId", UUID, "only accounts of this credential"),
+                    _query("credentialId", UUID_FIELD, "only accounts of this credential"),
                     _query("status", ref("TradingAccountStatus"), "only this status"),
                     _query("venue", ref("Venue"), "only this venue"),
                     *_PAGE,
@@ -256,7 +282,7 @@ def _webhook_paths() -> dict[str, Any]:
                 endpoint,
                 tag="webhook",
                 errors=missing,
-                params=[_query("endpointId", UUID, "the endpoint", required=True)],
+                params=[_query("endpointId", UUID_FIELD, "the endpoint", required=True)],
             )
         },
         "/api/v3/webhook/update": {
@@ -307,7 +333,7 @@ def _webhook_paths() -> dict[str, Any]:
                 paginated=True,
                 errors=missing,
                 params=[
-                    _query("endpointId", UUID, "only deliveries to this endpoint"),
+                    _query("endpointId", UUID_FIELD, "only deliveries to this endpoint"),
                     _query(
                         "state",
                         {"type": "string", "enum": [d.value for d in DeliveryState]},
@@ -360,11 +386,7 @@ def _ops_paths() -> dict[str, Any]:
                     "200": {"description": "ready", "content": json_content(envelope(ref("Readiness")))},
                     "503": {
                         "description": "not ready; data names the failing checks",
-                        "content": json_content(
-                            {
-                                "allOf": [ref("Error"), {"properties": {"data": ref("Readiness")}}],
-                            }
-                        ),
+                        "content": json_content(ref("ReadinessFailure")),
                     },
                 },
             }

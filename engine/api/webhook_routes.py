@@ -7,11 +7,11 @@ Every other answer (and every exchange credential answer) holds no secret.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from engine import validation
+from engine import errors, validation
 from engine.api import http, routes
 from engine.models import Page
 
@@ -25,7 +25,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     endpoint = await routes.engine_of(request).add_webhook_endpoint(
         http.owner_of(request),
         f.text("url") or "",
-        event_types=f.raw("eventTypes"),
+        event_types=_event_types(f),
         description=f.text("description"),
     )
     return http.ok({**endpoint.public_dict(), "secret": endpoint.secret})
@@ -38,6 +38,15 @@ async def list_webhooks(request: web.Request) -> web.Response:
     endpoints = await routes.engine_of(request).list_webhook_endpoints(http.owner_of(request))
     page = _page(endpoints, offset, limit)
     return http.ok([e.public_dict() for e in page.items], page=page)
+
+
+def _event_types(f: http.Fields) -> Any:
+    """``eventTypes`` as given, when it is a JSON array (the service checks its items); an object is refused
+    here, as the document says, rather than read as the collection of its keys."""
+    value = f.raw("eventTypes")
+    if value is not None and not isinstance(value, list):
+        raise errors.InvalidRequest("eventTypes", "must be a list of event types")
+    return value
 
 
 def _page(items: list[T], offset: int, limit: int) -> Page[T]:
@@ -62,7 +71,7 @@ async def update_webhook(request: web.Request) -> web.Response:
         http.owner_of(request),
         required(f, "endpointId"),
         enabled=enabled,
-        event_types=f.raw("eventTypes") if f.present("eventTypes") else None,
+        event_types=_event_types(f) if f.present("eventTypes") else None,
         url=f.text("url"),
     )
     return http.ok(endpoint.public_dict())
@@ -89,7 +98,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     f = http.query(request)
     page = await routes.engine_of(request).list_webhook_deliveries(
         http.owner_of(request),
-        f.text("endpointId"),
+        f.identifier("endpointId", required=False),
         state=f.text("state"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", routes.DEFAULT_LIMIT),
