@@ -285,44 +285,57 @@ SCHEMAS: dict[str, Schema] = {
         },
     },
     "ConnectTradingAccountRequest": {
+        "description": "Either keys (ConnectWithKeys: the keys are stored, verified and connected in one call), "
+        "or credentialId of a VERIFIED credential (ConnectWithCredential), never both (400).",
+        "oneOf": [ref("ConnectWithKeys"), ref("ConnectWithCredential")],
+    },
+    "ConnectWithKeys": {
         "type": "object",
-        "description": "Either keys (venue, apiKey, apiSecret[, apiPassphrase]: the keys are stored, "
-        "verified and connected in one call; the rules of CreateCredentialRequest apply to them), or "
-        "credentialId of a VERIFIED credential, never both (400). name and nickname are one field in two "
-        "spellings: give one, not both (400).",
-        "oneOf": [
-            {
-                "title": "with keys",
-                "required": ["venue", "apiKey", "apiSecret"],
-                "not": {"required": ["credentialId"]},
-                **OKX_PASSPHRASE,
-            },
-            {
-                "title": "with a credential",
-                "required": ["credentialId"],
-                "not": {
-                    "anyOf": [
-                        {"required": [field]} for field in ("venue", "apiKey", "apiSecret", "apiPassphrase")
-                    ]
-                },
-            },
-        ],
-        "allOf": [one_spelling(("name", "nickname"))],
+        "description": "docs/api-dialect.md §8's body; the rules of CreateCredentialRequest apply to the keys. "
+        "name and nickname are one field in two spellings: give one, not both (400).",
+        "required": ["venue", "apiKey", "apiSecret"],
         "properties": {
             "venue": ref("Venue"),
             "apiKey": api_key(),
             "apiSecret": api_secret(),
             "apiPassphrase": passphrase(_PHRASE_NOTE),
+            "name": name(),
+            "nickname": name("another spelling of name"),
+            "accountType": ref("AccountType"),
+        },
+        "allOf": [
+            OKX_PASSPHRASE,
+            one_spelling(("name", "nickname")),
+            {"not": {"required": ["credentialId"]}},
+        ],
+    },
+    "ConnectWithCredential": {
+        "type": "object",
+        "description": "A VERIFIED credential's id; no keys (400 with any of venue, apiKey, apiSecret, "
+        "apiPassphrase). name and nickname are one field in two spellings: give one, not both (400).",
+        "required": ["credentialId"],
+        "properties": {
             "credentialId": UUID_FIELD,
             "name": name(),
             "nickname": name("another spelling of name"),
-            "accountType": {
-                "type": "string",
-                "pattern": ACCOUNT_TYPE,
-                "description": "SPOT, MARGIN, FUTURES, ... (any case; one of the credential's identities, 409 "
-                "otherwise); default: the credential's first identity",
-            },
+            "accountType": ref("AccountType"),
         },
+        "allOf": [
+            one_spelling(("name", "nickname")),
+            {
+                "not": {
+                    "anyOf": [
+                        {"required": [key]} for key in ("venue", "apiKey", "apiSecret", "apiPassphrase")
+                    ]
+                }
+            },
+        ],
+    },
+    "AccountType": {
+        "type": "string",
+        "pattern": ACCOUNT_TYPE,
+        "description": "SPOT, MARGIN, FUTURES, ... (any case): one of the credential's identities (400 "
+        "otherwise); default: its first identity",
     },
     "TradingAccountIdRequest": {
         "type": "object",
