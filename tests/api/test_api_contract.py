@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 import schemathesis
-from conftest import OWNER
+
+OWNER = "owner-1"  # the api fixture's owner (tests/api/conftest.py)
 from schemathesis.engine import events
 from schemathesis.engine.statistic import Statistic
 

@@ -137,3 +137,23 @@ async def test_offset_maximum(api: Any) -> None:
     assert (await api.get("/api/v3/credential/list", {"offset": str(top)})).status == 200
     over = await api.get("/api/v3/credential/list", {"offset": str(top + 1)})
     assert (over.status, over.body["error"]) == (400, f"offset: must be <= {top}")
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("http://127.0.0.1:9/hooks?x=1", True),
+        ("https://hooks.example.com/in/%7Cdesk", True),
+        ("https://0.com*", False),  # not a host name (the parser used to take it)
+        (" http://127.0.0.1:9/hooks", False),  # sent padded
+        ("http://127.0.0.1:9/a|b", False),  # not an RFC 3986 character
+        ("http://127.0.0.1:70000/", False),  # no such port
+    ],
+)
+async def test_webhook_url_server_and_document_agree(api: Any, url: str, accepted: bool) -> None:
+    """The WebhookUrl pattern is the server's rule: what one refuses, the other refuses."""
+    reply = await api.post("/api/v3/webhook/create", {"url": url})
+    assert (reply.status == 200) is accepted, reply.body
+    if not accepted:
+        assert reply.body["error"].startswith("url: ")
+    assert documented("CreateWebhookRequest", {"url": url}) is accepted
