@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 import pytest
 import schemathesis
-
-OWNER = "owner-1"  # the api fixture's owner (tests/api/conftest.py)
 from schemathesis.engine import events
 from schemathesis.engine.statistic import Statistic
 
 from engine import CredentialEngine
 from engine.api import ApiConfig, ApiServer, auth, limits
 
+OWNER = "owner-1"  # the api fixture's owner (tests/api/conftest.py)
 SEED = 20261203
 MAX_EXAMPLES = 25  # per operation and phase: about a minute on a 2-core machine
 PHASES = ("examples", "coverage", "fuzzing", "stateful")
