@@ -40,6 +40,74 @@ def json_content(schema: Schema) -> dict[str, Any]:
 
 MS = {"type": "integer", "description": "milliseconds since the Unix epoch"}
 UUID = {"type": "string", "format": "uuid"}
+UUID_FIELD = {
+    "type": "string",
+    "format": "uuid",
+    "pattern": "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
+    "description": "a UUID in its 36-character form (either case)",
+}
+
+# The engine trims text fields before its checks (engine/validation.py): what it trims is Python's whitespace
+# (str.isspace), written out here so that every regular-expression dialect reads the same set; what it refuses
+# inside a field are control characters (engine/validation.py _CONTROL). JSON Schema patterns are ECMA-262
+# (https://json-schema.org/draft/2020-12/json-schema-core#section-6.4); only \uXXXX escapes are used.
+_WS = "\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+_CTRL = "\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f"
+_TOKEN = f"[^{_WS}{_CTRL}]"  # a character of a key part: neither whitespace nor control
+
+
+def _trimmed(inner: str) -> str:
+    """A pattern: ``inner`` with any whitespace around it (the engine trims it off)."""
+    return f"^[{_WS}]*{inner}[{_WS}]*$"
+
+
+# Bounds count the trimmed text (what the engine keeps), so they are in the patterns, not in maxLength.
+KEY_PART = _trimmed(f"{_TOKEN}{{1,512}}")  # apiKey: one token (whitespace inside is a copy-paste slip: 422)
+SECRET = _trimmed(f"{_TOKEN}(?:[^{_CTRL}]{{0,8190}}{_TOKEN})?")  # apiSecret: PEM secrets span lines
+OPTIONAL_PART = _trimmed(f"(?:{_TOKEN}{{1,128}})?")  # apiPassphrase: blank is "not given"
+NAME = _trimmed(f"(?:{_TOKEN}(?:[^{_CTRL}\\u000a\\u000d]{{0,98}}{_TOKEN})?)?")  # one line; blank: none
+TEXT = _trimmed(f"(?:{_TOKEN}(?:[^\\u0000-\\u0008\\u000b-\\u001f\\u007f]{{0,254}}{_TOKEN})?)?")  # description
+ACCOUNT_TYPE = _trimmed("[A-Za-z][A-Za-z0-9_]{0,31}")
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PORT = "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_URI_CHAR = "(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})"  # RFC 3986 pchar, "/" and "?"
+URL = f"^https?://(?:{_LABEL}\\.)*{_LABEL}(?::{_PORT})?(?:[/?]{_URI_CHAR}*)?$"
+
+
+def api_key() -> Schema:
+    return {"type": "string", "pattern": KEY_PART, "description": "at most 512 characters once trimmed"}
+
+
+def api_secret() -> Schema:
+    return {"type": "string", "pattern": SECRET, "description": "at most 8192 characters once trimmed"}
+
+
+def passphrase(description: str) -> Schema:
+    return {"type": "string", "pattern": OPTIONAL_PART, "description": description}
+
+
+def name(description: str = "at most 100 characters once trimmed, one line; blank: none") -> Schema:
+    return {"type": "string", "pattern": NAME, "description": description}
+
+
+_PHRASE_NOTE = (
+    "at most 128 characters once trimmed; required (not blank) for OKX; blank or absent otherwise means none "
+    "(Coinbase Exchange keys need one too: 422)"
+)
+# OKX keys need their passphrase (docs/api-dialect.md §5): 400 "apiPassphrase: is required for OKX" otherwise
+OKX_PASSPHRASE: Schema = {
+    "if": {"required": ["venue"], "properties": {"venue": {"const": "OKX"}}},
+    "then": {
+        "required": ["apiPassphrase"],
+        "properties": {"apiPassphrase": {"pattern": _trimmed(f"{_TOKEN}{{1,128}}")}},
+    },
+}
+
+
+def one_spelling(*pairs: tuple[str, str]) -> Schema:
+    """A field has two spellings (docs/api-dialect.md §4): a request gives one of them, never both (400)."""
+    return {"not": {"anyOf": [{"required": [a, b]} for a, b in pairs]}}
+
 
 SCHEMAS: dict[str, Schema] = {
     "Venue": {"type": "string", "enum": [v.value for v in Venue]},
@@ -161,6 +229,11 @@ SCHEMAS: dict[str, Schema] = {
     },
     "CreateCredentialRequest": {
         "type": "object",
+        "description": "Text fields are trimmed; apiKey, apiSecret and apiPassphrase must also fit the venue's "
+        "key format (422 otherwise: e.g. Binance and Bybit 8-128 letters and digits, a Coinbase CDP secret a PEM "
+        "EC P-256 or Ed25519 key), which depends on the venue and is checked by its probe (venues/*.py). "
+        "credentialType and type are one field in two spellings, and so are nickname and name: give one of "
+        "each, not both (400).",
         "required": ["venue", "apiKey", "apiSecret"],
         "properties": {
             "venue": ref("Venue"),
@@ -169,26 +242,29 @@ SCHEMAS: dict[str, Schema] = {
                 **ref("CredentialType"),
                 "description": "docs/api-dialect.md §4's spelling of credentialType",
             },
-            "apiKey": {"type": "string", "maxLength": 512},
-            "apiSecret": {"type": "string", "maxLength": 8192},
-            "apiPassphrase": {"type": "string", "maxLength": 128, "description": "required for OKX"},
-            "nickname": {"type": "string", "maxLength": 100},
-            "name": {"type": "string", "maxLength": 100, "description": "another spelling of nickname"},
+            "apiKey": api_key(),
+            "apiSecret": api_secret(),
+            "apiPassphrase": passphrase(_PHRASE_NOTE),
+            "nickname": name(),
+            "name": name("another spelling of nickname"),
         },
+        "allOf": [OKX_PASSPHRASE, one_spelling(("credentialType", "type"), ("nickname", "name"))],
     },
     "CredentialIdRequest": {
         "type": "object",
         "required": ["credentialId"],
-        "properties": {"credentialId": UUID},
+        "properties": {"credentialId": UUID_FIELD},
     },
     "RotateCredentialRequest": {
         "type": "object",
+        "description": "The new keys follow the rules of CreateCredentialRequest for the credential's venue "
+        "(an OKX credential's new keys need apiPassphrase: 400 without it).",
         "required": ["credentialId", "apiKey", "apiSecret"],
         "properties": {
-            "credentialId": UUID,
-            "apiKey": {"type": "string"},
-            "apiSecret": {"type": "string"},
-            "apiPassphrase": {"type": "string"},
+            "credentialId": UUID_FIELD,
+            "apiKey": api_key(),
+            "apiSecret": api_secret(),
+            "apiPassphrase": passphrase(_PHRASE_NOTE),
             "immediate": {
                 "type": "boolean",
                 "default": False,
@@ -200,7 +276,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "required": ["credentialId"],
         "properties": {
-            "credentialId": UUID,
+            "credentialId": UUID_FIELD,
             "cascade": {
                 "type": "boolean",
                 "default": True,
@@ -209,30 +285,62 @@ SCHEMAS: dict[str, Schema] = {
         },
     },
     "ConnectTradingAccountRequest": {
+        "description": "Either keys (ConnectWithKeys: the keys are stored, verified and connected in one call), "
+        "or credentialId of a VERIFIED credential (ConnectWithCredential), never both (400).",
+        "oneOf": [ref("ConnectWithKeys"), ref("ConnectWithCredential")],
+    },
+    "ConnectWithKeys": {
         "type": "object",
-        "description": "Either keys (venue, apiKey, apiSecret[, apiPassphrase]: the keys are stored, "
-        "verified and connected in one call), or credentialId of a VERIFIED credential.",
-        "oneOf": [
-            {"required": ["venue", "apiKey", "apiSecret"]},
-            {"required": ["credentialId"]},
-        ],
+        "description": "docs/api-dialect.md §8's body; the rules of CreateCredentialRequest apply to the keys. "
+        "name and nickname are one field in two spellings: give one, not both (400).",
+        "required": ["venue", "apiKey", "apiSecret"],
         "properties": {
             "venue": ref("Venue"),
-            "apiKey": {"type": "string"},
-            "apiSecret": {"type": "string"},
-            "apiPassphrase": {"type": "string"},
-            "credentialId": UUID,
-            "name": {"type": "string", "maxLength": 100},
-            "accountType": {
-                "type": "string",
-                "description": "SPOT, MARGIN, FUTURES, ... (one of the identities)",
-            },
+            "apiKey": api_key(),
+            "apiSecret": api_secret(),
+            "apiPassphrase": passphrase(_PHRASE_NOTE),
+            "name": name(),
+            "nickname": name("another spelling of name"),
+            "accountType": ref("AccountType"),
         },
+        "allOf": [
+            OKX_PASSPHRASE,
+            one_spelling(("name", "nickname")),
+            {"not": {"required": ["credentialId"]}},
+        ],
+    },
+    "ConnectWithCredential": {
+        "type": "object",
+        "description": "A VERIFIED credential's id; no keys (400 with any of venue, apiKey, apiSecret, "
+        "apiPassphrase). name and nickname are one field in two spellings: give one, not both (400).",
+        "required": ["credentialId"],
+        "properties": {
+            "credentialId": UUID_FIELD,
+            "name": name(),
+            "nickname": name("another spelling of name"),
+            "accountType": ref("AccountType"),
+        },
+        "allOf": [
+            one_spelling(("name", "nickname")),
+            {
+                "not": {
+                    "anyOf": [
+                        {"required": [key]} for key in ("venue", "apiKey", "apiSecret", "apiPassphrase")
+                    ]
+                }
+            },
+        ],
+    },
+    "AccountType": {
+        "type": "string",
+        "pattern": ACCOUNT_TYPE,
+        "description": "SPOT, MARGIN, FUTURES, ... (any case): one of the credential's identities (400 "
+        "otherwise); default: its first identity",
     },
     "TradingAccountIdRequest": {
         "type": "object",
         "required": ["tradingAccountId"],
-        "properties": {"tradingAccountId": UUID},
+        "properties": {"tradingAccountId": UUID_FIELD},
     },
     "EventType": {"type": "string", "enum": list(EVENT_TYPES)},
     "WebhookEndpoint": {
@@ -330,39 +438,63 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "required": ["url"],
         "properties": {
-            "url": {"type": "string", "description": "https (http and private addresses only when allowed)"},
+            "url": ref("WebhookUrl"),
             "eventTypes": {
                 "type": "array",
                 "items": ref("EventType"),
                 "description": "absent or empty ([]): every type (null is refused like any wrong value)",
             },
-            "description": {"type": "string"},
+            "description": {
+                "type": "string",
+                "pattern": TEXT,
+                "description": "at most 256 characters once trimmed; tabs and line breaks allowed",
+            },
         },
     },
     "UpdateWebhookRequest": {
         "type": "object",
         "required": ["endpointId"],
         "properties": {
-            "endpointId": UUID,
+            "endpointId": UUID_FIELD,
             "enabled": {"type": "boolean", "description": "false: pending deliveries are given up"},
             "eventTypes": {"type": "array", "items": ref("EventType"), "description": "empty: every type"},
-            "url": {"type": "string"},
+            "url": ref("WebhookUrl"),
         },
+    },
+    "WebhookUrl": {
+        "type": "string",
+        "format": "uri",
+        "maxLength": 2048,
+        "pattern": URL,
+        "description": "https; http, and hosts that resolve to private, loopback or link-local addresses, only "
+        "where the operator allows them (ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS; 400 otherwise, also for a host that "
+        "does not resolve); no user info, no fragment",
     },
     "EndpointIdRequest": {
         "type": "object",
         "required": ["endpointId"],
-        "properties": {"endpointId": UUID},
+        "properties": {"endpointId": UUID_FIELD},
     },
     "DeliveryIdRequest": {
         "type": "object",
         "required": ["deliveryId"],
-        "properties": {"deliveryId": UUID},
+        "properties": {"deliveryId": UUID_FIELD},
     },
     "Health": {
         "type": "object",
         "required": ["status"],
         "properties": {"status": {"const": "ok"}},
+    },
+    "ReadinessFailure": {
+        "type": "object",
+        "description": "503 of /readyz: the error envelope whose data names each check",
+        "required": ["data", "success", "errno", "error"],
+        "properties": {
+            "data": ref("Readiness"),
+            "success": {"const": False},
+            "errno": {"type": "integer", "maximum": -1},
+            "error": {"type": "string"},
+        },
     },
     "Readiness": {
         "type": "object",

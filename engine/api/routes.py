@@ -104,7 +104,7 @@ _KEY_FIELDS = ("venue", "apiKey", "apiSecret", "apiPassphrase")
 async def connect_trading_account(request: web.Request) -> web.Response:
     """POST /api/v3/tradingAccount/connect: docs/api-dialect.md §8's body with keys, or a verified credentialId."""
     f = await http.body(request)
-    credential_id = f.text("credentialId")
+    credential_id = f.identifier("credentialId", required=False)
     account_type, name = f.text("accountType"), f.text("name", "nickname")
     venue, api_key, api_secret, api_passphrase = (f.text(name) for name in _KEY_FIELDS)
     if credential_id is not None and any(f.present(name) for name in _KEY_FIELDS):
@@ -148,7 +148,7 @@ async def list_trading_accounts(request: web.Request) -> web.Response:
     f = http.query(request)
     page = await engine_of(request).list_trading_accounts(
         http.owner_of(request),
-        credential_id=f.text("credentialId"),
+        credential_id=f.identifier("credentialId", required=False),
         status=f.text("status", "tradingAccountStatus"),
         venue=f.text("venue"),
         offset=f.integer("offset", 0),
@@ -158,10 +158,9 @@ async def list_trading_accounts(request: web.Request) -> web.Response:
 
 
 def required(f: http.Fields, name: str) -> str:
-    """A string field that must be there and not blank (ids)."""
-    value = f.text(name)
-    if value is None or not value.strip():
-        raise errors.InvalidRequest(name, "is required")
+    """An id field that must be there: a UUID (:meth:`http.Fields.identifier`)."""
+    value = f.identifier(name)
+    assert value is not None
     return value
 
 

@@ -7,16 +7,20 @@ Every other answer (and every exchange credential answer) holds no secret.
 
 from __future__ import annotations
 
-from typing import TypeVar
+import re
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from engine import validation
-from engine.api import http, routes
+from engine import errors, validation
+from engine.api import http, openapi_schemas, routes
 from engine.models import Page
 
 T = TypeVar("T")
 required = routes.required
+# the document's WebhookUrl pattern is the rule (the service then checks scheme policy and addresses)
+URL = re.compile(openapi_schemas.URL)
+MAX_URL = 2048  # engine/webhooks/guard.py MAX_URL_LENGTH
 
 
 async def create_webhook(request: web.Request) -> web.Response:
@@ -24,8 +28,8 @@ async def create_webhook(request: web.Request) -> web.Response:
     f = await http.body(request)
     endpoint = await routes.engine_of(request).add_webhook_endpoint(
         http.owner_of(request),
-        f.text("url") or "",
-        event_types=f.raw("eventTypes"),
+        _url(f) or "",
+        event_types=_event_types(f),
         description=f.text("description"),
     )
     return http.ok({**endpoint.public_dict(), "secret": endpoint.secret})
@@ -38,6 +42,30 @@ async def list_webhooks(request: web.Request) -> web.Response:
     endpoints = await routes.engine_of(request).list_webhook_endpoints(http.owner_of(request))
     page = _page(endpoints, offset, limit)
     return http.ok([e.public_dict() for e in page.items], page=page)
+
+
+def _url(f: http.Fields) -> str | None:
+    """``url`` as the document's WebhookUrl states it: an http(s) URL of a host name or IPv4 address, an
+    optional port, a path and query of RFC 3986 characters, sent as is (no padding), at most 2048 characters."""
+    value = f.text("url")
+    if value is None or not value.strip():
+        return value  # absent (update) or blank: the service answers "is required"
+    if len(value) > MAX_URL or not URL.fullmatch(value):
+        raise errors.InvalidRequest(
+            "url",
+            f"must be an http or https URL of at most {MAX_URL} characters: a host name or IPv4 address, an "
+            "optional port, a path and query of RFC 3986 characters (no spaces, user info or fragment)",
+        )
+    return value
+
+
+def _event_types(f: http.Fields) -> Any:
+    """``eventTypes`` as given, when it is a JSON array (the service checks its items); an object is refused
+    here, as the document says, rather than read as the collection of its keys."""
+    value = f.raw("eventTypes")
+    if value is not None and not isinstance(value, list):
+        raise errors.InvalidRequest("eventTypes", "must be a list of event types")
+    return value
 
 
 def _page(items: list[T], offset: int, limit: int) -> Page[T]:
@@ -62,8 +90,8 @@ async def update_webhook(request: web.Request) -> web.Response:
         http.owner_of(request),
         required(f, "endpointId"),
         enabled=enabled,
-        event_types=f.raw("eventTypes") if f.present("eventTypes") else None,
-        url=f.text("url"),
+        event_types=_event_types(f) if f.present("eventTypes") else None,
+        url=_url(f),
     )
     return http.ok(endpoint.public_dict())
 
@@ -89,7 +117,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     f = http.query(request)
     page = await routes.engine_of(request).list_webhook_deliveries(
         http.owner_of(request),
-        f.text("endpointId"),
+        f.identifier("endpointId", required=False),
         state=f.text("state"),
         offset=f.integer("offset", 0),
         limit=f.integer("limit", routes.DEFAULT_LIMIT),

@@ -63,6 +63,10 @@ def body_schema(operation: dict[str, Any]) -> dict[str, Any] | None:
         return None
     ref: str = body["content"]["application/json"]["schema"]["$ref"]
     schema: dict[str, Any] = SCHEMAS[ref.rsplit("/", 1)[1]]
+    if "oneOf" in schema:  # connect: its two bodies (keys, credentialId), every property of either
+        branches = [SCHEMAS[branch["$ref"].rsplit("/", 1)[1]] for branch in schema["oneOf"]]
+        properties = {name: p for branch in branches for name, p in branch["properties"].items()}
+        return {"oneOf": schema["oneOf"], "properties": properties}
     return schema
 
 
