@@ -5,6 +5,7 @@ Deterministic: one runner, one claim at a time, and the order the handler sees i
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable
 
@@ -135,12 +136,14 @@ async def test_an_owners_retried_job_runs_again(make_queue: MakeQueue, sql: asyn
     later = await q.enqueue("flaky", {"name": "later", "after": 0.05}, fair_key="A")
     now = await q.enqueue("flaky", {"name": "now", "after": 0.0}, fair_key="A")
     await q.start()
-    await q.run_until_idle(timeout=30)
-    for _ in range(100):
-        if tries["later"] == 2:
+    # the started workers run the delayed retry when it comes due; wait (bounded) until both outcomes are
+    # written: run_until_idle returns at once while the retry is not yet due, so it cannot be the wait
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        rows = await sql.fetch("SELECT id, state, fair_seq FROM queue_jobs ORDER BY id")
+        if all(r["state"] == "done" for r in rows) or asyncio.get_running_loop().time() > deadline:
             break
-        await q.run_until_idle(timeout=30)
-    rows = await sql.fetch("SELECT id, state, fair_seq FROM queue_jobs ORDER BY id")
+        await asyncio.sleep(0.05)
     assert [(r["id"], r["state"]) for r in rows] == [(later, "done"), (now, "done")]
     assert tries == {"later": 2, "now": 2}
 
