@@ -108,7 +108,7 @@ PLANS = [
     Plan(
         "statements",
         {"n": 200},
-        {"n": 50},
+        {"n": 200},  # a few seconds; fewer credentials would spread the run's fixed statements over too few
         180,
         "N = 200 credentials, 10 clients, FakeVenue; backlog run by 10 workers, then live with one client",
     ),
