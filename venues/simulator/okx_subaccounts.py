@@ -5,13 +5,14 @@
 sub-account's keys; Read, 20 / 2 s) and ``POST /api/v5/users/subaccount/delete-apikey`` (Trade, 1 / s), signed
 like every private endpoint (docs/venues.md §2.2). The write calls need a master key linked to IP addresses.
 
-Answers, as OKX documents them: 59500 "Only the API key of the main account has permission." for a key of a
-sub-account (any other account is a main account: one without sub-accounts lists none); 59510 "Sub-account
-does not exist"; 59505 for a passphrase that breaks the rules (8-32 characters with a digit, an upper- and a lower-case letter and a special
-character); 59503 above 20 IPs; 59501 above 50 keys; 59502 for a label the sub-account's keys already use;
-59506 "API key doesn't exist." on deleting a key the sub-account does not have. A master key without the Trade
-permission, or not linked to an IP, answers 50120 "API key doesn't have permission" (the code for the IP rule
-is the simulator's choice: OKX documents the rule, not its refusal; docs/venues.md §8).
+Answers, as OKX documents them: 59500 "Only the API key of the main account has permission." for a key of
+a sub-account (any other account is a main account: one without sub-accounts lists none); 59510
+"Sub-account does not exist"; 59505 for a passphrase that breaks the rules (8-32 characters with a digit, an
+upper- and a lower-case letter and a special character); 59503 above 20 IPs; 59501 above 50 keys; 59502 for
+a label the sub-account's keys already use; 59506 "API key doesn't exist." on deleting a key the sub-account
+does not have. A master key without the Trade permission, or not linked to an IP, answers 50120 "API key
+doesn't have permission" (the code for the IP rule is the simulator's choice: OKX documents the rule, not its
+refusal; docs/venues.md §8).
 """
 
 from __future__ import annotations
