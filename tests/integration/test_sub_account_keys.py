@@ -9,12 +9,16 @@ Coinbase and Kraken have no such API.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
-from venues import build_probe
+from venues import build_probe, bybit
 from venues.base import ApiKeys, Outcome, ProbeFailure, Venue
 from venues.simulator import Faults, Simulator
 from venues.subaccounts import (
@@ -292,3 +296,134 @@ async def test_no_secret_in_reprs_or_errors(
     for text in shown:
         for secret in secrets:
             assert secret not in text
+
+
+# -- the simulator's side: ccxt as an independent client, limits, the admin API -----------------------------
+
+CCXT_CALLS = {
+    # venue: (ccxt exchange, its call listing sub-accounts, its call creating a sub-account key)
+    Venue.OKX: ("okx", "privateGetUsersSubaccountList", "privatePostUsersSubaccountApikey"),
+    Venue.BYBIT: ("bybit", "privateGetV5UserQuerySubMembers", "privatePostV5UserCreateSubApi"),
+    Venue.BINANCE: ("binance", "sapiGetBrokerSubAccount", "sapiPostBrokerSubAccountApi"),
+}
+
+
+def retarget(urls: dict[str, Any], base_url: str) -> None:
+    """Point every URL group of a ccxt exchange's ``urls["api"]`` at ``base_url``, keeping each group's path."""
+
+    def moved(url: Any) -> Any:
+        if isinstance(url, dict):
+            return {name: moved(value) for name, value in url.items()}
+        if not isinstance(url, str):
+            return url
+        return base_url + urlsplit(url.replace("{hostname}", "example.invalid")).path
+
+    urls["api"] = moved(urls["api"])
+
+
+@pytest.mark.parametrize("venue", VENUES, ids=IDS)
+async def test_ccxt_signs_requests_the_simulator_accepts(venue: Venue, sim: Simulator) -> None:
+    """ccxt (its own signing code) lists sub-accounts and mints a key at the simulator; the key then verifies."""
+    ccxt = pytest.importorskip("ccxt.async_support")
+    master = sim.add_master_account(venue, sub_accounts=1)
+    sub = master.sub_accounts[0]
+    name, list_call, create_call = CCXT_CALLS[venue]
+    config = {"apiKey": master.key.api_key, "secret": master.key.api_secret, "enableRateLimit": False}
+    if master.key.api_passphrase:
+        config["password"] = master.key.api_passphrase
+    exchange = getattr(ccxt, name)(config)
+    retarget(exchange.urls, sim.urls[venue])
+    try:
+        listed = await getattr(exchange, list_call)()
+        if venue is Venue.OKX:
+            assert [row["subAcct"] for row in listed["data"]] == [sub.sub_id]
+            made = await getattr(exchange, create_call)(
+                {
+                    "subAcct": sub.sub_id,
+                    "label": "by-ccxt",
+                    "passphrase": "Ccxt-Pass1!",
+                    "perm": "read_only,trade",
+                }
+            )
+            minted = ApiKeys(made["data"][0]["apiKey"], made["data"][0]["secretKey"], "Ccxt-Pass1!")
+        elif venue is Venue.BYBIT:
+            assert [m["uid"] for m in listed["result"]["subMembers"]] == [sub.uid]
+            made = await getattr(exchange, create_call)(
+                {
+                    "subuid": int(sub.uid),
+                    "note": "by-ccxt",
+                    "readOnly": 0,
+                    "permissions": {"Spot": ["SpotTrade"]},
+                }
+            )
+            minted = ApiKeys(made["result"]["apiKey"], made["result"]["secret"])
+        else:
+            assert [row["subaccountId"] for row in listed] == [sub.sub_id]
+            made = await getattr(exchange, create_call)({"subAccountId": sub.sub_id, "canTrade": "true"})
+            minted = ApiKeys(made["apiKey"], made["secretKey"])
+    finally:
+        await exchange.close()
+    assert [k.api_key for k in sim.sub_account_keys(venue, master.key.uid)] == [minted.api_key]
+    async with aiohttp.ClientSession() as client:
+        probe = build_probe(venue, client, base_url=sim.urls[venue], timeout=5.0, rate_limited=False)
+        assert (await probe.probe(minted)).venue_account_id == sub.uid
+
+
+async def test_okx_simulator_enforces_one_write_a_second(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    """Without the client-side window, a second create within the second is refused as OKX refuses it."""
+    master = sim.add_master_account(Venue.OKX, sub_accounts=1)
+    unthrottled = build_sub_account_keys(Venue.OKX, session, base_url=sim.urls[Venue.OKX], rate_limited=False)
+    sub = master.sub_accounts[0].sub_id
+    await unthrottled.create_key(master.key.api_keys, sub, grant(Venue.OKX, "one"))
+    with pytest.raises(ProbeFailure) as limited:
+        await unthrottled.create_key(master.key.api_keys, sub, grant(Venue.OKX, "two"))
+    assert limited.value.outcome is Outcome.RATE_LIMITED and limited.value.venue_code == "50011"
+    assert len(sim.sub_account_keys(Venue.OKX, master.key.uid)) == 1
+
+
+async def test_bybit_sub_key_deletes_itself(sim: Simulator, session: aiohttp.ClientSession) -> None:
+    """Bybit also lets a sub-account key with a transfer permission delete itself (no apikey parameter)."""
+    master = sim.add_master_account(Venue.BYBIT, sub_accounts=1)
+    sub = master.sub_accounts[0]
+    own = sim.add_key(Venue.BYBIT, uid=sub.uid, transfer=True)  # a key of the sub-account made on the website
+    assert own.parent_uid == master.key.uid
+    body = "{}"
+    headers = bybit.auth_headers(own.api_keys, int(time.time() * 1000), body) | {
+        "Content-Type": "application/json"
+    }
+    async with session.post(
+        sim.urls[Venue.BYBIT] + "/v5/user/delete-sub-api", data=body, headers=headers
+    ) as resp:
+        answer = json.loads(await resp.text())
+    assert answer["retCode"] == 0
+    assert sim.sub_account_keys(Venue.BYBIT, master.key.uid) == []
+
+
+async def test_admin_api_seeds_masters_and_reads_the_registry(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(sim.admin_url + "/masters", json={"venue": "okx", "sub_accounts": 2}) as resp:
+        assert resp.status == 201
+        made = await resp.json()
+    assert made["key"]["api_secret"] and made["key"]["api_passphrase"]
+    uid = made["key"]["uid"]
+    assert len(made["sub_accounts"]) == 2
+    master = ApiKeys(made["key"]["api_key"], made["key"]["api_secret"], made["key"]["api_passphrase"])
+    sub_id = made["sub_accounts"][0]["sub_id"]
+    minted = await manager(Venue.OKX, session, sim).create_key(master, sub_id, grant(Venue.OKX))
+    async with session.get(f"{sim.admin_url}/masters/OKX/{uid}/sub-accounts") as resp:
+        rows = await resp.json()
+    keys_of = {row["sub_id"]: [k["api_key"] for k in row["keys"]] for row in rows}
+    assert keys_of[sub_id] == [minted.keys.api_key]
+    assert all("api_secret" not in k for row in rows for k in row["keys"])
+    async with session.post(
+        f"{sim.admin_url}/masters/OKX/{uid}/sub-accounts", json={"label": "third"}
+    ) as resp:
+        assert resp.status == 201
+    assert len(sim.sub_accounts(Venue.OKX, uid)) == 3
+    async with session.post(sim.admin_url + "/masters", json={"venue": "KRAKEN"}) as resp:
+        assert resp.status == 400
+    async with session.post(sim.admin_url + "/masters/BYBIT/1/sub-accounts", json={}) as resp:
+        assert resp.status == 404

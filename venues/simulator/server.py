@@ -159,11 +159,14 @@ class Simulator:
 
         ``identities=None`` gives the venue's (kind's) full identity set; ``kind`` is COINBASE ``"cdp"``
         (default) / ``"cdp_ed25519"`` / ``"exchange"`` or KRAKEN ``"spot"`` (default) / ``"futures"``.
-        Keys with the same ``uid`` belong to the same account. ``transfer``: Bybit's wallet transfer permissions
-        (a Bybit master key needs them, or ``withdraw``, to manage sub-account keys).
+        Keys with the same ``uid`` belong to the same account; a key of a sub-account's uid is that sub-account's
+        (its ``parent_uid`` is the master's). ``transfer``: Bybit's wallet transfer permissions (a Bybit master key
+        needs them, or ``withdraw``, to manage sub-account keys).
         """
+        chosen = _venue(venue)
+        owner = self._state.sub_accounts.owner_of(chosen, str(uid)) if uid is not None else None
         return self._state.registry.add(
-            _venue(venue),
+            chosen,
             uid=uid,
             read=read,
             trade=trade,
@@ -175,6 +178,7 @@ class Simulator:
             kind=kind,
             label=label,
             transfer=transfer,
+            parent_uid=owner.master_uid if owner is not None else None,
         )
 
     def remove_key(self, api_key: str) -> None:
