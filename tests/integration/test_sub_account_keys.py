@@ -427,3 +427,11 @@ async def test_admin_api_seeds_masters_and_reads_the_registry(
         assert resp.status == 400
     async with session.post(sim.admin_url + "/masters/BYBIT/1/sub-accounts", json={}) as resp:
         assert resp.status == 404
+
+
+async def test_demo_masters_can_manage_keys(sim: Simulator, session: aiohttp.ClientSession) -> None:
+    made = sim.seed_demo_masters()
+    assert sorted(m.key.venue.value for m in made) == ["BINANCE", "BYBIT", "OKX"]
+    for master in made:
+        assert len(master.sub_accounts) == 2
+        assert await manager(master.key.venue, session, sim).can_manage_keys(master.key.api_keys) is True

@@ -252,6 +252,14 @@ class Simulator:
                 book.add_sub(chosen, key.uid, label=f"sub{index + 1}")
         return masters.MasterAccount(key=key, sub_accounts=tuple(book.subs(chosen, key.uid)))
 
+    def seed_demo_masters(self) -> list[masters.MasterAccount]:
+        """Per venue with a sub-account key API (Binance Link, OKX, Bybit): a master with two sub-accounts and a
+        key that may manage their keys (docs/venues.md §0.1)."""
+        return [
+            self.add_master_account(venue, sub_accounts=2, label="demo-master")
+            for venue in masters.SubAccounts.VENUES
+        ]
+
     def add_sub_account(self, venue: Venue | str, master_uid: str, *, label: str = "") -> masters.SubAccount:
         """One more sub-account for master ``master_uid`` (KeyError when that account is no master)."""
         return self._state.sub_accounts.add_sub(_venue(venue), str(master_uid), label=label)
