@@ -148,6 +148,29 @@ async def test_okx_query_and_delete_are_signed_as_ccxt_signs_them(session: aioht
     assert theirs["body"] == body and headers["OK-ACCESS-SIGN"] == theirs["headers"]["OK-ACCESS-SIGN"]
 
 
+async def test_okx_windows_are_per_method_and_path(session: aiohttp.ClientSession) -> None:
+    """The listing shares its path with the create call but not its 1-a-second window (docs/venues.md §2.10)."""
+    manager = OkxSubAccountKeys(session, rate_limited=True)
+    capture(manager, {"code": "0", "msg": "", "data": []})
+    waited: list[tuple[str, int, float]] = []
+    assert manager.windows is not None
+
+    async def spy(api_key: str, endpoint: str, limit: int, seconds: float) -> None:
+        waited.append((endpoint, limit, seconds))
+
+    manager.windows.acquire = spy  # type: ignore[method-assign]
+    await manager.list_keys(MASTER, "test12345")
+    with pytest.raises(ProbeFailure):  # the canned answer has no key: malformed, after the request went out
+        await manager.create_key(MASTER, "test12345", KeyGrant(label="x"))
+    await manager.delete_key(MASTER, "test12345", "k")
+    per_call = [w for w in waited if w[0] != "*"]
+    assert per_call == [
+        ("GET /api/v5/users/subaccount/apikey", 20, 2.0),
+        ("POST /api/v5/users/subaccount/apikey", 1, 1.0),
+        ("POST /api/v5/users/subaccount/delete-apikey", 1, 1.0),
+    ]
+
+
 def test_okx_passphrases_follow_the_rules() -> None:
     made = {new_passphrase() for _ in range(200)}
     assert len(made) == 200
