@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from venues.base import ApiKeys, Venue
+from venues.base import ApiKeys, Outcome, ProbeFailure, Venue, mask_api_key
 
 if TYPE_CHECKING:
     import aiohttp
@@ -34,6 +34,20 @@ class GrantProblem(ValueError):
         super().__init__(f"{field_name}: {reason}")
         self.field = field_name
         self.reason = reason
+
+
+class KeyLeftBehind(ProbeFailure):
+    """A key was created at the venue but a follow-up step failed and deleting it failed too.
+
+    Raised where creating a key takes two calls (Binance Link: create, then bind the IP list). ``key_id`` is
+    the public key id (shown masked in the message) the caller must record and delete later; the venue may
+    list it only masked (docs/venues.md §1.10), so this is the one moment its full id is known.
+    """
+
+    def __init__(self, outcome: Outcome, message: str, *, sub_id: str, key_id: str) -> None:
+        super().__init__(outcome, f"{message}; key {mask_api_key(key_id)} of {sub_id} is left at the venue")
+        self.sub_id = sub_id
+        self.key_id = key_id
 
 
 class SubAccountsUnsupported(Exception):

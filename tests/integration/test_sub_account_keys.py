@@ -22,7 +22,6 @@ from venues import build_probe, bybit
 from venues.base import ApiKeys, Outcome, ProbeFailure, Venue
 from venues.simulator import Faults, Simulator
 from venues.subaccounts import (
-    GrantProblem,
     KeyGrant,
     SubAccountKeys,
     SubAccountsUnsupported,
@@ -52,9 +51,8 @@ def manager(venue: Venue, session: aiohttp.ClientSession, sim: Simulator) -> Sub
 
 
 def grant(venue: Venue, label: str = "cred-0001") -> KeyGrant:
-    # Binance Link takes no IP list at creation (docs/venues.md §1.10); the others bind loopback
-    ips = () if venue is Venue.BINANCE else ("127.0.0.1",)
-    return KeyGrant(read=True, trade=True, ip_allowlist=ips, label=label)
+    """Least privilege: read and trade, bound to loopback (Binance Link binds the IP list in a second call)."""
+    return KeyGrant(read=True, trade=True, ip_allowlist=("127.0.0.1",), label=label)
 
 
 @pytest.mark.parametrize("venue", VENUES, ids=IDS)
@@ -75,6 +73,7 @@ async def test_mint_verify_list_delete(venue: Venue, sim: Simulator, session: ai
     assert [k.api_key for k in registered] == [minted.keys.api_key]
     assert sim.sub_account_keys(venue, master.key.uid, master.sub_accounts[0].sub_id) == []
     assert registered[0].parent_uid == master.key.uid
+    assert registered[0].ip_allowlist == ("127.0.0.1",) and not registered[0].withdraw
 
     # the minted key verifies with the normal probe, as a key of the sub-account (its own uid)
     probe = build_probe(venue, session, base_url=sim.urls[venue], timeout=5.0, rate_limited=False)
@@ -227,17 +226,23 @@ async def test_bybit_listing_pages_past_twenty_keys(sim: Simulator, session: aio
     assert sorted(info.label for info in listed) == sorted(f"k{i}" for i in range(23))
 
 
-async def test_binance_refuses_an_ip_allowlist_it_cannot_apply(
-    sim: Simulator, session: aiohttp.ClientSession
+@pytest.mark.parametrize("venue", VENUES, ids=IDS)
+async def test_minted_key_is_bound_to_the_granted_ips(
+    venue: Venue, sim: Simulator, session: aiohttp.ClientSession
 ) -> None:
-    master = sim.add_master_account(Venue.BINANCE, sub_accounts=1)
-    keys = manager(Venue.BINANCE, session, sim)
-    with pytest.raises(GrantProblem) as problem:
-        await keys.create_key(
-            master.key.api_keys, master.sub_accounts[0].sub_id, KeyGrant(ip_allowlist=("127.0.0.1",))
-        )
-    assert problem.value.field == "ipAllowlist"
-    assert sim.sub_account_keys(Venue.BINANCE, master.key.uid) == []
+    """A key bound to another address is refused from loopback: the IP list really reached the venue."""
+    master = sim.add_master_account(venue, sub_accounts=1)
+    keys = manager(venue, session, sim)
+    elsewhere = KeyGrant(ip_allowlist=("10.9.9.9",), label="elsewhere")
+    minted = await keys.create_key(master.key.api_keys, master.sub_accounts[0].sub_id, elsewhere)
+    assert [k.ip_allowlist for k in sim.sub_account_keys(venue, master.key.uid)] == [("10.9.9.9",)]
+    probe = build_probe(venue, session, base_url=sim.urls[venue], timeout=5.0, rate_limited=False)
+    with pytest.raises(ProbeFailure) as refused:
+        await probe.probe(minted.keys)
+    # Binance cannot tell an IP refusal from an unknown key (-2015, docs/venues.md §1.5)
+    assert refused.value.outcome is (
+        Outcome.INVALID_KEY if venue is Venue.BINANCE else Outcome.IP_NOT_ALLOWED
+    )
 
 
 @pytest.mark.parametrize("venue", VENUES, ids=IDS)

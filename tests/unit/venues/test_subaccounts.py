@@ -25,7 +25,7 @@ from venues.bybit_subaccounts import key_info as bybit_key_info
 from venues.okx_subaccounts import OkxSubAccountKeys, new_passphrase
 from venues.okx_subaccounts import classify as okx_classify
 from venues.simulator.okx_subaccounts import passphrase_ok
-from venues.subaccounts import GrantProblem, KeyGrant, SubKeyInfo
+from venues.subaccounts import GrantProblem, KeyGrant, KeyLeftBehind, SubKeyInfo
 
 ccxt = pytest.importorskip("ccxt")
 
@@ -384,11 +384,11 @@ def test_binance_masked_listing() -> None:
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda m: m.create_key(MASTER, "1", KeyGrant(ip_allowlist=("10.0.0.1",))), "ipAllowlist"),
+        (lambda m: m.create_key(MASTER, "1", KeyGrant(ip_allowlist=("10.0.0.0/24",))), "ipAllowlist"),
         (lambda m: m.create_key(MASTER, "sub-name", KeyGrant()), "subAccount"),
         (lambda m: m.delete_key(MASTER, "1", "vmP*************"), "keyId"),
     ],
-    ids=["ip-list", "sub-id", "masked-delete"],
+    ids=["ip-range", "sub-id", "masked-delete"],
 )
 async def test_binance_grant_problems(
     call: Callable[[BinanceSubAccountKeys], Any], field: str, session: aiohttp.ClientSession
@@ -422,3 +422,56 @@ async def test_binance_refusal_of_a_non_broker_is_permission_denied(session: aio
     with pytest.raises(ProbeFailure) as refused:
         await manager.list_sub_accounts(MASTER)
     assert refused.value.outcome is Outcome.PERMISSION_DENIED and not refused.value.transient
+
+
+def scripted(manager: http.VenueProbe, answers: list[tuple[int, Any]]) -> list[tuple[str, str]]:
+    """Answer the manager's calls from ``answers`` in order; returns the (method, path) of each call."""
+    calls: list[tuple[str, str]] = []
+    queue = iter(answers)
+
+    async def fake_call(method: str, url: str, **kwargs: Any) -> http.Reply:
+        calls.append((method, urlsplit(url).path))
+        status, body = next(queue)
+        return http.Reply(status, CIMultiDictProxy(CIMultiDict()), body, json.dumps(body))
+
+    manager._call = fake_call  # type: ignore[method-assign]
+    return calls
+
+
+CREATED = {
+    "subaccountId": "1",
+    "apiKey": "NewKey0123456789",
+    "secretKey": "NewSecret0123456789",
+    "canTrade": True,
+}
+SERVER_ERROR = {"code": -1001, "msg": "Internal error; unable to process your request. Please try again."}
+
+
+async def test_binance_binds_the_ip_list_in_a_second_call(session: aiohttp.ClientSession) -> None:
+    manager = BinanceSubAccountKeys(session, rate_limited=False)
+    bound = {"status": "2", "ipList": ["10.0.0.1"], "updateTime": NOW_MS, "apiKey": "NewKey0123456789"}
+    calls = scripted(manager, [(200, CREATED), (200, bound)])
+    minted = await manager.create_key(MASTER, "1", KeyGrant(ip_allowlist=("10.0.0.1",)))
+    assert minted.info.ip_allowlist == ("10.0.0.1",)
+    assert calls == [
+        ("POST", "/sapi/v1/broker/subAccountApi"),
+        ("POST", "/sapi/v2/broker/subAccountApi/ipRestriction"),
+    ]
+
+
+async def test_binance_deletes_the_new_key_when_binding_fails(session: aiohttp.ClientSession) -> None:
+    manager = BinanceSubAccountKeys(session, rate_limited=False)
+    calls = scripted(manager, [(200, CREATED), (500, SERVER_ERROR), (200, {})])
+    with pytest.raises(ProbeFailure) as failed:
+        await manager.create_key(MASTER, "1", KeyGrant(ip_allowlist=("10.0.0.1",)))
+    assert failed.value.transient and not isinstance(failed.value, KeyLeftBehind)
+    assert calls[-1] == ("DELETE", "/sapi/v1/broker/subAccountApi")
+
+
+async def test_binance_reports_a_key_it_could_not_delete(session: aiohttp.ClientSession) -> None:
+    manager = BinanceSubAccountKeys(session, rate_limited=False)
+    scripted(manager, [(200, CREATED), (500, SERVER_ERROR), (500, SERVER_ERROR)])
+    with pytest.raises(KeyLeftBehind) as left:
+        await manager.create_key(MASTER, "1", KeyGrant(ip_allowlist=("10.0.0.1",)))
+    assert left.value.key_id == "NewKey0123456789" and left.value.sub_id == "1" and left.value.transient
+    assert "NewKey0123456789" not in str(left.value)  # the message shows the key masked
