@@ -119,8 +119,9 @@ class SubAccountKeys(Protocol):
     without the permission the venue requires is ``PERMISSION_DENIED`` (permanent), and so is a ``sub_id`` that
     is not a sub-account of the master. A grant the venue cannot accept raises :class:`GrantProblem` before any
     request; a create that needed a second call which failed, and whose key could not be deleted, raises
-    :class:`KeyLeftBehind` (a ProbeFailure) with the key id the caller must record and delete. Every method deletes and lists with the master key alone: each venue lets the master delete its
-    sub-accounts' keys (Bybit too, naming the key in ``apikey``; docs/venues.md §3.10).
+    :class:`KeyLeftBehind` (a ProbeFailure) with the key id the caller must record and delete. Every method
+    needs the master key alone: each venue lets the master delete its sub-accounts' keys (Bybit too, naming
+    the key in ``apikey``; docs/venues.md §3.10).
     """
 
     venue: Venue
