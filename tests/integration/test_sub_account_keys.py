@@ -10,6 +10,7 @@ Coinbase and Kraken have no such API.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -277,16 +278,17 @@ async def test_coinbase_and_kraken_are_unsupported(venue: Venue, session: aiohtt
 
 
 @pytest.mark.parametrize("venue", VENUES, ids=IDS)
-async def test_no_secret_in_reprs_or_errors(
-    venue: Venue, sim: Simulator, session: aiohttp.ClientSession
+async def test_no_secret_in_reprs_errors_or_logs(
+    venue: Venue, sim: Simulator, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Canary: a minted key's secret (and passphrase) appear in no repr and in no failure message."""
+    """Canary: a minted key's secret (and passphrase) appear in no repr, no failure message and no log line
+    (the simulator's debug log included)."""
+    caplog.set_level(logging.DEBUG)
     master = sim.add_master_account(venue, sub_accounts=1)
     keys = manager(venue, session, sim)
     minted = await keys.create_key(master.key.api_keys, master.sub_accounts[0].sub_id, grant(venue))
     secrets = [minted.keys.api_secret, master.key.api_secret]
-    if minted.keys.api_passphrase:
-        secrets.append(minted.keys.api_passphrase)
+    secrets += [p for p in (minted.keys.api_passphrase, master.key.api_passphrase) if p]
     shown = [
         repr(minted),
         str(minted),
@@ -297,7 +299,8 @@ async def test_no_secret_in_reprs_or_errors(
     sim.set_faults(venue, Faults(error_rate=1.0, kinds=("malformed",)))
     with pytest.raises(ProbeFailure) as failed:
         await keys.list_keys(master.key.api_keys, master.sub_accounts[0].sub_id)
-    shown += [str(failed.value), repr(failed.value)]
+    shown += [str(failed.value), repr(failed.value), caplog.text]
+    assert "simulator" in caplog.text  # the debug log did run
     for text in shown:
         for secret in secrets:
             assert secret not in text
