@@ -38,6 +38,7 @@ _CODES: dict[str, tuple[base.Outcome, str]] = {
     "-2008": (base.Outcome.PERMISSION_DENIED, "the sub-account has no such API key"),
 }
 KEY_GONE = "-2008"
+CREATE_PER_SUB = "create per sub-account"
 
 
 def classify(reply: http.Reply) -> base.ProbeFailure | None:
@@ -94,6 +95,9 @@ class BinanceSubAccountKeys(http.VenueProbe):
     ip_budgets: ClassVar[Mapping[str, limits.IpBudget]] = {
         "/sapi/": limits.IpBudget("binance:sapi", 12000, 60.0)
     }
+    # "You can only create 1 api key for each sub account per second": create_key waits on this window per
+    # (master key, sub-account); it is no request path, so no other call draws on it
+    key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {CREATE_PER_SUB: (1, 1.0)}
 
     async def can_manage_keys(self, master: base.ApiKeys) -> bool:
         """The key's "trade" option (``apiRestrictions``) and a broker master's sub-account listing."""
@@ -131,6 +135,9 @@ class BinanceSubAccountKeys(http.VenueProbe):
     async def create_key(self, master: base.ApiKeys, sub_id: str, grant: KeyGrant) -> MintedKey:
         _check_sub_id(sub_id)
         params = grant_params(sub_id, grant)
+        if self.windows is not None:
+            limit, seconds = self.key_windows[CREATE_PER_SUB]
+            await self.windows.acquire(f"{sub_id}\x00{master.api_key}", CREATE_PER_SUB, limit, seconds)
         reply = await self._request(master, "POST", SUB_ACCOUNT_API_PATH, params, cost=CREATE_WEIGHT)
         body = reply.body
         api_key = body.get("apiKey") if isinstance(body, dict) else None

@@ -443,3 +443,22 @@ async def test_demo_masters_can_manage_keys(sim: Simulator, session: aiohttp.Cli
     for master in made:
         assert len(master.sub_accounts) == 2
         assert await manager(master.key.venue, session, sim).can_manage_keys(master.key.api_keys) is True
+
+
+async def test_binance_one_key_per_sub_account_a_second(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    """The simulator refuses a second create on one sub-account within a second; the manager waits for it."""
+    master = sim.add_master_account(Venue.BINANCE, sub_accounts=2)
+    sub, other = (s.sub_id for s in master.sub_accounts)
+    url = sim.urls[Venue.BINANCE]
+    unthrottled = build_sub_account_keys(Venue.BINANCE, session, base_url=url, rate_limited=False)
+    await unthrottled.create_key(master.key.api_keys, sub, grant(Venue.BINANCE))
+    with pytest.raises(ProbeFailure) as limited:
+        await unthrottled.create_key(master.key.api_keys, sub, grant(Venue.BINANCE))
+    assert limited.value.outcome is Outcome.RATE_LIMITED
+    assert len(sim.sub_account_keys(Venue.BINANCE, master.key.uid)) == 1
+    throttled = manager(Venue.BINANCE, session, sim)  # on the other sub-account, whose second is fresh
+    await throttled.create_key(master.key.api_keys, other, grant(Venue.BINANCE))
+    await throttled.create_key(master.key.api_keys, other, grant(Venue.BINANCE))
+    assert len(sim.sub_account_keys(Venue.BINANCE, master.key.uid, other)) == 2
