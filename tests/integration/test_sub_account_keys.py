@@ -76,8 +76,10 @@ async def test_mint_verify_list_delete(venue: Venue, sim: Simulator, session: ai
     assert registered[0].parent_uid == master.key.uid
     assert registered[0].ip_allowlist == ("127.0.0.1",) and not registered[0].withdraw
 
-    # the minted key verifies with the normal probe, as a key of the sub-account (its own uid)
+    # the master key (a BROKER credential) verifies with the normal probe, as a key of the master account
     probe = build_probe(venue, session, base_url=sim.urls[venue], timeout=5.0, rate_limited=False)
+    assert (await probe.probe(master.key.api_keys)).venue_account_id == master.key.uid
+    # the minted key verifies with the normal probe too, as a key of the sub-account (its own uid)
     result = await probe.probe(minted.keys)
     assert result.venue_account_id == target.uid
     assert result.permissions.trade and not result.permissions.withdraw
