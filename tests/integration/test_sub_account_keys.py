@@ -464,3 +464,15 @@ async def test_binance_one_key_per_sub_account_a_second(
     await throttled.create_key(master.key.api_keys, other, grant(Venue.BINANCE))
     await throttled.create_key(master.key.api_keys, other, grant(Venue.BINANCE))
     assert len(sim.sub_account_keys(Venue.BINANCE, master.key.uid, other)) == 2
+
+
+async def test_okx_listing_does_not_spend_the_create_limit(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    """GET and POST /users/subaccount/apikey share a path, not a limit: a listing right before a create is fine."""
+    master = sim.add_master_account(Venue.OKX, sub_accounts=1)
+    unthrottled = build_sub_account_keys(Venue.OKX, session, base_url=sim.urls[Venue.OKX], rate_limited=False)
+    sub = master.sub_accounts[0].sub_id
+    assert await unthrottled.list_keys(master.key.api_keys, sub) == ()
+    minted = await unthrottled.create_key(master.key.api_keys, sub, grant(Venue.OKX))
+    assert [k.key_id for k in await unthrottled.list_keys(master.key.api_keys, sub)] == [minted.keys.api_key]
