@@ -27,11 +27,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from engine import errors
+from engine import environment, errors
 from engine.api import auth, http, jwks, limits, ops, protocol, routes, scopes, webhook_routes
 from engine.config import settings_view
 from engine.sensitive import SecretText
@@ -75,6 +75,19 @@ class ApiConfig:
     connect_wait_timeout: float = 30.0
     rate_limits: limits.RateLimits = field(default_factory=limits.RateLimits)
 
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_API_",
+        names={"max_body_bytes": "ENGINE_API_MAX_BODY", "connect_wait_timeout": "ENGINE_API_CONNECT_TIMEOUT"},
+        secrets=frozenset({"jwt_secret"}),
+        bounds={
+            "jwks_cache_ttl": environment.POSITIVE,
+            "jwks_timeout": environment.POSITIVE,
+            "connect_wait_timeout": environment.POSITIVE,
+            "port": environment.Bound(maximum=65535),
+            "max_body_bytes": environment.Bound(minimum=1024),
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.jwt_secret is not None:
             object.__setattr__(self, "jwt_secret", SecretText(self.jwt_secret))
@@ -117,40 +130,10 @@ class ApiConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ApiConfig:
-        """Build from ``ENGINE_API_*`` variables (module docstring); keyword overrides win."""
-        env = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
-        kwargs: dict[str, Any] = {}
-        if env.get(auth.SECRET_ENV):
-            kwargs["jwt_secret"] = env[auth.SECRET_ENV]
-        for name, key in (
-            ("host", "ENGINE_API_HOST"),
-            ("jwks_url", JWKS_URL_ENV),
-            ("issuer", "ENGINE_API_ISSUER"),
-            ("audience", "ENGINE_API_AUDIENCE"),
-            ("owner_claim", "ENGINE_API_OWNER_CLAIM"),
-        ):
-            if env.get(key):
-                kwargs[name] = env[key]
-        if env.get("ENGINE_API_JWT_ALGORITHMS"):
-            kwargs["jwt_algorithms"] = tuple(
-                part.strip() for part in env["ENGINE_API_JWT_ALGORITHMS"].split(",") if part.strip()
-            )
-        for name, key, conv in (
-            ("port", "ENGINE_API_PORT", int),
-            ("max_body_bytes", "ENGINE_API_MAX_BODY", int),
-            ("connect_wait_timeout", "ENGINE_API_CONNECT_TIMEOUT", float),
-            ("jwks_cache_ttl", "ENGINE_API_JWKS_CACHE_TTL", float),
-            ("jwks_refetch_interval", "ENGINE_API_JWKS_REFETCH_INTERVAL", float),
-            ("jwks_timeout", "ENGINE_API_JWKS_TIMEOUT", float),
-        ):
-            if env.get(key):
-                try:
-                    kwargs[name] = conv(env[key])
-                except ValueError:
-                    raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
-        kwargs["rate_limits"] = limits.RateLimits.from_env(env)
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """Build from ``ENGINE_API_*`` variables, one per field (``ENV``, read by :mod:`engine.environment`;
+        ``ENGINE_API_JWT_SECRET`` also from ``ENGINE_API_JWT_SECRET_FILE``); keyword overrides win."""
+        view = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
+        return environment.build(cls, view, overrides)
 
     def authenticator(self) -> tuple[auth.Authenticator, jwks.JwksKeys | None]:
         """The token check these settings describe, and the JWKS cache it fetches through (to start and
