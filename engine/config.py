@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 from engine import environment, errors, liveness, logs
 from engine.bounds import retention
-from engine.keys import KmsSettings
 from engine.environment import settings_view
+from engine.keys import KmsSettings
 from engine.sensitive import MasterKeysText, SecretDsn
 from venues.base import Permissions, ProbeResult, Venue
 
@@ -195,11 +195,21 @@ class EngineConfig:
             **{
                 name: environment.POSITIVE
                 for name in (
-                    "probe_timeout", "lease_seconds", "poll_interval", "job_timeout", "job_timeouts",
-                    "reverify_interval", "retention_interval", "listen_check_interval", "listen_check_timeout",
-                    "pool_acquire_timeout", "db_command_timeout", "webhook_timeout", "webhook_disable_after",
+                    "probe_timeout",
+                    "lease_seconds",
+                    "poll_interval",
+                    "job_timeout",
+                    "job_timeouts",
+                    "reverify_interval",
+                    "retention_interval",
+                    "listen_check_interval",
+                    "listen_check_timeout",
+                    "pool_acquire_timeout",
+                    "db_command_timeout",
+                    "webhook_timeout",
+                    "webhook_disable_after",
                 )
-            },  # fmt: skip
+            },
             "claim_batch_size": AT_LEAST_ONE,
             "max_attempts": AT_LEAST_ONE,
             "pool_max_size": AT_LEAST_ONE,

@@ -36,7 +36,7 @@ import ipaddress
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +56,7 @@ __all__ = [
     "construct",
     "parse_bool",
     "read",
+    "setting",
     "settings_view",
     "variables",
 ]
@@ -184,7 +185,11 @@ def _nested(hint: Any) -> tuple[type | None, bool]:
         if len(args) != 1:
             return None, optional
         hint = args[0]
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(getattr(hint, "ENV", None), Section):
+    if (
+        isinstance(hint, type)
+        and dataclasses.is_dataclass(hint)
+        and isinstance(getattr(hint, "ENV", None), Section)
+    ):
         return hint, optional
     return None, optional
 
@@ -409,3 +414,14 @@ def variable_is_int(hint: Any) -> bool:
 
 def _entries(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def setting(cls: type, path: tuple[str, ...], env: Mapping[str, str]) -> Any:
+    """One field's value from ``env`` (a :func:`settings_view`), converted as :func:`build` would; None when
+    its variable (and, for a secret, its ``_FILE`` form) is unset. For code that needs one setting before, or
+    without, a whole configuration (the command line's logging, ``credential-engine token``)."""
+    for variable in variables(cls):
+        if variable.path == path:
+            raw = read(env, variable)
+            return None if raw is None else convert(raw, variable)
+    raise KeyError(f"{cls.__name__} has no field {'.'.join(path)}")

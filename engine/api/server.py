@@ -33,7 +33,7 @@ from aiohttp import web
 
 from engine import environment, errors
 from engine.api import auth, http, jwks, limits, ops, protocol, routes, scopes, webhook_routes
-from engine.config import settings_view
+from engine.environment import settings_view
 from engine.sensitive import SecretText
 
 if TYPE_CHECKING:
@@ -132,8 +132,8 @@ class ApiConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ApiConfig:
         """Build from ``ENGINE_API_*`` variables, one per field (``ENV``, read by :mod:`engine.environment`;
         ``ENGINE_API_JWT_SECRET`` also from ``ENGINE_API_JWT_SECRET_FILE``); keyword overrides win."""
-        view = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
-        return environment.build(cls, view, overrides)
+        env = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
+        return environment.build(cls, env, overrides)
 
     def authenticator(self) -> tuple[auth.Authenticator, jwks.JwksKeys | None]:
         """The token check these settings describe, and the JWKS cache it fetches through (to start and
