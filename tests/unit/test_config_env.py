@@ -430,13 +430,21 @@ def test_cli_log_json_reads_every_boolean_spelling(
         ("ENGINE_API_PORT", "http"),
     ],
 )
+@pytest.mark.timeout(120)
 def test_cli_reports_a_bad_setting_in_one_line(
-    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    variable: str,
+    value: str,
 ) -> None:
     """Regression: a bad ENGINE_POLICY_EXPIRY_WARNING_DAYS was "internal error (ValueError)", a bad
     ENGINE_LOG_JSON was ignored, a bad ENGINE_API_PORT silently replaced. Now: exit 2, one line naming the
     variable, no traceback."""
     clean_env.setenv(variable, value)
+    # were the setting taken, the command would fail fast on this server (nothing listens on port 1)
+    clean_env.setenv("DATABASE_URL", "postgresql://app@127.0.0.1:1/engine")
+    clean_env.setenv("ENGINE_DATA_DIR", str(tmp_path))
     command = ["serve", "--sandbox"] if variable == "ENGINE_API_PORT" else ["migrate"]
     assert cli.main(command) == 2
     err = capsys.readouterr().err
