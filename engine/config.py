@@ -62,7 +62,7 @@ class VerificationPolicy:
         days = self.expiry_warning_days
         if isinstance(days, bool) or not isinstance(days, int) or days < 0:
             raise errors.ConfigurationError(
-                "expiry_warning_days must be an integer >= 0 (0: warn only once a key expires within a day)",
+                "expiry_warning_days must be an integer >= 0 (0: no warning before a key expires)",
                 field="expiry_warning_days",
             )
 

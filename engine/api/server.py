@@ -12,14 +12,16 @@ answers to requests aiohttp refuses before the application sees them), :mod:`eng
 (health, readiness, metrics, OpenAPI), :mod:`engine.api.openapi` (the document). The server does not own the
 engine: whoever opened it closes it, after the server.
 
-Environment (``ApiConfig.from_env``): how tokens are checked, at least one of ``ENGINE_API_JWKS_URL`` (an
-identity provider's keys, :mod:`engine.api.jwks`, with ``ENGINE_API_ISSUER`` and ``ENGINE_API_AUDIENCE``
-required beside it, ``ENGINE_API_JWT_ALGORITHMS`` (RS256,ES256,EdDSA), ``ENGINE_API_JWKS_CACHE_TTL`` (300 s),
+Environment (``ApiConfig.from_env``; one variable per field, ``ApiConfig.ENV``, read by the loop of
+:mod:`engine.environment`): how tokens are checked, at least one of ``ENGINE_API_JWKS_URL`` (an identity
+provider's keys, :mod:`engine.api.jwks`, with ``ENGINE_API_ISSUER`` and ``ENGINE_API_AUDIENCE`` required beside
+it, ``ENGINE_API_JWT_ALGORITHMS`` (RS256,ES256,EdDSA), ``ENGINE_API_JWKS_CACHE_TTL`` (300 s),
 ``ENGINE_API_JWKS_REFETCH_INTERVAL`` (30 s), ``ENGINE_API_JWKS_TIMEOUT`` (5 s)) and ``ENGINE_API_JWT_SECRET``
-(HS256, >= 32 bytes: development tokens); ``ENGINE_API_OWNER_CLAIM`` (``sub``: the identity provider's claim
-naming the owner); ``ENGINE_API_HOST`` (127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes),
-``ENGINE_API_CONNECT_TIMEOUT`` (30 s: how long connect-with-keys waits for the verification), and the rate
-limits of :mod:`engine.api.limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``).
+(HS256, >= 32 bytes: development tokens; or ``ENGINE_API_JWT_SECRET_FILE``, a file holding it);
+``ENGINE_API_OWNER_CLAIM`` (``sub``: the identity provider's claim naming the owner); ``ENGINE_API_HOST``
+(127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes), ``ENGINE_API_CONNECT_TIMEOUT``
+(30 s: how long connect-with-keys waits for the verification), and the rate limits of :mod:`engine.api.limits`
+(``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``, ``ENGINE_API_INSTANCE_HEARTBEAT``).
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ class KmsSettings:
             raise errors.ConfigurationError(
                 "ENGINE_KMS_TIMEOUT must be a positive number", field="ENGINE_KMS_TIMEOUT"
             )
+        if not self.encryption_context:  # the default binds the ciphertext to its purpose; none would not
+            raise errors.ConfigurationError(f"{KMS_CONTEXT_SETTING} is empty", field=KMS_CONTEXT_SETTING)
         for key, value in self.encryption_context.items():
             if not (isinstance(key, str) and isinstance(value, str) and key):
                 raise errors.ConfigurationError(

@@ -71,6 +71,7 @@ INVALID: dict[str, list[str]] = {
     "ENGINE_VENUE_URLS": ["FTX=http://x", "BINANCE=ftp://x", "BINANCE"],
     "ENGINE_WEBHOOK_RETRY_SCHEDULE": ["5, 60", "0, soon", "0, -1"],
     "ENGINE_KMS_ENDPOINT_URL": ["kms.internal:443"],
+    "ENGINE_KMS_ENCRYPTION_CONTEXT": ["no-equals-sign", "=x", ","],
     "ENGINE_API_JWT_SECRET": [SHORT_SECRET],
     "ENGINE_API_JWKS_URL": ["http://idp.example/jwks"],
     "ENGINE_API_JWT_ALGORITHMS": ["HS512", "none"],
