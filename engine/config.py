@@ -1,45 +1,14 @@
 """Configuration: frozen keyword-only dataclasses passed in explicitly, with one ``from_env()``.
 
-Environment variables (all optional):
-
-    DATABASE_URL / PG* (libpq)   the PostgreSQL server; none -> the embedded server in ENGINE_DATA_DIR
-    ENGINE_DATA_DIR              zero-config state (embedded PostgreSQL, generated master key)
-    ENGINE_MASTER_KEYS           "1:<base64 32 bytes>,2:<...>" versioned master keys (see engine/crypto.py)
-    ENGINE_MASTER_KEYS_FILE      or: a file holding that spec (0600, this user's, no symbolic link)
-    ENGINE_MASTER_KEYS_KMS, ENGINE_MASTER_KEYS_KMS_FILE, ENGINE_KMS_*   or: the spec encrypted by AWS KMS
-                                 (engine/keys/providers.py KmsSettings; at most one of the three ways)
-    ENGINE_VENUE_URLS            "BINANCE=http://127.0.0.1:9001,OKX=..." base URL per venue (sandbox, simulator)
-    ENGINE_WORKERS               jobs run concurrently per process (0 = run no workers in this process)
-    ENGINE_REVERIFY_INTERVAL     seconds between re-verifications of VERIFIED credentials (default 86400)
-    ENGINE_PROBE_TIMEOUT         seconds per venue request (default 10)
-    ENGINE_EGRESS_GROUP          processes leaving through one public IP share its per-IP venue budgets (default
-                                 "default"); ENGINE_SHARED_VENUE_BUDGETS=0 keeps them per process
-    ENGINE_JOB_TIMEOUT           seconds a job handler may run before it is cancelled (default 300; verifications
-                                 and webhook deliveries derive theirs from their request timeouts)
-    ENGINE_JOB_TIMEOUTS          "verify=60,webhook_delivery=45": per job kind, overriding the above
-    ENGINE_JOB_RETENTION         seconds finished jobs are kept before the hourly purge (default 7 days)
-    ENGINE_POOL_MAX_SIZE         most pool connections of this process (default 10; 1 + 4 with workers outside it)
-    ENGINE_POOL_ACQUIRE_TIMEOUT  seconds a request waits for a pool connection before a 503 (default 10)
-    ENGINE_DB_COMMAND_TIMEOUT    seconds one SQL statement may take, lock waits included (default 60)
-    ENGINE_DB_POOLER             none | session | transaction: what sits between the engine and PostgreSQL
-                                 (transaction: PgBouncer pool_mode=transaction; turns the statement cache off)
-    ENGINE_DB_STATEMENT_CACHE_SIZE   asyncpg's prepared-statement cache per connection (default 100, 0 with
-                                 ENGINE_DB_POOLER=transaction)
-    ENGINE_LISTEN_DATABASE_URL   a direct (unpooled) DSN for the LISTEN connections; default: the main DSN
-    ENGINE_EVENT_RETENTION       seconds outbox events are kept once every live listener read them and no webhook
-                                 delivery needs them (default 30 days; 0 = for ever; engine/bounds/retention.py)
-    ENGINE_DELIVERY_RETENTION    seconds delivered webhook deliveries and their attempts are kept (default 30 days)
-    ENGINE_DEAD_DELIVERY_RETENTION   seconds dead webhook deliveries are kept (default 90 days)
-    ENGINE_KEY_ACCESS_RETENTION  seconds key-access audit rows are kept (default 400 days)
-    ENGINE_RETENTION_INTERVAL    seconds between runs of the retention purge (default 300)
-    ENGINE_LISTEN_CHECK_INTERVAL seconds between checks (SELECT 1) of each LISTEN connection (default 5)
-    ENGINE_LISTEN_CHECK_TIMEOUT  seconds the check may take before the connection is replaced (default 5)
-    ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
-    ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
-    ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
-    ENGINE_QUOTA_CREDENTIALS, ENGINE_QUOTA_WEBHOOK_ENDPOINTS, ENGINE_QUOTA_VERIFY_PER_HOUR   per-owner quotas
-                                 (see Quotas; 0 = no quota)
-    ENGINE_LOG_LEVEL, ENGINE_LOG_JSON
+Environment variables (all optional; README's configuration table lists every one): one per field, read by
+the one loop of :mod:`engine.environment` (``ENGINE_<FIELD>``, converted by the field's type, within its
+bounds; a bad value is a ``ConfigurationError`` naming the variable). The names that differ from the rule
+are the documented ones: ``DATABASE_URL`` (or libpq's ``PG*`` variables; none: the embedded server in
+``ENGINE_DATA_DIR``), ``ENGINE_POLICY_ALLOW_WITHDRAW`` (the opposite of ``reject_withdraw``),
+``ENGINE_QUOTA_VERIFY_PER_HOUR``, and the KMS settings (``ENGINE_MASTER_KEYS_KMS``, ``..._KMS_FILE``,
+``ENGINE_KMS_*``: engine/keys/providers.py). The secrets ``DATABASE_URL`` and ``ENGINE_LISTEN_DATABASE_URL``
+may instead be given as ``<VAR>_FILE``; ``ENGINE_MASTER_KEYS``'s file form is ``ENGINE_MASTER_KEYS_FILE``
+(the key file provider, with its permission checks).
 
 Secret-bearing settings (``database_url``, ``master_keys``) are kept as :mod:`engine.sensitive` strings:
 ``repr(config)`` shows the DSN with its password masked and the master keys as their versions only, and so
@@ -58,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine import errors, liveness
+from engine import environment, errors, liveness, logs
 from engine.bounds import retention
+from engine.environment import settings_view
 from engine.keys import KmsSettings
-from engine.sensitive import MasterKeysText, SecretDsn, SecretText
+from engine.sensitive import MasterKeysText, SecretDsn
 from venues.base import Permissions, ProbeResult, Venue
 
 DAY_MS = 86_400_000
+AT_LEAST_ONE = environment.Bound(minimum=1)
 _EGRESS_GROUP = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # an egress group name
 DB_POOLERS = ("none", "session", "transaction")
 DEFAULT_STATEMENT_CACHE_SIZE = 100  # asyncpg's own default
@@ -80,6 +51,20 @@ class VerificationPolicy:
     require_trade: bool = False
     require_ip_allowlist: bool = False
     expiry_warning_days: int = 7
+
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_POLICY_",
+        names={"reject_withdraw": "ENGINE_POLICY_ALLOW_WITHDRAW"},  # documented as the permission
+        inverted=frozenset({"reject_withdraw"}),
+    )
+
+    def __post_init__(self) -> None:
+        days = self.expiry_warning_days
+        if isinstance(days, bool) or not isinstance(days, int) or days < 0:
+            raise errors.ConfigurationError(
+                "expiry_warning_days must be an integer >= 0 (0: no warning before a key expires)",
+                field="expiry_warning_days",
+            )
 
     def evaluate(
         self, result: ProbeResult, *, now_ms: int | None = None
@@ -116,14 +101,12 @@ class Quotas:
     webhook_endpoints: int = 50
     verify_requests_per_hour: int = 1_000  # verify_credential calls in any rolling hour
 
-    ENV: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("credentials", "ENGINE_QUOTA_CREDENTIALS"),
-        ("webhook_endpoints", "ENGINE_QUOTA_WEBHOOK_ENDPOINTS"),
-        ("verify_requests_per_hour", "ENGINE_QUOTA_VERIFY_PER_HOUR"),
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_QUOTA_", names={"verify_requests_per_hour": "ENGINE_QUOTA_VERIFY_PER_HOUR"}
     )
 
     def __post_init__(self) -> None:
-        for name, _ in self.ENV:
+        for name in ("credentials", "webhook_endpoints", "verify_requests_per_hour"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise errors.ConfigurationError(
@@ -133,14 +116,7 @@ class Quotas:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Quotas:
         """The ``ENGINE_QUOTA_*`` variables (unset: the defaults above)."""
-        kwargs: dict[str, int] = {}
-        for name, key in cls.ENV:
-            if env.get(key):
-                try:
-                    kwargs[name] = int(env[key])
-                except ValueError:
-                    raise errors.ConfigurationError(f"{key} must be an integer >= 0", field=key) from None
-        return cls(**kwargs)
+        return environment.build(cls, settings_view(env))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +184,38 @@ class EngineConfig:
     log_level: str = "INFO"
     log_json: bool = False
 
+    # the variables of the fields (engine/environment.py): ENGINE_<FIELD> unless named here; README lists them
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_",
+        names={"database_url": "DATABASE_URL"},
+        secrets=frozenset({"database_url", "master_keys", "listen_database_url"}),
+        own_file=frozenset({"master_keys"}),  # its file form is master_keys_file (ENGINE_MASTER_KEYS_FILE)
+        choices={"db_pooler": DB_POOLERS, "log_level": logs.LEVELS},
+        bounds={
+            **{
+                name: environment.POSITIVE
+                for name in (
+                    "probe_timeout",
+                    "lease_seconds",
+                    "poll_interval",
+                    "job_timeout",
+                    "job_timeouts",
+                    "reverify_interval",
+                    "retention_interval",
+                    "listen_check_interval",
+                    "listen_check_timeout",
+                    "pool_acquire_timeout",
+                    "db_command_timeout",
+                    "webhook_timeout",
+                    "webhook_disable_after",
+                )
+            },
+            "claim_batch_size": AT_LEAST_ONE,
+            "max_attempts": AT_LEAST_ONE,
+            "pool_max_size": AT_LEAST_ONE,
+        },
+    )
+
     def __post_init__(self) -> None:
         # first, so that a validation error below, rendered with frame locals, shows only masked values
         if self.database_url is not None:
@@ -228,6 +236,8 @@ class EngineConfig:
             )
         if self.workers < 0:
             raise errors.ConfigurationError("workers must be >= 0", field="workers")
+        if self.backoff_max < self.backoff_base:
+            raise errors.ConfigurationError("backoff_max must be >= backoff_base", field="backoff_max")
         schedule = self.webhook_retry_schedule
         if not schedule or schedule[0] != 0 or any(d < 0 for d in schedule):
             raise errors.ConfigurationError(
@@ -264,11 +274,7 @@ class EngineConfig:
             )
         retention.check_settings(self)
         liveness.check_bounds(self.listen_check_interval, self.listen_check_timeout)
-        for venue in self.venue_urls:
-            if not isinstance(venue, Venue):
-                raise errors.ConfigurationError(
-                    f"venue_urls key {venue!r} is not a Venue", field="venue_urls"
-                )
+        _check_venue_urls(self.venue_urls)
 
     @property
     def statement_cache_size(self) -> int:
@@ -280,143 +286,29 @@ class EngineConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:
-        """Build from environment variables (see the module docstring); keyword overrides win."""
+        """Build from environment variables, one per field (``engine.environment``: names, types, bounds,
+        ``*_FILE`` secrets); keyword overrides win. Only ``PG*`` variables and no ``DATABASE_URL``: a libpq
+        DSN (``postgresql://``, which asyncpg completes from them)."""
         env = settings_view(os.environ if env is None else env)  # a failure below shows no other variable
-        kwargs: dict[str, Any] = {}
-        dsn = env.get("DATABASE_URL")
-        if not dsn and (env.get("PGHOST") or env.get("PGDATABASE") or env.get("PGSERVICE")):
-            dsn = "postgresql://"  # libpq variables fill in the rest (asyncpg honours them)
-        if dsn:
-            kwargs["database_url"] = dsn
-        if env.get("ENGINE_LISTEN_DATABASE_URL"):
-            kwargs["listen_database_url"] = env["ENGINE_LISTEN_DATABASE_URL"]
-        if env.get("ENGINE_DB_POOLER"):
-            kwargs["db_pooler"] = env["ENGINE_DB_POOLER"].strip().lower()
-        if env.get("ENGINE_DATA_DIR"):
-            kwargs["data_dir"] = Path(env["ENGINE_DATA_DIR"])
-        if env.get("ENGINE_MASTER_KEYS"):
-            kwargs["master_keys"] = env["ENGINE_MASTER_KEYS"]
-        if env.get("ENGINE_MASTER_KEYS_FILE"):
-            kwargs["master_keys_file"] = Path(env["ENGINE_MASTER_KEYS_FILE"])
-        kms = KmsSettings.from_env(env)
-        if kms is not None:
-            kwargs["kms"] = kms
-        if env.get("ENGINE_VENUE_URLS"):
-            kwargs["venue_urls"] = parse_venue_urls(env["ENGINE_VENUE_URLS"])
-        if env.get("ENGINE_JOB_TIMEOUTS"):
-            kwargs["job_timeouts"] = parse_job_timeouts(env["ENGINE_JOB_TIMEOUTS"])
-        for name, key, conv in (
-            ("workers", "ENGINE_WORKERS", int),
-            ("reverify_interval", "ENGINE_REVERIFY_INTERVAL", float),
-            ("probe_timeout", "ENGINE_PROBE_TIMEOUT", float),
-            ("lease_seconds", "ENGINE_LEASE_SECONDS", float),
-            ("job_retention", "ENGINE_JOB_RETENTION", float),
-            ("job_timeout", "ENGINE_JOB_TIMEOUT", float),
-            ("pool_max_size", "ENGINE_POOL_MAX_SIZE", int),
-            ("pool_acquire_timeout", "ENGINE_POOL_ACQUIRE_TIMEOUT", float),
-            ("db_command_timeout", "ENGINE_DB_COMMAND_TIMEOUT", float),
-            ("db_statement_cache_size", "ENGINE_DB_STATEMENT_CACHE_SIZE", int),
-            ("event_retention", "ENGINE_EVENT_RETENTION", float),
-            ("delivery_retention", "ENGINE_DELIVERY_RETENTION", float),
-            ("dead_delivery_retention", "ENGINE_DEAD_DELIVERY_RETENTION", float),
-            ("key_access_retention", "ENGINE_KEY_ACCESS_RETENTION", float),
-            ("retention_interval", "ENGINE_RETENTION_INTERVAL", float),
-            ("listen_check_interval", "ENGINE_LISTEN_CHECK_INTERVAL", float),
-            ("listen_check_timeout", "ENGINE_LISTEN_CHECK_TIMEOUT", float),
-        ):
-            if env.get(key):
-                try:
-                    kwargs[name] = conv(env[key])
-                except ValueError:
-                    raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
-        policy = VerificationPolicy(
-            reject_withdraw=not _flag(env, "ENGINE_POLICY_ALLOW_WITHDRAW", False),
-            require_trade=_flag(env, "ENGINE_POLICY_REQUIRE_TRADE", False),
-            require_ip_allowlist=_flag(env, "ENGINE_POLICY_REQUIRE_IP_ALLOWLIST", False),
-            expiry_warning_days=int(env.get("ENGINE_POLICY_EXPIRY_WARNING_DAYS", "7")),
-        )
-        kwargs["policy"] = policy
-        kwargs["quotas"] = Quotas.from_env(env)
-        kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
-        if env.get("ENGINE_EGRESS_GROUP"):
-            if not _EGRESS_GROUP.fullmatch(env["ENGINE_EGRESS_GROUP"]):
-                raise errors.ConfigurationError(
-                    "ENGINE_EGRESS_GROUP: 1 to 64 letters, digits and ._:-", field="ENGINE_EGRESS_GROUP"
-                )
-            kwargs["egress_group"] = env["ENGINE_EGRESS_GROUP"]
-        kwargs["shared_venue_budgets"] = _flag(env, "ENGINE_SHARED_VENUE_BUDGETS", True)
-        if env.get("ENGINE_LOG_LEVEL"):
-            kwargs["log_level"] = env["ENGINE_LOG_LEVEL"]
-        kwargs["log_json"] = _flag(env, "ENGINE_LOG_JSON", False)
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-
-# variables read by from_env() and the API's configuration (engine/api.py) whose values are secret
-SECRET_VARIABLES: dict[str, type[SecretText]] = {
-    "DATABASE_URL": SecretDsn,
-    "ENGINE_LISTEN_DATABASE_URL": SecretDsn,
-    "ENGINE_MASTER_KEYS": MasterKeysText,
-}
-# any other variable with one of these in its name is shown as *** (ENGINE_API_JWT_SECRET, PGPASSWORD, ...)
-_SECRET_NAME_PARTS = ("SECRET", "PASSWORD", "PASSPHRASE", "TOKEN", "KEY")
-
-
-def settings_view(env: Mapping[str, str]) -> dict[str, str]:
-    """The engine's own variables of ``env`` (``DATABASE_URL``, ``PG*``, ``ENGINE_*``), secret ones masked.
-
-    ``os.environ`` holds every secret of the process; a traceback rendered with frame locals would print all
-    of it from any frame that holds it. The ``from_env`` builders read this view instead.
-    """
-    view: dict[str, str] = {}
-    for key, value in env.items():
-        if key == "DATABASE_URL" or key.startswith(("ENGINE_", "PG")):
-            wrap = SECRET_VARIABLES.get(key)
-            if wrap is None and any(part in key.upper() for part in _SECRET_NAME_PARTS):
-                wrap = SecretText
-            view[key] = wrap(value) if wrap is not None else value
-    return view
-
-
-def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
-    value = env.get(key)
-    if value is None or value == "":
-        return default
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise errors.ConfigurationError(f"{key} must be 1 or 0", field=key)
+        kwargs = environment.build_kwargs(cls, env)
+        if "database_url" not in kwargs and any(env.get(k) for k in ("PGHOST", "PGDATABASE", "PGSERVICE")):
+            kwargs["database_url"] = "postgresql://"
+        return environment.construct(cls, kwargs, overrides)
 
 
 def parse_venue_urls(spec: str) -> dict[Venue, str]:
-    """``"BINANCE=http://h:1,OKX=http://h:2"`` -> {Venue.BINANCE: ..., ...}."""
-    urls: dict[Venue, str] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, url = part.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
-            raise errors.ConfigurationError(
-                "ENGINE_VENUE_URLS entries look like VENUE=http(s)://host:port", field="ENGINE_VENUE_URLS"
-            )
-        try:
-            urls[Venue(name.strip().upper())] = url.strip()
-        except ValueError:
-            raise errors.ConfigurationError(f"unknown venue {name!r}", field="ENGINE_VENUE_URLS") from None
+    """``"BINANCE=http://h:1,OKX=http://h:2"`` -> {Venue.BINANCE: ..., ...} (as ``ENGINE_VENUE_URLS`` is read)."""
+    (variable,) = (v for v in environment.variables(EngineConfig) if v.path == ("venue_urls",))
+    urls: dict[Venue, str] = environment.convert(spec, variable)
+    _check_venue_urls(urls)
     return urls
 
 
-def parse_job_timeouts(spec: str) -> dict[str, float]:
-    """``"verify=60,webhook_delivery=45"`` -> {"verify": 60.0, ...} (seconds per job kind)."""
-    timeouts: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        kind, sep, value = part.partition("=")
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if not sep or not kind.strip() or not 0 < seconds < math.inf:
+def _check_venue_urls(urls: Mapping[Venue, str]) -> None:
+    for venue, url in urls.items():
+        if not isinstance(venue, Venue):
+            raise errors.ConfigurationError(f"venue_urls key {venue!r} is not a Venue", field="venue_urls")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise errors.ConfigurationError(
-                "ENGINE_JOB_TIMEOUTS entries look like kind=seconds (positive)", field="ENGINE_JOB_TIMEOUTS"
+                "venue_urls entries look like VENUE=http(s)://host:port", field="venue_urls"
             )
-        timeouts[kind.strip()] = seconds
-    return timeouts

@@ -44,12 +44,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ClassVar
 
 import structlog
 from aiohttp import web
 
-from engine import errors
+from engine import environment, errors
 from engine.api import http, jwks
 
 if TYPE_CHECKING:
@@ -78,6 +78,18 @@ class RateLimits:
     max_keys: int = 50_000  # buckets kept per kind (owners, addresses)
     instance_heartbeat: float = 5.0  # seconds between this process's registry refreshes
 
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_API_",
+        names={
+            "owner_rate": "ENGINE_API_RATE_LIMIT",
+            "owner_burst": "ENGINE_API_RATE_BURST",
+            "address_rate": "ENGINE_API_ADDRESS_RATE_LIMIT",
+            "address_burst": "ENGINE_API_ADDRESS_RATE_BURST",
+            "max_keys": "ENGINE_API_RATE_LIMIT_KEYS",
+        },
+        bounds={"max_keys": environment.Bound(minimum=1), "instance_heartbeat": environment.POSITIVE},
+    )
+
     def __post_init__(self) -> None:
         for rate, burst, name in (
             (self.owner_rate, self.owner_burst, "owner"),
@@ -98,23 +110,8 @@ class RateLimits:
     def from_env(cls, env: Mapping[str, str]) -> RateLimits:
         """``ENGINE_API_RATE_LIMIT``, ``ENGINE_API_RATE_BURST``, ``ENGINE_API_ADDRESS_RATE_LIMIT``,
         ``ENGINE_API_ADDRESS_RATE_BURST``, ``ENGINE_API_RATE_LIMIT_KEYS``, ``ENGINE_API_TRUSTED_PROXIES``
-        (comma-separated addresses or CIDR networks)."""
-        kwargs: dict[str, Any] = {}
-        for name, key, conv in (
-            ("owner_rate", "ENGINE_API_RATE_LIMIT", float),
-            ("owner_burst", "ENGINE_API_RATE_BURST", float),
-            ("address_rate", "ENGINE_API_ADDRESS_RATE_LIMIT", float),
-            ("address_burst", "ENGINE_API_ADDRESS_RATE_BURST", float),
-            ("max_keys", "ENGINE_API_RATE_LIMIT_KEYS", int),
-        ):
-            if env.get(key):
-                try:
-                    kwargs[name] = conv(env[key])
-                except ValueError:
-                    raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
-        if env.get("ENGINE_API_TRUSTED_PROXIES"):
-            kwargs["trusted_proxies"] = parse_networks(env["ENGINE_API_TRUSTED_PROXIES"])
-        return cls(**kwargs)
+        (comma-separated addresses or CIDR networks), ``ENGINE_API_INSTANCE_HEARTBEAT`` (``ENV``)."""
+        return environment.build(cls, environment.settings_view(env))
 
 
 def parse_networks(spec: str, *, setting: str = "ENGINE_API_TRUSTED_PROXIES") -> tuple[Network, ...]:

@@ -12,14 +12,16 @@ answers to requests aiohttp refuses before the application sees them), :mod:`eng
 (health, readiness, metrics, OpenAPI), :mod:`engine.api.openapi` (the document). The server does not own the
 engine: whoever opened it closes it, after the server.
 
-Environment (``ApiConfig.from_env``): how tokens are checked, at least one of ``ENGINE_API_JWKS_URL`` (an
-identity provider's keys, :mod:`engine.api.jwks`, with ``ENGINE_API_ISSUER`` and ``ENGINE_API_AUDIENCE``
-required beside it, ``ENGINE_API_JWT_ALGORITHMS`` (RS256,ES256,EdDSA), ``ENGINE_API_JWKS_CACHE_TTL`` (300 s),
+Environment (``ApiConfig.from_env``; one variable per field, ``ApiConfig.ENV``, read by the loop of
+:mod:`engine.environment`): how tokens are checked, at least one of ``ENGINE_API_JWKS_URL`` (an identity
+provider's keys, :mod:`engine.api.jwks`, with ``ENGINE_API_ISSUER`` and ``ENGINE_API_AUDIENCE`` required beside
+it, ``ENGINE_API_JWT_ALGORITHMS`` (RS256,ES256,EdDSA), ``ENGINE_API_JWKS_CACHE_TTL`` (300 s),
 ``ENGINE_API_JWKS_REFETCH_INTERVAL`` (30 s), ``ENGINE_API_JWKS_TIMEOUT`` (5 s)) and ``ENGINE_API_JWT_SECRET``
-(HS256, >= 32 bytes: development tokens); ``ENGINE_API_OWNER_CLAIM`` (``sub``: the identity provider's claim
-naming the owner); ``ENGINE_API_HOST`` (127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes),
-``ENGINE_API_CONNECT_TIMEOUT`` (30 s: how long connect-with-keys waits for the verification), and the rate
-limits of :mod:`engine.api.limits` (``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``).
+(HS256, >= 32 bytes: development tokens; or ``ENGINE_API_JWT_SECRET_FILE``, a file holding it);
+``ENGINE_API_OWNER_CLAIM`` (``sub``: the identity provider's claim naming the owner); ``ENGINE_API_HOST``
+(127.0.0.1), ``ENGINE_API_PORT`` (8080), ``ENGINE_API_MAX_BODY`` (65536 bytes), ``ENGINE_API_CONNECT_TIMEOUT``
+(30 s: how long connect-with-keys waits for the verification), and the rate limits of :mod:`engine.api.limits`
+(``ENGINE_API_RATE_LIMIT`` ..., ``ENGINE_API_TRUSTED_PROXIES``, ``ENGINE_API_INSTANCE_HEARTBEAT``).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from engine import errors
+from engine import environment, errors
 from engine.api import auth, http, jwks, limits, ops, protocol, routes, scopes, webhook_routes
-from engine.config import settings_view
+from engine.environment import settings_view
 from engine.sensitive import SecretText
 
 if TYPE_CHECKING:
@@ -74,6 +76,19 @@ class ApiConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     connect_wait_timeout: float = 30.0
     rate_limits: limits.RateLimits = field(default_factory=limits.RateLimits)
+
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_API_",
+        names={"max_body_bytes": "ENGINE_API_MAX_BODY", "connect_wait_timeout": "ENGINE_API_CONNECT_TIMEOUT"},
+        secrets=frozenset({"jwt_secret"}),
+        bounds={
+            "jwks_cache_ttl": environment.POSITIVE,
+            "jwks_timeout": environment.POSITIVE,
+            "connect_wait_timeout": environment.POSITIVE,
+            "port": environment.Bound(maximum=65535),
+            "max_body_bytes": environment.Bound(minimum=1024),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.jwt_secret is not None:
@@ -117,40 +132,10 @@ class ApiConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ApiConfig:
-        """Build from ``ENGINE_API_*`` variables (module docstring); keyword overrides win."""
+        """Build from ``ENGINE_API_*`` variables, one per field (``ENV``, read by :mod:`engine.environment`;
+        ``ENGINE_API_JWT_SECRET`` also from ``ENGINE_API_JWT_SECRET_FILE``); keyword overrides win."""
         env = settings_view(os.environ if env is None else env)  # secrets masked; nothing else of it
-        kwargs: dict[str, Any] = {}
-        if env.get(auth.SECRET_ENV):
-            kwargs["jwt_secret"] = env[auth.SECRET_ENV]
-        for name, key in (
-            ("host", "ENGINE_API_HOST"),
-            ("jwks_url", JWKS_URL_ENV),
-            ("issuer", "ENGINE_API_ISSUER"),
-            ("audience", "ENGINE_API_AUDIENCE"),
-            ("owner_claim", "ENGINE_API_OWNER_CLAIM"),
-        ):
-            if env.get(key):
-                kwargs[name] = env[key]
-        if env.get("ENGINE_API_JWT_ALGORITHMS"):
-            kwargs["jwt_algorithms"] = tuple(
-                part.strip() for part in env["ENGINE_API_JWT_ALGORITHMS"].split(",") if part.strip()
-            )
-        for name, key, conv in (
-            ("port", "ENGINE_API_PORT", int),
-            ("max_body_bytes", "ENGINE_API_MAX_BODY", int),
-            ("connect_wait_timeout", "ENGINE_API_CONNECT_TIMEOUT", float),
-            ("jwks_cache_ttl", "ENGINE_API_JWKS_CACHE_TTL", float),
-            ("jwks_refetch_interval", "ENGINE_API_JWKS_REFETCH_INTERVAL", float),
-            ("jwks_timeout", "ENGINE_API_JWKS_TIMEOUT", float),
-        ):
-            if env.get(key):
-                try:
-                    kwargs[name] = conv(env[key])
-                except ValueError:
-                    raise errors.ConfigurationError(f"{key} must be a number", field=key) from None
-        kwargs["rate_limits"] = limits.RateLimits.from_env(env)
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return environment.build(cls, env, overrides)
 
     def authenticator(self) -> tuple[auth.Authenticator, jwks.JwksKeys | None]:
         """The token check these settings describe, and the JWKS cache it fetches through (to start and

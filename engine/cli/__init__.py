@@ -17,7 +17,8 @@ acting for ``--owner`` (or ``ENGINE_OWNER``). Secrets never go on the command li
 (``-`` for stdin), ``ENGINE_CLI_API_SECRET``, or a prompt. Tables by default, ``--json`` for scripts.
 
 Exit status: 0 done; 1 the operation failed (not found, conflict, a verification that failed, ...);
-2 bad usage or invalid input; 130 interrupted. Errors are one line on stderr, never a traceback.
+2 bad usage, invalid input or a bad setting (a ``ConfigurationError``, naming the variable); 130
+interrupted. Errors are one line on stderr, never a traceback.
 """
 
 from engine.cli.main import main

@@ -19,13 +19,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from engine import errors
+from engine import environment, errors
 from engine.api import ApiConfig, ApiServer, auth
 from engine.api.metrics import MetricsServer
 from engine.cli import output as out
 from engine.cli import sandbox
 from engine.config import EngineConfig
 from engine.engine import CredentialEngine
+from engine.environment import settings_view
 from engine.models import Credential, CredentialStatus
 from venues.base import Venue
 
@@ -209,14 +210,18 @@ async def _metrics_listener(eng: CredentialEngine, args: argparse.Namespace) -> 
 
 
 def _host(args: argparse.Namespace) -> str:
-    return str(args.host or os.environ.get("ENGINE_API_HOST") or "127.0.0.1")
+    return str(
+        args.host or environment.setting(ApiConfig, ("host",), settings_view(os.environ)) or "127.0.0.1"
+    )
 
 
 def _port(args: argparse.Namespace, default: int) -> int:
+    """``--port``, else ``ENGINE_API_PORT`` (read as ``ApiConfig`` reads it: a bad value is an error), else
+    ``default``."""
     if args.port is not None:
         return int(args.port)
-    env = os.environ.get("ENGINE_API_PORT")
-    return int(env) if env and env.isdigit() else default
+    port = environment.setting(ApiConfig, ("port",), settings_view(os.environ))
+    return default if port is None else int(port)
 
 
 def simulator(args: argparse.Namespace) -> int:
@@ -269,7 +274,7 @@ async def rewrap_keys(args: argparse.Namespace) -> int:
 
 
 def token(args: argparse.Namespace) -> int:
-    secret = os.environ.get(auth.SECRET_ENV)
+    secret = environment.setting(ApiConfig, ("jwt_secret",), settings_view(os.environ))  # or ..._FILE
     if not secret:
         raise errors.ConfigurationError(f"{auth.SECRET_ENV} is not set (the server's token secret)")
     granted = None if not args.scope else [name for given in args.scope for name in given.split()]

@@ -16,8 +16,9 @@ import os
 import sys
 from typing import Any
 
-from engine import crypto, errors
+from engine import crypto, environment, errors
 from engine.config import EngineConfig
+from engine.environment import settings_view
 from engine.keys import providers as keys
 from engine.sensitive import MasterKeysText
 
@@ -59,16 +60,20 @@ def add_parsers(sub: Any) -> None:
 async def encrypt(args: argparse.Namespace) -> int:
     from engine.keys import aws as keys_aws
 
-    env = os.environ
-    context = (
-        keys.parse_context(",".join(args.context))
-        if args.context
-        else keys.parse_context(env.get(keys.KMS_CONTEXT_SETTING) or "")
-        if env.get(keys.KMS_CONTEXT_SETTING)
-        else dict(keys.DEFAULT_KMS_CONTEXT)
-    )
-    region = args.region or env.get("ENGINE_KMS_REGION") or None
-    endpoint = args.endpoint_url or env.get("ENGINE_KMS_ENDPOINT_URL") or None
+    env = settings_view(os.environ)  # the ENGINE_KMS_* variables read as the engine reads them
+
+    def setting(name: str) -> Any:
+        return environment.setting(keys.KmsSettings, (name,), env)
+
+    context = keys.parse_context(",".join(args.context)) if args.context else setting("encryption_context")
+    if context is None:
+        context = dict(keys.DEFAULT_KMS_CONTEXT)
+    elif not context:
+        raise errors.ConfigurationError(
+            f"{keys.KMS_CONTEXT_SETTING} is empty", field=keys.KMS_CONTEXT_SETTING
+        )
+    region = args.region or setting("region")
+    endpoint = args.endpoint_url or setting("endpoint_url")
     spec = await _spec(args)
     blob = await keys_aws.encrypt_spec(
         spec, key_id=args.kms_key_id, encryption_context=context, region=region, endpoint_url=endpoint,

@@ -13,9 +13,11 @@ from typing import Any
 
 import structlog
 
-from engine import errors, logs
+from engine import environment, errors, logs
 from engine.cli import commands
 from engine.cli.parser import build_parser
+from engine.config import EngineConfig
+from engine.environment import settings_view
 
 log = structlog.get_logger("engine.cli")
 
@@ -24,10 +26,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _log_level(command: str) -> str:
-    if command in ("serve", "worker"):
-        return os.environ.get("ENGINE_LOG_LEVEL", "INFO")
-    return os.environ.get("ENGINE_LOG_LEVEL", "WARNING")  # lifecycle commands: their output is the answer
+def _logging(command: str) -> tuple[str, bool]:
+    """(level, json) from ``ENGINE_LOG_LEVEL`` and ``ENGINE_LOG_JSON``, read as ``EngineConfig`` reads them
+    (one boolean parser); unset level: INFO for the services, WARNING for lifecycle commands (their output
+    is the answer)."""
+    env = settings_view(os.environ)
+    level = environment.setting(EngineConfig, ("log_level",), env)
+    as_json = environment.setting(EngineConfig, ("log_json",), env)
+    default = "INFO" if command in ("serve", "worker") else "WARNING"
+    return level or default, bool(as_json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        logs.configure_logging(_log_level(args.command), json=os.environ.get("ENGINE_LOG_JSON") == "1")
+        level, as_json = _logging(args.command)
+        logs.configure_logging(level, json=as_json)
         result: Any = args.func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
@@ -49,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("credential-engine: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except errors.InvalidRequest as exc:
+    except (errors.InvalidRequest, errors.ConfigurationError) as exc:  # ConfigurationError names the variable
         print(f"credential-engine: error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except errors.CredentialEngineError as exc:

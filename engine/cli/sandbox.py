@@ -31,11 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from engine import db as dbmod
-from engine import errors
+from engine import environment, errors
 from engine.api import ApiConfig, ApiServer, auth
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.engine import CredentialEngine
+from engine.environment import settings_view
 from venues.base import Venue
 from venues.simulator import Simulator, TestKey
 
@@ -97,7 +98,8 @@ async def running(
     write_info: bool = True,
 ) -> AsyncIterator[Live]:
     """Simulator, engine (with workers) and API, stopped in reverse order at exit."""
-    secret = jwt_secret or os.environ.get(auth.SECRET_ENV) or auth.generate_secret()
+    given = environment.setting(ApiConfig, ("jwt_secret",), settings_view(os.environ))  # or ..._FILE
+    secret = jwt_secret or given or auth.generate_secret()
     api_config = ApiConfig(jwt_secret=secret, host=host, port=port)
     data_dir = base.data_dir or default_data_dir()
     async with Simulator() as sim:

@@ -29,11 +29,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import structlog
 
-from engine import crypto, errors
+from engine import crypto, environment, errors
 from engine.keys import aws as keys_aws
 from engine.keys.aws import KMS_SETTING
 from engine.sensitive import MasterKeysText
@@ -145,6 +145,13 @@ class KmsSettings:
     encryption_context: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_KMS_CONTEXT))
     timeout: float = 10.0
 
+    ENV: ClassVar[environment.Section] = environment.Section(
+        prefix="ENGINE_KMS_",
+        names={"ciphertext": KMS_SETTING, "ciphertext_file": KMS_FILE_SETTING},
+        bounds={"timeout": environment.POSITIVE},
+        built_when=("ciphertext", "ciphertext_file"),  # ENGINE_KMS_REGION alone configures no KMS keys
+    )
+
     def __post_init__(self) -> None:
         if (self.ciphertext is None) == (self.ciphertext_file is None):
             raise errors.ConfigurationError(
@@ -155,6 +162,8 @@ class KmsSettings:
             raise errors.ConfigurationError(
                 "ENGINE_KMS_TIMEOUT must be a positive number", field="ENGINE_KMS_TIMEOUT"
             )
+        if not self.encryption_context:  # the default binds the ciphertext to its purpose; none would not
+            raise errors.ConfigurationError(f"{KMS_CONTEXT_SETTING} is empty", field=KMS_CONTEXT_SETTING)
         for key, value in self.encryption_context.items():
             if not (isinstance(key, str) and isinstance(value, str) and key):
                 raise errors.ConfigurationError(
@@ -202,25 +211,10 @@ class KmsSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KmsSettings | None:
         """The ``ENGINE_MASTER_KEYS_KMS*`` and ``ENGINE_KMS_*`` variables; None when no ciphertext is set."""
-        if not env.get(KMS_SETTING) and not env.get(KMS_FILE_SETTING):
+        kwargs = environment.build_kwargs(cls, environment.settings_view(env))
+        if not any(name in kwargs for name in cls.ENV.built_when):
             return None
-        timeout = env.get("ENGINE_KMS_TIMEOUT")
-        try:
-            seconds = float(timeout) if timeout else 10.0
-        except ValueError:
-            raise errors.ConfigurationError(
-                "ENGINE_KMS_TIMEOUT must be a number", field="ENGINE_KMS_TIMEOUT"
-            ) from None
-        context = env.get(KMS_CONTEXT_SETTING)
-        return cls(
-            ciphertext=env.get(KMS_SETTING) or None,
-            ciphertext_file=Path(env[KMS_FILE_SETTING]) if env.get(KMS_FILE_SETTING) else None,
-            key_id=env.get("ENGINE_KMS_KEY_ID") or None,
-            region=env.get("ENGINE_KMS_REGION") or None,
-            endpoint_url=env.get("ENGINE_KMS_ENDPOINT_URL") or None,
-            encryption_context=parse_context(context) if context else dict(DEFAULT_KMS_CONTEXT),
-            timeout=seconds,
-        )
+        return environment.construct(cls, kwargs)
 
 
 def parse_context(spec: str) -> dict[str, str]:

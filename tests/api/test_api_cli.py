@@ -107,7 +107,7 @@ def test_token_is_verifiable(capsys: pytest.CaptureFixture[str], monkeypatch: py
     token = capsys.readouterr().out.strip()
     assert auth.verify_token(secret, token).owner_id == "desk-7"
     monkeypatch.delenv(auth.SECRET_ENV)
-    assert cli.main(["token", "--owner", "desk-7"]) == 1
+    assert cli.main(["token", "--owner", "desk-7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ENGINE_API_JWT_SECRET" in err
 

@@ -433,9 +433,9 @@ def test_bad_jwks_settings_name_the_variable() -> None:
             "ENGINE_API_AUDIENCE": AUDIENCE}  # fmt: skip
     for key, value, field in (
         ("ENGINE_API_JWKS_TIMEOUT", "soon", "ENGINE_API_JWKS_TIMEOUT"),
-        ("ENGINE_API_JWKS_TIMEOUT", "nan", "jwks_timeout"),
-        ("ENGINE_API_JWKS_CACHE_TTL", "0", "jwks_cache_ttl"),
-        ("ENGINE_API_JWKS_REFETCH_INTERVAL", "-1", "jwks_refetch_interval"),
+        ("ENGINE_API_JWKS_TIMEOUT", "nan", "ENGINE_API_JWKS_TIMEOUT"),
+        ("ENGINE_API_JWKS_CACHE_TTL", "0", "ENGINE_API_JWKS_CACHE_TTL"),
+        ("ENGINE_API_JWKS_REFETCH_INTERVAL", "-1", "ENGINE_API_JWKS_REFETCH_INTERVAL"),
         ("ENGINE_API_JWKS_URL", "http://idp.example/jwks", "ENGINE_API_JWKS_URL"),
     ):
         with pytest.raises(errors.ConfigurationError) as caught:

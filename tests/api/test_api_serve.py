@@ -74,10 +74,11 @@ async def test_serve_answers_and_stops_on_sigterm(service_env: dict[str, str]) -
 
 
 async def test_serve_without_a_token_secret_fails_in_one_line(service_env: dict[str, str]) -> None:
-    """Without ENGINE_API_JWT_SECRET, serve refuses to start: exit 1, one line naming the variable."""
+    """Without ENGINE_API_JWT_SECRET, serve refuses to start: exit 2 (configuration), one line naming the
+    variable."""
     proc = await start(service_env, "serve")
     _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = [line for line in err.decode().splitlines() if line.startswith("credential-engine:")]
     assert len(lines) == 1 and "ENGINE_API_JWT_SECRET" in lines[0]
     assert "Traceback" not in err.decode()

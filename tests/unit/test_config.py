@@ -157,8 +157,8 @@ def test_job_timeouts_from_env() -> None:
     ("env", "field"),
     [
         ({"ENGINE_JOB_TIMEOUT": "soon"}, "ENGINE_JOB_TIMEOUT"),
-        ({"ENGINE_JOB_TIMEOUT": "0"}, "job_timeout"),
-        ({"ENGINE_JOB_TIMEOUT": "inf"}, "job_timeout"),
+        ({"ENGINE_JOB_TIMEOUT": "0"}, "ENGINE_JOB_TIMEOUT"),
+        ({"ENGINE_JOB_TIMEOUT": "inf"}, "ENGINE_JOB_TIMEOUT"),
         ({"ENGINE_JOB_TIMEOUTS": "verify"}, "ENGINE_JOB_TIMEOUTS"),
         ({"ENGINE_JOB_TIMEOUTS": "verify=-1"}, "ENGINE_JOB_TIMEOUTS"),
         ({"ENGINE_JOB_TIMEOUTS": "verify=nan"}, "ENGINE_JOB_TIMEOUTS"),
