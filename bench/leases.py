@@ -3,10 +3,11 @@ read costs next to ``reveal_keys()``, and a stress run that counts requests sign
 
     python -m bench.leases [--n 200] [--stress-leases 50] [--stress-seconds 20]      (--quick: a CI-size run)
 
-Process A (this one) runs the exchange simulator (in process: its signing log is read directly), an engine with
-workers that verifies, rotates and revokes, and measures. Process B (``python -m bench.leases peer``, driven by
-JSON lines on its stdin) is the trading backend: an engine without workers that holds the key leases and, in the
-stress run, signs Binance requests with them. Both share one fresh database.
+Process A (this one) runs an engine with workers that verifies, rotates and revokes, and measures. The exchange
+simulator runs in a process of its own (``python -m venues.simulator``; keys and its signing log through its admin
+API), so that neither engine shares an event loop with the exchange. Process B (``python -m bench.leases peer``,
+driven by JSON lines on its stdin) is the trading backend: an engine without workers that holds the key leases
+and, in the stress run, signs Binance requests with them. Both engines share one fresh database.
 
 * **revocation -> refusal**: B leases N credentials; A revokes them one at a time. Latency = the moment B's
   ``wait_revoked()`` woke (by then ``lease.keys`` raises) minus the moment A *called* ``revoke_credential`` (so
@@ -35,6 +36,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -224,12 +226,81 @@ class Peer:
             await self.proc.wait()
 
 
+# ---- the simulator ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimKey:
+    api_key: str
+    api_secret: str
+    uid: str
+
+
+class SimProcess:
+    """``python -m venues.simulator`` (rate limits counted, not enforced), driven through its admin API."""
+
+    def __init__(self) -> None:
+        self.urls: dict[Venue, str] = {}
+        self.admin = ""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> SimProcess:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "venues.simulator", "--no-rate-limits", "--seed", "9",
+            stdout=asyncio.subprocess.PIPE, cwd=common.REPO_ROOT, env=common.child_env(),
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        text = ""
+        async with asyncio.timeout(60):
+            while True:  # one JSON document, indented over several lines
+                line = await self._proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("the simulator ended before it listened")
+                text += line.decode()
+                with contextlib.suppress(ValueError):
+                    document = json.loads(text)
+                    break
+        self.urls = {Venue(name): url for name, url in document["venues"].items()}
+        self.admin = document["admin"]
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+
+    async def add_key(self, venue: Venue, *, uid: str | None = None) -> SimKey:
+        assert self._session is not None
+        body: dict[str, Any] = {"venue": venue.value, **({"uid": uid} if uid else {})}
+        async with self._session.post(f"{self.admin}/keys", json=body) as reply:
+            reply.raise_for_status()
+            key = await reply.json()
+        return SimKey(key["api_key"], key["api_secret"], key["uid"])
+
+    async def signed_requests(self, venue: Venue, *, api_key: str, since: float) -> list[dict[str, Any]]:
+        """Requests that claimed ``api_key`` and arrived at or after ``since`` (wall clock)."""
+        assert self._session is not None
+        query = {"venue": venue.value, "api_key": api_key, "since": repr(since)}
+        async with self._session.get(f"{self.admin}/requests", params=query) as reply:
+            reply.raise_for_status()
+            entries: list[dict[str, Any]] = await reply.json()
+        return entries
+
+
 # ---- process A -----------------------------------------------------------------------------------------------
 
 
-async def create_verified(eng: CredentialEngine, sim: Any, n: int) -> list[tuple[uuid.UUID, Any]]:
+async def create_verified(eng: CredentialEngine, sim: SimProcess, n: int) -> list[tuple[uuid.UUID, SimKey]]:
     """``n`` Binance credentials of fresh simulator accounts, VERIFIED by A's workers; (id, simulator key)."""
-    keys = [sim.add_key(Venue.BINANCE) for _ in range(n)]
+    keys = [await sim.add_key(Venue.BINANCE) for _ in range(n)]
     creds = []
     for start in range(0, n, 50):
         creds += await asyncio.gather(
@@ -269,7 +340,7 @@ async def read_cost(eng: CredentialEngine, cid: uuid.UUID) -> dict[str, float]:
 
 
 async def revocation_latency(
-    eng: CredentialEngine, peer_b: Peer, creds: Sequence[tuple[uuid.UUID, Any]]
+    eng: CredentialEngine, peer_b: Peer, creds: Sequence[tuple[uuid.UUID, SimKey]]
 ) -> list[float]:
     await peer_b.call("open", cids=[str(c) for c, _ in creds])
     called: dict[str, float] = {}
@@ -284,7 +355,7 @@ async def revocation_latency(
 
 
 async def rotation_latency(
-    eng: CredentialEngine, sim: Any, peer_b: Peer, creds: Sequence[tuple[uuid.UUID, Any]]
+    eng: CredentialEngine, sim: SimProcess, peer_b: Peer, creds: Sequence[tuple[uuid.UUID, SimKey]]
 ) -> dict[str, list[float]]:
     """Half the credentials rotated immediately (from A's call), half staged (from the promoting transaction's
     event timestamp); until B's on_change callback ran."""
@@ -300,7 +371,7 @@ async def rotation_latency(
     immediate: dict[str, float] = {}
     rng = random.Random(5)
     for i, (cid, key) in enumerate(creds):
-        new = sim.add_key(Venue.BINANCE, uid=key.uid)
+        new = await sim.add_key(Venue.BINANCE, uid=key.uid)
         if i < half:
             immediate[str(cid)] = time.time()
         await eng.rotate_credential(
@@ -329,7 +400,11 @@ async def wait_report(peer_b: Peer, done: Any, timeout: float = 60.0) -> dict[st
 
 
 async def stress(
-    eng: CredentialEngine, sim: Any, peer_b: Peer, creds: Sequence[tuple[uuid.UUID, Any]], seconds: float
+    eng: CredentialEngine,
+    sim: SimProcess,
+    peer_b: Peer,
+    creds: Sequence[tuple[uuid.UUID, SimKey]],
+    seconds: float,
 ) -> dict[str, Any]:
     """Signers on every lease; staged and immediate rotations and one revocation per credential at random times."""
     await peer_b.call("open", cids=[str(c) for c, _ in creds], sign=True)
@@ -338,14 +413,14 @@ async def stress(
     revoked_at: dict[str, float] = {}
     started = time.time()
 
-    async def life(cid: uuid.UUID, key: Any) -> None:
+    async def life(cid: uuid.UUID, key: SimKey) -> None:
         plan = sorted(rng.uniform(0.1, seconds) for _ in range(3))
         for step, at in enumerate(plan):
             await asyncio.sleep(max(0.0, started + at - time.time()))
             if (
                 step < 2
             ):  # a staged then an immediate rotation (a staged one may still wait: then immediate only)
-                new = sim.add_key(Venue.BINANCE, uid=key.uid)
+                new = await sim.add_key(Venue.BINANCE, uid=key.uid)
                 keys_of[str(cid)].append(new.api_key)
                 with contextlib.suppress(errors.CredentialEngineError):
                     await eng.rotate_credential(
@@ -370,8 +445,11 @@ async def stress(
     for cid, at in revoked_at.items():
         refused = report["sign_refused"].get(cid, float("inf"))
         for api_key in keys_of[cid]:
-            after_refusal += len(sim.signed_requests(Venue.BINANCE, api_key=api_key, since=refused))
-            after_worst += len(sim.signed_requests(Venue.BINANCE, api_key=api_key, since=at + worst))
+            if refused != float("inf"):
+                after_refusal += len(await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=refused))
+            else:  # never refused: everything it signed after the revocation counts
+                after_refusal += len(await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=at))
+            after_worst += len(await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=at + worst))
     return {
         "leases": len(creds),
         "seconds": seconds,
@@ -389,12 +467,10 @@ async def stress(
 
 async def run(n: int = 200, stress_leases: int = 50, stress_seconds: float = 20.0) -> dict[str, Any]:
     """Every phase on a fresh database; returns the figures and ``summary`` rows for ``python -m bench``."""
-    from venues.simulator import Simulator
-
     master_keys = crypto.MasterKeyring.generate_spec(1)
     async with (
         common.bench_database("leases") as database,
-        Simulator(seed=9, enforce_rate_limits=False) as sim,
+        SimProcess() as sim,
     ):
         config = common.engine_config(
             database.dsn, venue_urls=sim.urls, workers=8, master_keys=master_keys, probe_timeout=5.0
@@ -439,6 +515,11 @@ async def run(n: int = 200, stress_leases: int = 50, stress_seconds: float = 20.
             "reveal_keys() / lease.keys, per call", cost["ratio"], "x", target=f">= {TARGET_RATIO:g}",
             ok=cost["ratio"] >= TARGET_RATIO,
             note=f"lease read {cost['lease_read_ns']:.0f} ns, reveal {cost['reveal_keys_ns'] / 1e6:.2f} ms",
+        ),
+        common.figure(
+            f"stress: revocation -> refusal, p99 ({stress_leases} leases signing)",
+            stressed["revocation"]["p99_ms"], "ms",
+            note=f"p50 {stressed['revocation']['p50_ms']:.1f} ms, max {stressed['revocation']['max_ms']:.1f} ms",
         ),
         common.figure(
             f"stress: requests signed with a revoked key after the lease refused ({stress_leases} leases)",

@@ -297,8 +297,8 @@ class LeaseRegistry:
             try:
                 async with self._locked(held):
                     self._refresh_wanted.discard(held.credential_id)
-                    if held.revoked or held.closed or not held.leases:
-                        return
+                    if held.revoked or held.closed or held.keys is None:
+                        return  # revoked, closed, or not loaded yet (the load reads the latest version)
                     if await self._refresh_once(held):
                         return
             except (errors.StorageError, errors.WaitTimeout) as exc:
