@@ -87,24 +87,23 @@ class LeaseStats:
     rechecks: int = 0  # re-checks of every leased credential (after a bus gap, or periodic)
     recheck_failures: int = 0
     refresh_failures: int = 0  # swaps that gave up (logged; the next event or re-check tries again)
+    withheld: int = 0  # credentials whose keys were withheld (they reach another venue account)
     callback_failures: int = 0  # callbacks that raised or ran past callback_timeout
 
 
 class LeaseRegistry:
-    """Every key lease of one engine process. Open with :meth:`start` once the bus's database is set."""
+    """Every key lease of one engine process. Made with the engine (its ``stats`` are readable at any time);
+    :meth:`start` once the database and the store are open, before the bus starts."""
 
     def __init__(
         self,
         *,
-        db: Database,
-        store: Store,
         bus: eventsmod.EventBus,
         callback_timeout: float,
         recheck_interval: float,
         lock_timeout: float,
     ) -> None:
-        self._db = db
-        self._store = store
+        self._db_store: tuple[Database, Store] | None = None
         self._bus = bus
         self._callback_timeout = callback_timeout
         self._recheck_interval = recheck_interval
@@ -120,9 +119,10 @@ class LeaseRegistry:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, db: Database, store: Store) -> None:
         """Subscribe to the bus (every event type: trading-account events carry the credential too) and start
         the watch task."""
+        self._db_store = (db, store)
         self._unsubscribe = self._bus.subscribe(self._on_event)
         self._watch_task = asyncio.create_task(self._watch(), name="ce-leases-watch")
 
@@ -145,6 +145,16 @@ class LeaseRegistry:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
     @property
+    def _db(self) -> Database:
+        assert self._db_store is not None, "start() first"
+        return self._db_store[0]
+
+    @property
+    def _store(self) -> Store:
+        assert self._db_store is not None, "start() first"
+        return self._db_store[1]
+
+    @property
     def open_leases(self) -> int:
         return sum(len(h.leases) for h in self._held.values())
 
@@ -158,8 +168,8 @@ class LeaseRegistry:
         The lease is registered before the credential is read, so an event committed after the read is applied
         to it; the read locks the credential row, so it sees every change committed before it.
         """
-        if self._closed:
-            raise errors.EngineClosed("the engine is closing")
+        if self._closed or self._db_store is None:
+            raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
         held = self._held.get((owner_id, cid))
         if held is None or held.closed:
             held = HeldKeys(cid, owner_id)
@@ -300,6 +310,7 @@ class LeaseRegistry:
         if state.mismatched and held.keys is not None:
             held.keys = None  # dropped like a revoked credential's; a later rotation brings keys back
             held.withheld = True
+            self.stats.withheld += 1
             log.warning("key_lease_withheld", credential_id=str(held.credential_id), secret_version=version)
             self._notify(held, LeaseChange(ChangeKind.WITHHELD, held.credential_id, version, version))
 

@@ -54,6 +54,17 @@ async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:  # no
         await asyncio.sleep(0.01)
 
 
+def lease_metrics(eng: CredentialEngine) -> dict[str, float]:
+    """The key-lease samples of the engine's Prometheus collector (``name/result`` for labelled ones)."""
+    found: dict[str, float] = {}
+    for family in eng.metrics.collector.collect():
+        for sample in family.samples:
+            if sample.name.startswith("credential_engine_key_lease"):
+                label = sample.labels.get("result")
+                found[f"{sample.name}/{label}" if label else sample.name] = sample.value
+    return found
+
+
 async def audit(eng: CredentialEngine, cid: uuid.UUID) -> list[tuple[str, int, str | None]]:
     """(access, secret version, purpose) of every key-access audit row of ``cid``, oldest first."""
     rows = await eng.db.fetch("list_key_access", cid, OWNER, 100)
@@ -253,7 +264,12 @@ async def test_revocation_drops_the_keys_wakes_waiters_and_calls_back(
             _ = lease.keys
         await lease.wait_revoked(timeout=0.01)  # at once now
         await until(lambda: len(changes) == 1)
+        assert lease_metrics(eng)["credential_engine_key_leases"] == 1
     assert changes == [LeaseChange(ChangeKind.REVOKED, cred.credential_id, 1, 0)]
+    scraped = lease_metrics(eng)
+    assert scraped["credential_engine_key_leases"] == 0
+    assert scraped["credential_engine_key_lease_changes_total/opened"] == 1
+    assert scraped["credential_engine_key_lease_changes_total/revoked"] == 1
 
 
 async def test_failing_and_hanging_callbacks_never_stop_the_registry(
