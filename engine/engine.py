@@ -3,10 +3,10 @@
 It wires the parts and owns their open and close order: the pool, the store, the job queue, the outbox, the
 webhook service, the lifecycle jobs, the trading accounts, the HTTP session, the event bus and the key-lease
 registry of engine/live (except a pool or session the caller injected: those it uses and never closes). Each
-part is built from the parts it uses, never from the engine. It does no I/O in its constructor, opens once (``async with``), and refuses to reopen after
-closing. Every credential operation is one transaction that locks the credential row first, writes the change
-through the store (which returns the credential as written), records its event(s) through the outbox and
-enqueues the job that follows.
+part is built from the parts it uses, never from the engine. It does no I/O in its constructor, opens once
+(``async with``), and refuses to reopen after closing. Every credential operation is one transaction that locks
+the credential row first, writes the change through the store (which returns the credential as written),
+records its event(s) through the outbox and enqueues the job that follows.
 """
 
 from __future__ import annotations
