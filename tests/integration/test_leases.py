@@ -450,3 +450,34 @@ async def test_keys_reaching_another_account_are_withheld_until_rotated_back(
         await until(lambda: lease.verified)
         await until(lambda: len(kinds) == 4)
     assert kinds == [ChangeKind.ROTATED, ChangeKind.WITHHELD, ChangeKind.ROTATED, ChangeKind.VERIFIED]
+
+
+async def test_leases_opened_while_the_credential_is_revoked_never_outlive_it(
+    make_engine: Callable[..., Awaitable[CredentialEngine]], fake: FakeVenue
+) -> None:
+    """Opens racing a revocation from another engine (another bus): each is refused at opening or, if it opened,
+    ends revoked; none keeps handing out keys (a lease is registered before the credential is read)."""
+    eng = await make_engine()
+    other = await make_engine()
+    cred = await verified(eng, fake)
+    opened: list[KeyLease] = []
+    refused = 0
+
+    async def open_one(i: int) -> None:
+        nonlocal refused
+        await asyncio.sleep(0.002 * i)
+        try:
+            async with eng.lease_keys(OWNER, cred.credential_id, purpose=f"racer-{i}") as lease:
+                opened.append(lease)
+                await until(lambda: lease.revoked, timeout=10)
+        except CredentialRevoked:
+            refused += 1
+
+    async def revoke() -> None:
+        await asyncio.sleep(0.02)
+        await other.revoke_credential(OWNER, cred.credential_id)
+
+    await asyncio.gather(revoke(), *(open_one(i) for i in range(30)))
+    assert refused + len(opened) == 30
+    assert refused > 0 and opened  # the race was real: opens on both sides of the revocation
+    assert all(lease.revoked for lease in opened)
