@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -53,6 +54,7 @@ OWNER = "bench-leases"
 TARGET_P99_MS = 100.0
 TARGET_RATIO = 1000.0
 SIGN_PAUSE = 0.05  # seconds between two requests of one stress signer (50 signers: ~1,000 requests/s at most)
+SIGNED_PATH = "/api/v3/openOrders"  # what the backend signs (the engine's probes use other paths)
 READS = 1_000_000
 REVEALS = 300
 STREAM_LIMIT = 1 << 24
@@ -61,16 +63,19 @@ STREAM_LIMIT = 1 << 24
 # ---- process B -----------------------------------------------------------------------------------------------
 
 
-async def sign_one(session: aiohttp.ClientSession, base_url: str, keys: ApiKeys) -> None:
-    """One signed Binance ``GET /api/v3/openOrders`` with ``keys`` (its answer does not matter)."""
+async def sign_one(session: aiohttp.ClientSession, base_url: str, keys: ApiKeys) -> str:
+    """One signed Binance ``GET /api/v3/openOrders`` with ``keys``: its HTTP status, or the error's type."""
     query = signed_query(keys.api_secret, int(time.time() * 1000), [("symbol", "BTCUSDT")])
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+    try:
         async with session.get(
-            f"{base_url}/api/v3/openOrders?{query}",
+            f"{base_url}{SIGNED_PATH}?{query}",
             headers={"X-MBX-APIKEY": keys.api_key},
             timeout=aiohttp.ClientTimeout(total=10),
         ) as reply:
             await reply.read()
+            return str(reply.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__
 
 
 class Backend:
@@ -86,6 +91,8 @@ class Backend:
         self.sign_refused: dict[str, float] = {}  # when the lease's signer first read keys and was refused
         self.signed = 0
         self.signed_after_refusal = 0  # requests this side signed after its own lease refused (must stay 0)
+        # per lease, its last requests: (keys read at, answer at, status or error), wall clock
+        self.trail: dict[str, collections.deque[tuple[float, float, str]]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.session: aiohttp.ClientSession | None = None
 
@@ -123,7 +130,9 @@ class Backend:
                 return
             if cid in self.sign_refused:
                 self.signed_after_refusal += 1
-            await sign_one(self.session, self.url, keys)
+            read_at = time.time()
+            outcome = await sign_one(self.session, self.url, keys)
+            self.trail.setdefault(cid, collections.deque(maxlen=4)).append((read_at, time.time(), outcome))
             self.signed += 1
             await asyncio.sleep(SIGN_PAUSE)
 
@@ -134,6 +143,7 @@ class Backend:
             "sign_refused": self.sign_refused,
             "signed": self.signed,
             "signed_after_refusal": self.signed_after_refusal,
+            "trail": {cid: list(entries) for cid, entries in self.trail.items()},
             "stats": vars(self.eng.leases.stats),
         }
 
@@ -147,6 +157,7 @@ class Backend:
         self.swapped.clear()
         self.refused.clear()
         self.sign_refused.clear()
+        self.trail.clear()
         self.signed = self.signed_after_refusal = 0
         if self.session is not None:
             await self.session.close()
@@ -441,15 +452,33 @@ async def stress(
         (report["sign_refused"][c] - t) for c, t in revoked_at.items() if c in report["sign_refused"]
     ]
     worst = max(to_signer, default=0.0)
-    after_refusal = after_worst = 0
+    after_refusal = after_worst = probes_after = 0
+    late_requests: list[dict[str, Any]] = []
     for cid, at in revoked_at.items():
         refused = report["sign_refused"].get(cid, float("inf"))
         for api_key in keys_of[cid]:
-            if refused != float("inf"):
-                after_refusal += len(await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=refused))
-            else:  # never refused: everything it signed after the revocation counts
-                after_refusal += len(await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=at))
-            after_worst += len(await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=at + worst))
+            # the backend signs SIGNED_PATH only; other paths are the engine's own verification probes (a
+            # rotation's, running when the revocation committed: it finishes, its result is then discarded)
+            arrived = await sim.signed_requests(Venue.BINANCE, api_key=api_key, since=at)
+            signed = [e for e in arrived if e["path"] == SIGNED_PATH]
+            probes_after += len(arrived) - len(signed)
+            # a lease that never refused (refused: inf) counts everything signed after the revocation
+            late = [e for e in signed if e["at"] >= refused] if refused != float("inf") else signed
+            after_refusal += len(late)
+            after_worst += sum(1 for e in signed if e["at"] >= at + worst)
+            late_requests += [
+                {
+                    "key": keys_of[cid].index(api_key),  # 0: the first key, 1, 2: the rotations' keys
+                    "after_refusal_ms": (entry["at"] - refused) * 1000,
+                    "after_revoke_ms": (entry["at"] - at) * 1000,
+                    "status": entry["status"],
+                    # the signer's last requests: keys read and answer, ms after the revocation, outcome
+                    "signer_trail": [
+                        ((r - at) * 1000, (d - at) * 1000, o) for r, d, o in report["trail"].get(cid, [])
+                    ],
+                }
+                for entry in late
+            ]
     return {
         "leases": len(creds),
         "seconds": seconds,
@@ -461,6 +490,8 @@ async def stress(
         "signed_with_revoked_after_refusal": after_refusal,
         "signed_with_revoked_after_worst_propagation": after_worst,
         "signed_after_refusal_seen_by_backend": report["signed_after_refusal"],
+        "late_requests": late_requests,
+        "engine_probes_after_revocation": probes_after,
         "swaps": report["stats"]["swaps"],
     }
 
@@ -533,6 +564,11 @@ async def run(n: int = 200, stress_leases: int = 50, stress_seconds: float = 20.
             ok=stressed["signed_with_revoked_after_worst_propagation"] == 0,
             note=f"largest propagation to a signer {stressed['revocation_to_signer_max_ms']:.1f} ms",
         ),
+        common.figure(
+            "stress: the engine's own verification probes with a revoked key after the revocation",
+            stressed["engine_probes_after_revocation"], "requests",
+            note="a rotation's probe running when the revocation committed finishes; its result is discarded",
+        ),
     ]  # fmt: skip
     return result
 
@@ -560,6 +596,8 @@ def render(result: dict[str, Any]) -> str:
             f"max {st['revocation']['max_ms']:.1f} ms)",
             f"  requests signed with a revoked key after the lease refused: {st['signed_with_revoked_after_refusal']}"
             f"; after revocation + largest propagation: {st['signed_with_revoked_after_worst_propagation']}",
+            f"  the engine's own verification probes that reached the venue with a revoked key after the revocation "
+            f"(in flight when it committed): {st['engine_probes_after_revocation']}",
         ]
     )
 
