@@ -164,6 +164,10 @@ class EngineConfig:
     # LISTEN connections (event bus, queue) are checked with SELECT 1 this often, replaced past the timeout
     listen_check_interval: float = liveness.DEFAULT_INTERVAL
     listen_check_timeout: float = liveness.DEFAULT_TIMEOUT
+    # key leases (engine/live): each on_change callback's bound, and the period of the re-check of every leased
+    # credential (one query) that backs up the event bus (it also runs after every lost LISTEN or failed read)
+    key_lease_callback_timeout: float = 10.0
+    key_lease_recheck_interval: float = 30.0
     pool_min_size: int = 2
     pool_max_size: int = 10
     pool_acquire_timeout: float = 10.0  # a starved pool answers StorageError (503) after this, never hangs
@@ -208,6 +212,8 @@ class EngineConfig:
                     "db_command_timeout",
                     "webhook_timeout",
                     "webhook_disable_after",
+                    "key_lease_callback_timeout",
+                    "key_lease_recheck_interval",
                 )
             },
             "claim_batch_size": AT_LEAST_ONE,
@@ -262,6 +268,10 @@ class EngineConfig:
         if self.pool_min_size > self.pool_max_size:  # a small pool keeps fewer idle connections too
             object.__setattr__(self, "pool_min_size", self.pool_max_size)
         for name in ("pool_acquire_timeout", "db_command_timeout"):  # finite: every wait has a bound
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)
+        for name in ("key_lease_callback_timeout", "key_lease_recheck_interval"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)

@@ -1,12 +1,12 @@
 """``CredentialEngine``: the one object an embedding application holds.
 
 It wires the parts and owns their open and close order: the pool, the store, the job queue, the outbox, the
-webhook service, the lifecycle jobs, the trading accounts, the HTTP session and the event bus (except a pool or
-session the caller injected: those it uses and never closes). Each part is built from the parts it uses, never
-from the engine. It does no I/O in its constructor, opens once (``async with``), and refuses to reopen after
-closing. Every credential operation is one transaction that locks the credential row first, writes the change
-through the store (which returns the credential as written), records its event(s) through the outbox and
-enqueues the job that follows.
+webhook service, the lifecycle jobs, the trading accounts, the HTTP session, the event bus and the key-lease
+registry of engine/live (except a pool or session the caller injected: those it uses and never closes). Each
+part is built from the parts it uses, never from the engine. It does no I/O in its constructor, opens once
+(``async with``), and refuses to reopen after closing. Every credential operation is one transaction that locks
+the credential row first, writes the change through the store (which returns the credential as written),
+records its event(s) through the outbox and enqueues the job that follows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -35,6 +35,8 @@ from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.keys import providers as keyproviders
 from engine.keys import rewrap
+from engine.live.leases import KeyLease
+from engine.live.registry import LeaseRegistry
 from engine.models import (
     Credential,
     CredentialStatus,
@@ -107,6 +109,13 @@ class CredentialEngine:
         self._budgets: budgets.SharedBudgets | None = None  # per-IP venue budgets shared by the egress group
         self._parts: _Parts | None = None
         cfg = self.config
+        # key leases (engine/live): one bus subscription for every lease of this process
+        self.leases = LeaseRegistry(
+            bus=self.bus,
+            callback_timeout=cfg.key_lease_callback_timeout,
+            recheck_interval=cfg.key_lease_recheck_interval,
+            lock_timeout=cfg.pool_acquire_timeout + cfg.db_command_timeout,
+        )
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
         self.webhooks = webhooks_service.WebhookService(
             WebhookSettings(
@@ -228,6 +237,7 @@ class CredentialEngine:
         queue.every(retention.RETENTION_PURGE, cfg.retention_interval)
         accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
         self._parts = _Parts(store, queue, outbox, accounts)
+        self.leases.start(self._db, store)  # subscribed before the bus starts: no event of the run is missed
         await self.bus.start(self._db)
         if cfg.workers > 0:
             await queue.start()
@@ -269,6 +279,7 @@ class CredentialEngine:
         if self._budgets is not None:
             await self._budgets.stop()
         await self.webhooks.close()
+        await self.leases.close()  # every lease closed: keys raise LeaseClosed
         await self.bus.stop()
         if self._session is not None and self._injected_session is None:
             await self._session.close()
@@ -582,6 +593,33 @@ class CredentialEngine:
             await store.audit_reveal(conn, cid, owner, secret.version, reason)
         log.info("keys_revealed", credential_id=str(cid), secret_version=secret.version)
         return keys
+
+    @contextlib.asynccontextmanager
+    async def lease_keys(
+        self,
+        owner_id: str,
+        credential_id: uuid.UUID | str,
+        *,
+        purpose: str | None = None,
+        allow_pending: bool = False,
+    ) -> AsyncIterator[KeyLease]:
+        """``async with eng.lease_keys(owner, cid, purpose="market maker") as lease``: the credential's live keys
+        for the block (engine/live). ``lease.keys`` is a memory read that follows every rotation (in any engine
+        process on the database) and raises :class:`errors.CredentialRevoked` once the credential is revoked.
+
+        The credential must be VERIFIED (``allow_pending``: PENDING too, for tests); a REVOKED one raises
+        CredentialRevoked, another status InvalidTransition. Opening is audited once (``key_access_audit``,
+        access ``lease_open``: owner, purpose, secret version), every swap too (``lease_swap``).
+        """
+        self._ready()
+        owner = validation.owner(owner_id)
+        cid = validation.uuid_value(credential_id, "credentialId")
+        reason = validation.nickname(purpose, "purpose")
+        lease = await self.leases.open(owner, cid, purpose=reason, allow_pending=bool(allow_pending))
+        try:
+            yield lease
+        finally:
+            lease.close()
 
     async def list_events(self, owner_id: str, credential_id: uuid.UUID | str) -> list[Event]:
         """Every event of one credential, in sequence order (the outbox is kept)."""
