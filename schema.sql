@@ -196,6 +196,9 @@ CREATE TABLE IF NOT EXISTS key_access_audit (
 CREATE INDEX IF NOT EXISTS key_access_audit_credential ON key_access_audit (credential_id, accessed_at);
 -- the retention purge deletes rows past ENGINE_KEY_ACCESS_RETENTION through this
 CREATE INDEX IF NOT EXISTS key_access_audit_accessed ON key_access_audit (accessed_at);
+-- what handed the keys out: 'reveal' (reveal_keys), 'lease_open' (a key lease opened: engine/live) or
+-- 'lease_swap' (a lease's keys swapped in place after a rotation)
+ALTER TABLE key_access_audit ADD COLUMN IF NOT EXISTS access text NOT NULL DEFAULT 'reveal';
 
 -- BEGIN queue (owned by engine/queue.py)
 -- The durable job queue. A job moves queued -> running -> done | dead, or back to queued (retry, hand-back);

@@ -15,10 +15,12 @@ from engine.errors import (
     ActiveAccountsExist,
     Conflict,
     CredentialEngineError,
+    CredentialRevoked,
     DuplicateCredential,
     InvalidKeyFormat,
     InvalidRequest,
     InvalidTransition,
+    LeaseClosed,
     NotFound,
     QuotaExceeded,
     RequestQuotaExceeded,
@@ -43,6 +45,7 @@ from engine.models import (
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
     from engine.keys.rewrap import RewrapReport
+    from engine.live.leases import KeyLease, LeaseChange
 
 __version__ = "0.1.0"
 
@@ -54,6 +57,10 @@ def __getattr__(name: str) -> Any:
         from engine.engine import CredentialEngine
 
         return CredentialEngine
+    if name in ("KeyLease", "LeaseChange"):
+        from engine.live import leases
+
+        return getattr(leases, name)
     if name == "RewrapReport":
         from engine.keys.rewrap import RewrapReport
 
@@ -68,6 +75,7 @@ __all__ = [
     "Credential",
     "CredentialEngine",
     "CredentialEngineError",
+    "CredentialRevoked",
     "CredentialStatus",
     "CredentialType",
     "DuplicateCredential",
@@ -76,6 +84,9 @@ __all__ = [
     "InvalidKeyFormat",
     "InvalidRequest",
     "InvalidTransition",
+    "KeyLease",
+    "LeaseChange",
+    "LeaseClosed",
     "NotFound",
     "Page",
     "PendingRotation",

@@ -34,6 +34,9 @@ Environment variables (all optional):
     ENGINE_RETENTION_INTERVAL    seconds between runs of the retention purge (default 300)
     ENGINE_LISTEN_CHECK_INTERVAL seconds between checks (SELECT 1) of each LISTEN connection (default 5)
     ENGINE_LISTEN_CHECK_TIMEOUT  seconds the check may take before the connection is replaced (default 5)
+    ENGINE_KEY_LEASE_CALLBACK_TIMEOUT   seconds a key lease's on_change callback may run (default 10)
+    ENGINE_KEY_LEASE_RECHECK_INTERVAL   seconds between re-checks of every leased credential's status and version in
+                                 one query, on top of the event bus (default 30; also after every bus gap)
     ENGINE_POLICY_ALLOW_WITHDRAW, ENGINE_POLICY_REQUIRE_TRADE, ENGINE_POLICY_REQUIRE_IP_ALLOWLIST   1/0
     ENGINE_POLICY_EXPIRY_WARNING_DAYS   warn this many days before a known expiry (default 7)
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
@@ -188,6 +191,10 @@ class EngineConfig:
     # LISTEN connections (event bus, queue) are checked with SELECT 1 this often, replaced past the timeout
     listen_check_interval: float = liveness.DEFAULT_INTERVAL
     listen_check_timeout: float = liveness.DEFAULT_TIMEOUT
+    # key leases (engine/live): each on_change callback's bound, and the period of the re-check of every leased
+    # credential (one query) that backs up the event bus (it also runs after every lost LISTEN or failed read)
+    key_lease_callback_timeout: float = 10.0
+    key_lease_recheck_interval: float = 30.0
     pool_min_size: int = 2
     pool_max_size: int = 10
     pool_acquire_timeout: float = 10.0  # a starved pool answers StorageError (503) after this, never hangs
@@ -252,6 +259,10 @@ class EngineConfig:
         if self.pool_min_size > self.pool_max_size:  # a small pool keeps fewer idle connections too
             object.__setattr__(self, "pool_min_size", self.pool_max_size)
         for name in ("pool_acquire_timeout", "db_command_timeout"):  # finite: every wait has a bound
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)
+        for name in ("key_lease_callback_timeout", "key_lease_recheck_interval"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise errors.ConfigurationError(f"{name} must be a positive number of seconds", field=name)
@@ -323,6 +334,8 @@ class EngineConfig:
             ("retention_interval", "ENGINE_RETENTION_INTERVAL", float),
             ("listen_check_interval", "ENGINE_LISTEN_CHECK_INTERVAL", float),
             ("listen_check_timeout", "ENGINE_LISTEN_CHECK_TIMEOUT", float),
+            ("key_lease_callback_timeout", "ENGINE_KEY_LEASE_CALLBACK_TIMEOUT", float),
+            ("key_lease_recheck_interval", "ENGINE_KEY_LEASE_RECHECK_INTERVAL", float),
         ):
             if env.get(key):
                 try:

@@ -16,7 +16,7 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -35,6 +35,8 @@ from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.keys import providers as keyproviders
 from engine.keys import rewrap
+from engine.live.leases import KeyLease
+from engine.live.registry import LeaseRegistry
 from engine.models import (
     Credential,
     CredentialStatus,
@@ -106,6 +108,7 @@ class CredentialEngine:
         self._jobs: jobs.LifecycleJobs | None = None
         self._budgets: budgets.SharedBudgets | None = None  # per-IP venue budgets shared by the egress group
         self._parts: _Parts | None = None
+        self._leases: LeaseRegistry | None = None
         cfg = self.config
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
         self.webhooks = webhooks_service.WebhookService(
@@ -228,7 +231,17 @@ class CredentialEngine:
         queue.every(retention.RETENTION_PURGE, cfg.retention_interval)
         accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
         self._parts = _Parts(store, queue, outbox, accounts)
+        # key leases: one subscription for all (subscribed before the bus starts: no event of the run is missed)
+        self._leases = LeaseRegistry(
+            db=self._db,
+            store=store,
+            bus=self.bus,
+            callback_timeout=cfg.key_lease_callback_timeout,
+            recheck_interval=cfg.key_lease_recheck_interval,
+            lock_timeout=cfg.pool_acquire_timeout + cfg.db_command_timeout,
+        )
         await self.bus.start(self._db)
+        self._leases.start()
         if cfg.workers > 0:
             await queue.start()
 
@@ -269,6 +282,8 @@ class CredentialEngine:
         if self._budgets is not None:
             await self._budgets.stop()
         await self.webhooks.close()
+        if self._leases is not None:
+            await self._leases.close()  # every lease closed: keys raise LeaseClosed
         await self.bus.stop()
         if self._session is not None and self._injected_session is None:
             await self._session.close()
@@ -582,6 +597,44 @@ class CredentialEngine:
             await store.audit_reveal(conn, cid, owner, secret.version, reason)
         log.info("keys_revealed", credential_id=str(cid), secret_version=secret.version)
         return keys
+
+    @contextlib.asynccontextmanager
+    async def lease_keys(
+        self,
+        owner_id: str,
+        credential_id: uuid.UUID | str,
+        *,
+        purpose: str | None = None,
+        allow_pending: bool = False,
+    ) -> AsyncIterator[KeyLease]:
+        """``async with eng.lease_keys(owner, cid, purpose="market maker") as lease``: the credential's live keys
+        for the block (engine/live). ``lease.keys`` is a memory read that follows every rotation (in any engine
+        process on the database) and raises :class:`errors.CredentialRevoked` once the credential is revoked.
+
+        The credential must be VERIFIED (``allow_pending``: PENDING too, for tests); a REVOKED one raises
+        CredentialRevoked, another status InvalidTransition. Opening is audited once (``key_access_audit``,
+        access ``lease_open``: owner, purpose, secret version), every swap too (``lease_swap``).
+        """
+        registry = self._lease_registry()
+        owner = validation.owner(owner_id)
+        cid = validation.uuid_value(credential_id, "credentialId")
+        reason = validation.nickname(purpose, "purpose")
+        lease = await registry.open(owner, cid, purpose=reason, allow_pending=bool(allow_pending))
+        try:
+            yield lease
+        finally:
+            lease.close()
+
+    def _lease_registry(self) -> LeaseRegistry:
+        self._ready()
+        if self._leases is None:
+            raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
+        return self._leases
+
+    @property
+    def leases(self) -> LeaseRegistry:
+        """This process's key-lease registry (its ``stats``, ``open_leases``)."""
+        return self._lease_registry()
 
     async def list_events(self, owner_id: str, credential_id: uuid.UUID | str) -> list[Event]:
         """Every event of one credential, in sequence order (the outbox is kept)."""

@@ -11,6 +11,8 @@
     │   ├── InvalidTransition     409  -100006  the lifecycle forbids it (e.g. rotate a REVOKED credential)
     │   ├── RotationPending       409  -100007  a staged rotation is already waiting for verification
     │   ├── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
+    │   ├── CredentialRevoked     409  -100018  a key lease of a REVOKED credential (opened, or read after it)
+    │   ├── LeaseClosed           409  -100019  a key lease read after its context ended or the engine closed
     │   ├── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
     │   └── ExchangeClosed        409  -100020  a ccxt bridge exchange closed (revoked, disconnected, closed)
     ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (docs/api-dialect.md §9)
@@ -119,6 +121,19 @@ class RotationPending(Conflict):
 
 class ActiveAccountsExist(Conflict):
     errno = -100008
+
+
+class CredentialRevoked(Conflict):
+    """The credential is REVOKED: a key lease cannot be opened on it, and a lease held when it was revoked (in
+    any engine process on the database) no longer hands out keys (``engine.live``)."""
+
+    errno = -100018
+
+
+class LeaseClosed(Conflict):
+    """A key lease was used after its ``async with`` block ended or its engine closed (``engine.live``)."""
+
+    errno = -100019
 
 
 class VerificationFailed(CredentialEngineError):

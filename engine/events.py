@@ -136,6 +136,7 @@ class BusStats:
     listener_failures: int = 0
     reconnects: int = 0  # LISTEN connections lost (closed or silent) and replaced
     silent: int = 0  # ... of which found silent by a check (no answer within listen_check_timeout)
+    read_failures: int = 0  # reads of the outbox that failed (the database away); the next read resumes
     failures_by_listener: Counter[str] = field(default_factory=Counter)  # listener name -> failures
 
 
@@ -296,6 +297,7 @@ class EventBus:
             try:
                 await self._read_available()
             except errors.StorageError as exc:  # the database is away: try again at the next tick
+                self.stats.read_failures += 1
                 log.warning("events_read_failed", error=str(exc))
                 await asyncio.sleep(self.poll_interval)
             except Exception:  # a bug must not stop every listener for good: log it, try again later

@@ -347,9 +347,14 @@ WHERE owner_id = $1
 -- Audit one reveal of decrypted keys.
 INSERT INTO key_access_audit (credential_id, owner_id, secret_version, purpose) VALUES ($1, $2, $3, $4);
 
+-- insert_key_accesses --
+-- Audit one hand-out of decrypted keys per purpose ($4, one row each) of access kind $5 (engine/live leases).
+INSERT INTO key_access_audit (credential_id, owner_id, secret_version, purpose, access)
+SELECT $1, $2, $3, purpose, $5 FROM unnest($4::text[]) AS purpose;
+
 -- list_key_access --
 -- The reveal audit of one credential, newest first.
-SELECT credential_id, owner_id, secret_version, purpose, accessed_at FROM key_access_audit
+SELECT credential_id, owner_id, secret_version, purpose, access, accessed_at FROM key_access_audit
 WHERE credential_id = $1 AND owner_id = $2 ORDER BY accessed_at DESC, id DESC LIMIT $3;
 
 -- get_engine_key --

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -298,6 +298,19 @@ class Store:
     ) -> None:
         """Record one reveal of decrypted keys."""
         await conn.execute("insert_key_access", cid, owner_id, version, purpose)
+
+    async def audit_access(
+        self,
+        conn: Conn,
+        cid: uuid.UUID,
+        owner_id: str,
+        version: int,
+        purposes: Sequence[str | None],
+        access: str,
+    ) -> None:
+        """Record hand-outs of decrypted keys of kind ``access`` (``lease_open``, ``lease_swap``), one row per
+        purpose, in one statement."""
+        await conn.execute("insert_key_accesses", cid, owner_id, version, list(purposes), access)
 
     async def due_for_reverify(self, interval: float, limit: int) -> tuple[Record, ...]:
         """VERIFIED credentials not verified for ``interval`` seconds: id, owner_id, secret_version."""
