@@ -21,8 +21,9 @@ account's credential. The exchange it returns is a subclass of the ccxt class bu
 
 ccxt is an optional dependency (the ``ccxt`` extra): it is imported only when an exchange is built, and its
 absence is a :class:`~engine.errors.ConfigurationError` saying what to install. What the bridge cannot hide:
-while ``sign`` runs the key material is in ccxt's local variables, and the lease (``exchange.lease``) hands
-out keys to code that asks it; the exchange answers, orders and errors carry no key material.
+while ``sign`` runs the key material is in ccxt's local variables and the request it builds (the headers go
+to aiohttp); the lease is reachable through private attributes, as anything is in Python. The exchange's
+answers, orders and errors carry no key material.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from engine import errors
+from engine.live.leases import KeyLease
 from engine.models import ApiKeys, Event, TradingAccount, TradingAccountStatus, Venue
 from venues import coinbase_auth
 from venues.base import KeyFormatProblem
@@ -55,6 +57,7 @@ CLOSE_TIMEOUT = 10.0  # seconds ccxt's own close (sessions, connectors) may take
 REVOKED = "CREDENTIAL_REVOKED"
 DISCONNECTED = "DISCONNECTED"
 KEY_KIND_CHANGED = "KEY_KIND_CHANGED"
+ENGINE_CLOSED = "ENGINE_CLOSED"
 CLOSED = "CLOSED"
 
 # headers whose value is safe to keep on the object after a request (everything else is masked)
@@ -64,22 +67,7 @@ _REQUEST_LOG_FORMAT = "%s %s, Request: %s %s"
 _CLIENT_LOGGER = "engine.live.ccxt.client"
 
 
-# ---- what the bridge needs from the engine and its leases --------------------------------------------------
-
-
-class KeyLease(Protocol):
-    """The key lease the bridge signs with (``engine.live``'s lease; only what the bridge reads)."""
-
-    @property
-    def keys(self) -> ApiKeys: ...
-
-    @property
-    def revoked(self) -> bool: ...
-
-    @property
-    def secret_version(self) -> int: ...
-
-    async def wait_revoked(self) -> None: ...
+# ---- what the bridge needs from the engine ----------------------------------------------------------------
 
 
 class BridgeHost(Protocol):
@@ -92,7 +80,7 @@ class BridgeHost(Protocol):
         *,
         purpose: str | None = None,
         allow_pending: bool = False,
-    ) -> AbstractAsyncContextManager[Any]: ...
+    ) -> AbstractAsyncContextManager[KeyLease]: ...
 
     async def get_trading_account(
         self, owner_id: str, trading_account_id: uuid.UUID | str
@@ -295,23 +283,37 @@ class LeasedExchange:
     def lastRequestHeaders(self, value: Any) -> None:
         self._bridge_headers = _masked_headers(value)
 
-    @property
-    def lease(self) -> KeyLease:
-        """The key lease this exchange signs with (its ``secret_version``, ``verified``, ...)."""
-        if self._bridge_lease is None:
-            raise errors.ExchangeClosed("the exchange has no lease", reason=CLOSED)
-        return self._bridge_lease
+    # ccxt's constructor copies every snake_case attribute to a camelCase one (a snapshot): the camelCase
+    # names are properties too, so that they stay live and the copy is skipped (their value is None then)
 
     @property
     def closed_reason(self) -> str | None:
         """None while the exchange is usable; else why it closed (``CREDENTIAL_REVOKED``, ``DISCONNECTED``,
-        ``KEY_KIND_CHANGED``, ``CLOSED``)."""
+        ``KEY_KIND_CHANGED``, ``ENGINE_CLOSED``, ``CLOSED``)."""
         return self._bridge_reason
+
+    @property
+    def closedReason(self) -> str | None:
+        return self._bridge_reason
+
+    @property
+    def secret_version(self) -> int | None:
+        """The secret version of the keys the next request will be signed with (the lease's)."""
+        lease = self._bridge_lease
+        return None if lease is None else lease.secret_version
+
+    @property
+    def secretVersion(self) -> int | None:
+        return self.secret_version
 
     def sign(self, *args: Any, **kwargs: Any) -> Any:
         """ccxt's ``sign`` with the lease's keys of this moment (one read), dropped again before returning."""
         self._bridge_check()
-        lease = self.lease
+        lease = self._bridge_lease
+        if lease is None or lease.closed:
+            self._bridge_shut(ENGINE_CLOSED if lease is not None else CLOSED)
+            self._bridge_check()
+        assert lease is not None
         if lease.revoked:
             self._bridge_shut(REVOKED)
             self._bridge_check()
@@ -438,8 +440,12 @@ class LeasedExchange:
         self._bridge_watch = asyncio.get_running_loop().create_task(self._bridge_watch_revocation(lease))
 
     async def _bridge_watch_revocation(self, lease: KeyLease) -> None:
-        await lease.wait_revoked()
-        self._bridge_shut(REVOKED)
+        try:
+            await lease.wait_revoked()
+        except errors.LeaseClosed:  # the engine closed under the exchange: no keys any more
+            self._bridge_shut(ENGINE_CLOSED)
+        else:
+            self._bridge_shut(REVOKED)
 
     async def _bridge_on_disconnect(self, event: Event) -> None:
         account = event.data.get("tradingAccount") or {}
@@ -452,6 +458,7 @@ _CLOSED_MESSAGES: Mapping[str, str] = {
     REVOKED: "the exchange was closed: its credential was revoked",
     DISCONNECTED: "the exchange was closed: its trading account was disconnected",
     KEY_KIND_CHANGED: "the exchange was closed: the credential was rotated to keys of another Coinbase API",
+    ENGINE_CLOSED: "the exchange was closed: its credential engine closed",
     CLOSED: "the exchange was closed",
 }
 
@@ -568,12 +575,12 @@ async def open_exchange(
 __all__ = [
     "CLOSED",
     "DISCONNECTED",
+    "ENGINE_CLOSED",
     "HELD",
     "KEY_KIND_CHANGED",
     "REVOKED",
     "BridgeHost",
     "ClientSpec",
-    "KeyLease",
     "LeasedExchange",
     "client_spec",
     "coinbase_key_kind",

@@ -1,0 +1,280 @@
+"""The ccxt bridge (engine/live/ccxt.py) against the simulator over loopback HTTP.
+
+One test per venue API and key kind: the engine stores and verifies a simulator key, connects a trading
+account, and ``eng.ccxt_exchange`` gives a ccxt exchange that loads markets, reads the balance, places and
+cancels a limit order; a staged rotation promoted by the engine's jobs makes the SAME exchange object sign its
+next order with the new key (the simulator's signing log says which key signed what); a revocation closes it
+and the next call raises ``ExchangeClosed``. No key material is left on the exchange object between requests.
+Then: revocation from another engine process on the same database, disconnection, closing by the holder,
+and the refusals. Skipped when ccxt is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from engine import CredentialEngine, CredentialStatus, errors
+from venues.base import Venue
+from venues.simulator import Simulator, TestKey
+
+pytest.importorskip("ccxt.async_support")
+
+OWNER = "desk-7"
+NO_THROTTLE = {"enableRateLimit": False}  # ccxt's client-side throttle off: the simulator limits itself
+
+
+@dataclass(frozen=True)
+class Case:
+    """One venue API and key kind, and what to trade there (the simulator's markets and wallets)."""
+
+    name: str
+    venue: Venue
+    kind: str | None
+    account_type: str
+    symbol: str
+    hold: str
+    order_path: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+CASES = [
+    Case("binance-spot", Venue.BINANCE, None, "spot", "BTC/USDT", "USDT", "/api/v3/order"),
+    Case(
+        "binance-margin",
+        Venue.BINANCE,
+        None,
+        "margin",
+        "BTC/USDT",
+        "USDT",
+        "/sapi/v1/margin/order",
+        {"marginMode": "cross"},
+    ),
+    Case("binance-usdm", Venue.BINANCE, None, "futures", "BTC/USDT:USDT", "USDT", "/fapi/v1/order"),
+    Case("okx", Venue.OKX, None, "trading", "BTC/USDT", "USDT", "/api/v5/trade/batch-orders"),
+    Case("bybit", Venue.BYBIT, None, "unified", "BTC/USDT", "USDT", "/v5/order/create"),
+    Case("kraken-spot", Venue.KRAKEN, None, "spot", "BTC/USD", "USD", "/0/private/AddOrder"),
+    Case(
+        "kraken-futures",
+        Venue.KRAKEN,
+        "futures",
+        "futures",
+        "BTC/USD:USD",
+        "USD",
+        "/derivatives/api/v3/sendorder",
+    ),
+    Case("coinbase-exchange", Venue.COINBASE, "exchange", "default", "BTC/USD", "USD", "/orders"),
+    Case("coinbase-cdp", Venue.COINBASE, "cdp", "default", "BTC/USD", "USD", "/api/v3/brokerage/orders"),
+]
+PRICE, AMOUNT = 20000.0, 0.01
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(seed=11) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def live(make_engine: Callable[..., Any], sim: Simulator) -> CredentialEngine:
+    """An engine whose probes and ccxt exchanges talk to the simulator (its ``venue_urls``)."""
+    engine: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, venue_rate_limits=False)
+    return engine
+
+
+async def connect(eng: CredentialEngine, sim: Simulator, case: Case) -> tuple[TestKey, Any, Any]:
+    """A simulator key stored, verified and connected as ``case.account_type``: (key, credential, account)."""
+    key = sim.add_key(case.venue, kind=case.kind)
+    cred = await eng.create_credential(
+        OWNER,
+        venue=case.venue,
+        api_key=key.api_key,
+        api_secret=key.api_secret,
+        api_passphrase=key.api_passphrase,
+    )
+    await eng.run_until_idle()
+    cred = await eng.get_credential(OWNER, cred.credential_id)
+    assert cred.status is CredentialStatus.VERIFIED, cred.failure_reason
+    account = await eng.connect_trading_account(
+        OWNER, credential_id=cred.credential_id, account_type=case.account_type
+    )
+    return key, cred, account
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the bound"
+        await asyncio.sleep(0.02)
+
+
+def strings(value: Any, seen: set[int] | None = None) -> Iterator[str]:
+    """Every string reachable from ``value`` through dicts, lists, tuples, sets and object ``__dict__``s."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, bytes):
+        yield value.decode("latin-1")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from strings(k, seen)
+            yield from strings(v, seen)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            yield from strings(item, seen)
+
+
+def assert_no_key_material(exchange: Any, *keys: TestKey) -> None:
+    """No API key, secret or passphrase of ``keys`` in the exchange's attributes (markets and all)."""
+    state = {name: value for name, value in vars(exchange).items() if name != "_bridge_lease"}
+    text = "\n".join(strings(state))
+    for key in keys:
+        for part in (key.api_key, key.api_secret.strip(), key.api_passphrase):
+            if part:
+                assert part not in text
+    for name in ("apiKey", "secret", "password"):
+        value = getattr(exchange, name)
+        assert all(part not in value for key in keys for part in (key.api_key, key.api_secret.strip()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_trade_rotate_revoke(live: CredentialEngine, sim: Simulator, case: Case) -> None:
+    old, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(
+        OWNER, account.trading_account_id, purpose="ccxt bridge test", config=NO_THROTTLE
+    )
+    try:
+        markets = await exchange.load_markets()
+        assert case.symbol in markets
+        free = (await exchange.fetch_balance())[case.hold]["free"]
+        assert free > 0
+        first = await exchange.create_order(case.symbol, "limit", "buy", AMOUNT, PRICE, case.params)
+        assert (await exchange.fetch_balance())[case.hold]["used"] == pytest.approx(PRICE * AMOUNT)
+        await exchange.cancel_order(first["id"], case.symbol, case.params)
+        assert (await exchange.fetch_balance())[case.hold]["free"] == pytest.approx(free)
+        assert_no_key_material(exchange, old)
+
+        # a staged rotation to another key of the same venue account, promoted by the engine's jobs
+        new = sim.add_key(case.venue, uid=old.uid, kind=case.kind)
+        staged = await live.rotate_credential(
+            OWNER,
+            cred.credential_id,
+            api_key=new.api_key,
+            api_secret=new.api_secret,
+            api_passphrase=new.api_passphrase,
+        )
+        assert staged.pending_rotation is not None
+        version = staged.pending_rotation.secret_version
+        await live.run_until_idle()
+        assert (await live.get_credential(OWNER, cred.credential_id)).secret_version == version
+        await wait_until(lambda: exchange.secret_version == version)
+        swapped_at = time.time()
+        second = await exchange.create_order(case.symbol, "limit", "buy", AMOUNT, PRICE, case.params)
+        orders = [e for e in sim.signed_requests(case.venue, since=swapped_at) if e.path == case.order_path]
+        assert [(e.api_key, e.authenticated) for e in orders] == [(new.api_key, True)]
+        assert sim.signed_requests(api_key=old.api_key, since=swapped_at) == []
+        await exchange.cancel_order(second["id"], case.symbol, case.params)
+        assert_no_key_material(exchange, old, new)
+
+        await live.revoke_credential(OWNER, cred.credential_id)
+        await exchange.wait_closed(timeout=10)
+        closed_at = time.time()
+        with pytest.raises(errors.ExchangeClosed) as refused:
+            await exchange.fetch_balance()
+        assert refused.value.reason == "CREDENTIAL_REVOKED"
+        assert refused.value.errno == -100020
+        with pytest.raises(errors.ExchangeClosed):
+            await exchange.create_order(case.symbol, "limit", "buy", AMOUNT, PRICE, case.params)
+        assert sim.signed_requests(api_key=new.api_key, since=closed_at) == []
+    finally:
+        await exchange.close()
+    assert exchange.closed_reason == "CREDENTIAL_REVOKED"  # closing again keeps the first reason
+
+
+async def test_revocation_in_another_process_closes_the_exchange(
+    make_engine: Callable[..., Any], live: CredentialEngine, sim: Simulator
+) -> None:
+    """An engine on the same database (as another process would) revokes; this process's exchange closes."""
+    other: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, venue_rate_limits=False)
+    _key, cred, account = await connect(live, sim, CASES[3])
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.fetch_balance()
+        await other.revoke_credential(OWNER, cred.credential_id)
+        await exchange.wait_closed(timeout=10)
+        with pytest.raises(errors.ExchangeClosed) as refused:
+            await exchange.fetch_balance()
+        assert refused.value.reason == "CREDENTIAL_REVOKED"
+    finally:
+        await exchange.close()
+
+
+async def test_disconnecting_the_account_closes_the_exchange(live: CredentialEngine, sim: Simulator) -> None:
+    case = CASES[0]
+    _key, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.fetch_balance()
+        await live.disconnect_trading_account(OWNER, account.trading_account_id)
+        await exchange.wait_closed(timeout=10)
+        with pytest.raises(errors.ExchangeClosed) as refused:
+            await exchange.fetch_balance()
+        assert refused.value.reason == "DISCONNECTED"
+        # the credential itself is untouched: another account of it still trades
+        assert (await live.get_credential(OWNER, cred.credential_id)).status is CredentialStatus.VERIFIED
+        again = await live.connect_trading_account(
+            OWNER, credential_id=cred.credential_id, account_type="margin"
+        )
+        other = await live.ccxt_exchange(OWNER, again.trading_account_id, config=NO_THROTTLE)
+        try:
+            assert (await other.fetch_balance())["USDT"]["free"] > 0
+        finally:
+            await other.close()
+    finally:
+        await exchange.close()
+
+
+async def test_closing_the_exchange_refuses_later_calls(live: CredentialEngine, sim: Simulator) -> None:
+    _key, _cred, account = await connect(live, sim, CASES[3])
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    await exchange.fetch_balance()
+    await exchange.close()
+    await exchange.wait_closed(timeout=1)
+    with pytest.raises(errors.ExchangeClosed) as refused:
+        await exchange.fetch_balance()
+    assert refused.value.reason == "CLOSED"
+    # the credential goes on: a new exchange for the same account works
+    again = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await again.fetch_balance()
+    finally:
+        await again.close()
+
+
+async def test_refusals(live: CredentialEngine, sim: Simulator) -> None:
+    key, _cred, account = await connect(live, sim, CASES[3])
+    with pytest.raises(errors.NotFound):
+        await live.ccxt_exchange("someone-else", account.trading_account_id)
+    with pytest.raises(errors.InvalidRequest) as bad:
+        await live.ccxt_exchange(OWNER, account.trading_account_id, config={"secret": "x"})
+    assert bad.value.field == "config.secret"
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        with pytest.raises(errors.InvalidRequest):
+            exchange.secret = key.api_secret
+        with pytest.raises(errors.InvalidRequest):
+            exchange.verbose = True
+    finally:
+        await exchange.close()
+    await live.disconnect_trading_account(OWNER, account.trading_account_id)
+    with pytest.raises(errors.Conflict) as disabled:
+        await live.ccxt_exchange(OWNER, account.trading_account_id)
+    assert disabled.value.field == "tradingAccountId"
