@@ -12,6 +12,7 @@ and the refusals. Skipped when ccxt is missing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ import pytest
 
 from engine import CredentialEngine, CredentialStatus, errors
 from venues.base import Venue
-from venues.simulator import Simulator, TestKey
+from venues.simulator import Faults, Simulator, TestKey
 
 pytest.importorskip("ccxt.async_support")
+from engine.live import ccxt as bridge
 
 OWNER = "desk-7"
 NO_THROTTLE = {"enableRateLimit": False}  # ccxt's client-side throttle off: the simulator limits itself
@@ -278,3 +280,126 @@ async def test_refusals(live: CredentialEngine, sim: Simulator) -> None:
     with pytest.raises(errors.Conflict) as disabled:
         await live.ccxt_exchange(OWNER, account.trading_account_id)
     assert disabled.value.field == "tradingAccountId"
+
+
+async def test_a_request_in_flight_at_revocation_comes_back(live: CredentialEngine, sim: Simulator) -> None:
+    """Revocation refuses new requests at once; one already sent is waited for (up to DRAIN_TIMEOUT)."""
+    case = CASES[3]
+    _key, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.load_markets()
+        sim.set_faults(case.venue, Faults(latency=2.0))
+        in_flight = asyncio.create_task(exchange.create_order(case.symbol, "limit", "buy", AMOUNT, PRICE))
+        await asyncio.sleep(0.2)  # on its way: the simulator holds it for 2 s
+        await live.revoke_credential(OWNER, cred.credential_id)
+        await wait_until(lambda: exchange.closed_reason is not None)
+        assert not in_flight.done()
+        with pytest.raises(errors.ExchangeClosed):  # refused before anything is signed or sent
+            await exchange.fetch_balance()
+        order = await asyncio.wait_for(in_flight, timeout=10)
+        assert order["id"]  # the venue took it: revocation does not recall what was already sent
+        await exchange.wait_closed(timeout=10)
+    finally:
+        sim.clear_faults()
+        await exchange.close()
+
+
+async def test_a_request_hanging_past_the_drain_is_cut(
+    live: CredentialEngine, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain has a bound: a request still out after it is cut when ccxt's session closes."""
+    monkeypatch.setattr(bridge, "DRAIN_TIMEOUT", 0.5)
+    case = CASES[3]
+    _key, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.load_markets()
+        sim.set_faults(case.venue, Faults(latency=30.0))
+        hanging = asyncio.create_task(exchange.fetch_balance())
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await live.revoke_credential(OWNER, cred.credential_id)
+        await exchange.wait_closed(timeout=15)
+        assert time.monotonic() - started < 15
+        with pytest.raises(Exception) as cut:  # noqa: PT011 - whatever aiohttp/ccxt make of a closed session
+            await asyncio.wait_for(hanging, timeout=5)
+        assert not isinstance(cut.value, TimeoutError)
+    finally:
+        sim.clear_faults()
+        await exchange.close()
+
+
+async def test_an_immediate_rotation_signs_the_next_request_with_the_new_key(
+    live: CredentialEngine, sim: Simulator
+) -> None:
+    case = CASES[0]
+    old, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.fetch_balance()
+        new = sim.add_key(case.venue, uid=old.uid)
+        rotated = await live.rotate_credential(
+            OWNER, cred.credential_id, api_key=new.api_key, api_secret=new.api_secret, immediate=True
+        )
+        await wait_until(lambda: exchange.secret_version == rotated.secret_version)
+        swapped_at = time.time()
+        await exchange.fetch_balance()
+        assert {e.api_key for e in sim.signed_requests(case.venue, since=swapped_at)} == {new.api_key}
+    finally:
+        await exchange.close()
+
+
+async def test_no_key_material_in_logs(
+    live: CredentialEngine,
+    sim: Simulator,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Canary: with every logger at DEBUG (ccxt logs each request's headers there), a whole exchange life
+    (trade, rotation, revocation, refusal) writes no API key, secret or passphrase to any log or output."""
+    caplog.set_level(logging.DEBUG)
+    case = CASES[7]  # Coinbase Exchange: key, passphrase and signature all travel in headers
+    old, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    new = sim.add_key(case.venue, uid=old.uid, kind=case.kind)
+    try:
+        order = await exchange.create_order(case.symbol, "limit", "buy", AMOUNT, PRICE)
+        await exchange.cancel_order(order["id"], case.symbol)
+        await live.rotate_credential(
+            OWNER,
+            cred.credential_id,
+            api_key=new.api_key,
+            api_secret=new.api_secret,
+            api_passphrase=new.api_passphrase,
+        )
+        await live.run_until_idle()
+        await wait_until(lambda: exchange.secret_version == 2)
+        await exchange.fetch_balance()
+        await live.revoke_credential(OWNER, cred.credential_id)
+        await exchange.wait_closed(timeout=10)
+        with pytest.raises(errors.ExchangeClosed) as refused:
+            await exchange.fetch_balance()
+    finally:
+        await exchange.close()
+    assert any("Response" in str(r.msg) for r in caplog.records)  # ccxt's debug lines were on
+    written = caplog.text + capsys.readouterr().out + repr(refused.value) + str(refused.value)
+    for key in (old, new):
+        for part in (key.api_key, key.api_secret, key.api_passphrase):
+            assert part and part not in written
+
+
+async def test_closing_the_engine_closes_the_exchange(make_engine: Callable[..., Any], sim: Simulator) -> None:
+    """The lease ends with its engine: the exchange closes too, and says so."""
+    engine: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, venue_rate_limits=False)
+    _key, _cred, account = await connect(engine, sim, CASES[3])
+    exchange = await engine.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.fetch_balance()
+        await engine.close()
+        await exchange.wait_closed(timeout=10)
+        with pytest.raises(errors.ExchangeClosed) as refused:
+            await exchange.fetch_balance()
+        assert refused.value.reason == "ENGINE_CLOSED"
+    finally:
+        await exchange.close()
