@@ -403,3 +403,27 @@ async def test_closing_the_engine_closes_the_exchange(make_engine: Callable[...,
         assert refused.value.reason == "ENGINE_CLOSED"
     finally:
         await exchange.close()
+
+
+async def test_rotating_to_the_other_coinbase_api_closes_the_exchange(
+    live: CredentialEngine, sim: Simulator
+) -> None:
+    """An Exchange (HMAC) key replaced by a CDP key cannot be signed by the same ccxt class: closed, said why."""
+    case = CASES[7]
+    old, cred, account = await connect(live, sim, case)
+    exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
+    try:
+        await exchange.fetch_balance()
+        cdp = sim.add_key(Venue.COINBASE, uid=old.uid, kind="cdp")
+        rotated = await live.rotate_credential(
+            OWNER, cred.credential_id, api_key=cdp.api_key, api_secret=cdp.api_secret, immediate=True
+        )
+        await wait_until(lambda: exchange.secret_version == rotated.secret_version)
+        swapped_at = time.time()
+        with pytest.raises(errors.ExchangeClosed) as refused:
+            await exchange.fetch_balance()
+        assert refused.value.reason == "KEY_KIND_CHANGED"
+        await exchange.wait_closed(timeout=10)
+        assert sim.signed_requests(Venue.COINBASE, since=swapped_at) == []
+    finally:
+        await exchange.close()
