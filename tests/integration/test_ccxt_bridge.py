@@ -389,7 +389,9 @@ async def test_no_key_material_in_logs(
             assert part and part not in written
 
 
-async def test_closing_the_engine_closes_the_exchange(make_engine: Callable[..., Any], sim: Simulator) -> None:
+async def test_closing_the_engine_closes_the_exchange(
+    make_engine: Callable[..., Any], sim: Simulator
+) -> None:
     """The lease ends with its engine: the exchange closes too, and says so."""
     engine: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, venue_rate_limits=False)
     _key, _cred, account = await connect(engine, sim, CASES[3])
