@@ -341,7 +341,11 @@ class LeasedExchange:
         cast(Any, super()).add_fetch_cache(data)
 
     async def fetch2(self, *args: Any, **kwargs: Any) -> Any:
-        """Every REST call: refused once the exchange is closing; counted while in flight (for the drain)."""
+        """Every REST call: refused once the exchange is closing; counted while in flight (for the drain).
+
+        A request cut because the exchange closed under it (still out after the drain) raises
+        :class:`errors.ExchangeClosed` saying so, chained to ccxt's network error: the venue may have taken it.
+        """
         self._bridge_check()
         idle = self._bridge_idle
         self._bridge_inflight += 1
@@ -349,6 +353,14 @@ class LeasedExchange:
             idle.clear()
         try:
             return await cast(Any, super()).fetch2(*args, **kwargs)
+        except _ccxt().NetworkError as exc:
+            reason = self._bridge_reason
+            if reason is None or self._bridge_close_task is None:
+                raise
+            message = _CLOSED_MESSAGES.get(reason, "the exchange was closed")
+            raise errors.ExchangeClosed(
+                f"{message}, with this request in flight (the venue may have received it)", reason=reason
+            ) from exc
         finally:
             self._bridge_inflight -= 1
             if self._bridge_inflight == 0 and idle is not None:

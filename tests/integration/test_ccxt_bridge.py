@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 
 from engine import CredentialEngine, CredentialStatus, errors
+from engine.live import ccxt as bridge
 from venues.base import Venue
 from venues.simulator import Faults, Simulator, TestKey
 
 pytest.importorskip("ccxt.async_support")
-from engine.live import ccxt as bridge
+ccxt_errors = pytest.importorskip("ccxt.base.errors")
 
 OWNER = "desk-7"
 NO_THROTTLE = {"enableRateLimit": False}  # ccxt's client-side throttle off: the simulator limits itself
@@ -322,9 +323,11 @@ async def test_a_request_hanging_past_the_drain_is_cut(
         await live.revoke_credential(OWNER, cred.credential_id)
         await exchange.wait_closed(timeout=15)
         assert time.monotonic() - started < 15
-        with pytest.raises(Exception) as cut:  # noqa: PT011 - whatever aiohttp/ccxt make of a closed session
+        with pytest.raises(errors.ExchangeClosed) as cut:
             await asyncio.wait_for(hanging, timeout=5)
-        assert not isinstance(cut.value, TimeoutError)
+        assert cut.value.reason == "CREDENTIAL_REVOKED"
+        assert "in flight" in cut.value.message
+        assert isinstance(cut.value.__cause__, ccxt_errors.NetworkError)  # ccxt's view: the session went away
     finally:
         sim.clear_faults()
         await exchange.close()
