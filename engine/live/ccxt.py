@@ -52,6 +52,7 @@ HELD = "<held by credential-engine>"  # what apiKey / secret / password read out
 MASK = "***"
 DRAIN_TIMEOUT = 5.0  # seconds requests already sent may take to come back once the exchange closes
 CLOSE_TIMEOUT = 10.0  # seconds ccxt's own close (sessions, connectors) may take
+DEFAULT_PURPOSE = "ccxt exchange"  # the lease's audited purpose when the caller names none
 
 # reasons an exchange closed (ExchangeClosed.reason); the first two are the event's own (engine/accounts.py)
 REVOKED = "CREDENTIAL_REVOKED"
@@ -424,10 +425,12 @@ class LeasedExchange:
                 "ccxt_close_failed", trading_account_id=self._bridge_account, error=type(exc).__name__
             )
         release, self._bridge_release = self._bridge_release, None
-        if release is not None:
-            await release()
-        if self._bridge_done is not None:
-            self._bridge_done.set()
+        try:
+            if release is not None:
+                await release()  # leaves the lease's block: the lease closes (no I/O)
+        finally:
+            if self._bridge_done is not None:
+                self._bridge_done.set()
         log.info("ccxt_exchange_closed", trading_account_id=self._bridge_account, reason=self._bridge_reason)
 
     # -- wiring (called once by open_exchange) -------------------------------------------------------------------
@@ -521,8 +524,9 @@ async def open_exchange(
 ) -> Any:
     """A leased ccxt exchange for an ACTIVE trading account (see the module docstring).
 
-    ``config`` is merged into ccxt's constructor settings (``timeout``, ``enableRateLimit``, ``options``, ...);
-    key material, ``verbose``, ``urls`` and ``logger`` are refused (:class:`errors.InvalidRequest`). Raises
+    ``purpose`` is audited with the lease (``DEFAULT_PURPOSE`` when None). ``config`` is merged into ccxt's
+    constructor settings (``timeout``, ``enableRateLimit``, ``options``, ...); key material, ``verbose``,
+    ``urls`` and ``logger`` are refused (:class:`errors.InvalidRequest`). Raises
     :class:`errors.NotFound` for another owner's or an unknown account, :class:`errors.Conflict` for a
     DISABLED one, the lease's errors for a credential that cannot be leased (not VERIFIED, revoked).
     """
@@ -531,17 +535,13 @@ async def open_exchange(
         if name in extra:
             raise errors.InvalidRequest(f"config.{name}", "is set by the ccxt bridge")
     _ccxt()  # a missing extra is told before anything is opened
-    disconnected: list[Event] = []
-
-    async def early(event: Event) -> None:  # a disconnect heard before the exchange exists
-        disconnected.append(event)
-
     # listen first, then read the account: a disconnection between the two is heard, not missed
     exchange: Any = None
+    heard_early: list[Event] = []  # disconnections heard before the exchange exists
 
     async def on_disconnect(event: Event) -> None:
         if exchange is None:
-            await early(event)
+            heard_early.append(event)
         else:
             await exchange._bridge_on_disconnect(event)
 
@@ -554,7 +554,7 @@ async def open_exchange(
                 f"the trading account is {account.status.value}; connect it again", field="tradingAccountId"
             )
         lease = await stack.enter_async_context(
-            host.lease_keys(owner_id, account.credential_id, purpose=purpose)
+            host.lease_keys(owner_id, account.credential_id, purpose=purpose or DEFAULT_PURPOSE)
         )
         spec = client_spec(account.venue, account.account_type, lease.keys)
         cls = leased_class(spec.exchange_id)
@@ -573,7 +573,7 @@ async def open_exchange(
         unsubscribe()
         await stack.aclose()
         raise
-    for event in disconnected:
+    for event in heard_early:
         await exchange._bridge_on_disconnect(event)
     log.info(
         "ccxt_exchange_opened",
