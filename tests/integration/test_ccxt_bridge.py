@@ -189,6 +189,7 @@ async def test_trade_rotate_revoke(live: CredentialEngine, sim: Simulator, case:
 
         await live.revoke_credential(OWNER, cred.credential_id)
         await exchange.wait_closed(timeout=10)
+        assert live.leases.open_leases == 0
         closed_at = time.time()
         with pytest.raises(errors.ExchangeClosed) as refused:
             await exchange.fetch_balance()
@@ -249,17 +250,18 @@ async def test_closing_the_exchange_refuses_later_calls(live: CredentialEngine, 
     _key, _cred, account = await connect(live, sim, CASES[3])
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     await exchange.fetch_balance()
+    assert live.leases.open_leases == 1
     await exchange.close()
     await exchange.wait_closed(timeout=1)
+    assert live.leases.open_leases == 0  # closing the exchange released its lease
     with pytest.raises(errors.ExchangeClosed) as refused:
         await exchange.fetch_balance()
     assert refused.value.reason == "CLOSED"
-    # the credential goes on: a new exchange for the same account works
-    again = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
-    try:
+    # the credential goes on: a new exchange for the same account works (ccxt's `async with` closes it)
+    async with await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE) as again:
         await again.fetch_balance()
-    finally:
-        await again.close()
+    assert again.closed_reason == "CLOSED"
+    assert live.leases.open_leases == 0
 
 
 async def test_refusals(live: CredentialEngine, sim: Simulator) -> None:
