@@ -97,18 +97,29 @@ class BridgeHost(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ClientSpec:
-    """The ccxt exchange id and options for one trading account (``key_kind`` for the venues with two)."""
+    """The ccxt exchange id and options for one trading account (``key_kind`` for the venues with two).
+
+    ``params`` go with every order and trade call (:data:`ORDER_METHODS`) unless the caller gives them:
+    what ccxt routes on per call rather than by an option.
+    """
 
     exchange_id: str
     options: Mapping[str, Any] = field(default_factory=dict)
     key_kind: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 # (venue, account type) -> ccxt id and options; account types are docs/api-dialect.md §5's identities
 _SPECS: Mapping[tuple[Venue, str], ClientSpec] = {
     (Venue.BINANCE, "spot"): ClientSpec("binance", {"defaultType": "spot"}),
-    # the margin identity is the cross-margin account (venues/binance.py reads /sapi/v1/margin/account)
-    (Venue.BINANCE, "margin"): ClientSpec("binance", {"defaultType": "margin", "defaultMarginMode": "cross"}),
+    # the margin identity is the cross-margin account (venues/binance.py reads /sapi/v1/margin/account). ccxt's
+    # binance sends an order to /sapi (margin) only with params["marginMode"] (or type "margin"): its market
+    # is spot, and no option routes it. Without it a margin account's orders would land in the spot wallet.
+    (Venue.BINANCE, "margin"): ClientSpec(
+        "binance",
+        {"defaultType": "margin", "defaultMarginMode": "cross"},
+        params={"marginMode": "cross"},
+    ),
     (Venue.BINANCE, "futures"): ClientSpec("binanceusdm"),
     (Venue.OKX, "trading"): ClientSpec("okx"),
     (Venue.OKX, "funding"): ClientSpec("okx", {"fetchBalance": {"type": "funding"}}),
@@ -214,6 +225,7 @@ class LeasedExchange:
     _bridge_release: Callable[[], Awaitable[None]] | None = None
     _bridge_unsubscribe: Callable[[], None] | None = None
     _bridge_headers: Any = None
+    _bridge_params: Mapping[str, Any] = {}  # the spec's params for order calls (ClientSpec.params)
 
     # -- key material: read at signing, never stored -----------------------------------------------------------
 
@@ -479,6 +491,41 @@ _CLOSED_MESSAGES: Mapping[str, str] = {
 
 _CLASSES: dict[type, type] = {}
 
+# ccxt's order and trade methods -> the position of ``params`` among their arguments (after self)
+ORDER_METHODS: Mapping[str, int] = {
+    "create_order": 5,
+    "create_orders": 1,
+    "edit_order": 6,
+    "cancel_order": 2,
+    "cancel_orders": 2,
+    "cancel_all_orders": 1,
+    "fetch_order": 2,
+    "fetch_orders": 3,
+    "fetch_open_orders": 3,
+    "fetch_closed_orders": 3,
+    "fetch_canceled_orders": 3,
+    "fetch_my_trades": 3,
+    "fetch_order_trades": 4,
+}
+
+
+def _with_spec_params(cls: type, name: str, index: int) -> Callable[..., Awaitable[Any]]:
+    """``cls.<name>`` with the spec's ``params`` under the caller's (the caller's win)."""
+
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        defaults = self._bridge_params
+        if defaults:
+            if len(args) > index:
+                given = args[index] or {}
+                args = (*args[:index], {**defaults, **given}, *args[index + 1 :])
+            else:
+                kwargs["params"] = {**defaults, **(kwargs.get("params") or {})}
+        return await getattr(super(cls, self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"{cls.__name__}.{name}"
+    return method
+
 
 def _ccxt() -> Any:
     try:
@@ -496,6 +543,9 @@ def leased_class(exchange_id: str) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
         cls = type(f"Leased{base.__name__}", (LeasedExchange, base), {"__module__": __name__})
+        for name, index in ORDER_METHODS.items():
+            if hasattr(base, name):
+                setattr(cls, name, _with_spec_params(cls, name, index))
         _CLASSES[base] = cls
     return cls
 
@@ -565,6 +615,7 @@ async def open_exchange(
         base_url = (venue_urls or {}).get(account.venue)
         if base_url:
             exchange.urls["api"] = retarget_urls(exchange.urls["api"], base_url)
+        exchange._bridge_params = dict(spec.params)
         exchange._bridge_unsubscribe = unsubscribe
         exchange._bridge_attach(
             lease=lease, account_id=account.trading_account_id, key_kind=spec.key_kind, release=stack.aclose
@@ -590,6 +641,7 @@ __all__ = [
     "ENGINE_CLOSED",
     "HELD",
     "KEY_KIND_CHANGED",
+    "ORDER_METHODS",
     "REVOKED",
     "BridgeHost",
     "ClientSpec",

@@ -51,6 +51,7 @@ def test_client_spec(venue: Venue, account_type: str, kind: str | None, exchange
 def test_client_spec_options() -> None:
     margin = bridge.client_spec(Venue.BINANCE, "MARGIN", keys_of(Venue.BINANCE))  # the API's upper case too
     assert margin.options == {"defaultType": "margin", "defaultMarginMode": "cross"}
+    assert margin.params == {"marginMode": "cross"}  # ccxt routes orders to /sapi on this param only
     cdp = bridge.client_spec(Venue.COINBASE, "default", keys_of(Venue.COINBASE, "cdp"))
     assert cdp.options == {"fetchBalance": "v3PrivateGetBrokerageAccounts"} and cdp.key_kind == "cdp"
 
