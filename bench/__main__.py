@@ -114,6 +114,13 @@ PLANS = [
     ),
     Plan("api", {}, {"requests": 200}, 300, "module defaults", optional=True),
     Plan(
+        "leases",
+        {"n": 200, "stress_leases": 50, "stress_seconds": 20.0},
+        {"n": 30, "stress_leases": 50, "stress_seconds": 5.0},
+        240,
+        "two processes; 200 revocations and 200 rotations one at a time, 50 signing leases for 20 s (issue: 50)",
+    ),
+    Plan(
         "soak",
         {"events": 30_000, "sample_every": 15.0},
         {"events": 3_000, "sample_every": 3.0, "credentials": 100},

@@ -46,6 +46,7 @@ from venues.base import ApiKeys, Venue
 log = structlog.get_logger("engine.live")
 
 GAP_POLL = 0.05  # seconds between two looks at the bus's reconnect and read-failure counters
+IDLE_POLL = 0.5  # ... while this process holds no lease
 RECHECK_BACKOFF_MAX = 2.0  # seconds between attempts of a re-check while the database is away
 REFRESH_ATTEMPTS = 50  # a swap retried this often (database away, or the version changed under the read)
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the registry's tasks to end once cancelled
@@ -297,8 +298,8 @@ class LeaseRegistry:
             try:
                 async with self._locked(held):
                     self._refresh_wanted.discard(held.credential_id)
-                    if held.revoked or held.closed or not held.leases:
-                        return
+                    if held.revoked or held.closed or held.keys is None:
+                        return  # revoked, closed, or not loaded yet (the load reads the latest version)
                     if await self._refresh_once(held):
                         return
             except (errors.StorageError, errors.WaitTimeout) as exc:
@@ -361,6 +362,9 @@ class LeaseRegistry:
             signal = self._bus_signal()
             if signal != seen:
                 seen, dirty = signal, True
+            if not self._held:  # no lease here: nothing to re-check (a lease opening reads the latest state)
+                dirty, delay = False, IDLE_POLL
+                continue
             if not dirty and time.monotonic() < due:
                 delay = GAP_POLL
                 continue

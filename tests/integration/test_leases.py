@@ -345,3 +345,29 @@ async def test_a_revocation_missed_by_the_bus_is_found_by_the_recheck(
         await eng.revoke_credential(OWNER, cred.credential_id)
         await until(lambda: lease.revoked, timeout=10)
         assert eng.leases.stats.rechecks > before
+
+
+async def test_a_lost_listen_connection_triggers_a_recheck_at_once(
+    make_engine: Callable[..., Awaitable[CredentialEngine]], fake: FakeVenue
+) -> None:
+    """With the periodic re-check an hour away and the registry deaf to the bus, a revocation is still found
+    once the bus's LISTEN connection is lost: every bus gap (reconnect, failed read) re-checks every lease."""
+    eng = await make_engine(
+        key_lease_recheck_interval=3600.0, listen_check_interval=0.2, listen_check_timeout=0.5
+    )
+    cred = await verified(eng, fake)
+    async with eng.lease_keys(OWNER, cred.credential_id) as lease:
+        assert eng.leases._unsubscribe is not None
+        eng.leases._unsubscribe()
+        await eng.revoke_credential(OWNER, cred.credential_id)
+        await asyncio.sleep(0.3)
+        assert not lease.revoked  # nothing told the registry
+        reconnects = eng.bus.stats.reconnects
+        async with eng.db.connection() as conn:
+            killed = await conn._conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'ce-events-listen'"
+            )
+        assert killed >= 1
+        await until(lambda: eng.bus.stats.reconnects > reconnects)
+        await until(lambda: lease.revoked, timeout=5)
