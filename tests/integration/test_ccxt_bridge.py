@@ -43,6 +43,7 @@ class Case:
     symbol: str
     hold: str
     order_path: str
+    identities: tuple[str, ...] | None = None  # the simulator key's (None: the venue's full set)
 
 
 CASES = [
@@ -52,6 +53,16 @@ CASES = [
     Case("binance-usdm", Venue.BINANCE, None, "futures", "BTC/USDT:USDT", "USDT", "/fapi/v1/order"),
     Case("okx", Venue.OKX, None, "trading", "BTC/USDT", "USDT", "/api/v5/trade/batch-orders"),
     Case("bybit", Venue.BYBIT, None, "unified", "BTC/USDT", "USDT", "/v5/order/create"),
+    Case(
+        "bybit-classic-spot",
+        Venue.BYBIT,
+        None,
+        "spot",
+        "BTC/USDT",
+        "USDT",
+        "/v5/order/create",
+        identities=("spot", "contract"),
+    ),
     Case("kraken-spot", Venue.KRAKEN, None, "spot", "BTC/USD", "USD", "/0/private/AddOrder"),
     Case(
         "kraken-futures",
@@ -64,7 +75,17 @@ CASES = [
     ),
     Case("coinbase-exchange", Venue.COINBASE, "exchange", "default", "BTC/USD", "USD", "/orders"),
     Case("coinbase-cdp", Venue.COINBASE, "cdp", "default", "BTC/USD", "USD", "/api/v3/brokerage/orders"),
+    Case(
+        "coinbase-cdp-ed25519",
+        Venue.COINBASE,
+        "cdp_ed25519",
+        "default",
+        "BTC/USD",
+        "USD",
+        "/api/v3/brokerage/orders",
+    ),
 ]
+CASE = {case.name: case for case in CASES}
 PRICE, AMOUNT = 20000.0, 0.01
 
 
@@ -83,7 +104,7 @@ async def live(make_engine: Callable[..., Any], sim: Simulator) -> CredentialEng
 
 async def connect(eng: CredentialEngine, sim: Simulator, case: Case) -> tuple[TestKey, Any, Any]:
     """A simulator key stored, verified and connected as ``case.account_type``: (key, credential, account)."""
-    key = sim.add_key(case.venue, kind=case.kind)
+    key = sim.add_key(case.venue, kind=case.kind, identities=case.identities)
     cred = await eng.create_credential(
         OWNER,
         venue=case.venue,
@@ -157,7 +178,7 @@ async def test_trade_rotate_revoke(live: CredentialEngine, sim: Simulator, case:
         assert_no_key_material(exchange, old)
 
         # a staged rotation to another key of the same venue account, promoted by the engine's jobs
-        new = sim.add_key(case.venue, uid=old.uid, kind=case.kind)
+        new = sim.add_key(case.venue, uid=old.uid, kind=case.kind, identities=case.identities)
         staged = await live.rotate_credential(
             OWNER,
             cred.credential_id,
@@ -199,7 +220,7 @@ async def test_revocation_in_another_process_closes_the_exchange(
 ) -> None:
     """An engine on the same database (as another process would) revokes; this process's exchange closes."""
     other: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, venue_rate_limits=False)
-    _key, cred, account = await connect(live, sim, CASES[3])
+    _key, cred, account = await connect(live, sim, CASE["okx"])
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
         await exchange.fetch_balance()
@@ -213,7 +234,7 @@ async def test_revocation_in_another_process_closes_the_exchange(
 
 
 async def test_disconnecting_the_account_closes_the_exchange(live: CredentialEngine, sim: Simulator) -> None:
-    case = CASES[0]
+    case = CASE["binance-spot"]
     _key, cred, account = await connect(live, sim, case)
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
@@ -238,7 +259,7 @@ async def test_disconnecting_the_account_closes_the_exchange(live: CredentialEng
 
 
 async def test_closing_the_exchange_refuses_later_calls(live: CredentialEngine, sim: Simulator) -> None:
-    _key, _cred, account = await connect(live, sim, CASES[3])
+    _key, _cred, account = await connect(live, sim, CASE["okx"])
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     await exchange.fetch_balance()
     assert live.leases.open_leases == 1
@@ -256,7 +277,7 @@ async def test_closing_the_exchange_refuses_later_calls(live: CredentialEngine, 
 
 
 async def test_refusals(live: CredentialEngine, sim: Simulator) -> None:
-    key, _cred, account = await connect(live, sim, CASES[3])
+    key, _cred, account = await connect(live, sim, CASE["okx"])
     with pytest.raises(errors.NotFound):
         await live.ccxt_exchange("someone-else", account.trading_account_id)
     with pytest.raises(errors.InvalidRequest) as bad:
@@ -278,7 +299,7 @@ async def test_refusals(live: CredentialEngine, sim: Simulator) -> None:
 
 async def test_a_request_in_flight_at_revocation_comes_back(live: CredentialEngine, sim: Simulator) -> None:
     """Revocation refuses new requests at once; one already sent is waited for (up to DRAIN_TIMEOUT)."""
-    case = CASES[3]
+    case = CASE["okx"]
     _key, cred, account = await connect(live, sim, case)
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
@@ -304,7 +325,7 @@ async def test_a_request_hanging_past_the_drain_is_cut(
 ) -> None:
     """The drain has a bound: a request still out after it is cut when ccxt's session closes."""
     monkeypatch.setattr(bridge, "DRAIN_TIMEOUT", 0.5)
-    case = CASES[3]
+    case = CASE["okx"]
     _key, cred, account = await connect(live, sim, case)
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
@@ -329,7 +350,7 @@ async def test_a_request_hanging_past_the_drain_is_cut(
 async def test_an_immediate_rotation_signs_the_next_request_with_the_new_key(
     live: CredentialEngine, sim: Simulator
 ) -> None:
-    case = CASES[0]
+    case = CASE["binance-spot"]
     old, cred, account = await connect(live, sim, case)
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
@@ -355,7 +376,7 @@ async def test_no_key_material_in_logs(
     """Canary: with every logger at DEBUG (ccxt logs each request's headers there), a whole exchange life
     (trade, rotation, revocation, refusal) writes no API key, secret or passphrase to any log or output."""
     caplog.set_level(logging.DEBUG)
-    case = CASES[7]  # Coinbase Exchange: key, passphrase and signature all travel in headers
+    case = CASE["coinbase-exchange"]  # Coinbase Exchange: key, passphrase and signature all travel in headers
     old, cred, account = await connect(live, sim, case)
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     new = sim.add_key(case.venue, uid=old.uid, kind=case.kind)
@@ -390,7 +411,7 @@ async def test_closing_the_engine_closes_the_exchange(
 ) -> None:
     """The lease ends with its engine: the exchange closes too, and says so."""
     engine: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, venue_rate_limits=False)
-    _key, _cred, account = await connect(engine, sim, CASES[3])
+    _key, _cred, account = await connect(engine, sim, CASE["okx"])
     exchange = await engine.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
         await exchange.fetch_balance()
@@ -407,7 +428,7 @@ async def test_rotating_to_the_other_coinbase_api_closes_the_exchange(
     live: CredentialEngine, sim: Simulator
 ) -> None:
     """An Exchange (HMAC) key replaced by a CDP key cannot be signed by the same ccxt class: closed, said why."""
-    case = CASES[7]
+    case = CASE["coinbase-exchange"]
     old, cred, account = await connect(live, sim, case)
     exchange = await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE)
     try:
