@@ -446,3 +446,42 @@ async def test_rotating_to_the_other_coinbase_api_closes_the_exchange(
         assert sim.signed_requests(Venue.COINBASE, since=swapped_at) == []
     finally:
         await exchange.close()
+
+
+@pytest.mark.parametrize(
+    ("venue", "account_type", "identities", "path", "wallet", "holds"),
+    [
+        # the simulator's funding wallet is empty
+        (Venue.OKX, "funding", None, "/api/v5/asset/balances", "/asset/balances", set()),
+        (
+            Venue.BYBIT,
+            "contract",
+            ("spot", "contract"),
+            "/v5/account/wallet-balance",
+            "accountType=CONTRACT",
+            {"USDT"},
+        ),
+    ],
+    ids=["okx-funding", "bybit-classic-contract"],
+)
+async def test_balance_of_the_accounts_that_do_not_trade_here(
+    live: CredentialEngine,
+    sim: Simulator,
+    venue: Venue,
+    account_type: str,
+    identities: tuple[str, ...] | None,
+    path: str,
+    wallet: str,
+    holds: set[str],
+) -> None:
+    """OKX's funding account and a classic Bybit contract account: the balance comes from their own wallet."""
+    case = Case(account_type, venue, None, account_type, "", "USDT", "", identities=identities)
+    key, _cred, account = await connect(live, sim, case)
+    async with await live.ccxt_exchange(OWNER, account.trading_account_id, config=NO_THROTTLE) as exchange:
+        started = time.time()
+        balance = await exchange.fetch_balance()
+        last_url = exchange.last_request_url
+    assert set(balance["total"]) >= holds
+    assert wallet in last_url
+    signed = [e for e in sim.signed_requests(venue, api_key=key.api_key, since=started) if e.path == path]
+    assert signed and all(e.authenticated for e in signed)
