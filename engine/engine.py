@@ -1,12 +1,12 @@
 """``CredentialEngine``: the one object an embedding application holds.
 
 It wires the parts and owns their open and close order: the pool, the store, the job queue, the outbox, the
-webhook service, the lifecycle jobs, the trading accounts, the HTTP session and the event bus (except a pool or
-session the caller injected: those it uses and never closes). Each part is built from the parts it uses, never
-from the engine. It does no I/O in its constructor, opens once (``async with``), and refuses to reopen after
-closing. Every credential operation is one transaction that locks the credential row first, writes the change
-through the store (which returns the credential as written), records its event(s) through the outbox and
-enqueues the job that follows.
+webhook service, the lifecycle jobs, the trading accounts, the HTTP session, the event bus and the key-lease
+registry of engine/live (except a pool or session the caller injected: those it uses and never closes). Each
+part is built from the parts it uses, never from the engine. It does no I/O in its constructor, opens once
+(``async with``), and refuses to reopen after closing. Every credential operation is one transaction that locks
+the credential row first, writes the change through the store (which returns the credential as written),
+records its event(s) through the outbox and enqueues the job that follows.
 """
 
 from __future__ import annotations
@@ -108,8 +108,14 @@ class CredentialEngine:
         self._jobs: jobs.LifecycleJobs | None = None
         self._budgets: budgets.SharedBudgets | None = None  # per-IP venue budgets shared by the egress group
         self._parts: _Parts | None = None
-        self._leases: LeaseRegistry | None = None
         cfg = self.config
+        # key leases (engine/live): one bus subscription for every lease of this process
+        self.leases = LeaseRegistry(
+            bus=self.bus,
+            callback_timeout=cfg.key_lease_callback_timeout,
+            recheck_interval=cfg.key_lease_recheck_interval,
+            lock_timeout=cfg.pool_acquire_timeout + cfg.db_command_timeout,
+        )
         # webhook endpoints and deliveries; webhook_resolver replaces DNS lookups (the SSRF guard still applies)
         self.webhooks = webhooks_service.WebhookService(
             WebhookSettings(
@@ -231,17 +237,8 @@ class CredentialEngine:
         queue.every(retention.RETENTION_PURGE, cfg.retention_interval)
         accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
         self._parts = _Parts(store, queue, outbox, accounts)
-        # key leases: one subscription for all (subscribed before the bus starts: no event of the run is missed)
-        self._leases = LeaseRegistry(
-            db=self._db,
-            store=store,
-            bus=self.bus,
-            callback_timeout=cfg.key_lease_callback_timeout,
-            recheck_interval=cfg.key_lease_recheck_interval,
-            lock_timeout=cfg.pool_acquire_timeout + cfg.db_command_timeout,
-        )
+        self.leases.start(self._db, store)  # subscribed before the bus starts: no event of the run is missed
         await self.bus.start(self._db)
-        self._leases.start()
         if cfg.workers > 0:
             await queue.start()
 
@@ -282,8 +279,7 @@ class CredentialEngine:
         if self._budgets is not None:
             await self._budgets.stop()
         await self.webhooks.close()
-        if self._leases is not None:
-            await self._leases.close()  # every lease closed: keys raise LeaseClosed
+        await self.leases.close()  # every lease closed: keys raise LeaseClosed
         await self.bus.stop()
         if self._session is not None and self._injected_session is None:
             await self._session.close()
@@ -615,26 +611,15 @@ class CredentialEngine:
         CredentialRevoked, another status InvalidTransition. Opening is audited once (``key_access_audit``,
         access ``lease_open``: owner, purpose, secret version), every swap too (``lease_swap``).
         """
-        registry = self._lease_registry()
+        self._ready()
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         reason = validation.nickname(purpose, "purpose")
-        lease = await registry.open(owner, cid, purpose=reason, allow_pending=bool(allow_pending))
+        lease = await self.leases.open(owner, cid, purpose=reason, allow_pending=bool(allow_pending))
         try:
             yield lease
         finally:
             lease.close()
-
-    def _lease_registry(self) -> LeaseRegistry:
-        self._ready()
-        if self._leases is None:
-            raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
-        return self._leases
-
-    @property
-    def leases(self) -> LeaseRegistry:
-        """This process's key-lease registry (its ``stats``, ``open_leases``)."""
-        return self._lease_registry()
 
     async def list_events(self, owner_id: str, credential_id: uuid.UUID | str) -> list[Event]:
         """Every event of one credential, in sequence order (the outbox is kept)."""

@@ -17,9 +17,12 @@ Families (label values are bounded: states, results, venues, reasons, route patt
     credential_engine_webhook_deliveries_total{result}           counter    webhook attempts and decisions
     credential_engine_webhook_duration_seconds                   histogram  webhook attempt latency
     credential_engine_http_requests_total{route,method,status}   counter    REST requests answered by this process
+    credential_engine_key_leases                                 gauge      key leases open in this process
+    credential_engine_key_lease_changes_total{result}            counter    leases opened, keys swapped, revoked ...
 
 Nothing is counted twice: the collector reads, at scrape time, the counters the engine keeps anyway
-(``queue.counters``, ``probe_metrics``, ``bus.stats``, ``webhooks.metrics``, :attr:`EngineMetrics.http_requests`).
+(``queue.counters``, ``probe_metrics``, ``bus.stats``, ``webhooks.metrics``, :attr:`EngineMetrics.http_requests`,
+``leases.stats``).
 Counters count since the engine opened (Prometheus handles restarts). ``jobs`` is read from the database, so
 every process reports the same queue; counting the jobs reads every row of the queue table (done and cancelled
 jobs are kept for days), so it is not done per scrape: :class:`SharedRead` keeps the counts for
@@ -55,6 +58,7 @@ from prometheus_client.metrics_core import (
 
 from engine import errors, events, jobs
 from engine import queue as queuemod
+from engine.live.registry import LeaseRegistry
 from engine.webhooks import models as webhooks_models
 
 __all__ = ["JOB_COUNTS_TTL", "EngineCollector", "EngineMetrics", "SharedRead"]
@@ -124,6 +128,9 @@ class MeteredEngine(Protocol):
 
     @property
     def webhooks(self) -> WebhookCounters: ...
+
+    @property
+    def leases(self) -> LeaseRegistry: ...
 
 
 def _retrieve(task: asyncio.Task[T]) -> None:
@@ -247,7 +254,17 @@ class EngineCollector:
             "REST requests answered by this process.",
             labels=["route", "method", "status"],
         )
+        leases = GaugeMetricFamily(
+            "credential_engine_key_leases", "Key leases open in this process.", labels=[]
+        )
+        lease_changes = CounterMetricFamily(
+            "credential_engine_key_lease_changes",
+            "Key leases opened, keys swapped after rotations, credentials seen revoked or withheld, re-checks, "
+            "and failures (refreshes given up, callbacks), this process.",
+            labels=["result"],
+        )
         if with_samples:
+            self._leases(leases, lease_changes)
             self._jobs(jobs)
             self._attempts(attempts)
             self._probes(verifications, probes)
@@ -261,7 +278,24 @@ class EngineCollector:
             self._webhooks(webhooks, webhook_latency)
             for (route, method, status), count in sorted(self._metrics.http_requests.items()):
                 http.add_metric([route, method, str(status)], count)
-        yield from (jobs, attempts, verifications, probes, events, webhooks, webhook_latency, http)
+        yield from (jobs, attempts, verifications, probes, events, webhooks, webhook_latency, http, leases)
+        yield lease_changes
+
+    def _leases(self, gauge: GaugeMetricFamily, changes: CounterMetricFamily) -> None:
+        registry = self._metrics._engine.leases
+        gauge.add_metric([], registry.open_leases)
+        stats = registry.stats
+        for result, count in (
+            ("opened", stats.opened),
+            ("swapped", stats.swaps),
+            ("revoked", stats.revocations),
+            ("withheld", stats.withheld),
+            ("recheck", stats.rechecks),
+            ("recheck_failed", stats.recheck_failures),
+            ("refresh_failed", stats.refresh_failures),
+            ("callback_failed", stats.callback_failures),
+        ):
+            changes.add_metric([result], count)
 
     def _jobs(self, family: GaugeMetricFamily) -> None:
         counts = self._metrics.current_job_counts()

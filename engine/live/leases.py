@@ -33,6 +33,9 @@ class ChangeKind(enum.StrEnum):
     ROTATED = "rotated"  # new keys were swapped in (a promoted staged rotation, or an immediate one)
     VERIFIED = "verified"  # the keys swapped in by an immediate rotation verified
     REVOKED = "revoked"  # the credential was revoked: the lease hands out no keys any more
+    # the keys reach another venue account than the credential's pinned one (FAILED, ACCOUNT_MISMATCH): withheld
+    # until a rotation to keys of the pinned account
+    WITHHELD = "withheld"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class HeldKeys:
         "status",
         "venue",
         "venue_account_id",
+        "withheld",
     )
 
     def __init__(self, credential_id: uuid.UUID, owner_id: str) -> None:
@@ -86,6 +90,7 @@ class HeldKeys:
         self.venue_account_id: str | None = None
         self.sequence = 0
         self.revoked = False
+        self.withheld = False  # keys dropped: they reach another venue account than the pinned one
         self.closed = False
         self.leases: set[KeyLease] = set()
         self.lock = asyncio.Lock()  # one load or swap at a time per credential
@@ -109,7 +114,9 @@ class KeyLease:
     """The live keys of one credential for as long as the ``async with eng.lease_keys(...)`` block runs.
 
     ``keys`` raises :class:`errors.CredentialRevoked` once the credential is revoked (in any engine process
-    on the database) and :class:`errors.LeaseClosed` after the block ends or the engine closes. ``verified`` is
+    on the database), :class:`errors.LeaseClosed` after the block ends or the engine closes, and
+    :class:`errors.Conflict` while the keys reach another venue account than the credential's pinned one (as
+    ``reveal_keys`` does). ``verified`` is
     False after an immediate rotation until the new keys verify. ``repr`` never shows key material.
     """
 
@@ -134,6 +141,12 @@ class KeyLease:
         if keys is None:
             if self._held.closed:
                 raise errors.LeaseClosed("the key lease is closed (the engine closed)", field="lease")
+            if self._held.withheld:
+                raise errors.Conflict(
+                    "the credential's keys reach another venue account than the one it is pinned to; "
+                    "rotate to keys of the pinned account",
+                    field="credentialId",
+                )
             raise errors.CredentialRevoked(
                 f"credential {self._held.credential_id} is revoked", field="credentialId"
             )

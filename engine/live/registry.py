@@ -31,11 +31,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
-from engine import errors
+from engine import errors, jobs
 from engine import events as eventsmod
 from engine.db import Database, Record
 from engine.live.leases import ChangeCallback, ChangeKind, HeldKeys, KeyLease, LeaseChange
@@ -52,6 +52,31 @@ REFRESH_ATTEMPTS = 50  # a swap retried this often (database away, or the versio
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the registry's tasks to end once cancelled
 
 
+class _State(NamedTuple):
+    """A credential's state as an event or a row shows it."""
+
+    status: CredentialStatus
+    version: int
+    venue_account_id: str | None
+    failure_reason: str | None
+    sequence: int
+
+    @property
+    def mismatched(self) -> bool:
+        """The keys reach another venue account than the credential's pinned one."""
+        return self.status is CredentialStatus.FAILED and self.failure_reason == jobs.ACCOUNT_MISMATCH
+
+
+def _state_of(row: Record) -> _State:
+    return _State(
+        CredentialStatus(row["status"]),
+        int(row["secret_version"]),
+        row["venue_account_id"],
+        row["failure_reason"],
+        int(row["event_seq"]),
+    )
+
+
 @dataclass
 class LeaseStats:
     """What this process's registry did (counters since the engine opened)."""
@@ -62,24 +87,23 @@ class LeaseStats:
     rechecks: int = 0  # re-checks of every leased credential (after a bus gap, or periodic)
     recheck_failures: int = 0
     refresh_failures: int = 0  # swaps that gave up (logged; the next event or re-check tries again)
+    withheld: int = 0  # credentials whose keys were withheld (they reach another venue account)
     callback_failures: int = 0  # callbacks that raised or ran past callback_timeout
 
 
 class LeaseRegistry:
-    """Every key lease of one engine process. Open with :meth:`start` once the bus's database is set."""
+    """Every key lease of one engine process. Made with the engine (its ``stats`` are readable at any time);
+    :meth:`start` once the database and the store are open, before the bus starts."""
 
     def __init__(
         self,
         *,
-        db: Database,
-        store: Store,
         bus: eventsmod.EventBus,
         callback_timeout: float,
         recheck_interval: float,
         lock_timeout: float,
     ) -> None:
-        self._db = db
-        self._store = store
+        self._db_store: tuple[Database, Store] | None = None
         self._bus = bus
         self._callback_timeout = callback_timeout
         self._recheck_interval = recheck_interval
@@ -95,9 +119,10 @@ class LeaseRegistry:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, db: Database, store: Store) -> None:
         """Subscribe to the bus (every event type: trading-account events carry the credential too) and start
         the watch task."""
+        self._db_store = (db, store)
         self._unsubscribe = self._bus.subscribe(self._on_event)
         self._watch_task = asyncio.create_task(self._watch(), name="ce-leases-watch")
 
@@ -120,6 +145,16 @@ class LeaseRegistry:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
     @property
+    def _db(self) -> Database:
+        assert self._db_store is not None, "start() first"
+        return self._db_store[0]
+
+    @property
+    def _store(self) -> Store:
+        assert self._db_store is not None, "start() first"
+        return self._db_store[1]
+
+    @property
     def open_leases(self) -> int:
         return sum(len(h.leases) for h in self._held.values())
 
@@ -133,8 +168,8 @@ class LeaseRegistry:
         The lease is registered before the credential is read, so an event committed after the read is applied
         to it; the read locks the credential row, so it sees every change committed before it.
         """
-        if self._closed:
-            raise errors.EngineClosed("the engine is closing")
+        if self._closed or self._db_store is None:
+            raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
         held = self._held.get((owner_id, cid))
         if held is None or held.closed:
             held = HeldKeys(cid, owner_id)
@@ -196,7 +231,7 @@ class LeaseRegistry:
         if held.revoked:  # revoked (any process) between the commit and now
             raise errors.CredentialRevoked(f"credential {cid} is revoked", field="credentialId")
         held.venue = Venue(row["venue"])
-        self._apply_state(held, status, version, row["venue_account_id"], int(row["event_seq"]), keys)
+        self._apply_state(held, _state_of(row), keys)
 
     def release(self, lease: KeyLease) -> None:
         """A lease closed: forget it; the credential's keys go with its last lease."""
@@ -228,35 +263,38 @@ class LeaseRegistry:
         if version > held.secret_version:
             self._schedule_refresh(held)
         elif version == held.secret_version and status in CredentialStatus.__members__:
-            self._apply_state(
-                held, CredentialStatus(status), version, cred.get("venueAccountId"), event.sequence, None
+            state = _State(
+                CredentialStatus(status),
+                version,
+                cred.get("venueAccountId"),
+                cred.get("failureReason"),
+                event.sequence,
             )
+            if held.withheld and not state.mismatched:
+                self._schedule_refresh(held)  # the keys were dropped: fetch them again
+            else:
+                self._apply_state(held, state, None)
 
-    def _apply_state(
-        self,
-        held: HeldKeys,
-        status: CredentialStatus,
-        version: int,
-        venue_account_id: str | None,
-        sequence: int,
-        keys: ApiKeys | None,
-    ) -> None:
-        """Take the credential's state as of event ``sequence`` (with new ``keys`` when the version changed)
-        and tell the leases' callbacks what changed."""
-        if held.revoked or held.closed or sequence < held.sequence:
+    def _apply_state(self, held: HeldKeys, state: _State, keys: ApiKeys | None) -> None:
+        """Take the credential's ``state`` (with new ``keys`` when the version changed, or when withheld keys
+        come back) and tell the leases' callbacks what changed. Keys that reach another venue account than the
+        credential's pinned one (FAILED, ``ACCOUNT_MISMATCH``) are withheld, as ``reveal_keys`` refuses them."""
+        if held.revoked or held.closed or state.sequence < held.sequence:
             return
         old_version, was_verified, loaded = (
             held.secret_version,
             held.status is CredentialStatus.VERIFIED,
-            held.keys,
+            held.keys is not None or held.withheld,
         )
+        version, status = state.version, state.status
         if keys is not None:
             held.keys = keys
             held.secret_version = version
+            held.withheld = False
         held.status = status
-        held.venue_account_id = venue_account_id
-        held.sequence = sequence
-        if loaded is None:
+        held.venue_account_id = state.venue_account_id
+        held.sequence = state.sequence
+        if not loaded:
             return  # the first load: nothing changed for anyone yet
         if version != old_version:
             self.stats.swaps += 1
@@ -269,6 +307,12 @@ class LeaseRegistry:
             self._notify(held, LeaseChange(ChangeKind.ROTATED, held.credential_id, old_version, version))
         elif not was_verified and status is CredentialStatus.VERIFIED:
             self._notify(held, LeaseChange(ChangeKind.VERIFIED, held.credential_id, version, version))
+        if state.mismatched and held.keys is not None:
+            held.keys = None  # dropped like a revoked credential's; a later rotation brings keys back
+            held.withheld = True
+            self.stats.withheld += 1
+            log.warning("key_lease_withheld", credential_id=str(held.credential_id), secret_version=version)
+            self._notify(held, LeaseChange(ChangeKind.WITHHELD, held.credential_id, version, version))
 
     def _revoke(self, held: HeldKeys) -> None:
         if held.revoked:
@@ -298,7 +342,7 @@ class LeaseRegistry:
             try:
                 async with self._locked(held):
                     self._refresh_wanted.discard(held.credential_id)
-                    if held.revoked or held.closed or held.keys is None:
+                    if held.revoked or held.closed or (held.keys is None and not held.withheld):
                         return  # revoked, closed, or not loaded yet (the load reads the latest version)
                     if await self._refresh_once(held):
                         return
@@ -324,7 +368,8 @@ class LeaseRegistry:
             else:
                 revoked = False
                 version = int(row["secret_version"])
-                if version > held.secret_version:
+                state = _state_of(row)
+                if version > held.secret_version or (held.withheld and not state.mismatched):
                     secret = await self._store.get_secret(cid, version, conn=conn)
                     if secret is None:
                         return False  # rotated again or revoked since the first read
@@ -334,15 +379,7 @@ class LeaseRegistry:
         if revoked:
             self._revoke(held)
         else:
-            assert row is not None
-            self._apply_state(
-                held,
-                CredentialStatus(row["status"]),
-                int(row["secret_version"]) if keys is not None else held.secret_version,
-                row["venue_account_id"],
-                int(row["event_seq"]),
-                keys,
-            )
+            self._apply_state(held, state, keys)
         return True
 
     # ---- re-checks -----------------------------------------------------------------------------------------
@@ -383,7 +420,11 @@ class LeaseRegistry:
     async def recheck(self) -> None:
         """Read the status and version of every leased credential in one query; revoke what is REVOKED (or gone),
         refresh what changed."""
-        held_now = [h for h in self._held.values() if not h.revoked and not h.closed and h.keys is not None]
+        held_now = [
+            h
+            for h in self._held.values()
+            if not h.revoked and not h.closed and (h.keys is not None or h.withheld)
+        ]
         self.stats.rechecks += 1
         if not held_now:
             return

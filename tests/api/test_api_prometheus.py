@@ -35,6 +35,8 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "credential_engine_webhook_deliveries": ("counter", {"result"}),
     "credential_engine_webhook_duration_seconds": ("histogram", set()),
     "credential_engine_http_requests": ("counter", {"route", "method", "status"}),
+    "credential_engine_key_leases": ("gauge", set()),
+    "credential_engine_key_lease_changes": ("counter", {"result"}),
 }
 
 

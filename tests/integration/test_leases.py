@@ -54,6 +54,17 @@ async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:  # no
         await asyncio.sleep(0.01)
 
 
+def lease_metrics(eng: CredentialEngine) -> dict[str, float]:
+    """The key-lease samples of the engine's Prometheus collector (``name/result`` for labelled ones)."""
+    found: dict[str, float] = {}
+    for family in eng.metrics.collector.collect():
+        for sample in family.samples:
+            if sample.name.startswith("credential_engine_key_lease"):
+                label = sample.labels.get("result")
+                found[f"{sample.name}/{label}" if label else sample.name] = sample.value
+    return found
+
+
 async def audit(eng: CredentialEngine, cid: uuid.UUID) -> list[tuple[str, int, str | None]]:
     """(access, secret version, purpose) of every key-access audit row of ``cid``, oldest first."""
     rows = await eng.db.fetch("list_key_access", cid, OWNER, 100)
@@ -76,6 +87,8 @@ async def test_lease_hands_out_keys_and_is_audited_once(eng: CredentialEngine, f
         assert eng.leases.open_leases == 1
     assert await audit(eng, cred.credential_id) == [("lease_open", 1, "market maker")]
     assert eng.leases.open_leases == 0
+    await eng.reveal_keys(OWNER, cred.credential_id, purpose="one-off")
+    assert (await audit(eng, cred.credential_id))[-1] == ("reveal", 1, "one-off")
     with pytest.raises(LeaseClosed) as info:
         _ = lease.keys
     assert info.value.errno == -100019
@@ -148,16 +161,19 @@ async def test_opening_is_refused_for_revoked_pending_failed_and_other_owners(
 
 
 async def test_staged_rotation_swaps_the_keys_in_place_once_promoted(
-    eng: CredentialEngine, fake: FakeVenue
+    eng: CredentialEngine, fake: FakeVenue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Keys stay the old ones while the rotation is staged; once promoted, every lease holds the new keys
-    (fetched once, audited as one lease_swap row per lease) and the callbacks hear 'rotated'."""
+    (decrypted once for both, audited as one lease_swap row per lease) and the callbacks hear 'rotated' with the
+    new keys already in place."""
     cred = await verified(eng, fake)
     fake.add_key("lease-key-2", NEW_SECRET, passphrase=PASS, account_id="uid-l")
     changes: list[tuple[str | None, LeaseChange]] = []
+    seen_in_callback: list[str] = []
 
     async def heard(lease: KeyLease, change: LeaseChange) -> None:
         changes.append((lease.purpose, change))
+        seen_in_callback.append(lease.keys.api_secret)
 
     async with (
         eng.lease_keys(OWNER, cred.credential_id, purpose="a") as a,
@@ -170,13 +186,24 @@ async def test_staged_rotation_swaps_the_keys_in_place_once_promoted(
         )
         await eng.bus.drain()
         assert a.keys.api_secret == SECRET and a.secret_version == 1  # staged: not in use yet
-        await settle(eng)  # the rotation verifies and is promoted
+        opened = 0
+        original = eng.store.open_secret
+
+        def counting(secret: Any) -> Any:
+            nonlocal opened
+            opened += 1
+            return original(secret)
+
+        monkeypatch.setattr(eng.store, "open_secret", counting)
+        await settle(eng)  # the rotation verifies (its probe decrypts the staged keys once) and is promoted
         await until(lambda: a.secret_version == 2)
         assert a.keys.api_key == b.keys.api_key == "lease-key-2"
         assert b.keys.api_secret == NEW_SECRET and a.verified
         await until(lambda: len(changes) == 2)
     assert {p for p, _ in changes} == {"a", "b"}
     assert {c for _, c in changes} == {LeaseChange(ChangeKind.ROTATED, cred.credential_id, 1, 2)}
+    assert seen_in_callback == [NEW_SECRET, NEW_SECRET]
+    assert opened == 2  # one for the verification job, one for both leases
     rows = await audit(eng, cred.credential_id)
     assert rows[:2] == [("lease_open", 1, "a"), ("lease_open", 1, "b")]
     assert sorted(rows[2:]) == [("lease_swap", 2, "a"), ("lease_swap", 2, "b")]
@@ -237,7 +264,12 @@ async def test_revocation_drops_the_keys_wakes_waiters_and_calls_back(
             _ = lease.keys
         await lease.wait_revoked(timeout=0.01)  # at once now
         await until(lambda: len(changes) == 1)
+        assert lease_metrics(eng)["credential_engine_key_leases"] == 1
     assert changes == [LeaseChange(ChangeKind.REVOKED, cred.credential_id, 1, 0)]
+    scraped = lease_metrics(eng)
+    assert scraped["credential_engine_key_leases"] == 0
+    assert scraped["credential_engine_key_lease_changes_total/opened"] == 1
+    assert scraped["credential_engine_key_lease_changes_total/revoked"] == 1
 
 
 async def test_failing_and_hanging_callbacks_never_stop_the_registry(
@@ -371,3 +403,50 @@ async def test_a_lost_listen_connection_triggers_a_recheck_at_once(
         assert killed >= 1
         await until(lambda: eng.bus.stats.reconnects > reconnects)
         await until(lambda: lease.revoked, timeout=5)
+
+
+async def test_keys_reaching_another_account_are_withheld_until_rotated_back(
+    eng: CredentialEngine, fake: FakeVenue
+) -> None:
+    """An immediate rotation to keys of another venue account swaps them in unverified; once verification finds
+    ACCOUNT_MISMATCH the lease withholds them (Conflict, as reveal_keys), and a rotation to keys of the pinned
+    account brings keys back."""
+    cred = await verified(eng, fake)
+    fake.add_key("elsewhere-key", NEW_SECRET, passphrase=PASS, account_id="uid-other")
+    fake.add_key("lease-key-3", SECRET + "-3", passphrase=PASS, account_id="uid-l")
+    kinds: list[ChangeKind] = []
+
+    async def heard(lease: KeyLease, change: LeaseChange) -> None:
+        kinds.append(change.kind)
+
+    async with eng.lease_keys(OWNER, cred.credential_id) as lease:
+        lease.on_change(heard)
+        await eng.rotate_credential(
+            OWNER,
+            cred.credential_id,
+            api_key="elsewhere-key",
+            api_secret=NEW_SECRET,
+            api_passphrase=PASS,
+            immediate=True,
+        )
+        await until(lambda: lease.secret_version == 2)
+        await settle(eng)
+        assert (await eng.get_credential(OWNER, cred.credential_id)).failure_reason == "ACCOUNT_MISMATCH"
+        await until(lambda: lease.status is CredentialStatus.FAILED)
+        with pytest.raises(errors.Conflict) as info:
+            _ = lease.keys
+        assert not isinstance(info.value, CredentialRevoked) and not lease.revoked
+        await eng.rotate_credential(
+            OWNER,
+            cred.credential_id,
+            api_key="lease-key-3",
+            api_secret=SECRET + "-3",
+            api_passphrase=PASS,
+            immediate=True,
+        )
+        await until(lambda: lease.secret_version == 3)
+        assert lease.keys.api_key == "lease-key-3"
+        await settle(eng)
+        await until(lambda: lease.verified)
+        await until(lambda: len(kinds) == 4)
+    assert kinds == [ChangeKind.ROTATED, ChangeKind.WITHHELD, ChangeKind.ROTATED, ChangeKind.VERIFIED]
