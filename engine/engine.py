@@ -679,6 +679,31 @@ class CredentialEngine:
             owner_id, credential_id=credential_id, status=status, venue=venue, offset=offset, limit=limit
         )
 
+    async def ccxt_exchange(
+        self,
+        owner_id: str,
+        trading_account_id: uuid.UUID | str,
+        *,
+        purpose: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """A ``ccxt.async_support`` exchange for an ACTIVE trading account, signing with a key lease on its
+        credential: a rotation signs the next request with the new keys, a revocation or a disconnection closes
+        it (later calls raise :class:`errors.ExchangeClosed`). ``config`` goes to ccxt's constructor (``timeout``,
+        ``enableRateLimit``, ``options``); close the exchange when done (it releases the lease). Needs the
+        ``ccxt`` extra (engine/live/ccxt.py)."""
+        self._ready()
+        from engine.live import ccxt as bridge  # the optional extra loads on first use
+
+        return await bridge.open_exchange(
+            self,
+            owner_id,
+            trading_account_id,
+            purpose=purpose,
+            venue_urls=self.config.venue_urls,
+            config=config,
+        )
+
     # ---- events, jobs, keys --------------------------------------------------------------------------------
 
     def subscribe(self, listener: events.Listener, types: Collection[str] | None = None) -> Any:

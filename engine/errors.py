@@ -13,7 +13,8 @@
     │   ├── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
     │   ├── CredentialRevoked     409  -100018  a key lease of a REVOKED credential (opened, or read after it)
     │   ├── LeaseClosed           409  -100019  a key lease read after its context ended or the engine closed
-    │   └── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
+    │   ├── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
+    │   └── ExchangeClosed        409  -100020  a ccxt bridge exchange closed (revoked, disconnected, closed)
     ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (docs/api-dialect.md §9)
     ├── WaitTimeout               408  -100009  wait_for_status ran out of time
     ├── RateLimited               429  -100014  too many requests from this owner or address (``retry_after``)
@@ -215,3 +216,16 @@ class PoolReentry(CredentialEngineError):
     """
 
     errno = -100016
+
+
+class ExchangeClosed(Conflict):
+    """A call on a ccxt exchange of the bridge (``engine.live.ccxt``) after it closed: its credential was
+    revoked, its trading account disconnected, the credential rotated to keys of another Coinbase API, or its
+    holder closed it. ``reason`` says which (``CREDENTIAL_REVOKED``, ``DISCONNECTED``, ``KEY_KIND_CHANGED``,
+    ``CLOSED``). Library only: no REST route raises it."""
+
+    errno = -100020
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, field="tradingAccountId")
+        self.reason = reason
