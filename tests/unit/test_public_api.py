@@ -11,7 +11,12 @@ from engine import errors
 
 def test_all_lists_exactly_the_public_names() -> None:
     """``engine.__all__`` equals the module's public names, so nothing is exported by accident."""
-    lazy = {"CredentialEngine", "KeyLease", "LeaseChange", "RewrapReport"}  # loaded on first use (__getattr__)
+    lazy = {
+        "CredentialEngine",
+        "KeyLease",
+        "LeaseChange",
+        "RewrapReport",
+    }  # loaded on first use (__getattr__)
     public = {name for name in vars(engine) if not name.startswith("_")} | lazy
     submodules = {name for name in public if inspect.ismodule(getattr(engine, name))}
     assert set(engine.__all__) == public - (submodules - {"errors"}) - {"TYPE_CHECKING", "Any"}
