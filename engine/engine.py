@@ -711,12 +711,14 @@ class CredentialEngine:
         return self.bus.subscribe(listener, types)
 
     async def run_until_idle(self, timeout: float | None = None) -> int:  # noqa: ASYNC109 - arq-style API
-        """Run every due job and deliver every event to listeners, until nothing is left to do (tests, scripts)."""
+        """Run every due job, deliver every event to listeners and let the key leases take the keys it brought,
+        until nothing is left to do (tests, scripts)."""
         queue = self._ready().queue
         total = 0
         while True:
             ran = await queue.run_until_idle(timeout=timeout)
             await self.bus.drain()
+            await self.leases.settle()  # the keys the events brought have reached the leases
             total += ran
             if ran == 0:
                 return total

@@ -144,6 +144,13 @@ class LeaseRegistry:
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
+    async def settle(self, timeout: float = CLOSE_TIMEOUT) -> None:  # noqa: ASYNC109 - bounded wait
+        """Wait (at most ``timeout`` seconds) until no key refresh or callback of this process is running, so
+        that every change the bus delivered has reached the leases (``CredentialEngine.run_until_idle``)."""
+        async with asyncio.timeout(timeout):
+            while pending := [t for t in self._tasks if not t.done()]:
+                await asyncio.wait(pending)  # a refresh may spawn callbacks: look again
+
     @property
     def _db(self) -> Database:
         assert self._db_store is not None, "start() first"

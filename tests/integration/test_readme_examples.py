@@ -96,6 +96,7 @@ COVERED: dict[tuple[str, str, int], str] = {
     ("credential-engine", "", 0): "test_state_sketch_names_the_lifecycle_states",
     ("Two commands", "sh", 0): "test_two_commands_are_make_targets, test_make_run_prints_*",
     ("Library quick start", "python", 0): "test_library_quick_start_runs_as_written",
+    ("Using keys in your trading backend", "python", 0): "test_trading_backend_example_runs_as_written",
     ("Lifecycle", "mermaid", 0): "tests/unit/test_lifecycle_diagram.py",
     ("REST API and command line", "sh", 0): "test_rest_api_block_make_targets, test_make_run_prints_*, "
     "test_serve_in_production_needs_the_three_variables_named",
@@ -481,6 +482,61 @@ async def test_library_quick_start_runs_as_written(
     ]  # fmt: skip
     audit = await eng.db.fetch("list_key_access", cred.credential_id, "user-42", 10)
     assert [(r["secret_version"], r["purpose"]) for r in audit] == [(1, "order signing")]
+
+
+# ---- "Using keys in your trading backend" --------------------------------------------------------------------
+
+
+async def test_trading_backend_example_runs_as_written(
+    database_url: str, master_keys: str, tmp_path: Path, simulator: dict[str, Any], make_engine: Any
+) -> None:
+    """The lease and ccxt example, run as a script against the simulator process: it trades, the rotation swaps
+    the lease's keys and the exchange's on the same object, the revocation closes both, and no secret is printed.
+    The simulator's signing log shows which key signed what."""
+    script = tmp_path / "trading.py"
+    script.write_text(block("Using keys in your trading backend", "python").text, encoding="utf-8")
+    good, rotation = demo_key(simulator, "OKX", "demo-good"), demo_key(simulator, "OKX", "demo-rotation")
+    env = clean_env(
+        DATABASE_URL=database_url,
+        ENGINE_MASTER_KEYS=master_keys,
+        ENGINE_DATA_DIR=str(tmp_path / "data"),
+        ENGINE_VENUE_URLS=f"OKX={simulator['venues']['OKX']}",
+        OKX_API_KEY=good["api_key"],
+        OKX_API_SECRET=good["api_secret"],
+        OKX_API_PASSPHRASE=good["api_passphrase"],
+        OKX_NEW_API_KEY=rotation["api_key"],
+        OKX_NEW_API_SECRET=rotation["api_secret"],
+        OKX_NEW_API_PASSPHRASE=rotation["api_passphrase"],
+    )
+    code, out, err = await run([sys.executable, str(script)], env, tmp_path)
+    assert code == 0, err[-3000:]
+    lines = out.splitlines()
+    first = repr(ApiKeys(good["api_key"], good["api_secret"], good["api_passphrase"]))
+    second = repr(ApiKeys(rotation["api_key"], rotation["api_secret"], rotation["api_passphrase"]))
+    assert f"{first} 1" in lines, out
+    assert "secret on the object: <held by credential-engine>" in lines, out
+    assert any(line.startswith("lease rotated 1 -> 2") for line in lines), out
+    assert f"now 2 {second}" in lines, out
+    assert "exchange refused: CREDENTIAL_REVOKED" in lines, out
+    assert "lease refused: -100018" in lines, out
+    for secret in [*secrets_of(good, rotation), master_keys.split(":", 1)[1]]:
+        assert secret not in out and secret not in err
+    assert "Traceback" not in err
+    # the simulator's own record: the order was signed by the first key, its cancel by the second
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{simulator['admin']}/requests", params={"venue": "OKX"}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        record = await resp.json()
+    signed = [(r["api_key"], r["path"]) for r in record]
+    orders = [key for key, path in signed if path.startswith("/api/v5/trade/") and "order" in path]
+    assert orders and orders[0] == good["api_key"] and orders[-1] == rotation["api_key"], signed
+    eng: CredentialEngine = await make_engine()
+    (cred,) = (await eng.list_credentials("user-42")).items
+    assert cred.status is CredentialStatus.REVOKED
+    audit = await eng.db.fetch("list_key_access", cred.credential_id, "user-42", 10)
+    assert {(r["access"], r["purpose"]) for r in audit} >= {("lease_open", "market maker")}
 
 
 # ---- "Command line" ------------------------------------------------------------------------------------------
