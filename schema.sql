@@ -59,6 +59,14 @@ CREATE TRIGGER credentials_pinned_account_final
           AND NEW.pinned_venue_account_id IS DISTINCT FROM OLD.pinned_venue_account_id)
     EXECUTE FUNCTION credential_pinned_account_is_final();
 
+-- A statement that changes a credential for a job attempt raises this when the attempt turns out to no longer own
+-- its job (queries.sql, verified_and_done): the error undoes the whole statement (engine/db.py: AttemptLost).
+CREATE OR REPLACE FUNCTION ce_attempt_lost() RETURNS boolean AS $$
+BEGIN
+    RAISE EXCEPTION 'the job attempt no longer owns its job' USING ERRCODE = 'CE409';
+END
+$$ LANGUAGE plpgsql;
+
 CREATE INDEX IF NOT EXISTS credentials_owner_created ON credentials (owner_id, created_at, id);
 CREATE INDEX IF NOT EXISTS credentials_verified_sweep ON credentials (verified_at) WHERE status = 'VERIFIED';
 

@@ -131,6 +131,7 @@ _POOLER_HINT = (
     "a transaction pooler (PgBouncer pool_mode=transaction) is in front of the server: the driver's hint is "
     "to use statement_cache_size=0; set ENGINE_DB_POOLER=transaction (or ENGINE_DB_STATEMENT_CACHE_SIZE=0)"
 )
+ATTEMPT_LOST_SQLSTATE = "CE409"  # schema.sql's ce_attempt_lost(): see AttemptLost
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for connections in use before terminating them
 
 # the task that holds a pool connection in this context (see the module docstring), None when none does
@@ -152,6 +153,15 @@ class LockNotAvailable(errors.StorageError):
 
     def __init__(self) -> None:
         super().__init__("a lock was not granted in time (lock_timeout)")
+
+
+class AttemptLost(errors.StorageError):
+    """A statement that wrote for a job attempt found that the attempt no longer owns its job (SQLSTATE
+    ``CE409``, raised by ``ce_attempt_lost()``, schema.sql): the statement, and all it wrote, was undone. The
+    caller turns it into the queue's ``StaleAttempt``."""
+
+    def __init__(self) -> None:
+        super().__init__("the job attempt no longer owns its job; the statement was undone")
 
 
 class PoolExhausted(errors.StorageError):
@@ -182,6 +192,8 @@ def _translate(exc: BaseException) -> errors.StorageError:
         return UniqueViolation(exc.constraint_name or "unknown")
     if isinstance(exc, asyncpg.LockNotAvailableError):
         return LockNotAvailable()
+    if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == ATTEMPT_LOST_SQLSTATE:
+        return AttemptLost()
     if isinstance(exc, asyncpg.PostgresError):
         # sqlstate and class only: the message may quote values of the row
         text = f"database error {exc.sqlstate} ({type(exc).__name__})"

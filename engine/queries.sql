@@ -129,6 +129,47 @@ SELECT w.*,
 FROM written w
 LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
 
+-- verified_and_done --
+-- The verification's hot path in one statement, its own transaction (engine/hotpath.py): verify_succeeded of
+-- secret version $3 of credential $1 as the job read it before probing, fenced on the event sequence it read
+-- ($9: nothing reported since, so the row is as read) as well as on status and version like mark_verified; its
+-- event ($11 id, $12 type, $13 data, whose credential's updatedAt and verifiedAt are set here to the row's) with
+-- NOTIFY $14; attempt $16 of job $15 done (queue.sql's complete_job: fenced on id, attempt and running). The
+-- credential's UPDATE is the transaction's first write (the events' order, engine/events.py), and the job's
+-- waits for it. No row, nothing written: the row changed, another venue account is pinned, or a webhook
+-- endpoint of owner $10 wants the type (its deliveries need the transaction path). SQLSTATE CE409 when the
+-- attempt no longer owns the job: the error undoes the whole statement.
+WITH written AS (
+    UPDATE credentials c
+    SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6,
+        pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $6), environment = $7,
+        warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
+        event_seq = c.event_seq + 1
+    WHERE c.id = $1 AND c.status = ANY ($2::text[]) AND c.secret_version = $3 AND c.event_seq = $9
+      AND c.rotation_failure_reason IS NULL
+      AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $6)
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_endpoints e
+          WHERE e.owner_id = $10 AND e.enabled AND (e.event_types IS NULL OR $12 = ANY (e.event_types)))
+    RETURNING c.id, c.owner_id, c.event_seq, floor(extract(epoch FROM c.updated_at) * 1000)::bigint AS at_ms
+), event AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    SELECT $11, $12, w.owner_id, w.id, w.event_seq,
+           jsonb_set(jsonb_set($13::jsonb, '{credential,updatedAt}', to_jsonb(w.at_ms)),
+                     '{credential,verifiedAt}', to_jsonb(w.at_ms))
+    FROM written w
+    RETURNING position
+), done AS (
+    UPDATE queue_jobs
+    SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+    WHERE id = $15 AND attempt = $16 AND state = 'running' AND EXISTS (SELECT 1 FROM written)
+    RETURNING id
+)
+SELECT w.event_seq,
+       pg_notify($14, '') IS NOT NULL AS notified,
+       CASE WHEN EXISTS (SELECT 1 FROM done) THEN true ELSE ce_attempt_lost() END AS completed
+FROM written w, event e;
+
 -- mark_failed --
 -- verify_rejected (a permanent cause), fenced on the probed secret version; the public row and previous status.
 WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE),

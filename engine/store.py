@@ -15,7 +15,7 @@ import contextlib
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine import crypto, errors, lifecycle
@@ -34,8 +34,14 @@ from venues.base import ApiKeys, Permissions, ProbeResult, Venue, mask_api_key
 FINGERPRINT_KEY = "fingerprint-hmac"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def ms(value: datetime | None) -> int | None:
-    return int(value.timestamp() * 1000) if value is not None else None
+    """Milliseconds since the epoch, floored, in exact integer arithmetic (a float timestamp can land one
+    millisecond short): the same figure as SQL's ``floor(extract(epoch FROM t) * 1000)``."""
+    return (value - _EPOCH) // _MS if value is not None else None
 
 
 def credential_from_row(row: Record) -> Credential:
@@ -330,6 +336,14 @@ class Store:
         self, credential_id: uuid.UUID, version: int
     ) -> tuple[Credential, SecretRow | None]:
         """A credential (anyone's: workers) and its secret version ``version`` if that still exists."""
+        cred, secret, _ = await self.read_for_job(credential_id, version)
+        return cred, secret
+
+    async def read_for_job(
+        self, credential_id: uuid.UUID, version: int
+    ) -> tuple[Credential, SecretRow | None, int]:
+        """:meth:`get_with_secret` and the row's event sequence (what a write fenced on "unchanged since
+        read" compares: engine/hotpath.py)."""
         row = await self.db.fetchrow("get_credential_with_secret", credential_id, version)
         if row is None:
             raise errors.NotFound(f"credential {credential_id} not found", field="credentialId")
@@ -347,7 +361,7 @@ class Store:
                     ciphertext=bytes(row["secret_ciphertext"]),
                 ),
             )
-        return credential_from_row(row), secret
+        return credential_from_row(row), secret, int(row["event_seq"])
 
     async def list(
         self,
