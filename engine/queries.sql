@@ -44,6 +44,54 @@ SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked
        NULL::timestamptz AS pending_started_at
 FROM written;
 
+-- created_and_enqueued --
+-- The creation's hot path in one statement, its own transaction (engine/hotpath.py): insert_credential ($1-$11,
+-- quota $12 under the owner's quota lock waited for at most $13: ce_credential_room, schema.sql), its
+-- credential.created ($14 id, $15 data, whose credential's createdAt and updatedAt are set here to the row's)
+-- with NOTIFY $16, and its verification job as queue.sql's enqueue_job queues a job of owner $2 due now ($17
+-- kind, $18 payload, $19 dedupe key, $20 max attempts; start tag after the owner's last queued one and never
+-- before the smallest) with NOTIFY $21. One row: room (false: the quota is reached), wanted (a webhook endpoint
+-- of the owner wants credential.created: nothing was written, its deliveries need the transaction path), and
+-- the public row when written.
+WITH room AS (
+    SELECT ce_credential_room($2, $12, $13) AS ok,
+           EXISTS (
+               SELECT 1 FROM webhook_endpoints e
+               WHERE e.owner_id = $2 AND e.enabled
+                 AND (e.event_types IS NULL OR 'credential.created' = ANY (e.event_types))) AS wanted
+), written AS (
+    INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
+                             secret_version, event_seq)
+    SELECT $1, $2, $3, $4, $5, $6, 'PENDING', 1, 1 FROM room WHERE room.ok AND NOT room.wanted
+    RETURNING *, floor(extract(epoch FROM created_at) * 1000)::bigint AS at_ms
+), secret AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT written.id, 1, 'CURRENT', $2, $3, $7, $8, $9, $10, $11, $6 FROM written
+), event AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    SELECT $14, 'credential.created', w.owner_id, w.id, 1,
+           jsonb_set(jsonb_set($15::jsonb, '{credential,createdAt}', to_jsonb(w.at_ms)),
+                     '{credential,updatedAt}', to_jsonb(w.at_ms))
+    FROM written w
+), tag AS (
+    SELECT greatest(
+        (SELECT max(fair_seq) + 1 FROM queue_jobs
+         WHERE state = 'queued' AND fair_key = $2::text AND fair_seq IS NOT NULL),
+        (SELECT min(fair_seq) FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NOT NULL),
+        0) AS seq
+), job AS (
+    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts, run_at, fair_key, fair_seq)
+    SELECT $17, $18, $19, $20, now(), $2::text, tag.seq
+    FROM written, tag
+    ON CONFLICT (dedupe_key) WHERE state = 'queued' DO NOTHING
+)
+SELECT room.ok AS room, room.wanted, w.*, NULL::integer AS pending_version,
+       NULL::text AS pending_masked_api_key, NULL::timestamptz AS pending_started_at,
+       CASE WHEN w.id IS NOT NULL THEN pg_notify($16, '') IS NOT NULL AND pg_notify($21, '') IS NOT NULL END
+           AS notified
+FROM room LEFT JOIN written w ON true;
+
 -- get_credential --
 -- One credential of one owner (other owners' ids find nothing).
 SELECT * FROM credential_view WHERE id = $1 AND owner_id = $2;

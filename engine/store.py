@@ -190,13 +190,29 @@ class Store:
         """A new PENDING credential with its keys as secret version 1, in one statement; None when the owner
         already holds ``quota`` credentials that are not revoked (take the owner's quota lock first)."""
         sealed = self.vault.seal(keys, credential_id=credential_id, version=1)
-        with _refused_keys(venue):
+        with refused_keys(venue):
             row = await conn.fetchrow(
                 "insert_credential", credential_id, owner_id, venue.value, credential_type.value, nickname,
                 mask_api_key(keys.api_key), sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
                 sealed.ciphertext, self.fingerprint(venue, keys.api_key), quota,
             )  # fmt: skip
         return credential_from_row(row) if row is not None else None
+
+    def sealed_columns(
+        self, credential_id: uuid.UUID, venue: Venue, keys: ApiKeys, version: int
+    ) -> tuple[Any, ...]:
+        """What a statement storing ``keys`` as secret ``version`` of a credential writes: the master key
+        version, wrapped data key, nonce, ciphertext (:class:`crypto.Vault`), the key's fingerprint and its
+        masked form."""
+        sealed = self.vault.seal(keys, credential_id=credential_id, version=version)
+        return (
+            sealed.kek_version,
+            sealed.wrapped_dek,
+            sealed.nonce,
+            sealed.ciphertext,
+            self.fingerprint(venue, keys.api_key),
+            mask_api_key(keys.api_key),
+        )
 
     async def stage_rotation(self, conn: Conn, locked: Record, keys: ApiKeys) -> Change:
         """``rotate``: store ``keys`` as the next secret version, PENDING (``locked``: the row read under the
@@ -205,7 +221,7 @@ class Store:
         venue = Venue(locked["venue"])
         version = int(locked["last_secret_version"]) + 1
         sealed = self.vault.seal(keys, credential_id=cid, version=version)
-        with _refused_keys(venue):
+        with refused_keys(venue):
             row = await conn.fetchrow(
                 "stage_rotation", cid, lifecycle.sources("rotate"), int(locked["secret_version"]), version,
                 locked["owner_id"], venue.value, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
@@ -223,7 +239,7 @@ class Store:
         sealed = self.vault.seal(keys, credential_id=cid, version=version)
         await conn.execute("delete_secrets_for_immediate_rotation", cid, old_version)
         masked = mask_api_key(keys.api_key)
-        with _refused_keys(venue):
+        with refused_keys(venue):
             row = await conn.fetchrow(
                 "rotate_immediately", cid, lifecycle.sources("rotate_immediately"), old_version, version, masked,
                 locked["owner_id"], venue.value, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
@@ -477,7 +493,7 @@ class Store:
 
 
 @contextlib.contextmanager
-def _refused_keys(venue: Venue) -> Iterator[None]:
+def refused_keys(venue: Venue) -> Iterator[None]:
     """A unique violation of the secrets table as the typed error it means."""
     try:
         yield

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 
-from engine import hotpath, jobs, queue
+from engine import errors, hotpath, jobs, queue
+from engine.bounds import quotas
 from engine.engine import CredentialEngine
 from engine.models import CredentialStatus, Event
 from engine.store import ms
@@ -56,7 +59,7 @@ async def test_the_event_is_the_credential_as_written(
     assert taken == [True]
     after = await eng.get_credential(OWNER, cred.credential_id)
     assert after.status is CredentialStatus.VERIFIED and after.identities == ("margin", "spot")
-    created, verified = await events_of(eng, cred.credential_id)
+    _created, verified = await events_of(eng, cred.credential_id)
     assert (verified.type, verified.sequence) == ("credential.verified", 2)
     assert verified.data == {
         "credential": after.public_dict(),
@@ -93,9 +96,10 @@ async def test_a_row_changed_during_the_probe_takes_the_transaction_path(
     cred = await eng.create_credential(
         OWNER, venue=Venue.BINANCE, api_key="hot-key-0002", api_secret="s3cret"
     )
-    async with asyncio.timeout(30):
-        while "hot-key-0002" not in fake.calls:  # the job read the row and is probing
-            await asyncio.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while "hot-key-0002" not in fake.calls:  # the job read the row and is probing
+        assert time.monotonic() < deadline, "the verification never started"
+        await asyncio.sleep(0.02)
     await eng.rotate_credential(OWNER, cred.credential_id, api_key="hot-key-0003", api_secret="s3cret")
     gate.set()
     await eng.wait_for_status(OWNER, cred.credential_id, [CredentialStatus.VERIFIED], timeout=30)
@@ -161,6 +165,85 @@ async def test_an_endpoint_that_wants_the_event_gets_its_delivery(
     assert [(d.event_type, d.credential_id) for d in page.items] == [
         ("credential.verified", wanted.credential_id)
     ]
+
+
+async def test_a_created_credential_is_one_statement_and_its_event_is_the_row(
+    eng: CredentialEngine, fake: FakeVenue
+) -> None:
+    """create_credential writes the credential, its credential.created (the row as the API shows it) and its
+    verification job (owner's, deduped) in one statement; the job runs."""
+    fake.add_key("hot-key-0101", "s3cret")
+    cred = await eng.create_credential(
+        OWNER, venue=Venue.BINANCE, api_key="hot-key-0101", api_secret="s3cret", nickname="desk"
+    )
+    got = await eng.get_credential(OWNER, cred.credential_id)
+    assert cred == got and got.created_at_ms == got.updated_at_ms > 0
+    [created] = await events_of(eng, cred.credential_id)
+    assert (created.type, created.sequence, created.data) == (
+        "credential.created",
+        1,
+        {"credential": got.public_dict()},
+    )
+    [job] = await eng.queue.list_jobs(kind=jobs.VERIFY)
+    assert job.dedupe_key == f"verify:{cred.credential_id}" and job.state == "queued"
+    await eng.run_until_idle(timeout=30)
+    assert (await eng.get_credential(OWNER, cred.credential_id)).status is CredentialStatus.VERIFIED
+
+
+async def test_an_endpoint_that_wants_credential_created_gets_its_delivery(
+    make_engine: EngineFactory, fake: FakeVenue
+) -> None:
+    """The creation statement writes nothing when an endpoint of the owner wants credential.created: the
+    transaction path stores it once, with the delivery."""
+    eng = await make_engine(allow_private_webhook_urls=True)
+    await eng.add_webhook_endpoint(OWNER, "http://127.0.0.1:9/hook", ["credential.created"])
+    fake.add_key("hot-key-0102", "s3cret")
+    cred = await eng.create_credential(
+        OWNER, venue=Venue.BINANCE, api_key="hot-key-0102", api_secret="s3cret"
+    )
+    assert (await eng.list_credentials(OWNER)).total == 1
+    assert [e.type for e in await events_of(eng, cred.credential_id)] == ["credential.created"]
+    page = await eng.list_webhook_deliveries(OWNER)
+    assert [(d.event_type, d.credential_id) for d in page.items] == [
+        ("credential.created", cred.credential_id)
+    ]
+    assert len(await eng.queue.list_jobs(kind=jobs.VERIFY)) == 1
+
+
+async def test_a_duplicate_key_is_refused_by_the_statement(eng: CredentialEngine, fake: FakeVenue) -> None:
+    """The same key twice for one owner and venue: DuplicateCredential, and nothing of the second call stays."""
+    fake.add_key("hot-key-0103", "s3cret")
+    await eng.create_credential(OWNER, venue=Venue.BINANCE, api_key="hot-key-0103", api_secret="s3cret")
+    with pytest.raises(errors.DuplicateCredential):
+        await eng.create_credential(OWNER, venue=Venue.BINANCE, api_key="hot-key-0103", api_secret="other")
+    assert (await eng.list_credentials(OWNER)).total == 1
+    assert len(await eng.queue.list_jobs(kind=jobs.VERIFY)) == 1
+
+
+async def test_waiting_for_the_owner_lock_to_create_is_bounded(
+    make_engine: EngineFactory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The creation statement waits for the owner's quota lock at most quotas.LOCK_TIMEOUT (StorageError, 503)
+    and writes nothing; other owners go on."""
+    monkeypatch.setattr(quotas, "LOCK_TIMEOUT", "300ms")
+    eng = await make_engine()
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext($1))", OWNER)
+            with pytest.raises(errors.StorageError):
+                await asyncio.wait_for(
+                    eng.create_credential(OWNER, venue=Venue.BINANCE, api_key="hot-key-0104", api_secret="s"),
+                    timeout=10,
+                )
+            await asyncio.wait_for(
+                eng.create_credential("other", venue=Venue.BINANCE, api_key="hot-key-0105", api_secret="s"),
+                timeout=10,
+            )
+    finally:
+        await holder.close()
+    assert (await eng.list_credentials(OWNER)).total == 0
+    assert len(await eng.queue.list_jobs(kind=jobs.VERIFY)) == 1
 
 
 def test_ms_is_exact() -> None:
