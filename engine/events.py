@@ -21,6 +21,11 @@ event this bus has not read yet.
 
 Each subscription has its own queue and task: a slow or failing listener never blocks the workers or the
 other listeners; its failures are logged and counted.
+
+A bus without listeners (an API or worker process that nothing subscribed to) reads no event data: it only moves
+its cursor past the finished events (``events_passed_after``: one row), at most every ``IDLE_GATHER`` seconds.
+A first listener then hears every event committed from its ``subscribe`` on, and possibly some of the last
+``IDLE_GATHER`` seconds before it, as any listener may hear a few events read late.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ log = structlog.get_logger("engine.events")
 CHANNEL = "ce_events"
 BATCH = 500
 READ_GATHER = 0.005  # seconds: the shortest time between two reads of the outbox by one bus
+IDLE_GATHER = 0.05  # ... by a bus without listeners, which only moves its cursor (no event data is read)
 
 Listener = Callable[[Event], Awaitable[None]]
 
@@ -267,6 +273,13 @@ class EventBus:
         assert self._db is not None
         total = 0
         async with self._read_lock:
+            if not self._subs:  # nobody to hand events to: move the cursor past them, reading no data
+                row = await self._db.fetchrow("events_passed_after", self._cursor[0], self._cursor[1])
+                if row is not None:
+                    self._cursor = (int(row["txid"]), int(row["position"]))
+                    self.stats.read += int(row["n"])
+                    total = int(row["n"])
+                return total
             while True:
                 rows = await self._db.fetch("events_after", self._cursor[0], self._cursor[1], BATCH)
                 for row in rows:
@@ -286,9 +299,9 @@ class EventBus:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            # at most one read per READ_GATHER: under load one statement reads the commits of several
-            # transactions instead of one each; an idle bus reads at once
-            gather = last_read + READ_GATHER - loop.time()
+            # at most one read per READ_GATHER (IDLE_GATHER without listeners): under load one statement reads
+            # the commits of several transactions instead of one each; an idle bus reads at once
+            gather = last_read + (READ_GATHER if self._subs else IDLE_GATHER) - loop.time()
             if gather > 0:
                 await asyncio.sleep(gather)
             last_read = loop.time()

@@ -570,6 +570,16 @@ WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
 ORDER BY txid, position
 LIMIT $3;
 
+-- events_passed_after --
+-- What a bus without listeners reads (engine/events.py): of the events of finished transactions after a
+-- (txid, position) cursor, the last one's place and how many there are; no row: none. No data is sent.
+SELECT txid::text::bigint AS txid, position, count(*) OVER () AS n
+FROM events
+WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
+  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY txid DESC, position DESC
+LIMIT 1;
+
 -- list_events --
 -- Events of one credential of one owner, in sequence order.
 SELECT position, id, type, owner_id, credential_id, sequence, created_at, data

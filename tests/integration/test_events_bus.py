@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import pytest
 
 from engine import CredentialEngine, Event, Venue
 from engine.testing import FakeVenue
@@ -53,3 +56,45 @@ async def test_listener_failures_are_counted_per_listener(eng: CredentialEngine,
     assert stats.failures_by_listener == {name: 2}
     assert stats.listener_failures == 2
     assert heard == ["credential.created", "credential.verified"]
+
+
+async def test_a_bus_without_listeners_moves_its_cursor_without_reading_events(
+    eng: CredentialEngine, fake: FakeVenue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No listener: the bus passes the finished events (cursor, read count) with one row and no event data;
+    the first listener then hears every event committed after it subscribed."""
+    asked: list[str] = []
+    db = eng.db
+    fetch, fetchrow = db.fetch, db.fetchrow
+
+    async def spy_fetch(name: str, *args: Any) -> Any:
+        asked.append(name)
+        return await fetch(name, *args)
+
+    async def spy_fetchrow(name: str, *args: Any) -> Any:
+        asked.append(name)
+        return await fetchrow(name, *args)
+
+    monkeypatch.setattr(db, "fetch", spy_fetch)
+    monkeypatch.setattr(db, "fetchrow", spy_fetchrow)
+    before = eng.bus.stats.read
+    for i in range(3):
+        await create(eng, fake, f"idle-bus-{i}")
+    await eng.bus.drain()
+    assert "events_after" not in asked and "events_passed_after" in asked
+    assert eng.bus.stats.read - before == 3
+    last = await db.fetchrow("events_passed_after", 0, 0)
+    assert last is not None and eng.bus.cursor == (last["txid"], last["position"])
+
+    heard: list[Event] = []
+
+    async def listener(event: Event) -> None:
+        heard.append(event)
+
+    eng.subscribe(listener)
+    await create(eng, fake, "idle-bus-3")
+    await eng.bus.drain()
+    assert [(e.type, e.data["credential"]["apiKey"]) for e in heard] == [
+        ("credential.created", (await eng.list_credentials(OWNER)).items[-1].masked_api_key)
+    ]
+    assert "events_after" in asked
