@@ -381,7 +381,10 @@ class Database:
         """A raw pool connection for the block: refused when this task holds one, bounded by acquire_timeout."""
         _refuse_second_connection()
         try:
-            raw = await self._pool.acquire(timeout=self.acquire_timeout)
+            # asyncio.timeout, not acquire(timeout=...): the driver's wait_for runs each acquire in a task of
+            # its own (Python 3.11), a task per statement on the hot path
+            async with asyncio.timeout(self.acquire_timeout):
+                raw = await self._pool.acquire()
         except TimeoutError:  # before the driver errors: TimeoutError is an OSError
             raise PoolExhausted(self.acquire_timeout) from None
         except _DRIVER_ERRORS as exc:
@@ -391,8 +394,8 @@ class Database:
             yield raw
         finally:
             _HOLDER.reset(token)
-            with translated():
-                await self._pool.release(raw)
+            with translated():  # the release's own wait (a rollback left open) keeps the acquire's bound
+                await self._pool.release(raw, timeout=self.acquire_timeout)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
