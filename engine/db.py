@@ -622,14 +622,17 @@ class RawListener:
         self._raw = raw
         self.lost = asyncio.Event()
         self._callbacks: dict[str, Callable[..., None]] = {}
+        # one statement at a time on the connection: a liveness check may run while a channel is added
+        self._busy = asyncio.Lock()
         raw.add_termination_listener(lambda _conn: self.lost.set())
 
     async def add(self, channel: str, callback: Callable[[str], None]) -> None:
         def _cb(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
 
-        with _statement():
-            await self._raw.add_listener(channel, _cb)
+        async with self._busy:
+            with _statement():
+                await self._raw.add_listener(channel, _cb)
         self._callbacks[channel] = _cb
 
     async def remove(self, channel: str) -> None:
@@ -637,12 +640,14 @@ class RawListener:
         cb = self._callbacks.pop(channel, None)
         if cb is None or self._raw.is_closed():
             return
-        with _statement():
-            await self._raw.remove_listener(channel, cb)
+        async with self._busy:
+            with _statement():
+                await self._raw.remove_listener(channel, cb)
 
     async def ping(self) -> None:
-        with _statement():
-            await self._raw.execute("SELECT 1")
+        async with self._busy:
+            with _statement():
+                await self._raw.execute("SELECT 1")
 
     def terminate(self) -> None:
         """Drop the connection at once, without the closing handshake (its peer stopped answering)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -98,3 +100,31 @@ async def test_a_bus_without_listeners_moves_its_cursor_without_reading_events(
         ("credential.created", (await eng.list_credentials(OWNER)).items[-1].masked_api_key)
     ]
     assert "events_after" in asked
+
+
+async def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_the_bus_listens_only_while_a_listener_is_subscribed(make_engine: Any, fake: FakeVenue) -> None:
+    """Without listeners the bus does not LISTEN (no NOTIFY to wake it for nothing); the first subscription
+    LISTENs, and another engine's events then arrive by NOTIFY, long before the next poll; the last
+    unsubscribe UNLISTENs."""
+    reader: CredentialEngine = await make_engine(poll_interval=60.0)
+    writer: CredentialEngine = await make_engine()
+    await asyncio.sleep(0.3)
+    assert not reader.bus.listening
+    heard: list[Event] = []
+
+    async def listener(event: Event) -> None:
+        heard.append(event)
+
+    unsubscribe = reader.subscribe(listener)
+    await wait_until(lambda: reader.bus.listening, 10, "the first subscription LISTENs")
+    await create(writer, fake, "listen-0")
+    await wait_until(lambda: len(heard) == 1, 10, "another engine's event, by NOTIFY")
+    unsubscribe()
+    await wait_until(lambda: not reader.bus.listening, 10, "the last unsubscribe UNLISTENs")
