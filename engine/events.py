@@ -52,6 +52,7 @@ CHANNEL = "ce_events"
 BATCH = 500
 READ_GATHER = 0.005  # seconds: the shortest time between two reads of the outbox by one bus
 IDLE_GATHER = 0.05  # ... by a bus without listeners, which only moves its cursor (no event data is read)
+IDLE_BATCH = 10_000  # most events one such cursor move passes
 
 Listener = Callable[[Event], Awaitable[None]]
 
@@ -278,13 +279,17 @@ class EventBus:
         assert self._db is not None
         total = 0
         async with self._read_lock:
-            if not self._subs:  # nobody to hand events to: move the cursor past them, reading no data
-                row = await self._db.fetchrow("events_passed_after", self._cursor[0], self._cursor[1])
+            while not self._subs:  # nobody to hand events to: move the cursor past them, reading no data
+                row = await self._db.fetchrow(
+                    "events_passed_after", self._cursor[0], self._cursor[1], IDLE_BATCH
+                )
+                passed = 0 if row is None else int(row["n"])
                 if row is not None:
                     self._cursor = (int(row["txid"]), int(row["position"]))
-                    self.stats.read += int(row["n"])
-                    total = int(row["n"])
-                return total
+                    self.stats.read += passed
+                    total += passed
+                if passed < IDLE_BATCH:
+                    return total
             while True:
                 rows = await self._db.fetch("events_after", self._cursor[0], self._cursor[1], BATCH)
                 for row in rows:

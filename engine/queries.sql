@@ -571,12 +571,17 @@ ORDER BY txid, position
 LIMIT $3;
 
 -- events_passed_after --
--- What a bus without listeners reads (engine/events.py): of the events of finished transactions after a
--- (txid, position) cursor, the last one's place and how many there are; no row: none. No data is sent.
+-- What a bus without listeners reads (engine/events.py): of the first $3 events of finished transactions after a
+-- (txid, position) cursor, in cursor order, the last one's place and how many they are; no row: none. No data.
 SELECT txid::text::bigint AS txid, position, count(*) OVER () AS n
-FROM events
-WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
-  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+FROM (
+    SELECT txid, position
+    FROM events
+    WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
+      AND txid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY txid, position
+    LIMIT $3
+) AS passed
 ORDER BY txid DESC, position DESC
 LIMIT 1;
 

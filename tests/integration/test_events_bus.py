@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine import CredentialEngine, Event, Venue
+from engine import CredentialEngine, Event, Venue, events
 from engine.testing import FakeVenue
 
 OWNER = "owner-bus"
@@ -85,7 +85,7 @@ async def test_a_bus_without_listeners_moves_its_cursor_without_reading_events(
     await eng.bus.drain()
     assert "events_after" not in asked and "events_passed_after" in asked
     assert eng.bus.stats.read - before == 3
-    last = await db.fetchrow("events_passed_after", 0, 0)
+    last = await db.fetchrow("events_passed_after", 0, 0, 1000)
     assert last is not None and eng.bus.cursor == (last["txid"], last["position"])
 
     heard: list[Event] = []
@@ -100,6 +100,20 @@ async def test_a_bus_without_listeners_moves_its_cursor_without_reading_events(
         ("credential.created", (await eng.list_credentials(OWNER)).items[-1].masked_api_key)
     ]
     assert "events_after" in asked
+
+
+async def test_a_bus_without_listeners_passes_a_backlog_in_bounded_steps(
+    eng: CredentialEngine, fake: FakeVenue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each cursor move passes at most IDLE_BATCH events; a longer backlog takes several, none is skipped."""
+    monkeypatch.setattr(events, "IDLE_BATCH", 2)
+    start = eng.bus.stats.read
+    for i in range(5):
+        await create(eng, fake, f"backlog-bus-{i}")
+    await eng.bus.drain()
+    assert eng.bus.stats.read - start == 5
+    last = await eng.db.fetchrow("events_passed_after", 0, 0, 1000)
+    assert last is not None and eng.bus.cursor == (last["txid"], last["position"])
 
 
 async def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
