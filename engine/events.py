@@ -22,8 +22,9 @@ event this bus has not read yet.
 Each subscription has its own queue and task: a slow or failing listener never blocks the workers or the
 other listeners; its failures are logged and counted.
 
-A bus without listeners (an API or worker process that nothing subscribed to) does not LISTEN (its connection
-stays open and checked, and LISTENs again when a listener subscribes) and reads no event data: it only moves its
+A bus without listeners (an API or worker process that nothing subscribed to) does not LISTEN (from
+``UNLISTEN_AFTER`` seconds after its last listener left; its connection stays open and checked, and LISTENs again
+when a listener subscribes) and reads no event data: it only moves its
 cursor past the finished events (``events_passed_after``: one row), at most every ``IDLE_GATHER`` seconds.
 A first listener then hears every event committed from its ``subscribe`` on, and possibly some of the last
 ``IDLE_GATHER`` seconds before it, as any listener may hear a few events read late.
@@ -53,6 +54,7 @@ BATCH = 500
 READ_GATHER = 0.005  # seconds: the shortest time between two reads of the outbox by one bus
 IDLE_GATHER = 0.05  # ... by a bus without listeners, which only moves its cursor (no event data is read)
 IDLE_BATCH = 10_000  # most events one such cursor move passes
+UNLISTEN_AFTER = 5.0  # seconds without listeners before the bus stops LISTENing
 
 Listener = Callable[[Event], Awaitable[None]]
 
@@ -376,9 +378,10 @@ class EventBus:
 
     async def _hear(self, listener: dbmod.RawListener) -> str:
         """Until ``listener`` is lost (how, as :func:`liveness.until_lost` says): LISTEN on the events channel
-        while some listener is subscribed, UNLISTEN while none is. A bus without listeners needs no NOTIFY (it
-        only moves its cursor, on its own pace), and each one costs the server a wake-up of this connection's
-        backend and this process a read."""
+        while some listener is subscribed, UNLISTEN once none has been for ``UNLISTEN_AFTER`` seconds (short
+        waits such as ``wait_for_status`` come and go). A bus without listeners needs no NOTIFY (it only moves
+        its cursor, at its own pace), and each one costs the server a wake-up of this connection's backend and
+        this process a read."""
         lost = asyncio.create_task(
             liveness.until_lost(
                 listener, interval=self.listen_check_interval, check_timeout=self.listen_check_timeout
@@ -388,18 +391,24 @@ class EventBus:
             while True:
                 self._subs_changed.clear()
                 wanted = bool(self._subs)
+                linger: float | None = None
                 if wanted and not self._hearing:
                     await listener.add(CHANNEL, lambda _payload: self._wake.set())
                     self._hearing = True
                     self._wake.set()  # what committed before the LISTEN took effect
                 elif not wanted and self._hearing:
-                    await listener.remove(CHANNEL)
-                    self._hearing = False
+                    linger = UNLISTEN_AFTER
                 changed = asyncio.create_task(self._subs_changed.wait())
-                done, _ = await asyncio.wait({lost, changed}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {lost, changed}, timeout=linger, return_when=asyncio.FIRST_COMPLETED
+                )
                 if lost in done:
                     changed.cancel()
                     return lost.result()
+                if not done:  # no listener all along the linger
+                    changed.cancel()
+                    await listener.remove(CHANNEL)
+                    self._hearing = False
         finally:
             if not lost.done():
                 lost.cancel()
