@@ -59,6 +59,34 @@ CREATE TRIGGER credentials_pinned_account_final
           AND NEW.pinned_venue_account_id IS DISTINCT FROM OLD.pinned_venue_account_id)
     EXECUTE FUNCTION credential_pinned_account_is_final();
 
+-- A statement that changes a credential for a job attempt raises this when the attempt turns out to no longer own
+-- its job (queries.sql, verified_and_done): the error undoes the whole statement (engine/db.py: AttemptLost).
+CREATE OR REPLACE FUNCTION ce_attempt_lost() RETURNS boolean AS $$
+BEGIN
+    RAISE EXCEPTION 'the job attempt no longer owns its job' USING ERRCODE = 'CE409';
+END
+$$ LANGUAGE plpgsql;
+
+-- Whether owner p_owner may hold one more credential (p_quota: how many that are not REVOKED it may hold; NULL:
+-- no quota), asked under the owner's quota lock (engine/bounds/quotas.py: advisory class 774412, waited for at
+-- most p_timeout), which it takes first and which holds until the transaction ends. The count is a statement of
+-- its own in a VOLATILE function, so under READ COMMITTED it runs on a snapshot taken after the lock was
+-- granted and sees every credential committed before: what lock_owner followed by insert_credential does in
+-- two statements, for a statement that must do it in one (queries.sql, created_and_enqueued).
+CREATE OR REPLACE FUNCTION ce_credential_room(p_owner text, p_quota integer, p_timeout text) RETURNS boolean AS $$
+DECLARE
+    held bigint;
+BEGIN
+    IF p_quota IS NULL THEN
+        RETURN true;
+    END IF;
+    PERFORM set_config('lock_timeout', p_timeout, true);
+    PERFORM pg_advisory_xact_lock(774412, hashtext(p_owner));
+    SELECT count(*) INTO held FROM credentials WHERE owner_id = p_owner AND status <> 'REVOKED';
+    RETURN held < p_quota;
+END
+$$ LANGUAGE plpgsql VOLATILE;
+
 CREATE INDEX IF NOT EXISTS credentials_owner_created ON credentials (owner_id, created_at, id);
 CREATE INDEX IF NOT EXISTS credentials_verified_sweep ON credentials (verified_at) WHERE status = 'VERIFIED';
 

@@ -132,6 +132,7 @@ _POOLER_HINT = (
     "a transaction pooler (PgBouncer pool_mode=transaction) is in front of the server: the driver's hint is "
     "to use statement_cache_size=0; set ENGINE_DB_POOLER=transaction (or ENGINE_DB_STATEMENT_CACHE_SIZE=0)"
 )
+ATTEMPT_LOST_SQLSTATE = "CE409"  # schema.sql's ce_attempt_lost(): see AttemptLost
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for connections in use before terminating them
 
 # the task that holds a pool connection in this context (see the module docstring), None when none does
@@ -153,6 +154,15 @@ class LockNotAvailable(errors.StorageError):
 
     def __init__(self) -> None:
         super().__init__("a lock was not granted in time (lock_timeout)")
+
+
+class AttemptLost(errors.StorageError):
+    """A statement that wrote for a job attempt found that the attempt no longer owns its job (SQLSTATE
+    ``CE409``, raised by ``ce_attempt_lost()``, schema.sql): the statement, and all it wrote, was undone. The
+    caller turns it into the queue's ``StaleAttempt``."""
+
+    def __init__(self) -> None:
+        super().__init__("the job attempt no longer owns its job; the statement was undone")
 
 
 class PoolExhausted(errors.StorageError):
@@ -183,6 +193,8 @@ def _translate(exc: BaseException) -> errors.StorageError:
         return UniqueViolation(exc.constraint_name or "unknown")
     if isinstance(exc, asyncpg.LockNotAvailableError):
         return LockNotAvailable()
+    if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == ATTEMPT_LOST_SQLSTATE:
+        return AttemptLost()
     if isinstance(exc, asyncpg.PostgresError):
         # sqlstate and class only: the message may quote values of the row
         text = f"database error {exc.sqlstate} ({type(exc).__name__})"
@@ -370,7 +382,10 @@ class Database:
         """A raw pool connection for the block: refused when this task holds one, bounded by acquire_timeout."""
         _refuse_second_connection()
         try:
-            raw = await self._pool.acquire(timeout=self.acquire_timeout)
+            # asyncio.timeout, not acquire(timeout=...): the driver's wait_for runs each acquire in a task of
+            # its own (Python 3.11), a task per statement on the hot path
+            async with asyncio.timeout(self.acquire_timeout):
+                raw = await self._pool.acquire()
         except TimeoutError:  # before the driver errors: TimeoutError is an OSError
             raise PoolExhausted(self.acquire_timeout) from None
         except _DRIVER_ERRORS as exc:
@@ -380,8 +395,8 @@ class Database:
             yield raw
         finally:
             _HOLDER.reset(token)
-            with translated():
-                await self._pool.release(raw)
+            with translated():  # the release's own wait (a rollback left open) keeps the acquire's bound
+                await self._pool.release(raw, timeout=self.acquire_timeout)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -608,14 +623,17 @@ class RawListener:
         self._raw = raw
         self.lost = asyncio.Event()
         self._callbacks: dict[str, Callable[..., None]] = {}
+        # one statement at a time on the connection: a liveness check may run while a channel is added
+        self._busy = asyncio.Lock()
         raw.add_termination_listener(lambda _conn: self.lost.set())
 
     async def add(self, channel: str, callback: Callable[[str], None]) -> None:
         def _cb(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
 
-        with _statement():
-            await self._raw.add_listener(channel, _cb)
+        async with self._busy:
+            with _statement():
+                await self._raw.add_listener(channel, _cb)
         self._callbacks[channel] = _cb
 
     async def remove(self, channel: str) -> None:
@@ -623,12 +641,14 @@ class RawListener:
         cb = self._callbacks.pop(channel, None)
         if cb is None or self._raw.is_closed():
             return
-        with _statement():
-            await self._raw.remove_listener(channel, cb)
+        async with self._busy:
+            with _statement():
+                await self._raw.remove_listener(channel, cb)
 
     async def ping(self) -> None:
-        with _statement():
-            await self._raw.execute("SELECT 1")
+        async with self._busy:
+            with _statement():
+                await self._raw.execute("SELECT 1")
 
     def terminate(self) -> None:
         """Drop the connection at once, without the closing handshake (its peer stopped answering)."""

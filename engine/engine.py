@@ -6,7 +6,8 @@ registry of engine/live (except a pool or session the caller injected: those it 
 part is built from the parts it uses, never from the engine. It does no I/O in its constructor, opens once
 (``async with``), and refuses to reopen after closing. Every credential operation is one transaction that locks
 the credential row first, writes the change through the store (which returns the credential as written),
-records its event(s) through the outbox and enqueues the job that follows.
+records its event(s) through the outbox and enqueues the job that follows; creating a credential does all of
+that in one statement (:mod:`engine.hotpath`) unless a webhook endpoint wants its event.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver
 
-from engine import crypto, errors, events, jobs, lifecycle, validation
+from engine import crypto, errors, events, hotpath, jobs, lifecycle, validation
 from engine import db as dbmod
 from engine import metrics as metricsmod
 from engine import queue as queuemod
@@ -367,6 +368,21 @@ class CredentialEngine:
         keys = validation.api_keys(the_venue, api_key, api_secret, api_passphrase)
         self._check_keys(the_venue, keys)
         credential_id = uuid.uuid4()
+        created = await hotpath.created_and_enqueued(  # one statement, unless an endpoint wants the event
+            store,
+            queue,
+            credential_id=credential_id,
+            owner_id=owner,
+            venue=the_venue,
+            credential_type=ctype,
+            nickname=name,
+            keys=keys,
+            quota=self.config.quotas.credentials or None,
+            lock_timeout=quotas.LOCK_TIMEOUT,
+        )
+        if created is not None:
+            outbox.committed()
+            return created
         async with self.db.transaction() as conn:
             quota = await quotas.lock_for_credential(
                 conn, owner, self.config.quotas

@@ -21,6 +21,13 @@ event this bus has not read yet.
 
 Each subscription has its own queue and task: a slow or failing listener never blocks the workers or the
 other listeners; its failures are logged and counted.
+
+A bus without listeners (an API or worker process that nothing subscribed to) does not LISTEN (from
+``UNLISTEN_AFTER`` seconds after its last listener left; its connection stays open and checked, and LISTENs again
+when a listener subscribes) and reads no event data: it only moves its
+cursor past the finished events (``events_passed_after``: one row), at most every ``IDLE_GATHER`` seconds.
+A first listener then hears every event committed from its ``subscribe`` on, and possibly some of the last
+``IDLE_GATHER`` seconds before it, as any listener may hear a few events read late.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ log = structlog.get_logger("engine.events")
 CHANNEL = "ce_events"
 BATCH = 500
 READ_GATHER = 0.005  # seconds: the shortest time between two reads of the outbox by one bus
+IDLE_GATHER = 0.05  # ... by a bus without listeners, which only moves its cursor (no event data is read)
+IDLE_BATCH = 10_000  # most events one such cursor move passes
+UNLISTEN_AFTER = 5.0  # seconds without listeners before the bus stops LISTENing
 
 Listener = Callable[[Event], Awaitable[None]]
 
@@ -165,6 +175,8 @@ class EventBus:
         self._listen_task: asyncio.Task[None] | None = None
         self._closing = False
         self._read_lock = asyncio.Lock()
+        self._subs_changed = asyncio.Event()  # the listen task LISTENs only while some listener is subscribed
+        self._hearing = False
 
     # ---- subscriptions -----------------------------------------------------------------------------------
 
@@ -179,12 +191,14 @@ class EventBus:
                 raise errors.InvalidRequest("types", f"unknown event types: {sorted(unknown)}")
         sub = Subscription(listener=listener, types=wanted)
         self._subs.append(sub)
+        self._subs_changed.set()
         if self._db is not None:
             self._start_sub(sub)
 
         def unsubscribe() -> None:
             if sub in self._subs:
                 self._subs.remove(sub)
+                self._subs_changed.set()
                 if sub.task is not None:
                     sub.task.cancel()
                 while not sub.queue.empty():  # a drain() waiting on this queue must not wait forever
@@ -268,6 +282,17 @@ class EventBus:
         assert self._db is not None
         total = 0
         async with self._read_lock:
+            while not self._subs:  # nobody to hand events to: move the cursor past them, reading no data
+                row = await self._db.fetchrow(
+                    "events_passed_after", self._cursor[0], self._cursor[1], IDLE_BATCH
+                )
+                passed = 0 if row is None else int(row["n"])
+                if row is not None:
+                    self._cursor = (int(row["txid"]), int(row["position"]))
+                    self.stats.read += passed
+                    total += passed
+                if passed < IDLE_BATCH:
+                    return total
             while True:
                 rows = await self._db.fetch("events_after", self._cursor[0], self._cursor[1], BATCH)
                 for row in rows:
@@ -287,9 +312,9 @@ class EventBus:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            # at most one read per READ_GATHER: under load one statement reads the commits of several
-            # transactions instead of one each; an idle bus reads at once
-            gather = last_read + READ_GATHER - loop.time()
+            # at most one read per READ_GATHER (IDLE_GATHER without listeners): under load one statement reads
+            # the commits of several transactions instead of one each; an idle bus reads at once
+            gather = last_read + (READ_GATHER if self._subs else IDLE_GATHER) - loop.time()
             if gather > 0:
                 await asyncio.sleep(gather)
             last_read = loop.time()
@@ -322,6 +347,11 @@ class EventBus:
                 continue
             published, at = cursor, loop.time()
 
+    @property
+    def listening(self) -> bool:
+        """Whether the bus LISTENs on the events channel now (only while some listener is subscribed)."""
+        return self._hearing
+
     async def _listen(self) -> None:
         """Keep a LISTEN connection, checked on an interval; replace it when it closes or goes silent, with
         backoff while it cannot be opened (polling covers the gap), and read the outbox at once after each."""
@@ -332,12 +362,9 @@ class EventBus:
             try:
                 listener = await self._db.open_listener(application_name="ce-events-listen")
                 await self._db.check_listener(listener)  # one warning when it hears nothing; polling goes on
-                await listener.add(CHANNEL, lambda _payload: self._wake.set())
                 delay = 0.1
                 self._wake.set()  # events may have committed while we were away
-                how = await liveness.until_lost(
-                    listener, interval=self.listen_check_interval, check_timeout=self.listen_check_timeout
-                )
+                how = await self._hear(listener)
                 self.stats.reconnects += 1
                 if how == "silent":
                     self.stats.silent += 1
@@ -347,5 +374,45 @@ class EventBus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
+                self._hearing = False
                 if listener is not None:
                     await listener.close()
+
+    async def _hear(self, listener: dbmod.RawListener) -> str:
+        """Until ``listener`` is lost (how, as :func:`liveness.until_lost` says): LISTEN on the events channel
+        while some listener is subscribed, UNLISTEN once none has been for ``UNLISTEN_AFTER`` seconds (short
+        waits such as ``wait_for_status`` come and go). A bus without listeners needs no NOTIFY (it only moves
+        its cursor, at its own pace), and each one costs the server a wake-up of this connection's backend and
+        this process a read."""
+        lost = asyncio.create_task(
+            liveness.until_lost(
+                listener, interval=self.listen_check_interval, check_timeout=self.listen_check_timeout
+            )
+        )
+        try:
+            while True:
+                self._subs_changed.clear()
+                wanted = bool(self._subs)
+                linger: float | None = None
+                if wanted and not self._hearing:
+                    await listener.add(CHANNEL, lambda _payload: self._wake.set())
+                    self._hearing = True
+                    self._wake.set()  # what committed before the LISTEN took effect
+                elif not wanted and self._hearing:
+                    linger = UNLISTEN_AFTER
+                changed = asyncio.create_task(self._subs_changed.wait())
+                done, _ = await asyncio.wait(
+                    {lost, changed}, timeout=linger, return_when=asyncio.FIRST_COMPLETED
+                )
+                if lost in done:
+                    changed.cancel()
+                    return lost.result()
+                if not done:  # no listener all along the linger
+                    changed.cancel()
+                    await listener.remove(CHANNEL)
+                    self._hearing = False
+        finally:
+            if not lost.done():
+                lost.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lost

@@ -5,7 +5,9 @@ transaction that locks the credential, re-checks the fence (the secret version i
 use or staged; a verification first tries its guarded write directly, whose fences say the same, and reads
 the row under the lock only when that write is refused), writes the change through the store (each write
 returns the credential as it left it), records its events through the outbox, and marks the job done
-(``queue.complete_in``) so that a late or duplicate attempt can never apply twice. Transient venue outcomes
+(``queue.complete_in``) so that a late or duplicate attempt can never apply twice. A verification that
+succeeds with something new to write, on a row nothing changed since the job read it, does all of that in one
+statement instead (:mod:`engine.hotpath`: same fences, same event, same completion). Transient venue outcomes
 never change a status: they raise
 ``Retry`` (honouring the venue's Retry-After) and the credential stays as it is.
 
@@ -27,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from engine import logs
+from engine import hotpath, logs
 from engine import queue as queuemod
 from engine.config import DAY_MS, EngineConfig, VerificationPolicy
 from engine.db import Conn, Database
@@ -195,10 +197,12 @@ class LifecycleJobs:
         store = self._store
         work = Verify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        cred, secret = await store.get_with_secret(cid, version)
+        cred, secret, sequence = await store.read_for_job(cid, version)
         if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
         outcome = await self._probe(cred.venue, store.open_secret(secret))
+        if await self._verified_in_one(job, cred, version, outcome, sequence):
+            return
         async with self._db.transaction() as conn:
             # First the guarded write decided on the row read before the probe: it is the transaction's first
             # write (it locks the row) and its fences (status, secret version, pinned account) refuse it when
@@ -212,6 +216,31 @@ class LifecycleJobs:
                 await self._apply(conn, current, version, outcome, locked=True)
             await self._done(conn, job)
         self._outbox.committed()
+
+    async def _verified_in_one(
+        self,
+        job: queuemod.Job,
+        cred: Credential,
+        version: int,
+        outcome: ProbeResult | ProbeFailure,
+        sequence: int,
+    ) -> bool:
+        """The hot path (engine/hotpath.py): a success with something new to write, judged on the row read
+        before the probe (event sequence ``sequence``), written with its event and the job's completion in one
+        statement. False: not such a success, or the statement refused (nothing written)."""
+        if isinstance(outcome, ProbeFailure) or not hotpath.eligible(outcome):
+            return False
+        expected = _account_of(cred)
+        if expected is not None and outcome.venue_account_id != expected:
+            return False
+        reason, warnings = self._policy.evaluate(outcome)
+        if reason is not None or _same_findings(cred, outcome, warnings):
+            return False
+        if not await hotpath.verified_and_done(self._db, job, cred, version, outcome, warnings, sequence):
+            return False
+        self._queue.note_completed(job)
+        self._outbox.committed()
+        return True
 
     async def _apply(
         self, conn: Conn, cred: Credential, version: int, outcome: ProbeResult | ProbeFailure, *, locked: bool

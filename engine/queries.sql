@@ -44,6 +44,54 @@ SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked
        NULL::timestamptz AS pending_started_at
 FROM written;
 
+-- created_and_enqueued --
+-- The creation's hot path in one statement, its own transaction (engine/hotpath.py): insert_credential ($1-$11,
+-- quota $12 under the owner's quota lock waited for at most $13: ce_credential_room, schema.sql), its
+-- credential.created ($14 id, $15 data, whose credential's createdAt and updatedAt are set here to the row's)
+-- with NOTIFY $16, and its verification job as queue.sql's enqueue_job queues a job of owner $2 due now ($17
+-- kind, $18 payload, $19 dedupe key, $20 max attempts; start tag after the owner's last queued one and never
+-- before the smallest) with NOTIFY $21. One row: room (false: the quota is reached), wanted (a webhook endpoint
+-- of the owner wants credential.created: nothing was written, its deliveries need the transaction path), and
+-- the public row when written.
+WITH room AS (
+    SELECT ce_credential_room($2, $12, $13) AS ok,
+           EXISTS (
+               SELECT 1 FROM webhook_endpoints e
+               WHERE e.owner_id = $2 AND e.enabled
+                 AND (e.event_types IS NULL OR 'credential.created' = ANY (e.event_types))) AS wanted
+), written AS (
+    INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
+                             secret_version, event_seq)
+    SELECT $1, $2, $3, $4, $5, $6, 'PENDING', 1, 1 FROM room WHERE room.ok AND NOT room.wanted
+    RETURNING *, floor(extract(epoch FROM created_at) * 1000)::bigint AS at_ms
+), secret AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT written.id, 1, 'CURRENT', $2, $3, $7, $8, $9, $10, $11, $6 FROM written
+), event AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    SELECT $14, 'credential.created', w.owner_id, w.id, 1,
+           jsonb_set(jsonb_set($15::jsonb, '{credential,createdAt}', to_jsonb(w.at_ms)),
+                     '{credential,updatedAt}', to_jsonb(w.at_ms))
+    FROM written w
+), tag AS (
+    SELECT greatest(
+        (SELECT max(fair_seq) + 1 FROM queue_jobs
+         WHERE state = 'queued' AND fair_key = $2::text AND fair_seq IS NOT NULL),
+        (SELECT min(fair_seq) FROM queue_jobs WHERE state = 'queued' AND fair_seq IS NOT NULL),
+        0) AS seq
+), job AS (
+    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts, run_at, fair_key, fair_seq)
+    SELECT $17, $18, $19, $20, now(), $2::text, tag.seq
+    FROM written, tag
+    ON CONFLICT (dedupe_key) WHERE state = 'queued' DO NOTHING
+)
+SELECT room.ok AS room, room.wanted, w.*, NULL::integer AS pending_version,
+       NULL::text AS pending_masked_api_key, NULL::timestamptz AS pending_started_at,
+       CASE WHEN w.id IS NOT NULL THEN pg_notify($16, '') IS NOT NULL AND pg_notify($21, '') IS NOT NULL END
+           AS notified
+FROM room LEFT JOIN written w ON true;
+
 -- get_credential --
 -- One credential of one owner (other owners' ids find nothing).
 SELECT * FROM credential_view WHERE id = $1 AND owner_id = $2;
@@ -128,6 +176,47 @@ SELECT w.*,
        p.created_at     AS pending_started_at
 FROM written w
 LEFT JOIN credential_secrets p ON p.credential_id = w.id AND p.state = 'PENDING';
+
+-- verified_and_done --
+-- The verification's hot path in one statement, its own transaction (engine/hotpath.py): verify_succeeded of
+-- secret version $3 of credential $1 as the job read it before probing, fenced on the event sequence it read
+-- ($9: nothing reported since, so the row is as read) as well as on status and version like mark_verified; its
+-- event ($11 id, $12 type, $13 data, whose credential's updatedAt and verifiedAt are set here to the row's) with
+-- NOTIFY $14; attempt $16 of job $15 done (queue.sql's complete_job: fenced on id, attempt and running). The
+-- credential's UPDATE is the transaction's first write (the events' order, engine/events.py), and the job's
+-- waits for it. No row, nothing written: the row changed, another venue account is pinned, or a webhook
+-- endpoint of owner $10 wants the type (its deliveries need the transaction path). SQLSTATE CE409 when the
+-- attempt no longer owns the job: the error undoes the whole statement.
+WITH written AS (
+    UPDATE credentials c
+    SET status = 'VERIFIED', identities = $4, permissions = $5, venue_account_id = $6,
+        pinned_venue_account_id = coalesce(c.pinned_venue_account_id, $6), environment = $7,
+        warnings = $8, failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
+        event_seq = c.event_seq + 1
+    WHERE c.id = $1 AND c.status = ANY ($2::text[]) AND c.secret_version = $3 AND c.event_seq = $9
+      AND c.rotation_failure_reason IS NULL
+      AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = $6)
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_endpoints e
+          WHERE e.owner_id = $10 AND e.enabled AND (e.event_types IS NULL OR $12 = ANY (e.event_types)))
+    RETURNING c.id, c.owner_id, c.event_seq, floor(extract(epoch FROM c.updated_at) * 1000)::bigint AS at_ms
+), event AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    SELECT $11, $12, w.owner_id, w.id, w.event_seq,
+           jsonb_set(jsonb_set($13::jsonb, '{credential,updatedAt}', to_jsonb(w.at_ms)),
+                     '{credential,verifiedAt}', to_jsonb(w.at_ms))
+    FROM written w
+    RETURNING position
+), done AS (
+    UPDATE queue_jobs
+    SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+    WHERE id = $15 AND attempt = $16 AND state = 'running' AND EXISTS (SELECT 1 FROM written)
+    RETURNING id
+)
+SELECT w.event_seq,
+       pg_notify($14, '') IS NOT NULL AS notified,
+       CASE WHEN EXISTS (SELECT 1 FROM done) THEN true ELSE ce_attempt_lost() END AS completed
+FROM written w, event e;
 
 -- mark_failed --
 -- verify_rejected (a permanent cause), fenced on the probed secret version; the public row and previous status.
@@ -485,6 +574,21 @@ WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
   AND txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY txid, position
 LIMIT $3;
+
+-- events_passed_after --
+-- What a bus without listeners reads (engine/events.py): of the first $3 events of finished transactions after a
+-- (txid, position) cursor, in cursor order, the last one's place and how many they are; no row: none. No data.
+SELECT txid::text::bigint AS txid, position, count(*) OVER () AS n
+FROM (
+    SELECT txid, position
+    FROM events
+    WHERE (txid, position) > ($1::bigint::text::xid8, $2::bigint)
+      AND txid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY txid, position
+    LIMIT $3
+) AS passed
+ORDER BY txid DESC, position DESC
+LIMIT 1;
 
 -- list_events --
 -- Events of one credential of one owner, in sequence order.

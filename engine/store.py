@@ -15,7 +15,7 @@ import contextlib
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine import crypto, errors, lifecycle
@@ -34,8 +34,14 @@ from venues.base import ApiKeys, Permissions, ProbeResult, Venue, mask_api_key
 FINGERPRINT_KEY = "fingerprint-hmac"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def ms(value: datetime | None) -> int | None:
-    return int(value.timestamp() * 1000) if value is not None else None
+    """Milliseconds since the epoch, floored, in exact integer arithmetic (a float timestamp can land one
+    millisecond short): the same figure as SQL's ``floor(extract(epoch FROM t) * 1000)``."""
+    return (value - _EPOCH) // _MS if value is not None else None
 
 
 def credential_from_row(row: Record) -> Credential:
@@ -184,13 +190,29 @@ class Store:
         """A new PENDING credential with its keys as secret version 1, in one statement; None when the owner
         already holds ``quota`` credentials that are not revoked (take the owner's quota lock first)."""
         sealed = self.vault.seal(keys, credential_id=credential_id, version=1)
-        with _refused_keys(venue):
+        with refused_keys(venue):
             row = await conn.fetchrow(
                 "insert_credential", credential_id, owner_id, venue.value, credential_type.value, nickname,
                 mask_api_key(keys.api_key), sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
                 sealed.ciphertext, self.fingerprint(venue, keys.api_key), quota,
             )  # fmt: skip
         return credential_from_row(row) if row is not None else None
+
+    def sealed_columns(
+        self, credential_id: uuid.UUID, venue: Venue, keys: ApiKeys, version: int
+    ) -> tuple[Any, ...]:
+        """What a statement storing ``keys`` as secret ``version`` of a credential writes: the master key
+        version, wrapped data key, nonce, ciphertext (:class:`crypto.Vault`), the key's fingerprint and its
+        masked form."""
+        sealed = self.vault.seal(keys, credential_id=credential_id, version=version)
+        return (
+            sealed.kek_version,
+            sealed.wrapped_dek,
+            sealed.nonce,
+            sealed.ciphertext,
+            self.fingerprint(venue, keys.api_key),
+            mask_api_key(keys.api_key),
+        )
 
     async def stage_rotation(self, conn: Conn, locked: Record, keys: ApiKeys) -> Change:
         """``rotate``: store ``keys`` as the next secret version, PENDING (``locked``: the row read under the
@@ -199,7 +221,7 @@ class Store:
         venue = Venue(locked["venue"])
         version = int(locked["last_secret_version"]) + 1
         sealed = self.vault.seal(keys, credential_id=cid, version=version)
-        with _refused_keys(venue):
+        with refused_keys(venue):
             row = await conn.fetchrow(
                 "stage_rotation", cid, lifecycle.sources("rotate"), int(locked["secret_version"]), version,
                 locked["owner_id"], venue.value, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
@@ -217,7 +239,7 @@ class Store:
         sealed = self.vault.seal(keys, credential_id=cid, version=version)
         await conn.execute("delete_secrets_for_immediate_rotation", cid, old_version)
         masked = mask_api_key(keys.api_key)
-        with _refused_keys(venue):
+        with refused_keys(venue):
             row = await conn.fetchrow(
                 "rotate_immediately", cid, lifecycle.sources("rotate_immediately"), old_version, version, masked,
                 locked["owner_id"], venue.value, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
@@ -343,6 +365,14 @@ class Store:
         self, credential_id: uuid.UUID, version: int
     ) -> tuple[Credential, SecretRow | None]:
         """A credential (anyone's: workers) and its secret version ``version`` if that still exists."""
+        cred, secret, _ = await self.read_for_job(credential_id, version)
+        return cred, secret
+
+    async def read_for_job(
+        self, credential_id: uuid.UUID, version: int
+    ) -> tuple[Credential, SecretRow | None, int]:
+        """:meth:`get_with_secret` and the row's event sequence (what a write fenced on "unchanged since
+        read" compares: engine/hotpath.py)."""
         row = await self.db.fetchrow("get_credential_with_secret", credential_id, version)
         if row is None:
             raise errors.NotFound(f"credential {credential_id} not found", field="credentialId")
@@ -360,7 +390,7 @@ class Store:
                     ciphertext=bytes(row["secret_ciphertext"]),
                 ),
             )
-        return credential_from_row(row), secret
+        return credential_from_row(row), secret, int(row["event_seq"])
 
     async def list(
         self,
@@ -476,7 +506,7 @@ class Store:
 
 
 @contextlib.contextmanager
-def _refused_keys(venue: Venue) -> Iterator[None]:
+def refused_keys(venue: Venue) -> Iterator[None]:
     """A unique violation of the secrets table as the typed error it means."""
     try:
         yield

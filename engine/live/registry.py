@@ -120,10 +120,10 @@ class LeaseRegistry:
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self, db: Database, store: Store) -> None:
-        """Subscribe to the bus (every event type: trading-account events carry the credential too) and start
-        the watch task."""
+        """Start the watch task. The bus subscription (every event type: trading-account events carry the
+        credential too) is taken by the first lease and given up with the last one, so that a process holding
+        no lease leaves the bus idle (it then neither LISTENs nor reads event data: engine/events.py)."""
         self._db_store = (db, store)
-        self._unsubscribe = self._bus.subscribe(self._on_event)
         self._watch_task = asyncio.create_task(self._watch(), name="ce-leases-watch")
 
     async def close(self) -> None:
@@ -177,6 +177,8 @@ class LeaseRegistry:
         """
         if self._closed or self._db_store is None:
             raise errors.EngineClosed("the engine is not open (use `async with CredentialEngine(...)`)")
+        if self._unsubscribe is None:  # subscribed before the credential is read: no event falls in between
+            self._unsubscribe = self._bus.subscribe(self._on_event)
         held = self._held.get((owner_id, cid))
         if held is None or held.closed:
             held = HeldKeys(cid, owner_id)
@@ -248,6 +250,9 @@ class LeaseRegistry:
         if not held.leases and self._held.get(key) is held:
             del self._held[key]
             held.keys = None
+        if not self._held and self._unsubscribe is not None:  # the last lease: leave the bus idle
+            self._unsubscribe()
+            self._unsubscribe = None
 
     # ---- events ------------------------------------------------------------------------------------------
 

@@ -432,6 +432,12 @@ class SqlBackend:
         if spec is not None:
             await self.schedule_next(conn, spec)
 
+    def note_completed(self, job: Job) -> None:
+        """The attempt was marked done by a statement of the caller's (:meth:`JobQueue.note_completed`)."""
+        if self.periodic_of(job) is not None:
+            raise ValueError(f"job {job.id} is a periodic occurrence: complete it with complete_in")
+        self.completed_in.add((job.id, job.attempt))
+
     async def list_jobs(self, state: str | None, kind: str | None, limit: int, offset: int) -> list[JobInfo]:
         rows = await self._db.fetch("list_jobs", state, kind, limit, offset)
         return [JobInfo(**dict(row)) for row in rows]

@@ -247,6 +247,12 @@ class JobQueue:
         """
         await self._backend.complete_in(conn, job)
 
+    def note_completed(self, job: Job) -> None:
+        """The caller's own statement marked this attempt done, with the fence of :meth:`complete_in` (id,
+        attempt, running), and it committed: the worker writes nothing more for it. Not for periodic jobs
+        (their next occurrence is queued by :meth:`complete_in`)."""
+        self._backend.note_completed(job)
+
     # ---------------------------------------------------------------- operators
 
     async def list_jobs(

@@ -481,3 +481,26 @@ async def test_leases_opened_while_the_credential_is_revoked_never_outlive_it(
     assert refused + len(opened) == 30
     assert refused > 0 and opened  # the race was real: opens on both sides of the revocation
     assert all(lease.revoked for lease in opened)
+
+
+async def test_a_process_without_leases_leaves_the_bus_idle(
+    make_engine: Any, fake: FakeVenue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry subscribes with the first lease and gives the subscription up with the last one, so a process
+    holding no lease keeps the bus's no-listener economy (it neither LISTENs nor reads event data)."""
+    from engine import events as eventsmod
+
+    monkeypatch.setattr(eventsmod, "UNLISTEN_AFTER", 0.2)
+    eng: CredentialEngine = await make_engine()
+    cred = await verified(eng, fake)
+    await until(lambda: not eng.bus.listening)
+    async with eng.lease_keys(OWNER, cred.credential_id, purpose="idle check") as lease:
+        await until(lambda: eng.bus.listening)
+        async with eng.lease_keys(OWNER, cred.credential_id, purpose="second") as second:
+            pass
+        assert second.closed and not lease.closed
+        await asyncio.sleep(0.4)
+        assert eng.bus.listening  # one lease is still open
+        await eng.revoke_credential(OWNER, cred.credential_id)
+        await asyncio.wait_for(lease.wait_revoked(), 10)
+    await until(lambda: not eng.bus.listening)
