@@ -253,6 +253,51 @@ CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (finished_at) WHERE
 CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 -- END queue
 
+-- BEGIN broker (owned by engine/broker/)
+-- A credential minted through a BROKER (master) credential: an EXCHANGE credential whose key the engine created
+-- for one sub-account of the master account, labelled at the venue with the credential's id. The row is written
+-- with the credential, before any venue call (the intent): a key labelled with this id that the credential does
+-- not hold is an orphan the reconciliation deletes (engine/broker/reconcile.py).
+CREATE TABLE IF NOT EXISTS broker_links (
+    credential_id  uuid PRIMARY KEY REFERENCES credentials (id) ON DELETE CASCADE,
+    parent_id      uuid NOT NULL REFERENCES credentials (id),
+    sub_account    text NOT NULL,
+    grant_read     boolean NOT NULL,
+    grant_trade    boolean NOT NULL,
+    ip_allowlist   text[] NOT NULL DEFAULT '{}',
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS broker_links_sub ON broker_links (parent_id, sub_account);
+
+-- One venue operation of a minted credential, recorded before the venue is called: MINT (its first key) or
+-- ROTATE (a new key staged as a rotation). OPEN: the venue may be creating a key; STAGED: the new key is the
+-- credential's staged version (staged_version); DONE or FAILED (reason) once settled. At most one unsettled
+-- operation per credential.
+CREATE TABLE IF NOT EXISTS broker_intents (
+    id              uuid PRIMARY KEY,
+    credential_id   uuid NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+    purpose         text NOT NULL CHECK (purpose IN ('MINT', 'ROTATE')),
+    automatic       boolean NOT NULL DEFAULT false,
+    state           text NOT NULL CHECK (state IN ('OPEN', 'STAGED', 'DONE', 'FAILED')),
+    staged_version  integer,
+    reason          text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS broker_intents_one_unsettled
+    ON broker_intents (credential_id) WHERE state IN ('OPEN', 'STAGED');
+CREATE INDEX IF NOT EXISTS broker_intents_credential ON broker_intents (credential_id, created_at);
+
+-- The key a promoted rotation replaced (its fingerprint: the HMAC of engine/crypto.py, never the key): it keeps
+-- working at the venue until delete_after (the rotation grace), then the cleanup deletes it there.
+CREATE TABLE IF NOT EXISTS broker_retired_keys (
+    credential_id    uuid NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+    key_fingerprint  bytea NOT NULL,
+    delete_after     timestamptz NOT NULL,
+    PRIMARY KEY (credential_id, key_fingerprint)
+);
+-- END broker
+
 -- BEGIN webhooks (owned by engine/webhooks/)
 -- Webhook endpoints (Standard Webhooks), per owner. event_types NULL = every type. An endpoint is disabled by
 -- its owner (MANUAL), at once by a 410 answer (GONE), or after failing for days (FAILING).

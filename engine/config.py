@@ -39,6 +39,8 @@ Environment variables (all optional):
     ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS   1 to allow http:// and private addresses for webhooks (tests, sandbox)
     ENGINE_QUOTA_CREDENTIALS, ENGINE_QUOTA_WEBHOOK_ENDPOINTS, ENGINE_QUOTA_VERIFY_PER_HOUR   per-owner quotas
                                  (see Quotas; 0 = no quota)
+    ENGINE_ROTATION_*, ENGINE_BROKER_*, ENGINE_MINT_IP_ALLOWLIST   BROKER credentials: the zero-touch rotation
+                                 policy, grace periods and minted keys' IP allow-list (engine/broker/settings.py)
     ENGINE_LOG_LEVEL, ENGINE_LOG_JSON
 
 Secret-bearing settings (``database_url``, ``master_keys``) are kept as :mod:`engine.sensitive` strings:
@@ -60,6 +62,7 @@ from typing import Any, ClassVar
 
 from engine import errors, liveness
 from engine.bounds import retention
+from engine.broker.settings import BrokerSettings
 from engine.keys import KmsSettings
 from engine.sensitive import MasterKeysText, SecretDsn, SecretText
 from venues.base import Permissions, ProbeResult, Venue
@@ -167,6 +170,8 @@ class EngineConfig:
     shared_venue_budgets: bool = True
     policy: VerificationPolicy = field(default_factory=VerificationPolicy)
     quotas: Quotas = field(default_factory=Quotas)
+    # minted credentials: the rotation policy, the grace periods, the IP allow-list (engine/broker/settings.py)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
     workers: int = 10  # concurrent jobs in this process; 0 = this process runs no workers
     claim_batch_size: int = 50
     lease_seconds: float = 30.0
@@ -337,6 +342,7 @@ class EngineConfig:
         )
         kwargs["policy"] = policy
         kwargs["quotas"] = Quotas.from_env(env)
+        kwargs["broker"] = BrokerSettings.from_env(env)
         kwargs["allow_private_webhook_urls"] = _flag(env, "ENGINE_ALLOW_PRIVATE_WEBHOOK_URLS", False)
         if env.get("ENGINE_EGRESS_GROUP"):
             if not _EGRESS_GROUP.fullmatch(env["ENGINE_EGRESS_GROUP"]):

@@ -115,6 +115,7 @@ QUERY_FILES = (
     "bounds/tenants.sql",
     "bounds/budgets.sql",
     "bounds/retention.sql",
+    "broker/broker.sql",
 )
 
 DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted

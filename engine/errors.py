@@ -2,7 +2,8 @@
 
     CredentialEngineError                    root; ``http_status`` and a stable negative ``errno`` each
     ├── InvalidRequest            400  -100001  a field is missing, of the wrong type, too long ... (names it)
-    │   └── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
+    │   ├── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
+    │   └── WithdrawNotAllowed    400  -100023  a minted key was asked to withdraw: the engine never mints one
     ├── Unauthorized              401  -110001  missing, malformed or expired bearer token (REST API, api/auth.py)
     ├── Forbidden                 403  -110005  the token's scopes do not cover the route (REST API, api/scopes.py)
     ├── NotFound                  404  -100003  no such id for this owner (other owners' ids too)
@@ -11,7 +12,9 @@
     │   ├── InvalidTransition     409  -100006  the lifecycle forbids it (e.g. rotate a REVOKED credential)
     │   ├── RotationPending       409  -100007  a staged rotation is already waiting for verification
     │   ├── ActiveAccountsExist   409  -100008  revoke(cascade=False) while ACTIVE trading accounts exist
-    │   └── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
+    │   ├── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
+    │   ├── BrokerUnsupported     409  -100021  no sub-account key API at the venue, or the credential is not minted
+    │   └── BrokerNotPermitted    409  -100022  the BROKER credential may not mint (not verified, no permission)
     ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (docs/api-dialect.md §9)
     ├── WaitTimeout               408  -100009  wait_for_status ran out of time
     ├── RateLimited               429  -100014  too many requests from this owner or address (``retry_after``)
@@ -200,3 +203,23 @@ class PoolReentry(CredentialEngineError):
     """
 
     errno = -100016
+
+
+class BrokerUnsupported(Conflict):
+    """A BROKER operation where it cannot be done: the venue offers no API to manage sub-account keys with a
+    master key (Coinbase, Kraken), or an automatic rotation of a credential the engine did not mint."""
+
+    errno = -100021
+
+
+class BrokerNotPermitted(Conflict):
+    """The BROKER credential cannot mint: it is not VERIFIED, or its master key may not manage sub-account keys
+    (``permissions.subAccountKeys`` false), or the sub-account is not one of its ``sub:<id>`` identities."""
+
+    errno = -100022
+
+
+class WithdrawNotAllowed(InvalidRequest):
+    """A minted key may read and trade, never withdraw: the engine refuses to create a withdrawing key."""
+
+    errno = -100023

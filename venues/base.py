@@ -115,6 +115,8 @@ class Permissions:
     ip_restricted: bool = False
     ip_allowlist: tuple[str, ...] = ()
     expires_at_ms: int | None = None  # when the key (or its trading permission) expires, if the venue says
+    # a BROKER (master) key that may create, list and delete its sub-accounts' API keys (venues/subaccounts.py)
+    sub_account_keys: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +127,7 @@ class Permissions:
             "ipRestricted": self.ip_restricted,
             "ipAllowlist": list(self.ip_allowlist),
             "expiresAt": self.expires_at_ms,
+            "subAccountKeys": self.sub_account_keys,
         }
 
     @classmethod
@@ -137,6 +140,7 @@ class Permissions:
             ip_restricted=bool(data.get("ipRestricted", False)),
             ip_allowlist=tuple(str(x) for x in data.get("ipAllowlist", ()) or ()),
             expires_at_ms=(int(data["expiresAt"]) if data.get("expiresAt") is not None else None),
+            sub_account_keys=bool(data.get("subAccountKeys", False)),
         )
 
 

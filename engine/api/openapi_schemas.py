@@ -125,6 +125,10 @@ SCHEMAS: dict[str, Schema] = {
             "ipRestricted": {"type": "boolean"},
             "ipAllowlist": {"type": "array", "items": {"type": "string"}},
             "expiresAt": nullable("integer"),
+            "subAccountKeys": {
+                "type": "boolean",
+                "description": "a BROKER master key that may manage its sub-accounts' API keys (mint)",
+            },
         },
     },
     "PendingRotation": {

@@ -1,0 +1,181 @@
+-- Named queries of BROKER credentials and the credentials they mint (engine/broker/).
+-- Each block: "-- name --", one comment line saying what it does, the SQL with asyncpg $n placeholders.
+
+-- broker_insert_minted --
+-- A minted credential before its key exists: PENDING, secret version 1 still without material, masked key '',
+-- event sequence 1 (its credential.created), its link to BROKER parent $6 and sub-account $7 (grant $8-$10) and
+-- its MINT intent $11, all before any venue call. No row when owner $2 holds $5 live credentials (its quota).
+WITH room AS (
+    SELECT $5::integer IS NULL
+           OR (SELECT count(*) FROM credentials WHERE owner_id = $2 AND status <> 'REVOKED') < $5 AS ok
+), written AS (
+    INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
+                             secret_version, event_seq)
+    SELECT $1, $2, $3, 'EXCHANGE', $4, '', 'PENDING', 1, 1 FROM room WHERE room.ok
+    RETURNING *
+), link AS (
+    INSERT INTO broker_links (credential_id, parent_id, sub_account, grant_read, grant_trade, ip_allowlist)
+    SELECT written.id, $6, $7, $8, $9, $10 FROM written
+), intent AS (
+    INSERT INTO broker_intents (id, credential_id, purpose, automatic, state)
+    SELECT $11, written.id, 'MINT', false, 'OPEN' FROM written
+)
+SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked_api_key,
+       NULL::timestamptz AS pending_started_at
+FROM written;
+
+-- broker_get_link --
+-- A minted credential's link, its parent's venue, status and secret version, and the credential's own status.
+SELECT l.credential_id, l.parent_id, l.sub_account, l.grant_read, l.grant_trade, l.ip_allowlist,
+       c.owner_id, c.status, c.venue, c.secret_version,
+       p.status AS parent_status, p.secret_version AS parent_version
+FROM broker_links l
+JOIN credentials c ON c.id = l.credential_id
+JOIN credentials p ON p.id = l.parent_id
+WHERE l.credential_id = $1;
+
+-- broker_get_intent --
+-- One venue operation of a minted credential.
+SELECT id, credential_id, purpose, automatic, state, staged_version, reason, created_at, updated_at
+FROM broker_intents WHERE id = $1;
+
+-- broker_latest_intent --
+-- The newest venue operation of a minted credential (for callers: minting or rotating now, failed and why).
+SELECT id, credential_id, purpose, automatic, state, staged_version, reason, created_at, updated_at
+FROM broker_intents WHERE credential_id = $1
+ORDER BY created_at DESC, id DESC
+LIMIT 1;
+
+-- broker_insert_intent --
+-- Record a ROTATE operation ($3 automatic) before the venue is called; no row while another is unsettled.
+INSERT INTO broker_intents (id, credential_id, purpose, automatic, state)
+VALUES ($1, $2, 'ROTATE', $3, 'OPEN')
+ON CONFLICT (credential_id) WHERE state IN ('OPEN', 'STAGED') DO NOTHING
+RETURNING id;
+
+-- broker_touch_intent --
+-- An attempt is about to call the venue for OPEN intent $1: the reconciliation leaves its keys alone for the
+-- orphan grace from now. False when the intent is settled (nothing to do).
+UPDATE broker_intents SET updated_at = now() WHERE id = $1 AND state = 'OPEN' RETURNING true;
+
+-- broker_store_minted_key --
+-- The minted key ($4-$7 sealed, $8 fingerprint, $9 masked) becomes secret version 1 of PENDING credential $1
+-- (owner $2, venue $3) and MINT intent $10 is DONE, in one statement; no row when the intent is settled or the
+-- credential is no longer a PENDING one without material. The public row.
+WITH intent AS (
+    UPDATE broker_intents i SET state = 'DONE', updated_at = now()
+    WHERE i.id = $10 AND i.credential_id = $1 AND i.state = 'OPEN'
+      AND EXISTS (SELECT 1 FROM credentials c WHERE c.id = $1 AND c.status = 'PENDING' AND c.secret_version = 1)
+      AND NOT EXISTS (SELECT 1 FROM credential_secrets s WHERE s.credential_id = $1)
+    RETURNING i.credential_id
+), written AS (
+    UPDATE credentials c SET masked_api_key = $9, updated_at = now(), event_seq = event_seq + 1
+    FROM intent WHERE c.id = intent.credential_id
+    RETURNING c.*
+), secret AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT written.id, 1, 'CURRENT', $2, $3, $4, $5, $6, $7, $8, $9 FROM written
+)
+SELECT written.*, NULL::integer AS pending_version, NULL::text AS pending_masked_api_key,
+       NULL::timestamptz AS pending_started_at
+FROM written;
+
+-- broker_stage_intent --
+-- ROTATE intent $1's new key is now the credential's staged version $2.
+UPDATE broker_intents SET state = 'STAGED', staged_version = $2, updated_at = now()
+WHERE id = $1 AND state = 'OPEN'
+RETURNING id;
+
+-- broker_fail_intent --
+-- Settle intent $1 as FAILED with reason $2; its automatic flag (no row: settled already).
+UPDATE broker_intents SET state = 'FAILED', reason = $2, updated_at = now()
+WHERE id = $1 AND state IN ('OPEN', 'STAGED')
+RETURNING automatic;
+
+-- broker_promoted --
+-- Staged version $2 of credential $1 replaced version $3: the ROTATE intent that staged it is DONE (its
+-- automatic flag, null when none did) and, for a minted credential, the replaced key is retired until now + $4
+-- seconds (delete_after null otherwise). Run before the old material is destroyed. Always one row.
+WITH settled AS (
+    UPDATE broker_intents SET state = 'DONE', updated_at = now()
+    WHERE credential_id = $1 AND state = 'STAGED' AND staged_version = $2
+    RETURNING automatic
+), retired AS (
+    INSERT INTO broker_retired_keys (credential_id, key_fingerprint, delete_after)
+    SELECT s.credential_id, s.key_fingerprint, now() + make_interval(secs => $4)
+    FROM credential_secrets s
+    JOIN broker_links l ON l.credential_id = s.credential_id
+    WHERE s.credential_id = $1 AND s.version = $3
+    ON CONFLICT (credential_id, key_fingerprint) DO UPDATE SET delete_after = EXCLUDED.delete_after
+    RETURNING delete_after
+)
+SELECT (SELECT automatic FROM settled) AS automatic, (SELECT delete_after FROM retired) AS delete_after;
+
+-- broker_rejected --
+-- Staged version $2 of credential $1 was rejected (reason $3): the ROTATE intent that staged it is FAILED (its
+-- automatic flag, null when none did); whether the credential is a minted one. Always one row.
+WITH settled AS (
+    UPDATE broker_intents SET state = 'FAILED', reason = $3, updated_at = now()
+    WHERE credential_id = $1 AND state = 'STAGED' AND staged_version = $2
+    RETURNING automatic
+)
+SELECT (SELECT automatic FROM settled) AS automatic,
+       EXISTS (SELECT 1 FROM broker_links WHERE credential_id = $1) AS minted;
+
+-- broker_settle_all --
+-- Credential $1 was revoked or its keys replaced at once: every unsettled intent is FAILED with reason $2;
+-- whether the credential is a minted one.
+WITH settled AS (
+    UPDATE broker_intents SET state = 'FAILED', reason = $2, updated_at = now()
+    WHERE credential_id = $1 AND state IN ('OPEN', 'STAGED')
+)
+SELECT EXISTS (SELECT 1 FROM broker_links WHERE credential_id = $1);
+
+-- broker_due_rotations --
+-- Minted VERIFIED credentials whose current key is older than $1 seconds or whose venue expiry is less than $2
+-- seconds away, with no rotation staged or under way and no automatic one failed in the last $3 seconds; the
+-- oldest keys first, at most $4.
+SELECT c.id, c.owner_id
+FROM credentials c
+JOIN broker_links l ON l.credential_id = c.id
+JOIN credential_secrets s ON s.credential_id = c.id AND s.state = 'CURRENT'
+WHERE c.status = 'VERIFIED'
+  AND NOT EXISTS (SELECT 1 FROM credential_secrets p WHERE p.credential_id = c.id AND p.state = 'PENDING')
+  AND NOT EXISTS (
+      SELECT 1 FROM broker_intents i
+      WHERE i.credential_id = c.id
+        AND (i.state IN ('OPEN', 'STAGED')
+             OR (i.state = 'FAILED' AND i.automatic AND i.updated_at > now() - make_interval(secs => $3)))
+  )
+  AND (s.created_at <= now() - make_interval(secs => $1)
+       OR (c.permissions ->> 'expiresAt')::bigint
+          <= (extract(epoch FROM now()) * 1000)::bigint + ($2::float8 * 1000)::bigint)
+ORDER BY s.created_at
+LIMIT $4;
+
+-- broker_sub_accounts --
+-- Every (BROKER parent, sub-account) pair the engine minted into, with the parent's owner: what reconciles.
+SELECT DISTINCT l.parent_id, l.sub_account, p.owner_id
+FROM broker_links l JOIN credentials p ON p.id = l.parent_id;
+
+-- broker_key_states --
+-- For reconciliation of sub-account $2 of parent $1: each credential minted there, its status, the
+-- fingerprints of the keys it holds (current and staged), of the keys retired but still in their grace, and
+-- whether a venue operation of it is under way (an intent touched less than $3 seconds ago).
+SELECT l.credential_id, c.status, c.owner_id,
+       coalesce(array_agg(s.key_fingerprint) FILTER (WHERE s.key_fingerprint IS NOT NULL), '{}') AS live,
+       coalesce((SELECT array_agg(r.key_fingerprint) FROM broker_retired_keys r
+                 WHERE r.credential_id = l.credential_id AND r.delete_after > now()), '{}') AS retiring,
+       EXISTS (SELECT 1 FROM broker_intents i
+               WHERE i.credential_id = l.credential_id AND i.state IN ('OPEN', 'STAGED')
+                 AND i.updated_at > now() - make_interval(secs => $3)) AS in_flight
+FROM broker_links l
+JOIN credentials c ON c.id = l.credential_id
+LEFT JOIN credential_secrets s ON s.credential_id = l.credential_id
+WHERE l.parent_id = $1 AND l.sub_account = $2
+GROUP BY l.credential_id, c.status, c.owner_id;
+
+-- broker_forget_retired --
+-- A retired key of credential $1 (fingerprint $2) is gone at the venue.
+DELETE FROM broker_retired_keys WHERE credential_id = $1 AND key_fingerprint = $2;

@@ -1,0 +1,64 @@
+"""The BROKER parts wired together: minting, automatic rotation, reconciliation, the verification's sub-account
+discovery, the job handlers with their timeouts and the periodic sweeps."""
+
+from __future__ import annotations
+
+from engine import queue as queuemod
+from engine.broker.context import Context
+from engine.broker.discovery import Discovery
+from engine.broker.minting import Minting
+from engine.broker.payloads import (
+    BROKER_CLEANUP,
+    BROKER_MINT,
+    BROKER_RECONCILE,
+    BROKER_RECONCILE_SUB,
+    BROKER_ROTATE,
+    BROKER_ROTATION_SWEEP,
+)
+from engine.broker.reconcile import Reconciler
+from engine.broker.rotation import Rotation
+from engine.config import EngineConfig
+from venues.base import MAX_SEQUENTIAL_REQUESTS
+
+KINDS = (BROKER_MINT, BROKER_ROTATE, BROKER_CLEANUP, BROKER_RECONCILE, BROKER_RECONCILE_SUB, BROKER_ROTATION_SWEEP)
+VENUE_JOB_MARGIN = 30.0  # seconds on top of a minting job's requests: rate limiters, the database work
+
+
+class Broker:
+    """``minting``, ``rotation``, ``reconciler`` and ``discovery``; ``handlers()`` and ``schedule()``."""
+
+    def __init__(self, ctx: Context, config: EngineConfig) -> None:
+        self.ctx = ctx
+        self.minting = Minting(ctx, config.quotas)
+        self.rotation = Rotation(ctx)
+        self.reconciler = Reconciler(ctx)
+        self.discovery = Discovery(ctx.managers)
+        self._config = config
+
+    def handlers(self) -> dict[str, queuemod.Handler]:
+        return {
+            BROKER_MINT: self.minting.run,
+            BROKER_ROTATE: self.rotation.run,
+            BROKER_CLEANUP: self.reconciler.cleanup,
+            BROKER_RECONCILE: self._sweep_reconcile,
+            BROKER_RECONCILE_SUB: self.reconciler.reconcile_sub,
+            BROKER_ROTATION_SWEEP: self.rotation.sweep,
+        }
+
+    async def _sweep_reconcile(self, job: queuemod.Job) -> None:
+        await self.reconciler.sweep(job)
+
+    def timeouts(self) -> dict[str, float]:
+        """A minting job makes a few venue requests (the master key's create, a discard); the others list and
+        delete keys one after another and get ``job_timeout``."""
+        cfg = self._config
+        minting = cfg.probe_timeout * MAX_SEQUENTIAL_REQUESTS + VENUE_JOB_MARGIN
+        timeouts = {kind: cfg.job_timeout for kind in KINDS}
+        timeouts[BROKER_MINT] = timeouts[BROKER_ROTATE] = minting
+        return timeouts
+
+    def schedule(self, queue: queuemod.JobQueue) -> None:
+        """The periodic sweeps: the rotation policy and the reconciliation."""
+        settings = self.ctx.settings
+        queue.every(BROKER_ROTATION_SWEEP, settings.rotation_check_interval)
+        queue.every(BROKER_RECONCILE, settings.reconcile_interval)
