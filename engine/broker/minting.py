@@ -14,6 +14,7 @@ grace (:mod:`engine.broker.reconcile`).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +39,8 @@ from venues.subaccounts import KeyGrant, MintedKey
 log = structlog.get_logger("engine.broker")
 
 MAX_SUB_ACCOUNT = 128
+SUB_ACCOUNT_PATTERN = r"[A-Za-z0-9._@+:-]{1,128}"  # uids, sub-account names, emails (the OpenAPI document's too)
+SUB_ACCOUNT = re.compile(SUB_ACCOUNT_PATTERN)
 GRANTS = ("read", "trade", "withdraw")
 
 
@@ -56,21 +59,20 @@ def grant_of(permissions: Mapping[str, Any] | None) -> tuple[bool, bool]:
         raise errors.WithdrawNotAllowed(
             "permissions.withdraw", "a minted key reads and trades, never withdraws"
         )
-    read, trade = bool(permissions.get("read", True)), bool(permissions.get("trade", True))
-    if not (read or trade):
-        raise errors.InvalidRequest("permissions", "must grant read or trade")
-    return read, trade
+    return bool(permissions.get("read", True)), bool(permissions.get("trade", True))
 
 
 def sub_account_of(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
+    """A venue's sub-account id as given (a uid, a sub-account name or an email): :data:`SUB_ACCOUNT`."""
+    if value is None or value == "":
         raise errors.InvalidRequest("subAccount", "is required")
-    text = value.strip()
-    if len(text) > MAX_SUB_ACCOUNT or not text.isprintable() or any(ch.isspace() for ch in text):
+    if not isinstance(value, str):
+        raise errors.InvalidRequest("subAccount", "must be a string")
+    if not SUB_ACCOUNT.fullmatch(value):
         raise errors.InvalidRequest(
-            "subAccount", f"must be one token of at most {MAX_SUB_ACCOUNT} printable characters"
+            "subAccount", f"must be 1 to {MAX_SUB_ACCOUNT} letters, digits and ._@+:- (the venue's sub-account id)"
         )
-    return text
+    return value
 
 
 class Minting:

@@ -9,7 +9,7 @@
     ENGINE_BROKER_ORPHAN_GRACE       seconds a key labelled by the engine but held by no credential is left alone
                                      (a venue call may be under way) before reconciliation deletes it (default 900)
     ENGINE_BROKER_RECONCILE_INTERVAL seconds between reconciliations of every sub-account (default 3600)
-    ENGINE_MINT_IP_ALLOWLIST         comma-separated IPs (or CIDRs) minted keys are restricted to (default none)
+    ENGINE_MINT_IP_ALLOWLIST         comma-separated IP addresses minted keys are restricted to (default none)
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ MAX_ALLOWLIST = 30  # the smallest per-key allow-list of the three venues (docs/
 
 
 def parse_ip_allowlist(values: Any, field_name: str) -> tuple[str, ...]:
-    """IP addresses or networks in their normal form; :class:`errors.InvalidRequest` naming ``field_name``."""
+    """IP addresses (v4 or v6; the venues take addresses) in their normal form, without repeats;
+    :class:`errors.InvalidRequest` naming ``field_name``."""
     if isinstance(values, str) or not isinstance(values, list | tuple):
         raise errors.InvalidRequest(field_name, "must be a list of IP addresses")
     if len(values) > MAX_ALLOWLIST:
@@ -98,11 +99,7 @@ def parse_ip_allowlist(values: Any, field_name: str) -> tuple[str, ...]:
         if not isinstance(value, str):
             raise errors.InvalidRequest(field_name, "must be a list of IP addresses")
         try:
-            text = (
-                str(ipaddress.ip_network(value, strict=True))
-                if "/" in value
-                else str(ipaddress.ip_address(value))
-            )
+            text = str(ipaddress.ip_address(value))
         except ValueError:
             raise errors.InvalidRequest(field_name, "holds a value that is not an IP address") from None
         if text not in normal:
