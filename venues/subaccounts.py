@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from venues.limits import IpBudgets
 
 
+class GrantProblem(ValueError):
+    """A :class:`KeyGrant` (or a sub-account id) the venue cannot accept, found before any request: names the field.
+
+    The message never holds key material: ``field`` is the grant's field name, ``reason`` says what is wrong.
+    """
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
 class SubAccountsUnsupported(Exception):
     """The venue offers no API through which a master key manages its sub-accounts' API keys."""
 
@@ -65,6 +77,16 @@ class SubKeyInfo:
     ip_allowlist: tuple[str, ...] = ()
     created_at_ms: int | None = None
     expires_at_ms: int | None = None
+    # True when the venue lists the key only partly (Binance Link shows ``vmP*************``): ``key_id`` is then
+    # that masked form, which :meth:`matches` compares with a full key; a masked key cannot be deleted by it
+    masked: bool = False
+
+    def matches(self, api_key: str) -> bool:
+        """True when this listed key is ``api_key`` (masked: when ``api_key`` starts with the visible part)."""
+        if not self.masked:
+            return self.key_id == api_key
+        visible = self.key_id.rstrip("*")
+        return bool(visible) and api_key.startswith(visible)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +102,18 @@ class SubAccountKeys(Protocol):
     """Sub-account key management through a master key. One instance per venue per engine; safe for concurrent use.
 
     Every method raises :class:`venues.base.ProbeFailure` on a refusal or a transport failure: a master key
-    without the permission the venue requires is ``PERMISSION_DENIED`` (permanent).
+    without the permission the venue requires is ``PERMISSION_DENIED`` (permanent), and so is a ``sub_id`` that
+    is not a sub-account of the master. A grant the venue cannot accept raises :class:`GrantProblem` before any
+    request. Every method deletes and lists with the master key alone: each venue lets the master delete its
+    sub-accounts' keys (Bybit too, naming the key in ``apikey``; docs/venues.md §3.10).
     """
 
     venue: Venue
+
+    async def can_manage_keys(self, master: ApiKeys) -> bool:
+        """One cheap read: may ``master`` create and delete its sub-accounts' keys? False when the venue says the
+        key lacks the permission (or is not a master key); transport failures and bad keys raise."""
+        ...
 
     async def list_sub_accounts(self, master: ApiKeys) -> tuple[SubAccount, ...]:
         """The master account's sub-accounts."""

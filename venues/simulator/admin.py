@@ -18,6 +18,12 @@
 ``GET /balances/{venue}/{uid}/{wallet}``  ``{asset: {"free": str, "locked": str}}``
 ``PUT /balances/{venue}/{uid}/{wallet}``  body ``{"asset": "USDT", "free": "100"}`` -> the balances
 ``GET /orders/{venue}/{uid}/{wallet}``    the wallet's open orders and latest cancelled ones
+``POST /masters``           body: ``Simulator.add_master_account``'s arguments (``venue`` required,
+                            ``sub_accounts`` a count) -> 201 ``{"key": {... with secrets},
+                            "sub_accounts": [{"sub_id", "uid", "label", ...}]}``
+``GET /masters/{venue}/{uid}/sub-accounts``  the master's sub-accounts, each with ``keys``: its live
+                            keys without secrets (the registry reconciliation compares with)
+``POST /masters/{venue}/{uid}/sub-accounts``  body ``{"label": str}`` (optional) -> 201, the new sub-account
 ==========================  ==========================================================================
 
 ``{api_key}`` is the key, URL-encoded. Coinbase CDP key names contain ``/``: send them percent-encoded
@@ -40,7 +46,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults, signlog, trading
+from venues.simulator import common, faults, masters, signlog, trading
 from venues.simulator.registry import TestKey
 from venues.simulator.stats import VenueStats
 
@@ -56,7 +62,11 @@ ADD_KEY_FIELDS = frozenset(
         "environment",
         "kind",
         "label",
+        "transfer",
     }
+)
+ADD_MASTER_FIELDS = frozenset(
+    {"sub_accounts", "uid", "read", "trade", "withdraw", "transfer", "ip_allowlist", "label"}
 )
 
 
@@ -83,7 +93,28 @@ class SimulatorControls(Protocol):
         environment: str = ...,
         kind: str | None = ...,
         label: str | None = ...,
+        transfer: bool = ...,
     ) -> TestKey: ...
+
+    def add_master_account(
+        self,
+        venue: Venue,
+        *,
+        sub_accounts: int = ...,
+        uid: str | None = ...,
+        read: bool = ...,
+        trade: bool = ...,
+        withdraw: bool = ...,
+        transfer: bool = ...,
+        ip_allowlist: Iterable[str] = ...,
+        label: str | None = ...,
+    ) -> masters.MasterAccount: ...
+
+    def add_sub_account(self, venue: Venue, master_uid: str, *, label: str = ...) -> masters.SubAccount: ...
+
+    def sub_accounts(self, venue: Venue, master_uid: str) -> list[masters.SubAccount]: ...
+
+    def sub_account_keys(self, venue: Venue, master_uid: str, sub_id: str | None = ...) -> list[TestKey]: ...
 
     def list_keys(self) -> list[TestKey]: ...
 
@@ -167,6 +198,9 @@ class AdminApi:
                 web.get("/balances/{venue}/{uid}/{wallet}", self.balances),
                 web.put("/balances/{venue}/{uid}/{wallet}", self.set_balance),
                 web.get("/orders/{venue}/{uid}/{wallet}", self.orders),
+                web.post("/masters", self.add_master),
+                web.get("/masters/{venue}/{uid}/sub-accounts", self.list_sub_accounts),
+                web.post("/masters/{venue}/{uid}/sub-accounts", self.add_sub_account),
             ]
         )
         return application
@@ -289,3 +323,38 @@ class AdminApi:
         info = request.match_info
         orders = self.sim.orders(_venue(info["venue"]), info["uid"], info["wallet"])
         return common.answer([order.as_dict() for order in orders])
+
+    async def add_master(self, request: web.Request) -> web.Response:
+        data = await _json_object(request)
+        if "venue" not in data:
+            return _error("venue is required", 400)
+        venue = _venue(str(data.pop("venue")))
+        unknown = set(data) - ADD_MASTER_FIELDS
+        if unknown:
+            return _error(f"unknown fields {sorted(unknown)}", 400)
+        try:
+            made = self.sim.add_master_account(venue, **data)
+        except (TypeError, ValueError) as exc:
+            return _error(str(exc), 400)
+        return common.answer(made.as_dict(secrets=True), 201)
+
+    async def list_sub_accounts(self, request: web.Request) -> web.Response:
+        venue = _venue(request.match_info["venue"])
+        uid = request.match_info["uid"]
+        rows = []
+        for sub in self.sim.sub_accounts(venue, uid):
+            keys = self.sim.sub_account_keys(venue, uid, sub.sub_id)
+            rows.append(sub.as_dict() | {"keys": [key.as_dict(secrets=False) for key in keys]})
+        return common.answer(rows)
+
+    async def add_sub_account(self, request: web.Request) -> web.Response:
+        venue = _venue(request.match_info["venue"])
+        data = await _json_object(request) if request.can_read_body else {}
+        label = data.get("label", "")
+        if not isinstance(label, str):
+            return _error("label must be a string", 400)
+        try:
+            sub = self.sim.add_sub_account(venue, request.match_info["uid"], label=label)
+        except KeyError:
+            return _error("unknown master account", 404)
+        return common.answer(sub.as_dict(), 201)

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import binance_trading, common, faults, ratelimit
+from venues.simulator import binance_subaccounts, binance_trading, common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 _KEY_FORMAT = re.compile(r"[A-Za-z0-9]{1,128}")
@@ -59,7 +59,11 @@ WEIGHTS = {
     "/fapi/v3/balance": 5,
     "/fapi/v1/order": 1,
     "/fapi/v1/openOrders": 1,  # with a symbol (40 without)
+    # Binance Link (docs/venues.md §1.10): only the create call's IP weight is documented (8); the rest count 1
+    "/sapi/v1/broker/subAccount": 1,
+    "/sapi/v1/broker/subAccountApi": 1,
 }
+METHOD_WEIGHTS = {("POST", "/sapi/v1/broker/subAccountApi"): 8}
 HOST_BUDGETS = {
     "api": ratelimit.Window(6000, 60.0),  # spot REQUEST_WEIGHT 6000/min per IP
     "sapi": ratelimit.Window(12000, 60.0),  # ccxt: 12 000/min per IP for /sapi
@@ -98,7 +102,7 @@ def error(code: int, msg: str, status: int = 400) -> web.Response:
     return common.answer({"code": code, "msg": msg}, status)
 
 
-class BinanceServer(binance_trading.BinanceTrading):
+class BinanceServer(binance_trading.BinanceTrading, binance_subaccounts.BinanceSubAccounts):
     venue = Venue.BINANCE
 
     def routes(self) -> list[web.RouteDef]:
@@ -114,6 +118,7 @@ class BinanceServer(binance_trading.BinanceTrading):
             web.get("/fapi/v3/account", self.futures_account),
             web.get("/dapi/v1/account", self.futures_account),
             *self.trading_routes(),
+            *self.sub_account_routes(),
         ]
 
     def claimed_key(self, request: web.Request) -> str | None:
@@ -125,7 +130,7 @@ class BinanceServer(binance_trading.BinanceTrading):
         if budget is None:
             return []
         ip = common.client_ip(request)
-        cost = WEIGHTS.get(request.path, 1)
+        cost = METHOD_WEIGHTS.get((request.method, request.path), WEIGHTS.get(request.path, 1))
         return [ratelimit.Rule(f"binance:ip:{ip}:{host}", budget, cost, by_ip=True)]
 
     def rate_limited(self, request: web.Request, retry_after: float, rule: ratelimit.Rule) -> web.Response:

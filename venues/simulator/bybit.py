@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import bybit_trading, common, faults, ratelimit
+from venues.simulator import bybit_subaccounts, bybit_trading, common, faults, ratelimit
 from venues.simulator.registry import TestKey
 
 DEFAULT_RECV_WINDOW = 5000  # ms
@@ -47,7 +47,7 @@ def sign(secret: str, prehash: str) -> str:
     return hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).hexdigest()
 
 
-class BybitServer(bybit_trading.BybitTrading):
+class BybitServer(bybit_trading.BybitTrading, bybit_subaccounts.BybitSubAccounts):
     venue = Venue.BYBIT
 
     def routes(self) -> list[web.RouteDef]:
@@ -58,6 +58,7 @@ class BybitServer(bybit_trading.BybitTrading):
             web.get("/v5/user/get-member-type", self.member_type),
             web.get("/v5/account/wallet-balance", self.wallet_balance),
             *self.trading_routes(),
+            *self.sub_account_routes(),
         ]
 
     def envelope(self, result: Any, code: int = 0, msg: str = "OK") -> dict[str, Any]:
@@ -156,11 +157,14 @@ class BybitServer(bybit_trading.BybitTrading):
         key = await self.authenticate(request)
         return common.answer(self.envelope(self._key_info(key)))
 
-    def _key_info(self, key: TestKey) -> dict[str, Any]:
+    def key_permissions(self, key: TestKey) -> dict[str, list[str]]:
+        """The ``permissions`` object query-api (and sub-apikeys) shows for ``key``."""
         trade = key.trade
-        wallet = ["AccountTransfer", "SubMemberTransfer"] + (["Withdraw"] if key.withdraw else [])
+        wallet = (["AccountTransfer", "SubMemberTransfer"] if key.transfer else []) + (
+            ["Withdraw"] if key.withdraw else []
+        )
         contract = "contract" in key.identities or "unified" in key.identities
-        permissions = {
+        return {
             "ContractTrade": ["Order", "Position"] if trade and contract else [],
             "Spot": ["SpotTrade"] if trade else [],
             "Wallet": wallet,
@@ -174,7 +178,11 @@ class BybitServer(bybit_trading.BybitTrading):
             "BlockTrade": [],
             "Affiliate": [],
         }
-        deadline_day, expired_at = self._expiry(key)
+
+    def _key_info(self, key: TestKey) -> dict[str, Any]:
+        trade = key.trade
+        permissions = self.key_permissions(key)
+        deadline_day, expired_at = self.key_expiry(key)
         return {
             "id": str(zlib.crc32(key.api_key.encode())),  # simulator choice: a stable numeric id
             "note": key.label or "",
@@ -195,13 +203,13 @@ class BybitServer(bybit_trading.BybitTrading):
             "mktMakerLevel": "0",
             "affiliateID": 0,
             "rsaPublicKey": "",
-            "isMaster": True,
-            "parentUid": "0",
+            "isMaster": key.parent_uid is None,
+            "parentUid": key.parent_uid or "0",
             "kycLevel": "LEVEL_DEFAULT",
             "kycRegion": "",
         }
 
-    def _expiry(self, key: TestKey) -> tuple[int, str]:
+    def key_expiry(self, key: TestKey) -> tuple[int, str]:
         """(deadlineDay, expiredAt): the key's own expiry, else 90 days for keys with no IP bound
         (docs/venues.md §3.7); an IP-bound key shows -2 and the epoch, as in Bybit's example."""
         expires = key.expires_at_ms

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from venues.base import Venue, mask_api_key
-from venues.simulator import faults, ratelimit, registry, signlog, stats, trading
+from venues.simulator import faults, masters, ratelimit, registry, signlog, stats, trading
 
 log = logging.getLogger("venues.simulator")
 
@@ -43,6 +43,7 @@ class State:
 
     def __init__(self, *, seed: int | None, enforce_rate_limits: bool) -> None:
         self.registry = registry.Registry()
+        self.sub_accounts = masters.SubAccounts()
         self.rng = random.Random(seed)
         self.enforce_rate_limits = enforce_rate_limits
         self.clock_offsets: dict[Venue, int] = {}

@@ -22,7 +22,7 @@ import hmac
 from aiohttp import web
 
 from venues.base import Venue
-from venues.simulator import common, faults, okx_trading, ratelimit
+from venues.simulator import common, faults, okx_subaccounts, okx_trading, ratelimit
 from venues.simulator.registry import TestKey
 
 TIMESTAMP_WINDOW_MS = 30_000  # docs/venues.md §2.2: +-30 s
@@ -69,7 +69,7 @@ def parse_timestamp(value: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-class OkxServer(okx_trading.OkxTrading):
+class OkxServer(okx_trading.OkxTrading, okx_subaccounts.OkxSubAccounts):
     venue = Venue.OKX
 
     def routes(self) -> list[web.RouteDef]:
@@ -79,13 +79,16 @@ class OkxServer(okx_trading.OkxTrading):
             web.get("/api/v5/account/balance", self.trading_balance),
             web.get("/api/v5/asset/balances", self.funding_balances),
             *self.trading_routes(),
+            *self.sub_account_routes(),
         ]
 
     def claimed_key(self, request: web.Request) -> str | None:
         return request.headers.get("OK-ACCESS-KEY") or None
 
     def rate_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
-        limit = ENDPOINT_LIMITS.get(request.path)
+        limit = okx_subaccounts.METHOD_LIMITS.get((request.method, request.path)) or ENDPOINT_LIMITS.get(
+            request.path
+        )
         if limit is None:
             return []
         if request.path in PUBLIC_PATHS:  # public endpoints: the budget is the IP's
@@ -168,7 +171,7 @@ class OkxServer(okx_trading.OkxTrading):
             "label": key.label or "",
             "level": "Lv1",
             "levelTmp": "",
-            "mainUid": key.uid,  # the simulator has no sub-accounts
+            "mainUid": key.parent_uid or key.uid,  # a sub-account key reports its master's uid
             "mgnIsoMode": "automatic",
             "opAuth": "0",
             "perm": ",".join(perms),

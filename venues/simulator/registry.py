@@ -48,6 +48,7 @@ MUTABLE_FIELDS = frozenset(
         "expires_at_ms",
         "environment",
         "label",
+        "transfer",
     }
 )
 
@@ -73,12 +74,17 @@ class TestKey:
     environment: str = "production"
     label: str | None = None
     created_at_ms: int = 0
+    # Bybit's wallet transfer permissions (AccountTransfer, SubMemberTransfer): what a master key needs, with
+    # Withdraw, to manage its sub-accounts' keys (docs/venues.md §3.10); the other venues ignore it
+    transfer: bool = True
+    parent_uid: str | None = None  # the master account's uid, for a key of a sub-account
 
     def __repr__(self) -> str:
         return (
             f"TestKey(venue={self.venue.value}, api_key={mask_api_key(self.api_key)!r}, uid={self.uid!r}, "
             f"kind={self.kind!r}, read={self.read}, trade={self.trade}, withdraw={self.withdraw}, "
-            f"identities={self.identities!r}, environment={self.environment!r}, label={self.label!r})"
+            f"identities={self.identities!r}, environment={self.environment!r}, label={self.label!r}, "
+            f"parent_uid={self.parent_uid!r})"
         )
 
     __str__ = __repr__
@@ -109,6 +115,8 @@ class TestKey:
             "environment": self.environment,
             "label": self.label,
             "created_at_ms": self.created_at_ms,
+            "transfer": self.transfer,
+            "parent_uid": self.parent_uid,
         }
         if secrets:
             data["api_secret"] = self.api_secret
@@ -174,6 +182,8 @@ class Registry:
         environment: str = "production",
         kind: str | None = None,
         label: str | None = None,
+        transfer: bool = True,
+        parent_uid: str | None = None,
     ) -> TestKey:
         venue = Venue(venue)
         kind = _kind_for(venue, kind)
@@ -195,6 +205,8 @@ class Registry:
             environment=_environment(environment),
             label=label,
             created_at_ms=int(time.time() * 1000),
+            transfer=bool(transfer),
+            parent_uid=str(parent_uid) if parent_uid is not None else None,
         )
         self._keys[key.api_key] = key
         return key
@@ -231,15 +243,25 @@ class Registry:
             changes["expires_at_ms"] = int(changes["expires_at_ms"])
         if "uid" in changes:
             changes["uid"] = str(changes["uid"])
-        for flag in ("read", "trade", "withdraw"):
+        for flag in ("read", "trade", "withdraw", "transfer"):
             if flag in changes:
                 changes[flag] = bool(changes[flag])
         updated = dataclasses.replace(key, **changes)
         self._keys[api_key] = updated
         return updated
 
+    def with_passphrase(self, api_key: str, passphrase: str) -> TestKey:
+        """Give an OKX key the passphrase its creator chose (OKX's create-sub-account-key call takes one)."""
+        key = dataclasses.replace(self.require(api_key), api_passphrase=passphrase)
+        self._keys[api_key] = key
+        return key
+
     def keys(self) -> list[TestKey]:
         return list(self._keys.values())
+
+    def keys_of(self, venue: Venue, uid: str) -> list[TestKey]:
+        """The keys of one account (oldest first)."""
+        return [key for key in self._keys.values() if key.venue is venue and key.uid == uid]
 
     def last_nonce(self, api_key: str) -> int | None:
         return self._nonces.get(api_key)

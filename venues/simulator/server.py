@@ -25,6 +25,7 @@ from venues.simulator import (
     common,
     faults,
     kraken,
+    masters,
     okx,
     signlog,
     stats,
@@ -152,12 +153,14 @@ class Simulator:
         environment: str = "production",
         kind: str | None = None,
         label: str | None = None,
+        transfer: bool = True,
     ) -> TestKey:
         """Register a new key with fresh key material in the venue's format.
 
         ``identities=None`` gives the venue's (kind's) full identity set; ``kind`` is COINBASE ``"cdp"``
         (default) / ``"cdp_ed25519"`` / ``"exchange"`` or KRAKEN ``"spot"`` (default) / ``"futures"``.
-        Keys with the same ``uid`` belong to the same account.
+        Keys with the same ``uid`` belong to the same account. ``transfer``: Bybit's wallet transfer permissions
+        (a Bybit master key needs them, or ``withdraw``, to manage sub-account keys).
         """
         return self._state.registry.add(
             _venue(venue),
@@ -171,6 +174,7 @@ class Simulator:
             environment=environment,
             kind=kind,
             label=label,
+            transfer=transfer,
         )
 
     def remove_key(self, api_key: str) -> None:
@@ -199,6 +203,71 @@ class Simulator:
         made.append(self.add_key(Venue.COINBASE, kind="exchange", label="demo-exchange"))
         made.append(self.add_key(Venue.KRAKEN, kind="futures", label="demo-futures"))
         return made
+
+    # -- master accounts and sub-accounts (docs/venues.md §1.10, §2.10, §3.10) -----------------------------
+
+    def add_master_account(
+        self,
+        venue: Venue | str,
+        *,
+        sub_accounts: int = 2,
+        uid: str | None = None,
+        read: bool = True,
+        trade: bool = True,
+        withdraw: bool = False,
+        transfer: bool = True,
+        ip_allowlist: Iterable[str] = ("127.0.0.1",),
+        label: str | None = None,
+    ) -> masters.MasterAccount:
+        """A master account (Binance: a Binance Link broker master) with ``sub_accounts`` sub-accounts and a key.
+
+        The defaults give a key that may manage sub-account keys on every venue: "trade" (Binance, OKX), an IP
+        allow-list (OKX wants a master key linked to IPs; loopback here), transfer permissions (Bybit). Turn one
+        off to get a master the venue refuses. ``uid`` reuses an account (another key of the same master).
+        """
+        chosen = _venue(venue)
+        key = self._state.registry.add(
+            chosen,
+            uid=uid,
+            read=read,
+            trade=trade,
+            withdraw=withdraw,
+            transfer=transfer,
+            ip_allowlist=ip_allowlist,
+            label=label,
+        )
+        book = self._state.sub_accounts
+        new = not book.is_master(chosen, key.uid)
+        try:
+            book.add_master(chosen, key.uid)
+        except ValueError:
+            self._state.registry.remove(key.api_key)
+            raise
+        if new:
+            for index in range(max(0, int(sub_accounts))):
+                book.add_sub(chosen, key.uid, label=f"sub{index + 1}")
+        return masters.MasterAccount(key=key, sub_accounts=tuple(book.subs(chosen, key.uid)))
+
+    def add_sub_account(self, venue: Venue | str, master_uid: str, *, label: str = "") -> masters.SubAccount:
+        """One more sub-account for master ``master_uid`` (KeyError when that account is no master)."""
+        return self._state.sub_accounts.add_sub(_venue(venue), str(master_uid), label=label)
+
+    def sub_accounts(self, venue: Venue | str, master_uid: str) -> list[masters.SubAccount]:
+        """The master's sub-accounts, oldest first."""
+        return self._state.sub_accounts.subs(_venue(venue), str(master_uid))
+
+    def sub_account_keys(
+        self, venue: Venue | str, master_uid: str, sub_id: str | None = None
+    ) -> list[TestKey]:
+        """The live keys of the master's sub-accounts (of ``sub_id`` only, when given): the registry that
+        reconciliation tests compare with. A deleted key is absent at once."""
+        chosen = _venue(venue)
+        book = self._state.sub_accounts
+        uids = {
+            sub.uid for sub in book.subs(chosen, str(master_uid)) if sub_id is None or sub.sub_id == sub_id
+        }
+        live = self._state.registry.keys()
+        return [key for key in live if key.venue is chosen and key.uid in uids]
 
     # -- behaviour --------------------------------------------------------------------------------
 
