@@ -288,14 +288,22 @@ CREATE UNIQUE INDEX IF NOT EXISTS broker_intents_one_unsettled
     ON broker_intents (credential_id) WHERE state IN ('OPEN', 'STAGED');
 CREATE INDEX IF NOT EXISTS broker_intents_credential ON broker_intents (credential_id, created_at);
 
--- The key a promoted rotation replaced (its fingerprint: the HMAC of engine/crypto.py, never the key): it keeps
--- working at the venue until delete_after (the rotation grace), then the cleanup deletes it there.
+-- A key of a minted credential the engine no longer uses but that may still work at the venue: the one a promoted
+-- rotation replaced (until delete_after: the rotation grace), a rejected staged key, the keys of a revoked or
+-- immediately rotated credential (delete_after: now). The key itself (the venue deletes by it; Binance lists keys
+-- masked) is sealed like a secret (engine/crypto.py wrap_blob, purpose "broker-retired:<credential id>"); the
+-- fingerprint (the HMAC of engine/crypto.py) finds it in a venue's listing. The row goes once the venue deleted it.
 CREATE TABLE IF NOT EXISTS broker_retired_keys (
     credential_id    uuid NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
     key_fingerprint  bytea NOT NULL,
+    kek_version      integer NOT NULL,
+    wrapped_dek      bytea NOT NULL,
+    nonce            bytea NOT NULL,
+    ciphertext       bytea NOT NULL,
     delete_after     timestamptz NOT NULL,
     PRIMARY KEY (credential_id, key_fingerprint)
 );
+CREATE INDEX IF NOT EXISTS broker_retired_keys_due ON broker_retired_keys (delete_after);
 -- END broker
 
 -- BEGIN webhooks (owned by engine/webhooks/)

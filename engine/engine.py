@@ -530,7 +530,7 @@ class CredentialEngine:
                 # a verification still queued for the old keys would swallow (dedupe) the one enqueued below
                 await queue.cancel_keys([verify_key(cid)], conn=conn)
                 # a minted credential's keys at the venue that it no longer holds are deleted there now
-                await self.broker.reconciler.settle(conn, cid, "IMMEDIATE_ROTATION")
+                await self.broker.reconciler.settle(conn, cid, the_venue, "IMMEDIATE_ROTATION")
                 change = await store.rotate_immediately(conn, row, keys)
                 extra: dict[str, Any] = {"immediate": True, "previousStatus": row["status"]}
                 # the new keys must reach the credential's pinned venue account (checked by the verify job)
@@ -582,9 +582,9 @@ class CredentialEngine:
                     sequence=disconnected.sequence,
                     extra={"tradingAccount": account.public_dict(), "reason": "CREDENTIAL_REVOKED"},
                 )
-            change = await store.revoke(conn, owner, cid)
             # a minted credential's keys are deleted at the venue (broker_cleanup), whatever their grace
-            await self.broker.reconciler.settle(conn, cid, "REVOKED")
+            await self.broker.reconciler.settle(conn, cid, Venue(row["venue"]), "REVOKED")
+            change = await store.revoke(conn, owner, cid)
             await outbox.credential_event(
                 conn,
                 change.credential,

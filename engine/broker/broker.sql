@@ -39,13 +39,6 @@ WHERE l.credential_id = $1;
 SELECT id, credential_id, purpose, automatic, state, staged_version, reason, created_at, updated_at
 FROM broker_intents WHERE id = $1;
 
--- broker_latest_intent --
--- The newest venue operation of a minted credential (for callers: minting or rotating now, failed and why).
-SELECT id, credential_id, purpose, automatic, state, staged_version, reason, created_at, updated_at
-FROM broker_intents WHERE credential_id = $1
-ORDER BY created_at DESC, id DESC
-LIMIT 1;
-
 -- broker_insert_intent --
 -- Record a ROTATE operation ($3 automatic) before the venue is called; no row while another is unsettled.
 INSERT INTO broker_intents (id, credential_id, purpose, automatic, state)
@@ -93,35 +86,40 @@ UPDATE broker_intents SET state = 'FAILED', reason = $2, updated_at = now()
 WHERE id = $1 AND state IN ('OPEN', 'STAGED')
 RETURNING automatic;
 
--- broker_promoted --
--- Staged version $2 of credential $1 replaced version $3: the ROTATE intent that staged it is DONE (its
--- automatic flag, null when none did) and, for a minted credential, the replaced key is retired until now + $4
--- seconds (delete_after null otherwise). Run before the old material is destroyed. Always one row.
+-- broker_settle_staged --
+-- Staged version $2 of credential $1 was promoted ($3 'DONE') or rejected ($3 'FAILED', reason $4): the ROTATE
+-- intent that staged it is settled (its automatic flag; null when none did); whether the credential is minted.
 WITH settled AS (
-    UPDATE broker_intents SET state = 'DONE', updated_at = now()
-    WHERE credential_id = $1 AND state = 'STAGED' AND staged_version = $2
-    RETURNING automatic
-), retired AS (
-    INSERT INTO broker_retired_keys (credential_id, key_fingerprint, delete_after)
-    SELECT s.credential_id, s.key_fingerprint, now() + make_interval(secs => $4)
-    FROM credential_secrets s
-    JOIN broker_links l ON l.credential_id = s.credential_id
-    WHERE s.credential_id = $1 AND s.version = $3
-    ON CONFLICT (credential_id, key_fingerprint) DO UPDATE SET delete_after = EXCLUDED.delete_after
-    RETURNING delete_after
-)
-SELECT (SELECT automatic FROM settled) AS automatic, (SELECT delete_after FROM retired) AS delete_after;
-
--- broker_rejected --
--- Staged version $2 of credential $1 was rejected (reason $3): the ROTATE intent that staged it is FAILED (its
--- automatic flag, null when none did); whether the credential is a minted one. Always one row.
-WITH settled AS (
-    UPDATE broker_intents SET state = 'FAILED', reason = $3, updated_at = now()
+    UPDATE broker_intents SET state = $3, reason = $4, updated_at = now()
     WHERE credential_id = $1 AND state = 'STAGED' AND staged_version = $2
     RETURNING automatic
 )
 SELECT (SELECT automatic FROM settled) AS automatic,
        EXISTS (SELECT 1 FROM broker_links WHERE credential_id = $1) AS minted;
+
+-- broker_retire_key --
+-- Key $2 (fingerprint) of minted credential $1, sealed ($3-$6), is to be deleted at the venue $7 seconds from now
+-- (the earlier time, when it is retired already). Its delete_after.
+INSERT INTO broker_retired_keys (credential_id, key_fingerprint, kek_version, wrapped_dek, nonce, ciphertext,
+                                 delete_after)
+VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+ON CONFLICT (credential_id, key_fingerprint)
+    DO UPDATE SET delete_after = least(broker_retired_keys.delete_after, EXCLUDED.delete_after)
+RETURNING delete_after;
+
+-- broker_due_retired --
+-- Retired keys due for deletion on sub-account $2 of parent $1 (of credential $3 only, unless null), sealed.
+SELECT r.credential_id, r.key_fingerprint, r.kek_version, r.wrapped_dek, r.nonce, r.ciphertext
+FROM broker_retired_keys r
+JOIN broker_links l ON l.credential_id = r.credential_id
+WHERE l.parent_id = $1 AND l.sub_account = $2 AND ($3::uuid IS NULL OR r.credential_id = $3)
+  AND r.delete_after <= now()
+ORDER BY r.delete_after
+LIMIT 500;
+
+-- broker_live_versions --
+-- The secret versions credential $1 holds now (current and staged), to retire before they are destroyed.
+SELECT version FROM credential_secrets WHERE credential_id = $1 ORDER BY version;
 
 -- broker_settle_all --
 -- Credential $1 was revoked or its keys replaced at once: every unsettled intent is FAILED with reason $2;
@@ -161,12 +159,12 @@ FROM broker_links l JOIN credentials p ON p.id = l.parent_id;
 
 -- broker_key_states --
 -- For reconciliation of sub-account $2 of parent $1: each credential minted there, its status, the
--- fingerprints of the keys it holds (current and staged), of the keys retired but still in their grace, and
+-- fingerprints of the keys it holds (current and staged), of its retired keys (deleted by their own rows), and
 -- whether a venue operation of it is under way (an intent touched less than $3 seconds ago).
 SELECT l.credential_id, c.status, c.owner_id,
        coalesce(array_agg(s.key_fingerprint) FILTER (WHERE s.key_fingerprint IS NOT NULL), '{}') AS live,
        coalesce((SELECT array_agg(r.key_fingerprint) FROM broker_retired_keys r
-                 WHERE r.credential_id = l.credential_id AND r.delete_after > now()), '{}') AS retiring,
+                 WHERE r.credential_id = l.credential_id), '{}') AS retired,
        EXISTS (SELECT 1 FROM broker_intents i
                WHERE i.credential_id = l.credential_id AND i.state IN ('OPEN', 'STAGED')
                  AND i.updated_at > now() - make_interval(secs => $3)) AS in_flight

@@ -19,12 +19,14 @@ from engine.models import CredentialStatus
 from engine.outbox import Outbox
 from engine.store import Store
 from venues.base import ApiKeys, Outcome, ProbeFailure, Venue
+from venues.subaccounts import GrantProblem
 
 log = structlog.get_logger("engine.broker")
 
 T = TypeVar("T")
 
 PARENT_UNUSABLE = "PARENT_NOT_VERIFIED"
+GRANT_REFUSED = "GRANT_REFUSED"  # the venue cannot take the grant (Binance Link: no IP list at creation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,10 @@ async def venue_call(
     try:
         with logs.secret_scope(*secrets):
             return await call()
+    except GrantProblem as problem:
+        return ProbeFailure(
+            Outcome.PERMISSION_DENIED, f"the venue cannot take this key grant: {problem}", venue_code=GRANT_REFUSED
+        )
     except ProbeFailure as failure:
         if failure.transient and job.tries < job.max_attempts:
             log.info("broker_venue_transient", kind=job.kind, outcome=failure.outcome.value)
@@ -83,4 +89,6 @@ def parent_failure() -> ProbeFailure:
 
 def reason_of(failure: ProbeFailure) -> str:
     """The stable reason an operation failed with."""
-    return failure.venue_code if failure.venue_code == PARENT_UNUSABLE else failure.outcome.value
+    if failure.venue_code in (PARENT_UNUSABLE, GRANT_REFUSED):
+        return failure.venue_code
+    return failure.outcome.value

@@ -26,13 +26,15 @@ import uuid
 import structlog
 
 from engine import queue as queuemod
-from engine.broker.context import Context, master_of, venue_call
+from engine.broker.context import Context, Master, master_of, venue_call
 from engine.broker.labels import credential_of
 from engine.broker.payloads import BrokerCleanup, BrokerReconcileSub
+from engine.broker.retirement import open_retired, retire
 from engine.db import Conn
 from engine.models import CredentialStatus
 from engine.payloads import enqueue
-from venues.base import ProbeFailure, mask_api_key
+from venues.base import ProbeFailure, Venue, mask_api_key
+from venues.subaccounts import SubAccountKeys
 
 log = structlog.get_logger("engine.broker")
 
@@ -79,47 +81,56 @@ class Reconciler:
             return 0
         manager = ctx.managers.get(master.venue)
         listed = await venue_call(job, lambda: manager.list_keys(master.keys, sub), master.keys)
+        deleted = 0
+        for row in await ctx.db.fetch("broker_due_retired", parent_id, sub, only):
+            key_id = open_retired(ctx, row)
+            if await self._delete(job, manager, master, sub, row["credential_id"], key_id, "retired"):
+                await ctx.db.execute("broker_forget_retired", row["credential_id"], row["key_fingerprint"])
+                deleted += 1
         if isinstance(listed, ProbeFailure):
             log.warning("broker_reconcile_refused", parent_id=str(parent_id), outcome=listed.outcome.value)
-            return 0
+            return deleted
         grace = ctx.settings.orphan_grace
         states = {r["credential_id"]: r for r in await ctx.db.fetch("broker_key_states", parent_id, sub, grace)}
         now_ms = int(time.time() * 1000)
-        deleted = 0
         for key in listed:
             cid = credential_of(key.label)
-            if cid is None or (only is not None and cid != only):
-                continue
+            if key.masked or cid is None or (only is not None and cid != only):
+                continue  # not labelled by the engine, or listed masked (Binance): never judged from a listing
             state = states.get(cid)
             if state is None:
                 continue  # not a credential of this database minted on this sub-account: not ours to judge
             fingerprint = ctx.store.fingerprint(master.venue, key.key_id)
+            if fingerprint in set(state["retired"]):
+                continue  # deleted through its own row when due
             if state["status"] != CredentialStatus.REVOKED:
                 young = key.created_at_ms is not None and now_ms - key.created_at_ms < grace * 1000
-                held = fingerprint in set(state["live"]) or fingerprint in set(state["retiring"])
-                if held or state["in_flight"] or young:
+                if fingerprint in set(state["live"]) or state["in_flight"] or young:
                     continue
-            key_id = key.key_id
-
-            async def delete(key_id: str = key_id) -> bool:
-                return await manager.delete_key(master.keys, sub, key_id)
-
-            gone = await venue_call(job, delete, master.keys)
-            if isinstance(gone, ProbeFailure):
-                log.warning("broker_key_delete_refused", credential_id=str(cid), outcome=gone.outcome.value)
-                continue
-            await ctx.db.execute("broker_forget_retired", cid, fingerprint)
-            deleted += 1
-            log.info(
-                "broker_key_deleted",
-                credential_id=str(cid),
-                api_key=mask_api_key(key.key_id),
-                revoked=state["status"] == CredentialStatus.REVOKED,
-            )
+            if await self._delete(job, manager, master, sub, cid, key.key_id, "orphan"):
+                deleted += 1
         return deleted
 
-    async def settle(self, conn: Conn, credential_id: uuid.UUID, reason: str) -> None:
-        """In a revoke's or an immediate rotation's transaction: settle the credential's venue operations and,
-        for a minted credential, enqueue the deletion of the keys it no longer holds."""
+    async def _delete(
+        self, job: queuemod.Job, manager: SubAccountKeys, master: Master, sub: str, cid: uuid.UUID, key_id: str,
+        why: str,
+    ) -> bool:
+        """Delete one key at the venue (gone already counts as deleted); False when the venue refused."""
+
+        async def delete() -> bool:
+            return await manager.delete_key(master.keys, sub, key_id)
+
+        gone = await venue_call(job, delete, master.keys)
+        if isinstance(gone, ProbeFailure):
+            log.warning("broker_key_delete_refused", credential_id=str(cid), outcome=gone.outcome.value)
+            return False
+        log.info("broker_key_deleted", credential_id=str(cid), api_key=mask_api_key(key_id), why=why)
+        return True
+
+    async def settle(self, conn: Conn, credential_id: uuid.UUID, venue: Venue, reason: str) -> None:
+        """In a revoke's or an immediate rotation's transaction, before the credential's material is destroyed:
+        settle its venue operations and, for a minted credential, retire every key it holds for deletion now."""
         if await conn.fetchval("broker_settle_all", credential_id, reason):
+            versions = [int(r["version"]) for r in await conn.fetch("broker_live_versions", credential_id)]
+            await retire(self._ctx, conn, credential_id, venue, versions, 0.0)
             await enqueue(self._ctx.queue, BrokerCleanup(credential_id), conn=conn)

@@ -29,6 +29,7 @@ from engine import queue as queuemod
 from engine.broker.context import Context, master_of, parent_failure, reason_of, venue_call
 from engine.broker.labels import label_for
 from engine.broker.payloads import BrokerCleanup, BrokerRotate
+from engine.broker.retirement import retire
 from engine.db import Conn
 from engine.models import Credential, CredentialStatus
 from engine.payloads import RotationVerify, enqueue
@@ -190,23 +191,24 @@ class Rotation:
 
     async def promoting(self, conn: Conn, cred: Credential, version: int) -> Mapping[str, Any]:
         """Staged ``version`` of ``cred`` is about to replace its current key (in the promoting transaction):
-        settle the intent, retire a minted credential's old key for the grace, schedule its deletion."""
-        grace = self._ctx.settings.rotation_grace
-        row = await conn.fetchrow("broker_promoted", cred.credential_id, version, cred.secret_version, grace)
+        settle the intent; a minted credential's old key is retired for the grace, its deletion scheduled."""
+        ctx = self._ctx
+        row = await conn.fetchrow("broker_settle_staged", cred.credential_id, version, "DONE", None)
         assert row is not None  # the statement always answers one row
-        if row["delete_after"] is not None:
-            await enqueue(
-                self._ctx.queue,
-                BrokerCleanup(cred.credential_id),
-                conn=conn,
-                run_at=row["delete_after"] + timedelta(seconds=CLEANUP_MARGIN),
-            )
+        if row["minted"]:
+            grace = ctx.settings.rotation_grace
+            at = await retire(ctx, conn, cred.credential_id, cred.venue, [cred.secret_version], grace)
+            if at is not None:
+                run_at = at + timedelta(seconds=CLEANUP_MARGIN)
+                await enqueue(ctx.queue, BrokerCleanup(cred.credential_id), conn=conn, run_at=run_at)
         return {"automatic": bool(row["automatic"])}
 
     async def rejecting(self, conn: Conn, cred: Credential, version: int, reason: str) -> Mapping[str, Any]:
         """Staged ``version`` of ``cred`` was rejected: settle the intent; a minted key is deleted now."""
-        row = await conn.fetchrow("broker_rejected", cred.credential_id, version, reason)
+        ctx = self._ctx
+        row = await conn.fetchrow("broker_settle_staged", cred.credential_id, version, "FAILED", reason)
         assert row is not None  # the statement always answers one row
         if row["minted"]:
-            await enqueue(self._ctx.queue, BrokerCleanup(cred.credential_id), conn=conn)
+            await retire(ctx, conn, cred.credential_id, cred.venue, [version], 0.0)
+            await enqueue(ctx.queue, BrokerCleanup(cred.credential_id), conn=conn)
         return {"automatic": bool(row["automatic"])}

@@ -1,0 +1,58 @@
+"""Retired keys: keys of a minted credential that it no longer uses but that may still work at the venue.
+
+Before the engine destroys a minted key's material (a promoted rotation's old key, a rejected staged key, every
+key of a revoked or immediately rotated credential), it keeps the key itself sealed (``Vault.wrap_blob``) in
+``broker_retired_keys`` with the time it is to be deleted at the venue: after ``rotation_grace`` for the key a
+rotation replaced (signers still holding it finish), at once otherwise. The venues delete by the key (Binance
+lists keys only masked), so the key is needed; never its secret. ``broker_cleanup`` and the reconciliation
+delete due keys at the venue and then the rows (engine/broker/reconcile.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from engine import crypto, logs
+from engine.broker.context import Context
+from engine.db import Conn
+from venues.base import Venue
+
+
+def purpose(credential_id: uuid.UUID) -> str:
+    return f"broker-retired:{credential_id}"
+
+
+async def retire(
+    ctx: Context, conn: Conn, credential_id: uuid.UUID, venue: Venue, versions: Iterable[int], delay: float
+) -> datetime | None:
+    """Retire secret ``versions`` of a minted credential (in ``conn``'s transaction, before their material is
+    destroyed), to be deleted at the venue ``delay`` seconds from now; the latest deletion time (None: none)."""
+    latest: datetime | None = None
+    for version in versions:
+        secret = await ctx.store.get_secret(credential_id, version, conn=conn)
+        if secret is None:
+            continue
+        keys = ctx.store.open_secret(secret)
+        with logs.secret_scope(keys):
+            sealed = ctx.store.vault.wrap_blob(keys.api_key.encode(), purpose=purpose(credential_id))
+            fingerprint = ctx.store.fingerprint(venue, keys.api_key)
+        at = await conn.fetchval(
+            "broker_retire_key", credential_id, fingerprint, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
+            sealed.ciphertext, float(delay),
+        )  # fmt: skip
+        latest = at if latest is None or at > latest else latest
+    return latest
+
+
+def open_retired(ctx: Context, row: Any) -> str:
+    """The key a ``broker_due_retired`` row holds."""
+    sealed = crypto.Sealed(
+        kek_version=int(row["kek_version"]),
+        wrapped_dek=bytes(row["wrapped_dek"]),
+        nonce=bytes(row["nonce"]),
+        ciphertext=bytes(row["ciphertext"]),
+    )
+    return ctx.store.vault.unwrap_blob(sealed, purpose=purpose(row["credential_id"])).decode()
