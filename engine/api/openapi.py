@@ -174,7 +174,7 @@ def _paths() -> dict[str, Any]:
                 "rotateCredential",
                 "Replace the keys: staged until the new keys verify on the same account",
                 cred,
-                body="RotateCredentialRequest",
+                body="RotateCredentialBody",
                 tag="credential",
                 errors={
                     "400": "invalid request (a field missing or invalid, named in error: errno -100001); also "

@@ -261,12 +261,12 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["credentialId"],
         "properties": {"credentialId": UUID_FIELD},
     },
-    "RotateCredentialRequest": {
-        "description": "Either new keys (RotateWithKeys), or automatic: true for a credential minted through a "
-        "BROKER credential (RotateAutomatically: the engine mints the new key itself), never both (400).",
-        "oneOf": [ref("RotateWithKeys"), ref("RotateAutomatically")],
+    "RotateCredentialBody": {
+        "description": "Either new keys (RotateCredentialRequest), or automatic: true for a credential minted "
+        "through a BROKER credential (RotateAutomatically: the engine mints the new key itself), never both (400).",
+        "oneOf": [ref("RotateCredentialRequest"), ref("RotateAutomatically")],
     },
-    "RotateWithKeys": {
+    "RotateCredentialRequest": {
         "type": "object",
         "description": "The new keys follow the rules of CreateCredentialRequest for the credential's venue "
         "(an OKX credential's new keys need apiPassphrase: 400 without it).",

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from engine import CredentialEngine, CredentialStatus, CredentialType, EngineConfig, Event, errors
-from engine.broker.labels import label_for
+from engine.broker.labels import credential_of, label_for
 from engine.broker.settings import BrokerSettings
 from engine.testing import FakeSubAccounts, FakeVenue, broken_invariants, settle
 from venues.base import Outcome, Permissions, Venue
@@ -106,7 +106,7 @@ async def test_a_broker_key_finds_its_sub_accounts_and_mints_a_verified_least_pr
     assert cred.credential_type is CredentialType.EXCHANGE
     assert cred.venue_account_id == "sub-7"  # pinned to the sub-account
     [key] = subs.live_keys(venue, "sub-7")
-    assert key.label == label_for(cid)
+    assert credential_of(key.label) == cid
     assert (key.read, key.trade, key.withdraw) == (True, True, False)
     assert key.ip_allowlist == ("203.0.113.9",)
     revealed = await eng.reveal_keys(OWNER, cid)
