@@ -510,9 +510,15 @@ class CredentialEngine:
         """
         store, queue, outbox, _ = self._ready()
         if automatic:
-            for name, value in (("apiKey", api_key), ("apiSecret", api_secret), ("apiPassphrase", api_passphrase)):
+            for name, value in (
+                ("apiKey", api_key),
+                ("apiSecret", api_secret),
+                ("apiPassphrase", api_passphrase),
+            ):
                 if value is not None:
-                    raise errors.InvalidRequest(name, "must not be given with automatic (the engine mints the key)")
+                    raise errors.InvalidRequest(
+                        name, "must not be given with automatic (the engine mints the key)"
+                    )
             if immediate:
                 raise errors.InvalidRequest("immediate", "must be false with automatic")
             return await self.broker.rotation.request(owner_id, credential_id)

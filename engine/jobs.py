@@ -145,7 +145,9 @@ class RotationHooks(Protocol):
 
     async def promoting(self, conn: Conn, cred: Credential, version: int) -> Mapping[str, Any]: ...
 
-    async def rejecting(self, conn: Conn, cred: Credential, version: int, reason: str) -> Mapping[str, Any]: ...
+    async def rejecting(
+        self, conn: Conn, cred: Credential, version: int, reason: str
+    ) -> Mapping[str, Any]: ...
 
 
 class LifecycleJobs:
@@ -378,7 +380,13 @@ class LifecycleJobs:
             change.credential,
             "credential.rotation_failed",
             sequence=change.sequence,
-            extra={"reason": reason, "message": message, "rejectedVersion": version, "automatic": False, **hooked},
+            extra={
+                "reason": reason,
+                "message": message,
+                "rejectedVersion": version,
+                "automatic": False,
+                **hooked,
+            },
         )
         log.info("rotation_rejected", credential_id=str(cred.credential_id), reason=reason)
 

@@ -281,13 +281,20 @@ class _FakeManager:
         self.fake.calls.append((method, sub))
         master = self.fake.masters.get(keys.api_key)
         known = self.fake.venue.keys.get(keys.api_key)
-        if master is None or known is None or master.venue is not self.venue or known.secret != keys.api_secret:
+        if (
+            master is None
+            or known is None
+            or master.venue is not self.venue
+            or known.secret != keys.api_secret
+        ):
             raise ProbeFailure(Outcome.INVALID_KEY, "unknown master key")
         return master
 
     def _check(self, master: FakeMaster, sub: str) -> None:
         if not master.can_manage:
-            raise ProbeFailure(Outcome.PERMISSION_DENIED, "the master key may not manage sub-account API keys")
+            raise ProbeFailure(
+                Outcome.PERMISSION_DENIED, "the master key may not manage sub-account API keys"
+            )
         if sub not in master.subs:
             raise ProbeFailure(Outcome.PERMISSION_DENIED, "not a sub-account of this master account")
 

@@ -327,7 +327,9 @@ SCHEMAS: dict[str, Schema] = {
             "ipAllowlist": {
                 "type": "array",
                 "maxItems": MAX_ALLOWLIST,
-                "items": {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]},
+                "items": {
+                    "anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]
+                },
                 "description": "IP addresses the key is restricted to (absent: the engine's ENGINE_MINT_IP_ALLOWLIST)",
             },
             "nickname": name(),

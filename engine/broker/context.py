@@ -69,7 +69,9 @@ async def venue_call(
             return await call()
     except GrantProblem as problem:
         return ProbeFailure(
-            Outcome.PERMISSION_DENIED, f"the venue cannot take this key grant: {problem}", venue_code=GRANT_REFUSED
+            Outcome.PERMISSION_DENIED,
+            f"the venue cannot take this key grant: {problem}",
+            venue_code=GRANT_REFUSED,
         )
     except ProbeFailure as failure:
         if failure.transient and job.tries < job.max_attempts:

@@ -3,8 +3,9 @@
 ``ce-``, the credential id's 32 hex digits, ``-`` and 8 random hex digits (44 characters: within OKX's and
 Bybit's label limits; Binance Link takes no label, docs/venues.md §0.1). The random part makes every key's
 label new: OKX refuses a label a key of the sub-account already has (59502), and a retried creation must not
-collide with a key an earlier attempt made but never recorded. Reconciliation touches only keys whose label parses here, and of those only keys of
-credentials this database knows: another deployment's keys, or keys people made, are left alone.
+collide with a key an earlier attempt made but never recorded. Reconciliation touches only keys whose label
+parses here, and of those only keys of credentials this database knows: another deployment's keys, or keys
+people made, are left alone.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ from venues.subaccounts import KeyGrant, MintedKey
 log = structlog.get_logger("engine.broker")
 
 MAX_SUB_ACCOUNT = 128
-SUB_ACCOUNT_PATTERN = r"[A-Za-z0-9._@+:-]{1,128}"  # uids, sub-account names, emails (the OpenAPI document's too)
+SUB_ACCOUNT_PATTERN = (
+    r"[A-Za-z0-9._@+:-]{1,128}"  # uids, sub-account names, emails (the OpenAPI document's too)
+)
 SUB_ACCOUNT = re.compile(SUB_ACCOUNT_PATTERN)
 GRANTS = ("read", "trade", "withdraw")
 
@@ -70,7 +72,8 @@ def sub_account_of(value: Any) -> str:
         raise errors.InvalidRequest("subAccount", "must be a string")
     if not SUB_ACCOUNT.fullmatch(value):
         raise errors.InvalidRequest(
-            "subAccount", f"must be 1 to {MAX_SUB_ACCOUNT} letters, digits and ._@+:- (the venue's sub-account id)"
+            "subAccount",
+            f"must be 1 to {MAX_SUB_ACCOUNT} letters, digits and ._@+:- (the venue's sub-account id)",
         )
     return value
 
@@ -151,9 +154,7 @@ class Minting:
             label=label_for(cid),
         )
         sub = str(link["sub_account"])
-        minted = await venue_call(
-            job, lambda: manager.create_key(master.keys, sub, grant), master.keys
-        )
+        minted = await venue_call(job, lambda: manager.create_key(master.keys, sub, grant), master.keys)
         if isinstance(minted, ProbeFailure):
             await self._fail(job, link, work.intent_id, minted)
             return
@@ -199,9 +200,7 @@ class Minting:
         log.info("broker_minted", credential_id=str(cid), api_key=cred.masked_api_key)
         return True
 
-    async def _fail(
-        self, job: queuemod.Job, link: Any, intent_id: uuid.UUID, failure: ProbeFailure
-    ) -> None:
+    async def _fail(self, job: queuemod.Job, link: Any, intent_id: uuid.UUID, failure: ProbeFailure) -> None:
         """A permanent failure: the intent FAILED, the credential FAILED with ``credential.mint_failed``."""
         ctx = self._ctx
         reason = reason_of(failure)
@@ -217,7 +216,11 @@ class Minting:
                         change.credential,
                         "credential.mint_failed",
                         sequence=change.sequence,
-                        extra={"previousStatus": change.previous_status, "reason": reason, "message": message},
+                        extra={
+                            "previousStatus": change.previous_status,
+                            "reason": reason,
+                            "message": message,
+                        },
                     )
             await ctx.queue.complete_in(conn, job)
         ctx.outbox.committed()

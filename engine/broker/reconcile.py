@@ -91,7 +91,9 @@ class Reconciler:
             log.warning("broker_reconcile_refused", parent_id=str(parent_id), outcome=listed.outcome.value)
             return deleted
         grace = ctx.settings.orphan_grace
-        states = {r["credential_id"]: r for r in await ctx.db.fetch("broker_key_states", parent_id, sub, grace)}
+        states = {
+            r["credential_id"]: r for r in await ctx.db.fetch("broker_key_states", parent_id, sub, grace)
+        }
         now_ms = int(time.time() * 1000)
         for key in listed:
             cid = credential_of(key.label)
@@ -112,7 +114,13 @@ class Reconciler:
         return deleted
 
     async def _delete(
-        self, job: queuemod.Job, manager: SubAccountKeys, master: Master, sub: str, cid: uuid.UUID, key_id: str,
+        self,
+        job: queuemod.Job,
+        manager: SubAccountKeys,
+        master: Master,
+        sub: str,
+        cid: uuid.UUID,
+        key_id: str,
         why: str,
     ) -> bool:
         """Delete one key at the venue (gone already counts as deleted); False when the venue refused."""

@@ -67,7 +67,9 @@ class Rotation:
                 )
             ctx.managers.get(Venue(row["venue"]))  # BrokerUnsupported for a venue without the API
             if row["pending_version"] is not None:
-                raise errors.RotationPending("a rotation is already waiting for verification", field="credentialId")
+                raise errors.RotationPending(
+                    "a rotation is already waiting for verification", field="credentialId"
+                )
             intent_id = await conn.fetchval("broker_insert_intent", uuid.uuid4(), cid, True)
             if intent_id is None:
                 raise errors.RotationPending(
@@ -81,7 +83,11 @@ class Rotation:
         ctx = self._ctx
         s = ctx.settings
         rows = await ctx.db.fetch(
-            "broker_due_rotations", s.rotation_max_age, s.rotation_before_expiry, s.rotation_retry_after, SWEEP_BATCH
+            "broker_due_rotations",
+            s.rotation_max_age,
+            s.rotation_before_expiry,
+            s.rotation_retry_after,
+            SWEEP_BATCH,
         )
         if not rows:
             return
@@ -90,7 +96,9 @@ class Rotation:
             for row in rows:
                 intent_id = await conn.fetchval("broker_insert_intent", uuid.uuid4(), row["id"], True)
                 if intent_id is not None:
-                    await enqueue(ctx.queue, BrokerRotate(row["id"], intent_id), conn=conn, fair_key=row["owner_id"])
+                    await enqueue(
+                        ctx.queue, BrokerRotate(row["id"], intent_id), conn=conn, fair_key=row["owner_id"]
+                    )
                     enqueued += 1
         log.info("broker_rotation_sweep", due=len(rows), enqueued=enqueued)
 

@@ -20,7 +20,14 @@ from engine.broker.rotation import Rotation
 from engine.config import EngineConfig
 from venues.base import MAX_SEQUENTIAL_REQUESTS
 
-KINDS = (BROKER_MINT, BROKER_ROTATE, BROKER_CLEANUP, BROKER_RECONCILE, BROKER_RECONCILE_SUB, BROKER_ROTATION_SWEEP)
+KINDS = (
+    BROKER_MINT,
+    BROKER_ROTATE,
+    BROKER_CLEANUP,
+    BROKER_RECONCILE,
+    BROKER_RECONCILE_SUB,
+    BROKER_ROTATION_SWEEP,
+)
 VENUE_JOB_MARGIN = 30.0  # seconds on top of a minting job's requests: rate limiters, the database work
 
 

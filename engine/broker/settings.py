@@ -1,15 +1,15 @@
 """The BROKER settings: the zero-touch rotation policy, the grace periods and the minted keys' IP allow-list.
 
-    ENGINE_ROTATION_MAX_AGE          seconds a minted key is used before it is rotated (default 30 days)
-    ENGINE_ROTATION_BEFORE_EXPIRY    rotate this many seconds before the venue's own expiry of the key (3 days)
-    ENGINE_ROTATION_GRACE            seconds a rotated-out key keeps working before it is deleted at the venue
-                                     (default 900): the time every signer needs to pick up the new key
-    ENGINE_ROTATION_CHECK_INTERVAL   seconds between the rotation policy's sweeps (default 3600)
-    ENGINE_ROTATION_RETRY_AFTER      seconds before a failed automatic rotation is tried again (default 1 day)
-    ENGINE_BROKER_ORPHAN_GRACE       seconds a key labelled by the engine but held by no credential is left alone
-                                     (a venue call may be under way) before reconciliation deletes it (default 900)
-    ENGINE_BROKER_RECONCILE_INTERVAL seconds between reconciliations of every sub-account (default 3600)
-    ENGINE_MINT_IP_ALLOWLIST         comma-separated IP addresses minted keys are restricted to (default none)
+ENGINE_ROTATION_MAX_AGE          seconds a minted key is used before it is rotated (default 30 days)
+ENGINE_ROTATION_BEFORE_EXPIRY    rotate this many seconds before the venue's own expiry of the key (3 days)
+ENGINE_ROTATION_GRACE            seconds a rotated-out key keeps working before it is deleted at the venue
+                                 (default 900): the time every signer needs to pick up the new key
+ENGINE_ROTATION_CHECK_INTERVAL   seconds between the rotation policy's sweeps (default 3600)
+ENGINE_ROTATION_RETRY_AFTER      seconds before a failed automatic rotation is tried again (default 1 day)
+ENGINE_BROKER_ORPHAN_GRACE       seconds a key labelled by the engine but held by no credential is left alone
+                                 (a venue call may be under way) before reconciliation deletes it (default 900)
+ENGINE_BROKER_RECONCILE_INTERVAL seconds between reconciliations of every sub-account (default 3600)
+ENGINE_MINT_IP_ALLOWLIST         comma-separated IP addresses minted keys are restricted to (default none)
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import OWNER, ApiFactory
 
 from engine import CredentialEngine, CredentialStatus, EngineConfig
 from engine.broker.settings import BrokerSettings
 from engine.testing import FakeSubAccounts, FakeVenue
-from conftest import OWNER, ApiFactory
 from venues.base import Venue
 
 
@@ -49,7 +49,12 @@ async def test_mint_and_rotate_automatically_through_the_api(
     api = await make_api(eng)
     created = await api.post(
         "/api/v3/credential/create",
-        {"venue": "BYBIT", "type": "BROKER", "apiKey": "bybit-master-01", "apiSecret": "bybit-master-secret-01"},
+        {
+            "venue": "BYBIT",
+            "type": "BROKER",
+            "apiKey": "bybit-master-01",
+            "apiSecret": "bybit-master-secret-01",
+        },
     )
     parent = created.data["credentialId"]
     master = await eng.wait_for_status(OWNER, parent, {CredentialStatus.VERIFIED})
@@ -87,7 +92,12 @@ async def test_the_api_refuses_what_cannot_be_minted_with_its_errnos(
     api = await make_api(eng)
     created = await api.post(
         "/api/v3/credential/create",
-        {"venue": "BYBIT", "type": "BROKER", "apiKey": "bybit-master-01", "apiSecret": "bybit-master-secret-01"},
+        {
+            "venue": "BYBIT",
+            "type": "BROKER",
+            "apiKey": "bybit-master-01",
+            "apiSecret": "bybit-master-secret-01",
+        },
     )
     parent = created.data["credentialId"]
     await eng.wait_for_status(OWNER, parent, {CredentialStatus.VERIFIED})

@@ -224,7 +224,8 @@ async def test_the_policy_rotates_keys_past_their_maximum_age_or_near_the_venues
     aged = await mint(eng, parent, "sub-8")
     async with eng.db.connection() as conn:  # the aged key was minted 31 days ago
         await conn._conn.execute(
-            "UPDATE credential_secrets SET created_at = now() - interval '31 days' WHERE credential_id = $1", aged
+            "UPDATE credential_secrets SET created_at = now() - interval '31 days' WHERE credential_id = $1",
+            aged,
         )
     await eng.queue.enqueue("broker_rotation_sweep", {})
     await settle(eng)
@@ -322,7 +323,9 @@ async def test_automatic_rotation_of_a_credential_not_minted_is_refused(
 ) -> None:
     eng = await make_broker_engine()
     fake.add_key("plain-key", "plain-secret")
-    cred = await eng.create_credential(OWNER, venue=Venue.BYBIT, api_key="plain-key", api_secret="plain-secret")
+    cred = await eng.create_credential(
+        OWNER, venue=Venue.BYBIT, api_key="plain-key", api_secret="plain-secret"
+    )
     await settle(eng)
     with pytest.raises(errors.BrokerUnsupported) as refused:
         await eng.rotate_credential(OWNER, cred.credential_id, automatic=True)

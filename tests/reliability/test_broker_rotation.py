@@ -86,7 +86,9 @@ async def test_minted_credentials_rotate_under_faults_and_kills_with_one_key_eac
     rng = random.Random(15)
     async with Simulator(seed=15, enforce_rate_limits=False) as sim:
         master = sim.add_master_account(VENUE, sub_accounts=count)
-        producer: CredentialEngine = await make_engine(probes={}, venue_urls=sim.urls, workers=0, poll_interval=0.5)
+        producer: CredentialEngine = await make_engine(
+            probes={}, venue_urls=sim.urls, workers=0, poll_interval=0.5
+        )
         env = {
             "DATABASE_URL": database_url,
             "ENGINE_MASTER_KEYS": master_keys,
@@ -118,9 +120,13 @@ async def test_minted_credentials_rotate_under_faults_and_kills_with_one_key_eac
             parent = await producer.create_credential(
                 OWNER, venue=VENUE, api_key=keys.api_key, api_secret=keys.api_secret, credential_type="BROKER"
             )
-            await producer.wait_for_status(OWNER, parent.credential_id, {CredentialStatus.VERIFIED}, timeout=60)
+            await producer.wait_for_status(
+                OWNER, parent.credential_id, {CredentialStatus.VERIFIED}, timeout=60
+            )
             minted = [
-                (await producer.mint_credential(OWNER, parent.credential_id, sub_account=sub.sub_id)).credential_id
+                (
+                    await producer.mint_credential(OWNER, parent.credential_id, sub_account=sub.sub_id)
+                ).credential_id
                 for sub in master.sub_accounts
             ]
             sub_of = dict(zip(minted, (s.sub_id for s in master.sub_accounts), strict=True))
@@ -130,7 +136,9 @@ async def test_minted_credentials_rotate_under_faults_and_kills_with_one_key_eac
 
             sim.set_faults(
                 VENUE,
-                Faults(error_rate=0.3, kinds=(SERVER_ERROR, RATE_LIMITED, TIMEOUT), retry_after=0.2, hang=2.5),
+                Faults(
+                    error_rate=0.3, kinds=(SERVER_ERROR, RATE_LIMITED, TIMEOUT), retry_after=0.2, hang=2.5
+                ),
             )
             stop = asyncio.Event()
 
@@ -170,7 +178,9 @@ async def test_minted_credentials_rotate_under_faults_and_kills_with_one_key_eac
             for cid in minted:
                 await producer.rotate_credential(OWNER, cid, automatic=True)
                 await asyncio.sleep(rng.uniform(0, 0.1))
-            await wait_until(rotated_all, timeout=size(180, 600), interval=0.5, what="every credential rotated")
+            await wait_until(
+                rotated_all, timeout=size(180, 600), interval=0.5, what="every credential rotated"
+            )
             stop.set()
             await asyncio.gather(*tasks)
 
