@@ -208,7 +208,10 @@ class CredentialEngine:
         queue = self._queue = queuemod.JobQueue(self._db, settings=settings)
         outbox = Outbox(FanOut(queue, self.webhooks.metrics), self.bus.poke)
         await self.webhooks.open(db=self._db, vault=store.vault, queue=queue, outbox=outbox)
-        managers = Managers(self._build_sub_account_keys, self._sub_accounts)
+        # no venue manager next to an injected probe (a test double): it would call the real exchange
+        managers = Managers(
+            self._build_sub_account_keys, self._sub_accounts, buildable=set(Venue) - set(self._probes)
+        )
         broker = self._broker = Broker(
             BrokerContext(store, self._db, queue, outbox, cfg.broker, managers), cfg
         )

@@ -1,9 +1,11 @@
 """The sub-account key managers of an engine: injected ones (tests, ``engine.testing.FakeSubAccounts``) or the
-venue modules' (``venues.subaccounts.build_sub_account_keys``), built on first use."""
+venue modules' (``venues.subaccounts.build_sub_account_keys``), built on first use for the venues in
+``buildable``. An engine built with injected probes (a test double of the venue) builds no manager for those
+venues: it would call the real exchange next to a fake probe."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from engine import errors
 from venues.base import Venue
@@ -14,17 +16,19 @@ class Managers:
     """``get(venue)``: the venue's :class:`SubAccountKeys`, or :class:`errors.BrokerUnsupported`."""
 
     def __init__(
-        self, build: Callable[[Venue], SubAccountKeys], injected: Mapping[Venue, SubAccountKeys] | None = None
+        self,
+        build: Callable[[Venue], SubAccountKeys],
+        injected: Mapping[Venue, SubAccountKeys] | None = None,
+        *,
+        buildable: Collection[Venue] = tuple(Venue),
     ) -> None:
         self._build = build
         self._managers: dict[Venue, SubAccountKeys] = dict(injected or {})
-        self._injected = injected is not None
+        self._buildable = frozenset(buildable) if injected is None else frozenset()
 
     def supports(self, venue: Venue) -> bool:
         """Whether BROKER credentials of ``venue`` can mint (with injected managers: the venues given)."""
-        if self._injected:
-            return venue in self._managers
-        return supports_sub_account_keys(venue)
+        return venue in self._managers or (venue in self._buildable and supports_sub_account_keys(venue))
 
     def get(self, venue: Venue) -> SubAccountKeys:
         if not self.supports(venue):

@@ -3,8 +3,8 @@
 ``broker_mint``: create a minted credential's first key at the venue and store it. ``broker_rotate``: create a
 new key and stage it as the credential's rotation. ``broker_cleanup``: delete the keys of one minted credential
 that it no longer holds (after a rotation's grace, a rejected rotation, a revoke). ``broker_reconcile_sub``: the
-same for every key the engine labelled on one sub-account. ``broker_reconcile`` and ``broker_rotation_sweep``
-are the periodic sweeps that enqueue those.
+same for every key the engine labelled on one sub-account. ``broker_sweep`` (periodic) applies the rotation
+policy (``broker_rotate`` for each credential due) and enqueues a ``broker_reconcile_sub`` per sub-account.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any, ClassVar
 BROKER_MINT = "broker_mint"
 BROKER_ROTATE = "broker_rotate"
 BROKER_CLEANUP = "broker_cleanup"
-BROKER_RECONCILE = "broker_reconcile"
 BROKER_RECONCILE_SUB = "broker_reconcile_sub"
-BROKER_ROTATION_SWEEP = "broker_rotation_sweep"
+BROKER_SWEEP = "broker_sweep"
 
 
 @dataclass(frozen=True, slots=True)

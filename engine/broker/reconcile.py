@@ -14,8 +14,8 @@ otherwise it is deleted, and at once, grace or not, when its credential is REVOK
 but the engine never recorded (a crash between the two, a lost answer) lives at most ``orphan_grace`` plus one
 reconciliation interval, and a minted credential never has two live keys beyond the graces.
 ``broker_cleanup`` does the same for one credential's keys (after a rotation's grace, a rejected rotation, a
-revoke, an immediate rotation). ``broker_reconcile`` (periodic, and ``CredentialEngine.reconcile_broker_keys``)
-enqueues one ``broker_reconcile_sub`` per pair.
+revoke, an immediate rotation). ``broker_sweep`` (periodic) and ``CredentialEngine.reconcile_broker_keys``
+enqueue one ``broker_reconcile_sub`` per pair.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ class Reconciler:
         self._ctx = ctx
 
     async def sweep(self, job: queuemod.Job | None = None) -> int:
-        """``broker_reconcile``: one ``broker_reconcile_sub`` per (parent, sub-account) pair; how many."""
+        """One ``broker_reconcile_sub`` per (parent, sub-account) pair (``broker_sweep``, or on demand); how many."""
         ctx = self._ctx
         pairs = await ctx.db.fetch("broker_sub_accounts")
+        if not pairs:
+            return 0
         async with ctx.db.transaction() as conn:
             for pair in pairs:
                 await enqueue(

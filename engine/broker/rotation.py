@@ -4,7 +4,7 @@ staged rotation calls when it promotes or rejects.
 The policy (:class:`engine.broker.settings.BrokerSettings`): a minted key is rotated once it is older than
 ``rotation_max_age`` or its venue expiry (``permissions.expiresAt``) is less than ``rotation_before_expiry``
 away; an automatic rotation that failed is tried again after ``rotation_retry_after``. The periodic
-``broker_rotation_sweep`` finds such credentials and records a ROTATE intent for each (``request`` does the
+``broker_sweep`` finds such credentials and records a ROTATE intent for each (``request`` does the
 same on demand: ``rotate_credential(..., automatic=True)``), then ``broker_rotate`` creates a new key for the
 same sub-account and stages it as the credential's rotation (``credential.rotation_started`` with
 ``automatic: true``). From there it is the ordinary staged rotation (``engine.jobs``): the new key verifies on
@@ -79,7 +79,7 @@ class Rotation:
             return credential_from_row(row)
 
     async def sweep(self, job: queuemod.Job) -> None:
-        """``broker_rotation_sweep``: an automatic rotation for every minted credential the policy finds due."""
+        """The rotation policy's part of ``broker_sweep``: an automatic rotation of each minted credential due."""
         ctx = self._ctx
         s = ctx.settings
         rows = await ctx.db.fetch(
@@ -100,7 +100,7 @@ class Rotation:
                         ctx.queue, BrokerRotate(row["id"], intent_id), conn=conn, fair_key=row["owner_id"]
                     )
                     enqueued += 1
-        log.info("broker_rotation_sweep", due=len(rows), enqueued=enqueued)
+        log.info("broker_rotation_policy", due=len(rows), enqueued=enqueued)
 
     async def run(self, job: queuemod.Job) -> None:
         """``broker_rotate``: mint a new key for the credential's sub-account and stage it."""

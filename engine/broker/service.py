@@ -10,24 +10,16 @@ from engine.broker.minting import Minting
 from engine.broker.payloads import (
     BROKER_CLEANUP,
     BROKER_MINT,
-    BROKER_RECONCILE,
     BROKER_RECONCILE_SUB,
     BROKER_ROTATE,
-    BROKER_ROTATION_SWEEP,
+    BROKER_SWEEP,
 )
 from engine.broker.reconcile import Reconciler
 from engine.broker.rotation import Rotation
 from engine.config import EngineConfig
 from venues.base import MAX_SEQUENTIAL_REQUESTS
 
-KINDS = (
-    BROKER_MINT,
-    BROKER_ROTATE,
-    BROKER_CLEANUP,
-    BROKER_RECONCILE,
-    BROKER_RECONCILE_SUB,
-    BROKER_ROTATION_SWEEP,
-)
+KINDS = (BROKER_MINT, BROKER_ROTATE, BROKER_CLEANUP, BROKER_RECONCILE_SUB, BROKER_SWEEP)
 VENUE_JOB_MARGIN = 30.0  # seconds on top of a minting job's requests: rate limiters, the database work
 
 
@@ -47,12 +39,13 @@ class Broker:
             BROKER_MINT: self.minting.run,
             BROKER_ROTATE: self.rotation.run,
             BROKER_CLEANUP: self.reconciler.cleanup,
-            BROKER_RECONCILE: self._sweep_reconcile,
             BROKER_RECONCILE_SUB: self.reconciler.reconcile_sub,
-            BROKER_ROTATION_SWEEP: self.rotation.sweep,
+            BROKER_SWEEP: self.sweep,
         }
 
-    async def _sweep_reconcile(self, job: queuemod.Job) -> None:
+    async def sweep(self, job: queuemod.Job) -> None:
+        """``broker_sweep`` (periodic): the rotation policy, then a reconciliation of every sub-account."""
+        await self.rotation.sweep(job)
         await self.reconciler.sweep(job)
 
     def timeouts(self) -> dict[str, float]:
@@ -65,7 +58,5 @@ class Broker:
         return timeouts
 
     def schedule(self, queue: queuemod.JobQueue) -> None:
-        """The periodic sweeps: the rotation policy and the reconciliation."""
-        settings = self.ctx.settings
-        queue.every(BROKER_ROTATION_SWEEP, settings.rotation_check_interval)
-        queue.every(BROKER_RECONCILE, settings.reconcile_interval)
+        """The periodic sweep (one job: the rotation policy and the reconciliation)."""
+        queue.every(BROKER_SWEEP, self.ctx.settings.sweep_interval)

@@ -32,24 +32,20 @@ class BrokerSettings:
     rotation_max_age: float = 30 * DAY
     rotation_before_expiry: float = 3 * DAY
     rotation_grace: float = 900.0
-    rotation_check_interval: float = 3600.0
     rotation_retry_after: float = DAY
     orphan_grace: float = 900.0
-    reconcile_interval: float = 3600.0
+    sweep_interval: float = 3600.0
     ip_allowlist: tuple[str, ...] = ()
 
     ENV: ClassVar[tuple[tuple[str, str], ...]] = (
         ("rotation_max_age", "ENGINE_ROTATION_MAX_AGE"),
         ("rotation_before_expiry", "ENGINE_ROTATION_BEFORE_EXPIRY"),
         ("rotation_grace", "ENGINE_ROTATION_GRACE"),
-        ("rotation_check_interval", "ENGINE_ROTATION_CHECK_INTERVAL"),
         ("rotation_retry_after", "ENGINE_ROTATION_RETRY_AFTER"),
         ("orphan_grace", "ENGINE_BROKER_ORPHAN_GRACE"),
-        ("reconcile_interval", "ENGINE_BROKER_RECONCILE_INTERVAL"),
+        ("sweep_interval", "ENGINE_BROKER_SWEEP_INTERVAL"),
     )
-    POSITIVE: ClassVar[frozenset[str]] = frozenset(
-        {"rotation_max_age", "rotation_check_interval", "reconcile_interval"}
-    )
+    POSITIVE: ClassVar[frozenset[str]] = frozenset({"rotation_max_age", "sweep_interval"})
 
     def __post_init__(self) -> None:
         for name, _ in self.ENV:

@@ -227,7 +227,7 @@ async def test_the_policy_rotates_keys_past_their_maximum_age_or_near_the_venues
             "UPDATE credential_secrets SET created_at = now() - interval '31 days' WHERE credential_id = $1",
             aged,
         )
-    await eng.queue.enqueue("broker_rotation_sweep", {})
+    await eng.queue.enqueue("broker_sweep", {})
     await settle(eng)
     assert (await eng.get_credential(OWNER, aged)).secret_version == 2
     assert (await eng.get_credential(OWNER, young)).secret_version == 1
@@ -238,7 +238,7 @@ async def test_the_policy_rotates_keys_past_their_maximum_age_or_near_the_venues
     )
     await eng.verify_credential(OWNER, young)
     await settle(eng)
-    await eng.queue.enqueue("broker_rotation_sweep", {})
+    await eng.queue.enqueue("broker_sweep", {})
     await settle(eng)
     assert (await eng.get_credential(OWNER, young)).secret_version == 2
 
