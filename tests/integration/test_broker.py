@@ -191,7 +191,7 @@ async def test_coinbase_and_kraken_broker_keys_verify_but_never_mint(
 async def test_automatic_rotation_swaps_keys_and_deletes_the_old_one_only_after_the_grace(
     make_broker_engine: Factory, subs: FakeSubAccounts, fake: FakeVenue
 ) -> None:
-    eng = await make_broker_engine(broker=BrokerSettings(rotation_grace=1.5, orphan_grace=0.0))
+    eng = await make_broker_engine(broker=BrokerSettings(rotation_grace=3.0, orphan_grace=0.0))
     heard = events_of(eng)
     parent = await verified_master(eng, subs)
     cid = await mint(eng, parent)
@@ -208,7 +208,10 @@ async def test_automatic_rotation_swaps_keys_and_deletes_the_old_one_only_after_
     # within the grace both keys work at the venue (signers still holding the old key finish)
     assert {k.key_id for k in subs.live_keys(Venue.BYBIT, "sub-7")} == {old, new}
     assert old in fake.keys
-    await asyncio.sleep(1.7)
+    await asyncio.sleep(1.5)
+    await settle(eng, horizon=0.0)  # halfway through the grace: the old key is still there
+    assert old in fake.keys and len(subs.live_keys(Venue.BYBIT, "sub-7")) == 2
+    await asyncio.sleep(2.0)
     await settle(eng)
     assert [k.key_id for k in subs.live_keys(Venue.BYBIT, "sub-7")] == [new]
     assert old not in fake.keys  # the old key no longer probes

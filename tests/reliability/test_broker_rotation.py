@@ -25,11 +25,13 @@ import pytest
 from reliability_support import WorkerProcess, fetch, wait_until
 
 from engine import CredentialEngine, CredentialStatus, Venue
+from engine.broker.labels import label_for
 from engine.testing import broken_invariants, unfinished_jobs
 from venues import build_probe
 from venues.base import ProbeFailure
 from venues.simulator import Faults, Simulator
 from venues.simulator.faults import RATE_LIMITED, SERVER_ERROR, TIMEOUT
+from venues.subaccounts import KeyGrant, build_sub_account_keys
 
 OWNER = "broker-desk"
 VENUE = Venue.BYBIT
@@ -174,7 +176,30 @@ async def test_minted_credentials_rotate_under_faults_and_kills_with_one_key_eac
                 )
                 return int(rows[0]["n"]) == len(minted)
 
-            tasks = [asyncio.create_task(signer()), asyncio.create_task(killer())]
+            async def planter() -> None:
+                """Keys made at the venue that no credential records, as a process killed between the venue's
+                answer and its commit leaves them (the hangs and kills above make some too, by chance)."""
+                async with aiohttp.ClientSession() as session:
+                    manager = build_sub_account_keys(
+                        VENUE, session, base_url=sim.urls[VENUE], rate_limited=False
+                    )
+                    for cid in rng.sample(minted, max(2, count // 5)):
+                        grant = KeyGrant(ip_allowlist=("127.0.0.1",), label=label_for(cid))
+                        for _ in range(20):  # the faults are on: a lost answer may have made it already
+                            try:
+                                await manager.create_key(keys, sub_of[cid], grant)
+                                break
+                            except ProbeFailure as failure:
+                                if not failure.transient:
+                                    raise
+                        planted.append(str(cid))
+
+            planted: list[str] = []
+            tasks = [
+                asyncio.create_task(signer()),
+                asyncio.create_task(killer()),
+                asyncio.create_task(planter()),
+            ]
             for cid in minted:
                 await producer.rotate_credential(OWNER, cid, automatic=True)
                 await asyncio.sleep(rng.uniform(0, 0.1))
@@ -201,6 +226,7 @@ async def test_minted_credentials_rotate_under_faults_and_kills_with_one_key_eac
 
         assert codes == [0] * WORKERS
         assert workers.kills >= 1
+        assert len(planted) == max(2, count // 5)
         assert signed > 0 and signer_failures == [], signer_failures
         dead = await fetch(database_url, "SELECT id, kind, last_error FROM queue_jobs WHERE state = 'dead'")
         assert dead == []
