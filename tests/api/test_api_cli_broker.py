@@ -15,8 +15,8 @@ from venues.simulator import Simulator
 @pytest.mark.usefixtures("env")
 async def test_mint_rotate_automatically_and_reconcile_from_the_command_line(
     capsys: pytest.CaptureFixture[str],
-    sim: Simulator,
-    tmp_path: Path,  # noqa: F811 - the imported fixture
+    sim: Simulator,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
 ) -> None:
     master = sim.add_master_account(Venue.BYBIT, sub_accounts=1)
     sub = master.sub_accounts[0]
