@@ -8,23 +8,26 @@ and the account must be a Binance Link broker master; :meth:`BinanceSubAccountKe
 with two cheap reads.
 
 Limits of this API, which the engine must know (docs/venues.md §1.10): the create call takes no label and no IP
-list (a :class:`~venues.subaccounts.KeyGrant` with an IP allow-list is refused with
-:class:`~venues.subaccounts.GrantProblem` rather than silently minting an unrestricted key), and the key listing
-shows each key masked (``vmP*************``): :class:`~venues.subaccounts.SubKeyInfo` marks it ``masked`` and
-:meth:`~venues.subaccounts.SubKeyInfo.matches` compares it with a recorded key, but a key the engine never
-recorded cannot be deleted through this API (its full id is unknown).
+list, so a grant with an IP allow-list takes a second call (``POST /sapi/v2/broker/subAccountApi/ipRestriction``);
+when that fails the new key is deleted, and when the delete fails too :class:`~venues.subaccounts.KeyLeftBehind`
+carries its id. The key listing shows each key masked (``vmP*************``):
+:class:`~venues.subaccounts.SubKeyInfo` marks it ``masked`` and :meth:`~venues.subaccounts.SubKeyInfo.matches`
+compares it with a recorded key, but a key the engine never recorded cannot be deleted through this API (its
+full id is unknown).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from venues import base, binance, http, limits
-from venues.subaccounts import GrantProblem, KeyGrant, MintedKey, SubAccount, SubKeyInfo
+from venues.subaccounts import GrantProblem, KeyGrant, KeyLeftBehind, MintedKey, SubAccount, SubKeyInfo
 
 SUB_ACCOUNT_PATH = "/sapi/v1/broker/subAccount"
 SUB_ACCOUNT_API_PATH = "/sapi/v1/broker/subAccountApi"
+IP_RESTRICTION_PATH = "/sapi/v2/broker/subAccountApi/ipRestriction"
 CREATE_WEIGHT = 8.0  # IP weight of the create call (docs/venues.md §1.10); the others are undocumented: 1
 PAGE_SIZE = 500  # subAccountApi: size default and maximum
 MAX_PAGES = 20
@@ -35,6 +38,7 @@ _CODES: dict[str, tuple[base.Outcome, str]] = {
     "-2008": (base.Outcome.PERMISSION_DENIED, "the sub-account has no such API key"),
 }
 KEY_GONE = "-2008"
+CREATE_PER_SUB = "create per sub-account"
 
 
 def classify(reply: http.Reply) -> base.ProbeFailure | None:
@@ -56,10 +60,13 @@ def grant_params(sub_id: str, grant: KeyGrant) -> list[tuple[str, str]]:
     """The create call's parameters; :class:`GrantProblem` for a grant Binance Link cannot take."""
     if not grant.read:
         raise GrantProblem("read", "Binance keys always read")
-    if grant.ip_allowlist:
-        raise GrantProblem(
-            "ipAllowlist", "Binance Link creates sub-account keys without an IP list (docs/venues.md §1.10)"
-        )
+    for entry in grant.ip_allowlist:
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            raise GrantProblem(
+                "ipAllowlist", "Binance binds single IP addresses to a key, not ranges"
+            ) from None
     flag = "true" if grant.trade else "false"
     # least privilege: spot trading only; margin and futures stay off (the sub-account may not even have them)
     return [("subAccountId", sub_id), ("canTrade", flag), ("marginTrade", "false"), ("futuresTrade", "false")]
@@ -88,6 +95,9 @@ class BinanceSubAccountKeys(http.VenueProbe):
     ip_budgets: ClassVar[Mapping[str, limits.IpBudget]] = {
         "/sapi/": limits.IpBudget("binance:sapi", 12000, 60.0)
     }
+    # "You can only create 1 api key for each sub account per second": create_key waits on this window per
+    # (master key, sub-account); it is no request path, so no other call draws on it
+    key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {CREATE_PER_SUB: (1, 1.0)}
 
     async def can_manage_keys(self, master: base.ApiKeys) -> bool:
         """The key's "trade" option (``apiRestrictions``) and a broker master's sub-account listing."""
@@ -125,14 +135,44 @@ class BinanceSubAccountKeys(http.VenueProbe):
     async def create_key(self, master: base.ApiKeys, sub_id: str, grant: KeyGrant) -> MintedKey:
         _check_sub_id(sub_id)
         params = grant_params(sub_id, grant)
+        if self.windows is not None:
+            limit, seconds = self.key_windows[CREATE_PER_SUB]
+            await self.windows.acquire(f"{sub_id}\x00{master.api_key}", CREATE_PER_SUB, limit, seconds)
         reply = await self._request(master, "POST", SUB_ACCOUNT_API_PATH, params, cost=CREATE_WEIGHT)
         body = reply.body
         api_key = body.get("apiKey") if isinstance(body, dict) else None
         secret = body.get("secretKey") if isinstance(body, dict) else None
         if not isinstance(api_key, str) or not api_key or not isinstance(secret, str) or not secret:
             raise self.malformed(reply)
-        info = SubKeyInfo(key_id=api_key, read=True, trade=body.get("canTrade") is True)
+        if grant.ip_allowlist:
+            await self._bind_ips(master, sub_id, api_key, grant.ip_allowlist)
+        info = SubKeyInfo(
+            key_id=api_key, read=True, trade=body.get("canTrade") is True, ip_allowlist=grant.ip_allowlist
+        )
         return MintedKey(sub_id=sub_id, info=info, keys=base.ApiKeys(api_key, secret))
+
+    async def _bind_ips(self, master: base.ApiKeys, sub_id: str, api_key: str, ips: Sequence[str]) -> None:
+        """The second step of a create with an IP list; on failure delete the new key (never leave an unbound
+        key behind silently: Binance lists keys masked, so it could not be found again)."""
+        params = [
+            ("subAccountId", sub_id),
+            ("subAccountApiKey", api_key),
+            ("status", "2"),
+            ("ipAddress", ",".join(ips)),
+        ]
+        try:
+            await self._request(master, "POST", IP_RESTRICTION_PATH, params)
+        except base.ProbeFailure as failure:
+            try:
+                await self.delete_key(master, sub_id, api_key)
+            except base.ProbeFailure:
+                raise KeyLeftBehind(
+                    failure.outcome,
+                    f"Binance did not bind the IP list to the new key ({failure.message}) and it could not be deleted",
+                    sub_id=sub_id,
+                    key_id=api_key,
+                ) from None
+            raise
 
     async def list_keys(self, master: base.ApiKeys, sub_id: str) -> tuple[SubKeyInfo, ...]:
         _check_sub_id(sub_id)

@@ -111,13 +111,14 @@ class OkxSubAccountKeys(http.VenueProbe):
     default_urls: ClassVar[Mapping[str, str]] = {"rest": "https://www.okx.com"}
     rate_per_second: ClassVar[float] = 100.0
     burst: ClassVar[float | None] = 100.0
-    # per UID (docs/venues.md §2.10): the listings 20 per 2 s, create and delete 1 per second (same window:
-    # the create path is also the listing's, so the listing waits on the stricter write window too)
+    # per UID (docs/venues.md §2.10, §2.6), by method and path (the create call shares its path with the listing):
+    # the listings 20 per 2 s, create and delete 1 per second, account/config 5 per 2 s
     key_windows: ClassVar[Mapping[str, tuple[int, float]]] = {
-        LIST_PATH: (20, 2.0),
-        APIKEY_PATH: (1, 1.0),
-        DELETE_PATH: (1, 1.0),
-        okx.CONFIG_PATH: (5, 2.0),
+        f"GET {LIST_PATH}": (20, 2.0),
+        f"GET {APIKEY_PATH}": (20, 2.0),
+        f"POST {APIKEY_PATH}": (1, 1.0),
+        f"POST {DELETE_PATH}": (1, 1.0),
+        f"GET {okx.CONFIG_PATH}": (5, 2.0),
     }
 
     async def can_manage_keys(self, master: base.ApiKeys) -> bool:
@@ -207,7 +208,8 @@ class OkxSubAccountKeys(http.VenueProbe):
         return reply
 
     async def _send(self, keys: base.ApiKeys, method: str, request_path: str, body: str) -> http.Reply:
-        await self.throttle(keys.api_key, path=request_path.partition("?")[0])  # wait first, then stamp
+        # wait first, then stamp; the windows are per method and path (OKX has no per-IP budget to look up)
+        await self.throttle(keys.api_key, path=f"{method} {request_path.partition('?')[0]}")
         timestamp = okx.iso_timestamp(self.now_ms())
         headers = okx.auth_headers(keys, timestamp, method, request_path, body)
         return await self._call(

@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from venues.base import ApiKeys, Venue
+from venues.base import ApiKeys, Outcome, ProbeFailure, Venue, mask_api_key
 
 if TYPE_CHECKING:
     import aiohttp
@@ -34,6 +34,20 @@ class GrantProblem(ValueError):
         super().__init__(f"{field_name}: {reason}")
         self.field = field_name
         self.reason = reason
+
+
+class KeyLeftBehind(ProbeFailure):
+    """A key was created at the venue but a follow-up step failed and deleting it failed too.
+
+    Raised where creating a key takes two calls (Binance Link: create, then bind the IP list). ``key_id`` is
+    the public key id (shown masked in the message) the caller must record and delete later; the venue may
+    list it only masked (docs/venues.md §1.10), so this is the one moment its full id is known.
+    """
+
+    def __init__(self, outcome: Outcome, message: str, *, sub_id: str, key_id: str) -> None:
+        super().__init__(outcome, f"{message}; key {mask_api_key(key_id)} of {sub_id} is left at the venue")
+        self.sub_id = sub_id
+        self.key_id = key_id
 
 
 class SubAccountsUnsupported(Exception):
@@ -104,8 +118,10 @@ class SubAccountKeys(Protocol):
     Every method raises :class:`venues.base.ProbeFailure` on a refusal or a transport failure: a master key
     without the permission the venue requires is ``PERMISSION_DENIED`` (permanent), and so is a ``sub_id`` that
     is not a sub-account of the master. A grant the venue cannot accept raises :class:`GrantProblem` before any
-    request. Every method deletes and lists with the master key alone: each venue lets the master delete its
-    sub-accounts' keys (Bybit too, naming the key in ``apikey``; docs/venues.md §3.10).
+    request; a create that needed a second call which failed, and whose key could not be deleted, raises
+    :class:`KeyLeftBehind` (a ProbeFailure) with the key id the caller must record and delete. Every method
+    needs the master key alone: each venue lets the master delete its sub-accounts' keys (Bybit too, naming
+    the key in ``apikey``; docs/venues.md §3.10).
     """
 
     venue: Venue

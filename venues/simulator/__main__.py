@@ -1,7 +1,8 @@
 """``python -m venues.simulator``: run the exchange simulator until SIGINT/SIGTERM.
 
-Prints one JSON document on stdout once it listens: ``{"venues": {venue: url}, "admin": url, "keys": [...]}``
-(``keys`` holds the demo keys' material with ``--seed-demo``, else ``[]``).
+Prints one JSON document on stdout once it listens: ``{"venues": {venue: url}, "admin": url, "keys": [...],
+"masters": [...]}`` (with ``--seed-demo``, ``keys`` holds the demo keys' material and ``masters`` a master
+account per venue with a sub-account key API, its key and its sub-accounts; else both are ``[]``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the fault-picking RNG")
     parser.add_argument(
-        "--seed-demo", action="store_true", help="register the demo accounts and print their keys"
+        "--seed-demo",
+        action="store_true",
+        help="register the demo accounts (and master accounts) and print their keys",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     parser.add_argument(
@@ -50,6 +53,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     try:
         await sim.start(args.host, port_base=args.port_base)
         keys = sim.seed_demo_accounts() if args.seed_demo else []
+        demo_masters = sim.seed_demo_masters() if args.seed_demo else []
         if settings.latency or settings.error_rate:
             for venue in Venue:
                 sim.set_faults(venue, settings)
@@ -57,6 +61,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
             "venues": {venue.value: url for venue, url in sim.urls.items()},
             "admin": sim.admin_url,
             "keys": [key.as_dict(secrets=True) for key in keys],
+            "masters": [master.as_dict(secrets=True) for master in demo_masters],
         }
         print(json.dumps(document, indent=2), flush=True)
         await stop.wait()

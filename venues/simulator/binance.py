@@ -62,6 +62,8 @@ WEIGHTS = {
     # Binance Link (docs/venues.md §1.10): only the create call's IP weight is documented (8); the rest count 1
     "/sapi/v1/broker/subAccount": 1,
     "/sapi/v1/broker/subAccountApi": 1,
+    "/sapi/v1/broker/subAccountApi/ipRestriction": 1,
+    "/sapi/v2/broker/subAccountApi/ipRestriction": 1,  # 3000 on the master account's UID weight (not counted)
 }
 METHOD_WEIGHTS = {("POST", "/sapi/v1/broker/subAccountApi"): 8}
 HOST_BUDGETS = {

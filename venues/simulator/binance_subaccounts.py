@@ -3,7 +3,9 @@
 ``GET /sapi/v1/broker/subAccount`` lists the master's sub-accounts; ``POST /sapi/v1/broker/subAccountApi``
 creates a key for one (``canTrade`` required, ``marginTrade``/``futuresTrade`` optional), ``GET`` of the same
 path lists a sub-account's keys (masked, as Binance shows them: the first 3 characters then 13 ``*``) and
-``DELETE`` deletes one. Signed like every ``USER_DATA``/``TRADE`` endpoint (docs/venues.md §1.2).
+``DELETE`` deletes one; ``POST /sapi/v2/broker/subAccountApi/ipRestriction`` binds a key to IPs (``status`` 2
+with ``ipAddress``) or unbinds it (1), ``GET /sapi/v1/broker/subAccountApi/ipRestriction`` reads that. Signed
+like every ``USER_DATA``/``TRADE`` endpoint (docs/venues.md §1.2).
 
 Who may call them: a key of a Binance Link master account (in the simulator: an account registered with
 ``Simulator.add_master_account``) whose "trade" option is enabled. Anything else answers -1002 "You are not
@@ -25,6 +27,8 @@ from venues.simulator.registry import TestKey
 
 SUB_ACCOUNT_PATH = "/sapi/v1/broker/subAccount"
 SUB_ACCOUNT_API_PATH = "/sapi/v1/broker/subAccountApi"
+IP_RESTRICTION_PATH = "/sapi/v2/broker/subAccountApi/ipRestriction"  # POST: set (status 1 or 2, ipAddress)
+IP_RESTRICTION_GET_PATH = "/sapi/v1/broker/subAccountApi/ipRestriction"  # GET: read
 CREATE_PER_SUB = ratelimit.Window(1, 1.0)  # "only create 1 api key for each sub account per second"
 MASK_VISIBLE = 3
 MASK_STARS = 13
@@ -72,6 +76,8 @@ class BinanceSubAccounts(common.VenueServer):
             web.post(SUB_ACCOUNT_API_PATH, self.create_sub_key),
             web.get(SUB_ACCOUNT_API_PATH, self.list_sub_keys),
             web.delete(SUB_ACCOUNT_API_PATH, self.delete_sub_key),
+            web.post(IP_RESTRICTION_PATH, self.set_ip_restriction),
+            web.get(IP_RESTRICTION_GET_PATH, self.get_ip_restriction),
         ]
 
     async def _broker(self, request: web.Request) -> tuple[TestKey, dict[str, str]]:
@@ -181,8 +187,45 @@ class BinanceSubAccounts(common.VenueServer):
     async def delete_sub_key(self, request: web.Request) -> web.Response:
         key, params = await self._broker(request)
         sub = self._sub(key, params)
+        target = self._sub_key(sub, params)
+        self.state.registry.remove(target.api_key)
+        return common.answer({})
+
+    def _sub_key(self, sub: masters.SubAccount, params: dict[str, str]) -> TestKey:
         target = self.state.registry.get(params.get("subAccountApiKey", ""), self.venue)
         if target is None or target.uid != sub.uid:
             raise common.Reject(_error(-2008, "Invalid Api-Key ID."), auth=False)
-        self.state.registry.remove(target.api_key)
-        return common.answer({})
+        return target
+
+    async def set_ip_restriction(self, request: web.Request) -> web.Response:
+        key, params = await self._broker(request)
+        sub = self._sub(key, params)
+        target = self._sub_key(sub, params)
+        status = params.get("status", "")
+        ips = [ip.strip() for ip in params.get("ipAddress", "").split(",") if ip.strip()]
+        if status not in ("1", "2") or (status == "2" and not ips):
+            raise common.Reject(_error(-1130, "Data sent for parameter 'status' is not valid."), auth=False)
+        try:
+            updated = self.state.registry.update(target.api_key, ip_allowlist=ips if status == "2" else [])
+        except ValueError:
+            raise common.Reject(
+                _error(-1130, "Data sent for parameter 'ipAddress' is not valid."), auth=False
+            ) from None
+        answer: dict[str, Any] = {"status": status, "updateTime": self.now_ms(), "apiKey": updated.api_key}
+        if updated.ip_allowlist:
+            answer["ipList"] = list(updated.ip_allowlist)
+        return common.answer(answer)
+
+    async def get_ip_restriction(self, request: web.Request) -> web.Response:
+        key, params = await self._broker(request)
+        sub = self._sub(key, params)
+        target = self._sub_key(sub, params)
+        return common.answer(
+            {
+                "subaccountId": sub.sub_id,
+                "ipRestrict": bool(target.ip_allowlist),
+                "apikey": target.api_key,
+                "ipList": list(target.ip_allowlist),
+                "updateTime": target.created_at_ms,
+            }
+        )

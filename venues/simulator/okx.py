@@ -86,16 +86,19 @@ class OkxServer(okx_trading.OkxTrading, okx_subaccounts.OkxSubAccounts):
         return request.headers.get("OK-ACCESS-KEY") or None
 
     def rate_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
-        limit = okx_subaccounts.METHOD_LIMITS.get((request.method, request.path)) or ENDPOINT_LIMITS.get(
-            request.path
-        )
+        endpoint = request.path
+        limit = okx_subaccounts.METHOD_LIMITS.get((request.method, request.path))
+        if limit is not None:  # the sub-account key calls share a path between GET and POST, not a limit
+            endpoint = f"{request.method} {request.path}"
+        else:
+            limit = ENDPOINT_LIMITS.get(request.path)
         if limit is None:
             return []
         if request.path in PUBLIC_PATHS:  # public endpoints: the budget is the IP's
             ip = common.client_ip(request)
-            return [ratelimit.Rule(f"okx:ip:{ip}:{request.path}", limit, by_ip=True)]
+            return [ratelimit.Rule(f"okx:ip:{ip}:{endpoint}", limit, by_ip=True)]
         subject = self.subject(key, self.claimed_key(request))
-        return [ratelimit.Rule(f"okx:{subject}:{request.path}", limit)]
+        return [ratelimit.Rule(f"okx:{subject}:{endpoint}", limit)]
 
     def rate_limited(self, request: web.Request, retry_after: float, rule: ratelimit.Rule) -> web.Response:
         # Retry-After is a simulator addition; OKX documents only HTTP 429 + 50011 (docs/venues.md §2.5).

@@ -159,11 +159,14 @@ class Simulator:
 
         ``identities=None`` gives the venue's (kind's) full identity set; ``kind`` is COINBASE ``"cdp"``
         (default) / ``"cdp_ed25519"`` / ``"exchange"`` or KRAKEN ``"spot"`` (default) / ``"futures"``.
-        Keys with the same ``uid`` belong to the same account. ``transfer``: Bybit's wallet transfer permissions
-        (a Bybit master key needs them, or ``withdraw``, to manage sub-account keys).
+        Keys with the same ``uid`` belong to the same account; a key of a sub-account's uid is that sub-account's
+        (its ``parent_uid`` is the master's). ``transfer``: Bybit's wallet transfer permissions (a Bybit master key
+        needs them, or ``withdraw``, to manage sub-account keys).
         """
+        chosen = _venue(venue)
+        owner = self._state.sub_accounts.owner_of(chosen, str(uid)) if uid is not None else None
         return self._state.registry.add(
-            _venue(venue),
+            chosen,
             uid=uid,
             read=read,
             trade=trade,
@@ -175,6 +178,7 @@ class Simulator:
             kind=kind,
             label=label,
             transfer=transfer,
+            parent_uid=owner.master_uid if owner is not None else None,
         )
 
     def remove_key(self, api_key: str) -> None:
@@ -247,6 +251,14 @@ class Simulator:
             for index in range(max(0, int(sub_accounts))):
                 book.add_sub(chosen, key.uid, label=f"sub{index + 1}")
         return masters.MasterAccount(key=key, sub_accounts=tuple(book.subs(chosen, key.uid)))
+
+    def seed_demo_masters(self) -> list[masters.MasterAccount]:
+        """Per venue with a sub-account key API (Binance Link, OKX, Bybit): a master with two sub-accounts and a
+        key that may manage their keys (docs/venues.md §0.1)."""
+        return [
+            self.add_master_account(venue, sub_accounts=2, label="demo-master")
+            for venue in masters.SubAccounts.VENUES
+        ]
 
     def add_sub_account(self, venue: Venue | str, master_uid: str, *, label: str = "") -> masters.SubAccount:
         """One more sub-account for master ``master_uid`` (KeyError when that account is no master)."""
