@@ -47,7 +47,7 @@ from venues.base import (
     ProbeResult,
     Venue,
 )
-from venues.subaccounts import KeyGrant, MintedKey, SubAccount, SubAccountKeys, SubKeyInfo
+from venues.subaccounts import KeyGrant, KeyLeftBehind, MintedKey, SubAccount, SubAccountKeys, SubKeyInfo
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -199,7 +199,8 @@ class FakeSubAccounts:
     ``keys[(venue, sub)]`` is the venue's truth: every key of each sub-account, as ``list_keys`` answers.
     Faults: ``fail_next`` (the next calls fail with these outcomes, one each), ``failure_rate`` (that share of
     calls fails with SERVER_ERROR; a failing ``create_key`` has created the key half of the time: its answer was
-    lost) and ``lose_answers`` (the next creations happen but answer TIMEOUT). A master added with
+    lost), ``lose_answers`` (the next creations happen but answer TIMEOUT) and ``leave_behind`` (the next
+    creations make a key, then fail halfway and raise ``KeyLeftBehind``). A master added with
     ``can_manage=False`` lists its sub-accounts but may not manage their keys (PERMISSION_DENIED), as a venue
     refuses a master key without that permission. ``calls`` records (method, sub-account).
     """
@@ -210,6 +211,7 @@ class FakeSubAccounts:
     failures: list[Outcome] = field(default_factory=list)
     failure_rate: float = 0.0
     lose_answers: int = 0
+    leave_behind: int = 0  # the next creations make the key, fail a follow-up step and raise KeyLeftBehind
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     calls: list[tuple[str, str]] = field(default_factory=list)
     _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -317,6 +319,11 @@ class _FakeManager:
                 self.fake._create(self.venue, sub_id, grant)  # made, but the answer is lost
             raise ProbeFailure(fault, "simulated failure")
         minted = self.fake._create(self.venue, sub_id, grant)
+        if self.fake.leave_behind > 0:
+            self.fake.leave_behind -= 1
+            raise KeyLeftBehind(
+                Outcome.SERVER_ERROR, "simulated follow-up failure", sub_id=sub_id, key_id=minted.info.key_id
+            )
         if self.fake.lose_answers > 0:
             self.fake.lose_answers -= 1
             raise ProbeFailure(Outcome.TIMEOUT, "simulated lost answer")

@@ -28,13 +28,14 @@ from engine.broker.context import Context, master_of, parent_failure, reason_of,
 from engine.broker.discovery import sub_identity
 from engine.broker.labels import label_for
 from engine.broker.payloads import BrokerMint
+from engine.broker.retirement import left_behind
 from engine.broker.settings import parse_ip_allowlist
 from engine.config import Quotas
 from engine.models import Credential, CredentialStatus, CredentialType
 from engine.payloads import Verify, enqueue
 from engine.store import credential_from_row
 from venues.base import ProbeFailure, Venue, mask_api_key
-from venues.subaccounts import KeyGrant, MintedKey
+from venues.subaccounts import KeyGrant, KeyLeftBehind, MintedKey
 
 log = structlog.get_logger("engine.broker")
 
@@ -154,7 +155,15 @@ class Minting:
             label=label_for(cid),
         )
         sub = str(link["sub_account"])
-        minted = await venue_call(job, lambda: manager.create_key(master.keys, sub, grant), master.keys)
+
+        async def create() -> MintedKey:
+            try:
+                return await manager.create_key(master.keys, sub, grant)
+            except KeyLeftBehind as left:  # made at the venue, then a follow-up failed: delete it later
+                await left_behind(ctx, cid, master.venue, left.key_id)
+                raise
+
+        minted = await venue_call(job, create, master.keys)
         if isinstance(minted, ProbeFailure):
             await self._fail(job, link, work.intent_id, minted)
             return

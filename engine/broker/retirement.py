@@ -17,7 +17,9 @@ from typing import Any
 
 from engine import crypto, logs
 from engine.broker.context import Context
+from engine.broker.payloads import BrokerCleanup
 from engine.db import Conn
+from engine.payloads import enqueue
 from venues.base import Venue
 
 
@@ -37,14 +39,30 @@ async def retire(
             continue
         keys = ctx.store.open_secret(secret)
         with logs.secret_scope(keys):
-            sealed = ctx.store.vault.wrap_blob(keys.api_key.encode(), purpose=purpose(credential_id))
-            fingerprint = ctx.store.fingerprint(venue, keys.api_key)
-        at = await conn.fetchval(
-            "broker_retire_key", credential_id, fingerprint, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
-            sealed.ciphertext, float(delay),
-        )  # fmt: skip
+            at = await retire_key(ctx, conn, credential_id, venue, keys.api_key, delay)
         latest = at if latest is None or at > latest else latest
     return latest
+
+
+async def retire_key(
+    ctx: Context, conn: Conn, credential_id: uuid.UUID, venue: Venue, api_key: str, delay: float
+) -> datetime:
+    """Retire one key of a minted credential by its public key; when it is to be deleted at the venue."""
+    sealed = ctx.store.vault.wrap_blob(api_key.encode(), purpose=purpose(credential_id))
+    fingerprint = ctx.store.fingerprint(venue, api_key)
+    at: datetime = await conn.fetchval(
+        "broker_retire_key", credential_id, fingerprint, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
+        sealed.ciphertext, float(delay),
+    )  # fmt: skip
+    return at
+
+
+async def left_behind(ctx: Context, credential_id: uuid.UUID, venue: Venue, api_key: str) -> None:
+    """A key the venue created for ``credential_id`` but the engine will not use (its creation failed halfway:
+    :class:`venues.subaccounts.KeyLeftBehind`): retired for deletion now, and a ``broker_cleanup`` enqueued."""
+    async with ctx.db.transaction() as conn:
+        await retire_key(ctx, conn, credential_id, venue, api_key, 0.0)
+        await enqueue(ctx.queue, BrokerCleanup(credential_id), conn=conn)
 
 
 def open_retired(ctx: Context, row: Any) -> str:

@@ -29,13 +29,13 @@ from engine import queue as queuemod
 from engine.broker.context import Context, master_of, parent_failure, reason_of, venue_call
 from engine.broker.labels import label_for
 from engine.broker.payloads import BrokerCleanup, BrokerRotate
-from engine.broker.retirement import retire
+from engine.broker.retirement import left_behind, retire
 from engine.db import Conn
 from engine.models import Credential, CredentialStatus
 from engine.payloads import RotationVerify, enqueue
 from engine.store import credential_from_row
 from venues.base import ProbeFailure, Venue
-from venues.subaccounts import KeyGrant
+from venues.subaccounts import KeyGrant, KeyLeftBehind, MintedKey
 
 log = structlog.get_logger("engine.broker")
 
@@ -127,7 +127,15 @@ class Rotation:
             ip_allowlist=tuple(link["ip_allowlist"] or ()),
             label=label_for(cid),
         )
-        minted = await venue_call(job, lambda: manager.create_key(master.keys, sub, grant), master.keys)
+
+        async def create() -> MintedKey:
+            try:
+                return await manager.create_key(master.keys, sub, grant)
+            except KeyLeftBehind as left:  # made at the venue, then a follow-up failed: delete it later
+                await left_behind(ctx, cid, master.venue, left.key_id)
+                raise
+
+        minted = await venue_call(job, create, master.keys)
         if isinstance(minted, ProbeFailure):
             await self._fail(job, link, work.intent_id, minted)
             return

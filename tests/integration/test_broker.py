@@ -353,3 +353,17 @@ async def test_no_secret_of_a_minted_key_reaches_events_logs_or_errors(
     text = repr([e.payload() for e in heard]) + out.out + out.err + repr(await eng.get_credential(OWNER, cid))
     for secret in (keys.api_secret, keys.api_key, "master-secret-1"):
         assert secret not in text
+
+
+async def test_a_key_left_behind_by_a_failed_creation_is_deleted_and_the_mint_retried(
+    make_broker_engine: Factory, subs: FakeSubAccounts
+) -> None:
+    """A creation that made the key but failed a follow-up step (Binance Link: binding the IP list) hands the
+    key back (KeyLeftBehind): it is retired at once and deleted, and the mint retried."""
+    eng = await make_broker_engine()
+    parent = await verified_master(eng, subs)
+    subs.leave_behind = 1
+    cid = await mint(eng, parent)
+    assert (await eng.get_credential(OWNER, cid)).status is CredentialStatus.VERIFIED
+    held = (await eng.reveal_keys(OWNER, cid)).api_key
+    assert [k.key_id for k in subs.live_keys(Venue.BYBIT, "sub-7")] == [held]
