@@ -46,7 +46,7 @@ async def open_engine(make_engine: Factory, sim: Simulator, **broker: Any) -> Cr
 
 
 def allowlist(venue: Venue) -> list[str]:
-    return [] if venue is Venue.BINANCE else ["127.0.0.1"]  # Binance Link takes no IP list at creation
+    return ["127.0.0.1"]  # Binance Link binds it in a second call (docs/venues.md §1.10)
 
 
 async def works(sim: Simulator, venue: Venue, keys: ApiKeys) -> bool:
