@@ -119,7 +119,9 @@ class Permissions:
     sub_account_keys: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON form; ``subAccountKeys`` only where true (a BROKER master key that may mint), so that every
+        other key's permissions keep their shape."""
+        shown: dict[str, Any] = {
             "read": self.read,
             "trade": self.trade,
             "withdraw": self.withdraw,
@@ -127,8 +129,10 @@ class Permissions:
             "ipRestricted": self.ip_restricted,
             "ipAllowlist": list(self.ip_allowlist),
             "expiresAt": self.expires_at_ms,
-            "subAccountKeys": self.sub_account_keys,
         }
+        if self.sub_account_keys:
+            shown["subAccountKeys"] = True
+        return shown
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Permissions:

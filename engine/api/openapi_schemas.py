@@ -129,7 +129,8 @@ SCHEMAS: dict[str, Schema] = {
             "expiresAt": nullable("integer"),
             "subAccountKeys": {
                 "type": "boolean",
-                "description": "a BROKER master key that may manage its sub-accounts' API keys (mint)",
+                "description": "present (true) only for a BROKER master key that may manage its sub-accounts' "
+                "API keys (mint)",
             },
         },
     },

@@ -43,7 +43,7 @@ PERMISSIONS: Schema = {
         "expiresAt": _MS_OR_NULL,
         "subAccountKeys": {
             "type": "boolean",
-            "description": "a BROKER master key that may manage its sub-accounts' API keys",
+            "description": "present (true) only for a BROKER master key that may manage its sub-accounts' API keys",
         },
     },
     "required": ["read", "trade", "withdraw", "transfer", "ipRestricted", "ipAllowlist", "expiresAt"],
