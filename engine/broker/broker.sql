@@ -177,3 +177,42 @@ GROUP BY l.credential_id, c.status, c.owner_id;
 -- broker_forget_retired --
 -- A retired key of credential $1 (fingerprint $2) is gone at the venue.
 DELETE FROM broker_retired_keys WHERE credential_id = $1 AND key_fingerprint = $2;
+
+-- broker_retired_to_rewrap --
+-- Master-key rotation: up to $4 retired keys after key ($2, $3) in key order wrapped by another master key than
+-- $1, locked; rows other transactions hold are skipped (a later pass takes them).
+SELECT credential_id, key_fingerprint, kek_version, wrapped_dek, nonce, ciphertext
+FROM broker_retired_keys
+WHERE kek_version <> $1 AND (credential_id, key_fingerprint) > ($2::uuid, $3::bytea)
+ORDER BY credential_id, key_fingerprint
+LIMIT $4
+FOR UPDATE SKIP LOCKED;
+
+-- broker_retired_keys_to_rewrap --
+-- The keys of up to $4 retired keys after ($2, $3) wrapped by another master key than $1, without locking.
+SELECT credential_id, key_fingerprint
+FROM broker_retired_keys
+WHERE kek_version <> $1 AND (credential_id, key_fingerprint) > ($2::uuid, $3::bytea)
+ORDER BY credential_id, key_fingerprint
+LIMIT $4;
+
+-- lock_broker_retired_to_rewrap --
+-- Retired key ($1, $2) if still wrapped by another master key than $3, locked (waits up to lock_timeout).
+SELECT credential_id, key_fingerprint, kek_version, wrapped_dek, nonce, ciphertext
+FROM broker_retired_keys
+WHERE credential_id = $1 AND key_fingerprint = $2 AND kek_version <> $3
+FOR UPDATE;
+
+-- rewrap_broker_retired --
+-- Store the re-wrapped data key of retired key ($1, $2) under master key $3 (the ciphertext is untouched).
+UPDATE broker_retired_keys SET kek_version = $3, wrapped_dek = $4
+WHERE credential_id = $1 AND key_fingerprint = $2 AND kek_version = $5;
+
+-- broker_retired_left_to_rewrap --
+-- How many retired keys are wrapped by another master key than $1, and by which versions.
+SELECT count(*) AS left_count, coalesce(array_agg(DISTINCT kek_version), '{}') AS kek_versions
+FROM broker_retired_keys WHERE kek_version <> $1;
+
+-- kek_versions_of_broker_retired --
+-- Every master-key version wrapping a retired key (a few rows: they live for the rotation grace).
+SELECT DISTINCT kek_version FROM broker_retired_keys;

@@ -18,13 +18,10 @@ from typing import Any
 from engine import crypto, logs
 from engine.broker.context import Context
 from engine.broker.payloads import BrokerCleanup
+from engine.broker.sealing import retired_purpose
 from engine.db import Conn
 from engine.payloads import enqueue
 from venues.base import Venue
-
-
-def purpose(credential_id: uuid.UUID) -> str:
-    return f"broker-retired:{credential_id}"
 
 
 async def retire(
@@ -48,7 +45,7 @@ async def retire_key(
     ctx: Context, conn: Conn, credential_id: uuid.UUID, venue: Venue, api_key: str, delay: float
 ) -> datetime:
     """Retire one key of a minted credential by its public key; when it is to be deleted at the venue."""
-    sealed = ctx.store.vault.wrap_blob(api_key.encode(), purpose=purpose(credential_id))
+    sealed = ctx.store.vault.wrap_blob(api_key.encode(), purpose=retired_purpose(credential_id))
     fingerprint = ctx.store.fingerprint(venue, api_key)
     at: datetime = await conn.fetchval(
         "broker_retire_key", credential_id, fingerprint, sealed.kek_version, sealed.wrapped_dek, sealed.nonce,
@@ -73,4 +70,4 @@ def open_retired(ctx: Context, row: Any) -> str:
         nonce=bytes(row["nonce"]),
         ciphertext=bytes(row["ciphertext"]),
     )
-    return ctx.store.vault.unwrap_blob(sealed, purpose=purpose(row["credential_id"])).decode()
+    return ctx.store.vault.unwrap_blob(sealed, purpose=retired_purpose(row["credential_id"])).decode()

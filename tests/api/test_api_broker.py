@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import OWNER, ApiFactory
 
 from engine import CredentialEngine, CredentialStatus, EngineConfig
 from engine.broker.settings import BrokerSettings
 from engine.testing import FakeSubAccounts, FakeVenue
 from venues.base import Venue
+
+OWNER = "owner-1"  # the owner of tests/api/conftest.py's tokens
+ApiFactory = Any  # tests/api/conftest.py's make_api (not imported: another folder has a conftest module too)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 from engine import CredentialEngine, CredentialStatus, CredentialType, EngineConfig, Event, errors
 from engine.broker.labels import credential_of, label_for
 from engine.broker.settings import BrokerSettings
+from engine.crypto import MasterKeyring
 from engine.testing import FakeSubAccounts, FakeVenue, broken_invariants, settle
 from venues.base import Outcome, Permissions, Venue
 
@@ -367,3 +368,27 @@ async def test_a_key_left_behind_by_a_failed_creation_is_deleted_and_the_mint_re
     assert (await eng.get_credential(OWNER, cid)).status is CredentialStatus.VERIFIED
     held = (await eng.reveal_keys(OWNER, cid)).api_key
     assert [k.key_id for k in subs.live_keys(Venue.BYBIT, "sub-7")] == [held]
+
+
+async def test_a_master_key_rotation_rewraps_retired_keys_and_their_deletion_still_works(
+    make_broker_engine: Factory, subs: FakeSubAccounts, master_keys: str
+) -> None:
+    """A retired key waiting for its grace is sealed under the master key: rewrap_keys moves it to the new
+    version, an engine holding only the new version starts, and deletes the key at the venue when due."""
+    eng = await make_broker_engine(broker=BrokerSettings(rotation_grace=2.0, orphan_grace=0.0))
+    parent = await verified_master(eng, subs)
+    cid = await mint(eng, parent)
+    old = (await eng.reveal_keys(OWNER, cid)).api_key
+    await eng.rotate_credential(OWNER, cid, automatic=True)
+    await eng.run_until_idle()
+    await eng.close()
+    second = MasterKeyring.generate_spec(2)
+    both = await make_broker_engine(master_keys=f"{master_keys},{second}")
+    report = await both.rewrap_keys()
+    assert report.complete and report.rewrapped["retired broker key"] == 1
+    await both.close()
+    only_new = await make_broker_engine(master_keys=second)
+    await asyncio.sleep(2.2)
+    await settle(only_new)
+    assert old not in {k.key_id for k in subs.live_keys(Venue.BYBIT, "sub-7")}
+    assert len(subs.live_keys(Venue.BYBIT, "sub-7")) == 1
