@@ -1,21 +1,25 @@
-"""Reconciliation: the venue's list of a sub-account's keys is the truth; a key the engine labelled that no live
+"""Reconciliation: the venue's list of a sub-account's keys is the truth; a key the engine made that no live
 credential holds is deleted there.
 
-For each (BROKER parent, sub-account) pair the engine minted into, ``broker_reconcile_sub`` lists the
-sub-account's keys with the master key and looks only at keys whose label names a credential of this database
-(:mod:`engine.broker.labels`; other keys are never touched). Such a key is kept while
+For each (BROKER parent, sub-account) pair the engine minted into, ``broker_reconcile_sub`` first deletes the
+retired keys that are due (:mod:`engine.broker.retirement`: a promoted rotation's old key once its
+``rotation_grace`` is over, a rejected staged key, every key of a revoked or immediately rotated credential;
+the venue deletes by the full key, which the row keeps sealed). Then it lists the sub-account's keys with the
+master key and looks only at keys whose label names a credential of this database (:mod:`engine.broker.labels`;
+other keys, and keys a venue lists masked and unlabelled (Binance Link), are never touched). Such a key is kept
+while
 
 * its credential holds it (current or staged secret version: compared by fingerprint, never by the key), or
-* it is a key a promoted rotation replaced, still in its ``rotation_grace``, or
+* it is one of the credential's retired keys (deleted through its own row when due), or
 * a venue operation of its credential is under way (an intent touched less than ``orphan_grace`` ago), or the
   venue says it was created less than ``orphan_grace`` ago;
 
 otherwise it is deleted, and at once, grace or not, when its credential is REVOKED. So a key the venue created
 but the engine never recorded (a crash between the two, a lost answer) lives at most ``orphan_grace`` plus one
-reconciliation interval, and a minted credential never has two live keys beyond the graces.
-``broker_cleanup`` does the same for one credential's keys (after a rotation's grace, a rejected rotation, a
-revoke, an immediate rotation). ``broker_sweep`` (periodic) and ``CredentialEngine.reconcile_broker_keys``
-enqueue one ``broker_reconcile_sub`` per pair.
+sweep interval, and a minted credential never has two live keys beyond the graces. ``broker_cleanup`` does the
+same for one credential's keys (after a rotation's grace, a rejected rotation, a revoke, an immediate rotation).
+``broker_sweep`` (periodic) and ``CredentialEngine.reconcile_broker_keys`` enqueue one ``broker_reconcile_sub``
+per pair.
 """
 
 from __future__ import annotations
