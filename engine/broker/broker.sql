@@ -216,3 +216,12 @@ FROM broker_retired_keys WHERE kek_version <> $1;
 -- kek_versions_of_broker_retired --
 -- Every master-key version wrapping a retired key (a few rows: they live for the rotation grace).
 SELECT DISTINCT kek_version FROM broker_retired_keys;
+
+-- broker_purge_intents --
+-- Settled venue operations (DONE, FAILED) last touched more than $1 seconds ago, at most $2 of them: deleted.
+DELETE FROM broker_intents
+WHERE id IN (
+    SELECT id FROM broker_intents
+    WHERE state IN ('DONE', 'FAILED') AND updated_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);

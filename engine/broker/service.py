@@ -20,6 +20,7 @@ from engine.config import EngineConfig
 from venues.base import MAX_SEQUENTIAL_REQUESTS
 
 KINDS = (BROKER_MINT, BROKER_ROTATE, BROKER_CLEANUP, BROKER_RECONCILE_SUB, BROKER_SWEEP)
+PURGE_BATCH = 5000  # settled intents deleted per sweep at most
 VENUE_JOB_MARGIN = 30.0  # seconds on top of a minting job's requests: rate limiters, the database work
 
 
@@ -44,9 +45,12 @@ class Broker:
         }
 
     async def sweep(self, job: queuemod.Job) -> None:
-        """``broker_sweep`` (periodic): the rotation policy, then a reconciliation of every sub-account."""
+        """``broker_sweep`` (periodic): the rotation policy, then a reconciliation of every sub-account, then the
+        settled venue operations older than ``job_retention`` (and than the retry delay, which reads them)."""
         await self.rotation.sweep(job)
         await self.reconciler.sweep(job)
+        keep = max(self._config.job_retention, self.ctx.settings.rotation_retry_after)
+        await self.ctx.db.execute("broker_purge_intents", keep, PURGE_BATCH)
 
     def timeouts(self) -> dict[str, float]:
         """A minting job makes a few venue requests (the master key's create, a discard); the others list and

@@ -392,3 +392,24 @@ async def test_a_master_key_rotation_rewraps_retired_keys_and_their_deletion_sti
     await settle(only_new)
     assert old not in {k.key_id for k in subs.live_keys(Venue.BYBIT, "sub-7")}
     assert len(subs.live_keys(Venue.BYBIT, "sub-7")) == 1
+
+
+async def test_the_sweep_deletes_settled_operations_past_the_job_retention(
+    make_broker_engine: Factory, subs: FakeSubAccounts
+) -> None:
+    eng = await make_broker_engine(job_retention=3600.0)
+    parent = await verified_master(eng, subs)
+    cid = await mint(eng, parent)
+    await eng.rotate_credential(OWNER, cid, automatic=True)
+    await settle(eng)
+    async with eng.db.connection() as conn:
+        await conn._conn.execute(
+            "UPDATE broker_intents SET updated_at = now() - interval '2 days' WHERE purpose = 'MINT'"
+        )
+    await eng.queue.enqueue("broker_sweep", {})
+    await settle(eng)
+    async with eng.db.connection() as conn:
+        left = await conn._conn.fetch(
+            "SELECT purpose, state FROM broker_intents WHERE credential_id = $1", cid
+        )
+    assert [(r["purpose"], r["state"]) for r in left] == [("ROTATE", "DONE")]
