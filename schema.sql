@@ -284,6 +284,59 @@ CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (finished_at) WHERE
 CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 -- END queue
 
+-- BEGIN broker (owned by engine/broker/)
+-- A credential minted through a BROKER (master) credential: an EXCHANGE credential whose key the engine created
+-- for one sub-account of the master account, labelled at the venue with the credential's id. The row is written
+-- with the credential, before any venue call (the intent): a key labelled with this id that the credential does
+-- not hold is an orphan the reconciliation deletes (engine/broker/reconcile.py).
+CREATE TABLE IF NOT EXISTS broker_links (
+    credential_id  uuid PRIMARY KEY REFERENCES credentials (id) ON DELETE CASCADE,
+    parent_id      uuid NOT NULL REFERENCES credentials (id),
+    sub_account    text NOT NULL,
+    grant_read     boolean NOT NULL,
+    grant_trade    boolean NOT NULL,
+    ip_allowlist   text[] NOT NULL DEFAULT '{}',
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS broker_links_sub ON broker_links (parent_id, sub_account);
+
+-- One venue operation of a minted credential, recorded before the venue is called: MINT (its first key) or
+-- ROTATE (a new key staged as a rotation). OPEN: the venue may be creating a key; STAGED: the new key is the
+-- credential's staged version (staged_version); DONE or FAILED (reason) once settled. At most one unsettled
+-- operation per credential.
+CREATE TABLE IF NOT EXISTS broker_intents (
+    id              uuid PRIMARY KEY,
+    credential_id   uuid NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+    purpose         text NOT NULL CHECK (purpose IN ('MINT', 'ROTATE')),
+    automatic       boolean NOT NULL DEFAULT false,
+    state           text NOT NULL CHECK (state IN ('OPEN', 'STAGED', 'DONE', 'FAILED')),
+    staged_version  integer,
+    reason          text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS broker_intents_one_unsettled
+    ON broker_intents (credential_id) WHERE state IN ('OPEN', 'STAGED');
+CREATE INDEX IF NOT EXISTS broker_intents_credential ON broker_intents (credential_id, created_at);
+
+-- A key of a minted credential the engine no longer uses but that may still work at the venue: the one a promoted
+-- rotation replaced (until delete_after: the rotation grace), a rejected staged key, the keys of a revoked or
+-- immediately rotated credential (delete_after: now). The key itself (the venue deletes by it; Binance lists keys
+-- masked) is sealed like a secret (engine/crypto.py wrap_blob, purpose "broker-retired:<credential id>"); the
+-- fingerprint (the HMAC of engine/crypto.py) finds it in a venue's listing. The row goes once the venue deleted it.
+CREATE TABLE IF NOT EXISTS broker_retired_keys (
+    credential_id    uuid NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+    key_fingerprint  bytea NOT NULL,
+    kek_version      integer NOT NULL,
+    wrapped_dek      bytea NOT NULL,
+    nonce            bytea NOT NULL,
+    ciphertext       bytea NOT NULL,
+    delete_after     timestamptz NOT NULL,
+    PRIMARY KEY (credential_id, key_fingerprint)
+);
+CREATE INDEX IF NOT EXISTS broker_retired_keys_due ON broker_retired_keys (delete_after);
+-- END broker
+
 -- BEGIN webhooks (owned by engine/webhooks/)
 -- Webhook endpoints (Standard Webhooks), per owner. event_types NULL = every type. An endpoint is disabled by
 -- its owner (MANUAL), at once by a 410 answer (GONE), or after failing for days (FAILING).

@@ -8,7 +8,8 @@ are the documented ones: ``DATABASE_URL`` (or libpq's ``PG*`` variables; none: t
 ``ENGINE_QUOTA_VERIFY_PER_HOUR``, and the KMS settings (``ENGINE_MASTER_KEYS_KMS``, ``..._KMS_FILE``,
 ``ENGINE_KMS_*``: engine/keys/providers.py). The secrets ``DATABASE_URL`` and ``ENGINE_LISTEN_DATABASE_URL``
 may instead be given as ``<VAR>_FILE``; ``ENGINE_MASTER_KEYS``'s file form is ``ENGINE_MASTER_KEYS_FILE``
-(the key file provider, with its permission checks).
+(the key file provider, with its permission checks). The BROKER settings (``ENGINE_ROTATION_*``,
+``ENGINE_BROKER_*``, ``ENGINE_MINT_IP_ALLOWLIST``) are in engine/broker/settings.py.
 
 Secret-bearing settings (``database_url``, ``master_keys``) are kept as :mod:`engine.sensitive` strings:
 ``repr(config)`` shows the DSN with its password masked and the master keys as their versions only, and so
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 
 from engine import environment, errors, liveness, logs
 from engine.bounds import retention
+from engine.broker.settings import BrokerSettings
 from engine.environment import settings_view
 from engine.keys import KmsSettings
 from engine.sensitive import MasterKeysText, SecretDsn
@@ -143,6 +145,8 @@ class EngineConfig:
     shared_venue_budgets: bool = True
     policy: VerificationPolicy = field(default_factory=VerificationPolicy)
     quotas: Quotas = field(default_factory=Quotas)
+    # minted credentials: the rotation policy, the grace periods, the IP allow-list (engine/broker/settings.py)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
     workers: int = 10  # concurrent jobs in this process; 0 = this process runs no workers
     claim_batch_size: int = 50
     lease_seconds: float = 30.0

@@ -116,6 +116,7 @@ QUERY_FILES = (
     "bounds/budgets.sql",
     "bounds/retention.sql",
     "live/live.sql",
+    "broker/broker.sql",
 )
 
 DEFAULT_ACQUIRE_TIMEOUT = 10.0  # seconds a task waits for a pool connection before PoolExhausted

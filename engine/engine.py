@@ -32,6 +32,9 @@ from engine import metrics as metricsmod
 from engine import queue as queuemod
 from engine.accounts import TradingAccounts
 from engine.bounds import budgets, quotas, retention
+from engine.broker.context import Context as BrokerContext
+from engine.broker.managers import Managers
+from engine.broker.service import Broker
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.keys import providers as keyproviders
@@ -56,6 +59,7 @@ from engine.webhooks.fanout import FanOut
 from engine.webhooks.models import DeliveryState, WebhookDelivery, WebhookEndpoint, WebhookSettings
 from venues import build_probe
 from venues.base import ApiKeys, KeyFormatProblem, Probe, Venue
+from venues.subaccounts import SubAccountKeys, build_sub_account_keys
 
 log = structlog.get_logger("engine")
 
@@ -89,6 +93,7 @@ class CredentialEngine:
         probes: Mapping[Venue, Probe] | None = None,
         webhook_resolver: AbstractResolver | None = None,
         key_provider: keyproviders.KeyProvider | None = None,
+        sub_accounts: Mapping[Venue, SubAccountKeys] | None = None,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
         self._key_provider = (
@@ -97,6 +102,9 @@ class CredentialEngine:
         self._injected_pool = pool
         self._injected_session = http_session
         self._probes: dict[Venue, Probe] = dict(probes or {})
+        # sub-account key managers of BROKER credentials (engine.testing.FakeSubAccounts); None: the venues'
+        self._sub_accounts = sub_accounts
+        self._broker: Broker | None = None
         self._state = _State.NEW
         self.bus = events.EventBus(
             poll_interval=self.config.poll_interval,
@@ -210,6 +218,13 @@ class CredentialEngine:
         queue = self._queue = queuemod.JobQueue(self._db, settings=settings)
         outbox = Outbox(FanOut(queue, self.webhooks.metrics), self.bus.poke)
         await self.webhooks.open(db=self._db, vault=store.vault, queue=queue, outbox=outbox)
+        # no venue manager next to an injected probe (a test double): it would call the real exchange
+        managers = Managers(
+            self._build_sub_account_keys, self._sub_accounts, buildable=set(Venue) - set(self._probes)
+        )
+        broker = self._broker = Broker(
+            BrokerContext(store, self._db, queue, outbox, cfg.broker, managers), cfg
+        )
         self._jobs = jobs.LifecycleJobs(
             store=store,
             db=self._db,
@@ -220,10 +235,15 @@ class CredentialEngine:
             reverify_interval=cfg.reverify_interval,
             job_retention=cfg.job_retention,
             purge_webhook_secrets=self.webhooks.purge_expired_secrets,
+            discover=broker.discovery,
+            rotation_hooks=broker.rotation,
         )
         timeouts = jobs.handler_timeouts(cfg)
         for kind, handler in self._jobs.handlers().items():
             queue.register(kind, handler, timeout=timeouts[kind])
+        broker_timeouts = broker.timeouts()
+        for kind, handler in broker.handlers().items():
+            queue.register(kind, handler, timeout=broker_timeouts[kind])
         queue.register(DELIVER, self.webhooks.deliverer.run, timeout=self.webhooks.deliverer.timeout)
         for kind, handler in self.retention.handlers().items():
             queue.register(kind, handler)
@@ -236,6 +256,7 @@ class CredentialEngine:
         queue.every(jobs.REVERIFY_SWEEP, jobs.sweep_period(cfg.reverify_interval))
         queue.every(jobs.PURGE_JOBS, jobs.PURGE_PERIOD)
         queue.every(retention.RETENTION_PURGE, cfg.retention_interval)
+        broker.schedule(queue)
         accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
         self._parts = _Parts(store, queue, outbox, accounts)
         self.leases.start(self._db, store)  # subscribed before the bus starts: no event of the run is missed
@@ -340,6 +361,26 @@ class CredentialEngine:
             self._probes[venue] = probe
         return probe
 
+    def _build_sub_account_keys(self, venue: Venue) -> SubAccountKeys:
+        if self._session is None:
+            raise errors.EngineClosed("the engine is not open")
+        return build_sub_account_keys(
+            venue,
+            self._session,
+            base_url=self.config.venue_urls.get(venue),
+            timeout=self.config.probe_timeout,
+            rate_limited=self.config.venue_rate_limits,
+            budgets=self._budgets,
+        )
+
+    @property
+    def broker(self) -> Broker:
+        """Minting, automatic rotation and reconciliation of BROKER credentials (engine/broker/)."""
+        self._ready()
+        if self._broker is None:
+            raise errors.EngineClosed("the engine is not open")
+        return self._broker
+
     def _check_keys(self, venue: Venue, keys: ApiKeys) -> None:
         try:
             self.probe(venue).check_keys(keys)
@@ -406,6 +447,35 @@ class CredentialEngine:
         outbox.committed()
         return cred
 
+    async def mint_credential(
+        self,
+        owner_id: str,
+        broker_credential_id: uuid.UUID | str,
+        *,
+        sub_account: str,
+        permissions: Mapping[str, Any] | None = None,
+        ip_allowlist: list[str] | tuple[str, ...] | None = None,
+        nickname: str | None = None,
+    ) -> Credential:
+        """A new EXCHANGE credential whose key the engine creates for ``sub_account`` through the master key of
+        BROKER credential ``broker_credential_id``: PENDING now; the key is minted (``credential.minted``) and
+        verified by jobs. ``permissions``: ``{"read": bool, "trade": bool}`` (default both; ``withdraw`` is
+        refused); ``ip_allowlist``: default ``broker.ip_allowlist`` (engine/broker/minting.py)."""
+        return await self.broker.minting.mint(
+            owner_id,
+            broker_credential_id,
+            sub_account=sub_account,
+            permissions=permissions,
+            ip_allowlist=ip_allowlist,
+            nickname=nickname,
+        )
+
+    async def reconcile_broker_keys(self) -> int:
+        """Enqueue a reconciliation of every sub-account the engine minted into (engine/broker/reconcile.py):
+        keys labelled by the engine that no live credential holds are deleted at the venue. Returns how many
+        sub-accounts; ``run_until_idle`` (or the workers) does the rest."""
+        return await self.broker.reconciler.sweep()
+
     async def get_credential(self, owner_id: str, credential_id: uuid.UUID | str) -> Credential:
         store = self._ready().store
         return await store.get(
@@ -453,17 +523,35 @@ class CredentialEngine:
         owner_id: str,
         credential_id: uuid.UUID | str,
         *,
-        api_key: str,
-        api_secret: str,
+        api_key: str | None = None,
+        api_secret: str | None = None,
         api_passphrase: str | None = None,
         immediate: bool = False,
+        automatic: bool = False,
     ) -> Credential:
         """Stage new keys; they replace the old ones only once verified on the same venue account.
+
+        ``automatic=True`` (a credential minted through a BROKER credential, no keys given): the engine mints
+        the new key for the same sub-account itself, stages, verifies and promotes it, and deletes the old key
+        at the venue after ``broker.rotation_grace`` (engine/broker/rotation.py).
 
         ``immediate=True`` is the compromised-key path: the old material is destroyed now and the credential
         is PENDING until the new keys verify.
         """
         store, queue, outbox, _ = self._ready()
+        if automatic:
+            for name, value in (
+                ("apiKey", api_key),
+                ("apiSecret", api_secret),
+                ("apiPassphrase", api_passphrase),
+            ):
+                if value is not None:
+                    raise errors.InvalidRequest(
+                        name, "must not be given with automatic (the engine mints the key)"
+                    )
+            if immediate:
+                raise errors.InvalidRequest("immediate", "must be false with automatic")
+            return await self.broker.rotation.request(owner_id, credential_id)
         owner = validation.owner(owner_id)
         cid = validation.uuid_value(credential_id, "credentialId")
         async with self.db.transaction() as conn:
@@ -477,6 +565,8 @@ class CredentialEngine:
             if immediate:
                 # a verification still queued for the old keys would swallow (dedupe) the one enqueued below
                 await queue.cancel_keys([verify_key(cid)], conn=conn)
+                # a minted credential's keys at the venue that it no longer holds are deleted there now
+                await self.broker.reconciler.settle(conn, cid, the_venue, "IMMEDIATE_ROTATION")
                 change = await store.rotate_immediately(conn, row, keys)
                 extra: dict[str, Any] = {"immediate": True, "previousStatus": row["status"]}
                 # the new keys must reach the credential's pinned venue account (checked by the verify job)
@@ -528,6 +618,8 @@ class CredentialEngine:
                     sequence=disconnected.sequence,
                     extra={"tradingAccount": account.public_dict(), "reason": "CREDENTIAL_REVOKED"},
                 )
+            # a minted credential's keys are deleted at the venue (broker_cleanup), whatever their grace
+            await self.broker.reconciler.settle(conn, cid, Venue(row["venue"]), "REVOKED")
             change = await store.revoke(conn, owner, cid)
             await outbox.credential_event(
                 conn,

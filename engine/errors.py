@@ -2,7 +2,8 @@
 
     CredentialEngineError                    root; ``http_status`` and a stable negative ``errno`` each
     ├── InvalidRequest            400  -100001  a field is missing, of the wrong type, too long ... (names it)
-    │   └── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
+    │   ├── InvalidKeyFormat      422  -100002  the key material cannot be right for the venue
+    │   └── WithdrawNotAllowed    400  -100023  a minted key was asked to withdraw: the engine never mints one
     ├── Unauthorized              401  -110001  missing, malformed or expired bearer token (REST API, api/auth.py)
     ├── Forbidden                 403  -110005  the token's scopes do not cover the route (REST API, api/scopes.py)
     ├── NotFound                  404  -100003  no such id for this owner (other owners' ids too)
@@ -14,7 +15,9 @@
     │   ├── CredentialRevoked     409  -100018  a key lease of a REVOKED credential (opened, or read after it)
     │   ├── LeaseClosed           409  -100019  a key lease read after its context ended or the engine closed
     │   ├── QuotaExceeded         409  -100015  the owner holds as many credentials / webhook endpoints as allowed
-    │   └── ExchangeClosed        409  -100020  a ccxt bridge exchange closed (revoked, disconnected, closed)
+    │   ├── ExchangeClosed        409  -100020  a ccxt bridge exchange closed (revoked, disconnected, closed)
+    │   ├── BrokerUnsupported     409  -100021  no sub-account key API at the venue, or the credential is not minted
+    │   └── BrokerNotPermitted    409  -100022  the BROKER credential may not mint (not verified, no permission)
     ├── VerificationFailed        400  -120001  keys given to connect-with-keys did not verify (docs/api-dialect.md §9)
     ├── WaitTimeout               408  -100009  wait_for_status ran out of time
     ├── RateLimited               429  -100014  too many requests from this owner or address (``retry_after``)
@@ -229,3 +232,23 @@ class ExchangeClosed(Conflict):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message, field="tradingAccountId")
         self.reason = reason
+
+
+class BrokerUnsupported(Conflict):
+    """A BROKER operation where it cannot be done: the venue offers no API to manage sub-account keys with a
+    master key (Coinbase, Kraken), or an automatic rotation of a credential the engine did not mint."""
+
+    errno = -100021
+
+
+class BrokerNotPermitted(Conflict):
+    """The BROKER credential cannot mint: it is not VERIFIED, or its master key may not manage sub-account keys
+    (``permissions.subAccountKeys`` false), or the sub-account is not one of its ``sub:<id>`` identities."""
+
+    errno = -100022
+
+
+class WithdrawNotAllowed(InvalidRequest):
+    """A minted key may read and trade, never withdraw: the engine refuses to create a withdrawing key."""
+
+    errno = -100023

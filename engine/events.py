@@ -68,6 +68,8 @@ EVENT_TYPES = (
     "credential.revoked",
     "credential.permissions_changed",
     "credential.expiring",
+    "credential.minted",
+    "credential.mint_failed",
     "trading_account.connected",
     "trading_account.disconnected",
     "webhook_endpoint.disabled",  # no credential: credential_id None, sequence per endpoint

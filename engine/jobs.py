@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -33,7 +33,7 @@ from engine import hotpath, logs
 from engine import queue as queuemod
 from engine.config import DAY_MS, EngineConfig, VerificationPolicy
 from engine.db import Conn, Database
-from engine.models import Credential, CredentialStatus
+from engine.models import Credential, CredentialStatus, CredentialType
 from engine.outbox import Outbox
 from engine.payloads import (
     EXPIRY_WARNING,
@@ -137,6 +137,21 @@ def _account_of(cred: Credential) -> str | None:
     return cred.pinned_venue_account_id or cred.venue_account_id
 
 
+# a BROKER credential's verification: the probe's result with what the master key may do (engine/broker/discovery.py)
+Discover = Callable[[Venue, ApiKeys, ProbeResult], Awaitable[ProbeResult]]
+
+
+class RotationHooks(Protocol):
+    """Called in the transaction that promotes or rejects a staged rotation, before the material changes; each
+    returns fields added to the event (engine/broker/rotation.py: ``automatic``, the old minted key retired)."""
+
+    async def promoting(self, conn: Conn, cred: Credential, version: int) -> Mapping[str, Any]: ...
+
+    async def rejecting(
+        self, conn: Conn, cred: Credential, version: int, reason: str
+    ) -> Mapping[str, Any]: ...
+
+
 class LifecycleJobs:
     """The lifecycle's job handlers, built from the parts they use: the store, the database (transactions),
     the queue, the outbox, the probes (``probe(venue)``), the verification policy, the engine's settings and the
@@ -154,6 +169,8 @@ class LifecycleJobs:
         reverify_interval: float,
         job_retention: float,
         purge_webhook_secrets: Callable[[], Awaitable[int]],
+        discover: Discover | None = None,
+        rotation_hooks: RotationHooks | None = None,
     ) -> None:
         self._store = store
         self._db = db
@@ -164,6 +181,8 @@ class LifecycleJobs:
         self._reverify_interval = reverify_interval
         self._job_retention = job_retention
         self._purge_webhook_secrets = purge_webhook_secrets
+        self._discover = discover
+        self._hooks = rotation_hooks
         self.metrics = ProbeMetrics()
 
     def handlers(self) -> dict[str, queuemod.Handler]:
@@ -176,12 +195,17 @@ class LifecycleJobs:
             EXPIRY_WARNING: self.expiry_warning,
         }
 
-    async def _probe(self, venue: Venue, keys: ApiKeys) -> ProbeResult | ProbeFailure:
-        """Probe; a permanent failure is returned, a transient one becomes ``Retry`` (status untouched)."""
+    async def _probe(
+        self, venue: Venue, keys: ApiKeys, kind: CredentialType = CredentialType.EXCHANGE
+    ) -> ProbeResult | ProbeFailure:
+        """Probe (a BROKER key: and discover its sub-accounts); a permanent failure is returned, a transient one
+        becomes ``Retry`` (status untouched)."""
         started = time.monotonic()
         try:
             with logs.secret_scope(keys):  # anything that logs during the probe is scrubbed of these values
                 result = await self._probe_of(venue).probe(keys)
+                if kind is CredentialType.BROKER and self._discover is not None:
+                    result = await self._discover(venue, keys, result)
         except ProbeFailure as failure:
             self.metrics.observe(venue, failure.outcome.value, time.monotonic() - started)
             if failure.transient:
@@ -200,7 +224,7 @@ class LifecycleJobs:
         cred, secret, sequence = await store.read_for_job(cid, version)
         if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
-        outcome = await self._probe(cred.venue, store.open_secret(secret))
+        outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)
         if await self._verified_in_one(job, cred, version, outcome, sequence):
             return
         async with self._db.transaction() as conn:
@@ -318,7 +342,7 @@ class LifecycleJobs:
         cred, secret = await store.get_with_secret(cid, version)
         if cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING":
             return  # discarded (immediate rotation, revoke) or already promoted
-        outcome = await self._probe(cred.venue, store.open_secret(secret))
+        outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)
         async with self._db.transaction() as conn:
             current = await store.lock_get(conn, cred.owner_id, cid)
             staged = current.pending_rotation  # read under the lock, with the row
@@ -358,13 +382,19 @@ class LifecycleJobs:
         result: ProbeResult,
         warnings: tuple[str, ...],
     ) -> None:
+        hooked = await self._hooks.promoting(conn, cred, version) if self._hooks is not None else {}
         change = await self._store.promote(conn, cred, version, masked, result, warnings)
         await self._outbox.credential_event(
             conn,
             change.credential,
             "credential.rotated",
             sequence=change.sequence,
-            extra={"previousStatus": change.previous_status, "previousApiKey": cred.masked_api_key},
+            extra={
+                "previousStatus": change.previous_status,
+                "previousApiKey": cred.masked_api_key,
+                "automatic": False,
+                **hooked,
+            },
         )
         await self._plan_expiry_warning(conn, cred, result)
         log.info("credential_rotated", credential_id=str(cred.credential_id), version=version)
@@ -372,13 +402,20 @@ class LifecycleJobs:
     async def _reject_rotation(
         self, conn: Conn, cred: Credential, version: int, reason: str, message: str
     ) -> None:
+        hooked = await self._hooks.rejecting(conn, cred, version, reason) if self._hooks is not None else {}
         change = await self._store.reject_rotation(conn, cred.credential_id, version, reason)
         await self._outbox.credential_event(
             conn,
             change.credential,
             "credential.rotation_failed",
             sequence=change.sequence,
-            extra={"reason": reason, "message": message, "rejectedVersion": version},
+            extra={
+                "reason": reason,
+                "message": message,
+                "rejectedVersion": version,
+                "automatic": False,
+                **hooked,
+            },
         )
         log.info("rotation_rejected", credential_id=str(cred.credential_id), reason=reason)
 

@@ -10,6 +10,14 @@
 It checks secrets too: a known key with another secret (or passphrase) answers INVALID_SECRET
 (INVALID_PASSPHRASE), as an exchange would. Unknown keys answer INVALID_KEY. It records every call.
 
+``FakeSubAccounts`` is the in-memory sub-account key API of Binance, OKX and Bybit for BROKER credentials, on top
+of a ``FakeVenue``: a key it mints probes OK there (on the sub-account as its venue account) until deleted:
+
+    subs = FakeSubAccounts(fake)
+    subs.add_master("master-1", "secret-1", venue=Venue.BYBIT, subs=("sub-7",))
+    async with CredentialEngine(config, probes=fake.probes(), sub_accounts=subs.managers()) as eng:
+        ...
+
 ``INVARIANT_SQL`` states the invariants of docs/design.md §4 as queries that return the rows breaking them;
 ``broken_invariants(engine)`` runs them all, and ``unfinished_jobs(engine)`` lists the jobs a quiet queue should
 not have (running, or queued and due):
@@ -20,10 +28,14 @@ not have (running, or queued and due):
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from venues.base import (
     ApiKeys,
@@ -35,6 +47,7 @@ from venues.base import (
     ProbeResult,
     Venue,
 )
+from venues.subaccounts import KeyGrant, KeyLeftBehind, MintedKey, SubAccount, SubAccountKeys, SubKeyInfo
 
 if TYPE_CHECKING:
     from engine.engine import CredentialEngine
@@ -172,6 +185,169 @@ class _Bound:
         return await self.fake.run(self.venue, keys)
 
 
+@dataclass
+class FakeMaster:
+    venue: Venue
+    subs: tuple[str, ...]
+    can_manage: bool
+
+
+@dataclass
+class FakeSubAccounts:
+    """In-memory sub-account key managers (Binance, OKX, Bybit) behind ``venue``'s probes.
+
+    ``keys[(venue, sub)]`` is the venue's truth: every key of each sub-account, as ``list_keys`` answers.
+    Faults: ``fail_next`` (the next calls fail with these outcomes, one each), ``failure_rate`` (that share of
+    calls fails with SERVER_ERROR; a failing ``create_key`` has created the key half of the time: its answer was
+    lost), ``lose_answers`` (the next creations happen but answer TIMEOUT) and ``leave_behind`` (the next
+    creations make a key, then fail halfway and raise ``KeyLeftBehind``). A master added with
+    ``can_manage=False`` lists its sub-accounts but may not manage their keys (PERMISSION_DENIED), as a venue
+    refuses a master key without that permission. ``calls`` records (method, sub-account).
+    """
+
+    venue: FakeVenue
+    masters: dict[str, FakeMaster] = field(default_factory=dict)
+    keys: dict[tuple[Venue, str], dict[str, SubKeyInfo]] = field(default_factory=dict)
+    failures: list[Outcome] = field(default_factory=list)
+    failure_rate: float = 0.0
+    lose_answers: int = 0
+    leave_behind: int = 0  # the next creations make the key, fail a follow-up step and raise KeyLeftBehind
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    VENUES: ClassVar[tuple[Venue, ...]] = (Venue.BINANCE, Venue.OKX, Venue.BYBIT)
+
+    def add_master(
+        self,
+        api_key: str,
+        api_secret: str,
+        *,
+        venue: Venue = Venue.BYBIT,
+        subs: tuple[str, ...] = ("sub-1",),
+        can_manage: bool = True,
+        account_id: str = "master-1",
+        passphrase: str | None = None,
+    ) -> None:
+        """A master key (also a key ``venue`` probes OK) of an account with sub-accounts ``subs``."""
+        self.venue.add_key(api_key, api_secret, passphrase=passphrase, account_id=account_id)
+        self.masters[api_key] = FakeMaster(venue, tuple(subs), can_manage)
+
+    def fail_next(self, *outcomes: Outcome) -> None:
+        self.failures.extend(outcomes)
+
+    def managers(self) -> Mapping[Venue, SubAccountKeys]:
+        """This fake as the sub-account key manager of Binance, OKX and Bybit."""
+        return {venue: _FakeManager(self, venue) for venue in self.VENUES}
+
+    def live_keys(self, venue: Venue, sub: str) -> list[SubKeyInfo]:
+        """The keys ``sub`` has at the fake venue now."""
+        return list(self.keys.get((venue, sub), {}).values())
+
+    def plant(self, venue: Venue, sub: str, label: str) -> SubKeyInfo:
+        """A key created at the venue that nobody recorded (a crash between the venue's answer and the commit)."""
+        return self._create(venue, sub, KeyGrant(label=label)).info
+
+    def _create(self, venue: Venue, sub: str, grant: KeyGrant) -> MintedKey:
+        key_id = f"{venue.value.lower()}-sub-{next(self._serial):06d}-{secrets.token_hex(6)}"
+        secret = secrets.token_hex(16)
+        passphrase = secrets.token_hex(6) if venue is Venue.OKX else None
+        allowlist = grant.ip_allowlist
+        self.venue.add_key(
+            key_id, secret, passphrase=passphrase, account_id=sub, read=grant.read, trade=grant.trade,
+            ip_allowlist=allowlist,
+        )  # fmt: skip
+        info = SubKeyInfo(
+            key_id=key_id, label=grant.label, read=grant.read, trade=grant.trade, ip_allowlist=allowlist,
+            created_at_ms=int(time.time() * 1000),
+        )  # fmt: skip
+        self.keys.setdefault((venue, sub), {})[key_id] = info
+        return MintedKey(sub, info, ApiKeys(key_id, secret, passphrase))
+
+    def _fault(self) -> Outcome | None:
+        if self.failures:
+            return self.failures.pop(0)
+        if self.failure_rate and self.rng.random() < self.failure_rate:
+            return Outcome.SERVER_ERROR
+        return None
+
+
+class _FakeManager:
+    """The fake seen as one venue's :class:`venues.subaccounts.SubAccountKeys`."""
+
+    def __init__(self, fake: FakeSubAccounts, venue: Venue) -> None:
+        self.fake = fake
+        self.venue = venue
+
+    def _master(self, keys: ApiKeys, method: str, sub: str = "") -> FakeMaster:
+        self.fake.calls.append((method, sub))
+        master = self.fake.masters.get(keys.api_key)
+        known = self.fake.venue.keys.get(keys.api_key)
+        if (
+            master is None
+            or known is None
+            or master.venue is not self.venue
+            or known.secret != keys.api_secret
+        ):
+            raise ProbeFailure(Outcome.INVALID_KEY, "unknown master key")
+        return master
+
+    def _check(self, master: FakeMaster, sub: str) -> None:
+        if not master.can_manage:
+            raise ProbeFailure(
+                Outcome.PERMISSION_DENIED, "the master key may not manage sub-account API keys"
+            )
+        if sub not in master.subs:
+            raise ProbeFailure(Outcome.PERMISSION_DENIED, "not a sub-account of this master account")
+
+    async def list_sub_accounts(self, master: ApiKeys) -> tuple[SubAccount, ...]:
+        found = self._master(master, "list_sub_accounts")
+        fault = self.fake._fault()
+        if fault is not None:
+            raise ProbeFailure(fault, "simulated failure")
+        return tuple(SubAccount(sub) for sub in found.subs)
+
+    async def can_manage_keys(self, master: ApiKeys) -> bool:
+        return self._master(master, "can_manage_keys").can_manage
+
+    async def create_key(self, master: ApiKeys, sub_id: str, grant: KeyGrant) -> MintedKey:
+        found = self._master(master, "create_key", sub_id)
+        self._check(found, sub_id)
+        fault = self.fake._fault()
+        if fault is not None:
+            if fault.transient and self.fake.rng.random() < 0.5:
+                self.fake._create(self.venue, sub_id, grant)  # made, but the answer is lost
+            raise ProbeFailure(fault, "simulated failure")
+        minted = self.fake._create(self.venue, sub_id, grant)
+        if self.fake.leave_behind > 0:
+            self.fake.leave_behind -= 1
+            raise KeyLeftBehind(
+                Outcome.SERVER_ERROR, "simulated follow-up failure", sub_id=sub_id, key_id=minted.info.key_id
+            )
+        if self.fake.lose_answers > 0:
+            self.fake.lose_answers -= 1
+            raise ProbeFailure(Outcome.TIMEOUT, "simulated lost answer")
+        return minted
+
+    async def list_keys(self, master: ApiKeys, sub_id: str) -> tuple[SubKeyInfo, ...]:
+        found = self._master(master, "list_keys", sub_id)
+        self._check(found, sub_id)
+        fault = self.fake._fault()
+        if fault is not None:
+            raise ProbeFailure(fault, "simulated failure")
+        return tuple(self.fake.live_keys(self.venue, sub_id))
+
+    async def delete_key(self, master: ApiKeys, sub_id: str, key_id: str) -> bool:
+        found = self._master(master, "delete_key", sub_id)
+        self._check(found, sub_id)
+        fault = self.fake._fault()
+        if fault is not None:
+            raise ProbeFailure(fault, "simulated failure")
+        gone = self.fake.keys.get((self.venue, sub_id), {}).pop(key_id, None)
+        self.fake.venue.keys.pop(key_id, None)
+        return gone is not None
+
+
 async def settle(
     engine: CredentialEngine, *, horizon: float = 2.0, rounds: int = 500, pause: float = 0.02
 ) -> None:
@@ -203,11 +379,15 @@ INVARIANT_SQL: Mapping[str, str] = {
         WHERE c.status = 'REVOKED'""",
     "revoked credentials have secret version 0, others a positive one": """
         SELECT id FROM credentials WHERE (status = 'REVOKED') <> (secret_version = 0)""",
-    "a live credential has exactly one CURRENT secret, at its secret version": """
+    "a live credential has exactly one CURRENT secret, at its secret version (a minted credential: once minted)": """
         SELECT c.id FROM credentials c
         WHERE c.status <> 'REVOKED' AND 1 <> (
             SELECT count(*) FROM credential_secrets s
-            WHERE s.credential_id = c.id AND s.state = 'CURRENT' AND s.version = c.secret_version)""",
+            WHERE s.credential_id = c.id AND s.state = 'CURRENT' AND s.version = c.secret_version)
+          AND NOT (c.status IN ('PENDING', 'FAILED') AND c.secret_version = 1
+                   AND EXISTS (SELECT 1 FROM broker_intents i WHERE i.credential_id = c.id AND i.purpose = 'MINT'
+                               AND i.state IN ('OPEN', 'FAILED'))
+                   AND NOT EXISTS (SELECT 1 FROM credential_secrets s WHERE s.credential_id = c.id))""",
     "at most one staged rotation, newer than the current version": """
         SELECT s.credential_id FROM credential_secrets s JOIN credentials c ON c.id = s.credential_id
         WHERE s.state = 'PENDING' GROUP BY s.credential_id, c.secret_version

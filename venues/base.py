@@ -115,9 +115,13 @@ class Permissions:
     ip_restricted: bool = False
     ip_allowlist: tuple[str, ...] = ()
     expires_at_ms: int | None = None  # when the key (or its trading permission) expires, if the venue says
+    # a BROKER (master) key that may create, list and delete its sub-accounts' API keys (venues/subaccounts.py)
+    sub_account_keys: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON form; ``subAccountKeys`` only where true (a BROKER master key that may mint), so that every
+        other key's permissions keep their shape."""
+        shown: dict[str, Any] = {
             "read": self.read,
             "trade": self.trade,
             "withdraw": self.withdraw,
@@ -126,6 +130,9 @@ class Permissions:
             "ipAllowlist": list(self.ip_allowlist),
             "expiresAt": self.expires_at_ms,
         }
+        if self.sub_account_keys:
+            shown["subAccountKeys"] = True
+        return shown
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Permissions:
@@ -137,6 +144,7 @@ class Permissions:
             ip_restricted=bool(data.get("ipRestricted", False)),
             ip_allowlist=tuple(str(x) for x in data.get("ipAllowlist", ()) or ()),
             expires_at_ms=(int(data["expiresAt"]) if data.get("expiresAt") is not None else None),
+            sub_account_keys=bool(data.get("subAccountKeys", False)),
         )
 
 

@@ -174,14 +174,34 @@ def _paths() -> dict[str, Any]:
                 "rotateCredential",
                 "Replace the keys: staged until the new keys verify on the same account",
                 cred,
-                body="RotateCredentialRequest",
+                body="RotateCredentialBody",
                 tag="credential",
                 errors={
                     "400": "invalid request (a field missing or invalid, named in error: errno -100001); also "
                     "for a request the schema allows: new keys of an OKX credential without apiPassphrase",
                     **_NOT_FOUND,
-                    "409": "REVOKED, or a rotation already pending",
+                    "409": "REVOKED, or a rotation already pending (errno -100007); automatic for a credential "
+                    "not minted through a BROKER credential, or on a venue without a sub-account key API "
+                    "(errno -100021)",
                     "422": "invalid API key format",
+                },
+            )
+        },
+        "/api/v3/credential/mint": {
+            "post": _operation(
+                "mintCredential",
+                "Mint a sub-account key through a BROKER credential's master key (status PENDING; the key is "
+                "created, stored and verified by jobs)",
+                cred,
+                body="MintCredentialRequest",
+                tag="credential",
+                errors={
+                    "400": "invalid request (a field missing or invalid, named in error: errno -100001; "
+                    "permissions.withdraw true: errno -100023)",
+                    "404": "no such BROKER credential for this owner",
+                    "409": "the venue offers no sub-account key API (errno -100021); the BROKER credential is "
+                    "not VERIFIED, may not manage sub-account keys, or does not reach subAccount (errno "
+                    "-100022); the owner's credential quota is full (errno -100015)",
                 },
             )
         },

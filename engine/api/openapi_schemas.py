@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.broker.minting import SUB_ACCOUNT_PATTERN
+from engine.broker.settings import MAX_ALLOWLIST
 from engine.events import EVENT_TYPES
 from engine.models import CredentialStatus, CredentialType, TradingAccountStatus
 from engine.webhooks.models import DeliveryState
@@ -125,6 +127,11 @@ SCHEMAS: dict[str, Schema] = {
             "ipRestricted": {"type": "boolean"},
             "ipAllowlist": {"type": "array", "items": {"type": "string"}},
             "expiresAt": nullable("integer"),
+            "subAccountKeys": {
+                "type": "boolean",
+                "description": "present (true) only for a BROKER master key that may manage its sub-accounts' "
+                "API keys (mint)",
+            },
         },
     },
     "PendingRotation": {
@@ -255,6 +262,11 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["credentialId"],
         "properties": {"credentialId": UUID_FIELD},
     },
+    "RotateCredentialBody": {
+        "description": "Either new keys (RotateCredentialRequest), or automatic: true for a credential minted "
+        "through a BROKER credential (RotateAutomatically: the engine mints the new key itself), never both (400).",
+        "oneOf": [ref("RotateCredentialRequest"), ref("RotateAutomatically")],
+    },
     "RotateCredentialRequest": {
         "type": "object",
         "description": "The new keys follow the rules of CreateCredentialRequest for the credential's venue "
@@ -270,7 +282,61 @@ SCHEMAS: dict[str, Schema] = {
                 "default": False,
                 "description": "compromised key: destroy the old keys now (status PENDING until the new verify)",
             },
+            "automatic": {"type": "boolean", "const": False, "default": False},
         },
+    },
+    "RotateAutomatically": {
+        "type": "object",
+        "description": "The engine mints a new key for the same sub-account, stages and verifies it, promotes "
+        "it, and deletes the old key at the venue after the rotation grace. No keys (400 with any of apiKey, "
+        "apiSecret, apiPassphrase); 409 (errno -100021) for a credential the engine did not mint.",
+        "required": ["credentialId", "automatic"],
+        "properties": {
+            "credentialId": UUID_FIELD,
+            "automatic": {"type": "boolean", "const": True},
+            "immediate": {"type": "boolean", "const": False, "default": False},
+        },
+        "not": {"anyOf": [{"required": [key]} for key in ("apiKey", "apiSecret", "apiPassphrase")]},
+    },
+    "MintCredentialRequest": {
+        "type": "object",
+        "description": "A key for subAccount, created through the master key of BROKER credential "
+        "brokerCredentialId and stored as a new EXCHANGE credential. Least privilege: read and trade unless "
+        "narrowed, never withdraw. nickname and name are one field in two spellings: give one, not both (400).",
+        "required": ["brokerCredentialId", "subAccount"],
+        "properties": {
+            "brokerCredentialId": UUID_FIELD,
+            "subAccount": {
+                "type": "string",
+                "pattern": "^" + SUB_ACCOUNT_PATTERN + "$",
+                "description": "the venue's sub-account id (a uid, sub-account name or email), one of the BROKER "
+                "credential's identities as sub:<id>",
+            },
+            "permissions": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "read": {"type": "boolean", "default": True},
+                    "trade": {"type": "boolean", "default": True},
+                    "withdraw": {
+                        "type": "boolean",
+                        "const": False,
+                        "description": "a minted key never withdraws (true: 400, errno -100023)",
+                    },
+                },
+            },
+            "ipAllowlist": {
+                "type": "array",
+                "maxItems": MAX_ALLOWLIST,
+                "items": {
+                    "anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]
+                },
+                "description": "IP addresses the key is restricted to (absent: the engine's ENGINE_MINT_IP_ALLOWLIST)",
+            },
+            "nickname": name(),
+            "name": name("another spelling of nickname"),
+        },
+        "allOf": [one_spelling(("nickname", "name"))],
     },
     "RevokeCredentialRequest": {
         "type": "object",

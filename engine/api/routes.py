@@ -74,15 +74,33 @@ async def list_credentials(request: web.Request) -> web.Response:
 
 
 async def rotate_credential(request: web.Request) -> web.Response:
-    """POST /api/v3/credential/rotate: stage new keys (``immediate``: replace the old ones now)."""
+    """POST /api/v3/credential/rotate: stage new keys (``immediate``: replace the old ones now), or, for a
+    credential minted through a BROKER credential, ``automatic``: the engine mints the new key itself."""
     f = await http.body(request)
+    automatic = f.flag("automatic", False)
     cred = await engine_of(request).rotate_credential(
         http.owner_of(request),
         required(f, "credentialId"),
-        api_key=f.text("apiKey") or "",
-        api_secret=f.text("apiSecret") or "",
+        api_key=f.text("apiKey") if automatic else f.text("apiKey") or "",
+        api_secret=f.text("apiSecret") if automatic else f.text("apiSecret") or "",
         api_passphrase=f.text("apiPassphrase"),
         immediate=f.flag("immediate", False),
+        automatic=automatic,
+    )
+    return http.ok(cred.public_dict())
+
+
+async def mint_credential(request: web.Request) -> web.Response:
+    """POST /api/v3/credential/mint: a credential whose key the engine creates for a sub-account through the
+    master key of a BROKER credential (PENDING; minted and verified by jobs)."""
+    f = await http.body(request)
+    cred = await engine_of(request).mint_credential(
+        http.owner_of(request),
+        required(f, "brokerCredentialId"),
+        sub_account=f.raw("subAccount"),
+        permissions=f.raw("permissions"),
+        ip_allowlist=f.raw("ipAllowlist"),
+        nickname=f.text("nickname", "name"),
     )
     return http.ok(cred.public_dict())
 
@@ -171,6 +189,7 @@ ROUTES: tuple[tuple[str, str, http.Handler], ...] = (
     ("GET", "/api/v3/credential/list", list_credentials),
     ("POST", "/api/v3/credential/rotate", rotate_credential),
     ("POST", "/api/v3/credential/revoke", revoke_credential),
+    ("POST", "/api/v3/credential/mint", mint_credential),
     ("POST", "/api/v3/tradingAccount/connect", connect_trading_account),
     ("POST", "/api/v3/tradingAccount/disconnect", disconnect_trading_account),
     ("GET", "/api/v3/tradingAccount/get", get_trading_account),

@@ -55,6 +55,7 @@ ROUTE_SCOPES: Mapping[tuple[str, str], str] = {
     ("GET", "/api/v3/credential/list"): CREDENTIALS_READ,
     ("POST", "/api/v3/credential/rotate"): CREDENTIALS_WRITE,
     ("POST", "/api/v3/credential/revoke"): CREDENTIALS_WRITE,
+    ("POST", "/api/v3/credential/mint"): CREDENTIALS_WRITE,
     ("POST", "/api/v3/tradingAccount/connect"): ACCOUNTS_WRITE,
     ("POST", "/api/v3/tradingAccount/disconnect"): ACCOUNTS_WRITE,
     ("GET", "/api/v3/tradingAccount/get"): ACCOUNTS_READ,

@@ -5,6 +5,9 @@
     credential-engine simulator [...]            the exchange simulator alone
     credential-engine token --owner ID [--scope S] a development bearer token (needs ENGINE_API_JWT_SECRET)
     credential-engine create|list|get|verify|rotate|revoke ...       one command per lifecycle operation
+    credential-engine mint BROKER_ID --sub-account S ...              a sub-account key minted through a BROKER key
+    credential-engine rotate ID --automatic       a minted credential: the engine mints its new key itself
+    credential-engine reconcile-keys             delete venue keys labelled by the engine that nothing holds
     credential-engine connect|disconnect|accounts ...                trading accounts
     credential-engine webhooks add|list|remove|rotate-secret|deliveries ...
     credential-engine jobs list|retry ...        dead jobs and their retry

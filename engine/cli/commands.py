@@ -369,6 +369,17 @@ async def _every(eng: CredentialEngine, owner: str, status: str | None) -> list[
 
 
 async def rotate(args: argparse.Namespace) -> int:
+    if args.automatic:
+        if args.api_key is not None or args.immediate or args.wait:
+            raise errors.InvalidRequest(
+                "automatic", "takes no keys, --immediate or --wait (the engine's jobs rotate)"
+            )
+        async with opened() as eng:
+            cred = await eng.rotate_credential(args.owner, args.credential_id, automatic=True)
+        _show_credential(args, cred)
+        return 0
+    if args.api_key is None:
+        raise errors.InvalidRequest("apiKey", "is required (--api-key), unless --automatic")
     async with opened(workers=4 if args.wait else 0) as eng:
         current = await eng.get_credential(args.owner, args.credential_id)
         secret, passphrase = await asyncio.to_thread(_keys, args, current.venue.value)
@@ -392,6 +403,30 @@ async def rotate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+async def mint(args: argparse.Namespace) -> int:
+    async with opened(workers=4 if args.wait else 0) as eng:
+        cred = await eng.mint_credential(
+            args.owner, args.broker_credential_id, sub_account=args.sub_account,
+            permissions={"read": not args.no_read, "trade": not args.no_trade}, ip_allowlist=args.ip,
+            nickname=args.name,
+        )  # fmt: skip
+        if args.wait:
+            cred = (
+                await _wait(
+                    eng, args.owner, {cred.credential_id: _snapshot(cred)}, _decided, args.wait, "mint"
+                )
+            )[cred.credential_id]
+    _show_credential(args, cred)
+    return _failed([cred])
+
+
+async def reconcile_keys(args: argparse.Namespace) -> int:
+    async with opened() as eng:
+        count = await eng.reconcile_broker_keys()
+    print(f"reconciliation enqueued for {count} sub-account(s)", file=sys.stderr)
+    return 0
 
 
 async def revoke(args: argparse.Namespace) -> int:

@@ -130,12 +130,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rotate", parents=[owner, keys], help="replace a credential's keys")
     p.add_argument("credential_id")
-    p.add_argument("--api-key", required=True, help="the new API key")
+    p.add_argument("--api-key", help="the new API key (required unless --automatic)")
     p.add_argument("--immediate", action="store_true", help="compromised key: destroy the old keys now")
+    p.add_argument(
+        "--automatic",
+        action="store_true",
+        help="a credential minted through a BROKER credential: the engine mints the new key itself (no keys)",
+    )
     p.add_argument(
         "--wait", type=float, nargs="?", const=30.0, metavar="SECONDS", help="wait for the outcome"
     )
     p.set_defaults(func=commands.rotate)
+
+    p = sub.add_parser(
+        "mint", parents=[owner], help="create a sub-account key through a BROKER credential's master key"
+    )
+    p.add_argument("broker_credential_id", metavar="BROKER_CREDENTIAL_ID")
+    p.add_argument(
+        "--sub-account", required=True, help="the sub-account's id at the venue (sub:<id> identity)"
+    )
+    p.add_argument(
+        "--no-read", action="store_true", help="a key that cannot read (where the venue allows it)"
+    )
+    p.add_argument("--no-trade", action="store_true", help="a read-only key")
+    p.add_argument(
+        "--ip", action="append", metavar="ADDRESS", help="restrict the key to this IP (repeatable; default: "
+        "ENGINE_MINT_IP_ALLOWLIST)",
+    )  # fmt: skip
+    p.add_argument("--name", help="a nickname")
+    p.add_argument(
+        "--wait", type=float, nargs="?", const=60.0, metavar="SECONDS", help="wait until minted and verified"
+    )
+    p.set_defaults(func=commands.mint)
+
+    p = sub.add_parser(
+        "reconcile-keys", help="delete the venue keys labelled by the engine that no credential holds (jobs)"
+    )
+    p.set_defaults(func=commands.reconcile_keys)
 
     p = sub.add_parser("revoke", parents=[owner], help="revoke a credential for good")
     p.add_argument("credential_id")

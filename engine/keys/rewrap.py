@@ -1,10 +1,11 @@
 """Master-key rotation: move every data key the master keyring wraps to the current version, until none is left.
 
-Three tables hold data keys wrapped by a master key (``schema.sql``, each with a ``kek_version`` column):
+Four tables hold data keys wrapped by a master key (``schema.sql``, each with a ``kek_version`` column):
 
     credential_secrets   every secret version of a credential: the CURRENT one and a staged (PENDING) one
     webhook_secrets      every signing secret of an endpoint: the current one and those in their grace period
     engine_keys          engine-internal keys (the fingerprint HMAC key), sealed with their name as purpose
+    broker_retired_keys  keys of minted credentials waiting to be deleted at the venue (engine/broker/retirement.py)
 
 Rewrapping unwraps a data key with the master key that wrapped it and wraps it with the current one; the
 payload is never decrypted (:meth:`crypto.Vault.rewrap`, :meth:`crypto.Vault.rewrap_blob`).
@@ -38,6 +39,7 @@ from typing import Any
 import structlog
 
 from engine import crypto, errors
+from engine.broker.sealing import retired_purpose
 from engine.db import Conn, Database, LockNotAvailable, Record
 from engine.webhooks.secrets import secret_purpose
 
@@ -120,6 +122,19 @@ KINDS: tuple[_Kind, ...] = (
         key=lambda row: (str(row["name"]),),
         rewrap=lambda vault, sealed, row: vault.rewrap_blob(sealed, purpose=str(row["name"])),
     ),
+    _Kind(
+        name="retired broker key",
+        batch="broker_retired_to_rewrap",
+        keys="broker_retired_keys_to_rewrap",
+        lock="lock_broker_retired_to_rewrap",
+        update="rewrap_broker_retired",
+        left="broker_retired_left_to_rewrap",
+        start=(_NIL, b""),
+        key=lambda row: (row["credential_id"], bytes(row["key_fingerprint"])),
+        rewrap=lambda vault, sealed, row: vault.rewrap_blob(
+            sealed, purpose=retired_purpose(row["credential_id"])
+        ),
+    ),
 )
 
 # what check_keyring reads: kind (plural, for people) -> the query listing the master-key versions in use
@@ -127,6 +142,7 @@ VERSION_QUERIES: Mapping[str, str] = {
     "credential secrets": "kek_versions_of_secrets",
     "webhook secrets": "kek_versions_of_webhook_secrets",
     "engine keys": "kek_versions_of_engine_keys",
+    "retired broker keys": "kek_versions_of_broker_retired",
 }
 
 
@@ -326,7 +342,8 @@ async def check_keyring(db: Database, keyring: crypto.MasterKeyring) -> None:
     """Refuse (:class:`errors.ConfigurationError`, naming the versions) a keyring lacking a version in use.
 
     Without it an engine starts and then fails one credential, one webhook delivery at a time, with a
-    DecryptionError each. Three cheap queries: a skip scan of each ``kek_version`` index and the few engine keys.
+    DecryptionError each. Four cheap queries: a skip scan of each ``kek_version`` index, the few engine keys
+    and the few retired broker keys.
     """
     used: dict[int, list[str]] = {}
     for kind, query in VERSION_QUERIES.items():

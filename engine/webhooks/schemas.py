@@ -41,6 +41,10 @@ PERMISSIONS: Schema = {
         "ipRestricted": {"type": "boolean"},
         "ipAllowlist": {"type": "array", "items": {"type": "string"}},
         "expiresAt": _MS_OR_NULL,
+        "subAccountKeys": {
+            "type": "boolean",
+            "description": "present (true) only for a BROKER master key that may manage its sub-accounts' API keys",
+        },
     },
     "required": ["read", "trade", "withdraw", "transfer", "ipRestricted", "ipAllowlist", "expiresAt"],
 }
@@ -119,9 +123,28 @@ _PREVIOUS_STATUS: Schema = {**_STATUS, "description": "the status before this ch
 _REASON: Schema = {"type": "string", "description": "a stable identifier, e.g. INVALID_KEY, ACCOUNT_MISMATCH"}
 _MESSAGE: Schema = {"type": "string", "description": "a human-readable explanation"}
 
+_AUTOMATIC: Schema = {
+    "type": "boolean",
+    "description": "true: the engine minted the new key itself (a credential minted through a BROKER credential)",
+}
+_MINTED_FROM: Schema = {
+    "type": "object",
+    "description": "only for a credential minted through a BROKER credential",
+    "properties": {"parentCredentialId": _UUID, "subAccount": {"type": "string"}},
+    "required": ["parentCredentialId", "subAccount"],
+}
+
 # type -> (extra properties of data, which of them are always present)
 EXTRAS: dict[str, tuple[Schema, tuple[str, ...]]] = {
-    "credential.created": ({}, ()),
+    "credential.created": ({"mintedFrom": _MINTED_FROM}, ()),
+    "credential.minted": (
+        {"parentCredentialId": _UUID, "subAccount": {"type": "string"}},
+        ("parentCredentialId", "subAccount"),
+    ),
+    "credential.mint_failed": (
+        {"previousStatus": _PREVIOUS_STATUS, "reason": _REASON, "message": _MESSAGE},
+        ("previousStatus", "reason", "message"),
+    ),
     "credential.verified": (
         {"previousStatus": _PREVIOUS_STATUS, "previousPermissions": PERMISSIONS},
         ("previousStatus", "previousPermissions"),
@@ -138,16 +161,29 @@ EXTRAS: dict[str, tuple[Schema, tuple[str, ...]]] = {
         {
             "immediate": {"type": "boolean", "description": "true: old keys destroyed at once (compromise)"},
             "previousStatus": {**_PREVIOUS_STATUS, "description": "only when immediate"},
+            "automatic": {**_AUTOMATIC, "description": "present and true when the engine minted the new key"},
         },
         ("immediate",),
     ),
     "credential.rotated": (
-        {"previousStatus": _PREVIOUS_STATUS, "previousApiKey": {"type": "string", "description": "masked"}},
-        ("previousStatus", "previousApiKey"),
+        {
+            "previousStatus": _PREVIOUS_STATUS,
+            "previousApiKey": {"type": "string", "description": "masked"},
+            "automatic": _AUTOMATIC,
+        },
+        ("previousStatus", "previousApiKey", "automatic"),
     ),
     "credential.rotation_failed": (
-        {"reason": _REASON, "message": _MESSAGE, "rejectedVersion": {"type": "integer"}},
-        ("reason", "message", "rejectedVersion"),
+        {
+            "reason": _REASON,
+            "message": _MESSAGE,
+            "rejectedVersion": {
+                "type": "integer",
+                "description": "the staged version rejected; absent when the venue refused to mint the new key",
+            },
+            "automatic": _AUTOMATIC,
+        },
+        ("reason", "message", "automatic"),
     ),
     "credential.revoked": ({"previousStatus": _PREVIOUS_STATUS}, ("previousStatus",)),
     "credential.expiring": (

@@ -36,6 +36,10 @@ VALID: dict[str, Any] = {
     "url": "http://127.0.0.1:9/hooks",
     "eventTypes": [],
     "description": "risk desk",
+    "automatic": False,
+    "subAccount": "sub-1",
+    "permissions": {},
+    "ipAllowlist": [],
 }
 # query spellings the handlers accept that the document mentions in descriptions only
 QUERY_ALIASES = {
@@ -63,7 +67,7 @@ def body_schema(operation: dict[str, Any]) -> dict[str, Any] | None:
         return None
     ref: str = body["content"]["application/json"]["schema"]["$ref"]
     schema: dict[str, Any] = SCHEMAS[ref.rsplit("/", 1)[1]]
-    if "oneOf" in schema:  # connect: its two bodies (keys, credentialId), every property of either
+    if "oneOf" in schema:  # connect, rotate: their two bodies, every property of either
         branches = [SCHEMAS[branch["$ref"].rsplit("/", 1)[1]] for branch in schema["oneOf"]]
         properties = {name: p for branch in branches for name, p in branch["properties"].items()}
         return {"oneOf": schema["oneOf"], "properties": properties}

@@ -54,6 +54,11 @@ CASES: dict[tuple[str, str], Case] = {
         200,
     ),
     ("POST", "/api/v3/credential/revoke"): (lambda ids: {"json_body": {"credentialId": ids["cid"]}}, 200),
+    # an EXCHANGE credential mints nothing (409, errno -100022): the scope check comes first all the same
+    ("POST", "/api/v3/credential/mint"): (
+        lambda ids: {"json_body": {"brokerCredentialId": ids["cid"], "subAccount": "sub-1"}},
+        409,
+    ),
     ("POST", "/api/v3/webhook/create"): (
         lambda ids: {"json_body": {"url": "http://127.0.0.1:9/other-hooks"}},
         200,

@@ -116,7 +116,12 @@ async def test_the_last_pass_waits_for_rows_other_transactions_hold(
         await transaction.commit()
     report = await asyncio.wait_for(task, timeout=30)
     assert report.complete, report.describe_left()
-    assert report.rewrapped == {"credential secret": 3, "webhook secret": 2, "engine key": 1}
+    assert report.rewrapped == {
+        "credential secret": 3,
+        "webhook secret": 2,
+        "engine key": 1,
+        "retired broker key": 0,
+    }
     assert await kek_versions(raw) == {
         "credential_secrets": [2, 2, 2],
         "webhook_secrets": [2, 2],
@@ -146,7 +151,12 @@ async def test_rows_still_locked_after_the_wait_are_reported(
         Leftover(kind="webhook secret", count=1, kek_versions=(1,), locked=1),
         Leftover(kind="engine key", count=1, kek_versions=(1,), locked=1),
     )
-    assert report.rewrapped == {"credential secret": 2, "webhook secret": 1, "engine key": 0}
+    assert report.rewrapped == {
+        "credential secret": 2,
+        "webhook secret": 1,
+        "engine key": 0,
+        "retired broker key": 0,
+    }
     assert report.describe_left() == (
         "1 credential secret(s) under master key version(s) 1 (1 locked by other transactions); "
         "1 webhook secret(s) under master key version(s) 1 (1 locked by other transactions); "
@@ -221,7 +231,12 @@ async def test_a_data_key_that_does_not_open_is_reported_not_looped_on(
     both = await make_engine(master_keys=f"{master_keys},{second_key}")
     report = await asyncio.wait_for(both.rewrap_keys(lock_timeout=0.2), timeout=30)
     assert report.left == (Leftover(kind="credential secret", count=1, kek_versions=(1,), unreadable=1),)
-    assert report.rewrapped == {"credential secret": 2, "webhook secret": 2, "engine key": 1}
+    assert report.rewrapped == {
+        "credential secret": 2,
+        "webhook secret": 2,
+        "engine key": 1,
+        "retired broker key": 0,
+    }
 
 
 @pytest.mark.parametrize(

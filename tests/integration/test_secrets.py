@@ -203,7 +203,12 @@ async def test_master_key_rewrap_keeps_every_credential_readable(
     report = await eng2.rewrap_keys(batch_size=3, progress=lambda done, total: seen.append((done, total)))
     # 7 credential secrets and the fingerprint key
     assert report.complete and report.total == 8 and seen[-1] == (8, 8)
-    assert report.rewrapped == {"credential secret": 7, "webhook secret": 0, "engine key": 1}
+    assert report.rewrapped == {
+        "credential secret": 7,
+        "webhook secret": 0,
+        "engine key": 1,
+        "retired broker key": 0,
+    }
     assert await eng2.store.count_to_rewrap() == 0
     await eng2.close()
     eng3: CredentialEngine = await make_engine(master_keys=second)  # type: ignore[operator]

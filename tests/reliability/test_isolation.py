@@ -128,6 +128,8 @@ def library_attacks(eng: CredentialEngine, v: Victim) -> dict[str, Callable[[], 
             f"reveal_keys({name})": partial(eng.reveal_keys, a, cid, purpose="attack"),
             f"list_events({name})": partial(eng.list_events, a, cid),
             f"connect_trading_account({name})": partial(eng.connect_trading_account, a, credential_id=cid),
+            f"rotate_credential({name}, automatic)": partial(eng.rotate_credential, a, cid, automatic=True),
+            f"mint_credential({name})": partial(eng.mint_credential, a, cid, sub_account="sub-1"),
         }
     for name, aid in v.account_ids.items():
         attacks[f"get_trading_account({name})"] = partial(eng.get_trading_account, a, aid)
@@ -166,6 +168,8 @@ def api_attacks(v: Victim) -> list[tuple[str, str, dict[str, Any]]]:
                 "/api/v3/credential/rotate",
                 {"credentialId": c, "apiKey": "attacker-key", "apiSecret": "x-y-z", "immediate": True},
             ),
+            ("POST", "/api/v3/credential/rotate", {"credentialId": c, "automatic": True}),
+            ("POST", "/api/v3/credential/mint", {"brokerCredentialId": c, "subAccount": "sub-1"}),
             ("POST", "/api/v3/credential/revoke", {"credentialId": c}),
             ("POST", "/api/v3/credential/revoke", {"credentialId": c, "cascade": False}),
             ("POST", "/api/v3/tradingAccount/connect", {"credentialId": c}),

@@ -54,6 +54,7 @@ FREE_TEXT = {
 # (valid text, its value) where the field checks more than its type
 VALID: dict[str, tuple[str, Any]] = {
     "ENGINE_EGRESS_GROUP": ("eu-nat-1", "eu-nat-1"),
+    "ENGINE_MINT_IP_ALLOWLIST": ("203.0.113.7, 2001:DB8::1", ("203.0.113.7", "2001:db8::1")),
     "ENGINE_VENUE_URLS": ("binance=http://127.0.0.1:9001", {Venue.BINANCE: "http://127.0.0.1:9001"}),
     "ENGINE_WEBHOOK_RETRY_SCHEDULE": ("0, 5,60", (0.0, 5.0, 60.0)),
     "ENGINE_JOB_TIMEOUTS": ("verify=60, purge_jobs=900.5", {"verify": 60.0, "purge_jobs": 900.5}),
@@ -68,6 +69,7 @@ VALID: dict[str, tuple[str, Any]] = {
 # bad texts where the field checks more than its type (the type's own bad texts are made below)
 INVALID: dict[str, list[str]] = {
     "ENGINE_EGRESS_GROUP": ["two words", "x" * 65],
+    "ENGINE_MINT_IP_ALLOWLIST": ["203.0.113.7,not-an-address", "10.0.0.0/8"],
     "ENGINE_VENUE_URLS": ["FTX=http://x", "BINANCE=ftp://x", "BINANCE"],
     "ENGINE_WEBHOOK_RETRY_SCHEDULE": ["5, 60", "0, soon", "0, -1"],
     "ENGINE_KMS_ENDPOINT_URL": ["kms.internal:443"],
