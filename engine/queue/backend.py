@@ -347,11 +347,9 @@ class SqlBackend:
         self.completed_in: set[tuple[int, int]] = set()
         self._rng = random.Random()
         # Dedicated connections, not pool ones, so that API load starving the pool cannot starve job leases:
-        # the fetcher claims on one (claims must walk the ready index in order and stop after `limit` rows;
-        # with stale statistics, right after a bulk enqueue, the planner would rather sort the whole backlog,
-        # hence enable_sort off for each claim, SET LOCAL in its own transaction: a session SET would leak to
-        # the other clients of a transaction pooler), the flusher writes outcomes on one, the heartbeat extends
-        # leases on one.
+        # the fetcher claims on one (one call of schema.sql's queue_claim per batch, which sets enable_sort off
+        # for itself only: claims must walk the ready indexes in order, and nothing may stay on a pooler's
+        # server connection), the flusher writes outcomes on one, the heartbeat extends leases on one.
         self._claims = dbmod.DedicatedConnection(db, CLAIMS_CONNECTION)
         self._writes = dbmod.DedicatedConnection(db, OUTCOMES_CONNECTION)
         self._beats = dbmod.DedicatedConnection(db, HEARTBEAT_CONNECTION)
@@ -501,11 +499,10 @@ class SqlBackend:
         lease = self._settings.lease_seconds
         done_ids = [o.job_id for o in done]
         done_attempts = [o.attempt for o in done]
-        async with session.savepoint():  # a transaction of its own (the session is outside one)
-            await session.execute("claim_transaction_setup")
-            rows = await session.fetch(
-                "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
-            )
+        # one round trip: the statement is its own transaction (schema.sql, queue_claim)
+        rows = await session.fetch(
+            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
+        )
         jobs: list[Job] = []
         for row in rows:
             job = Job(

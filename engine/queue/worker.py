@@ -179,7 +179,9 @@ class Worker(Generic[J, R, S]):
         self._name = name
         self._concurrency = concurrency
         self._batch_size = batch_size
-        self._capacity = concurrency + batch_size  # most jobs claimed and not finished: running + buffered
+        # most jobs claimed and not finished (running + buffered): room for one batch to be claimed while the
+        # runners work through the one before it, so that quick jobs never wait for a claim's round trip
+        self._capacity = concurrency + 2 * batch_size
         self._heartbeat_interval = heartbeat_interval
         self._poll_interval = poll_interval
         self._shutdown_timeout = shutdown_timeout
@@ -393,8 +395,10 @@ class Worker(Generic[J, R, S]):
         """How many jobs to claim now (0: wait for room)."""
         buffered = self._buffer.qsize()
         room = self._capacity - buffered - len(self._running)
-        if room <= 0 or buffered >= self._concurrency or len(self._pending) >= FLUSH_CHUNK:
+        if room <= 0 or len(self._pending) >= FLUSH_CHUNK:
             return 0
+        if buffered >= self._concurrency and self._mean_run <= 0:
+            return 0  # how long jobs take is not known yet: no claim behind a full round of the runners
         if buffered and room < self._batch_size // 2:
             return 0  # runners still have work: wait until a worthwhile batch fits
         ahead = self._ahead()
@@ -410,7 +414,9 @@ class Worker(Generic[J, R, S]):
         if self._stalled:
             return free
         if self._mean_run <= 0:
-            return self._capacity
+            return (
+                self._concurrency + self._batch_size
+            )  # nothing known yet: one batch, none claimed behind it
         return free + min(self._capacity, int(self._concurrency * PREFETCH_HORIZON / self._mean_run))
 
     def _claiming_allowed(self) -> bool:
