@@ -12,8 +12,10 @@ moves::
 Guarantees and how they are kept:
 
 - **Batches.** One statement claims up to ``batch_size`` ready jobs (``FOR UPDATE SKIP LOCKED``) and marks
-  the previous batch done in the same round trip; other outcomes (retries, dead, hand-backs) are written many
-  per statement; one statement extends every held lease. Round trips per job decide throughput.
+  the previous batch done in the same round trip: a call of ``queue_claim`` (schema.sql), with no transaction
+  around it. Other outcomes (retries, dead, hand-backs) are written many per statement; one statement extends
+  every held lease. Round trips per job decide throughput; in a backlog of quick jobs two claims are in flight
+  at once (:mod:`engine.queue.worker`, ``fetcher-2``), so the runners do not wait for a claim's round trip.
 - **Leases and fencing.** A claim sets ``lease_expires_at`` and increments ``attempt``; a heartbeat extends
   the lease of the jobs whose handler runs. A job whose lease expired (its worker died) is claimed again by the
   normal claim query. Every outcome write matches ``id AND attempt AND state = 'running'``, so a late finisher
@@ -51,9 +53,10 @@ Guarantees and how they are kept:
 - **Cancellation.** :meth:`JobQueue.cancel_queued` moves queued jobs to the terminal ``cancelled`` state.
 - **Connections.** Claims, outcome writes and lease extensions each run on a dedicated connection of their
   own (:class:`engine.db.DedicatedConnection`, opened on first use, reopened when lost, closed by
-  :meth:`JobQueue.stop`), LISTEN on a fourth: requests that exhaust the pool cannot starve leases or claims.
-  Handlers use the pool like any other code. An engine process with workers holds ``pool_max_size + 5``
-  connections at most (the event bus LISTENs on one more).
+  :meth:`JobQueue.stop`), the second claim lane on one more (opened at the first backlog of quick jobs),
+  LISTEN on another: requests that exhaust the pool cannot starve leases or claims. Handlers use the pool like
+  any other code. An engine process with workers holds ``pool_max_size + 6`` connections at most (the event
+  bus LISTENs on one more).
 
 The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`engine.queue.worker`.
 """
@@ -105,6 +108,9 @@ CANCEL_GRACE_MAX = 5.0  # seconds a cancelled handler gets to unwind (at most le
 DEDUPE_INDEX = "queue_jobs_dedupe_queued"
 # application_name of the queue's own connections (pg_stat_activity), none of them from the pool
 CLAIMS_CONNECTION = "ce-queue-claims"
+CLAIMS_BESIDE_CONNECTION = (
+    "ce-queue-claims-2"  # the second claim lane (worker.CLAIM_LANES), opened in a backlog
+)
 OUTCOMES_CONNECTION = "ce-queue-outcomes"
 HEARTBEAT_CONNECTION = "ce-queue-heartbeat"
 LISTEN_CONNECTION = "ce-queue-listen"
@@ -351,6 +357,8 @@ class SqlBackend:
         # for itself only: claims must walk the ready indexes in order, and nothing may stay on a pooler's
         # server connection), the flusher writes outcomes on one, the heartbeat extends leases on one.
         self._claims = dbmod.DedicatedConnection(db, CLAIMS_CONNECTION)
+        # the second claim lane's (a backlog of quick jobs: two claims in flight at once), opened on first use
+        self._claims_beside = dbmod.DedicatedConnection(db, CLAIMS_BESIDE_CONNECTION)
         self._writes = dbmod.DedicatedConnection(db, OUTCOMES_CONNECTION)
         self._beats = dbmod.DedicatedConnection(db, HEARTBEAT_CONNECTION)
 
@@ -481,15 +489,15 @@ class SqlBackend:
             None,  # a periodic job is the engine's own, no owner's
         )
 
-    def claim_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
-        return self._claims.session()
+    def claim_session(self, lane: int) -> AbstractAsyncContextManager[dbmod.Conn]:
+        return (self._claims if lane == 0 else self._claims_beside).session()
 
     def write_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
         return self._writes.session()
 
     async def close(self) -> None:
         """Close the dedicated connections (the queue is stopped)."""
-        for dedicated in (self._claims, self._writes, self._beats):
+        for dedicated in (self._claims, self._claims_beside, self._writes, self._beats):
             await dedicated.close()
 
     def rides_along(self, outcome: Outcome) -> bool:

@@ -63,8 +63,8 @@ class FakeBackend:
         return ("done", job.id)
 
     @contextlib.asynccontextmanager
-    async def claim_session(self) -> AsyncIterator[str]:
-        yield "claim-conn"
+    async def claim_session(self, lane: int) -> AsyncIterator[str]:
+        yield f"claim-conn-{lane}"
 
     @contextlib.asynccontextmanager
     async def write_session(self) -> AsyncIterator[str]:
@@ -202,6 +202,7 @@ async def test_tasks_are_named_and_owned() -> None:
     names = {t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("queue:")}
     assert names == {
         "queue:w:fetcher",
+        "queue:w:fetcher-2",
         "queue:w:flusher",
         "queue:w:heartbeat",
         "queue:w:listener",
