@@ -499,9 +499,11 @@ class ClaimTracker:
         self.in_flight = 0
         self.peak = 0
         self.sessions: set[str] = set()
+        self.started_beside: list[bool] = []  # per claim: another claim was in flight when it was sent
         backend.claim = self.claim  # type: ignore[method-assign]
 
     async def claim(self, session: str, limit: int, done: Sequence[Outcome]) -> list[FakeJob]:
+        self.started_beside.append(self.in_flight > 0)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         self.sessions.add(session)
@@ -564,4 +566,5 @@ async def test_the_second_lane_waits_for_the_run_time_of_the_first_jobs() -> Non
     finally:
         await w.stop()
     assert backend.claims[0] == 20
+    assert not tracker.started_beside[1]  # the first batch's run time was not known: no claim beside it
     assert max(backend.claims[1:]) <= 4
