@@ -65,7 +65,8 @@ PLANS = [
         {"n": 20_000},
         {"n": 2_000},
         420,
-        "N = 20,000 no-op jobs per run (issue size); ours and pgqueuer at batch 10 and 50, 3 interleaved rounds, best of 3",
+        "N = 20,000 no-op jobs per run (issue size); ours and pgqueuer at batch 10 and 50, 3 interleaved rounds,"
+        " best of 3",
         optional=True,
     ),
     Plan(
