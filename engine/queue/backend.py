@@ -122,7 +122,7 @@ class QueueSettings:
     """How a :class:`JobQueue` works. Times are in seconds."""
 
     concurrency: int = 10  # handlers running at once in this process
-    batch_size: int = 50  # most jobs one claim takes; also how many claimed jobs may wait locally
+    batch_size: int = 50  # most jobs one claim takes; quick jobs may wait locally up to twice that
     lease_seconds: float = 30.0  # a claimed job is taken back this long after its last heartbeat
     heartbeat_interval: float = 10.0  # how often the leases of held jobs are extended
     poll_interval: float = 1.0  # longest sleep between claims when no NOTIFY arrives
