@@ -11,9 +11,10 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
                 NOTIFY, the next job comes due, or ``poll_interval`` (the polling fallback). It claims ahead
                 only what the runners should start soon: one job per free runner, plus what they finish within
                 PREFETCH_HORIZON at the mean run time seen so far (up to two batches for quick jobs, next
-                to nothing for slow ones, one batch while no run time is known), so that claimed jobs do not queue here behind busy runners while
-                other workers (and other owners' jobs) wait. Claimed jobs are counted as held from the
-                moment their claim is sent (``_inflight``), so no two claims ask for the same room.
+                to nothing for slow ones, one batch while no run time is known), so that claimed jobs do
+                not queue here behind busy runners while other workers (and other owners' jobs) wait.
+                Claimed jobs are counted as held from the moment their claim is sent (``_inflight``), so no
+                two claims ask for the same room.
     fetcher-2   the second claim lane, for backlogs of quick jobs: while the fetcher's claim is in flight and
                 the last claim came back full, it sends the next claim beside it on a connection of its own,
                 so that one claim's round trip and statement overlap the next one's and the runners never
