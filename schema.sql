@@ -278,10 +278,13 @@ CREATE OR REPLACE FUNCTION queue_claim(
 BEGIN
     RETURN QUERY
     WITH completed AS (
+        -- each id once in p_done_ids (the caller keeps an id's newest attempt: only that one can still hold
+        -- the row), so the attempt is looked up by position: no join, whose plan (cached, generic) would
+        -- compare every running row with every outcome
         UPDATE queue_jobs AS j
         SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
-        FROM unnest(p_done_ids, p_done_attempts) AS d (id, attempt)
-        WHERE j.id = ANY (p_done_ids) AND j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
+        WHERE j.id = ANY (p_done_ids) AND j.state = 'running'
+          AND j.attempt = p_done_attempts[array_position(p_done_ids, j.id)]
         RETURNING j.id
     ), expired AS (
         SELECT q.id

@@ -505,8 +505,13 @@ class SqlBackend:
 
     async def claim(self, session: dbmod.Conn, limit: int, done: Sequence[Outcome]) -> list[Job]:
         lease = self._settings.lease_seconds
-        done_ids = [o.job_id for o in done]
-        done_attempts = [o.attempt for o in done]
+        # each job once, at its newest attempt: an older attempt of the same job cannot hold the row any more
+        # (its lease ran out and this worker claimed the job again), so its "done" would change nothing anyway
+        newest: dict[int, int] = {}
+        for o in done:
+            if newest.get(o.job_id, -1) < o.attempt:
+                newest[o.job_id] = o.attempt
+        done_ids, done_attempts = list(newest), list(newest.values())
         # one round trip: the statement is its own transaction (schema.sql, queue_claim)
         rows = await session.fetch(
             "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps

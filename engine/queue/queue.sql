@@ -51,7 +51,7 @@ WITH inserted AS (
 SELECT id, pg_notify($5, '') FROM inserted;
 
 -- claim_jobs --
--- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease (caps $7 s): schema.sql, queue_claim.
+-- Mark attempts ($5 ids, each once, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease (caps $7 s): schema.sql, queue_claim.
 -- One call, one round trip: the function holds the whole statement (the order of the claims, fairness, expired
 -- leases, burying a job whose lease expired on its last try) and its planner setting (enable_sort off, restored
 -- when it returns).

@@ -14,6 +14,7 @@ import asyncpg
 from bench import statements
 from engine import db as dbmod
 from engine import queue
+from engine.queue.backend import Outcome
 
 N = 1000
 BATCH = 50
@@ -78,3 +79,30 @@ async def test_the_claim_leaves_no_setting_on_its_connection(database_url: str) 
         assert await conn.fetchval("SHOW enable_sort") == "on"
     finally:
         await conn.close()
+
+
+async def test_two_attempts_of_one_job_riding_along_mark_the_newest_done(database_url: str) -> None:
+    """A job whose lease ran out was claimed again by the same worker, and both attempts finished: both "done"
+    outcomes ride on one claim. The newest attempt holds the row and is marked done; the older one is fenced
+    out (queue_claim looks each id's attempt up by position, so the claim sends each id once, at its newest)."""
+    db = await dbmod.Database.connect(database_url, min_size=1, max_size=2)
+    conn = await asyncpg.connect(database_url, statement_cache_size=0)
+    try:
+        q = queue.JobQueue(db, {"noop": _noop}, worker_id="w")
+        job_id = await q.enqueue("noop", {})
+        backend = q._backend
+        async with backend.claim_session(0) as session:
+            (first,) = await backend.claim(session, 10, [])
+            await conn.execute(
+                "UPDATE queue_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id
+            )
+            (second,) = await backend.claim(session, 10, [])  # taken back from the expired lease: attempt 2
+            assert (first.id, first.attempt, second.id, second.attempt) == (job_id, 1, job_id, 2)
+            outcomes = [Outcome(j.id, j.attempt, "done") for j in (first, second)]
+            assert await backend.claim(session, 10, outcomes) == []
+        row = await conn.fetchrow("SELECT state, attempt FROM queue_jobs WHERE id = $1", job_id)
+        assert (row["state"], row["attempt"]) == ("done", 2)
+        await backend.close()
+    finally:
+        await conn.close()
+        await db.close()
