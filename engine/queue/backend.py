@@ -326,6 +326,17 @@ class Periodic:
         return PERIODIC_KEY_PREFIX + self.kind
 
 
+def _newest_attempts(done: Sequence[Outcome]) -> tuple[list[int], list[int]]:
+    """The ids and attempts of "done" outcomes, each job once at its newest attempt (``complete_jobs`` and
+    ``queue_claim`` look an id's attempt up by position). An older attempt of the same job cannot hold the row
+    any more (its lease ran out and this worker claimed the job again), so its "done" would change nothing."""
+    newest: dict[int, int] = {}
+    for o in done:
+        if newest.get(o.job_id, -1) < o.attempt:
+            newest[o.job_id] = o.attempt
+    return list(newest), list(newest.values())
+
+
 class SqlBackend:
     """What the worker runtime calls (:class:`workermod.Backend`): the queue's SQL and its outcome rules."""
 
@@ -505,13 +516,7 @@ class SqlBackend:
 
     async def claim(self, session: dbmod.Conn, limit: int, done: Sequence[Outcome]) -> list[Job]:
         lease = self._settings.lease_seconds
-        # each job once, at its newest attempt: an older attempt of the same job cannot hold the row any more
-        # (its lease ran out and this worker claimed the job again), so its "done" would change nothing anyway
-        newest: dict[int, int] = {}
-        for o in done:
-            if newest.get(o.job_id, -1) < o.attempt:
-                newest[o.job_id] = o.attempt
-        done_ids, done_attempts = list(newest), list(newest.values())
+        done_ids, done_attempts = _newest_attempts(done)
         # one round trip: the statement is its own transaction (schema.sql, queue_claim)
         rows = await session.fetch(
             "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
@@ -629,7 +634,7 @@ class SqlBackend:
         plain = [o for o in outcomes if o.state == "done" and o.periodic is None]
         other = [o for o in outcomes if o.state != "done" or o.periodic is not None]
         if plain:  # the common case gets the lean statement
-            await session.execute("complete_jobs", [o.job_id for o in plain], [o.attempt for o in plain])
+            await session.execute("complete_jobs", *_newest_attempts(plain))
         if not other:
             return False
         try:

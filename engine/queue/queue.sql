@@ -82,11 +82,13 @@ WHERE j.id = ANY ($1::bigint[]) AND j.id = o.id AND j.attempt = o.attempt AND j.
 RETURNING j.id, j.dedupe_key;
 
 -- complete_jobs --
--- Mark many attempts done at once ($1 ids, $2 attempts), fenced on id, attempt and running: the worker's hot path.
+-- Mark many attempts done at once ($1 ids, each once, $2 attempts), fenced on id, attempt and running: the hot path.
+-- The attempt is looked up by position, not joined: the cached generic plan of a join compared every running row
+-- with every outcome (as schema.sql's queue_claim does for the outcomes riding on a claim).
 UPDATE queue_jobs AS j
 SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
-FROM unnest($1::bigint[], $2::integer[]) AS d (id, attempt)
-WHERE j.id = ANY ($1::bigint[]) AND j.id = d.id AND j.attempt = d.attempt AND j.state = 'running';
+WHERE j.id = ANY ($1::bigint[]) AND j.state = 'running'
+  AND j.attempt = ($2::integer[])[array_position($1::bigint[], j.id)];
 
 -- complete_job --
 -- Mark attempt $2 of job $1 done inside the caller's transaction; no row means this attempt no longer owns the job.

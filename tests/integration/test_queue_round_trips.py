@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import asyncpg
+import pytest
 
 from bench import statements
 from engine import db as dbmod
@@ -81,10 +82,14 @@ async def test_the_claim_leaves_no_setting_on_its_connection(database_url: str) 
         await conn.close()
 
 
-async def test_two_attempts_of_one_job_riding_along_mark_the_newest_done(database_url: str) -> None:
+@pytest.mark.parametrize("written_by", ["claim", "flusher"])
+async def test_two_attempts_of_one_job_done_together_mark_the_newest_done(
+    database_url: str, written_by: str
+) -> None:
     """A job whose lease ran out was claimed again by the same worker, and both attempts finished: both "done"
-    outcomes ride on one claim. The newest attempt holds the row and is marked done; the older one is fenced
-    out (queue_claim looks each id's attempt up by position, so the claim sends each id once, at its newest)."""
+    outcomes are written together, riding on a claim or by the flusher (complete_jobs). The newest attempt holds
+    the row and is marked done; the older one is fenced out (both statements look each id's attempt up by
+    position, so each id is sent once, at its newest attempt)."""
     db = await dbmod.Database.connect(database_url, min_size=1, max_size=2)
     conn = await asyncpg.connect(database_url, statement_cache_size=0)
     try:
@@ -99,7 +104,10 @@ async def test_two_attempts_of_one_job_riding_along_mark_the_newest_done(databas
             (second,) = await backend.claim(session, 10, [])  # taken back from the expired lease: attempt 2
             assert (first.id, first.attempt, second.id, second.attempt) == (job_id, 1, job_id, 2)
             outcomes = [Outcome(j.id, j.attempt, "done") for j in (first, second)]
-            assert await backend.claim(session, 10, outcomes) == []
+            if written_by == "claim":
+                assert await backend.claim(session, 10, outcomes) == []
+            else:
+                assert await backend.finish(session, outcomes) is False
         row = await conn.fetchrow("SELECT state, attempt FROM queue_jobs WHERE id = $1", job_id)
         assert (row["state"], row["attempt"]) == ("done", 2)
         await backend.close()
