@@ -10,7 +10,8 @@ then one worker process (this one) drains them and the time from start to the la
 **Like for like.** At batch 10 and at batch 50, our queue and pgqueuer run interleaved (one of each per round,
 the one going first alternating between rounds) for ``--repeats`` rounds; the best run of each counts (the
 machine is shared: the best is the least disturbed) and both ratios, ours / pgqueuer, are printed with every raw
-figure and with how busy the rest of the machine was meanwhile. The settings of each side are printed too:
+figure and with how busy the rest of the machine was meanwhile, and beside them the CPU each side spent per 1,000
+jobs (this process and the PostgreSQL server), which other processes disturb less than the rates. The settings of each side are printed too:
 
 - ours: the real worker (fetcher, runners, flusher, heartbeat, LISTEN, leases and fencing on) with the defaults
   (``QueueSettings``: concurrency 10, lease 30 s, heartbeat 10 s) and ``batch_size`` 10 or 50;
@@ -131,6 +132,18 @@ async def _timed(work: Callable[[], Awaitable[Any]]) -> float:
     return time.perf_counter() - started
 
 
+async def _measured(
+    work: Callable[[], Awaitable[Any]], n: int, pg_pid: int | None
+) -> tuple[float, float | None]:
+    """Jobs per second of ``work`` (n jobs), and the CPU it cost: milliseconds per 1,000 jobs of this process
+    and the PostgreSQL server (its backends; None when the server is not local). CPU is what a busy machine
+    cannot hide: a figure steadier than the rate when other processes compete."""
+    cpu_before = _tree_cpu(os.getpid()) + (_tree_cpu(pg_pid) if pg_pid else 0.0)
+    elapsed = await _timed(work)
+    cpu = _tree_cpu(os.getpid()) + (_tree_cpu(pg_pid) if pg_pid else 0.0) - cpu_before
+    return n / elapsed, (cpu * 1e6 / n if pg_pid else None)
+
+
 async def _noop(job: Any) -> None:
     """The job body of every system: nothing."""
     return None
@@ -170,7 +183,9 @@ async def _ours_enqueue(server_dsn: str, n: int) -> dict[str, float]:
     }
 
 
-async def _ours_process(server_dsn: str, n: int, batch_size: int) -> float:
+async def _ours_process(
+    server_dsn: str, n: int, batch_size: int, pg_pid: int | None = None
+) -> tuple[float, float | None]:
     async with _fresh_database(server_dsn) as dsn:
         db = await dbmod.Database.connect(dsn, min_size=2, max_size=10)
         try:
@@ -184,19 +199,21 @@ async def _ours_process(server_dsn: str, n: int, batch_size: int) -> float:
                 ran = await q.run_until_idle()  # returns once every outcome is written
                 assert q.counters.processed == n, (ran, q.counters)
 
-            elapsed = await _timed(process)
+            measured = await _measured(process, n, pg_pid)
             await q.stop()
             counts = await q.counts()
             assert counts["done"] == n, counts
         finally:
             await db.close()
-    return n / elapsed
+    return measured
 
 
 # ------------------------------------------------------------------------------------------------------ peers
 
 
-async def _pgqueuer_process(server_dsn: str, n: int, batch_size: int) -> float:
+async def _pgqueuer_process(
+    server_dsn: str, n: int, batch_size: int, pg_pid: int | None = None
+) -> tuple[float, float | None]:
     import pgqueuer
     from pgqueuer.domain.types import QueueExecutionMode
 
@@ -212,20 +229,22 @@ async def _pgqueuer_process(server_dsn: str, n: int, batch_size: int) -> float:
             await _analyze(dsn)
             qm = pgqueuer.QueueManager(queries)
             qm.entrypoint("noop")(_noop)
-            elapsed = await _timed(
+            measured = await _measured(
                 lambda: qm.run(
                     batch_size=batch_size,
                     mode=QueueExecutionMode.drain,
                     max_concurrent_tasks=None,
                     heartbeat_timeout=timedelta(seconds=30),
                     log_aggregation_interval=timedelta(0),
-                )
+                ),
+                n,
+                pg_pid,
             )
             left = await conn.fetchval("SELECT count(*) FROM pgqueuer")
             assert left == 0, left  # every job ran and its outcome was written (drain mode returns after)
         finally:
             await conn.close()
-    return n / elapsed
+    return measured
 
 
 async def _procrastinate_process(server_dsn: str, n: int, concurrency: int) -> float:
@@ -323,22 +342,25 @@ class MachineLoad:
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-async def compare(server_dsn: str, n: int, repeats: int) -> dict[str, Any]:
-    """Ours and pgqueuer at each batch size, interleaved, ``repeats`` rounds; every run's jobs/s."""
+async def compare(
+    server_dsn: str, n: int, repeats: int, pg_pid: int | None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Ours and pgqueuer at each batch size, interleaved, ``repeats`` rounds: every run's jobs/s, and its CPU
+    (ms per 1,000 jobs, this process and PostgreSQL) when the server is local."""
     runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for batch in BATCHES:
-        ours: list[float] = runs.setdefault(f"ours_batch{batch}", [])
-        theirs: list[float] = runs.setdefault(f"pgqueuer_batch{batch}", [])
         for round_ in range(repeats):
             steps = [
-                lambda b=batch: _ours_process(server_dsn, n, b),
-                lambda b=batch: _pgqueuer_process(server_dsn, n, b),
+                (f"ours_batch{batch}", lambda b=batch: _ours_process(server_dsn, n, b, pg_pid)),
+                (f"pgqueuer_batch{batch}", lambda b=batch: _pgqueuer_process(server_dsn, n, b, pg_pid)),
             ]
-            sinks = [ours, theirs]
-            order = [0, 1] if round_ % 2 == 0 else [1, 0]  # who goes first alternates between rounds
-            for i in order:
-                sinks[i].append(await steps[i]())
-    return runs
+            for key, step in steps if round_ % 2 == 0 else steps[::-1]:  # who goes first alternates
+                rate, ms = await step()
+                runs.setdefault(key, []).append(rate)
+                if ms is not None:
+                    cpu.setdefault(key, []).append(ms)
+    return runs, cpu
 
 
 async def run(n: int = DEFAULT_N, *, repeats: int = DEFAULT_REPEATS, peers: bool = True) -> dict[str, Any]:
@@ -351,7 +373,8 @@ async def run(n: int = DEFAULT_N, *, repeats: int = DEFAULT_REPEATS, peers: bool
             results["postgres"] = await admin.fetchval("SHOW server_version")
         finally:
             await admin.close()
-        load = MachineLoad(await _server_pid(server_dsn))
+        pg_pid = await _server_pid(server_dsn)
+        load = MachineLoad(pg_pid)
         results.update(await _ours_enqueue(server_dsn, n))
         pgqueuer_version = _version("pgqueuer") if peers else None
         results["settings"] = {"ours": OURS_SETTINGS.format(version=_version("credential-engine") or "")}
@@ -359,14 +382,18 @@ async def run(n: int = DEFAULT_N, *, repeats: int = DEFAULT_REPEATS, peers: bool
         if pgqueuer_version:
             results["pgqueuer_version"] = pgqueuer_version
             results["settings"]["pgqueuer"] = PGQUEUER_SETTINGS.format(version=pgqueuer_version)
-            runs = await compare(server_dsn, n, repeats)
+            runs, cpu = await compare(server_dsn, n, repeats, pg_pid)
         else:  # ours alone, same rounds
-            runs = {
-                f"ours_batch{b}": [await _ours_process(server_dsn, n, b) for _ in range(repeats)]
-                for b in BATCHES
-            }
+            runs, cpu = {}, {}
+            for b in BATCHES:
+                for _ in range(repeats):
+                    rate, ms = await _ours_process(server_dsn, n, b, pg_pid)
+                    runs.setdefault(f"ours_batch{b}", []).append(rate)
+                    if ms is not None:
+                        cpu.setdefault(f"ours_batch{b}", []).append(ms)
         results["machine"] = load.stop()
         results["runs"] = runs
+        results["cpu_ms_per_1000"] = cpu  # per run, this process + PostgreSQL (absent: the server is remote)
         for batch in BATCHES:
             results[f"processed_batch{batch}_per_s"] = max(runs[f"ours_batch{batch}"])
             if pgqueuer_version:
@@ -410,6 +437,19 @@ def render(results: dict[str, Any]) -> str:
             verdict = "ok" if ratio >= TARGET_RATIO else "MISSED"
             row += f"  {max(theirs):>13,.0f}  {', '.join(f'{r:,.0f}' for r in theirs):<26}  {ratio:.2f}x {verdict}"
         lines.append(row)
+    cpu = results.get("cpu_ms_per_1000") or {}
+    if cpu:
+        lines.append("")
+        lines.append(
+            "CPU per 1,000 jobs, this process + PostgreSQL (least of the runs; steadier than rates on a busy machine):"
+        )
+        for batch in BATCHES:
+            text = f"  batch {batch}: ours {min(cpu[f'ours_batch{batch}']):,.0f} ms"
+            if f"pgqueuer_batch{batch}" in cpu:
+                theirs = min(cpu[f"pgqueuer_batch{batch}"])
+                ratio = theirs / min(cpu[f"ours_batch{batch}"])
+                text += f", pgqueuer {theirs:,.0f} ms (pgqueuer/ours {ratio:.2f}x)"
+            lines.append(text)
     lines.append("")
     single = min(results["n"], SINGLE_N)
     rest = [
