@@ -11,7 +11,8 @@ then one worker process (this one) drains them and the time from start to the la
 the one going first alternating between rounds) for ``--repeats`` rounds; the best run of each counts (the
 machine is shared: the best is the least disturbed) and both ratios, ours / pgqueuer, are printed with every raw
 figure and with how busy the rest of the machine was meanwhile, and beside them the CPU each side spent per 1,000
-jobs (this process and the PostgreSQL server), which other processes disturb less than the rates. The settings of each side are printed too:
+jobs (this process and the PostgreSQL server), which other processes disturb less than the rates. The settings
+of each side are printed too:
 
 - ours: the real worker (fetcher, runners, flusher, heartbeat, LISTEN, leases and fencing on) with the defaults
   (``QueueSettings``: concurrency 10, lease 30 s, heartbeat 10 s) and ``batch_size`` 10 or 50;
