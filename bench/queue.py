@@ -289,12 +289,12 @@ async def _server_pid(dsn: str) -> int | None:
     conn = await asyncpg.connect(dsn)
     try:
         backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        with contextlib.suppress(psutil.Error):  # while our backend still runs: it is the postmaster's child
+            parent = psutil.Process(backend).parent()
+            if parent is not None and "postgres" in parent.name():
+                return int(parent.pid)
     finally:
         await conn.close()
-    with contextlib.suppress(psutil.Error):
-        parent = psutil.Process(backend).parent()
-        if parent is not None and "postgres" in parent.name():
-            return int(parent.pid)
     return None
 
 
