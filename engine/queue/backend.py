@@ -55,8 +55,8 @@ Guarantees and how they are kept:
   own (:class:`engine.db.DedicatedConnection`, opened on first use, reopened when lost, closed by
   :meth:`JobQueue.stop`), the second claim lane on one more (opened at the first backlog of quick jobs),
   LISTEN on another: requests that exhaust the pool cannot starve leases or claims. Handlers use the pool like
-  any other code. An engine process with workers holds ``pool_max_size + 6`` connections at most (the event
-  bus LISTENs on one more).
+  any other code. An engine process with workers holds ``pool_max_size + 6`` connections at most: these five
+  and the event bus's LISTEN.
 
 The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`engine.queue.worker`.
 """
