@@ -282,6 +282,91 @@ CREATE UNIQUE INDEX IF NOT EXISTS queue_jobs_dedupe_queued ON queue_jobs (dedupe
 CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (finished_at) WHERE state IN ('done', 'cancelled');
 -- the operators' dead-letter list
 CREATE INDEX IF NOT EXISTS queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
+-- The claim (engine/queue/queue.sql, claim_jobs; engine/queue/backend.py, "Batches"): one call, one round trip,
+-- no transaction of its own. Mark attempts p_done_ids/p_done_attempts done, then claim up to p_limit jobs of
+-- kinds p_kinds for worker p_worker with a p_lease s lease, capped at p_caps[i] s after now for kind p_kinds[i].
+-- The outcomes of the previous batch ride along (fenced like complete_jobs). Expired leases (a worker died) come
+-- first. Then ready jobs from the two orders (queue_jobs_due, queue_jobs_fair): owners' jobs in start-tag order
+-- get what is left but up to half of it, which goes to the jobs in run_at order (without an owner, scheduled,
+-- retried); either fills in for the other when it runs short. The run_at order is read (and locked) for the whole
+-- batch and cut afterwards (a CTE keeps its rows' order): when owners' jobs take their half, the rows cut stay
+-- locked until the call ends, a moment. The rows are locked in the CTEs and updated by primary key (an array, so
+-- the plan stays index lookups whatever the statistics say); an expired job already at its last try is buried
+-- (dead) instead of claimed.
+-- SET enable_sort = off: the claims must walk the ready indexes in order and stop after p_limit rows; with stale
+-- statistics (right after a bulk enqueue) the planner would rather sort the whole backlog. A function's SET
+-- clause holds while it runs and is restored when it exits (https://www.postgresql.org/docs/current/sql-createfunction.html),
+-- so nothing stays on the session (a transaction pooler's server connection), and the call needs no BEGIN,
+-- SET LOCAL and COMMIT round trips of its own.
+CREATE OR REPLACE FUNCTION queue_claim(
+    p_limit integer, p_worker text, p_lease float8, p_kinds text[], p_done_ids bigint[], p_done_attempts integer[],
+    p_caps float8[]
+) RETURNS TABLE (
+    id bigint, kind text, payload jsonb, state text, attempt integer, tries integer, max_attempts integer,
+    dedupe_key text, run_at timestamptz, created_at timestamptz
+) SET enable_sort = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH completed AS (
+        -- each id once in p_done_ids (the caller keeps an id's newest attempt: only that one can still hold
+        -- the row), so the attempt is looked up by position: no join, whose plan (cached, generic) would
+        -- compare every running row with every outcome
+        UPDATE queue_jobs AS j
+        SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+        WHERE j.id = ANY (p_done_ids) AND j.state = 'running'
+          AND j.attempt = p_done_attempts[array_position(p_done_ids, j.id)]
+        RETURNING j.id
+    ), expired AS (
+        SELECT q.id
+        FROM queue_jobs AS q
+        WHERE q.state = 'running' AND q.lease_expires_at < now() AND q.kind = ANY (p_kinds)
+          AND NOT (q.id = ANY (p_done_ids))  -- a row is changed once per statement: not both completed and claimed
+        ORDER BY q.lease_expires_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), due AS (
+        SELECT q.id
+        FROM queue_jobs AS q
+        WHERE q.state = 'queued' AND q.fair_seq IS NULL AND q.run_at <= now() AND q.kind = ANY (p_kinds)
+        ORDER BY q.run_at, q.id
+        LIMIT greatest(p_limit - (SELECT count(*) FROM expired), 0)
+        FOR UPDATE SKIP LOCKED
+    ), fair AS (
+        SELECT q.id
+        FROM queue_jobs AS q
+        WHERE q.state = 'queued' AND q.fair_seq IS NOT NULL AND q.kind = ANY (p_kinds)
+        ORDER BY q.fair_seq, q.id
+        -- all that is left but what the run_at order keeps: up to half of it, less when it has fewer ready
+        LIMIT greatest(p_limit - (SELECT count(*) FROM expired) - least(
+            (SELECT count(*) FROM due), ceil((p_limit - (SELECT count(*) FROM expired)) / 2.0)), 0)
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE queue_jobs AS j
+    SET state            = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                                THEN 'dead' ELSE 'running' END,
+        attempt          = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                                THEN j.attempt ELSE j.attempt + 1 END,
+        lease_expires_at = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                                THEN NULL
+                                ELSE now() + make_interval(secs => least(p_lease, p_caps[array_position(p_kinds, j.kind)])) END,
+        lease_cap        = now() + make_interval(secs => p_caps[array_position(p_kinds, j.kind)]),
+        worker_id        = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                                THEN NULL ELSE p_worker END,
+        finished_at      = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
+                                THEN now() END,
+        last_error       = CASE WHEN j.state = 'running'
+                                THEN 'LeaseExpired: the worker running attempt ' || j.attempt || ' stopped renewing its lease'
+                                ELSE j.last_error END
+    WHERE j.id = ANY (ARRAY(
+        SELECT e.id FROM expired AS e
+        UNION ALL (SELECT u.id FROM due AS u
+                   LIMIT greatest(p_limit - (SELECT count(*) FROM expired) - (SELECT count(*) FROM fair), 0))
+        UNION ALL SELECT f.id FROM fair AS f))
+    RETURNING j.id, j.kind, j.payload, j.state, j.attempt, j.attempt - j.uncounted, j.max_attempts,
+              j.dedupe_key, j.run_at, j.created_at;
+END
+$$ LANGUAGE plpgsql;
 -- END queue
 
 -- BEGIN broker (owned by engine/broker/)

@@ -33,11 +33,12 @@ ends such a wait with :class:`PoolExhausted` instead of a hang.
 
 **Poolers** (README "Connection poolers"). Through a *transaction* pooler (PgBouncer ``pool_mode =
 transaction``) consecutive transactions of one client run on different server connections, so the engine keeps
-no session state: every advisory lock is transaction-scoped, the queue's claim sets ``enable_sort`` with
-``SET LOCAL`` in its own transaction, and ``statement_cache_size=0`` (``EngineConfig.db_pooler``) makes asyncpg
-use unnamed statements, parsed and run in one round trip, instead of named prepared statements that live on one
-server connection (with the cache on, SQLSTATE 26000 "prepared statement does not exist" and 42P05 "already
-exists" follow; the error then says so). LISTEN needs a session of its own: ``listen_dsn`` (a direct DSN)
+no session state: every advisory lock is transaction-scoped, the queue's claim sets ``enable_sort`` only
+while its function runs (``queue_claim``'s ``SET`` clause, restored when it returns), and
+``statement_cache_size=0`` (``EngineConfig.db_pooler``) makes asyncpg use unnamed statements, parsed and run
+in one round trip, instead of named prepared statements that live on one server connection (with the cache
+on, SQLSTATE 26000 "prepared statement does not exist" and 42P05 "already exists" follow; the error then says
+so). LISTEN needs a session of its own: ``listen_dsn`` (a direct DSN)
 serves the LISTEN connections, and :meth:`Database.check_listener` finds a LISTEN that hears nothing (it
 NOTIFYs itself through the pool), warns once and says why; polling carries on either way.
 """

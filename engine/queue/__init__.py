@@ -5,6 +5,7 @@
 """
 
 from engine.queue.backend import (
+    CLAIMS_BESIDE_CONNECTION,
     CLAIMS_CONNECTION,
     DEFAULT_SETTINGS,
     ERROR_TEXT_MAX,
@@ -30,6 +31,7 @@ from engine.queue.jobqueue import JobQueue
 from engine.queue.worker import WorkerFailed
 
 __all__ = [
+    "CLAIMS_BESIDE_CONNECTION",
     "CLAIMS_CONNECTION",
     "DEFAULT_SETTINGS",
     "ERROR_TEXT_MAX",

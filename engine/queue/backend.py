@@ -12,8 +12,10 @@ moves::
 Guarantees and how they are kept:
 
 - **Batches.** One statement claims up to ``batch_size`` ready jobs (``FOR UPDATE SKIP LOCKED``) and marks
-  the previous batch done in the same round trip; other outcomes (retries, dead, hand-backs) are written many
-  per statement; one statement extends every held lease. Round trips per job decide throughput.
+  the previous batch done in the same round trip: a call of ``queue_claim`` (schema.sql), with no transaction
+  around it. Other outcomes (retries, dead, hand-backs) are written many per statement; one statement extends
+  every held lease. Round trips per job decide throughput; in a backlog of quick jobs two claims are in flight
+  at once (:mod:`engine.queue.worker`, ``fetcher-2``), so the runners do not wait for a claim's round trip.
 - **Leases and fencing.** A claim sets ``lease_expires_at`` and increments ``attempt``; a heartbeat extends
   the lease of the jobs whose handler runs. A job whose lease expired (its worker died) is claimed again by the
   normal claim query. Every outcome write matches ``id AND attempt AND state = 'running'``, so a late finisher
@@ -51,9 +53,10 @@ Guarantees and how they are kept:
 - **Cancellation.** :meth:`JobQueue.cancel_queued` moves queued jobs to the terminal ``cancelled`` state.
 - **Connections.** Claims, outcome writes and lease extensions each run on a dedicated connection of their
   own (:class:`engine.db.DedicatedConnection`, opened on first use, reopened when lost, closed by
-  :meth:`JobQueue.stop`), LISTEN on a fourth: requests that exhaust the pool cannot starve leases or claims.
-  Handlers use the pool like any other code. An engine process with workers holds ``pool_max_size + 5``
-  connections at most (the event bus LISTENs on one more).
+  :meth:`JobQueue.stop`), the second claim lane on one more (opened at the first backlog of quick jobs),
+  LISTEN on another: requests that exhaust the pool cannot starve leases or claims. Handlers use the pool like
+  any other code. An engine process with workers holds ``pool_max_size + 6`` connections at most: these five
+  and the event bus's LISTEN.
 
 The asyncio side (tasks, batching, supervision, shutdown order) lives in :mod:`engine.queue.worker`.
 """
@@ -105,6 +108,9 @@ CANCEL_GRACE_MAX = 5.0  # seconds a cancelled handler gets to unwind (at most le
 DEDUPE_INDEX = "queue_jobs_dedupe_queued"
 # application_name of the queue's own connections (pg_stat_activity), none of them from the pool
 CLAIMS_CONNECTION = "ce-queue-claims"
+CLAIMS_BESIDE_CONNECTION = (
+    "ce-queue-claims-2"  # the second claim lane (worker.CLAIM_LANES), opened in a backlog
+)
 OUTCOMES_CONNECTION = "ce-queue-outcomes"
 HEARTBEAT_CONNECTION = "ce-queue-heartbeat"
 LISTEN_CONNECTION = "ce-queue-listen"
@@ -116,7 +122,7 @@ class QueueSettings:
     """How a :class:`JobQueue` works. Times are in seconds."""
 
     concurrency: int = 10  # handlers running at once in this process
-    batch_size: int = 50  # most jobs one claim takes; also how many claimed jobs may wait locally
+    batch_size: int = 50  # most jobs one claim takes; quick jobs may wait locally up to twice that
     lease_seconds: float = 30.0  # a claimed job is taken back this long after its last heartbeat
     heartbeat_interval: float = 10.0  # how often the leases of held jobs are extended
     poll_interval: float = 1.0  # longest sleep between claims when no NOTIFY arrives
@@ -320,6 +326,17 @@ class Periodic:
         return PERIODIC_KEY_PREFIX + self.kind
 
 
+def _newest_attempts(done: Sequence[Outcome]) -> tuple[list[int], list[int]]:
+    """The ids and attempts of "done" outcomes, each job once at its newest attempt (``complete_jobs`` and
+    ``queue_claim`` look an id's attempt up by position). An older attempt of the same job cannot hold the row
+    any more (its lease ran out and this worker claimed the job again), so its "done" would change nothing."""
+    newest: dict[int, int] = {}
+    for o in done:
+        if newest.get(o.job_id, -1) < o.attempt:
+            newest[o.job_id] = o.attempt
+    return list(newest), list(newest.values())
+
+
 class SqlBackend:
     """What the worker runtime calls (:class:`workermod.Backend`): the queue's SQL and its outcome rules."""
 
@@ -347,12 +364,12 @@ class SqlBackend:
         self.completed_in: set[tuple[int, int]] = set()
         self._rng = random.Random()
         # Dedicated connections, not pool ones, so that API load starving the pool cannot starve job leases:
-        # the fetcher claims on one (claims must walk the ready index in order and stop after `limit` rows;
-        # with stale statistics, right after a bulk enqueue, the planner would rather sort the whole backlog,
-        # hence enable_sort off for each claim, SET LOCAL in its own transaction: a session SET would leak to
-        # the other clients of a transaction pooler), the flusher writes outcomes on one, the heartbeat extends
-        # leases on one.
+        # the fetcher claims on one (one call of schema.sql's queue_claim per batch, which sets enable_sort off
+        # for itself only: claims must walk the ready indexes in order, and nothing may stay on a pooler's
+        # server connection), the flusher writes outcomes on one, the heartbeat extends leases on one.
         self._claims = dbmod.DedicatedConnection(db, CLAIMS_CONNECTION)
+        # the second claim lane's (a backlog of quick jobs: two claims in flight at once), opened on first use
+        self._claims_beside = dbmod.DedicatedConnection(db, CLAIMS_BESIDE_CONNECTION)
         self._writes = dbmod.DedicatedConnection(db, OUTCOMES_CONNECTION)
         self._beats = dbmod.DedicatedConnection(db, HEARTBEAT_CONNECTION)
 
@@ -489,15 +506,15 @@ class SqlBackend:
             None,  # a periodic job is the engine's own, no owner's
         )
 
-    def claim_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
-        return self._claims.session()
+    def claim_session(self, lane: int) -> AbstractAsyncContextManager[dbmod.Conn]:
+        return (self._claims if lane == 0 else self._claims_beside).session()
 
     def write_session(self) -> AbstractAsyncContextManager[dbmod.Conn]:
         return self._writes.session()
 
     async def close(self) -> None:
         """Close the dedicated connections (the queue is stopped)."""
-        for dedicated in (self._claims, self._writes, self._beats):
+        for dedicated in (self._claims, self._claims_beside, self._writes, self._beats):
             await dedicated.close()
 
     def rides_along(self, outcome: Outcome) -> bool:
@@ -505,13 +522,11 @@ class SqlBackend:
 
     async def claim(self, session: dbmod.Conn, limit: int, done: Sequence[Outcome]) -> list[Job]:
         lease = self._settings.lease_seconds
-        done_ids = [o.job_id for o in done]
-        done_attempts = [o.attempt for o in done]
-        async with session.savepoint():  # a transaction of its own (the session is outside one)
-            await session.execute("claim_transaction_setup")
-            rows = await session.fetch(
-                "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
-            )
+        done_ids, done_attempts = _newest_attempts(done)
+        # one round trip: the statement is its own transaction (schema.sql, queue_claim)
+        rows = await session.fetch(
+            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
+        )
         jobs: list[Job] = []
         for row in rows:
             job = Job(
@@ -625,7 +640,7 @@ class SqlBackend:
         plain = [o for o in outcomes if o.state == "done" and o.periodic is None]
         other = [o for o in outcomes if o.state != "done" or o.periodic is not None]
         if plain:  # the common case gets the lean statement
-            await session.execute("complete_jobs", [o.job_id for o in plain], [o.attempt for o in plain])
+            await session.execute("complete_jobs", *_newest_attempts(plain))
         if not other:
             return False
         try:

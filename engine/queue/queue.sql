@@ -50,75 +50,13 @@ WITH inserted AS (
 )
 SELECT id, pg_notify($5, '') FROM inserted;
 
--- claim_transaction_setup --
--- First in each claiming transaction: prefer the ready index's order to sorting the backlog (stale statistics).
--- SET LOCAL ends with the transaction: a session SET would stay on a pooler's server connection for other clients.
-SET LOCAL enable_sort = off;
-
 -- claim_jobs --
--- Mark attempts ($5 ids, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease,
--- capped at $7[i] s after now for kind $4[i] (lease_cap: the kind's handler timeout and a margin).
--- One statement per batch: the outcomes of the previous batch ride along (fenced like complete_jobs). Expired
--- leases (a worker died) come first. Then ready jobs from the two orders (schema.sql, queue_jobs): owners' jobs
--- in start-tag order get what is left but up to half of it, which goes to the jobs in run_at order (without an
--- owner, scheduled, retried); either fills in for the other when it runs short. The run_at order is read (and
--- locked) for the whole batch and cut afterwards (a CTE keeps its rows' order): when owners' jobs take their
--- half, the rows cut stay locked until the claim commits, a moment. The rows are locked in the CTEs and updated
--- by primary key (an array, so the plan stays index lookups whatever the statistics say); an expired job
--- already at its last try is buried (dead) instead of claimed.
-WITH completed AS (
-    UPDATE queue_jobs AS j
-    SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
-    FROM unnest($5::bigint[], $6::integer[]) AS d (id, attempt)
-    WHERE j.id = ANY ($5::bigint[]) AND j.id = d.id AND j.attempt = d.attempt AND j.state = 'running'
-    RETURNING j.id
-), expired AS (
-    SELECT id
-    FROM queue_jobs
-    WHERE state = 'running' AND lease_expires_at < now() AND kind = ANY ($4::text[])
-      AND NOT (id = ANY ($5::bigint[]))  -- a row is changed once per statement: not both completed and claimed
-    ORDER BY lease_expires_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), due AS (
-    SELECT id
-    FROM queue_jobs
-    WHERE state = 'queued' AND fair_seq IS NULL AND run_at <= now() AND kind = ANY ($4::text[])
-    ORDER BY run_at, id
-    LIMIT greatest($1 - (SELECT count(*) FROM expired), 0)
-    FOR UPDATE SKIP LOCKED
-), fair AS (
-    SELECT id
-    FROM queue_jobs
-    WHERE state = 'queued' AND fair_seq IS NOT NULL AND kind = ANY ($4::text[])
-    ORDER BY fair_seq, id
-    -- all that is left but what the run_at order keeps: up to half of it, less when it has fewer ready
-    LIMIT greatest($1 - (SELECT count(*) FROM expired) - least(
-        (SELECT count(*) FROM due), ceil(($1 - (SELECT count(*) FROM expired)) / 2.0)), 0)
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE queue_jobs AS j
-SET state            = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
-                            THEN 'dead' ELSE 'running' END,
-    attempt          = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
-                            THEN j.attempt ELSE j.attempt + 1 END,
-    lease_expires_at = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
-                            THEN NULL
-                            ELSE now() + make_interval(secs => least($3, ($7::float8[])[array_position($4::text[], j.kind)])) END,
-    lease_cap        = now() + make_interval(secs => ($7::float8[])[array_position($4::text[], j.kind)]),
-    worker_id        = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
-                            THEN NULL ELSE $2 END,
-    finished_at      = CASE WHEN j.state = 'running' AND j.attempt - j.uncounted >= j.max_attempts
-                            THEN now() END,
-    last_error       = CASE WHEN j.state = 'running'
-                            THEN 'LeaseExpired: the worker running attempt ' || j.attempt || ' stopped renewing its lease'
-                            ELSE j.last_error END
-WHERE j.id = ANY (ARRAY(
-    SELECT id FROM expired
-    UNION ALL (SELECT id FROM due LIMIT greatest($1 - (SELECT count(*) FROM expired) - (SELECT count(*) FROM fair), 0))
-    UNION ALL SELECT id FROM fair))
-RETURNING j.id, j.kind, j.payload, j.state, j.attempt, j.attempt - j.uncounted AS tries, j.max_attempts,
-          j.dedupe_key, j.run_at, j.created_at;
+-- Mark attempts ($5 ids, each once, $6 attempts) done, then claim up to $1 jobs of kinds $4 for worker $2 with a $3 s lease (caps $7 s): schema.sql, queue_claim.
+-- One call, one round trip: the function holds the whole statement (the order of the claims, fairness, expired
+-- leases, burying a job whose lease expired on its last try) and its planner setting (enable_sort off, restored
+-- when it returns).
+SELECT id, kind, payload, state, attempt, tries, max_attempts, dedupe_key, run_at, created_at
+FROM queue_claim($1::integer, $2::text, $3::float8, $4::text[], $5::bigint[], $6::integer[], $7::float8[]);
 
 -- finish_jobs --
 -- Record many attempts' outcomes (state, retry delay, error, uncounted claims) at once, fenced on id, attempt and running.
@@ -144,11 +82,13 @@ WHERE j.id = ANY ($1::bigint[]) AND j.id = o.id AND j.attempt = o.attempt AND j.
 RETURNING j.id, j.dedupe_key;
 
 -- complete_jobs --
--- Mark many attempts done at once ($1 ids, $2 attempts), fenced on id, attempt and running: the worker's hot path.
+-- Mark many attempts done at once ($1 ids, each once, $2 attempts), fenced on id, attempt and running: the hot path.
+-- The attempt is looked up by position, not joined: the cached generic plan of a join compared every running row
+-- with every outcome (as schema.sql's queue_claim does for the outcomes riding on a claim).
 UPDATE queue_jobs AS j
 SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
-FROM unnest($1::bigint[], $2::integer[]) AS d (id, attempt)
-WHERE j.id = ANY ($1::bigint[]) AND j.id = d.id AND j.attempt = d.attempt AND j.state = 'running';
+WHERE j.id = ANY ($1::bigint[]) AND j.state = 'running'
+  AND j.attempt = ($2::integer[])[array_position($1::bigint[], j.id)];
 
 -- complete_job --
 -- Mark attempt $2 of job $1 done inside the caller's transaction; no row means this attempt no longer owns the job.

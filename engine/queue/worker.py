@@ -10,9 +10,17 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
     fetcher     claims up to ``batch_size`` jobs whenever the runners are short of work, then sleeps until a
                 NOTIFY, the next job comes due, or ``poll_interval`` (the polling fallback). It claims ahead
                 only what the runners should start soon: one job per free runner, plus what they finish within
-                PREFETCH_HORIZON at the mean run time seen so far (all of a batch for quick jobs, next to
-                nothing for slow ones), so that claimed jobs do not queue here behind busy runners while
-                other workers (and other owners' jobs) wait.
+                PREFETCH_HORIZON at the mean run time seen so far (up to two batches for quick jobs, next
+                to nothing for slow ones, one batch while no run time is known), so that claimed jobs do
+                not queue here behind busy runners while other workers (and other owners' jobs) wait.
+                Claimed jobs are counted as held from the moment their claim is sent (``_inflight``), so no
+                two claims ask for the same room.
+    fetcher-2   the second claim lane, for backlogs of quick jobs: while the fetcher's claim is in flight and
+                the last claim came back full, it sends the next claim beside it on a connection of its own,
+                so that one claim's round trip and statement overlap the next one's and the runners never
+                wait for a claim (one lane would leave them idle for a round trip per batch). It never claims
+                while the queue is drained (one job at a time, woken by NOTIFY: the fetcher alone) nor before
+                the jobs' run time is known; it does not poll.
     runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer, within the
                 backend's ``time_limit`` for it
     watchdog    cancels the runner of a job past its time limit (looking every WATCH_TICK, or a quarter of
@@ -29,7 +37,7 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
     listener    LISTEN on a dedicated connection, checked with SELECT 1 every ``listen_check_interval`` seconds
                 (:mod:`engine.liveness`); reconnects with backoff when it is lost or silent, then claims at once
 
-The fetcher and the flusher keep one connection (a backend *session*) across back-to-back statements and
+The fetchers and the flusher keep one connection (a backend *session*) across back-to-back statements and
 give it back when they go idle. The queue's backend makes each session, and the heartbeat's statement, use a
 dedicated connection outside the pool (:mod:`engine.queue`): requests exhausting the pool cannot starve claims,
 outcome writes or lease extensions.
@@ -39,7 +47,7 @@ restarted with capped exponential backoff, forever; any other exception is logge
 restarted, and after ``MAX_CRASHES`` consecutive crashes of one task the worker *fails*: it stops claiming,
 ``alive`` turns False and :meth:`Worker.drain` raises :class:`WorkerFailed`. Nothing dies silently.
 
-Shutdown order (:meth:`Worker.stop`, in a shielded task of its own): fetcher (no new claims) -> listener ->
+Shutdown order (:meth:`Worker.stop`, in a shielded task of its own): fetchers (no new claims) -> listener ->
 buffered jobs handed back -> runners get ``shutdown_timeout`` to finish, then are cancelled and their jobs
 handed back -> flusher writes everything left -> heartbeat (last, so leases hold until the final write).
 """
@@ -75,6 +83,7 @@ PREFETCH_HORIZON = 0.02  # seconds of work (at the mean run time) the fetcher cl
 RUN_TIME_WEIGHT = 0.2  # weight of the newest run in the mean run time (an exponential moving average)
 WATCH_TICK = 1.0  # seconds between the watchdog's looks at running jobs (less for shorter time limits)
 WATCH_TICK_MIN = 0.01
+CLAIM_LANES = 2  # claims in flight at once (the second lane only during a backlog of quick jobs)
 
 
 class WorkerFailed(errors.CredentialEngineError):
@@ -115,8 +124,9 @@ class Backend(Protocol[J, R, S]):
     """Storage and job semantics, supplied by the queue. ``R``: an outcome record the runtime only carries;
     ``S``: a session (one connection) that claim/finish/next_due run on."""
 
-    def claim_session(self) -> AbstractAsyncContextManager[S]:
-        """A connection for a streak of claims (and next_due)."""
+    def claim_session(self, lane: int) -> AbstractAsyncContextManager[S]:
+        """A connection for a streak of claims (and next_due) of claim lane ``lane`` (0 or 1, CLAIM_LANES):
+        each lane its own, so that two claims can be in flight at once."""
 
     def write_session(self) -> AbstractAsyncContextManager[S]:
         """A connection for a streak of outcome writes."""
@@ -179,7 +189,9 @@ class Worker(Generic[J, R, S]):
         self._name = name
         self._concurrency = concurrency
         self._batch_size = batch_size
-        self._capacity = concurrency + batch_size  # most jobs claimed and not finished: running + buffered
+        # most jobs claimed and not finished (running + buffered): room for one batch to be claimed while the
+        # runners work through the one before it, so that quick jobs never wait for a claim's round trip
+        self._capacity = concurrency + 2 * batch_size
         self._heartbeat_interval = heartbeat_interval
         self._poll_interval = poll_interval
         self._shutdown_timeout = shutdown_timeout
@@ -213,7 +225,9 @@ class Worker(Generic[J, R, S]):
         self._runners_idle.set()
         self._idle = asyncio.Event()  # last claim came back short and nothing is held
         self._drained = False
-        self._claiming = False
+        self._claiming = 0  # claims in flight
+        self._inflight = 0  # jobs the claims in flight asked for (room they may fill)
+        self._lane_wanted = asyncio.Event()  # fetcher-2: the fetcher sent a claim (a backlog may be on)
         self._last_claim = -1.0  # loop time the last claim returned
         self._epoch = 0  # counts claims and writes, so drain() can tell that nothing moved while it looked
 
@@ -249,6 +263,7 @@ class Worker(Generic[J, R, S]):
         if self._listen:
             self._spawn("listener", self._listener)
         self._spawn("fetcher", self._fetcher)
+        self._spawn("fetcher-2", self._fetcher_beside)
         log.info(
             "queue_worker_started", worker=self._name, concurrency=self._concurrency, listen=self._listen
         )
@@ -276,8 +291,10 @@ class Worker(Generic[J, R, S]):
     async def _shutdown(self) -> None:
         self._wakeup.set()
         self._room.set()
+        self._lane_wanted.set()
         self._idle.set()  # a drain() in progress wakes up and raises EngineClosed
         await self._join("fetcher", self._shutdown_timeout)
+        await self._join("fetcher-2", self._shutdown_timeout)
         await self._cancel("listener")
         while not self._buffer.empty():  # claimed, never started
             job = self._buffer.get_nowait()
@@ -386,20 +403,23 @@ class Worker(Generic[J, R, S]):
         self._idle.set()  # wake drain() so it raises
         self._wakeup.set()
         self._room.set()
+        self._lane_wanted.set()
 
     # ---------------------------------------------------------------- fetcher
 
     def _want(self) -> int:
         """How many jobs to claim now (0: wait for room)."""
-        buffered = self._buffer.qsize()
-        room = self._capacity - buffered - len(self._running)
-        if room <= 0 or buffered >= self._concurrency or len(self._pending) >= FLUSH_CHUNK:
+        held = self._buffer.qsize() + self._inflight  # waiting here, or asked for by a claim in flight
+        room = self._capacity - held - len(self._running)
+        if room <= 0 or len(self._pending) >= FLUSH_CHUNK:
             return 0
-        if buffered and room < self._batch_size // 2:
+        if held >= self._concurrency and self._mean_run <= 0:
+            return 0  # how long jobs take is not known yet: no claim behind a full round of the runners
+        if held and room < self._batch_size // 2:
             return 0  # runners still have work: wait until a worthwhile batch fits
         ahead = self._ahead()
-        want = min(room, self._batch_size, ahead - buffered)
-        if buffered and want < max(1, min(ahead, self._batch_size) // 2):
+        want = min(room, self._batch_size, ahead - held)
+        if held and want < max(1, min(ahead, self._batch_size) // 2):
             return 0  # ... and not one job at a time either: until half of what is worth holding is gone
         return max(0, want)
 
@@ -410,11 +430,17 @@ class Worker(Generic[J, R, S]):
         if self._stalled:
             return free
         if self._mean_run <= 0:
-            return self._capacity
+            return (
+                self._concurrency + self._batch_size
+            )  # nothing known yet: one batch, none claimed behind it
         return free + min(self._capacity, int(self._concurrency * PREFETCH_HORIZON / self._mean_run))
 
     def _claiming_allowed(self) -> bool:
         return not self._stopping and self._failed is None
+
+    def _backlog(self) -> bool:
+        """Whether the second lane may claim: a claim is in flight and the last one came back full."""
+        return self._claiming > 0 and not self._drained
 
     async def _fetcher(self) -> None:
         while self._claiming_allowed():
@@ -422,7 +448,7 @@ class Worker(Generic[J, R, S]):
                 self._room.clear()
                 await self._room.wait()
                 continue
-            async with self._backend.claim_session() as session:
+            async with self._backend.claim_session(0) as session:
                 dry, due = await self._claim_streak(session)
             if not dry or not self._claiming_allowed():
                 continue
@@ -431,9 +457,22 @@ class Worker(Generic[J, R, S]):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
 
-    async def _claim_streak(self, session: S) -> tuple[bool, float | None]:
-        """Claim on one connection while there is work and room. Returns (ran dry, seconds to next due job)."""
+    async def _fetcher_beside(self) -> None:
+        """The second claim lane: claims beside the fetcher's claim in flight while there is a backlog."""
         while self._claiming_allowed():
+            if not self._backlog() or self._want() == 0:
+                self._lane_wanted.clear()
+                await self._lane_wanted.wait()
+                continue
+            async with self._backend.claim_session(1) as session:
+                await self._claim_streak(session, beside=True)
+
+    async def _claim_streak(self, session: S, *, beside: bool = False) -> tuple[bool, float | None]:
+        """Claim on one connection while there is work and room. Returns (ran dry, seconds to next due job).
+        ``beside``: the second lane, which claims only beside a claim in flight (:meth:`_backlog`)."""
+        while self._claiming_allowed():
+            if beside and not self._backlog():
+                return False, None
             want = self._want()
             if want == 0:
                 self._room.clear()
@@ -445,8 +484,11 @@ class Worker(Generic[J, R, S]):
                 continue
             self._wakeup.clear()  # before the claim: a NOTIFY arriving during it triggers another one
             self._epoch += 1
-            self._claiming = True
+            self._claiming += 1
+            self._inflight += want
             self._idle.clear()
+            if not beside:
+                self._lane_wanted.set()  # the second lane may claim beside this one
             riders = self._take(riders=True)
             try:
                 jobs = await self._backend.claim(session, want, [outcome for _, outcome in riders])
@@ -454,7 +496,8 @@ class Worker(Generic[J, R, S]):
                 self._pending[:0] = riders  # not written: the flusher (or the next claim) tries again
                 raise
             finally:
-                self._claiming = False
+                self._claiming -= 1
+                self._inflight -= want
                 self._last_claim = asyncio.get_running_loop().time()
             claimed_at = asyncio.get_running_loop().time()
             for job in jobs:
@@ -465,6 +508,8 @@ class Worker(Generic[J, R, S]):
             self._written(riders)  # after the new jobs are held: idle must not be seen in between
             if self._drained:
                 self._check_idle()
+                if beside:
+                    return True, None  # the fetcher looks for the next due job and sleeps
                 return True, await self._backend.next_due(session)
         return False, None
 

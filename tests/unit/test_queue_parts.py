@@ -114,7 +114,6 @@ def test_queue_sql_blocks_are_named_and_described() -> None:
         "enqueue_job",
         "enqueue_many",
         "ensure_periodic",
-        "claim_transaction_setup",
         "claim_jobs",
         "finish_jobs",
         "complete_jobs",

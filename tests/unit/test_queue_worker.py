@@ -63,8 +63,8 @@ class FakeBackend:
         return ("done", job.id)
 
     @contextlib.asynccontextmanager
-    async def claim_session(self) -> AsyncIterator[str]:
-        yield "claim-conn"
+    async def claim_session(self, lane: int) -> AsyncIterator[str]:
+        yield f"claim-conn-{lane}"
 
     @contextlib.asynccontextmanager
     async def write_session(self) -> AsyncIterator[str]:
@@ -202,6 +202,7 @@ async def test_tasks_are_named_and_owned() -> None:
     names = {t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("queue:")}
     assert names == {
         "queue:w:fetcher",
+        "queue:w:fetcher-2",
         "queue:w:flusher",
         "queue:w:heartbeat",
         "queue:w:listener",
@@ -487,3 +488,83 @@ async def test_slow_jobs_are_not_claimed_far_ahead_of_the_runners() -> None:
         await w.stop()
     assert backend.claims[0] == 20  # nothing known yet: a whole batch
     assert max(backend.claims[2:]) <= 4  # then free runners plus what they finish within the horizon
+
+
+class ClaimTracker:
+    """Wraps FakeBackend.claim with a round trip's wait; records the sessions used and the most claims in flight."""
+
+    def __init__(self, backend: FakeBackend, round_trip: float = 0.005) -> None:
+        self.original = backend.claim
+        self.round_trip = round_trip
+        self.in_flight = 0
+        self.peak = 0
+        self.sessions: set[str] = set()
+        self.started_beside: list[bool] = []  # per claim: another claim was in flight when it was sent
+        backend.claim = self.claim  # type: ignore[method-assign]
+
+    async def claim(self, session: str, limit: int, done: Sequence[Outcome]) -> list[FakeJob]:
+        self.started_beside.append(self.in_flight > 0)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.sessions.add(session)
+        try:
+            await asyncio.sleep(self.round_trip)
+            return await self.original(session, limit, done)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_backlog_of_quick_jobs_has_two_claims_in_flight() -> None:
+    """Quick jobs in a backlog: the second lane sends a claim while the fetcher's is in flight, each on its own
+    session, so the runners do not wait a round trip per batch; every job runs once, every outcome written once
+    (issue 14: one claim in flight at a time left the worker idle while PostgreSQL answered)."""
+    backend = FakeBackend(jobs=400)
+    tracker = ClaimTracker(backend)
+    w = make_worker(backend, concurrency=4, batch_size=10)
+    w.start()
+    try:
+        assert await w.drain(timeout=10) == 400
+    finally:
+        await w.stop()
+    assert tracker.peak == 2 and tracker.sessions == {"claim-conn-0", "claim-conn-1"}
+    assert sorted(backend.written) == [("done", i) for i in range(400)]
+    assert max(backend.claims) == 10
+
+
+async def test_jobs_arriving_one_at_a_time_use_one_claim_lane() -> None:
+    """No backlog (each claim comes back short): the fetcher alone claims, one claim at a time, and the second
+    lane's connection is never asked for."""
+    backend = FakeBackend(jobs=0)
+    tracker = ClaimTracker(backend)
+    w = make_worker(backend, concurrency=4, batch_size=10)
+    w.start()
+    try:
+        for i in range(5):
+            backend.ready.append(FakeJob(i))
+            w.wake()
+            await eventually(lambda i=i: ("done", i) in backend.written)  # type: ignore[misc]
+    finally:
+        await w.stop()
+    assert tracker.peak == 1 and tracker.sessions == {"claim-conn-0"}
+
+
+async def test_the_second_lane_waits_for_the_run_time_of_the_first_jobs() -> None:
+    """Slow jobs: nothing is claimed beside the first claim before a run time is known, and afterwards the two
+    lanes together still claim no more than the free runners and the horizon allow."""
+    backend = FakeBackend(jobs=40)
+    tracker = ClaimTracker(backend, round_trip=0.01)
+
+    async def slow(job: FakeJob) -> Outcome:
+        await asyncio.sleep(0.05)
+        return ("done", job.id)
+
+    backend.run = slow
+    w = make_worker(backend, concurrency=2, batch_size=20)
+    w.start()
+    try:
+        assert await w.drain(timeout=10) == 40
+    finally:
+        await w.stop()
+    assert backend.claims[0] == 20
+    assert not tracker.started_beside[1]  # the first batch's run time was not known: no claim beside it
+    assert max(backend.claims[1:]) <= 4
