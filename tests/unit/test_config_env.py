@@ -9,6 +9,7 @@ show what the engine's own frames hold.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import traceback
 import typing
 from collections.abc import Iterator, Mapping
@@ -490,10 +492,8 @@ def test_a_secret_pasted_into_its_file_variable_is_never_quoted(cls: type, varia
 
 def _unblock_fifo(path: Path) -> None:
     """Open ``path`` for writing and close it, so a reader blocked in open() sees end of file."""
-    try:
+    with contextlib.suppress(OSError):  # no reader is waiting
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:
-        pass  # no reader is waiting
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
@@ -501,8 +501,6 @@ def test_a_secret_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path
     """A <VAR>_FILE naming a named pipe (or a device such as /dev/stdin) would block the start in open() or
     read() until a writer came: every wait has a bound. It is refused at once, naming the variable; a symlink
     to a regular file (Kubernetes' secret volumes) still works."""
-    import threading
-
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     outcome: list[BaseException | None] = []
@@ -511,7 +509,7 @@ def test_a_secret_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path
         try:
             ApiConfig.from_env({"ENGINE_API_JWT_SECRET_FILE": str(fifo)})
             outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=load, daemon=True)
