@@ -19,7 +19,8 @@ its own section's variables. :func:`build` reads them and converts each value by
 
 An empty variable is the same as an unset one. A secret field (the DSNs, the JWT secret) may instead be
 given as ``<VAR>_FILE``, the name of a file holding it (Docker and Kubernetes secrets): its content, a
-trailing newline stripped; both set, an unreadable, empty or oversized file is an error naming the variable.
+trailing newline stripped (symlinks followed; a pipe or a device is refused at once rather than waited on); both
+set, an unreadable, empty or oversized file is an error naming the variable but never quoting its text.
 Every error is an :class:`errors.ConfigurationError` whose ``field`` is the variable and whose message says
 what is wrong; no message quotes a value (a value may be a secret, or pasted in the wrong variable).
 
@@ -34,6 +35,8 @@ import dataclasses
 import enum
 import ipaddress
 import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -94,6 +97,8 @@ def settings_view(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _mask_for(variable: str) -> type[SecretText] | None:
+    if variable.endswith(FILE_SUFFIX) and variable[: -len(FILE_SUFFIX)] in SECRET_VARIABLES:
+        return SecretText  # a file's name, but a secret pasted into it must not show either
     wrap = SECRET_VARIABLES.get(variable)
     if wrap is None and any(part in variable.upper() for part in _SECRET_NAME_PARTS):
         wrap = SecretText
@@ -291,22 +296,37 @@ def read(env: Mapping[str, str], variable: Variable) -> str | None:
         raise errors.ConfigurationError(
             f"{variable.name} and {file_variable} are both set: give one of them", field=file_variable
         )
-    path = Path(env[file_variable])
-    text, reason = _read_secret_file(path)
+    # the variable's text is never quoted: a secret pasted into the wrong variable would show in the message
+    text, reason = _read_secret_file(SecretText(env[file_variable]))
     if text is None:
-        raise errors.ConfigurationError(f"{file_variable}: the file {path} {reason}", field=file_variable)
+        raise errors.ConfigurationError(f"{file_variable}: the file it names {reason}", field=file_variable)
     wrap = _mask_for(variable.name) or SecretText
     return wrap(text)
 
 
-def _read_secret_file(path: Path) -> tuple[str | None, str]:
+def _read_secret_file(path: SecretText) -> tuple[str | None, str]:
     """(the file's text, trailing newline stripped; or None and why not). The caller raises, so no frame of
-    the traceback holds the content."""
+    the traceback holds the content.
+
+    Symlinks are followed (Kubernetes' secret volumes are symlinks), but the file must be a regular file:
+    it is opened without blocking and checked before it is read, so a named pipe or a device (``/dev/stdin``)
+    is refused at once instead of holding the start until a writer comes (every wait has a bound).
+    """
     try:
-        with open(path, "rb") as handle:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "cannot be read (not a regular file)"
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1  # the file object closes it
             data = handle.read(MAX_SECRET_FILE_BYTES + 1)
     except OSError as exc:
         return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if len(data) > MAX_SECRET_FILE_BYTES:
         return None, f"is larger than {MAX_SECRET_FILE_BYTES} bytes"
     try:

@@ -288,6 +288,10 @@ class EventBus:
                 row = await self._db.fetchrow(
                     "events_passed_after", self._cursor[0], self._cursor[1], IDLE_BATCH
                 )
+                if self._subs:
+                    # a listener subscribed while the statement was on its way: its snapshot may hold events
+                    # committed after that listener read its state (a lease's revocation); read them instead
+                    break
                 passed = 0 if row is None else int(row["n"])
                 if row is not None:
                     self._cursor = (int(row["txid"]), int(row["position"]))

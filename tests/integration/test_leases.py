@@ -504,3 +504,51 @@ async def test_a_process_without_leases_leaves_the_bus_idle(
         await eng.revoke_credential(OWNER, cred.credential_id)
         await asyncio.wait_for(lease.wait_revoked(), 10)
     await until(lambda: not eng.bus.listening)
+
+
+class _GatedPasses:
+    """The bus's database, whose next idle cursor move ("events_passed_after") waits for the test: a seam to
+    run a lease's opening and a revocation while that statement is on its way to the server."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.armed = True
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query == "events_passed_after" and self.armed:
+            self.armed = False
+            self.entered.set()
+            async with asyncio.timeout(10):
+                await self.release.wait()
+        return await self._db.fetchrow(query, *args, **kwargs)
+
+
+async def test_a_revocation_while_the_idle_bus_moves_its_cursor_reaches_the_new_lease(
+    make_engine: Callable[..., Awaitable[CredentialEngine]], fake: FakeVenue
+) -> None:
+    """Race: a bus without listeners moves its cursor past events reading no data. When the first lease
+    subscribes while such a move is on its way, and the credential is revoked after the lease read it, the
+    move must not pass the revocation unseen: the lease is revoked at once, not only at the next periodic
+    re-check (here 10 minutes away)."""
+    eng = await make_engine(key_lease_recheck_interval=600.0)
+    cred = await verified(eng, fake)
+    bus: Any = eng.bus
+    assert not bus._subs  # nothing listens: the bus moves its cursor without reading events
+    gate = _GatedPasses(bus._db)
+    bus._db = gate
+    try:
+        bus.poke()
+        async with asyncio.timeout(10):
+            await gate.entered.wait()
+        async with eng.lease_keys(OWNER, cred.credential_id, purpose="race") as lease:
+            await eng.revoke_credential(OWNER, cred.credential_id)
+            gate.release.set()
+            await until(lambda: lease.revoked, timeout=5.0)
+    finally:
+        gate.release.set()
+        bus._db = gate._db

@@ -9,6 +9,7 @@ show what the engine's own frames hold.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import traceback
 import typing
 from collections.abc import Iterator, Mapping
@@ -468,3 +470,63 @@ def test_console_script_reports_a_bad_secret_file_without_a_traceback(tmp_path: 
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "DATABASE_URL_FILE" in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("cls", "variable"),
+    [(c, v) for c, v in secret_variables() if v.file_variable],
+    ids=lambda x: getattr(x, "name", ""),
+)
+def test_a_secret_pasted_into_its_file_variable_is_never_quoted(cls: type, variable: Variable) -> None:
+    """Canary: the secret itself given as <VAR>_FILE (pasted into the wrong variable) is no file; the error
+    names the variable but never quotes its text (the "path"), in the message or in a traceback's locals."""
+    assert variable.file_variable is not None
+    secret, canary = secret_sample(variable)
+    with pytest.raises(errors.ConfigurationError) as caught:
+        from_env(cls, {**base_env(variable), variable.file_variable: secret})
+    assert caught.value.field == variable.file_variable
+    assert "cannot be read" in caught.value.message
+    assert canary not in caught.value.message and canary not in str(caught.value)
+    assert canary not in engine_frames(caught.value)
+
+
+def _unblock_fifo(path: Path) -> None:
+    """Open ``path`` for writing and close it, so a reader blocked in open() sees end of file."""
+    with contextlib.suppress(OSError):  # no reader is waiting
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_secret_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    """A <VAR>_FILE naming a named pipe (or a device such as /dev/stdin) would block the start in open() or
+    read() until a writer came: every wait has a bound. It is refused at once, naming the variable; a symlink
+    to a regular file (Kubernetes' secret volumes) still works."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            ApiConfig.from_env({"ENGINE_API_JWT_SECRET_FILE": str(fifo)})
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    blocked = worker.is_alive()
+    while worker.is_alive():
+        _unblock_fifo(fifo)
+        worker.join(timeout=0.1)
+    assert not blocked, "reading a named pipe as a secret file blocked"
+    assert outcome and isinstance(outcome[0], errors.ConfigurationError)
+    assert outcome[0].field == "ENGINE_API_JWT_SECRET_FILE"
+    assert "not a regular file" in outcome[0].message
+
+    target = tmp_path / "real"
+    target.write_text(JWT_SECRET + "\n", encoding="utf-8")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    config = ApiConfig.from_env({"ENGINE_API_JWT_SECRET_FILE": str(link)})
+    assert config.jwt_secret == JWT_SECRET
