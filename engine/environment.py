@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import ipaddress
 import math
 import os
@@ -59,6 +60,7 @@ __all__ = [
     "construct",
     "parse_bool",
     "read",
+    "read_regular_file",
     "setting",
     "settings_view",
     "variables",
@@ -304,29 +306,30 @@ def read(env: Mapping[str, str], variable: Variable) -> str | None:
     return wrap(text)
 
 
-def _read_secret_file(path: SecretText) -> tuple[str | None, str]:
-    """(the file's text, trailing newline stripped; or None and why not). The caller raises, so no frame of
-    the traceback holds the content.
-
-    Symlinks are followed (Kubernetes' secret volumes are symlinks), but the file must be a regular file:
-    it is opened without blocking and checked before it is read, so a named pipe or a device (``/dev/stdin``)
-    is refused at once instead of holding the start until a writer comes (every wait has a bound).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of the regular file at ``path`` (symlinks followed). It is opened without
+    blocking and checked before it is read, so a named pipe or a device (``/dev/stdin``) is refused at once
+    (:class:`OSError` "not a regular file") instead of holding the start until a writer comes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "cannot be read (not a regular file)"
+            raise OSError(errno.EINVAL, "not a regular file")
         with os.fdopen(fd, "rb") as handle:
             fd = -1  # the file object closes it
-            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+            return handle.read(limit + 1)
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _read_secret_file(path: SecretText) -> tuple[str | None, str]:
+    """(the file's text, trailing newline stripped; or None and why not). The caller raises, so no frame of
+    the traceback holds the content. Symlinks are followed (Kubernetes' secret volumes are symlinks), but the
+    file must be a regular file (:func:`read_regular_file`)."""
+    try:
+        data = read_regular_file(path, MAX_SECRET_FILE_BYTES)
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
     if len(data) > MAX_SECRET_FILE_BYTES:
         return None, f"is larger than {MAX_SECRET_FILE_BYTES} bytes"
     try:

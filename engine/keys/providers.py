@@ -187,9 +187,9 @@ class KmsSettings:
             text = self.ciphertext
         else:
             assert self.ciphertext_file is not None
-            try:
-                with open(self.ciphertext_file, encoding="ascii", errors="replace") as handle:
-                    text = handle.read(MAX_CIPHERTEXT_TEXT + 1)
+            try:  # a regular file only: a named pipe or a device is refused at once, never waited on
+                data = environment.read_regular_file(self.ciphertext_file, MAX_CIPHERTEXT_TEXT)
+                text = data.decode("ascii", errors="replace")
             except OSError as exc:
                 raise errors.ConfigurationError(
                     f"{self.setting}: cannot read it ({exc.strerror or type(exc).__name__})",

@@ -530,3 +530,32 @@ def test_a_secret_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path
     link.symlink_to(target)
     config = ApiConfig.from_env({"ENGINE_API_JWT_SECRET_FILE": str(link)})
     assert config.jwt_secret == JWT_SECRET
+
+
+def test_a_kms_ciphertext_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    """ENGINE_MASTER_KEYS_KMS_FILE is read when the engine opens (inside its event loop): a named pipe there
+    would stall the start, so it is refused at once like the secret files, naming the variable."""
+    from engine.keys import KmsSettings
+
+    fifo = tmp_path / "kms-pipe"
+    os.mkfifo(fifo)
+    settings = KmsSettings(ciphertext_file=fifo)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            settings.blob()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    blocked = worker.is_alive()
+    while worker.is_alive():
+        _unblock_fifo(fifo)
+        worker.join(timeout=0.1)
+    assert not blocked, "reading a named pipe as the KMS ciphertext file blocked"
+    assert outcome and isinstance(outcome[0], errors.ConfigurationError)
+    assert "not a regular file" in outcome[0].message and outcome[0].field == "ENGINE_MASTER_KEYS_KMS_FILE"
