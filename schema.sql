@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS credentials (
 ALTER TABLE credentials ADD COLUMN IF NOT EXISTS pinned_venue_account_id text;
 UPDATE credentials SET pinned_venue_account_id = venue_account_id
 WHERE pinned_venue_account_id IS NULL AND venue_account_id IS NOT NULL;
+-- A credential minted through a BROKER credential: its parent and sub-account, as broker_links holds them (set
+-- with the row, never changed; the credential object shows them as mintedFrom). Databases made before: added,
+-- then filled from broker_links once that table exists (below).
+ALTER TABLE credentials ADD COLUMN IF NOT EXISTS minted_from_id uuid;
+ALTER TABLE credentials ADD COLUMN IF NOT EXISTS minted_sub_account text;
 
 CREATE OR REPLACE FUNCTION credential_pinned_account_is_final() RETURNS trigger AS $$
 BEGIN
@@ -384,6 +389,10 @@ CREATE TABLE IF NOT EXISTS broker_links (
     created_at     timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS broker_links_sub ON broker_links (parent_id, sub_account);
+-- Credentials minted before credentials.minted_from_id existed. Repeating this changes nothing.
+UPDATE credentials c SET minted_from_id = l.parent_id, minted_sub_account = l.sub_account
+FROM broker_links l
+WHERE l.credential_id = c.id AND c.minted_from_id IS NULL;
 
 -- One venue operation of a minted credential, recorded before the venue is called: MINT (its first key) or
 -- ROTATE (a new key staged as a rotation). OPEN: the venue may be creating a key; STAGED: the new key is the

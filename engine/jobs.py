@@ -52,6 +52,7 @@ from engine.payloads import (
 )
 from engine.store import Store
 from venues.base import MAX_SEQUENTIAL_REQUESTS, ApiKeys, Probe, ProbeFailure, ProbeResult, Venue
+from venues.subaccounts import MAX_DISCOVERY_REQUESTS
 
 log = structlog.get_logger("engine.jobs")
 
@@ -87,10 +88,11 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def handler_timeouts(config: EngineConfig) -> dict[str, float]:
-    """The timeout of each lifecycle job kind: a probing job is bounded by its requests (at most
-    ``MAX_SEQUENTIAL_REQUESTS`` of ``probe_timeout`` one after another) plus ``PROBE_JOB_MARGIN``; the others
-    get ``job_timeout``. ``config.job_timeouts`` overrides either."""
-    probing = config.probe_timeout * MAX_SEQUENTIAL_REQUESTS + PROBE_JOB_MARGIN
+    """The timeout of each lifecycle job kind: a probing job is bounded by its requests (the probe's at most
+    ``MAX_SEQUENTIAL_REQUESTS``, then for a BROKER key the discovery's at most ``MAX_DISCOVERY_REQUESTS``, each
+    bounded by ``probe_timeout``, one after another) plus ``PROBE_JOB_MARGIN``; the others get ``job_timeout``.
+    ``config.job_timeouts`` overrides either."""
+    probing = config.probe_timeout * (MAX_SEQUENTIAL_REQUESTS + MAX_DISCOVERY_REQUESTS) + PROBE_JOB_MARGIN
     timeouts = {VERIFY: probing, ROTATION_VERIFY: probing}
     for kind in (REVOKE_CASCADE, REVERIFY_SWEEP, PURGE_JOBS, EXPIRY_WARNING):
         timeouts[kind] = config.job_timeout

@@ -54,6 +54,17 @@ class PendingRotation:
 
 
 @dataclass(frozen=True, slots=True)
+class MintedFrom:
+    """Where a minted credential's keys come from: its BROKER parent credential and the parent's sub-account."""
+
+    parent_credential_id: uuid.UUID
+    sub_account: str
+
+    def public_dict(self) -> dict[str, Any]:
+        return {"parentCredentialId": str(self.parent_credential_id), "subAccount": self.sub_account}
+
+
+@dataclass(frozen=True, slots=True)
 class Credential:
     """A stored credential as callers see it: the fields of docs/api-dialect.md §4 plus what verification found."""
 
@@ -78,6 +89,8 @@ class Credential:
     # the venue account of the first successful verification, never changed: every later verification or
     # rotation must reach this account (ACCOUNT_MISMATCH otherwise). None until the first verification.
     pinned_venue_account_id: str | None = None
+    # a credential minted through a BROKER credential (mint_credential): that parent and the sub-account
+    minted_from: MintedFrom | None = None
 
     def public_dict(self) -> dict[str, Any]:
         """camelCase, ms timestamps: the shape events, webhooks and the REST API share."""
@@ -110,6 +123,7 @@ class Credential:
             "updatedAt": self.updated_at_ms,
             "verifiedAt": self.verified_at_ms,
             "revokedAt": self.revoked_at_ms,
+            "mintedFrom": self.minted_from.public_dict() if self.minted_from else None,
         }
 
 

@@ -24,6 +24,7 @@ from engine.models import (
     Credential,
     CredentialStatus,
     CredentialType,
+    MintedFrom,
     Page,
     PendingRotation,
     TradingAccount,
@@ -73,6 +74,11 @@ def credential_from_row(row: Record) -> Credential:
         pending_rotation=pending,
         warnings=tuple(row["warnings"] or ()),
         pinned_venue_account_id=row.get("pinned_venue_account_id"),
+        minted_from=(
+            MintedFrom(row["minted_from_id"], str(row["minted_sub_account"]))
+            if row.get("minted_from_id") is not None
+            else None
+        ),
     )
 
 

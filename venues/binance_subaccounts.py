@@ -31,6 +31,9 @@ IP_RESTRICTION_PATH = "/sapi/v2/broker/subAccountApi/ipRestriction"
 CREATE_WEIGHT = 8.0  # IP weight of the create call (docs/venues.md §1.10); the others are undocumented: 1
 PAGE_SIZE = 500  # subAccountApi: size default and maximum
 MAX_PAGES = 20
+# the most requests list_sub_accounts and can_manage_keys make one after another (venues.subaccounts): every
+# page, then two more; each may be resynced and sent again
+DISCOVERY_REQUESTS = 3 * (MAX_PAGES + 2)
 # Codes met on these endpoints, where they mean something else than on the probe's (docs/venues.md §1.10)
 _CODES: dict[str, tuple[base.Outcome, str]] = {
     "-1002": (base.Outcome.PERMISSION_DENIED, "not authorized: not a Binance Link master key with 'trade'"),

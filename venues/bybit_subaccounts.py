@@ -28,6 +28,9 @@ SUB_APIKEYS_PATH = "/v5/user/sub-apikeys"
 DELETE_SUB_API_PATH = "/v5/user/delete-sub-api"
 PAGE = 20  # sub-apikeys: limit 1..20
 MAX_PAGES = 50  # 1000 keys: a bound on one listing (a sub UID has far fewer)
+# the most requests list_sub_accounts and can_manage_keys make one after another (venues.subaccounts): one
+# each; each may be resynced and sent again
+DISCOVERY_REQUESTS = 3 * 2
 MASTER_PERMISSIONS = ("AccountTransfer", "SubMemberTransfer", "Withdraw")  # query-api's Wallet names
 # What a trading key gets: every trading group, never a Wallet permission (no transfer, no withdrawal)
 TRADE_PERMISSIONS: Mapping[str, list[str]] = {

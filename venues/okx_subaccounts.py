@@ -25,6 +25,11 @@ LIST_PATH = "/api/v5/users/subaccount/list"
 APIKEY_PATH = "/api/v5/users/subaccount/apikey"
 DELETE_PATH = "/api/v5/users/subaccount/delete-apikey"
 MAX_IPS = 20  # docs/venues.md §2.10
+PAGE_SIZE = 100  # subaccount/list: limit maximum (docs/venues.md §2.10)
+MAX_PAGES = 20  # 2,000 sub-accounts: a bound on one listing, so that a verification's requests are bounded
+# the most requests list_sub_accounts and can_manage_keys make one after another (venues.subaccounts): every
+# page, then account/config; each may be resynced and sent again
+DISCOVERY_REQUESTS = 3 * (MAX_PAGES + 1)
 MAX_LABEL = 50  # a bound of ours: OKX does not document the label's length
 PASSPHRASE_LENGTH = 24  # within OKX's 8..32
 _SPECIAL = "!@#$%^&*-_=+"
@@ -135,8 +140,10 @@ class OkxSubAccountKeys(http.VenueProbe):
     async def list_sub_accounts(self, master: base.ApiKeys) -> tuple[SubAccount, ...]:
         found: list[SubAccount] = []
         after: str | None = None
-        while True:  # newest first, 100 a page; "after" pages to older ones (docs/venues.md §2.10)
-            query = {"limit": "100"} | ({"after": after} if after else {})
+        for _ in range(
+            MAX_PAGES
+        ):  # newest first, 100 a page; "after" pages to older ones (docs/venues.md §2.10)
+            query = {"limit": str(PAGE_SIZE)} | ({"after": after} if after else {})
             reply = await self._request(master, "GET", f"{LIST_PATH}?{urlencode(query)}")
             rows = self._rows(reply)
             try:
@@ -147,9 +154,14 @@ class OkxSubAccountKeys(http.VenueProbe):
             except (KeyError, TypeError, ValueError):
                 raise self.malformed(reply) from None
             found.extend(sub for sub in page if sub not in found)
-            if len(rows) < 100 or oldest is None:
+            if len(rows) < PAGE_SIZE or oldest is None:
                 return tuple(found)
             after = str(oldest)
+        raise base.ProbeFailure(
+            base.Outcome.ACCOUNT_RESTRICTED,
+            f"OKX listed more than {PAGE_SIZE * MAX_PAGES} sub-accounts: more than the engine reads in one "
+            "verification",
+        )
 
     async def create_key(self, master: base.ApiKeys, sub_id: str, grant: KeyGrant) -> MintedKey:
         _check_sub_id(sub_id)

@@ -24,6 +24,16 @@ if TYPE_CHECKING:
     from venues.limits import IpBudgets
 
 
+# The most requests one BROKER discovery (``list_sub_accounts``, then ``can_manage_keys``) makes one after another,
+# each bounded by the request timeout: a verification of a BROKER key makes them after its probe's
+# (venues.base.MAX_SEQUENTIAL_REQUESTS), and the engine bounds the job by both. Each venue module states its own
+# count as ``DISCOVERY_REQUESTS`` (a test keeps this the largest): Binance lists up to 20 pages of the broker's
+# sub-accounts, then reads the key's restrictions and a one-row listing; OKX lists up to 20 pages, then reads
+# account/config; Bybit reads query-sub-members, then query-api. Every one of those requests may be refused for
+# the clock, the clock resynced and the request sent again: 3 each. Binance: 3 x (20 + 2) = 66.
+MAX_DISCOVERY_REQUESTS = 66
+
+
 class GrantProblem(ValueError):
     """A :class:`KeyGrant` (or a sub-account id) the venue cannot accept, found before any request: names the field.
 

@@ -164,6 +164,7 @@ SCHEMAS: dict[str, Schema] = {
             "updatedAt",
             "verifiedAt",
             "revokedAt",
+            "mintedFrom",
         ],
         "properties": {
             "credentialId": UUID,
@@ -186,6 +187,17 @@ SCHEMAS: dict[str, Schema] = {
             "updatedAt": MS,
             "verifiedAt": nullable("integer"),
             "revokedAt": nullable("integer"),
+            "mintedFrom": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "description": "a credential minted through a BROKER credential: its parent and sub-account",
+                        "required": ["parentCredentialId", "subAccount"],
+                        "properties": {"parentCredentialId": UUID, "subAccount": {"type": "string"}},
+                    },
+                    {"type": "null"},
+                ]
+            },
         },
     },
     "TradingAccount": {

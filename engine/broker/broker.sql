@@ -10,8 +10,8 @@ WITH room AS (
            OR (SELECT count(*) FROM credentials WHERE owner_id = $2 AND status <> 'REVOKED') < $5 AS ok
 ), written AS (
     INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
-                             secret_version, event_seq)
-    SELECT $1, $2, $3, 'EXCHANGE', $4, '', 'PENDING', 1, 1 FROM room WHERE room.ok
+                             secret_version, event_seq, minted_from_id, minted_sub_account)
+    SELECT $1, $2, $3, 'EXCHANGE', $4, '', 'PENDING', 1, 1, $6, $7 FROM room WHERE room.ok
     RETURNING *
 ), link AS (
     INSERT INTO broker_links (credential_id, parent_id, sub_account, grant_read, grant_trade, ip_allowlist)

@@ -49,6 +49,13 @@ PERMISSIONS: Schema = {
     "required": ["read", "trade", "withdraw", "transfer", "ipRestricted", "ipAllowlist", "expiresAt"],
 }
 
+_MINTED_FROM: Schema = {
+    "type": "object",
+    "description": "only for a credential minted through a BROKER credential",
+    "properties": {"parentCredentialId": _UUID, "subAccount": {"type": "string"}},
+    "required": ["parentCredentialId", "subAccount"],
+}
+
 CREDENTIAL: Schema = {
     "type": "object",
     "description": "the credential's public fields after the change; never key material",
@@ -81,6 +88,7 @@ CREDENTIAL: Schema = {
         "updatedAt": _MS,
         "verifiedAt": _MS_OR_NULL,
         "revokedAt": _MS_OR_NULL,
+        "mintedFrom": {**_MINTED_FROM, "type": ["object", "null"], "description": "null unless minted"},
     },
 }
 CREDENTIAL["required"] = sorted(CREDENTIAL["properties"])
@@ -126,12 +134,6 @@ _MESSAGE: Schema = {"type": "string", "description": "a human-readable explanati
 _AUTOMATIC: Schema = {
     "type": "boolean",
     "description": "true: the engine minted the new key itself (a credential minted through a BROKER credential)",
-}
-_MINTED_FROM: Schema = {
-    "type": "object",
-    "description": "only for a credential minted through a BROKER credential",
-    "properties": {"parentCredentialId": _UUID, "subAccount": {"type": "string"}},
-    "required": ["parentCredentialId", "subAccount"],
 }
 
 # type -> (extra properties of data, which of them are always present)

@@ -63,6 +63,7 @@ async def test_mint_and_rotate_automatically_through_the_api(
     assert "sub:7001" in master.identities
     got = await api.get("/api/v3/credential/get", {"credentialId": parent})
     assert got.data["permissions"]["subAccountKeys"] is True
+    assert got.data["mintedFrom"] is None  # a credential not minted: the field is there, null
 
     minted = await api.post(
         "/api/v3/credential/mint",
@@ -71,8 +72,14 @@ async def test_mint_and_rotate_automatically_through_the_api(
     )  # fmt: skip
     assert minted.status == 200 and minted.data["status"] == "PENDING"
     assert minted.data["credentialType"] == "EXCHANGE"
+    link = {"parentCredentialId": parent, "subAccount": "7001"}
+    assert minted.data["mintedFrom"] == link  # the credential object names its BROKER parent and sub-account
     cid = minted.data["credentialId"]
     cred = await eng.wait_for_status(OWNER, cid, {CredentialStatus.VERIFIED})
+    got = await api.get("/api/v3/credential/get", {"credentialId": cid})
+    assert got.data["mintedFrom"] == link and got.data["status"] == "VERIFIED"
+    listed = await api.get("/api/v3/credential/list", {})
+    assert {c["credentialId"]: c["mintedFrom"] for c in listed.data} == {parent: None, cid: link}
     assert cred.venue_account_id == "7001"
     assert [k.ip_allowlist for k in subs.live_keys(Venue.BYBIT, "7001")] == [("198.51.100.4",)]
 
@@ -85,6 +92,10 @@ async def test_mint_and_rotate_automatically_through_the_api(
         ) == 1
 
     await until(swapped)
+    events = await eng.list_events(OWNER, cid)
+    assert events and all(
+        e.data["credential"]["mintedFrom"] == link for e in events
+    )  # events and webhooks too
 
 
 async def test_the_api_refuses_what_cannot_be_minted_with_its_errnos(

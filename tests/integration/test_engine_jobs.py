@@ -4,6 +4,7 @@ request timeouts), and one owner's backlog of verifications does not delay anoth
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,13 +13,16 @@ import pytest
 import structlog
 
 from engine import errors, jobs
+from engine.broker.discovery import Discovery
+from engine.broker.managers import Managers
 from engine.config import EngineConfig
 from engine.engine import CredentialEngine
 from engine.models import CredentialStatus
 from engine.testing import FakeVenue
-from venues import build_probe
-from venues.base import MAX_SEQUENTIAL_REQUESTS, Venue
+from venues import build_probe, okx_subaccounts
+from venues.base import MAX_SEQUENTIAL_REQUESTS, ProbeFailure, Venue
 from venues.simulator import Faults, Simulator
+from venues.subaccounts import MAX_DISCOVERY_REQUESTS, build_sub_account_keys
 
 EngineFactory = Callable[..., Awaitable[CredentialEngine]]
 SECRET = "canary-secret-5d1c0b"
@@ -63,7 +67,8 @@ async def test_job_timeouts_follow_the_request_timeouts(make_engine: EngineFacto
         probe_timeout=2.0, webhook_timeout=7.0, job_timeout=50.0, job_timeouts={"purge_jobs": 900}
     )
     queue = eng.queue  # each kind registered with its own timeout; job_timeouts (the settings) win
-    probing = 2.0 * MAX_SEQUENTIAL_REQUESTS + jobs.PROBE_JOB_MARGIN
+    # a BROKER key's verification also discovers its sub-accounts and permission after the probe
+    probing = 2.0 * (MAX_SEQUENTIAL_REQUESTS + MAX_DISCOVERY_REQUESTS) + jobs.PROBE_JOB_MARGIN
     assert queue.timeout_for(jobs.VERIFY) == queue.timeout_for(jobs.ROTATION_VERIFY) == probing
     assert queue.timeout_for("webhook_delivery") == 7.0 + 30.0
     assert queue.timeout_for(jobs.REVOKE_CASCADE) == 50.0
@@ -92,6 +97,61 @@ async def test_every_probe_fits_its_request_budget() -> None:
             await probe.probe(key.api_keys)
             elapsed = time.monotonic() - started
             assert elapsed < MAX_SEQUENTIAL_REQUESTS * latency, (venue, kind, elapsed)
+
+
+def test_the_discovery_budget_is_the_largest_venue_count() -> None:
+    """MAX_DISCOVERY_REQUESTS (what the verification job's timeout counts for a BROKER key) is the largest
+    sequential request count the venue modules with a sub-account key API state."""
+    counts = {
+        name: importlib.import_module(f"venues.{name}_subaccounts").DISCOVERY_REQUESTS
+        for name in ("binance", "okx", "bybit")
+    }
+    assert max(counts.values()) == MAX_DISCOVERY_REQUESTS, counts
+
+
+async def test_every_broker_verification_fits_its_request_budget(make_engine: EngineFactory) -> None:
+    """A BROKER key's verification is its probe, then the discovery of its sub-accounts (two pages of them
+    where Binance pages) and of its permission. Against the simulator with a latency per request and a skewed
+    clock, each venue's takes less than the request timeouts the engine's verification job is given (the probe's
+    MAX_SEQUENTIAL_REQUESTS alone was not enough for Binance)."""
+    eng = await make_engine(probe_timeout=1.0)
+    budget = eng.queue.timeout_for(jobs.VERIFY) - jobs.PROBE_JOB_MARGIN  # request timeouts of 1 s
+    latency = 0.1
+    subs = {
+        Venue.BINANCE: 501,
+        Venue.OKX: 2,
+        Venue.BYBIT: 2,
+    }  # Binance pages by 500 (the simulator's OKX: 1 page)
+    async with Simulator(seed=12, enforce_rate_limits=False) as sim, aiohttp.ClientSession() as session:
+        for venue, count in subs.items():
+            master = sim.add_master_account(venue, sub_accounts=count)
+            sim.set_faults(venue, Faults(latency=latency))
+            sim.set_clock_offset(venue, 120_000)  # two minutes ahead: outside every venue's window
+            probe = build_probe(venue, session, base_url=sim.urls[venue], rate_limited=False)
+            managers = Managers(
+                lambda v: build_sub_account_keys(v, session, base_url=sim.urls[v], rate_limited=False)
+            )
+            started = time.monotonic()
+            result = await probe.probe(master.key.api_keys)
+            result = await Discovery(managers)(venue, master.key.api_keys, result)
+            requests = (time.monotonic() - started) / latency
+            assert result.permissions.sub_account_keys, venue
+            assert sum(i.startswith("sub:") for i in result.identities) == count, venue
+            assert requests < budget, (venue, requests, budget)
+
+
+async def test_an_okx_listing_of_sub_accounts_is_bounded() -> None:
+    """OKX pages its sub-accounts 100 at a time: the listing stops after MAX_PAGES pages with a permanent
+    failure (the verification's requests stay bounded) instead of paging on without end (the simulator answers
+    every page with every sub-account, which made the old loop endless)."""
+    async with Simulator(seed=13, enforce_rate_limits=False) as sim, aiohttp.ClientSession() as session:
+        limit = okx_subaccounts.PAGE_SIZE * okx_subaccounts.MAX_PAGES
+        master = sim.add_master_account(Venue.OKX, sub_accounts=okx_subaccounts.PAGE_SIZE)
+        manager = build_sub_account_keys(Venue.OKX, session, base_url=sim.urls[Venue.OKX], rate_limited=False)
+        with pytest.raises(ProbeFailure) as refused:
+            async with asyncio.timeout(60):
+                await manager.list_sub_accounts(master.key.api_keys)
+        assert not refused.value.transient and str(limit) in str(refused.value)
 
 
 async def test_another_owners_verification_is_not_queued_behind_a_backlog(

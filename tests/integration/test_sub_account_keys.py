@@ -94,8 +94,12 @@ async def test_mint_verify_list_delete(venue: Venue, sim: Simulator, session: ai
     else:
         assert listed[0].masked and listed[0].key_id != minted.keys.api_key
 
+    assert sim.key_removed_at(minted.keys.api_key) is None
+    before = time.time()
     assert await keys.delete_key(master.key.api_keys, target.sub_id, minted.keys.api_key) is True
     assert sim.sub_account_keys(venue, master.key.uid) == []
+    removed = sim.key_removed_at(minted.keys.api_key)  # when, for tests that compare with the signing log
+    assert removed is not None and before <= removed <= time.time()
     with pytest.raises(ProbeFailure) as stopped:
         await probe.probe(minted.keys)
     assert stopped.value.outcome is Outcome.INVALID_KEY

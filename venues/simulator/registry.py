@@ -161,12 +161,17 @@ def _environment(environment: str) -> str:
     return environment
 
 
+MAX_REMOVED = 100_000  # removal times remembered (the oldest are forgotten first): bounded memory
+
+
 class Registry:
-    """Keys by API key, plus the per-key nonce memory Kraken needs. Not shared between simulators."""
+    """Keys by API key, plus the per-key nonce memory Kraken needs and when each removed key was removed (the
+    wall-clock time a venue started answering it as unknown). Not shared between simulators."""
 
     def __init__(self) -> None:
         self._keys: dict[str, TestKey] = {}
         self._nonces: dict[str, int] = {}
+        self._removed: dict[str, float] = {}  # api key -> time.time() of its removal, oldest first
 
     def add(
         self,
@@ -226,7 +231,16 @@ class Registry:
         key = self.require(api_key)
         del self._keys[api_key]
         self._nonces.pop(api_key, None)
+        self._removed.pop(api_key, None)
+        self._removed[api_key] = time.time()
+        while len(self._removed) > MAX_REMOVED:
+            del self._removed[next(iter(self._removed))]
         return key
+
+    def removed_at(self, api_key: str) -> float | None:
+        """When ``api_key`` was removed (wall-clock seconds, ``time.time()``); None if it never was (or the
+        memory of the last :data:`MAX_REMOVED` removals no longer holds it)."""
+        return self._removed.get(api_key)
 
     def update(self, api_key: str, **changes: Any) -> TestKey:
         key = self.require(api_key)

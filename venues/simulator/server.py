@@ -185,6 +185,11 @@ class Simulator:
         """Forget a key: the venue answers it as unknown from now on. KeyError if not registered."""
         self._state.registry.remove(api_key)
 
+    def key_removed_at(self, api_key: str) -> float | None:
+        """When a key was removed (deleted through a venue's API, by ``remove_key`` or with its sub-account), in
+        wall-clock seconds (``time.time()``, the clock of :meth:`signed_requests`); None if it never was."""
+        return self._state.registry.removed_at(api_key)
+
     def update_key(self, api_key: str, **changes: Any) -> TestKey:
         """Change a key's uid, permissions, identities, ip_allowlist, expires_at_ms, environment or label."""
         return self._state.registry.update(api_key, **changes)
