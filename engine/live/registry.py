@@ -49,6 +49,7 @@ GAP_POLL = 0.05  # seconds between two looks at the bus's reconnect and read-fai
 IDLE_POLL = 0.5  # ... while this process holds no lease
 RECHECK_BACKOFF_MAX = 2.0  # seconds between attempts of a re-check while the database is away
 REFRESH_ATTEMPTS = 50  # a swap retried this often (database away, or the version changed under the read)
+SETTLE_TIMEOUT = 5.0  # seconds run_until_idle waits for the leases to take new keys
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the registry's tasks to end once cancelled
 
 
@@ -144,12 +145,18 @@ class LeaseRegistry:
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
-    async def settle(self, timeout: float = CLOSE_TIMEOUT) -> None:  # noqa: ASYNC109 - bounded wait
-        """Wait (at most ``timeout`` seconds) until no key refresh or callback of this process is running, so
-        that every change the bus delivered has reached the leases (``CredentialEngine.run_until_idle``)."""
-        async with asyncio.timeout(timeout):
-            while pending := [t for t in self._tasks if not t.done()]:
-                await asyncio.wait(pending)  # a refresh may spawn callbacks: look again
+    async def settle(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - bounded wait
+        """Wait (at most ``timeout`` seconds, default :data:`SETTLE_TIMEOUT`) until no key refresh or callback of
+        this process is running, so that every change the bus delivered has reached the leases
+        (``CredentialEngine.run_until_idle``). False when time ran out first (a slow callback of the backend's
+        is its own business: it is bounded by the callback timeout, and never an error of the caller's)."""
+        deadline = time.monotonic() + (SETTLE_TIMEOUT if timeout is None else timeout)
+        while pending := [t for t in self._tasks if not t.done()]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.wait(pending, timeout=left)  # a refresh may spawn callbacks: look again
+        return True
 
     @property
     def _db(self) -> Database:

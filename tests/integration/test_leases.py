@@ -552,3 +552,30 @@ async def test_a_revocation_while_the_idle_bus_moves_its_cursor_reaches_the_new_
     finally:
         gate.release.set()
         bus._db = gate._db
+
+
+async def test_run_until_idle_waits_for_the_swap_but_not_for_a_slow_callback(
+    eng: CredentialEngine, fake: FakeVenue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_until_idle returns once the leases hold the new keys; a backend callback still running past the
+    settle bound neither holds it longer nor makes it raise."""
+    from engine.live import registry as registrymod
+
+    monkeypatch.setattr(registrymod, "SETTLE_TIMEOUT", 0.3)
+    cred = await verified(eng, fake)
+    fake.add_key("lease-key-2", NEW_SECRET, passphrase=PASS, account_id="uid-l")
+    release = asyncio.Event()
+
+    async def slow(lease: KeyLease, change: LeaseChange) -> None:
+        await release.wait()
+
+    async with eng.lease_keys(OWNER, cred.credential_id, purpose="slow callback") as lease:
+        lease.on_change(slow)
+        await eng.rotate_credential(
+            OWNER, cred.credential_id, api_key="lease-key-2", api_secret=NEW_SECRET, api_passphrase=PASS
+        )
+        started = time.monotonic()
+        await eng.run_until_idle()
+        assert time.monotonic() - started < 8.0
+        assert lease.secret_version == 2 and lease.keys.api_secret == NEW_SECRET
+        release.set()
