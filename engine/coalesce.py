@@ -1,0 +1,192 @@
+"""Group commit: calls that arrive while a batch is being sent wait and go together in the next one.
+
+The hot path writes one statement per credential and per job (engine/hotpath.py). Under load most of the
+database's and the engine's work per statement is fixed (a round trip, a wake-up of the server's backend, the
+executor's start, a commit), not per row; a :class:`Coalescer` turns N concurrent calls into one call of
+``send`` with N items, so that fixed work is paid once per batch.
+
+How items are grouped, and what a caller waits for:
+
+* An item submitted while fewer than ``max_in_flight`` batches are being sent starts a batch at once (after one
+  turn of the event loop, so the items submitted in the same turn join it): with no load, an item waits for
+  its own statement only, never for a timer.
+* Items submitted while ``max_in_flight`` batches are in flight wait in line; when a batch ends, its sender
+  takes everything waiting (up to ``max_batch``) as the next batch. The busier the database, the bigger the
+  batches: the classic group commit.
+* ``send`` answers one result per item, in order: a value, or an exception for that item alone (the caller of
+  that item gets it raised). When ``send`` itself raises, every item of the batch gets that exception.
+* A caller cancelled while its item waits in line takes the item out; once its batch is being sent, the
+  cancellation reaches the caller only (the batch goes on for the others), exactly as a statement that was
+  sent may have been committed when its caller gave up.
+* :meth:`close` refuses new items, fails the waiting ones with :class:`CoalescerClosed` and waits (bounded by
+  ``timeout``) for the batches in flight; batches still running after that are cancelled and their callers
+  get :class:`CoalescerClosed`.
+
+Senders run in a fresh :mod:`contextvars` context, so a sender never counts as the caller's task (engine/db.py
+marks a task that holds a pool connection in a context variable). Callers that may hold a pool connection
+must refuse before submitting (``engine.db.refuse_second_connection``): waiting on a batch that needs another
+connection could starve the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+
+class CoalescerClosed(RuntimeError):
+    """The coalescer was closed before the item's batch was written (nothing of it was sent, or the send was
+    cut off by the close: the caller cannot know whether it was committed, as with a dropped connection)."""
+
+
+@dataclass
+class _Waiting(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+
+
+@dataclass
+class CoalescerStats:
+    """Counters for tests, benchmarks and metrics."""
+
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches had it
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.largest = max(self.largest, size)
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+
+
+class Coalescer(Generic[T, R]):
+    """Sends the items submitted concurrently in batches of at most ``max_batch``, at most ``max_in_flight``
+    batches at a time, through ``send`` (which answers one outcome per item, in order)."""
+
+    def __init__(
+        self,
+        send: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_batch: int = 100,
+        max_in_flight: int = 1,
+        name: str = "coalescer",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._send = send
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._name = name
+        self._line: deque[_Waiting[T, R]] = deque()
+        self._senders: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.stats = CoalescerStats()
+
+    @property
+    def in_flight(self) -> int:
+        """Batches being sent now."""
+        return len(self._senders)
+
+    @property
+    def waiting(self) -> int:
+        """Items waiting in line for a batch."""
+        return len(self._line)
+
+    async def submit(self, item: T) -> R:
+        """Send ``item`` with the others submitted meanwhile; its outcome (raised when an exception)."""
+        if self._closed:
+            raise CoalescerClosed(f"{self._name} is closed")
+        loop = asyncio.get_running_loop()
+        waiting: _Waiting[T, R] = _Waiting(item, loop.create_future())
+        self._line.append(waiting)
+        if len(self._senders) < self._max_in_flight:
+            sender = loop.create_task(self._run(), name=f"{self._name}-sender", context=contextvars.Context())
+            self._senders.add(sender)  # _run takes itself out, in the same step as it sees the line empty
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            if not waiting.future.done():
+                waiting.future.cancel()  # still in line: the sender skips it
+            raise
+
+    async def _run(self) -> None:
+        """Send batches until the line is empty."""
+        me = asyncio.current_task()
+        try:
+            await asyncio.sleep(0)  # the items of this turn of the loop join the first batch
+            while self._line:
+                batch: list[_Waiting[T, R]] = []
+                while self._line and len(batch) < self._max_batch:
+                    waiting = self._line.popleft()
+                    if not waiting.future.done():  # else its caller left (cancelled)
+                        batch.append(waiting)
+                if batch:
+                    await self._send_batch(batch)
+        finally:
+            # no await between seeing the line empty and leaving the set: a submit in between would otherwise
+            # find every sender slot taken by a sender that is about to end, and wait forever
+            if me is not None:
+                self._senders.discard(me)
+            if (
+                not self._senders
+            ):  # cancelled while items wait (the loop closing) and nobody left to send them
+                self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
+
+    def _fail_line(self, error: BaseException) -> None:
+        while self._line:
+            waiting = self._line.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+
+    async def _send_batch(self, batch: list[_Waiting[T, R]]) -> None:
+        self.stats.record(len(batch))
+        try:
+            outcomes = await self._send([w.item for w in batch])
+        except asyncio.CancelledError:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(CoalescerClosed(f"{self._name} closed while the batch was sent"))
+            raise
+        except Exception as exc:  # the whole batch failed: every caller gets the error
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
+        if len(outcomes) != len(batch):
+            error = RuntimeError(f"{self._name}: {len(outcomes)} outcomes for {len(batch)} items")
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(error)
+            return
+        for w, outcome in zip(batch, outcomes, strict=True):
+            if w.future.done():
+                continue  # its caller was cancelled while the batch was sent
+            if isinstance(outcome, BaseException):
+                w.future.set_exception(outcome)
+            else:
+                w.future.set_result(outcome)
+
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a bound, not a deadline for the caller
+        """Refuse new items, fail those waiting in line, wait at most ``timeout`` s for the batches in flight."""
+        self._closed = True
+        self._fail_line(CoalescerClosed(f"{self._name} is closed"))
+        senders = set(self._senders)
+        if not senders:
+            return
+        _done, pending = await asyncio.wait(senders, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)

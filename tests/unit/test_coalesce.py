@@ -1,0 +1,193 @@
+"""engine.coalesce: group commit of concurrent calls (no database: ``send`` is a plain coroutine here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Sequence
+
+import pytest
+
+from engine.coalesce import Coalescer, CoalescerClosed
+
+MARK: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="none")
+
+
+class Sender:
+    """Records every batch; each batch waits for ``gate`` when one is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate: asyncio.Event | None = None
+        self.started = asyncio.Event()
+        self.marks: list[str] = []
+
+    async def __call__(self, items: list[int]) -> Sequence[int | BaseException]:
+        self.batches.append(list(items))
+        self.marks.append(MARK.get())
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+
+async def test_an_item_alone_is_sent_at_once_as_a_batch_of_one() -> None:
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender)
+    assert await asyncio.wait_for(c.submit(3), 1) == 30
+    assert sender.batches == [[3]]
+
+
+async def test_items_of_one_turn_go_together() -> None:
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender)
+    assert await asyncio.gather(*(c.submit(i) for i in range(5))) == [0, 10, 20, 30, 40]
+    assert sender.batches == [[0, 1, 2, 3, 4]]
+
+
+async def test_items_arriving_while_a_batch_is_in_flight_form_the_next_batch() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    rest = [asyncio.ensure_future(c.submit(i)) for i in range(2, 7)]
+    await asyncio.sleep(0.01)
+    assert c.waiting == 5 and c.in_flight == 1
+    sender.gate.set()
+    assert await first == 10
+    assert [await r for r in rest] == [20, 30, 40, 50, 60]
+    assert sender.batches == [[1], [2, 3, 4, 5, 6]]
+    assert c.stats.batches == 2 and c.stats.items == 6 and c.stats.largest == 5
+
+
+async def test_max_batch_splits_and_max_in_flight_sends_side_by_side() -> None:
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender, max_batch=2)
+    assert await asyncio.gather(*(c.submit(i) for i in range(5))) == [0, 10, 20, 30, 40]
+    assert sender.batches == [[0, 1], [2, 3], [4]]
+
+    sender2 = Sender()
+    sender2.gate = asyncio.Event()
+    c2: Coalescer[int, int] = Coalescer(sender2, max_in_flight=2)
+    a = asyncio.ensure_future(c2.submit(1))
+    await sender2.started.wait()
+    b = asyncio.ensure_future(c2.submit(2))
+    await asyncio.sleep(0.01)
+    assert c2.in_flight == 2 and len(sender2.batches) == 2  # the second did not wait for the first
+    sender2.gate.set()
+    assert (await a, await b) == (10, 20)
+
+
+async def test_an_items_own_error_reaches_its_caller_only() -> None:
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender)
+    results = await asyncio.gather(c.submit(1), c.submit(-2), c.submit(3), return_exceptions=True)
+    assert results[0] == 10 and results[2] == 30
+    assert isinstance(results[1], ValueError) and str(results[1]) == "bad -2"
+
+
+async def test_a_failed_send_fails_every_item_of_its_batch_and_the_next_batch_still_goes() -> None:
+    calls: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise ConnectionError("gone")
+        return items
+
+    c: Coalescer[int, int] = Coalescer(send)
+    results = await asyncio.gather(c.submit(1), c.submit(2), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert await c.submit(3) == 3
+
+
+async def test_a_wrong_number_of_outcomes_fails_the_batch() -> None:
+    async def send(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    c: Coalescer[int, int] = Coalescer(send)
+    with pytest.raises(RuntimeError, match="1 outcomes for 2 items"):
+        await asyncio.gather(c.submit(1), c.submit(2))
+
+
+async def test_a_caller_cancelled_in_line_is_not_sent() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    leaving = asyncio.ensure_future(c.submit(2))
+    staying = asyncio.ensure_future(c.submit(3))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    sender.gate.set()
+    assert await first == 10 and await staying == 30
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert sender.batches == [[1], [3]]
+
+
+async def test_a_caller_cancelled_during_its_send_leaves_the_others_their_results() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender)
+    a = asyncio.ensure_future(c.submit(1))
+    b = asyncio.ensure_future(c.submit(2))
+    await sender.started.wait()
+    a.cancel()
+    await asyncio.sleep(0)
+    sender.gate.set()
+    assert await b == 20
+    assert a.cancelled()
+
+
+async def test_close_fails_waiting_items_and_cuts_a_hung_batch_off_within_its_bound() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()  # never set: the send hangs
+    c: Coalescer[int, int] = Coalescer(sender)
+    hung = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    waiting = asyncio.ensure_future(c.submit(2))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await c.close(timeout=0.1)
+    assert loop.time() - began < 2
+    for f in (hung, waiting):
+        with pytest.raises(CoalescerClosed):
+            await f
+    with pytest.raises(CoalescerClosed):
+        await c.submit(3)
+    assert c.in_flight == 0
+
+
+async def test_an_item_submitted_as_the_sender_ends_is_still_sent() -> None:
+    """Submits racing the end of a sender (the window between its last batch and leaving) are never stranded."""
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender)
+    for round_ in range(200):
+        first = asyncio.ensure_future(c.submit(round_))
+        for _ in range(round_ % 4):
+            await asyncio.sleep(0)
+        assert await asyncio.wait_for(c.submit(round_ + 1000), 1) == (round_ + 1000) * 10
+        assert await first == round_ * 10
+    assert c.in_flight == 0 and c.waiting == 0
+
+
+async def test_the_sender_runs_in_a_fresh_context() -> None:
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender)
+    MARK.set("caller holds a connection")
+    await c.submit(1)
+    assert sender.marks == ["none"]
+
+
+def test_bounds_are_checked() -> None:
+    async def send(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(ValueError, match="max_batch"):
+        Coalescer(send, max_batch=0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        Coalescer(send, max_in_flight=0)
