@@ -20,8 +20,10 @@ limits not enforced; the engine's client-side venue limits are lifted too: a sim
 
 The **limit** is a bare aiohttp client making the same signed requests to the same simulator at the same
 concurrency: the venues' real probe modules (``build_probe(..., rate_limited=False).probe(keys)``) under a
-semaphore of ``workers``, with no database and no queue. It runs before and after the engine (noise on a shared
-machine); the ratio uses their mean. Target: the engine reaches at least 0.6 x the limit's
+semaphore of ``workers``, with no database and no queue. It runs right before and right after the create ->
+VERIFIED phase (the engine closed meanwhile, the server's autovacuum finished and a checkpoint written before
+each: :func:`quiet_database`), so that both flank the phase they are compared with; the ratio uses their mean
+and both are printed (a shared machine is noisy). Target: the engine reaches at least 0.6 x the limit's
 credentials/s.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -332,6 +335,22 @@ class Phases:
         }
 
 
+async def quiet_database(watch: asyncpg.Connection, within: float = 30.0) -> None:
+    """Wait (at most ``within`` s) until no autovacuum worker runs on the server and a checkpoint has written
+    what the last phase dirtied, so that the server's clean-up after one phase does not land in the next one's
+    figures. The checkpoint needs a superuser or pg_checkpoint; without it only the wait is done."""
+    with contextlib.suppress(asyncpg.PostgresError):
+        await watch.execute("CHECKPOINT")
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        busy = await watch.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+        )
+        if not busy:
+            return
+        await asyncio.sleep(POLL)
+
+
 def cpu_per_1000(cpu: dict[str, float | None], name: str, n: int) -> float | None:
     value = cpu.get(name)
     return None if value is None or n == 0 else value / n * 1000
@@ -355,17 +374,26 @@ async def run(
         main_keys, latency_keys = keys[:n], keys[n:]
         rotation_keys = await sim.add_keys([(k.venue, k.kind, k.uid) for k in main_keys])  # same accounts
 
-        limit_before = await run_limit(sim.urls, main_keys, workers)
-
-        overrides: dict[str, Any] = {}
-        if pool_size is not None:
-            overrides["pool_max_size"] = pool_size
-        config = common.engine_config(db.dsn, venue_urls=sim.urls, workers=workers, **overrides)
         watch = await asyncpg.connect(db.dsn)
         try:
+            await quiet_database(watch)
+            limit_before = await run_limit(sim.urls, main_keys, workers)
+
+            overrides: dict[str, Any] = {}
+            if pool_size is not None:
+                overrides["pool_max_size"] = pool_size
+            config = common.engine_config(db.dsn, venue_urls=sim.urls, workers=workers, **overrides)
+            await quiet_database(watch)
             async with CredentialEngine(config) as engine:
                 phases = Phases(engine, watch, producers=producers, pg_pid=db.pg_pid, sim=sim)
                 created = await phases.create(main_keys)
+            # the limit again right after, in the same state (engine closed, the server's clean-up done), so
+            # that the two measurements flank the one they are compared with
+            await quiet_database(watch)
+            limit_after = await run_limit(sim.urls, main_keys, workers)
+
+            async with CredentialEngine(config) as engine:
+                phases = Phases(engine, watch, producers=producers, pg_pid=db.pg_pid, sim=sim)
                 ids = created.pop("ids")
                 rate = created["per_second"]
                 paced = await phases.create(latency_keys, pace=2.0 / rate if rate > 0 else 0.01)
@@ -382,7 +410,6 @@ async def run(
         finally:
             await watch.close()
 
-        limit_after = await run_limit(sim.urls, main_keys, workers)
         sim_stats = await sim.stats()
 
     limit_rate = statistics.mean([limit_before["per_second"], limit_after["per_second"]])
