@@ -90,6 +90,77 @@ def created_credential(
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Creation:
+    """One creation as the statements write it: the new row's public fields, its sealed secret version 1 (the
+    material and the key's fingerprint never in a repr), its event's id and data, its verification job."""
+
+    credential_id: uuid.UUID
+    owner_id: str
+    venue: Venue
+    credential_type: CredentialType
+    nickname: str | None
+    masked_api_key: str
+    kek_version: int
+    wrapped_dek: bytes = dataclasses.field(repr=False)
+    nonce: bytes = dataclasses.field(repr=False)
+    ciphertext: bytes = dataclasses.field(repr=False)
+    fingerprint: bytes = dataclasses.field(repr=False)
+    event_id: uuid.UUID
+    data: dict[str, Any]
+    payload: dict[str, Any]
+    dedupe_key: str | None
+
+
+def creation(
+    store: Store,
+    *,
+    credential_id: uuid.UUID,
+    owner_id: str,
+    venue: Venue,
+    credential_type: CredentialType,
+    nickname: str | None,
+    keys: ApiKeys,
+) -> Creation:
+    """``keys`` sealed as secret version 1 of a new credential, with what its event and job carry."""
+    kek_version, wrapped_dek, nonce, ciphertext, fingerprint, masked = store.sealed_columns(
+        credential_id, venue, keys, 1
+    )
+    data = {
+        "credential": created_credential(
+            credential_id, owner_id, venue, credential_type, nickname, masked
+        ).public_dict()
+    }
+    work = Verify(credential_id, 1)
+    return Creation(
+        credential_id, owner_id, venue, credential_type, nickname, masked, kek_version, wrapped_dek, nonce,
+        ciphertext, fingerprint, uuid.uuid4(), data, work.to_payload(), work.dedupe_key,
+    )  # fmt: skip
+
+
+async def create_one(
+    store: Store, queue: queuemod.JobQueue, new: Creation, *, quota: int | None, lock_timeout: str
+) -> Credential | None:
+    """Store ``new`` (a PENDING credential, its ``credential.created`` and its verification job) in one
+    statement. None: a webhook endpoint of the owner wants the event, nothing written (take the transaction
+    path). :class:`errors.QuotaExceeded` when the owner holds ``quota`` credentials;
+    :class:`errors.DuplicateCredential` when it holds these keys already."""
+    with refused_keys(new.venue):
+        row = await store.db.fetchrow(
+            "created_and_enqueued", new.credential_id, new.owner_id, new.venue.value, new.credential_type.value,
+            new.nickname, new.masked_api_key, new.kek_version, new.wrapped_dek, new.nonce, new.ciphertext,
+            new.fingerprint, quota, lock_timeout, new.event_id, new.data, events.CHANNEL, Verify.KIND,
+            new.payload, new.dedupe_key, queue.settings.max_attempts, queue.settings.channel,
+        )  # fmt: skip
+    assert row is not None  # one row always: the room
+    if not row["room"]:
+        assert quota is not None  # only a quota refuses the insert
+        raise quotas.credentials_full(quota)
+    if row["wanted"]:
+        return None
+    return credential_from_row(row)
+
+
 async def created_and_enqueued(
     store: Store,
     queue: queuemod.JobQueue,
@@ -103,33 +174,17 @@ async def created_and_enqueued(
     quota: int | None,
     lock_timeout: str,
 ) -> Credential | None:
-    """Store a new PENDING credential with ``keys`` as secret version 1, its ``credential.created`` and its
-    verification job, in one statement. None: a webhook endpoint of the owner wants the event, nothing written
-    (take the transaction path). :class:`errors.QuotaExceeded` when the owner holds ``quota`` credentials;
-    :class:`errors.DuplicateCredential` when it holds these keys already."""
-    kek_version, wrapped_dek, nonce, ciphertext, fingerprint, masked = store.sealed_columns(
-        credential_id, venue, keys, 1
+    """:func:`create_one` of ``keys`` sealed for a new credential (:func:`creation`)."""
+    new = creation(
+        store,
+        credential_id=credential_id,
+        owner_id=owner_id,
+        venue=venue,
+        credential_type=credential_type,
+        nickname=nickname,
+        keys=keys,
     )
-    data = {
-        "credential": created_credential(
-            credential_id, owner_id, venue, credential_type, nickname, masked
-        ).public_dict()
-    }
-    work = Verify(credential_id, 1)
-    with refused_keys(venue):
-        row = await store.db.fetchrow(
-            "created_and_enqueued", credential_id, owner_id, venue.value, credential_type.value, nickname, masked,
-            kek_version, wrapped_dek, nonce, ciphertext, fingerprint, quota, lock_timeout, uuid.uuid4(), data,
-            events.CHANNEL, work.KIND, work.to_payload(), work.dedupe_key, queue.settings.max_attempts,
-            queue.settings.channel,
-        )  # fmt: skip
-    assert row is not None  # one row always: the room
-    if not row["room"]:
-        assert quota is not None  # only a quota refuses the insert
-        raise quotas.credentials_full(quota)
-    if row["wanted"]:
-        return None
-    return credential_from_row(row)
+    return await create_one(store, queue, new, quota=quota, lock_timeout=lock_timeout)
 
 
 def eligible(result: ProbeResult) -> bool:
