@@ -46,7 +46,7 @@ def batcher(eng: CredentialEngine, quota: int | None) -> BatchedCreates:
     return BatchedCreates(eng.store, eng.queue, quota=quota, lock_timeout=quotas.LOCK_TIMEOUT)
 
 
-def answer(outcome: Credential | None | BaseException) -> Any:
+def answer(outcome: Credential | BaseException | None) -> Any:
     """An outcome as compared: the error's class, message and fields, or the credential's public row without the
     statement's timestamps."""
     if isinstance(outcome, BaseException):
@@ -118,7 +118,12 @@ async def test_a_mixed_batch_answers_and_writes_what_one_at_a_time_does(
     eng = await make_engine(allow_private_webhook_urls=True)
     await eng.add_webhook_endpoint("hooked", HOOK, ["credential.created"])
     quota = 3
-    before = [new(eng, "full", "f-1"), new(eng, "full", "f-2"), new(eng, "dup", "d-1"), new(eng, "other", "o-1")]
+    before = [
+        new(eng, "full", "f-1"),
+        new(eng, "full", "f-2"),
+        new(eng, "dup", "d-1"),
+        new(eng, "other", "o-1"),
+    ]
     batch = [
         new(eng, "alice", "k-1"),
         new(eng, "bob", "k-1"),  # another owner may hold the same key
@@ -143,7 +148,9 @@ async def test_a_mixed_batch_answers_and_writes_what_one_at_a_time_does(
     alone: list[Any] = []
     for item in batch:
         try:
-            alone.append(answer(await hotpath.create_one(eng.store, eng.queue, item, quota=quota, lock_timeout="5s")))
+            alone.append(
+                answer(await hotpath.create_one(eng.store, eng.queue, item, quota=quota, lock_timeout="5s"))
+            )
         except errors.CredentialEngineError as exc:
             alone.append(answer(exc))
     after_alone = await stored(database_url)
@@ -215,7 +222,9 @@ async def test_fallback_on_a_key_stored_by_another_transaction_meanwhile(
     assert len(rows["events"]) == 2 and len(rows["jobs"]) == 2
 
 
-async def test_the_quota_edge_within_one_batch_lets_the_first_submitted_in(make_engine: EngineFactory) -> None:
+async def test_the_quota_edge_within_one_batch_lets_the_first_submitted_in(
+    make_engine: EngineFactory,
+) -> None:
     """An owner holding 7 of 10: 20 concurrent create_credential calls go as one batch; the first three
     submitted are stored, the 17 others get QuotaExceeded (the single statement's error)."""
     eng = await make_engine(quotas=Quotas(credentials=10))
@@ -263,6 +272,51 @@ async def test_batches_of_two_engines_keep_every_quota_exact_without_deadlock(
     assert all(e._batched_creates().fallbacks == 0 for e in engines)
     assert max(e.create_batches.largest for e in engines) > 1
     assert await broken_invariants(engines[0]) == {}
+
+
+async def lock_waits(conn: asyncpg.Connection) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+    )
+
+
+async def wait_for_lock_waits(conn: asyncpg.Connection, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while await lock_waits(conn) < n:
+        assert time.monotonic() < deadline, f"never {n} statements waiting for a lock"
+        await asyncio.sleep(0.02)
+
+
+async def test_two_batches_take_their_owners_locks_in_one_order(
+    make_engine: EngineFactory, database_url: str
+) -> None:
+    """Batch Y (owners P then Q) waits for P's lock held elsewhere; batch X (Q then P) comes next. Taken in
+    the items' order, X would hold Q while waiting for P, and Y, granted P first, would wait for Q: a deadlock
+    (one batch aborted). In one order (the lock keys sorted) X holds nothing while it waits: both complete."""
+    eng = await make_engine(quotas=Quotas(credentials=10))
+    holder = await asyncpg.connect(database_url)
+    try:
+        first, second = "lock-owner-1", "lock-owner-2"
+        if await holder.fetchval("SELECT hashtext($1) > hashtext($2)", first, second):
+            first, second = second, first  # P: the smaller lock key
+        y, x = batcher(eng, 10), batcher(eng, 10)
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext($1))", first)
+            ys = asyncio.gather(
+                *(y.create(new(eng, o, f"y-{o}")) for o in (first, second)), return_exceptions=True
+            )
+            await wait_for_lock_waits(holder, 1)
+            xs = asyncio.gather(
+                *(x.create(new(eng, o, f"x-{o}")) for o in (second, first)), return_exceptions=True
+            )
+            await wait_for_lock_waits(holder, 2)
+        outcomes = await asyncio.wait_for(asyncio.gather(ys, xs), timeout=30)
+    finally:
+        await holder.close()
+    assert (y.fallbacks, x.fallbacks) == (0, 0)
+    assert all(isinstance(o, Credential) for pair in outcomes for o in pair), outcomes
 
 
 async def test_wanted_creations_take_the_transaction_path_and_get_their_deliveries(
@@ -332,7 +386,9 @@ async def test_a_caller_holding_a_transaction_is_refused(eng: CredentialEngine) 
     connection of its own), nothing stored."""
     with pytest.raises(errors.PoolReentry):
         async with eng.db.transaction():
-            await eng.create_credential("owner-t", venue="BINANCE", api_key="tx-key-0001", api_secret="s" * 16)
+            await eng.create_credential(
+                "owner-t", venue="BINANCE", api_key="tx-key-0001", api_secret="s" * 16
+            )
     assert (await eng.list_credentials("owner-t")).total == 0
 
 
@@ -351,7 +407,9 @@ async def test_secrets_canary_batch_and_fallback(make_engine: EngineFactory, dat
     creates = eng._batched_creates()
     texts: list[str] = []
     calls = [
-        eng.create_credential("canary", venue="BINANCE", api_key=CANARY_KEY + str(i % 2), api_secret=CANARY_SECRET)
+        eng.create_credential(
+            "canary", venue="BINANCE", api_key=CANARY_KEY + str(i % 2), api_secret=CANARY_SECRET
+        )
         for i in range(4)
     ]
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
@@ -377,5 +435,10 @@ async def test_secrets_canary_batch_and_fallback(make_engine: EngineFactory, dat
     text = "\n".join(texts)
     forms = [CANARY_SECRET, CANARY_SECRET.encode().hex(), base64.b64encode(CANARY_SECRET.encode()).decode()]
     for item in items:
-        forms += [item.fingerprint.hex(), item.ciphertext.hex(), repr(item.fingerprint), repr(item.ciphertext)]
+        forms += [
+            item.fingerprint.hex(),
+            item.ciphertext.hex(),
+            repr(item.fingerprint),
+            repr(item.ciphertext),
+        ]
     assert [f for f in forms if f in text] == []
