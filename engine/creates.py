@@ -23,11 +23,12 @@ transaction path holds one owner's lock only. One NOTIFY per channel and batch.
 **Fallback.** The statement is all or nothing. When it fails as a whole (:class:`errors.StorageError`: keys that
 another transaction stores meanwhile, a lock not granted in time, a deadlock with another transaction's inserts
 of the same keys, a statement timeout, a dropped connection), nothing of it was written, and every item is sent
-again alone (:func:`engine.hotpath.create_one`, concurrently, each bounded like any single create), which
-answers each case as without batches: the racing key becomes that caller's ``DuplicateCredential``, the others
-are created. A batch that a dropped connection committed after all makes its items' second statements fail on
-the credential ids they already hold: a ``StorageError`` for those callers, nothing stored twice. A pool that
-had no connection to give (:class:`engine.db.PoolExhausted`) is every caller's answer, not retried.
+again alone (:func:`engine.hotpath.create_one`) by its caller's own task, bounded like any single create (the
+next batch does not wait for them), which answers each case as without batches: the racing key becomes that
+caller's ``DuplicateCredential``, the others are created. A batch that a dropped connection committed after
+all makes its items' second statements fail on the credential ids they already hold: a ``StorageError`` for
+those callers, nothing stored twice. A pool that had no connection to give (:class:`engine.db.PoolExhausted`)
+is every caller's answer, not retried.
 
 Callers that hold a pool connection are refused before they submit (:class:`errors.PoolReentry`): the batch's
 statement needs a connection of its own. :meth:`BatchedCreates.close` (the engine's close) refuses new
@@ -37,7 +38,6 @@ creations and waits a bounded time for the batch in flight; a caller whose batch
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,8 +53,6 @@ from engine.store import Store, credential_from_row
 MAX_BATCH = 100  # creations per statement: a batch's arrays stay small (~1 KiB per item), its locks few
 CREATED, QUOTA, WANTED, DUPLICATE = "created", "quota", "wanted", "duplicate"  # created_in_batch's outcomes
 
-Outcome = Credential | None | BaseException
-
 
 def duplicate(new: hotpath.Creation) -> errors.DuplicateCredential:
     """The error of a creation whose keys the owner holds: what ``refused_keys`` (engine/store.py) makes of the
@@ -62,6 +60,14 @@ def duplicate(new: hotpath.Creation) -> errors.DuplicateCredential:
     return errors.DuplicateCredential(
         f"a credential with this API key already exists for this owner on {new.venue.value}", field="apiKey"
     )
+
+
+class _Alone:
+    """A batch's answer for an item that its caller sends again alone (the batch failed as a whole)."""
+
+
+ALONE = _Alone()
+Outcome = Credential | _Alone | BaseException | None  # a batch's answer for one item
 
 
 class BatchedCreates:
@@ -80,10 +86,10 @@ class BatchedCreates:
         self._queue = queue
         self._quota = quota
         self._lock_timeout = lock_timeout
-        self._coalescer: Coalescer[hotpath.Creation, Credential | None] = Coalescer(
+        self._coalescer: Coalescer[hotpath.Creation, Credential | _Alone | None] = Coalescer(
             self._send, max_batch=max_batch, name="creates"
         )
-        self.fallbacks = 0  # batches that failed as a whole and were sent again one item at a time
+        self.fallbacks = 0  # batches that failed as a whole, whose items were sent again one at a time
 
     @property
     def stats(self) -> CoalescerStats:
@@ -98,44 +104,38 @@ class BatchedCreates:
                 "whose statement needs a connection of its own"
             )
         try:
-            return await self._coalescer.submit(new)
+            outcome = await self._coalescer.submit(new)
         except CoalescerClosed:
             raise errors.EngineClosed(
                 "the engine closed before the credential's creation was confirmed; it may or may not be stored"
             ) from None
+        if isinstance(outcome, _Alone):  # in the caller's task: the next batch need not wait for it
+            return await self._alone(new)
+        return outcome
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline for the caller
         """Refuse new creations; wait at most ``timeout`` s for the batch being written, then cut it off."""
         await self._coalescer.close(timeout=timeout)
 
+    async def _alone(self, new: hotpath.Creation) -> Credential | None:
+        return await hotpath.create_one(
+            self._store, self._queue, new, quota=self._quota, lock_timeout=self._lock_timeout
+        )
+
     async def _send(self, batch: list[hotpath.Creation]) -> Sequence[Outcome]:
         if len(batch) == 1:  # the single statement is the batch of one, and cheaper to plan
-            return await self._alone(batch)
+            try:
+                return [await self._alone(batch[0])]
+            except errors.CredentialEngineError as exc:
+                return [exc]
         try:
             rows = await self._store.db.fetch("created_in_batch", *self._arguments(batch))
         except dbmod.PoolExhausted:
             raise
         except errors.StorageError:  # the whole statement failed, nothing written: each item alone
             self.fallbacks += 1
-            return await self._alone(batch)
+            return [ALONE] * len(batch)
         return [self._outcome(new, row) for new, row in zip(batch, rows, strict=True)]
-
-    async def _alone(self, batch: list[hotpath.Creation]) -> list[Outcome]:
-        async def one(new: hotpath.Creation) -> Credential | None:
-            return await hotpath.create_one(
-                self._store, self._queue, new, quota=self._quota, lock_timeout=self._lock_timeout
-            )
-
-        if len(batch) == 1:
-            try:
-                return [await one(batch[0])]
-            except errors.CredentialEngineError as exc:
-                return [exc]
-        outcomes = await asyncio.gather(*(one(new) for new in batch), return_exceptions=True)
-        for outcome in outcomes:  # a cancellation or a bug is no item's answer
-            if isinstance(outcome, BaseException) and not isinstance(outcome, errors.CredentialEngineError):
-                raise outcome
-        return outcomes
 
     def _arguments(self, batch: list[hotpath.Creation]) -> tuple[Any, ...]:
         settings = self._queue.settings
