@@ -11,7 +11,8 @@ two timestamps, which the statement sets in the event's data (``createdAt``, ``u
 by the rules of queue.sql's ``enqueue_job`` for a job of an owner due now (start tag, dedupe key, NOTIFY).
 The statement writes nothing when the quota is reached (:func:`engine.bounds.quotas.credentials_full`) or when a
 webhook endpoint of the owner wants ``credential.created`` (the caller takes the transaction path, whose
-fan-out writes the deliveries).
+fan-out writes the deliveries). Concurrent creations share one statement (engine/creates.py), which answers each
+as :func:`create_one` would, and falls back to it.
 
 **Verification** (``verified_and_done``, :func:`verified_and_done`): a successful verification written,
 reported and its job marked done; the transaction path (:meth:`engine.jobs.LifecycleJobs.verify`) sends BEGIN,
