@@ -222,31 +222,6 @@ async def test_fallback_on_a_key_stored_by_another_transaction_meanwhile(
     assert len(rows["events"]) == 2 and len(rows["jobs"]) == 2
 
 
-async def test_the_quota_edge_within_one_batch_lets_the_first_submitted_in(
-    make_engine: EngineFactory,
-) -> None:
-    """An owner holding 7 of 10: 20 concurrent create_credential calls go as one batch; the first three
-    submitted are stored, the 17 others get QuotaExceeded (the single statement's error)."""
-    eng = await make_engine(quotas=Quotas(credentials=10))
-    for i in range(7):
-        await eng.create_credential("edge", venue="BINANCE", api_key=f"held-{i:03d}", api_secret="s" * 16)
-    first = eng.create_batches.batches
-    calls = [
-        eng.create_credential("edge", venue="BINANCE", api_key=f"edge-{i:03d}", api_secret="s" * 16)
-        for i in range(20)
-    ]
-    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=30)
-    assert eng.create_batches.batches == first + 1 and eng.create_batches.largest == 20
-    assert [isinstance(o, Credential) for o in outcomes] == [True] * 3 + [False] * 17
-    assert all(isinstance(o, errors.QuotaExceeded) and o.limit == 10 for o in outcomes[3:])
-    assert (await eng.list_credentials("edge")).total == 10
-    assert [c.masked_api_key for c in outcomes[:3] if isinstance(c, Credential)] == [
-        (await eng.get_credential("edge", c.credential_id)).masked_api_key
-        for c in outcomes[:3]
-        if isinstance(c, Credential)
-    ]
-
-
 async def test_batches_of_two_engines_keep_every_quota_exact_without_deadlock(
     make_engine: EngineFactory,
 ) -> None:
