@@ -1,7 +1,7 @@
 """The lifecycle's hot path: the two writes every credential makes, each in one statement that is its own
 transaction, where the transaction path takes six and five round trips.
 
-**Creation** (``created_and_enqueued`` in queries.sql, :func:`created_and_enqueued`): the quota check under the
+**Creation** (``created_and_enqueued`` in queries.sql, :func:`create_one`): the quota check under the
 owner's lock, the credential and its secret, its ``credential.created`` and its verification job; the
 transaction path (:meth:`engine.engine.CredentialEngine.create_credential`) sends BEGIN, ``lock_owner``,
 ``insert_credential``, the outbox row, ``enqueue_job``, COMMIT. The lock and the count are taken in that order
@@ -160,32 +160,6 @@ async def create_one(
     if row["wanted"]:
         return None
     return credential_from_row(row)
-
-
-async def created_and_enqueued(
-    store: Store,
-    queue: queuemod.JobQueue,
-    *,
-    credential_id: uuid.UUID,
-    owner_id: str,
-    venue: Venue,
-    credential_type: CredentialType,
-    nickname: str | None,
-    keys: ApiKeys,
-    quota: int | None,
-    lock_timeout: str,
-) -> Credential | None:
-    """:func:`create_one` of ``keys`` sealed for a new credential (:func:`creation`)."""
-    new = creation(
-        store,
-        credential_id=credential_id,
-        owner_id=owner_id,
-        venue=venue,
-        credential_type=credential_type,
-        nickname=nickname,
-        keys=keys,
-    )
-    return await create_one(store, queue, new, quota=quota, lock_timeout=lock_timeout)
 
 
 def eligible(result: ProbeResult) -> bool:
