@@ -118,7 +118,7 @@ WITH item AS (
     SELECT DISTINCT e.owner_id FROM webhook_endpoints e
     WHERE e.owner_id = ANY ($2::text[]) AND e.enabled
       AND (e.event_types IS NULL OR 'credential.created' = ANY (e.event_types))
-), judged AS (
+), judged AS MATERIALIZED (
     SELECT i.*, w.owner_id IS NOT NULL AS wanted,
            EXISTS (SELECT 1 FROM credential_secrets s
                    WHERE s.owner_id = i.owner_id AND s.venue = i.venue AND s.key_fingerprint = i.fingerprint)
