@@ -92,6 +92,31 @@ BEGIN
 END
 $$ LANGUAGE plpgsql VOLATILE;
 
+-- The quota room of a batch of new credentials (queries.sql, created_in_batch): what ce_credential_room does for
+-- one owner, for every owner of p_owners at once. Each distinct owner's quota lock (advisory class 774412) is
+-- taken in ascending order of its lock key, so two batches never wait for each other in a cycle (a single
+-- create or the transaction path holds one owner's lock only); each wait is bounded by p_timeout. Then one
+-- count, a statement of its own (a snapshot taken after the last lock), of the credentials each owner holds
+-- that are not REVOKED: one row per owner that holds any. No lock and no row when p_quota is NULL (no quota).
+CREATE OR REPLACE FUNCTION ce_credential_rooms(p_owners text[], p_quota integer, p_timeout text)
+RETURNS TABLE (room_owner text, held bigint) AS $$
+DECLARE
+    lock_key integer;
+BEGIN
+    IF p_quota IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('lock_timeout', p_timeout, true);
+    FOR lock_key IN SELECT DISTINCT hashtext(o) AS k FROM unnest(p_owners) AS o ORDER BY k LOOP
+        PERFORM pg_advisory_xact_lock(774412, lock_key);
+    END LOOP;
+    RETURN QUERY
+        SELECT c.owner_id, count(*) FROM credentials c
+        WHERE c.owner_id = ANY (p_owners) AND c.status <> 'REVOKED'
+        GROUP BY c.owner_id;
+END
+$$ LANGUAGE plpgsql VOLATILE;
+
 CREATE INDEX IF NOT EXISTS credentials_owner_created ON credentials (owner_id, created_at, id);
 CREATE INDEX IF NOT EXISTS credentials_verified_sweep ON credentials (verified_at) WHERE status = 'VERIFIED';
 

@@ -7,7 +7,8 @@ part is built from the parts it uses, never from the engine. It does no I/O in i
 (``async with``), and refuses to reopen after closing. Every credential operation is one transaction that locks
 the credential row first, writes the change through the store (which returns the credential as written),
 records its event(s) through the outbox and enqueues the job that follows; creating a credential does all of
-that in one statement (:mod:`engine.hotpath`) unless a webhook endpoint wants its event.
+that in one statement (:mod:`engine.hotpath`), shared by the creations made concurrently
+(:mod:`engine.creates`), unless a webhook endpoint wants its event.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from engine.bounds import budgets, quotas, retention
 from engine.broker.context import Context as BrokerContext
 from engine.broker.managers import Managers
 from engine.broker.service import Broker
+from engine.coalesce import CoalescerStats
 from engine.config import EngineConfig
+from engine.creates import BatchedCreates
 from engine.embedded import default_data_dir, start_embedded
 from engine.keys import providers as keyproviders
 from engine.keys import rewrap
@@ -116,6 +119,7 @@ class CredentialEngine:
         self._session: aiohttp.ClientSession | None = None
         self._jobs: jobs.LifecycleJobs | None = None
         self._budgets: budgets.SharedBudgets | None = None  # per-IP venue budgets shared by the egress group
+        self._creates: BatchedCreates | None = None  # create_credential's statements, in batches
         self._parts: _Parts | None = None
         cfg = self.config
         # key leases (engine/live): one bus subscription for every lease of this process
@@ -259,6 +263,9 @@ class CredentialEngine:
         broker.schedule(queue)
         accounts = TradingAccounts(store=store, db=self._db, outbox=outbox, credentials=self)
         self._parts = _Parts(store, queue, outbox, accounts)
+        self._creates = BatchedCreates(
+            store, queue, quota=cfg.quotas.credentials or None, lock_timeout=quotas.LOCK_TIMEOUT
+        )
         self.leases.start(self._db, store)  # subscribed before the bus starts: no event of the run is missed
         await self.bus.start(self._db)
         if cfg.workers > 0:
@@ -296,6 +303,8 @@ class CredentialEngine:
 
     async def _teardown(self) -> None:
         # fixed order: stop taking work, stop telling, then release connections
+        if self._creates is not None:  # no new creation; the batch being written ends or is cut off, bounded
+            await self._creates.close(timeout=self.config.shutdown_timeout)
         if self._queue is not None:
             await self._queue.stop()
         if self._budgets is not None:
@@ -331,6 +340,16 @@ class CredentialEngine:
     @property
     def queue(self) -> queuemod.JobQueue:
         return self._ready().queue
+
+    def _batched_creates(self) -> BatchedCreates:
+        if self._creates is None:
+            raise errors.EngineClosed("the engine is not open")
+        return self._creates
+
+    @property
+    def create_batches(self) -> CoalescerStats:
+        """How create_credential's statements were batched in this process (engine/creates.py): batches, sizes."""
+        return self._batched_creates().stats
 
     @property
     def probe_metrics(self) -> jobs.ProbeMetrics:
@@ -409,18 +428,17 @@ class CredentialEngine:
         keys = validation.api_keys(the_venue, api_key, api_secret, api_passphrase)
         self._check_keys(the_venue, keys)
         credential_id = uuid.uuid4()
-        created = await hotpath.created_and_enqueued(  # one statement, unless an endpoint wants the event
+        new = hotpath.creation(
             store,
-            queue,
             credential_id=credential_id,
             owner_id=owner,
             venue=the_venue,
             credential_type=ctype,
             nickname=name,
             keys=keys,
-            quota=self.config.quotas.credentials or None,
-            lock_timeout=quotas.LOCK_TIMEOUT,
         )
+        # one statement, written with the creations made meanwhile, unless an endpoint wants the event
+        created = await self._batched_creates().create(new)
         if created is not None:
             outbox.committed()
             return created

@@ -1,7 +1,7 @@
 """The lifecycle's hot path: the two writes every credential makes, each in one statement that is its own
 transaction, where the transaction path takes six and five round trips.
 
-**Creation** (``created_and_enqueued`` in queries.sql, :func:`created_and_enqueued`): the quota check under the
+**Creation** (``created_and_enqueued`` in queries.sql, :func:`create_one`): the quota check under the
 owner's lock, the credential and its secret, its ``credential.created`` and its verification job; the
 transaction path (:meth:`engine.engine.CredentialEngine.create_credential`) sends BEGIN, ``lock_owner``,
 ``insert_credential``, the outbox row, ``enqueue_job``, COMMIT. The lock and the count are taken in that order
@@ -11,7 +11,8 @@ two timestamps, which the statement sets in the event's data (``createdAt``, ``u
 by the rules of queue.sql's ``enqueue_job`` for a job of an owner due now (start tag, dedupe key, NOTIFY).
 The statement writes nothing when the quota is reached (:func:`engine.bounds.quotas.credentials_full`) or when a
 webhook endpoint of the owner wants ``credential.created`` (the caller takes the transaction path, whose
-fan-out writes the deliveries).
+fan-out writes the deliveries). Concurrent creations share one statement (engine/creates.py), which answers each
+as :func:`create_one` would, and falls back to it.
 
 **Verification** (``verified_and_done``, :func:`verified_and_done`): a successful verification written,
 reported and its job marked done; the transaction path (:meth:`engine.jobs.LifecycleJobs.verify`) sends BEGIN,
@@ -90,9 +91,30 @@ def created_credential(
     )
 
 
-async def created_and_enqueued(
+@dataclasses.dataclass(frozen=True, slots=True)
+class Creation:
+    """One creation as the statements write it: the new row's public fields, its sealed secret version 1 (the
+    material and the key's fingerprint never in a repr), its event's id and data, its verification job."""
+
+    credential_id: uuid.UUID
+    owner_id: str
+    venue: Venue
+    credential_type: CredentialType
+    nickname: str | None
+    masked_api_key: str
+    kek_version: int
+    wrapped_dek: bytes = dataclasses.field(repr=False)
+    nonce: bytes = dataclasses.field(repr=False)
+    ciphertext: bytes = dataclasses.field(repr=False)
+    fingerprint: bytes = dataclasses.field(repr=False)
+    event_id: uuid.UUID
+    data: dict[str, Any]
+    payload: dict[str, Any]
+    dedupe_key: str | None
+
+
+def creation(
     store: Store,
-    queue: queuemod.JobQueue,
     *,
     credential_id: uuid.UUID,
     owner_id: str,
@@ -100,13 +122,8 @@ async def created_and_enqueued(
     credential_type: CredentialType,
     nickname: str | None,
     keys: ApiKeys,
-    quota: int | None,
-    lock_timeout: str,
-) -> Credential | None:
-    """Store a new PENDING credential with ``keys`` as secret version 1, its ``credential.created`` and its
-    verification job, in one statement. None: a webhook endpoint of the owner wants the event, nothing written
-    (take the transaction path). :class:`errors.QuotaExceeded` when the owner holds ``quota`` credentials;
-    :class:`errors.DuplicateCredential` when it holds these keys already."""
+) -> Creation:
+    """``keys`` sealed as secret version 1 of a new credential, with what its event and job carry."""
     kek_version, wrapped_dek, nonce, ciphertext, fingerprint, masked = store.sealed_columns(
         credential_id, venue, keys, 1
     )
@@ -116,12 +133,25 @@ async def created_and_enqueued(
         ).public_dict()
     }
     work = Verify(credential_id, 1)
-    with refused_keys(venue):
+    return Creation(
+        credential_id, owner_id, venue, credential_type, nickname, masked, kek_version, wrapped_dek, nonce,
+        ciphertext, fingerprint, uuid.uuid4(), data, work.to_payload(), work.dedupe_key,
+    )  # fmt: skip
+
+
+async def create_one(
+    store: Store, queue: queuemod.JobQueue, new: Creation, *, quota: int | None, lock_timeout: str
+) -> Credential | None:
+    """Store ``new`` (a PENDING credential, its ``credential.created`` and its verification job) in one
+    statement. None: a webhook endpoint of the owner wants the event, nothing written (take the transaction
+    path). :class:`errors.QuotaExceeded` when the owner holds ``quota`` credentials;
+    :class:`errors.DuplicateCredential` when it holds these keys already."""
+    with refused_keys(new.venue):
         row = await store.db.fetchrow(
-            "created_and_enqueued", credential_id, owner_id, venue.value, credential_type.value, nickname, masked,
-            kek_version, wrapped_dek, nonce, ciphertext, fingerprint, quota, lock_timeout, uuid.uuid4(), data,
-            events.CHANNEL, work.KIND, work.to_payload(), work.dedupe_key, queue.settings.max_attempts,
-            queue.settings.channel,
+            "created_and_enqueued", new.credential_id, new.owner_id, new.venue.value, new.credential_type.value,
+            new.nickname, new.masked_api_key, new.kek_version, new.wrapped_dek, new.nonce, new.ciphertext,
+            new.fingerprint, quota, lock_timeout, new.event_id, new.data, events.CHANNEL, Verify.KIND,
+            new.payload, new.dedupe_key, queue.settings.max_attempts, queue.settings.channel,
         )  # fmt: skip
     assert row is not None  # one row always: the room
     if not row["room"]:

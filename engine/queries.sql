@@ -92,6 +92,91 @@ SELECT room.ok AS room, room.wanted, w.*, NULL::integer AS pending_version,
            AS notified
 FROM room LEFT JOIN written w ON true;
 
+-- created_in_batch --
+-- Many creations in one statement, its own transaction (engine/creates.py): for item n (arrays $1-$11 as
+-- insert_credential's $1-$11, $14 event ids, $15 event data, $18 job payloads, $19 dedupe keys) exactly what
+-- created_and_enqueued would answer had the items run one after another in order n. Quota $12 under every
+-- owner's lock (ce_credential_rooms, schema.sql: sorted, each waited for at most $13): an item has room while
+-- its owner's held count plus the items of that owner before it that are not refused otherwise (wanted,
+-- duplicate) stays under the quota. wanted: a webhook endpoint of the owner wants credential.created (nothing
+-- written). duplicate: the owner holds the key ($11 on the venue) already, or an item before it of the same
+-- owner carries it. The rest are created with their event and job ($17 kind, $20 max attempts); the jobs of an
+-- owner take consecutive start tags from where enqueue_job would start the first (the rule of queue.sql's
+-- enqueue_job applied once per job in order n). One NOTIFY $16 and one NOTIFY $21 when anything was written.
+-- One row per item in order n: outcome (created, quota, wanted, duplicate) and the public row when created. A
+-- key that another transaction stores meanwhile makes the statement fail (unique violation): nothing written.
+WITH item AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
+                $8::bytea[], $9::bytea[], $10::bytea[], $11::bytea[], $14::uuid[], $15::jsonb[], $18::jsonb[],
+                $19::text[])
+        WITH ORDINALITY AS i (id, owner_id, venue, credential_type, nickname, masked, kek_version, wrapped_dek,
+                              nonce, ciphertext, fingerprint, event_id, data, payload, dedupe_key, n)
+), room AS MATERIALIZED (
+    SELECT * FROM ce_credential_rooms($2::text[], $12, $13)
+), wanted AS (
+    SELECT DISTINCT e.owner_id FROM webhook_endpoints e
+    WHERE e.owner_id = ANY ($2::text[]) AND e.enabled
+      AND (e.event_types IS NULL OR 'credential.created' = ANY (e.event_types))
+), judged AS MATERIALIZED (
+    SELECT i.*, w.owner_id IS NOT NULL AS wanted,
+           EXISTS (SELECT 1 FROM credential_secrets s
+                   WHERE s.owner_id = i.owner_id AND s.venue = i.venue AND s.key_fingerprint = i.fingerprint)
+           OR EXISTS (SELECT 1 FROM item j
+                      WHERE j.n < i.n AND j.owner_id = i.owner_id AND j.venue = i.venue
+                        AND j.fingerprint = i.fingerprint) AS duplicate
+    FROM item i LEFT JOIN wanted w ON w.owner_id = i.owner_id
+), decided AS MATERIALIZED (
+    SELECT j.*,
+           CASE WHEN $12::integer IS NOT NULL
+                     AND coalesce(r.held, 0) + coalesce(count(*) FILTER (WHERE NOT j.wanted AND NOT j.duplicate)
+                         OVER (PARTITION BY j.owner_id ORDER BY j.n
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) >= $12 THEN 'quota'
+                WHEN j.wanted THEN 'wanted'
+                WHEN j.duplicate THEN 'duplicate'
+                ELSE 'created' END AS outcome
+    FROM judged j LEFT JOIN room r ON r.room_owner = j.owner_id
+), written AS (
+    INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
+                             secret_version, event_seq)
+    SELECT d.id, d.owner_id, d.venue, d.credential_type, d.nickname, d.masked, 'PENDING', 1, 1
+    FROM decided d WHERE d.outcome = 'created' ORDER BY d.n
+    RETURNING *, floor(extract(epoch FROM created_at) * 1000)::bigint AS at_ms
+), secret AS (
+    INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version, wrapped_dek, nonce,
+                                    ciphertext, key_fingerprint, masked_api_key)
+    SELECT w.id, 1, 'CURRENT', d.owner_id, d.venue, d.kek_version, d.wrapped_dek, d.nonce, d.ciphertext,
+           d.fingerprint, d.masked
+    FROM written w JOIN decided d ON d.id = w.id ORDER BY d.n
+), event AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    SELECT d.event_id, 'credential.created', w.owner_id, w.id, 1,
+           jsonb_set(jsonb_set(d.data, '{credential,createdAt}', to_jsonb(w.at_ms)),
+                     '{credential,updatedAt}', to_jsonb(w.at_ms))
+    FROM written w JOIN decided d ON d.id = w.id ORDER BY d.n
+), tag AS (
+    SELECT o.owner_id, greatest(
+        (SELECT max(q.fair_seq) + 1 FROM queue_jobs q
+         WHERE q.state = 'queued' AND q.fair_key = o.owner_id AND q.fair_seq IS NOT NULL),
+        (SELECT min(q.fair_seq) FROM queue_jobs q WHERE q.state = 'queued' AND q.fair_seq IS NOT NULL),
+        0) AS seq
+    FROM (SELECT DISTINCT owner_id FROM written) o
+), job AS (
+    INSERT INTO queue_jobs (kind, payload, dedupe_key, max_attempts, run_at, fair_key, fair_seq)
+    SELECT $17, d.payload, d.dedupe_key, $20, now(), d.owner_id,
+           t.seq + row_number() OVER (PARTITION BY d.owner_id ORDER BY d.n) - 1
+    FROM written w JOIN decided d ON d.id = w.id JOIN tag t ON t.owner_id = d.owner_id
+    ORDER BY d.n
+    ON CONFLICT (dedupe_key) WHERE state = 'queued' DO NOTHING
+), notified AS MATERIALIZED (
+    SELECT pg_notify($16, '') IS NOT NULL AND pg_notify($21, '') IS NOT NULL AS sent
+    WHERE EXISTS (SELECT 1 FROM written)
+)
+SELECT d.n, d.outcome, w.*, NULL::integer AS pending_version, NULL::text AS pending_masked_api_key,
+       NULL::timestamptz AS pending_started_at, (SELECT sent FROM notified) AS notified
+FROM decided d LEFT JOIN written w ON w.id = d.id
+ORDER BY d.n;
+
 -- get_credential --
 -- One credential of one owner (other owners' ids find nothing).
 SELECT * FROM credential_view WHERE id = $1 AND owner_id = $2;

@@ -103,6 +103,28 @@ async def test_concurrent_creates_cannot_exceed_the_credential_quota(make_engine
         await eng.create_credential(OWNER, venue="BINANCE", api_key="quota-key-z", api_secret="s" * 16)
 
 
+async def test_the_quota_edge_within_one_batch_lets_the_first_submitted_in(make_engine: Any) -> None:
+    """Creations in batches (engine/creates.py): an owner holding 7 of 10, 20 concurrent create_credential
+    calls go as one batch; the first three submitted are stored, the 17 others get QuotaExceeded (the single
+    statement's error), and the owner holds 10."""
+    eng = await make_engine(quotas=Quotas(credentials=10))
+    for i in range(7):
+        await eng.create_credential("edge", venue="BINANCE", api_key=f"held-{i:03d}", api_secret="s" * 16)
+    first = eng.create_batches.batches
+    calls = [
+        eng.create_credential("edge", venue="BINANCE", api_key=f"edge-{i:03d}", api_secret="s" * 16)
+        for i in range(20)
+    ]
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=30)
+    assert eng.create_batches.batches == first + 1 and eng.create_batches.largest == 20
+    assert [isinstance(o, Credential) for o in outcomes] == [True] * 3 + [False] * 17
+    assert all(isinstance(o, errors.QuotaExceeded) and o.limit == 10 for o in outcomes[3:])
+    assert (await eng.list_credentials("edge")).total == 10
+    for made in outcomes[:3]:  # the answer is the row as stored
+        assert isinstance(made, Credential)
+        assert (await eng.get_credential("edge", made.credential_id)).public_dict() == made.public_dict()
+
+
 async def test_hourly_verify_quota_is_a_sliding_window_shared_by_concurrent_calls(
     make_engine: Any, fake: FakeVenue, database_url: str
 ) -> None:
