@@ -93,26 +93,37 @@ END
 $$ LANGUAGE plpgsql VOLATILE;
 
 -- The quota room of a batch of new credentials (queries.sql, created_in_batch): what ce_credential_room does for
--- one owner, for every owner of p_owners at once. Each distinct owner's quota lock (advisory class 774412) is
--- taken in ascending order of its lock key, so two batches never wait for each other in a cycle (a single
--- create or the transaction path holds one owner's lock only); each wait is bounded by p_timeout. Then one
--- count, a statement of its own (a snapshot taken after the last lock), of the credentials each owner holds
--- that are not REVOKED: one row per owner that holds any. No lock and no row when p_quota is NULL (no quota).
-CREATE OR REPLACE FUNCTION ce_credential_rooms(p_owners text[], p_quota integer, p_timeout text)
-RETURNS TABLE (room_owner text, held bigint) AS $$
+-- one owner, for every owner of p_owners at once, without waiting. Each distinct owner's quota lock (advisory
+-- class 774412) is tried, never waited for: a batch carries many owners, and waiting for one owner's lock
+-- (held by another process's create, mint or transaction path) would hold up every other owner's creations
+-- behind it. An owner whose lock is taken elsewhere comes back busy (held NULL): its items are not written by
+-- the batch and their callers send them alone (engine/creates.py), waiting for that lock as a single create
+-- does (p_timeout, also the bound of any other lock the batch's inserts wait for). Then one count, a statement
+-- of its own (a snapshot taken after the locks), of the credentials each locked owner holds that are not
+-- REVOKED: one row per such owner that holds any. No lock and no row when p_quota is NULL (no quota).
+DROP FUNCTION IF EXISTS ce_credential_rooms(text[], integer, text);
+CREATE FUNCTION ce_credential_rooms(p_owners text[], p_quota integer, p_timeout text)
+RETURNS TABLE (room_owner text, held bigint, busy boolean) AS $$
 DECLARE
-    lock_key integer;
+    owner_name text;
+    taken text[] := '{}';
+    refused text[] := '{}';
 BEGIN
     IF p_quota IS NULL THEN
         RETURN;
     END IF;
     PERFORM set_config('lock_timeout', p_timeout, true);
-    FOR lock_key IN SELECT DISTINCT hashtext(o) AS k FROM unnest(p_owners) AS o ORDER BY k LOOP
-        PERFORM pg_advisory_xact_lock(774412, lock_key);
+    FOR owner_name IN SELECT DISTINCT o FROM unnest(p_owners) AS o ORDER BY 1 LOOP
+        IF pg_try_advisory_xact_lock(774412, hashtext(owner_name)) THEN
+            taken := taken || owner_name;
+        ELSE
+            refused := refused || owner_name;
+        END IF;
     END LOOP;
+    RETURN QUERY SELECT o, NULL::bigint, true FROM unnest(refused) AS o;
     RETURN QUERY
-        SELECT c.owner_id, count(*) FROM credentials c
-        WHERE c.owner_id = ANY (p_owners) AND c.status <> 'REVOKED'
+        SELECT c.owner_id, count(*), false FROM credentials c
+        WHERE c.owner_id = ANY (taken) AND c.status <> 'REVOKED'
         GROUP BY c.owner_id;
 END
 $$ LANGUAGE plpgsql VOLATILE;

@@ -16,9 +16,12 @@ the order they were submitted:
 * **None** (a webhook endpoint of the owner wants ``credential.created``): nothing written; the caller takes the
   transaction path, whose fan-out writes the deliveries.
 
-The quota locks of all the batch's owners are taken in one order (``ce_credential_rooms``, schema.sql), each
-waited for at most ``lock_timeout``, so batches never deadlock with each other; a single statement or the
-transaction path holds one owner's lock only. One NOTIFY per channel and batch.
+The batch never waits for an owner's quota lock (``ce_credential_rooms``, schema.sql, tries them): an owner
+whose lock is held elsewhere (another process's creation, a mint, the transaction path) is **busy**, nothing
+of its items is written, and their callers send them alone, each waiting for that lock at most
+``lock_timeout`` like any single create. So one owner's held lock never holds up another owner's creations
+(a tenant cannot slow the others down through its own lock), and batches cannot deadlock over locks they wait
+for. One NOTIFY per channel and batch.
 
 **Fallback.** The statement is all or nothing. When it fails as a whole (:class:`errors.StorageError`: keys that
 another transaction stores meanwhile, a lock not granted in time, a deadlock with another transaction's inserts
@@ -51,7 +54,8 @@ from engine.payloads import Verify
 from engine.store import Store, credential_from_row
 
 MAX_BATCH = 100  # creations per statement: a batch's arrays stay small (~1 KiB per item), its locks few
-CREATED, QUOTA, WANTED, DUPLICATE = "created", "quota", "wanted", "duplicate"  # created_in_batch's outcomes
+# created_in_batch's outcomes
+CREATED, QUOTA, WANTED, DUPLICATE, BUSY = "created", "quota", "wanted", "duplicate", "busy"
 
 
 def duplicate(new: hotpath.Creation) -> errors.DuplicateCredential:
@@ -157,5 +161,7 @@ class BatchedCreates:
             return None
         if outcome == DUPLICATE:
             return duplicate(new)
+        if outcome == BUSY:  # the owner's quota lock is held elsewhere: its caller waits for it alone
+            return ALONE
         assert outcome == QUOTA and self._quota is not None  # only a quota refuses for room
         return quotas.credentials_full(self._quota)

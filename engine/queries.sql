@@ -95,15 +95,16 @@ FROM room LEFT JOIN written w ON true;
 -- created_in_batch --
 -- Many creations in one statement, its own transaction (engine/creates.py): for item n (arrays $1-$11 as
 -- insert_credential's $1-$11, $14 event ids, $15 event data, $18 job payloads, $19 dedupe keys) exactly what
--- created_and_enqueued would answer had the items run one after another in order n. Quota $12 under every
--- owner's lock (ce_credential_rooms, schema.sql: sorted, each waited for at most $13): an item has room while
+-- created_and_enqueued would answer had the items run one after another in order n, or busy: the owner's quota
+-- lock is held elsewhere (ce_credential_rooms, schema.sql, tries the locks, lock_timeout $13 for other waits),
+-- nothing written for it (its caller sends it alone). Quota $12 under every other owner's lock: an item has room while
 -- its owner's held count plus the items of that owner before it that are not refused otherwise (wanted,
 -- duplicate) stays under the quota. wanted: a webhook endpoint of the owner wants credential.created (nothing
 -- written). duplicate: the owner holds the key ($11 on the venue) already, or an item before it of the same
 -- owner carries it. The rest are created with their event and job ($17 kind, $20 max attempts); the jobs of an
 -- owner take consecutive start tags from where enqueue_job would start the first (the rule of queue.sql's
 -- enqueue_job applied once per job in order n). One NOTIFY $16 and one NOTIFY $21 when anything was written.
--- One row per item in order n: outcome (created, quota, wanted, duplicate) and the public row when created. A
+-- One row per item in order n: outcome (created, quota, wanted, duplicate, busy) and the public row when created. A
 -- key that another transaction stores meanwhile makes the statement fail (unique violation): nothing written.
 WITH item AS (
     SELECT *
@@ -128,7 +129,8 @@ WITH item AS (
     FROM item i LEFT JOIN wanted w ON w.owner_id = i.owner_id
 ), decided AS MATERIALIZED (
     SELECT j.*,
-           CASE WHEN $12::integer IS NOT NULL
+           CASE WHEN r.busy THEN 'busy'
+                WHEN $12::integer IS NOT NULL
                      AND coalesce(r.held, 0) + coalesce(count(*) FILTER (WHERE NOT j.wanted AND NOT j.duplicate)
                          OVER (PARTITION BY j.owner_id ORDER BY j.n
                                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) >= $12 THEN 'quota'

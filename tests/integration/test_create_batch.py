@@ -264,34 +264,56 @@ async def wait_for_lock_waits(conn: asyncpg.Connection, n: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_two_batches_take_their_owners_locks_in_one_order(
+async def test_an_owners_lock_held_elsewhere_holds_up_only_that_owners_creations(
     make_engine: EngineFactory, database_url: str
 ) -> None:
-    """Batch Y (owners P then Q) waits for P's lock held elsewhere; batch X (Q then P) comes next. Taken in
-    the items' order, X would hold Q while waiting for P, and Y, granted P first, would wait for Q: a deadlock
-    (one batch aborted). In one order (the lock keys sorted) X holds nothing while it waits: both complete."""
+    """Owner P's quota lock is held by another transaction (another process's create or mint). A batch with
+    creations of P and Q: Q's are written at once by the batch; P's come back busy and wait alone for P's lock
+    (as a single create does), and are written when it is released. With a batch that waited for every lock,
+    Q's creations would wait for P's lock too (they did: the first version of batching)."""
     eng = await make_engine(quotas=Quotas(credentials=10))
     holder = await asyncpg.connect(database_url)
     try:
-        first, second = "lock-owner-1", "lock-owner-2"
-        if await holder.fetchval("SELECT hashtext($1) > hashtext($2)", first, second):
-            first, second = second, first  # P: the smaller lock key
-        y, x = batcher(eng, 10), batcher(eng, 10)
+        b = batcher(eng, 10)
         async with holder.transaction():
-            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext($1))", first)
-            ys = asyncio.gather(
-                *(y.create(new(eng, o, f"y-{o}")) for o in (first, second)), return_exceptions=True
-            )
-            await wait_for_lock_waits(holder, 1)
-            xs = asyncio.gather(
-                *(x.create(new(eng, o, f"x-{o}")) for o in (second, first)), return_exceptions=True
-            )
-            await wait_for_lock_waits(holder, 2)
-        outcomes = await asyncio.wait_for(asyncio.gather(ys, xs), timeout=30)
+            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext('owner-p'))")
+            ps = [asyncio.ensure_future(b.create(new(eng, "owner-p", f"p-{i}"))) for i in range(2)]
+            qs = [asyncio.ensure_future(b.create(new(eng, "owner-q", f"q-{i}"))) for i in range(3)]
+            q_made = await asyncio.wait_for(asyncio.gather(*qs), timeout=5)  # P's lock still held
+            assert all(isinstance(c, Credential) and c.owner_id == "owner-q" for c in q_made)
+            await wait_for_lock_waits(holder, 1)  # P's creations wait for the lock, alone
+            assert not any(p.done() for p in ps)
+        p_made = await asyncio.wait_for(asyncio.gather(*ps), timeout=30)
     finally:
         await holder.close()
-    assert (y.fallbacks, x.fallbacks) == (0, 0)
-    assert all(isinstance(o, Credential) for pair in outcomes for o in pair), outcomes
+    assert all(isinstance(c, Credential) and c.owner_id == "owner-p" for c in p_made)
+    assert b.stats.largest == 5 and b.fallbacks == 0
+    assert await broken_invariants(eng) == {}
+
+
+async def test_the_quota_stays_exact_when_a_busy_owners_creations_go_alone(
+    make_engine: EngineFactory, database_url: str
+) -> None:
+    """Owner P holds 8 of 10 and its lock is held elsewhere while a batch carries 4 of P's creations: they go
+    alone after the lock is released, and exactly 2 are stored (the first submitted are not guaranteed to win
+    here: each waits for the lock on its own)."""
+    eng = await make_engine(quotas=Quotas(credentials=10))
+    b = batcher(eng, 10)
+    for i in range(8):
+        await b.create(new(eng, "owner-p", f"pre-{i}"))
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext('owner-p'))")
+            calls = asyncio.gather(
+                *(b.create(new(eng, "owner-p", f"late-{i}")) for i in range(4)), return_exceptions=True
+            )
+            await wait_for_lock_waits(holder, 1)
+        outcomes = await asyncio.wait_for(calls, timeout=30)
+    finally:
+        await holder.close()
+    assert sum(isinstance(o, Credential) for o in outcomes) == 2
+    assert sum(isinstance(o, errors.QuotaExceeded) for o in outcomes) == 2, outcomes
 
 
 async def test_wanted_creations_take_the_transaction_path_and_get_their_deliveries(
@@ -319,13 +341,14 @@ async def test_wanted_creations_take_the_transaction_path_and_get_their_deliveri
 async def test_close_cuts_off_a_batch_that_waits_and_stores_nothing_of_it(
     make_engine: EngineFactory, database_url: str
 ) -> None:
-    """A batch waiting for an owner's lock held elsewhere when the engine closes: the close ends within its
+    """A batch waiting for a lock held elsewhere when the engine closes: the close ends within its
     bound, every caller gets EngineClosed, nothing of the batch is stored; later calls are refused."""
     eng = await make_engine(shutdown_timeout=0.5)
     holder = await asyncpg.connect(database_url)
     try:
         async with holder.transaction():
-            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext('held'))")
+            # the batch's inserts wait for this (the owners' quota locks are only tried, never waited for)
+            await holder.execute("LOCK TABLE credentials IN SHARE MODE")
             calls = asyncio.gather(
                 *(
                     eng.create_credential("held", venue="BINANCE", api_key=f"c-{i:03d}", api_secret="s" * 16)
@@ -395,7 +418,7 @@ async def test_secrets_canary_batch_and_fallback(make_engine: EngineFactory, dat
     holder = await asyncpg.connect(database_url)
     try:
         async with holder.transaction():
-            await holder.execute("SELECT pg_advisory_xact_lock(774412, hashtext('canary-2'))")
+            await holder.execute("LOCK TABLE credentials IN SHARE MODE")  # the batch's inserts wait, time out
             short = BatchedCreates(eng.store, eng.queue, quota=2, lock_timeout="100ms")
             outcomes += await asyncio.gather(*(short.create(i) for i in items), return_exceptions=True)
             assert short.fallbacks == 1
