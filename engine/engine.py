@@ -298,6 +298,8 @@ class CredentialEngine:
         # fixed order: stop taking work, stop telling, then release connections
         if self._queue is not None:
             await self._queue.stop()
+        if self._parts is not None:  # the jobs are done: no read is left to batch (engine/readbatch.py)
+            await self._parts.store.reads.close()
         if self._budgets is not None:
             await self._budgets.stop()
         await self.webhooks.close()

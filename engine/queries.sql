@@ -134,19 +134,29 @@ WHERE owner_id = $1
 SELECT s.credential_id, s.state FROM credential_secrets s
 WHERE s.owner_id = $1 AND s.venue = $2 AND s.key_fingerprint = $3;
 
--- get_credential_with_secret --
--- One credential whoever owns it, with the stored material of secret version $2 (null columns if gone).
-SELECT v.*,
-       s.version        AS secret_row_version,
-       s.state          AS secret_state,
-       s.kek_version    AS secret_kek_version,
-       s.wrapped_dek    AS secret_wrapped_dek,
-       s.nonce          AS secret_nonce,
-       s.ciphertext     AS secret_ciphertext,
-       s.masked_api_key AS secret_masked_api_key
-FROM credential_view v
-LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = $2
-WHERE v.id = $1;
+-- get_credentials_with_secrets --
+-- Credentials whoever owns them, each with the stored material of one secret version (null columns if gone), for
+-- many pairs at once (engine/readbatch.py): $1 a JSON array of [credential id, secret version]; one row per pair
+-- whose credential exists, "wanted" its position (from 1). The pairs come as JSON, not arrays, and each is looked
+-- up in a LATERAL subquery kept apart (OFFSET 0): the plan's estimates do not depend on how many pairs come, so
+-- the server can keep one generic plan that reads each pair by index (with array parameters the estimates follow
+-- the batch's length, which invites a custom plan per batch; that version cost more PostgreSQL CPU in the bench).
+SELECT w.i AS wanted, r.*
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS w(pair, i)
+CROSS JOIN LATERAL (
+    SELECT v.*,
+           s.version        AS secret_row_version,
+           s.state          AS secret_state,
+           s.kek_version    AS secret_kek_version,
+           s.wrapped_dek    AS secret_wrapped_dek,
+           s.nonce          AS secret_nonce,
+           s.ciphertext     AS secret_ciphertext,
+           s.masked_api_key AS secret_masked_api_key
+    FROM credential_view v
+    LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = (w.pair ->> 1)::integer
+    WHERE v.id = (w.pair ->> 0)::uuid
+    OFFSET 0
+) r;
 
 -- get_secret --
 -- One secret version of a credential.

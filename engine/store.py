@@ -30,6 +30,7 @@ from engine.models import (
     TradingAccount,
     TradingAccountStatus,
 )
+from engine.readbatch import CredentialReads
 from venues.base import ApiKeys, Permissions, ProbeResult, Venue, mask_api_key
 
 FINGERPRINT_KEY = "fingerprint-hmac"
@@ -148,6 +149,7 @@ class Store:
     def __init__(self, db: Database, vault: crypto.Vault) -> None:
         self.db = db
         self.vault = vault
+        self.reads = CredentialReads(db)  # the jobs' reads, coalesced (engine/readbatch.py)
         self._fingerprint_key: bytes | None = None
 
     async def load_fingerprint_key(self) -> None:
@@ -378,8 +380,8 @@ class Store:
         self, credential_id: uuid.UUID, version: int
     ) -> tuple[Credential, SecretRow | None, int]:
         """:meth:`get_with_secret` and the row's event sequence (what a write fenced on "unchanged since
-        read" compares: engine/hotpath.py)."""
-        row = await self.db.fetchrow("get_credential_with_secret", credential_id, version)
+        read" compares: engine/hotpath.py). Concurrent reads share a statement (engine/readbatch.py)."""
+        row = await self.reads.read(credential_id, version)
         if row is None:
             raise errors.NotFound(f"credential {credential_id} not found", field="credentialId")
         secret = None
