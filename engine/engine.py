@@ -238,6 +238,7 @@ class CredentialEngine:
             discover=broker.discovery,
             rotation_hooks=broker.rotation,
         )
+        queue.claim_with(jobs.CLAIM_QUERY)  # the verification jobs' reads ride on their claim
         timeouts = jobs.handler_timeouts(cfg)
         for kind, handler in self._jobs.handlers().items():
             queue.register(kind, handler, timeout=timeouts[kind])

@@ -58,6 +58,7 @@ log = structlog.get_logger("engine.jobs")
 
 __all__ = [
     "ACCOUNT_MISMATCH",
+    "CLAIM_QUERY",
     "EXPIRY_WARNING",
     "PURGE_JOBS",
     "REVERIFY_SWEEP",
@@ -72,6 +73,8 @@ __all__ = [
     "verify_key",
 ]
 
+# the queue's claim statement: claim_jobs, and each claimed verify job's credential and secret version read with it
+CLAIM_QUERY = "claim_jobs_reading_credentials"
 PURGE_PERIOD = 3600.0  # seconds between purges of old finished jobs and of expired webhook secrets
 SWEEP_BATCH = 1000
 # a verification (manual, sweep, staged or immediate rotation) reached another venue account than the one the
@@ -223,7 +226,9 @@ class LifecycleJobs:
         store = self._store
         work = Verify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        cred, secret, sequence = await store.read_for_job(cid, version)
+        # read by the claim (claim_jobs_reading_credentials): no statement of its own; else a coalesced read
+        read = store.read_with_claim(job.attached, cid, version) or await store.read_for_job(cid, version)
+        cred, secret, sequence = read
         if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
         outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)

@@ -158,6 +158,46 @@ CROSS JOIN LATERAL (
     OFFSET 0
 ) r;
 
+-- claim_jobs_reading_credentials --
+-- queue.sql's claim_jobs (same parameters and columns) that also reads each claimed verify job's credential (cred_*) and the secret version it probes (secret_*, null if gone).
+-- The verification jobs' reads ride on their claim (JobQueue.claim_with, engine/jobs.py): no statement of their
+-- own. The columns are named one by one, prefixed (the job's own are id, created_at... too); store.py's
+-- credential_from_row reads them without the prefix, so a credential column it needs is added here as well
+-- (tests/integration/test_readbatch.py compares with get_credentials_with_secrets). A payload that names no
+-- credential id or version reads nothing and never fails the claim (no cast of a bad value: CASE, not AND, since
+-- the order a WHERE's conditions run in is the planner's); the handler then reads as usual. Read in the claim's
+-- snapshot: the handler's write fences on the row's event sequence (engine/hotpath.py), as after a read of its own.
+SELECT c.id, c.kind, c.payload, c.state, c.attempt, c.tries, c.max_attempts, c.dedupe_key, c.run_at, c.created_at,
+       r.*
+FROM queue_claim($1::integer, $2::text, $3::float8, $4::text[], $5::bigint[], $6::integer[], $7::float8[]) AS c
+LEFT JOIN LATERAL (
+    SELECT v.id AS cred_id, v.owner_id AS cred_owner_id, v.venue AS cred_venue,
+           v.credential_type AS cred_credential_type, v.nickname AS cred_nickname,
+           v.masked_api_key AS cred_masked_api_key, v.status AS cred_status, v.identities AS cred_identities,
+           v.permissions AS cred_permissions, v.venue_account_id AS cred_venue_account_id,
+           v.pinned_venue_account_id AS cred_pinned_venue_account_id, v.failure_reason AS cred_failure_reason,
+           v.rotation_failure_reason AS cred_rotation_failure_reason, v.secret_version AS cred_secret_version,
+           v.event_seq AS cred_event_seq, v.created_at AS cred_created_at, v.updated_at AS cred_updated_at,
+           v.verified_at AS cred_verified_at, v.revoked_at AS cred_revoked_at, v.warnings AS cred_warnings,
+           v.minted_from_id AS cred_minted_from_id, v.minted_sub_account AS cred_minted_sub_account,
+           v.pending_version AS cred_pending_version, v.pending_masked_api_key AS cred_pending_masked_api_key,
+           v.pending_started_at AS cred_pending_started_at,
+           s.version        AS secret_row_version,
+           s.state          AS secret_state,
+           s.kek_version    AS secret_kek_version,
+           s.wrapped_dek    AS secret_wrapped_dek,
+           s.nonce          AS secret_nonce,
+           s.ciphertext     AS secret_ciphertext,
+           s.masked_api_key AS secret_masked_api_key
+    FROM credential_view v
+    LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = CASE
+        WHEN c.payload ->> 'version' ~ '^[0-9]{1,9}$' THEN (c.payload ->> 'version')::integer END
+    WHERE c.kind = 'verify' AND c.state = 'running' AND v.id = CASE
+        WHEN c.payload ->> 'credentialId' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+        THEN (c.payload ->> 'credentialId')::uuid END
+    OFFSET 0
+) r ON true;
+
 -- get_secret --
 -- One secret version of a credential.
 SELECT credential_id, version, state, kek_version, wrapped_dek, nonce, ciphertext, masked_api_key

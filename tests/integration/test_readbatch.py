@@ -15,6 +15,7 @@ from engine import errors, readbatch
 from engine.coalesce import CoalescerClosed
 from engine.engine import CredentialEngine
 from engine.models import CredentialStatus
+from engine.payloads import REVERIFY_SWEEP, VERIFY
 from engine.testing import FakeVenue
 from venues.base import Venue
 
@@ -148,22 +149,6 @@ async def test_a_cancelled_read_leaves_the_others_whole(eng: CredentialEngine, f
     assert [r[0].credential_id for i, r in enumerate(results) if i != 1] == [ids[0], ids[2], ids[3]]  # type: ignore[index]
 
 
-async def test_verifications_run_together_read_in_batches(
-    make_engine: EngineFactory, fake: FakeVenue
-) -> None:
-    """A backlog of 40 verifications with 10 runners: all VERIFIED, with fewer reads than credentials."""
-    eng = await make_engine(workers=0)
-    ids = await created(eng, fake, 40)
-    reads = eng.store.reads
-    await eng.close()
-    runner = await make_engine(workers=10)
-    for cid in ids:
-        await runner.wait_for_status(OWNER, cid, [CredentialStatus.VERIFIED], timeout=60)
-    stats = runner.store.reads.stats
-    assert stats.items == 40 and stats.batches < 40 and stats.largest > 1
-    assert reads is not runner.store.reads
-
-
 async def test_a_closed_engine_reads_no_more(make_engine: EngineFactory, fake: FakeVenue) -> None:
     """The engine closes its reads after its jobs: a read after that is refused, never left waiting."""
     eng = await make_engine(workers=0)
@@ -172,3 +157,61 @@ async def test_a_closed_engine_reads_no_more(make_engine: EngineFactory, fake: F
     await eng.close()
     with pytest.raises(CoalescerClosed):
         await reads.read(cid, 1)
+
+
+async def test_the_claim_reads_what_a_verification_job_reads(eng: CredentialEngine, fake: FakeVenue) -> None:
+    """The claim statement reads each verify job's credential and secret version (claim_jobs_reading_credentials):
+    what read_for_job answers, typed the same (jsonb as dicts, bytes as bytes), in no statement of its own; a
+    secret version that is gone reads as None; a job of another kind, a payload that names no credential and a
+    credential that does not exist read nothing, and never fail the claim."""
+    ids = await created(eng, fake, 3)
+    store, queue = eng.store, eng._ready().queue
+    await queue.run_until_idle(timeout=30)  # VERIFIED: permissions (jsonb), identities, timestamps set
+    for cid in ids:
+        await eng.verify_credential(OWNER, cid)
+    extra = [
+        (VERIFY, {"credentialId": str(ids[1]), "version": 7}),  # a secret version that does not exist
+        (VERIFY, {"credentialId": "not-a-uuid", "version": "1e999"}),
+        (VERIFY, {"credentialId": str(uuid.uuid4()), "version": 1}),
+        (VERIFY, {"version": [1]}),
+        (REVERIFY_SWEEP, {"credentialId": str(ids[2]), "version": 1}),
+    ]
+    for kind, payload in extra:
+        await queue.enqueue(kind, payload)
+    backend = queue._backend
+    before = store.reads.stats.items
+    async with backend.claim_session(0) as session:
+        claimed = await backend.claim(session, 20, [])
+    assert len(claimed) == 3 + len(extra)
+    assert store.reads.stats.items == before  # nothing read apart from the claim
+    read = {}
+    for job in claimed:
+        assert job.attached is not None and "cred_id" in job.attached
+        known = job.kind == VERIFY and job.payload.get("credentialId") in {str(cid) for cid in ids}
+        assert (job.attached["cred_id"] is not None) == known, job.payload
+        if known:
+            cid, version = uuid.UUID(job.payload["credentialId"]), int(job.payload["version"])
+            read[(cid, version)] = store.read_with_claim(job.attached, cid, version)
+    assert set(read) == {(ids[0], 1), (ids[1], 1), (ids[2], 1), (ids[1], 7)}
+    for (cid, version), got in read.items():
+        assert got == await store.read_for_job(cid, version)
+    got = read[(ids[1], 7)]
+    assert got is not None and got[0].credential_id == ids[1] and got[1] is None
+    got = read[(ids[0], 1)]
+    assert got is not None
+    cred, secret, _ = got
+    assert cred.status is CredentialStatus.VERIFIED and cred.permissions is not None
+    assert secret is not None and store.open_secret(secret).api_key == "read-key-0000"
+    assert store.read_with_claim(None, ids[0], 1) is None
+    assert store.read_with_claim(claimed[0].attached, uuid.uuid4(), 1) is None  # another job's row: not used
+
+
+async def test_verifications_read_with_their_claim(make_engine: EngineFactory, fake: FakeVenue) -> None:
+    """A backlog of verifications run by the engine's workers: every credential VERIFIED, no read of its own."""
+    eng = await make_engine(workers=0)
+    ids = await created(eng, fake, 30)
+    await eng.close()
+    runner = await make_engine(workers=10)
+    for cid in ids:
+        await runner.wait_for_status(OWNER, cid, [CredentialStatus.VERIFIED], timeout=60)
+    assert runner.store.reads.stats.items == 0
