@@ -73,7 +73,8 @@ __all__ = [
     "verify_key",
 ]
 
-# the queue's claim statement: claim_jobs, and each claimed verify job's credential and secret version read with it
+# the queue's claim statement: claim_jobs, and each claimed verify and rotation_verify job's credential and the
+# secret version it probes read with it (a job the claim read nothing for reads as before: Store.read_for_job)
 CLAIM_QUERY = "claim_jobs_reading_credentials"
 PURGE_PERIOD = 3600.0  # seconds between purges of old finished jobs and of expired webhook secrets
 SWEEP_BATCH = 1000
@@ -346,7 +347,8 @@ class LifecycleJobs:
         store = self._store
         work = RotationVerify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        cred, secret = await store.get_with_secret(cid, version)
+        read = store.read_with_claim(job.attached, cid, version) or await store.read_for_job(cid, version)
+        cred, secret, _ = read
         if cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING":
             return  # discarded (immediate rotation, revoke) or already promoted
         outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)

@@ -159,14 +159,14 @@ CROSS JOIN LATERAL (
 ) r;
 
 -- claim_jobs_reading_credentials --
--- queue.sql's claim_jobs (same parameters and columns) that also reads each claimed verify job's credential (cred_*) and the secret version it probes (secret_*, null if gone).
--- The verification jobs' reads ride on their claim (JobQueue.claim_with, engine/jobs.py): no statement of their
--- own. The columns are named one by one, prefixed (the job's own are id, created_at... too); store.py's
--- credential_from_row reads them without the prefix, so a credential column it needs is added here as well
--- (tests/integration/test_readbatch.py compares with get_credentials_with_secrets). A payload that names no
--- credential id or version reads nothing and never fails the claim (no cast of a bad value: CASE, not AND, since
--- the order a WHERE's conditions run in is the planner's); the handler then reads as usual. Read in the claim's
--- snapshot: the handler's write fences on the row's event sequence (engine/hotpath.py), as after a read of its own.
+-- queue.sql's claim_jobs (same parameters and columns) that also reads each claimed verify or rotation_verify job's credential (cred_*) and the secret version it probes (secret_*, null if gone).
+-- The verification jobs' reads (engine/payloads.py: VERIFY, ROTATION_VERIFY) ride on their claim (JobQueue.claim_with,
+-- engine/jobs.py): no statement of their own. Columns named one by one and prefixed (the job's own include id and
+-- created_at); store.py reads them with credential_from_row, so a column it needs is added here too (a test
+-- compares with get_credentials_with_secrets). A payload that names no credential id and version reads nothing
+-- and never fails the claim (no cast of a bad value: CASE, not AND, whose order of evaluation is the planner's);
+-- its handler then reads as usual. Read in the claim's snapshot, as a read of its own would be a moment later:
+-- what a handler decides on it is fenced when written (engine/hotpath.py) or decided again under the row lock.
 SELECT c.id, c.kind, c.payload, c.state, c.attempt, c.tries, c.max_attempts, c.dedupe_key, c.run_at, c.created_at,
        r.*
 FROM queue_claim($1::integer, $2::text, $3::float8, $4::text[], $5::bigint[], $6::integer[], $7::float8[]) AS c
@@ -192,7 +192,7 @@ LEFT JOIN LATERAL (
     FROM credential_view v
     LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = CASE
         WHEN c.payload ->> 'version' ~ '^[0-9]{1,9}$' THEN (c.payload ->> 'version')::integer END
-    WHERE c.kind = 'verify' AND c.state = 'running' AND v.id = CASE
+    WHERE c.kind IN ('verify', 'rotation_verify') AND c.state = 'running' AND v.id = CASE
         WHEN c.payload ->> 'credentialId' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
         THEN (c.payload ->> 'credentialId')::uuid END
     OFFSET 0

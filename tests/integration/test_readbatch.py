@@ -15,7 +15,7 @@ from engine import errors, readbatch
 from engine.coalesce import CoalescerClosed
 from engine.engine import CredentialEngine
 from engine.models import CredentialStatus
-from engine.payloads import REVERIFY_SWEEP, VERIFY
+from engine.payloads import REVERIFY_SWEEP, ROTATION_VERIFY, VERIFY
 from engine.testing import FakeVenue
 from venues.base import Venue
 
@@ -171,6 +171,7 @@ async def test_the_claim_reads_what_a_verification_job_reads(eng: CredentialEngi
         await eng.verify_credential(OWNER, cid)
     extra = [
         (VERIFY, {"credentialId": str(ids[1]), "version": 7}),  # a secret version that does not exist
+        (ROTATION_VERIFY, {"credentialId": str(ids[2]), "version": 1}),
         (VERIFY, {"credentialId": "not-a-uuid", "version": "1e999"}),
         (VERIFY, {"credentialId": str(uuid.uuid4()), "version": 1}),
         (VERIFY, {"version": [1]}),
@@ -187,17 +188,25 @@ async def test_the_claim_reads_what_a_verification_job_reads(eng: CredentialEngi
     read = {}
     for job in claimed:
         assert job.attached is not None and "cred_id" in job.attached
-        known = job.kind == VERIFY and job.payload.get("credentialId") in {str(cid) for cid in ids}
+        known = job.kind in (VERIFY, ROTATION_VERIFY) and job.payload.get("credentialId") in {
+            str(cid) for cid in ids
+        }
         assert (job.attached["cred_id"] is not None) == known, job.payload
         if known:
             cid, version = uuid.UUID(job.payload["credentialId"]), int(job.payload["version"])
-            read[(cid, version)] = store.read_with_claim(job.attached, cid, version)
-    assert set(read) == {(ids[0], 1), (ids[1], 1), (ids[2], 1), (ids[1], 7)}
-    for (cid, version), got in read.items():
+            read[(job.kind, cid, version)] = store.read_with_claim(job.attached, cid, version)
+    assert set(read) == {
+        (VERIFY, ids[0], 1),
+        (VERIFY, ids[1], 1),
+        (VERIFY, ids[2], 1),
+        (VERIFY, ids[1], 7),
+        (ROTATION_VERIFY, ids[2], 1),
+    }
+    for (_, cid, version), got in read.items():
         assert got == await store.read_for_job(cid, version)
-    got = read[(ids[1], 7)]
+    got = read[(VERIFY, ids[1], 7)]
     assert got is not None and got[0].credential_id == ids[1] and got[1] is None
-    got = read[(ids[0], 1)]
+    got = read[(VERIFY, ids[0], 1)]
     assert got is not None
     cred, secret, _ = got
     assert cred.status is CredentialStatus.VERIFIED and cred.permissions is not None
