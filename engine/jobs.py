@@ -7,7 +7,9 @@ the row under the lock only when that write is refused), writes the change throu
 returns the credential as it left it), records its events through the outbox, and marks the job done
 (``queue.complete_in``) so that a late or duplicate attempt can never apply twice. A verification that
 succeeds with something new to write, on a row nothing changed since the job read it, does all of that in one
-statement instead (:mod:`engine.hotpath`: same fences, same event, same completion). Transient venue outcomes
+statement instead (:mod:`engine.hotpath`: same fences, same event, same completion). What a verification reads
+before its probe (the credential, the secret version) comes with its claim (:data:`CLAIM_QUERY`), else from a
+coalesced read (:mod:`engine.readbatch`): no statement of its own. Transient venue outcomes
 never change a status: they raise
 ``Retry`` (honouring the venue's Retry-After) and the credential stays as it is.
 

@@ -1,12 +1,14 @@
 """The verification jobs' credential reads, many in one statement (group commit through engine/coalesce.py).
 
-Every verification job reads its credential and the secret version it probes before it probes. The queue's
-runners start the jobs of one claim in the same turn of the event loop, and under load many runners read at
-once; :class:`CredentialReads` hands each read to a :class:`engine.coalesce.Coalescer`, which sends the reads
-of one turn together and gathers those that arrive while batches are in flight into the next one. A batch is one
-statement (``get_credentials_with_secrets``: a credential with the columns of one secret version, for many
-``(credential id, secret version)`` pairs) instead of one statement, one pool acquire and one round trip per
-read. With no load a read still waits for its own statement only, never for a timer.
+Every verification job (``verify``, ``rotation_verify``) reads its credential and the secret version it probes
+before it probes. Most read nothing here: the engine's queue claims them with ``claim_jobs_reading_credentials``,
+which reads each one's credential in the claim statement itself (:meth:`engine.store.Store.read_with_claim`).
+The others (a job claimed by a queue without that statement, a claim row that read nothing) come here:
+:class:`CredentialReads` hands each read to a :class:`engine.coalesce.Coalescer`, which sends the reads of one
+turn of the event loop together and gathers those that arrive while batches are in flight into the next one. A
+batch is one statement (``get_credentials_with_secrets``: a credential with the columns of one secret version,
+for many ``(credential id, secret version)`` pairs) instead of one statement, one pool acquire and one round trip
+per read. With no load a read still waits for its own statement only, never for a timer.
 
 Guarantees kept from the single read:
 
