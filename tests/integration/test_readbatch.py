@@ -13,7 +13,7 @@ import pytest
 
 from bench import statements
 from engine import db as dbmod
-from engine import errors, jobs, readbatch
+from engine import errors, jobs, queue, readbatch
 from engine.coalesce import CoalescerClosed
 from engine.engine import CredentialEngine
 from engine.models import CredentialStatus
@@ -239,3 +239,30 @@ async def test_a_verification_sends_no_read_of_its_own(database_url: str) -> Non
         assert " ".join(queries[name].split())[:60] not in sent, sent
     assert " ".join(queries[jobs.CLAIM_QUERY].split())[:60] in sent, sent
     assert result["create_verify"] <= 3.0, sent
+
+
+async def test_the_claim_statement_is_chosen_before_the_queue_starts(database_url: str) -> None:
+    """JobQueue.claim_with names a known query, before start; a queue that does not use it hands no row on."""
+    seen: list[Any] = []
+
+    async def noop(job: queue.Job) -> None:
+        seen.append(job.attached)
+
+    db = await dbmod.Database.connect(database_url, min_size=1, max_size=2)
+    try:
+        q = queue.JobQueue(db, {"noop": noop})
+        with pytest.raises(errors.ConfigurationError, match="no named query"):
+            q.claim_with("no_such_query")
+        await q.enqueue("noop", {"credentialId": str(uuid.uuid4()), "version": 1})
+        assert await q.run_until_idle(timeout=30) == 1
+        assert seen == [None]  # claim_jobs: nothing attached
+        q.claim_with(jobs.CLAIM_QUERY)
+        await q.enqueue("noop", {})
+        assert await q.run_until_idle(timeout=30) == 1
+        assert seen[-1] is not None and seen[-1]["cred_id"] is None  # not a verification: nothing read
+        await q.start()
+        with pytest.raises(errors.ConfigurationError, match=r"before JobQueue\.start"):
+            q.claim_with(jobs.CLAIM_QUERY)
+        await q.stop()
+    finally:
+        await db.close()
