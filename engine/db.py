@@ -182,7 +182,8 @@ def holds_pool_connection() -> bool:
     return holder is not None and holder is asyncio.current_task()
 
 
-def _refuse_second_connection() -> None:
+def refuse_second_connection() -> None:
+    """Raise :class:`errors.PoolReentry` when the current task holds a pool connection."""
     if holds_pool_connection():
         raise errors.PoolReentry(
             "this task holds a pool connection (an open transaction) and asked the pool for another one; "
@@ -382,7 +383,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def _hold(self) -> AsyncIterator[Any]:
         """A raw pool connection for the block: refused when this task holds one, bounded by acquire_timeout."""
-        _refuse_second_connection()
+        refuse_second_connection()
         try:
             # asyncio.timeout, not acquire(timeout=...): the driver's wait_for runs each acquire in a task of
             # its own (Python 3.11), a task per statement on the hot path

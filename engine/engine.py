@@ -242,6 +242,7 @@ class CredentialEngine:
             discover=broker.discovery,
             rotation_hooks=broker.rotation,
         )
+        queue.claim_with(jobs.CLAIM_QUERY)  # the verification jobs' reads ride on their claim
         timeouts = jobs.handler_timeouts(cfg)
         for kind, handler in self._jobs.handlers().items():
             queue.register(kind, handler, timeout=timeouts[kind])
@@ -307,6 +308,8 @@ class CredentialEngine:
             await self._creates.close(timeout=self.config.shutdown_timeout)
         if self._queue is not None:
             await self._queue.stop()
+        if self._parts is not None:  # the jobs are done: no read is left to batch (engine/readbatch.py)
+            await self._parts.store.reads.close()
         if self._budgets is not None:
             await self._budgets.stop()
         await self.webhooks.close()

@@ -7,7 +7,9 @@ the row under the lock only when that write is refused), writes the change throu
 returns the credential as it left it), records its events through the outbox, and marks the job done
 (``queue.complete_in``) so that a late or duplicate attempt can never apply twice. A verification that
 succeeds with something new to write, on a row nothing changed since the job read it, does all of that in one
-statement instead (:mod:`engine.hotpath`: same fences, same event, same completion). Transient venue outcomes
+statement instead (:mod:`engine.hotpath`: same fences, same event, same completion). What a verification reads
+before its probe (the credential, the secret version) comes with its claim (:data:`CLAIM_QUERY`), else from a
+coalesced read (:mod:`engine.readbatch`): no statement of its own. Transient venue outcomes
 never change a status: they raise
 ``Retry`` (honouring the venue's Retry-After) and the credential stays as it is.
 
@@ -58,6 +60,7 @@ log = structlog.get_logger("engine.jobs")
 
 __all__ = [
     "ACCOUNT_MISMATCH",
+    "CLAIM_QUERY",
     "EXPIRY_WARNING",
     "PURGE_JOBS",
     "REVERIFY_SWEEP",
@@ -72,6 +75,9 @@ __all__ = [
     "verify_key",
 ]
 
+# the queue's claim statement: claim_jobs, and each claimed verify and rotation_verify job's credential and the
+# secret version it probes read with it (a job the claim read nothing for reads as before: Store.read_for_job)
+CLAIM_QUERY = "claim_jobs_reading_credentials"
 PURGE_PERIOD = 3600.0  # seconds between purges of old finished jobs and of expired webhook secrets
 SWEEP_BATCH = 1000
 # a verification (manual, sweep, staged or immediate rotation) reached another venue account than the one the
@@ -223,7 +229,9 @@ class LifecycleJobs:
         store = self._store
         work = Verify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        cred, secret, sequence = await store.read_for_job(cid, version)
+        # read by the claim (claim_jobs_reading_credentials): no statement of its own; else a coalesced read
+        read = store.read_with_claim(job.attached, cid, version) or await store.read_for_job(cid, version)
+        cred, secret, sequence = read
         if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
             return  # stale: revoked or rotated since it was enqueued
         outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)
@@ -341,7 +349,8 @@ class LifecycleJobs:
         store = self._store
         work = RotationVerify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        cred, secret = await store.get_with_secret(cid, version)
+        read = store.read_with_claim(job.attached, cid, version) or await store.read_for_job(cid, version)
+        cred, secret, _ = read
         if cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING":
             return  # discarded (immediate rotation, revoke) or already promoted
         outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)

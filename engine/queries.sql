@@ -221,19 +221,69 @@ WHERE owner_id = $1
 SELECT s.credential_id, s.state FROM credential_secrets s
 WHERE s.owner_id = $1 AND s.venue = $2 AND s.key_fingerprint = $3;
 
--- get_credential_with_secret --
--- One credential whoever owns it, with the stored material of secret version $2 (null columns if gone).
-SELECT v.*,
-       s.version        AS secret_row_version,
-       s.state          AS secret_state,
-       s.kek_version    AS secret_kek_version,
-       s.wrapped_dek    AS secret_wrapped_dek,
-       s.nonce          AS secret_nonce,
-       s.ciphertext     AS secret_ciphertext,
-       s.masked_api_key AS secret_masked_api_key
-FROM credential_view v
-LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = $2
-WHERE v.id = $1;
+-- get_credentials_with_secrets --
+-- Credentials whoever owns them, each with the stored material of one secret version (null columns if gone), for
+-- many pairs at once (engine/readbatch.py): $1 a JSON array of [credential id, secret version]; one row per pair
+-- whose credential exists, "wanted" its position (from 1). The pairs come as JSON, not arrays, and each is looked
+-- up in a LATERAL subquery kept apart (OFFSET 0): the plan's estimates do not depend on how many pairs come, so
+-- the server can keep one generic plan that reads each pair by index (with array parameters the estimates follow
+-- the batch's length, which invites a custom plan per batch; that version cost more PostgreSQL CPU in the bench).
+SELECT w.i AS wanted, r.*
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS w(pair, i)
+CROSS JOIN LATERAL (
+    SELECT v.*,
+           s.version        AS secret_row_version,
+           s.state          AS secret_state,
+           s.kek_version    AS secret_kek_version,
+           s.wrapped_dek    AS secret_wrapped_dek,
+           s.nonce          AS secret_nonce,
+           s.ciphertext     AS secret_ciphertext,
+           s.masked_api_key AS secret_masked_api_key
+    FROM credential_view v
+    LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = (w.pair ->> 1)::integer
+    WHERE v.id = (w.pair ->> 0)::uuid
+    OFFSET 0
+) r;
+
+-- claim_jobs_reading_credentials --
+-- queue.sql's claim_jobs (same parameters and columns) that also reads each claimed verify or rotation_verify job's credential (cred_*) and the secret version it probes (secret_*, null if gone).
+-- The verification jobs' reads (engine/payloads.py: VERIFY, ROTATION_VERIFY) ride on their claim (JobQueue.claim_with,
+-- engine/jobs.py): no statement of their own. Columns named one by one and prefixed (the job's own include id and
+-- created_at); store.py reads them with credential_from_row, so a column it needs is added here too (a test
+-- compares with get_credentials_with_secrets). A payload that names no credential id and version reads nothing
+-- and never fails the claim (no cast of a bad value: CASE, not AND, whose order of evaluation is the planner's);
+-- its handler then reads as usual. Read in the claim's snapshot, as a read of its own would be a moment later:
+-- what a handler decides on it is fenced when written (engine/hotpath.py) or decided again under the row lock.
+SELECT c.id, c.kind, c.payload, c.state, c.attempt, c.tries, c.max_attempts, c.dedupe_key, c.run_at, c.created_at,
+       r.*
+FROM queue_claim($1::integer, $2::text, $3::float8, $4::text[], $5::bigint[], $6::integer[], $7::float8[]) AS c
+LEFT JOIN LATERAL (
+    SELECT v.id AS cred_id, v.owner_id AS cred_owner_id, v.venue AS cred_venue,
+           v.credential_type AS cred_credential_type, v.nickname AS cred_nickname,
+           v.masked_api_key AS cred_masked_api_key, v.status AS cred_status, v.identities AS cred_identities,
+           v.permissions AS cred_permissions, v.venue_account_id AS cred_venue_account_id,
+           v.pinned_venue_account_id AS cred_pinned_venue_account_id, v.failure_reason AS cred_failure_reason,
+           v.rotation_failure_reason AS cred_rotation_failure_reason, v.secret_version AS cred_secret_version,
+           v.event_seq AS cred_event_seq, v.created_at AS cred_created_at, v.updated_at AS cred_updated_at,
+           v.verified_at AS cred_verified_at, v.revoked_at AS cred_revoked_at, v.warnings AS cred_warnings,
+           v.minted_from_id AS cred_minted_from_id, v.minted_sub_account AS cred_minted_sub_account,
+           v.pending_version AS cred_pending_version, v.pending_masked_api_key AS cred_pending_masked_api_key,
+           v.pending_started_at AS cred_pending_started_at,
+           s.version        AS secret_row_version,
+           s.state          AS secret_state,
+           s.kek_version    AS secret_kek_version,
+           s.wrapped_dek    AS secret_wrapped_dek,
+           s.nonce          AS secret_nonce,
+           s.ciphertext     AS secret_ciphertext,
+           s.masked_api_key AS secret_masked_api_key
+    FROM credential_view v
+    LEFT JOIN credential_secrets s ON s.credential_id = v.id AND s.version = CASE
+        WHEN c.payload ->> 'version' ~ '^[0-9]{1,9}$' THEN (c.payload ->> 'version')::integer END
+    WHERE c.kind IN ('verify', 'rotation_verify') AND c.state = 'running' AND v.id = CASE
+        WHEN c.payload ->> 'credentialId' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+        THEN (c.payload ->> 'credentialId')::uuid END
+    OFFSET 0
+) r ON true;
 
 -- get_secret --
 -- One secret version of a credential.

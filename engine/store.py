@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +30,7 @@ from engine.models import (
     TradingAccount,
     TradingAccountStatus,
 )
+from engine.readbatch import CredentialReads
 from venues.base import ApiKeys, Permissions, ProbeResult, Venue, mask_api_key
 
 FINGERPRINT_KEY = "fingerprint-hmac"
@@ -133,6 +134,45 @@ def _written(row: Record | None) -> Change:
     return change
 
 
+class _Prefixed(Mapping[str, Any]):
+    """The columns of ``row`` whose names start with ``prefix``, under their names without it."""
+
+    __slots__ = ("_prefix", "_row")
+
+    def __init__(self, row: Record, prefix: str) -> None:
+        self._row = row
+        self._prefix = prefix
+
+    def __getitem__(self, key: str) -> Any:
+        return self._row[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self._prefix)
+        return (key[n:] for key in self._row if key.startswith(self._prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _job_secret(row: Record, credential_id: uuid.UUID) -> SecretRow | None:
+    """The secret version's ``secret_*`` columns of a job's read (None: that version is gone)."""
+    version = row["secret_row_version"]
+    if version is None:
+        return None
+    return SecretRow(
+        credential_id=credential_id,
+        version=version,
+        state=row["secret_state"],
+        masked_api_key=row["secret_masked_api_key"],
+        sealed=crypto.Sealed(
+            kek_version=row["secret_kek_version"],
+            wrapped_dek=row["secret_wrapped_dek"],
+            nonce=row["secret_nonce"],
+            ciphertext=row["secret_ciphertext"],
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SecretRow:
     credential_id: uuid.UUID
@@ -148,6 +188,7 @@ class Store:
     def __init__(self, db: Database, vault: crypto.Vault) -> None:
         self.db = db
         self.vault = vault
+        self.reads = CredentialReads(db)  # the jobs' reads, coalesced (engine/readbatch.py)
         self._fingerprint_key: bytes | None = None
 
     async def load_fingerprint_key(self) -> None:
@@ -378,25 +419,24 @@ class Store:
         self, credential_id: uuid.UUID, version: int
     ) -> tuple[Credential, SecretRow | None, int]:
         """:meth:`get_with_secret` and the row's event sequence (what a write fenced on "unchanged since
-        read" compares: engine/hotpath.py)."""
-        row = await self.db.fetchrow("get_credential_with_secret", credential_id, version)
+        read" compares: engine/hotpath.py). Concurrent reads share a statement (engine/readbatch.py)."""
+        row = await self.reads.read(credential_id, version)
         if row is None:
             raise errors.NotFound(f"credential {credential_id} not found", field="credentialId")
-        secret = None
-        if row["secret_row_version"] is not None:
-            secret = SecretRow(
-                credential_id=credential_id,
-                version=int(row["secret_row_version"]),
-                state=row["secret_state"],
-                masked_api_key=row["secret_masked_api_key"],
-                sealed=crypto.Sealed(
-                    kek_version=int(row["secret_kek_version"]),
-                    wrapped_dek=bytes(row["secret_wrapped_dek"]),
-                    nonce=bytes(row["secret_nonce"]),
-                    ciphertext=bytes(row["secret_ciphertext"]),
-                ),
-            )
-        return credential_from_row(row), secret, int(row["event_seq"])
+        return credential_from_row(row), _job_secret(row, credential_id), int(row["event_seq"])
+
+    def read_with_claim(
+        self, attached: Record | None, credential_id: uuid.UUID, version: int
+    ) -> tuple[Credential, SecretRow | None, int] | None:
+        """What :meth:`read_for_job` answers, from what the job's claim read (``Job.attached``: the row of
+        ``claim_jobs_reading_credentials``); None when the claim read nothing for this credential and version
+        (the caller reads it then)."""
+        if attached is None or attached.get("cred_id") != credential_id:
+            return None
+        secret = _job_secret(attached, credential_id)
+        if secret is not None and secret.version != version:
+            return None  # not the version this job probes: never happens, the claim joined on it
+        return credential_from_row(_Prefixed(attached, "cred_")), secret, int(attached["cred_event_seq"])
 
     async def list(
         self,

@@ -106,6 +106,9 @@ FAIR_KEY_MAX = 256  # characters of a fair_key (an owner id)
 LEASE_CAP_LEASES = 2.0  # a lease is never extended past claim + handler timeout + this many lease_seconds
 CANCEL_GRACE_MAX = 5.0  # seconds a cancelled handler gets to unwind (at most lease/4) before it is abandoned
 DEDUPE_INDEX = "queue_jobs_dedupe_queued"
+CLAIM_QUERY = (
+    "claim_jobs"  # the claim statement (queue.sql); JobQueue.claim_with names another that reads more
+)
 # application_name of the queue's own connections (pg_stat_activity), none of them from the pool
 CLAIMS_CONNECTION = "ce-queue-claims"
 CLAIMS_BESIDE_CONNECTION = (
@@ -195,7 +198,9 @@ class Job:
     ``attempt`` counts every claim of the job and is the fencing token (:meth:`JobQueue.complete_in` uses
     it). ``tries`` is how many tries count against ``max_attempts``, this one included: it equals
     ``attempt`` unless the job was handed back at a shutdown or retried by an operator.
-    ``tries >= max_attempts`` means this is the last try.
+    ``tries >= max_attempts`` means this is the last try. ``attached``: what the claim read with the job, when
+    the queue claims through a statement that reads more (:meth:`JobQueue.claim_with`): the claim's row, its
+    extra columns included; None otherwise.
     """
 
     id: int
@@ -207,6 +212,7 @@ class Job:
     run_at: datetime
     created_at: datetime
     tries: int = 0  # 0: same as attempt (handy when building a Job by hand in a test)
+    attached: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tries == 0:
@@ -354,6 +360,7 @@ class SqlBackend:
         self._handlers = handlers  # filled by JobQueue (constructor, register()) before a worker runs
         self._timeouts = timeouts  # default time limits given to JobQueue.register()
         self._settings = settings
+        self.claim_query = CLAIM_QUERY  # JobQueue.claim_with: a claim that reads more for the handlers
         self._kinds: list[str] = []  # claims only take kinds this process can run (refresh_kinds)
         self._caps: list[float] = []  # lease_cap per kind, in seconds
         self.refresh_kinds()
@@ -524,9 +531,11 @@ class SqlBackend:
         lease = self._settings.lease_seconds
         done_ids, done_attempts = _newest_attempts(done)
         # one round trip: the statement is its own transaction (schema.sql, queue_claim)
+        query = self.claim_query
         rows = await session.fetch(
-            "claim_jobs", limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
+            query, limit, self._worker_id, lease, self._kinds, done_ids, done_attempts, self._caps
         )
+        attach = query != CLAIM_QUERY
         jobs: list[Job] = []
         for row in rows:
             job = Job(
@@ -539,6 +548,7 @@ class SqlBackend:
                 run_at=row["run_at"],
                 created_at=row["created_at"],
                 tries=row["tries"],
+                attached=row if attach else None,
             )
             if row["state"] == "dead":  # its lease expired on the last try: the claim buried it
                 self._counters.dead += 1

@@ -58,6 +58,7 @@ class JobQueue:
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
+        self._db = db
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.counters = Counters()
         self._handlers: dict[str, Handler] = dict(handlers or {})
@@ -87,6 +88,18 @@ class JobQueue:
         if timeout is not None:
             self._timeouts[kind] = float(timeout)
         self._backend.refresh_kinds()
+
+    def claim_with(self, query: str) -> None:
+        """Claim through the named query ``query`` instead of queue.sql's ``claim_jobs``: a statement that takes
+        ``claim_jobs``'s parameters, returns its columns and reads more beside them, in the same round trip, for
+        the handlers of the claimed jobs (each finds the claim's row in :attr:`Job.attached`). Its extra
+        columns must be cheap and must never fail the claim (a bad payload reads nothing). Before
+        :meth:`start`."""
+        if self._phase != "new" or self._worker is not None:
+            raise errors.ConfigurationError("choose the claim statement before JobQueue.start()")
+        if query not in self._db.queries:
+            raise errors.ConfigurationError(f"claim_with: no named query {query!r}")
+        self._backend.claim_query = query
 
     @property
     def kinds(self) -> frozenset[str]:
