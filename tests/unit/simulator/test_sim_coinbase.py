@@ -45,7 +45,9 @@ async def test_token_signed_by_another_key_is_refused(sim: Simulator, client: An
 
 
 @pytest.mark.parametrize("kind", ["cdp", "cdp_ed25519"])
-async def test_every_token_is_verified_after_the_key_was_parsed(sim: Simulator, client: Any, kind: str) -> None:
+async def test_every_token_is_verified_after_the_key_was_parsed(
+    sim: Simulator, client: Any, kind: str
+) -> None:
     """The simulator keeps a key's parsed public key, never a verdict: after accepted requests (the key is
     parsed and kept), a token naming the key but signed by another key is still refused, every time."""
     key = sim.add_key(Venue.COINBASE, kind=kind)
