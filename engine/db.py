@@ -26,8 +26,10 @@ under load every connection can be held by a task waiting for a second one, and 
 (~60 concurrent disconnects of a disabled trading account hung every owner, the workers and
 ``/readyz``). The holder is recorded in a context variable as the *task* that acquired, not as a flag:
 asyncio copies context variables into tasks created inside the block, and such a child task, which does not
-hold the connection, may use the pool. The check is one ``ContextVar.get`` per acquire, so it is always on
-(tests, development and production alike). What it cannot see: a holder *awaiting* a child task that waits
+hold the connection, may use the pool. (A single statement, ``Database.fetch`` and the like, records no
+holder: none of the caller's code runs while the driver holds that connection, only the jsonb codec, which
+never touches the pool.) The check is one ``ContextVar.get`` per acquire, so it is always on (tests,
+development and production alike). What it cannot see: a holder *awaiting* a child task that waits
 for the pool (``asyncio.wait_for`` and ``gather`` run coroutines in tasks of their own); the acquire timeout
 ends such a wait with :class:`PoolExhausted` instead of a hang.
 
