@@ -26,8 +26,10 @@ under load every connection can be held by a task waiting for a second one, and 
 (~60 concurrent disconnects of a disabled trading account hung every owner, the workers and
 ``/readyz``). The holder is recorded in a context variable as the *task* that acquired, not as a flag:
 asyncio copies context variables into tasks created inside the block, and such a child task, which does not
-hold the connection, may use the pool. The check is one ``ContextVar.get`` per acquire, so it is always on
-(tests, development and production alike). What it cannot see: a holder *awaiting* a child task that waits
+hold the connection, may use the pool. (A single statement, ``Database.fetch`` and the like, records no
+holder: none of the caller's code runs while the driver holds that connection, only the jsonb codec, which
+never touches the pool.) The check is one ``ContextVar.get`` per acquire, so it is always on (tests,
+development and production alike). What it cannot see: a holder *awaiting* a child task that waits
 for the pool (``asyncio.wait_for`` and ``gather`` run coroutines in tasks of their own); the acquire timeout
 ends such a wait with :class:`PoolExhausted` instead of a hang.
 
@@ -136,6 +138,7 @@ _POOLER_HINT = (
 )
 ATTEMPT_LOST_SQLSTATE = "CE409"  # schema.sql's ce_attempt_lost(): see AttemptLost
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for connections in use before terminating them
+STATEMENT_TIMED_OUT = "database statement timed out"  # asyncpg's command_timeout ran out
 
 # the task that holds a pool connection in this context (see the module docstring), None when none does
 _HOLDER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
@@ -234,7 +237,7 @@ def _statement() -> Any:
     try:
         yield
     except TimeoutError:
-        raise errors.StorageError("database statement timed out") from None
+        raise errors.StorageError(STATEMENT_TIMED_OUT) from None
     except _DRIVER_ERRORS as exc:
         raise _translate(exc) from None
 
@@ -248,24 +251,43 @@ class Conn:
         self._conn = conn
         self._queries = queries
 
+    # the four statement methods spell out _statement()'s translation: they run for every statement, and a
+    # generator-based context manager costs more than the try it wraps
+
     async def fetch(self, name: str, *args: Any) -> list[Record]:
-        with _statement():
+        try:
             rows: list[Record] = await self._conn.fetch(self._queries[name], *args)
-            return rows
+        except TimeoutError:
+            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+        return rows
 
     async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        with _statement():
+        try:
             row: Record | None = await self._conn.fetchrow(self._queries[name], *args)
-            return row
+        except TimeoutError:
+            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+        return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        with _statement():
+        try:
             return await self._conn.fetchval(self._queries[name], *args)
+        except TimeoutError:
+            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
 
     async def execute(self, name: str, *args: Any) -> str:
-        with _statement():
+        try:
             status: str = await self._conn.execute(self._queries[name], *args)
-            return status
+        except TimeoutError:
+            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+        return status
 
     async def executemany(self, name: str, args: Sequence[Sequence[Any]]) -> None:
         with _statement():
@@ -380,26 +402,41 @@ class Database:
         except _DRIVER_ERRORS as exc:
             raise _translate(exc) from None
 
-    @contextlib.asynccontextmanager
-    async def _hold(self) -> AsyncIterator[Any]:
-        """A raw pool connection for the block: refused when this task holds one, bounded by acquire_timeout."""
+    async def _acquire(self) -> Any:
+        """A raw pool connection: refused when this task holds one, bounded by acquire_timeout. The caller
+        gives it back with :meth:`_release`."""
         refuse_second_connection()
         try:
             # asyncio.timeout, not acquire(timeout=...): the driver's wait_for runs each acquire in a task of
             # its own (Python 3.11), a task per statement on the hot path
             async with asyncio.timeout(self.acquire_timeout):
-                raw = await self._pool.acquire()
+                return await self._pool.acquire()
         except TimeoutError:  # before the driver errors: TimeoutError is an OSError
             raise PoolExhausted(self.acquire_timeout) from None
         except _DRIVER_ERRORS as exc:
             raise _translate(exc) from None
+
+    async def _release(self, raw: Any, *, settled: bool = False) -> None:
+        """Give ``raw`` back to the pool; the release's own wait (a rollback left open, a cancelled statement
+        being cancelled on the server) keeps the acquire's bound. ``settled``: a statement outside any
+        transaction has just completed on ``raw``, so the release has nothing to wait for (no rollback, no
+        cancellation) and sets no timer; should a transaction be open after all, the bound applies."""
+        timeout = None if settled and not raw.is_in_transaction() else self.acquire_timeout
+        try:
+            await self._pool.release(raw, timeout=timeout)
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from None
+
+    @contextlib.asynccontextmanager
+    async def _hold(self) -> AsyncIterator[Any]:
+        """A raw pool connection for the block (this task is its holder: module docstring)."""
+        raw = await self._acquire()
         token = _HOLDER.set(asyncio.current_task())
         try:
             yield raw
         finally:
             _HOLDER.reset(token)
-            with translated():  # the release's own wait (a rollback left open) keeps the acquire's bound
-                await self._pool.release(raw, timeout=self.acquire_timeout)
+            await self._release(raw)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -431,27 +468,69 @@ class Database:
             with _statement():
                 await tx.commit()
 
+    # One statement on a pool connection of its own (it commits by itself). Written out rather than through
+    # _hold() and _statement(): two generator-based context managers per statement cost more than the
+    # statement's own Python. The task is not recorded as the connection's holder: no code of its own runs
+    # while the driver works, so it cannot ask the pool for a second connection meanwhile.
+
     async def fetch(self, name: str, *args: Any) -> list[Record]:
-        async with self._hold() as raw:
-            with _statement():
-                rows: list[Record] = await raw.fetch(self.queries[name], *args)
+        sql = self.queries[name]
+        raw = await self._acquire()
+        try:
+            rows: list[Record] = await raw.fetch(sql, *args)
+        except BaseException as exc:
+            await self._release(raw)
+            if isinstance(exc, TimeoutError):
+                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise _translate(exc) from None
+            raise
+        await self._release(raw, settled=True)
         return rows
 
     async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        async with self._hold() as raw:
-            with _statement():
-                row: Record | None = await raw.fetchrow(self.queries[name], *args)
+        sql = self.queries[name]
+        raw = await self._acquire()
+        try:
+            row: Record | None = await raw.fetchrow(sql, *args)
+        except BaseException as exc:
+            await self._release(raw)
+            if isinstance(exc, TimeoutError):
+                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise _translate(exc) from None
+            raise
+        await self._release(raw, settled=True)
         return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        async with self._hold() as raw:
-            with _statement():
-                return await raw.fetchval(self.queries[name], *args)
+        sql = self.queries[name]
+        raw = await self._acquire()
+        try:
+            value = await raw.fetchval(sql, *args)
+        except BaseException as exc:
+            await self._release(raw)
+            if isinstance(exc, TimeoutError):
+                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise _translate(exc) from None
+            raise
+        await self._release(raw, settled=True)
+        return value
 
     async def execute(self, name: str, *args: Any) -> str:
-        async with self._hold() as raw:
-            with _statement():
-                status: str = await raw.execute(self.queries[name], *args)
+        sql = self.queries[name]
+        raw = await self._acquire()
+        try:
+            status: str = await raw.execute(sql, *args)
+        except BaseException as exc:
+            await self._release(raw)
+            if isinstance(exc, TimeoutError):
+                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise _translate(exc) from None
+            raise
+        await self._release(raw, settled=True)
         return status
 
     async def apply_schema(self, *, force: bool = False) -> bool:

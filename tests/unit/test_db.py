@@ -379,3 +379,24 @@ async def test_a_dedicated_connection_is_outside_the_pool_and_comes_back_when_lo
     with pytest.raises(errors.EngineClosed):
         async with dedicated.session():
             pass
+
+
+async def test_a_failed_single_statement_gives_its_connection_back(database_url: str) -> None:
+    """The single-statement methods (no context manager of their own) return the connection whatever the
+    statement did: past the command timeout (the release waits, within the acquire bound, for the server to
+    cancel it), refused by the server, or fine; on a pool of one, the next statement gets it at once."""
+    database = await dbmod.Database.connect(
+        database_url, min_size=1, max_size=1, command_timeout=0.3, acquire_timeout=5
+    )
+    database.queries = {**database.queries, "slow": "SELECT pg_sleep(10)", "bad": "SELECT 1/0"}
+    try:
+        for run in (database.fetch, database.fetchrow, database.fetchval, database.execute):
+            with pytest.raises(errors.StorageError, match="timed out"):
+                await asyncio.wait_for(run("slow"), STUCK)
+            with pytest.raises(errors.StorageError, match="22012"):
+                await asyncio.wait_for(run("bad"), STUCK)
+            await asyncio.wait_for(run("ping"), STUCK)
+            assert not dbmod.holds_pool_connection()
+        assert await database.fetchval("ping") == 1
+    finally:
+        await database.close()

@@ -12,7 +12,6 @@ IP allow-list and reading permission (-2015).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from typing import Any
@@ -76,7 +75,7 @@ HOST_BUDGETS = {
 
 def sign(secret: str, payload: str) -> str:
     """lower hex HMAC-SHA256(secret as ASCII, totalParams) (docs/venues.md §1.2 step 4)."""
-    return hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), payload.encode(), "sha256").hex()
 
 
 def signature_valid(secret: str, payload: str, signature: str) -> bool:

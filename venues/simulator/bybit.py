@@ -14,7 +14,6 @@ signature (10004), timestamp window (10002), IP allow-list (10010).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import zlib
 from typing import Any
@@ -44,7 +43,7 @@ WALLETS = {"UNIFIED": "unified", "SPOT": "spot", "CONTRACT": "contract"}  # acco
 
 def sign(secret: str, prehash: str) -> str:
     """lower hex HMAC-SHA256(secret as UTF-8, prehash) (docs/venues.md §3.2)."""
-    return hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), prehash.encode(), "sha256").hex()
 
 
 class BybitServer(bybit_trading.BybitTrading, bybit_subaccounts.BybitSubAccounts):

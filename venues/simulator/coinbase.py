@@ -29,6 +29,31 @@ from venues.simulator.registry import TestKey
 PREFIX = "/api/v3/brokerage"
 PRIVATE_BUDGET = ratelimit.Window(30, 1.0)  # 30 requests/s per user (docs/venues.md §4A.6)
 PUBLIC_BUDGET = ratelimit.Window(10, 1.0)  # 10 requests/s per IP
+BEARER = "Bearer "
+# the request's bearer token decoded once (the claimed key, the rate rules and authenticate all read it):
+# (token, "") or (None, the reason it is malformed)
+_TOKEN: web.RequestKey[tuple[coinbase_jwt.Token | None, str]] = web.RequestKey(
+    "simulator.coinbase_token", tuple
+)
+
+
+def bearer_token(request: web.Request) -> coinbase_jwt.Token | None:
+    """The request's ``Bearer`` token, decoded but unchecked, once per request; None without one.
+    :class:`coinbase_jwt.JwtError` when it is malformed."""
+    authorization = request.headers.get("Authorization", "")
+    if not authorization.startswith(BEARER):
+        return None
+    cached = request.get(_TOKEN)
+    if cached is None:
+        try:
+            cached = (coinbase_jwt.decode(authorization[len(BEARER) :].strip()), "")
+        except coinbase_jwt.JwtError as exc:
+            cached = (None, str(exc))
+        request[_TOKEN] = cached
+    token, reason = cached
+    if token is None:
+        raise coinbase_jwt.JwtError(reason)
+    return token
 
 
 def unauthorized(reason: str) -> web.Response:
@@ -56,7 +81,12 @@ class CoinbaseServer(coinbase_trading.CoinbaseTrading, coinbase_exchange.Coinbas
     def claimed_key(self, request: web.Request) -> str | None:
         if "CB-ACCESS-KEY" in request.headers:
             return request.headers["CB-ACCESS-KEY"] or None
-        return coinbase_jwt.unverified_kid(request.headers.get("Authorization", ""))
+        try:
+            token = bearer_token(request)
+        except coinbase_jwt.JwtError:
+            return None
+        kid = None if token is None else token.header.get("kid")
+        return kid if isinstance(kid, str) else None
 
     def rate_rules(self, request: web.Request, key: TestKey | None) -> list[ratelimit.Rule]:
         if not self.advanced(request):
@@ -97,13 +127,12 @@ class CoinbaseServer(coinbase_trading.CoinbaseTrading, coinbase_exchange.Coinbas
     # -- authentication ---------------------------------------------------------------------------
 
     async def authenticate(self, request: web.Request) -> TestKey:
-        authorization = request.headers.get("Authorization", "")
-        if not authorization.startswith("Bearer "):
-            raise common.Reject(unauthorized("missing bearer token"))
         try:
-            token = coinbase_jwt.decode(authorization[len("Bearer ") :].strip())
+            token = bearer_token(request)
         except coinbase_jwt.JwtError as exc:
             raise common.Reject(unauthorized(str(exc))) from None
+        if token is None:
+            raise common.Reject(unauthorized("missing bearer token"))
         kid = token.header.get("kid")
         key = self.lookup(kid) if isinstance(kid, str) else None
         if key is None or key.kind not in coinbase_jwt.ALGORITHMS or key.environment != "production":

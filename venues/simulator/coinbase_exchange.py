@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import math
-import uuid
 
 from aiohttp import web
 
@@ -33,8 +31,7 @@ REQUIRED_HEADERS = ("CB-ACCESS-KEY", "CB-ACCESS-SIGN", "CB-ACCESS-TIMESTAMP", "C
 
 def sign(secret_b64: str, prehash: str) -> str:
     """base64(HMAC-SHA256(key = base64decode(secret), prehash)) (docs/venues.md §4B)."""
-    mac = hmac.new(base64.b64decode(secret_b64), prehash.encode(), hashlib.sha256)
-    return base64.b64encode(mac.digest()).decode()
+    return base64.b64encode(hmac.digest(base64.b64decode(secret_b64), prehash.encode(), "sha256")).decode()
 
 
 def error(message: str, status: int) -> web.Response:
@@ -128,7 +125,7 @@ class CoinbaseExchange(coinbase_exchange_trading.CoinbaseExchangeTrading):
         profiles = [
             {
                 "id": key.uid,
-                "user_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:user:{key.uid}")),
+                "user_id": str(common.stable_uuid(f"credential-engine-simulator:user:{key.uid}")),
                 "name": "default",
                 "active": True,
                 "is_default": True,

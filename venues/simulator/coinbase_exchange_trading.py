@@ -60,7 +60,7 @@ class CoinbaseExchangeTrading(common.VenueServer):
         """GET /accounts: one account per currency of the key's profile."""
         accounts = []
         for currency, (free, locked) in self.state.book.balances(self.wallet(key, "exchange")).items():
-            account_id = uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:{currency}")
+            account_id = common.stable_uuid(f"credential-engine-simulator:{key.uid}:{currency}")
             accounts.append(
                 {
                     "id": str(account_id),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -60,35 +61,43 @@ def decode(token: str) -> Token:
     return Token(header, payload, f"{parts[0]}.{parts[1]}".encode(), signature)
 
 
-def unverified_kid(authorization: str) -> str | None:
-    """The ``kid`` a ``Bearer`` token claims (for rate limits and stats, before any check)."""
-    if not authorization.startswith("Bearer "):
-        return None
-    try:
-        kid = decode(authorization[len("Bearer ") :].strip()).header.get("kid")
-    except JwtError:
-        return None
-    return kid if isinstance(kid, str) else None
+_ES256 = ec.ECDSA(hashes.SHA256())
+PUBLIC_KEY_CACHE = 4096  # keys whose parsed public key is kept (parsing a PEM costs more than a verification)
 
 
-def signature_valid(kind: str, secret: str, token: Token) -> bool:
-    """True when ``token`` is signed by the private key ``secret`` of a key of ``kind``."""
-    if token.header.get("alg") != ALGORITHMS.get(kind):
-        return False
+@functools.lru_cache(maxsize=PUBLIC_KEY_CACHE)
+def _public_key(kind: str, secret: str) -> ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | None:
+    """The public key of the private key ``secret`` of a key of ``kind``, parsed once per secret; None when
+    ``secret`` is no such key (never verifies). Cached by the secret itself, so a key registered again with
+    another secret is parsed afresh."""
     try:
         if kind == "cdp":
             private = serialization.load_pem_private_key(secret.encode(), password=None)
-            if not isinstance(private, ec.EllipticCurvePrivateKey) or len(token.signature) != 64:
+            return private.public_key() if isinstance(private, ec.EllipticCurvePrivateKey) else None
+        seed = base64.b64decode(secret)[:32]
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key()
+    except (ValueError, TypeError):
+        return None
+
+
+def signature_valid(kind: str, secret: str, token: Token) -> bool:
+    """True when ``token`` is signed by the private key ``secret`` of a key of ``kind`` (verified every
+    time; only the parsed key is cached)."""
+    if token.header.get("alg") != ALGORITHMS.get(kind):
+        return False
+    public = _public_key(kind, secret)
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            if len(token.signature) != 64:
                 return False
             r = int.from_bytes(token.signature[:32], "big")
             s = int.from_bytes(token.signature[32:], "big")
-            der = encode_dss_signature(r, s)
-            private.public_key().verify(der, token.signing_input, ec.ECDSA(hashes.SHA256()))
+            public.verify(encode_dss_signature(r, s), token.signing_input, _ES256)
             return True
-        seed = base64.b64decode(secret)[:32]
-        public = ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key()
-        public.verify(token.signature, token.signing_input)
-        return True
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(token.signature, token.signing_input)
+            return True
+        return False
     except (InvalidSignature, ValueError, TypeError):
         return False
 

@@ -73,13 +73,11 @@ class CoinbaseTrading(common.VenueServer):
     def portfolio_accounts(self, key: TestKey) -> list[dict[str, Any]]:
         """GET accounts: one account per currency of the portfolio's wallet."""
         accounts = []
+        stamp = common.iso_ms(key.created_at_ms)
         for currency, (free, locked) in self.state.book.balances(self.wallet(key, "default")).items():
-            stamp = common.iso_ms(key.created_at_ms)
             accounts.append(
                 {
-                    "uuid": str(
-                        uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:{currency}")
-                    ),
+                    "uuid": str(common.stable_uuid(f"credential-engine-simulator:{key.uid}:{currency}")),
                     "name": f"{currency} Wallet",
                     "currency": currency,
                     "available_balance": {"value": str(free), "currency": currency},
@@ -155,7 +153,7 @@ class CoinbaseTrading(common.VenueServer):
                 "exponent": 8,
                 "type": "crypto",
                 "address_regex": "",
-                "asset_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:asset:{code}")),
+                "asset_id": str(common.stable_uuid(f"credential-engine-simulator:asset:{code}")),
             }
             for index, code in enumerate(("BTC", "ETH", "USDT"))
         ]

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import ipaddress
 import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -36,6 +38,10 @@ log = logging.getLogger("venues.simulator")
 
 AUTHENTICATED = web.RequestKey("simulator.authenticated", str)  # the API key the venue authenticated
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# one encoder for every answer: json.dumps builds a new JSONEncoder per call when given separators
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 class State:
@@ -76,9 +82,9 @@ def answer(body: Any, status: int = 200, headers: Mapping[str, str] | None = Non
     """A compact JSON answer, as the venues send them."""
     return web.Response(
         status=status,
-        text=json.dumps(body, separators=(",", ":")),
+        text=_ENCODER.encode(body),
         content_type="application/json",
-        headers=dict(headers or {}),
+        headers=dict(headers or _NO_HEADERS),
     )
 
 
@@ -87,30 +93,55 @@ def truncated(body: str) -> web.Response:
     return web.Response(status=200, text=body[: max(1, len(body) // 2)], content_type="application/json")
 
 
+@functools.lru_cache(maxsize=64)
+def _iso_second(seconds: int) -> str:
+    """``2020-12-08T09:08:57`` for whole seconds since the epoch (a clock asks for the same second often)."""
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def iso_ms(ms: int) -> str:
     """``2020-12-08T09:08:57.715Z`` for a time in ms."""
-    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
 
 
 def iso_seconds(ms: int) -> str:
     """``2023-07-06T10:30:03Z`` for a time in ms."""
-    return datetime.datetime.fromtimestamp(ms // 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _iso_second(ms // 1000) + "Z"
+
+
+@functools.lru_cache(maxsize=8192)
+def stable_uuid(name: str) -> uuid.UUID:
+    """``uuid5(NAMESPACE_URL, name)``: the simulator's stable ids of accounts and users, worked out once."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, name)
 
 
 def client_ip(request: web.Request) -> str:
     return request.remote or ""
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The caller's address parsed (None: not an address); callers come from a few addresses."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _networks(allowlist: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A key's allow-list parsed once (single IPs or CIDRs; host bits set are allowed)."""
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in allowlist)
+
+
 def ip_allowed(key: registry.TestKey, request: web.Request) -> bool:
     """True when the key has no allow-list or the caller's address is on it (single IPs or CIDRs)."""
     if not key.ip_allowlist:
         return True
-    try:
-        address = ipaddress.ip_address(client_ip(request))
-    except ValueError:
+    address = _address(client_ip(request))
+    if address is None:
         return False
-    return any(address in ipaddress.ip_network(entry, strict=False) for entry in key.ip_allowlist)
+    return any(address in network for network in _networks(tuple(key.ip_allowlist)))
 
 
 class VenueServer:
@@ -205,15 +236,16 @@ class VenueServer:
                         authenticated=request.get(AUTHENTICATED) == claimed,  # full claim, not the cut
                     )
                 )
-            log.debug(
-                "simulator %s %s %s key=%s -> %s in %.1f ms",
-                self.venue.value,
-                request.method,
-                request.path,
-                mask_api_key(claimed) if claimed else "-",
-                status,
-                (time.monotonic() - started) * 1000,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the masked key is not worked out for a line nobody logs
+                log.debug(
+                    "simulator %s %s %s key=%s -> %s in %.1f ms",
+                    self.venue.value,
+                    request.method,
+                    request.path,
+                    mask_api_key(claimed) if claimed else "-",
+                    status,
+                    (time.monotonic() - started) * 1000,
+                )
 
     async def _pipeline(
         self, request: web.Request, handler: Handler, claimed: str | None

@@ -37,8 +37,7 @@ READ_PERMISSIONS = ("query-funds", "query-open-trades")
 def api_sign(secret_b64: str, uri_path: str, nonce: str, post_data: str) -> str:
     """The ``API-Sign`` header value (docs/venues.md §5A.2)."""
     message = uri_path.encode() + hashlib.sha256((nonce + post_data).encode()).digest()
-    mac = hmac.new(base64.b64decode(secret_b64), message, hashlib.sha512)
-    return base64.b64encode(mac.digest()).decode()
+    return base64.b64encode(hmac.digest(base64.b64decode(secret_b64), message, "sha512")).decode()
 
 
 def body_nonce(body: str, content_type: str) -> str | None:

@@ -22,7 +22,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -39,8 +38,7 @@ COSTS = {ACCOUNTS_PATH: 2, **kraken_futures_trading.COSTS}
 def authent(secret_b64: str, post_data: str, nonce: str, endpoint_path: str) -> str:
     """The ``Authent`` header value (docs/venues.md §5B)."""
     digest = hashlib.sha256((post_data + nonce + endpoint_path).encode()).digest()
-    mac = hmac.new(base64.b64decode(secret_b64), digest, hashlib.sha512)
-    return base64.b64encode(mac.digest()).decode()
+    return base64.b64encode(hmac.digest(base64.b64decode(secret_b64), digest, "sha512")).decode()
 
 
 def endpoint_path(path: str) -> str:
@@ -143,7 +141,7 @@ class KrakenFutures(kraken_futures_trading.KrakenFuturesTrading):
         key = await self.futures_authenticate(request)
         if not (key.read or key.trade) or "futures" not in key.identities:
             raise common.Reject(self.futures_error("authenticationError", 401), auth=False)
-        flex_id = uuid.uuid5(uuid.NAMESPACE_URL, f"credential-engine-simulator:{key.uid}:flex")
+        flex_id = common.stable_uuid(f"credential-engine-simulator:{key.uid}:flex")
         # Account types from docs/venues.md §5B; balances and other fields are plausible choices.
         accounts = {
             "cash": {"type": "cashAccount", "balances": {"xbt": 0.0, "usd": 0.0}},

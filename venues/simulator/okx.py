@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import hmac
 
 from aiohttp import web
@@ -51,7 +50,7 @@ REQUIRED_HEADERS = (
 
 def sign(secret: str, prehash: str) -> str:
     """base64(HMAC-SHA256(key = secret as UTF-8 text, not base64-decoded, prehash)) (docs/venues.md §2.2)."""
-    return base64.b64encode(hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).digest()).decode()
+    return base64.b64encode(hmac.digest(secret.encode(), prehash.encode(), "sha256")).decode()
 
 
 def error(code: int, msg: str, status: int = 401) -> web.Response:

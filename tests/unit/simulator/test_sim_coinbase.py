@@ -44,6 +44,21 @@ async def test_token_signed_by_another_key_is_refused(sim: Simulator, client: An
     assert answer.body["error"] == "unauthorized"
 
 
+@pytest.mark.parametrize("kind", ["cdp", "cdp_ed25519"])
+async def test_every_token_is_verified_after_the_key_was_parsed(
+    sim: Simulator, client: Any, kind: str
+) -> None:
+    """The simulator keeps a key's parsed public key, never a verdict: after accepted requests (the key is
+    parsed and kept), a token naming the key but signed by another key is still refused, every time."""
+    key = sim.add_key(Venue.COINBASE, kind=kind)
+    other = sim.add_key(Venue.COINBASE, kind=kind)
+    for _ in range(2):
+        assert (await client.cdp(key, PERMISSIONS)).status == 200
+        forged = await client.cdp(key, PERMISSIONS, secret=other.api_secret)
+        assert forged.status == 401
+        assert forged.body["error_details"] == "invalid JWT signature"
+
+
 async def test_unknown_key_is_refused(sim: Simulator, client: Any) -> None:
     """A JWT whose kid and sub name an unregistered key answers 401."""
     key = sim.add_key(Venue.COINBASE)
