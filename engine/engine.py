@@ -298,6 +298,8 @@ class CredentialEngine:
         # fixed order: stop taking work, stop telling, then release connections
         if self._queue is not None:
             await self._queue.stop()
+        if self._jobs is not None:  # after the queue: its handlers wait for their batches until it stopped
+            await self._jobs.close()
         if self._budgets is not None:
             await self._budgets.stop()
         await self.webhooks.close()
