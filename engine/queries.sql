@@ -255,7 +255,7 @@ WITH item AS MATERIALIZED (
         FOR UPDATE OF c
     ) c
 ), held AS MATERIALIZED (
-    SELECT it.i
+    SELECT it.i, it.id
     FROM locked l
     JOIN item it ON it.i = l.i
     CROSS JOIN LATERAL (
@@ -275,6 +275,7 @@ WITH item AS MATERIALIZED (
     FROM held h
     JOIN item it ON it.i = h.i
     WHERE c.id = it.id AND c.event_seq = (it.x ->> 'seq')::bigint
+      AND c.id = ANY (ARRAY(SELECT id FROM held))  -- an index scan of the held ids, whatever the table's size
     RETURNING it.i, c.id, c.owner_id, c.event_seq, floor(extract(epoch FROM c.updated_at) * 1000)::bigint AS at_ms
 ), event AS (
     INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
