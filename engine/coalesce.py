@@ -41,7 +41,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-
 class CoalescerClosed(RuntimeError):
     """The coalescer was closed before the item's batch was written (nothing of it was sent, or the send was
     cut off by the close: the caller cannot know whether it was committed, as with a dropped connection)."""

@@ -185,9 +185,10 @@ class DoneBatch:
             for k in first:
                 # the first failure that is not the item's own (the database itself): the others get it too,
                 # rather than each waiting for its own pool acquire or statement timeout in turn
-                outcomes[k] = failed if failed is not None else await self._one(batch[k])
-                if isinstance(outcomes[k], errors.StorageError):
-                    failed = outcomes[k]
+                outcome = failed if failed is not None else await self._one(batch[k])
+                outcomes[k] = outcome
+                if isinstance(outcome, errors.StorageError):
+                    failed = outcome
             return
         if len(rows) != len(first):
             raise RuntimeError(f"verified_and_done_batch: {len(rows)} rows for {len(first)} items")

@@ -30,10 +30,10 @@ from typing import Any, Protocol
 import structlog
 
 from engine import hotpath, logs
-from engine.donebatch import DoneBatch
 from engine import queue as queuemod
 from engine.config import DAY_MS, EngineConfig, VerificationPolicy
 from engine.db import Conn, Database
+from engine.donebatch import DoneBatch
 from engine.models import Credential, CredentialStatus, CredentialType
 from engine.outbox import Outbox
 from engine.payloads import (

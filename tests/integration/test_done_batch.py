@@ -5,6 +5,7 @@ batches neither deadlock nor lose writes beside other writers of the same creden
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
@@ -88,7 +89,9 @@ async def read(eng: CredentialEngine, job: queue.Job, result: ProbeResult) -> Ve
     return Verified(job, cred, 1, result, (), sequence)
 
 
-async def verified(eng: CredentialEngine, fake: FakeVenue, raw: asyncpg.Connection) -> tuple[uuid.UUID, queue.Job]:
+async def verified(
+    eng: CredentialEngine, fake: FakeVenue, raw: asyncpg.Connection
+) -> tuple[uuid.UUID, queue.Job]:
     """A VERIFIED credential (pinned to uid-1) with a new verification job taken."""
     cid = await create(eng, fake)
     await eng.run_until_idle(timeout=30)
@@ -183,15 +186,22 @@ async def test_a_mixed_batch_gives_each_caller_what_the_single_statement_gives(
     cases = await mixed(eng, fake, raw)
     expected = {name: await single(eng, v) for name, v in cases.items()}
     assert expected == {
-        name: "written" if name.startswith(("written", "permissions")) else name.split(":")[0].replace("attempt ", "")
+        name: "written"
+        if name.startswith(("written", "permissions"))
+        else name.split(":")[0].replace("attempt ", "")
         for name in cases
     }
-    before = {name: await eng.get_credential(v.cred.owner_id, v.cred.credential_id) for name, v in cases.items()}
+    before = {
+        name: await eng.get_credential(v.cred.owner_id, v.cred.credential_id) for name, v in cases.items()
+    }
     batch = DoneBatch(eng.db)
     names = list(cases)
     random.Random(7).shuffle(names)
     got = await asyncio.gather(
-        *(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in (cases[n] for n in names)),
+        *(
+            batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence)
+            for v in (cases[n] for n in names)
+        ),
         return_exceptions=True,
     )
     assert {n: answer(o) for n, o in zip(names, got, strict=True)} == expected
@@ -202,7 +212,11 @@ async def test_a_mixed_batch_gives_each_caller_what_the_single_statement_gives(
         cid = v.cred.credential_id
         after = await eng.get_credential(v.cred.owner_id, cid)
         history = await eng.list_events(v.cred.owner_id, cid)
-        done = [j for j in await eng.queue.list_jobs(state="done", kind=jobs.VERIFY, limit=100) if j.id == v.job.id]
+        done = [
+            j
+            for j in await eng.queue.list_jobs(state="done", kind=jobs.VERIFY, limit=100)
+            if j.id == v.job.id
+        ]
         if expected[name] != "written":
             assert after == before[name], name  # nothing written for it
             assert not done, name
@@ -230,7 +244,13 @@ async def test_batches_write_what_one_statement_at_a_time_writes(
     same events (types, sequences, data but the write's own timestamps)."""
     eng = await make_engine()
 
-    own = ("credentialId", "apiKey", "createdAt", "updatedAt", "verifiedAt")  # each credential's, each write's
+    own = (
+        "credentialId",
+        "apiKey",
+        "createdAt",
+        "updatedAt",
+        "verifiedAt",
+    )  # each credential's, each write's
 
     def plain(cred: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in cred.items() if k not in own}
@@ -250,10 +270,17 @@ async def test_batches_write_what_one_statement_at_a_time_writes(
     batched = [await create(eng, fake) for _ in range(6)]
     for i, cid in enumerate(ones):
         v = await read(eng, await claim(raw, cid), found(trade=i % 2 == 0))
-        assert await hotpath.verified_and_done(eng.db, v.job, v.cred, v.version, v.result, v.warnings, v.sequence)
+        assert await hotpath.verified_and_done(
+            eng.db, v.job, v.cred, v.version, v.result, v.warnings, v.sequence
+        )
     batch = DoneBatch(eng.db)
     items = [await read(eng, await claim(raw, cid), found(trade=i % 2 == 0)) for i, cid in enumerate(batched)]
-    assert await asyncio.gather(*(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items)) == [True] * 6
+    assert (
+        await asyncio.gather(
+            *(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items)
+        )
+        == [True] * 6
+    )
     assert batch.stats.batches == 1
     assert await state(batched) == await state(ones)
 
@@ -271,7 +298,9 @@ async def test_a_job_row_held_elsewhere_is_skipped_not_waited_for(
         await holder.execute("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE", items[1].job.id)
         batch = DoneBatch(eng.db)
         got = await asyncio.wait_for(
-            asyncio.gather(*(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items)),
+            asyncio.gather(
+                *(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items)
+            ),
             10,
         )
         await tx.rollback()
@@ -300,19 +329,21 @@ async def test_a_deadlock_reported_by_postgresql_falls_back_to_one_statement_eac
         await tx.start()
         await other.execute("SELECT 1 FROM credentials WHERE id = $1 FOR UPDATE", cids[1])
         batch = DoneBatch(eng.db)
-        writes = asyncio.gather(*(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items))
+        writes = asyncio.gather(
+            *(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items)
+        )
         for _ in range(200):  # the batch holds the first credential and waits for the second
             waiting = await raw.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%verified_and_done for many%'"
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE '%verified_and_done for many%'"
             )
             if waiting:
                 break
             await asyncio.sleep(0.02)
         assert waiting, "the batch never waited for the second credential"
-        try:  # the cycle: PostgreSQL ends one side (the batch, which has waited longest)
+        # the cycle: PostgreSQL ends one side (the batch, which has waited longest)
+        with contextlib.suppress(asyncpg.DeadlockDetectedError):
             await other.execute("SELECT 1 FROM credentials WHERE id = $1 FOR UPDATE", cids[0])
-        except asyncpg.DeadlockDetectedError:
-            pass
         await tx.rollback()
         got = await asyncio.wait_for(writes, 30)
     finally:
@@ -320,7 +351,10 @@ async def test_a_deadlock_reported_by_postgresql_falls_back_to_one_statement_eac
     assert got == [True, True]
     assert batch.outcomes.fallbacks == 1
     for cid in cids:
-        assert [e.type for e in await eng.list_events(OWNER, cid)] == ["credential.created", "credential.verified"]
+        assert [e.type for e in await eng.list_events(OWNER, cid)] == [
+            "credential.created",
+            "credential.verified",
+        ]
     assert await broken_invariants(eng) == {}
 
 
@@ -386,10 +420,14 @@ async def test_concurrent_batches_and_revokes_neither_deadlock_nor_lose_writes(
                 ["credential.created", "credential.verified", "credential.revoked"],
             ), types
         else:
-            assert types == ["credential.created", "credential.verified"] and status is CredentialStatus.VERIFIED
+            assert (
+                types == ["credential.created", "credential.verified"] and status is CredentialStatus.VERIFIED
+            )
     verified_events = 0
     for cid in cids:
-        verified_events += sum(1 for e in await eng.list_events(OWNER, cid) if e.type == "credential.verified")
+        verified_events += sum(
+            1 for e in await eng.list_events(OWNER, cid) if e.type == "credential.verified"
+        )
     assert verified_events == written  # every write answered True is there, once
     assert await broken_invariants(eng) == {}
 
@@ -404,13 +442,17 @@ async def test_closing_mid_batch_ends_its_callers_within_the_bound(
     try:
         tx = holder.transaction()
         await tx.start()
-        await holder.execute("SELECT 1 FROM credentials WHERE id = $1 FOR UPDATE", items[2].cred.credential_id)
+        await holder.execute(
+            "SELECT 1 FROM credentials WHERE id = $1 FOR UPDATE", items[2].cred.credential_id
+        )
         batch = DoneBatch(eng.db)
         writes = asyncio.gather(
             *(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items),
             return_exceptions=True,
         )
-        while batch.stats.batches == 0:
+        for _ in range(500):  # the batch is sent, and waits for the held credential
+            if batch.stats.batches:
+                break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
         await asyncio.wait_for(batch.close(timeout=0.5), 5)
@@ -423,7 +465,9 @@ async def test_closing_mid_batch_ends_its_callers_within_the_bound(
     assert all(isinstance(o, CoalescerClosed) for o in got), got
     for v in items:
         assert (await eng.get_credential(OWNER, v.cred.credential_id)).status is CredentialStatus.PENDING
-        assert await hotpath.verified_and_done(eng.db, v.job, v.cred, v.version, v.result, v.warnings, v.sequence)
+        assert await hotpath.verified_and_done(
+            eng.db, v.job, v.cred, v.version, v.result, v.warnings, v.sequence
+        )
     assert await broken_invariants(eng) == {}
 
 
@@ -456,7 +500,9 @@ async def test_one_notify_per_batch(
         await asyncio.sleep(0.05)
         heard.clear()
         batch = DoneBatch(eng.db)
-        await asyncio.gather(*(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items))
+        await asyncio.gather(
+            *(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence) for v in items)
+        )
         await asyncio.sleep(0.2)
     finally:
         await listener.close()
