@@ -35,6 +35,7 @@ from engine.bounds import budgets, quotas, retention
 from engine.broker.context import Context as BrokerContext
 from engine.broker.managers import Managers
 from engine.broker.service import Broker
+from engine.coalesce import CoalescerStats
 from engine.config import EngineConfig
 from engine.embedded import default_data_dir, start_embedded
 from engine.keys import providers as keyproviders
@@ -345,6 +346,13 @@ class CredentialEngine:
     def venue_budgets(self) -> budgets.SharedBudgets | None:
         """The per-IP venue budgets this process shares with its egress group (None: not shared)."""
         return self._budgets
+
+    @property
+    def verify_batches(self) -> CoalescerStats:
+        """How the successful verifications' writes were batched in this process (engine/donebatch.py)."""
+        if self._jobs is None:
+            raise errors.EngineClosed("the engine is not open")
+        return self._jobs.done_batch.stats
 
     def probe(self, venue: Venue) -> Probe:
         """The probe for ``venue`` (injected, or built on first use against ``config.venue_urls``)."""

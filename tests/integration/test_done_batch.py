@@ -482,6 +482,7 @@ async def test_a_task_holding_a_connection_is_refused_and_the_engine_closes_the_
         async with eng.db.transaction():
             await writer.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence)
     assert await writer.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence)
+    assert (eng.verify_batches.batches, eng.verify_batches.items) == (1, 1)
     await eng.close()
     with pytest.raises(CoalescerClosed):
         await writer.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence)
@@ -509,3 +510,45 @@ async def test_one_notify_per_batch(
     assert batch.stats.batches == 1 and heard == ["x"]
     # PostgreSQL folds equal notifications of one transaction anyway: the statement itself calls it once
     assert eng.db.queries["verified_and_done_batch"].count("pg_notify") == 1
+
+
+async def test_a_caller_cancelled_while_its_batch_is_written_finds_its_job_done(
+    eng: CredentialEngine, fake: FakeVenue, raw: asyncpg.Connection, database_url: str
+) -> None:
+    """A caller that gives up (its job's timeout) while its batch waits for a lock: the batch goes on for the
+    others and may write it too, as a single statement racing its commit would; the next try of that job then
+    finds it done and writes nothing more."""
+    items = [await read(eng, await claim(raw, await create(eng, fake)), found()) for _ in range(3)]
+    holder = await asyncpg.connect(database_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM credentials WHERE id = $1 FOR UPDATE", items[2].cred.credential_id
+        )
+        batch = DoneBatch(eng.db)
+        tasks = [
+            asyncio.ensure_future(batch.write(v.job, v.cred, v.version, v.result, v.warnings, v.sequence))
+            for v in items
+        ]
+        for _ in range(500):
+            if batch.stats.batches:
+                break
+            await asyncio.sleep(0.01)
+        tasks[0].cancel()
+        await asyncio.sleep(0.1)
+        await tx.rollback()
+        assert await asyncio.wait_for(asyncio.gather(*tasks[1:]), 10) == [True, True]
+    finally:
+        await holder.close()
+    assert tasks[0].cancelled()
+    gone = items[0]
+    [job] = [j for j in await eng.queue.list_jobs(kind=jobs.VERIFY, limit=100) if j.id == gone.job.id]
+    assert job.state == "done"  # written with the batch
+    assert not await hotpath.verified_and_done(
+        eng.db, gone.job, gone.cred, gone.version, gone.result, gone.warnings, gone.sequence
+    )
+    assert [e.type for e in await eng.list_events(OWNER, gone.cred.credential_id)] == [
+        "credential.created",
+        "credential.verified",
+    ]
