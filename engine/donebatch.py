@@ -23,13 +23,17 @@ credential meanwhile makes the batch refuse it instead of writing after it with 
 credential that appears twice in one batch (two attempts of its jobs at once) goes in the batch once; the other
 items of that credential are written one by one after it, as the single statements would have been.
 
-Deadlocks: two batches lock credentials in the same (id) order and hold no job row while they wait for a
-credential; the transaction path, revoke and rotate lock one credential row, then write (revoke, rotate) or
-complete their job (the transaction path) without waiting for another credential; the heartbeat and the queue's
-other statements write job rows only, which the batch skips when held. No cycle can include a batch. Should
-PostgreSQL report one all the same (SQLSTATE 40P01), or should the batch's statement fail for any other reason,
-every verification of the batch is written again one statement each (:func:`engine.hotpath.verified_and_done`),
-which handles every case as the single path does.
+Deadlocks: a batch waits only for credential rows, in ascending id order, while it holds credential rows of
+lower ids only; once every credential is locked it takes the job rows, skipping those held elsewhere, and then
+waits for nothing (its writes touch rows it holds). Two batches therefore never wait for each other in a cycle.
+Every other writer of credentials locks one credential row per transaction (the transaction path, revoke, rotate,
+the broker's and trading accounts' changes: each ``UPDATE credentials`` of the .sql files names one id), and the
+heartbeat and the queue's other statements write job rows only. No cycle can include a batch. Should PostgreSQL
+report one all the same (SQLSTATE 40P01), or should the batch's statement fail for any other reason, every
+verification of the batch is written again one statement each (:func:`engine.hotpath.verified_and_done`), which
+handles every case as the single path does; a failure there that is the database's own (not the item's) is given
+to the items left, rather than having each wait for its own pool acquire or statement timeout in turn. A batch of
+one is that single statement.
 
 A task that holds a pool connection is refused at once (:class:`engine.errors.PoolReentry`): its batch needs a
 connection of its own. Every wait is bounded: the statement by the pool's ``command_timeout``, a caller by its
