@@ -308,6 +308,8 @@ class CredentialEngine:
             await self._creates.close(timeout=self.config.shutdown_timeout)
         if self._queue is not None:
             await self._queue.stop()
+        if self._jobs is not None:  # after the queue: its handlers wait for their batches until it stopped
+            await self._jobs.close()
         if self._parts is not None:  # the jobs are done: no read is left to batch (engine/readbatch.py)
             await self._parts.store.reads.close()
         if self._budgets is not None:
@@ -365,6 +367,13 @@ class CredentialEngine:
     def venue_budgets(self) -> budgets.SharedBudgets | None:
         """The per-IP venue budgets this process shares with its egress group (None: not shared)."""
         return self._budgets
+
+    @property
+    def verify_batches(self) -> CoalescerStats:
+        """How the successful verifications' writes were batched in this process (engine/donebatch.py)."""
+        if self._jobs is None:
+            raise errors.EngineClosed("the engine is not open")
+        return self._jobs.done_batch.stats
 
     def probe(self, venue: Venue) -> Probe:
         """The probe for ``venue`` (injected, or built on first use against ``config.venue_urls``)."""

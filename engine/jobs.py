@@ -35,6 +35,7 @@ from engine import hotpath, logs
 from engine import queue as queuemod
 from engine.config import DAY_MS, EngineConfig, VerificationPolicy
 from engine.db import Conn, Database
+from engine.donebatch import DoneBatch
 from engine.models import Credential, CredentialStatus, CredentialType
 from engine.outbox import Outbox
 from engine.payloads import (
@@ -179,6 +180,7 @@ class LifecycleJobs:
         purge_webhook_secrets: Callable[[], Awaitable[int]],
         discover: Discover | None = None,
         rotation_hooks: RotationHooks | None = None,
+        done_batch: DoneBatch | None = None,
     ) -> None:
         self._store = store
         self._db = db
@@ -192,6 +194,13 @@ class LifecycleJobs:
         self._discover = discover
         self._hooks = rotation_hooks
         self.metrics = ProbeMetrics()
+        # the hot path's writes, in batches of the verifications that succeed at the same time
+        self.done_batch = done_batch if done_batch is not None else DoneBatch(db)
+
+    async def close(self) -> None:
+        """Stop writing verifications in batches: waits (bounded) for the batches in flight. After the queue
+        stopped: its handlers may still be waiting for their batch until then."""
+        await self.done_batch.close()
 
     def handlers(self) -> dict[str, queuemod.Handler]:
         return {
@@ -261,7 +270,8 @@ class LifecycleJobs:
     ) -> bool:
         """The hot path (engine/hotpath.py): a success with something new to write, judged on the row read
         before the probe (event sequence ``sequence``), written with its event and the job's completion in one
-        statement. False: not such a success, or the statement refused (nothing written)."""
+        statement, together with the others that succeed meanwhile (engine/donebatch.py). False: not such a
+        success, or the statement refused (nothing written)."""
         if isinstance(outcome, ProbeFailure) or not hotpath.eligible(outcome):
             return False
         expected = _account_of(cred)
@@ -270,7 +280,7 @@ class LifecycleJobs:
         reason, warnings = self._policy.evaluate(outcome)
         if reason is not None or _same_findings(cred, outcome, warnings):
             return False
-        if not await hotpath.verified_and_done(self._db, job, cred, version, outcome, warnings, sequence):
+        if not await self.done_batch.write(job, cred, version, outcome, warnings, sequence):
             return False
         self._queue.note_completed(job)
         self._outbox.committed()

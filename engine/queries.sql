@@ -355,6 +355,100 @@ SELECT w.event_seq,
        CASE WHEN EXISTS (SELECT 1 FROM done) THEN true ELSE ce_attempt_lost() END AS completed
 FROM written w, event e;
 
+-- verified_and_done_batch --
+-- verified_and_done for many successful verifications in one statement, its own transaction (engine/donebatch.py):
+-- $1 a JSON array of items in ascending credential id order, each credential once, each an object of id, version,
+-- identities, permissions, account, environment, warnings, seq (the event sequence read), owner, event (the
+-- event's id), type, data, job, attempt; $2 the statuses verify_succeeded fires from; NOTIFY $3 once. Each item is
+-- looked up by index in a LATERAL subquery (a plan that does not depend on the batch's size). First the
+-- credentials passing every fence of verified_and_done are locked, one after another in id order (every batch
+-- locks in one order: two batches never wait for each other in a cycle), the first lock being the transaction's
+-- first write (engine/events.py; the event sequence fence refuses a row another transaction reported on after the
+-- job read it, so the later-locked rows keep the events' order too); then, once every credential is locked (the
+-- gate: a one-time filter that counts them), each one's job row if attempt $attempt still runs it, skipping a
+-- row another transaction holds (a heartbeat: the batch never waits once it holds a job row, so it can never be
+-- in a cycle through the jobs). Only a credential whose job row is held is written, with its event, and its job
+-- done. One row per item, "i" its position (from 1): outcome 'written' (with the new event sequence), 'refused'
+-- (a fence or an endpoint that wants the event: nothing written), 'lost' (the attempt no longer owns its job:
+-- nothing written for it) or 'busy' (another transaction held the job row: nothing written, the transaction path
+-- decides). SQLSTATE CE409 undoes the whole batch if a written credential's job was not marked done (never
+-- expected: the row is held).
+WITH item AS MATERIALIZED (
+    SELECT t.i, (t.x ->> 'id')::uuid AS id, (t.x ->> 'job')::bigint AS job, (t.x ->> 'attempt')::integer AS attempt,
+           t.x
+    FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t (x, i)
+), locked AS MATERIALIZED (
+    SELECT it.i
+    FROM item it
+    CROSS JOIN LATERAL (
+        SELECT c.id FROM credentials c
+        WHERE c.id = it.id AND c.status = ANY ($2::text[]) AND c.secret_version = (it.x ->> 'version')::integer
+          AND c.event_seq = (it.x ->> 'seq')::bigint AND c.rotation_failure_reason IS NULL
+          AND (c.pinned_venue_account_id IS NULL OR c.pinned_venue_account_id = it.x ->> 'account')
+          AND NOT EXISTS (
+              SELECT 1 FROM webhook_endpoints e
+              WHERE e.owner_id = it.x ->> 'owner' AND e.enabled
+                AND (e.event_types IS NULL OR it.x ->> 'type' = ANY (e.event_types)))
+        FOR UPDATE OF c
+    ) c
+), held AS MATERIALIZED (
+    SELECT it.i, it.id
+    FROM locked l
+    JOIN item it ON it.i = l.i
+    CROSS JOIN LATERAL (
+        SELECT j.id FROM queue_jobs j
+        WHERE j.id = it.job AND j.attempt = it.attempt AND j.state = 'running'
+        FOR UPDATE OF j SKIP LOCKED
+    ) j
+    WHERE (SELECT count(*) FROM locked) >= 0  -- the gate: every credential is locked before the first job row
+), written AS (
+    UPDATE credentials c
+    SET status = 'VERIFIED', identities = ARRAY(SELECT jsonb_array_elements_text(it.x -> 'identities')),
+        permissions = it.x -> 'permissions', venue_account_id = it.x ->> 'account',
+        pinned_venue_account_id = coalesce(c.pinned_venue_account_id, it.x ->> 'account'),
+        environment = it.x ->> 'environment', warnings = ARRAY(SELECT jsonb_array_elements_text(it.x -> 'warnings')),
+        failure_reason = NULL, failure_message = NULL, verified_at = now(), updated_at = now(),
+        event_seq = c.event_seq + 1
+    FROM held h
+    JOIN item it ON it.i = h.i
+    WHERE c.id = it.id AND c.event_seq = (it.x ->> 'seq')::bigint
+      AND c.id = ANY (ARRAY(SELECT id FROM held))  -- an index scan of the held ids, whatever the table's size
+    RETURNING it.i, c.id, c.owner_id, c.event_seq, floor(extract(epoch FROM c.updated_at) * 1000)::bigint AS at_ms
+), event AS (
+    INSERT INTO events (id, type, owner_id, credential_id, sequence, data)
+    SELECT (it.x ->> 'event')::uuid, it.x ->> 'type', w.owner_id, w.id, w.event_seq,
+           jsonb_set(jsonb_set(it.x -> 'data', '{credential,updatedAt}', to_jsonb(w.at_ms)),
+                     '{credential,verifiedAt}', to_jsonb(w.at_ms))
+    FROM written w
+    JOIN item it ON it.i = w.i
+    RETURNING position
+), done AS (
+    UPDATE queue_jobs j
+    SET state = 'done', lease_expires_at = NULL, worker_id = NULL, finished_at = now()
+    FROM written w
+    JOIN item it ON it.i = w.i
+    WHERE j.id = it.job AND j.attempt = it.attempt AND j.state = 'running'
+    RETURNING j.id
+), summary AS (
+    SELECT CASE WHEN (SELECT count(*) FROM done) = n AND (SELECT count(*) FROM event) = n THEN true
+                ELSE ce_attempt_lost() END AS complete,
+           CASE WHEN n > 0 THEN pg_notify($3, '') IS NOT NULL END AS notified
+    FROM (SELECT count(*) AS n FROM written) w
+)
+SELECT it.i,
+       CASE WHEN w.i IS NOT NULL THEN 'written'
+            WHEN l.i IS NULL THEN 'refused'
+            WHEN EXISTS (SELECT 1 FROM queue_jobs j WHERE j.id = it.job AND j.attempt = it.attempt
+                                                        AND j.state = 'running') THEN 'busy'
+            ELSE 'lost' END AS outcome,
+       w.event_seq,
+       s.complete
+FROM item it
+CROSS JOIN summary s
+LEFT JOIN locked l ON l.i = it.i
+LEFT JOIN written w ON w.i = it.i
+ORDER BY it.i;
+
 -- mark_failed --
 -- verify_rejected (a permanent cause), fenced on the probed secret version; the public row and previous status.
 WITH old AS (SELECT id, status AS previous_status FROM credentials WHERE id = $1 FOR UPDATE),
