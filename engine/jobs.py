@@ -53,7 +53,7 @@ from engine.payloads import (
     rotation_key,
     verify_key,
 )
-from engine.store import Store
+from engine.store import SecretRow, Store
 from venues.base import MAX_SEQUENTIAL_REQUESTS, ApiKeys, Probe, ProbeFailure, ProbeResult, Venue
 from venues.subaccounts import MAX_DISCOVERY_REQUESTS
 
@@ -161,6 +161,22 @@ class RotationHooks(Protocol):
     ) -> Mapping[str, Any]: ...
 
 
+JobRead = tuple[Credential, SecretRow | None, int]  # what Store.read_for_job answers
+
+
+def _verify_is_stale(read: JobRead, version: int) -> bool:
+    """Whether a verification of secret ``version`` has nothing to do: revoked, or rotated since it was queued."""
+    cred, secret, _ = read
+    return cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None
+
+
+def _rotation_is_stale(read: JobRead) -> bool:
+    """Whether a staged version's verification has nothing to do: discarded (immediate rotation, revoke) or
+    already promoted."""
+    cred, secret, _ = read
+    return cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING"
+
+
 class LifecycleJobs:
     """The lifecycle's job handlers, built from the parts they use: the store, the database (transactions),
     the queue, the outbox, the probes (``probe(venue)``), the verification policy, the engine's settings and the
@@ -238,10 +254,14 @@ class LifecycleJobs:
         store = self._store
         work = Verify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        # read by the claim (claim_jobs_reading_credentials): no statement of its own; else a coalesced read
-        read = store.read_with_claim(job.attached, cid, version) or await store.read_for_job(cid, version)
+        # read by the claim (claim_jobs_reading_credentials): no statement of its own; else a coalesced read.
+        # The claim's row may predate the job's own transaction (queue_claim() finds the job with a newer
+        # snapshot than the statement's join): a row that would drop the job as stale is read again first.
+        read = store.read_with_claim(job.attached, cid, version)
+        if read is None or _verify_is_stale(read, version):
+            read = await store.read_for_job(cid, version)
         cred, secret, sequence = read
-        if cred.status is CredentialStatus.REVOKED or cred.secret_version != version or secret is None:
+        if _verify_is_stale(read, version) or secret is None:  # (secret: for the type checker)
             return  # stale: revoked or rotated since it was enqueued
         outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)
         if await self._verified_in_one(job, cred, version, outcome, sequence):
@@ -359,9 +379,11 @@ class LifecycleJobs:
         store = self._store
         work = RotationVerify.from_payload(job.payload)
         cid, version = work.credential_id, work.version
-        read = store.read_with_claim(job.attached, cid, version) or await store.read_for_job(cid, version)
+        read = store.read_with_claim(job.attached, cid, version)
+        if read is None or _rotation_is_stale(read):  # as in verify: the claim's row may predate the job
+            read = await store.read_for_job(cid, version)
         cred, secret, _ = read
-        if cred.status is CredentialStatus.REVOKED or secret is None or secret.state != "PENDING":
+        if _rotation_is_stale(read) or secret is None:  # (secret: for the type checker)
             return  # discarded (immediate rotation, revoke) or already promoted
         outcome = await self._probe(cred.venue, store.open_secret(secret), cred.credential_type)
         async with self._db.transaction() as conn:

@@ -5,6 +5,7 @@ the next one; refusals, failures, cancellation and closing behave as for a singl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -266,3 +267,40 @@ async def test_the_claim_statement_is_chosen_before_the_queue_starts(database_ur
         await q.stop()
     finally:
         await db.close()
+
+
+async def test_a_claim_row_older_than_its_job_is_read_again_before_the_job_is_dropped(
+    eng: CredentialEngine, fake: FakeVenue
+) -> None:
+    """The claim statement's row can predate the job's own transaction: queue_claim() (VOLATILE) finds a job
+    committed after the statement began, and the statement joins the credential with its older snapshot. A row
+    that would drop the job as stale (here: the staged secret not visible yet) must be read again: before, one
+    of 5,000 staged rotations in bench.lifecycle was dropped this way and stayed PENDING for ever. The older
+    snapshot is rebuilt by blanking the claimed row's secret columns (what the join gave without the version)."""
+    [cid] = await created(eng, fake, 1)
+    queue = eng._ready().queue
+    await queue.run_until_idle(timeout=30)
+    fake.add_key("read-key-new", "s3cret-2")  # same venue account as the first key
+    await eng.rotate_credential(OWNER, cid, api_key="read-key-new", api_secret="s3cret-2")
+    backend = queue._backend
+    async with backend.claim_session(0) as session:
+        [job] = await backend.claim(session, 5, [])
+    assert job.kind == ROTATION_VERIFY and job.attached is not None
+    assert job.attached["secret_row_version"] == 2  # as claimed now; then as an older snapshot shows it:
+    older = {k: (None if k.startswith("secret_") else v) for k, v in dict(job.attached).items()}
+    assert eng.store.read_with_claim(older, cid, 2) is not None  # a row the job would have dropped
+    stale = dataclasses.replace(job, attached=older)
+    assert eng._jobs is not None
+    await eng._jobs.rotation_verify(stale)
+    cred = await eng.get_credential(OWNER, cid)
+    assert cred.secret_version == 2 and cred.pending_rotation is None  # promoted, not left PENDING
+
+    # the same for a verification: a row from before the credential's version 2 was promoted
+    await eng.verify_credential(OWNER, cid)
+    async with backend.claim_session(0) as session:
+        [job] = await backend.claim(session, 5, [])
+    assert job.kind == VERIFY and job.payload["version"] == 2
+    older = dict(job.attached or {}) | {"cred_secret_version": 1}
+    before = fake.calls.count("read-key-new")
+    await eng._jobs.verify(dataclasses.replace(job, attached=older))
+    assert fake.calls.count("read-key-new") == before + 1  # probed: the fresh read let it go ahead
