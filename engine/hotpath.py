@@ -16,7 +16,9 @@ as :func:`create_one` would, and falls back to it.
 
 **Verification** (``verified_and_done``, :func:`verified_and_done`): a successful verification written,
 reported and its job marked done; the transaction path (:meth:`engine.jobs.LifecycleJobs.verify`) sends BEGIN,
-``mark_verified``, the outbox row, ``complete_job``, COMMIT.
+``mark_verified``, the outbox row, ``complete_job``, COMMIT. Concurrent verifications share one statement
+(engine/donebatch.py, ``verified_and_done_batch``), which answers each as :func:`verified_and_done` would, and
+falls back to it.
 
 The event must carry the credential as the write leaves it, which the transaction path reads back from the
 write. Here it is known before the write instead: the statement is fenced on the event sequence the job read
