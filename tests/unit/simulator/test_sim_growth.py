@@ -1,10 +1,11 @@
-"""The simulator's rate-limit budgets cost the same per request however much it has served.
+"""The simulator's rate-limit budgets and burst statistics cost the same per request however much it has served.
 
 With enforcement off (the benchmarks' simulator) every request is recorded, so Binance's one-minute weight
 window holds a minute of traffic far above its limit. Working out the wait used to walk those entries on
 every request, so each benchmark pass through one simulator ran slower than the one before; and a budget was
-kept for every subject (account, claimed key, IP) ever seen. The work per request is counted here in
-executed lines of ``ratelimit.py`` (deterministic), never timed.
+kept for every subject (account, claimed key, IP) ever seen, and a burst window for every key ever heard
+from. The work per request is counted here in executed lines of ``ratelimit.py`` (deterministic), never
+timed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from venues.simulator import ratelimit
+from venues.base import Venue
+from venues.simulator import ratelimit, stats
 
 MINUTE = ratelimit.Window(10, 60.0)
 
@@ -133,3 +135,29 @@ def test_windows_answer_as_the_walk_does(enforce: bool) -> None:
         got = limits.admit([rule], now, enforce=enforce)
         expected = walk.admit(limit, now, cost, enforce)
         assert (0.0 if got is None else got[1]) == pytest.approx(expected)
+
+
+def test_burst_windows_of_quiet_keys_are_forgotten_and_peaks_kept() -> None:
+    recorder = stats.StatsRecorder(Venue.KRAKEN)
+    for i in range(5_000):
+        recorder.request(f"key-{i}", 1.0 + i * 1e-4)
+        recorder.request(f"key-{i}", 1.0 + i * 1e-4)
+    assert recorder.tracked_keys == 5_000
+    later = 1.0 + stats.SWEEP_SECONDS + 1.0
+    recorder.request("key-0", later)
+    recorder.request("key-new", later)
+    assert recorder.tracked_keys == 2
+    snapshot = recorder.snapshot()
+    assert snapshot.requests == 10_002
+    assert len(snapshot.max_per_second_by_key) == 5_001
+    assert snapshot.max_per_second_by_key["key-4999"] == 2
+    assert snapshot.max_per_second_by_key["key-new"] == 1
+
+
+def test_a_key_heard_from_within_the_second_keeps_its_burst_window() -> None:
+    recorder = stats.StatsRecorder(Venue.OKX)
+    recorder.request("busy", 0.0)
+    recorder.request("busy", stats.SWEEP_SECONDS - 0.5)
+    recorder.request("busy", stats.SWEEP_SECONDS)  # the sweep runs first: "busy" is still in its second
+    recorder.request("busy", stats.SWEEP_SECONDS + 0.1)
+    assert recorder.snapshot().max_per_second_by_key["busy"] == 3
