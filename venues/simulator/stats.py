@@ -16,6 +16,7 @@ from typing import Any
 from venues.base import Venue
 
 BURST_WINDOW = 1.0  # seconds: the window of max_per_second
+SWEEP_SECONDS = 60.0  # how often the burst windows of keys that went quiet are forgotten (bounded memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +56,21 @@ class StatsRecorder:
         self.auth_failures = 0
         self.rate_limit_violations = 0
         self.ip_rate_limit_violations = 0
-        self._recent: dict[str, collections.deque[float]] = {}
+        self._recent: dict[str, collections.deque[float]] = {}  # the last second's requests, by key
         self._max_by_key: dict[str, int] = {}
+        self._next_sweep: float | None = None
+
+    @property
+    def tracked_keys(self) -> int:
+        """How many keys have a burst window held (those heard from in the last :data:`SWEEP_SECONDS` or so)."""
+        return len(self._recent)
 
     def request(self, api_key: str | None, now: float) -> None:
         self.requests += 1
+        if self._next_sweep is None:
+            self._next_sweep = now + SWEEP_SECONDS
+        elif now >= self._next_sweep:
+            self._sweep(now)
         if not api_key:
             return
         recent = self._recent.setdefault(api_key, collections.deque())
@@ -68,6 +79,14 @@ class StatsRecorder:
         recent.append(now)
         if len(recent) > self._max_by_key.get(api_key, 0):
             self._max_by_key[api_key] = len(recent)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the burst windows with nothing left in them at ``now`` (a window made afresh is empty too,
+        so no figure changes; ``max_per_second_by_key`` keeps every key's peak)."""
+        self._recent = {
+            key: recent for key, recent in self._recent.items() if recent and recent[-1] > now - BURST_WINDOW
+        }
+        self._next_sweep = now + SWEEP_SECONDS
 
     def snapshot(self) -> VenueStats:
         return VenueStats(
