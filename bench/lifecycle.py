@@ -23,7 +23,7 @@ concurrency: the venues' real probe modules (``build_probe(..., rate_limited=Fal
 semaphore of ``workers``, with no database and no queue. It runs right before and right after the create ->
 VERIFIED phase (the engine closed meanwhile, the server's autovacuum finished and a checkpoint written before
 each: :func:`quiet_database`), so that both flank the phase they are compared with; the ratio uses their mean
-and both are printed (a shared machine is noisy). Target: the engine reaches at least 0.6 x the limit's
+and both are printed (a shared machine is noisy). Target: the engine reaches at least 0.9 x the limit's
 credentials/s.
 """
 
@@ -49,7 +49,7 @@ from engine.engine import CredentialEngine
 from venues import build_probe
 from venues.base import ProbeFailure, Venue
 
-TARGET_RATIO = 0.6
+TARGET_RATIO = 0.9  # issue #14: create -> VERIFIED at 0.9 x the bare client on an idle machine
 OWNERS = 50  # credentials are spread over this many owners
 POLL = 0.2  # seconds between progress checks (the figures come from server timestamps, not from this)
 PHASE_TIMEOUT = 600.0
