@@ -100,7 +100,8 @@ $$ LANGUAGE plpgsql VOLATILE;
 -- the batch and their callers send them alone (engine/creates.py), waiting for that lock as a single create
 -- does (p_timeout, also the bound of any other lock the batch's inserts wait for). Then one count, a statement
 -- of its own (a snapshot taken after the locks), of the credentials each locked owner holds that are not
--- REVOKED: one row per such owner that holds any. No lock and no row when p_quota is NULL (no quota).
+-- REVOKED: one row per such owner that holds any. No lock and no row when p_quota is NULL (no quota); the lock
+-- timeout is set in every case.
 DROP FUNCTION IF EXISTS ce_credential_rooms(text[], integer, text);
 CREATE FUNCTION ce_credential_rooms(p_owners text[], p_quota integer, p_timeout text)
 RETURNS TABLE (room_owner text, held bigint, busy boolean) AS $$
@@ -109,10 +110,10 @@ DECLARE
     taken text[] := '{}';
     refused text[] := '{}';
 BEGIN
+    PERFORM set_config('lock_timeout', p_timeout, true);  -- also the bound of the inserts' waits
     IF p_quota IS NULL THEN
         RETURN;
     END IF;
-    PERFORM set_config('lock_timeout', p_timeout, true);
     FOR owner_name IN SELECT DISTINCT o FROM unnest(p_owners) AS o ORDER BY 1 LOOP
         IF pg_try_advisory_xact_lock(774412, hashtext(owner_name)) THEN
             taken := taken || owner_name;

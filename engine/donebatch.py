@@ -11,9 +11,10 @@ Each verification of a batch ends as the single statement would end it:
 * **attempt lost**: nothing written for it, :class:`engine.queue.StaleAttempt` raised to its caller alone (where
   the single statement's SQLSTATE CE409 undoes the statement, the batch answers per row).
 
-Another transaction holding the job's row at that instant (the queue's heartbeat) makes the batch skip the
-verification rather than wait (False: the transaction path waits for the row and decides), so that a batch never
-waits once it holds a job row.
+Another transaction holding the credential's row (a revoke, a rotation, an operator's session) or the job's row
+(the queue's heartbeat) at that instant makes the batch skip the verification rather than wait (False: the
+transaction path waits for the row, alone, and decides). One batch is in flight per process, so a batch that
+waited for one held row would hold up every other owner's verifications behind it.
 
 The order of the events (engine/events.py: one credential's events are ordered by the transaction ids of their
 writers, which lock the credential row first) holds for every credential of a batch: the batch's items are sorted
@@ -23,17 +24,13 @@ credential meanwhile makes the batch refuse it instead of writing after it with 
 credential that appears twice in one batch (two attempts of its jobs at once) goes in the batch once; the other
 items of that credential are written one by one after it, as the single statements would have been.
 
-Deadlocks: a batch waits only for credential rows, in ascending id order, while it holds credential rows of
-lower ids only; once every credential is locked it takes the job rows, skipping those held elsewhere, and then
-waits for nothing (its writes touch rows it holds). Two batches therefore never wait for each other in a cycle.
-Every other writer of credentials locks one credential row per transaction (the transaction path, revoke, rotate,
-the broker's and trading accounts' changes: each ``UPDATE credentials`` of the .sql files names one id), and the
-heartbeat and the queue's other statements write job rows only. No cycle can include a batch. Should PostgreSQL
-report one all the same (SQLSTATE 40P01), or should the batch's statement fail for any other reason, every
-verification of the batch is written again one statement each (:func:`engine.hotpath.verified_and_done`), which
-handles every case as the single path does; a failure there that is the database's own (not the item's) is given
-to the items left, rather than having each wait for its own pool acquire or statement timeout in turn. A batch of
-one is that single statement.
+Deadlocks: a batch waits for no row lock at all (credential and job rows held elsewhere are skipped), and its
+writes touch rows it holds, so no cycle can include a batch. Should PostgreSQL report one all the same (SQLSTATE
+40P01), or should the batch's statement fail for any other reason (a table lock, a timeout, a lost connection),
+every verification of the batch is written again one statement each (:func:`engine.hotpath.verified_and_done`),
+which handles every case as the single path does; a pool with no connection to give is the answer of the items
+left too, rather than having each wait for its own acquire bound in turn (any other error is that item's own). A
+batch of one is that single statement.
 
 A task that holds a pool connection is refused at once (:class:`engine.errors.PoolReentry`): its batch needs a
 connection of its own. Every wait is bounded: the statement by the pool's ``command_timeout``, a caller by its
@@ -187,11 +184,11 @@ class DoneBatch:
             log.warning("verified_batch_fallback", size=len(first), error=str(exc))
             failed: BaseException | None = None
             for k in first:
-                # the first failure that is not the item's own (the database itself): the others get it too,
-                # rather than each waiting for its own pool acquire or statement timeout in turn
+                # a pool that has no connection to give is every item's answer (rather than each waiting for its
+                # own acquire bound in turn); any other error is that item's own (its row, its data)
                 outcome = failed if failed is not None else await self._one(batch[k])
                 outcomes[k] = outcome
-                if isinstance(outcome, errors.StorageError):
+                if isinstance(outcome, dbmod.PoolExhausted):
                     failed = outcome
             return
         if len(rows) != len(first):

@@ -361,8 +361,10 @@ FROM written w, event e;
 -- identities, permissions, account, environment, warnings, seq (the event sequence read), owner, event (the
 -- event's id), type, data, job, attempt; $2 the statuses verify_succeeded fires from; NOTIFY $3 once. Each item is
 -- looked up by index in a LATERAL subquery (a plan that does not depend on the batch's size). First the
--- credentials passing every fence of verified_and_done are locked, one after another in id order (every batch
--- locks in one order: two batches never wait for each other in a cycle), the first lock being the transaction's
+-- credentials passing every fence of verified_and_done are locked, one after another in id order, skipping a row
+-- another transaction holds (a revoke, a rotation, an operator's session: never waited for, so one held row
+-- cannot hold up the other owners' verifications of the batch; it reads 'refused' and its caller takes the
+-- transaction path, which waits for that row alone), the first lock being the transaction's
 -- first write (engine/events.py; the event sequence fence refuses a row another transaction reported on after the
 -- job read it, so the later-locked rows keep the events' order too); then, once every credential is locked (the
 -- gate: a one-time filter that counts them), each one's job row if attempt $attempt still runs it, skipping a
@@ -389,7 +391,7 @@ WITH item AS MATERIALIZED (
               SELECT 1 FROM webhook_endpoints e
               WHERE e.owner_id = it.x ->> 'owner' AND e.enabled
                 AND (e.event_types IS NULL OR it.x ->> 'type' = ANY (e.event_types)))
-        FOR UPDATE OF c
+        FOR UPDATE OF c SKIP LOCKED
     ) c
 ), held AS MATERIALIZED (
     SELECT it.i, it.id
