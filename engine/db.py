@@ -229,17 +229,26 @@ def translated() -> Any:
         raise _translate(exc) from None
 
 
+def _raise_statement_failure(exc: BaseException) -> None:
+    """Raise the typed error of a statement's failure ``exc`` (a TimeoutError, an OSError, is asyncpg's
+    ``command_timeout`` and is said so; driver errors are translated); return when ``exc`` is not the driver's
+    (the caller re-raises it as it is)."""
+    if isinstance(exc, TimeoutError):
+        raise errors.StorageError(STATEMENT_TIMED_OUT) from None
+    if isinstance(exc, _DRIVER_ERRORS):
+        raise _translate(exc) from None
+
+
 @contextlib.contextmanager
 def _statement() -> Any:
-    """:func:`translated` for one statement, where a TimeoutError (an OSError) is asyncpg's ``command_timeout``
-    and is said so. Only around the driver's own calls: the body of a transaction or connection block is the
-    caller's code, whose exceptions pass through as they are (the ``Conn`` methods translate their own)."""
+    """:func:`translated` for one statement (:func:`_raise_statement_failure`). Only around the driver's own
+    calls: the body of a transaction or connection block is the caller's code, whose exceptions pass through as
+    they are (the ``Conn`` methods translate their own)."""
     try:
         yield
-    except TimeoutError:
-        raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-    except _DRIVER_ERRORS as exc:
-        raise _translate(exc) from None
+    except Exception as exc:
+        _raise_statement_failure(exc)
+        raise
 
 
 class Conn:
@@ -251,42 +260,29 @@ class Conn:
         self._conn = conn
         self._queries = queries
 
-    # the four statement methods spell out _statement()'s translation: they run for every statement, and a
+    # the statement methods translate in a plain try (_run): they run for every statement, and a
     # generator-based context manager costs more than the try it wraps
 
-    async def fetch(self, name: str, *args: Any) -> list[Record]:
+    async def _run(self, method: str, name: str, args: tuple[Any, ...]) -> Any:
         try:
-            rows: list[Record] = await self._conn.fetch(self._queries[name], *args)
-        except TimeoutError:
-            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc) from None
+            return await getattr(self._conn, method)(self._queries[name], *args)
+        except Exception as exc:
+            _raise_statement_failure(exc)
+            raise
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]:
+        rows: list[Record] = await self._run("fetch", name, args)
         return rows
 
     async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        try:
-            row: Record | None = await self._conn.fetchrow(self._queries[name], *args)
-        except TimeoutError:
-            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc) from None
+        row: Record | None = await self._run("fetchrow", name, args)
         return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        try:
-            return await self._conn.fetchval(self._queries[name], *args)
-        except TimeoutError:
-            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc) from None
+        return await self._run("fetchval", name, args)
 
     async def execute(self, name: str, *args: Any) -> str:
-        try:
-            status: str = await self._conn.execute(self._queries[name], *args)
-        except TimeoutError:
-            raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-        except _DRIVER_ERRORS as exc:
-            raise _translate(exc) from None
+        status: str = await self._run("execute", name, args)
         return status
 
     async def executemany(self, name: str, args: Sequence[Sequence[Any]]) -> None:
@@ -468,69 +464,36 @@ class Database:
             with _statement():
                 await tx.commit()
 
-    # One statement on a pool connection of its own (it commits by itself). Written out rather than through
+    # One statement on a pool connection of its own (it commits by itself): _single, a plain try rather than
     # _hold() and _statement(): two generator-based context managers per statement cost more than the
     # statement's own Python. The task is not recorded as the connection's holder: no code of its own runs
     # while the driver works, so it cannot ask the pool for a second connection meanwhile.
 
-    async def fetch(self, name: str, *args: Any) -> list[Record]:
+    async def _single(self, method: str, name: str, args: tuple[Any, ...]) -> Any:
         sql = self.queries[name]
         raw = await self._acquire()
         try:
-            rows: list[Record] = await raw.fetch(sql, *args)
+            result = await getattr(raw, method)(sql, *args)
         except BaseException as exc:
             await self._release(raw)
-            if isinstance(exc, TimeoutError):
-                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise _translate(exc) from None
+            _raise_statement_failure(exc)
             raise
         await self._release(raw, settled=True)
+        return result
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]:
+        rows: list[Record] = await self._single("fetch", name, args)
         return rows
 
     async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        sql = self.queries[name]
-        raw = await self._acquire()
-        try:
-            row: Record | None = await raw.fetchrow(sql, *args)
-        except BaseException as exc:
-            await self._release(raw)
-            if isinstance(exc, TimeoutError):
-                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise _translate(exc) from None
-            raise
-        await self._release(raw, settled=True)
+        row: Record | None = await self._single("fetchrow", name, args)
         return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        sql = self.queries[name]
-        raw = await self._acquire()
-        try:
-            value = await raw.fetchval(sql, *args)
-        except BaseException as exc:
-            await self._release(raw)
-            if isinstance(exc, TimeoutError):
-                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise _translate(exc) from None
-            raise
-        await self._release(raw, settled=True)
-        return value
+        return await self._single("fetchval", name, args)
 
     async def execute(self, name: str, *args: Any) -> str:
-        sql = self.queries[name]
-        raw = await self._acquire()
-        try:
-            status: str = await raw.execute(sql, *args)
-        except BaseException as exc:
-            await self._release(raw)
-            if isinstance(exc, TimeoutError):
-                raise errors.StorageError(STATEMENT_TIMED_OUT) from None
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise _translate(exc) from None
-            raise
-        await self._release(raw, settled=True)
+        status: str = await self._single("execute", name, args)
         return status
 
     async def apply_schema(self, *, force: bool = False) -> bool:

@@ -252,8 +252,10 @@ CROSS JOIN LATERAL (
 -- created_at); store.py reads them with credential_from_row, so a column it needs is added here too (a test
 -- compares with get_credentials_with_secrets). A payload that names no credential id and version reads nothing
 -- and never fails the claim (no cast of a bad value: CASE, not AND, whose order of evaluation is the planner's);
--- its handler then reads as usual. Read in the claim's snapshot, as a read of its own would be a moment later:
--- what a handler decides on it is fenced when written (engine/hotpath.py) or decided again under the row lock.
+-- its handler then reads as usual. Read in this statement's snapshot, which may predate the job: queue_claim()
+-- (VOLATILE) finds jobs committed after it, so a row that would drop the job as stale is read again by the handler
+-- (engine/jobs.py); anything else it decides on this row is fenced when written (engine/hotpath.py) or decided
+-- again under the row lock.
 SELECT c.id, c.kind, c.payload, c.state, c.attempt, c.tries, c.max_attempts, c.dedupe_key, c.run_at, c.created_at,
        r.*
 FROM queue_claim($1::integer, $2::text, $3::float8, $4::text[], $5::bigint[], $6::integer[], $7::float8[]) AS c
