@@ -64,6 +64,94 @@ CREATE TRIGGER credentials_pinned_account_final
           AND NEW.pinned_venue_account_id IS DISTINCT FROM OLD.pinned_venue_account_id)
     EXECUTE FUNCTION credential_pinned_account_is_final();
 
+-- What the credential quota counts, kept as counters instead of counting an owner's rows at every create (that
+-- count read every credential of the owner, and a batch of 50 owners' creations counted them all: most of its
+-- statement's time in the lifecycle benchmark, and more with every credential stored). An owner holds
+-- created - gone credentials that are not REVOKED, where:
+--   credential_counts_created  rows inserted not REVOKED, added by the insert (a statement trigger, one upsert per
+--                              owner). Creations run under the owner's quota lock (advisory class 774412) when
+--                              there is a quota, so this row is only ever written by the holder of that lock:
+--                              reading it under the lock never waits and sees the exact figure;
+--   credential_counts_gone     credentials that left the count: revoked, or deleted while not REVOKED (a row
+--                              trigger). Revocations do not take the quota lock (a revocation waiting for a
+--                              creation batch, or one holding up a batch, would tie owners together), so they
+--                              keep a row of their own: a create reads it without waiting, and a revocation not
+--                              yet committed is not seen, exactly as a count of the rows would not see it.
+-- A TRUNCATE of credentials empties both. engine.testing's invariants compare them with a count of the rows.
+CREATE TABLE IF NOT EXISTS credential_counts_created (
+    owner_id text PRIMARY KEY,
+    n        bigint NOT NULL CHECK (n >= 0)
+);
+CREATE TABLE IF NOT EXISTS credential_counts_gone (
+    owner_id text PRIMARY KEY,
+    n        bigint NOT NULL CHECK (n >= 0)
+);
+
+CREATE OR REPLACE FUNCTION ce_count_created() RETURNS trigger AS $$
+BEGIN
+    INSERT INTO credential_counts_created AS k (owner_id, n)
+    SELECT a.owner_id, count(*) FROM added a WHERE a.status <> 'REVOKED' GROUP BY a.owner_id ORDER BY a.owner_id
+    ON CONFLICT (owner_id) DO UPDATE SET n = k.n + EXCLUDED.n;
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE OR REPLACE FUNCTION ce_count_gone() RETURNS trigger AS $$
+DECLARE
+    who text := CASE WHEN TG_OP = 'DELETE' THEN OLD.owner_id ELSE NEW.owner_id END;
+    delta integer := CASE WHEN TG_OP = 'UPDATE' AND NEW.status <> 'REVOKED' THEN -1 ELSE 1 END;
+BEGIN
+    INSERT INTO credential_counts_gone AS k (owner_id, n) VALUES (who, delta)
+    ON CONFLICT (owner_id) DO UPDATE SET n = k.n + EXCLUDED.n;
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE OR REPLACE FUNCTION ce_count_truncated() RETURNS trigger AS $$
+BEGIN
+    DELETE FROM credential_counts_created;
+    DELETE FROM credential_counts_gone;
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+-- How many credentials that are not REVOKED owner p_owner holds (under its quota lock: exact).
+CREATE OR REPLACE FUNCTION ce_credentials_held(p_owner text) RETURNS bigint AS $$
+    SELECT coalesce((SELECT n FROM credential_counts_created WHERE owner_id = p_owner), 0)
+           - coalesce((SELECT n FROM credential_counts_gone WHERE owner_id = p_owner), 0)
+$$ LANGUAGE sql STABLE;
+
+-- The triggers before the first fill: each takes a lock on credentials that waits for every transaction writing
+-- it and keeps new writers out until this schema's transaction commits, so the fill below counts every row
+-- written before and the triggers every row after.
+DROP TRIGGER IF EXISTS credentials_count_created ON credentials;
+CREATE TRIGGER credentials_count_created
+    AFTER INSERT ON credentials REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION ce_count_created();
+DROP TRIGGER IF EXISTS credentials_count_revoked ON credentials;
+CREATE TRIGGER credentials_count_revoked
+    AFTER UPDATE OF status ON credentials
+    FOR EACH ROW
+    WHEN ((OLD.status = 'REVOKED') IS DISTINCT FROM (NEW.status = 'REVOKED'))
+    EXECUTE FUNCTION ce_count_gone();
+DROP TRIGGER IF EXISTS credentials_count_deleted ON credentials;
+CREATE TRIGGER credentials_count_deleted
+    AFTER DELETE ON credentials
+    FOR EACH ROW
+    WHEN (OLD.status <> 'REVOKED')
+    EXECUTE FUNCTION ce_count_gone();
+DROP TRIGGER IF EXISTS credentials_count_truncated ON credentials;
+CREATE TRIGGER credentials_count_truncated
+    AFTER TRUNCATE ON credentials
+    FOR EACH STATEMENT EXECUTE FUNCTION ce_count_truncated();
+-- first fill (a database from before the counters): every owner without a counter yet gets its count of rows
+INSERT INTO credential_counts_created (owner_id, n)
+SELECT c.owner_id, count(*) FROM credentials c
+WHERE c.status <> 'REVOKED'
+  AND NOT EXISTS (SELECT 1 FROM credential_counts_created k WHERE k.owner_id = c.owner_id)
+GROUP BY c.owner_id
+ON CONFLICT (owner_id) DO NOTHING;
+
 -- A statement that changes a credential for a job attempt raises this when the attempt turns out to no longer own
 -- its job (queries.sql, verified_and_done): the error undoes the whole statement (engine/db.py: AttemptLost).
 CREATE OR REPLACE FUNCTION ce_attempt_lost() RETURNS boolean AS $$
@@ -74,10 +162,11 @@ $$ LANGUAGE plpgsql;
 
 -- Whether owner p_owner may hold one more credential (p_quota: how many that are not REVOKED it may hold; NULL:
 -- no quota), asked under the owner's quota lock (engine/bounds/quotas.py: advisory class 774412, waited for at
--- most p_timeout), which it takes first and which holds until the transaction ends. The count is a statement of
--- its own in a VOLATILE function, so under READ COMMITTED it runs on a snapshot taken after the lock was
--- granted and sees every credential committed before: what lock_owner followed by insert_credential does in
--- two statements, for a statement that must do it in one (queries.sql, created_and_enqueued).
+-- most p_timeout), which it takes first and which holds until the transaction ends. The count
+-- (ce_credentials_held) is read by a statement of its own in a VOLATILE function, so under READ COMMITTED it runs
+-- on a snapshot taken after the lock was granted and sees every credential committed before: what lock_owner
+-- followed by insert_credential does in two statements, for a statement that must do it in one (queries.sql,
+-- created_and_enqueued).
 CREATE OR REPLACE FUNCTION ce_credential_room(p_owner text, p_quota integer, p_timeout text) RETURNS boolean AS $$
 DECLARE
     held bigint;
@@ -87,7 +176,7 @@ BEGIN
     END IF;
     PERFORM set_config('lock_timeout', p_timeout, true);
     PERFORM pg_advisory_xact_lock(774412, hashtext(p_owner));
-    SELECT count(*) INTO held FROM credentials WHERE owner_id = p_owner AND status <> 'REVOKED';
+    held := ce_credentials_held(p_owner);
     RETURN held < p_quota;
 END
 $$ LANGUAGE plpgsql VOLATILE;
@@ -98,10 +187,11 @@ $$ LANGUAGE plpgsql VOLATILE;
 -- (held by another process's create, mint or transaction path) would hold up every other owner's creations
 -- behind it. An owner whose lock is taken elsewhere comes back busy (held NULL): its items are not written by
 -- the batch and their callers send them alone (engine/creates.py), waiting for that lock as a single create
--- does (p_timeout, also the bound of any other lock the batch's inserts wait for). Then one count, a statement
--- of its own (a snapshot taken after the locks), of the credentials each locked owner holds that are not
--- REVOKED: one row per such owner that holds any. No lock and no row when p_quota is NULL (no quota); the lock
--- timeout is set in every case.
+-- does (p_timeout, also the bound of any other lock the batch's inserts wait for). Then, by a statement of its
+-- own (a snapshot taken after the locks), how many credentials each locked owner holds that are not REVOKED
+-- (ce_credentials_held): one row per locked owner. No lock and no row when p_quota is NULL (no quota; creations
+-- of one owner in two processes then wait for each other's counter row, credential_counts_created, at most a
+-- statement's time); the lock timeout is set in every case.
 DROP FUNCTION IF EXISTS ce_credential_rooms(text[], integer, text);
 CREATE FUNCTION ce_credential_rooms(p_owners text[], p_quota integer, p_timeout text)
 RETURNS TABLE (room_owner text, held bigint, busy boolean) AS $$
@@ -122,10 +212,7 @@ BEGIN
         END IF;
     END LOOP;
     RETURN QUERY SELECT o, NULL::bigint, true FROM unnest(refused) AS o;
-    RETURN QUERY
-        SELECT c.owner_id, count(*), false FROM credentials c
-        WHERE c.owner_id = ANY (taken) AND c.status <> 'REVOKED'
-        GROUP BY c.owner_id;
+    RETURN QUERY SELECT o, ce_credentials_held(o), false FROM unnest(taken) AS o;
 END
 $$ LANGUAGE plpgsql VOLATILE;
 

@@ -121,12 +121,14 @@ class ProbeMetrics:
     latency_count: Counter[str] = field(default_factory=Counter)
 
     def observe(self, venue: Venue, outcome: str, seconds: float) -> None:
-        self.outcomes[(venue.value, outcome)] += 1
-        self.latency_sum[venue.value] += seconds  # type: ignore[assignment]
-        self.latency_count[venue.value] += 1
+        name = venue.value
+        self.outcomes[(name, outcome)] += 1
+        self.latency_sum[name] += seconds  # type: ignore[assignment]
+        self.latency_count[name] += 1
+        buckets = self.latency_buckets
         for bound in LATENCY_BUCKETS:
             if seconds <= bound:
-                self.latency_buckets[(venue.value, bound)] += 1
+                buckets[(name, bound)] += 1
 
 
 def _same_findings(cred: Credential, result: ProbeResult, warnings: tuple[str, ...]) -> bool:
@@ -300,7 +302,10 @@ class LifecycleJobs:
         reason, warnings = self._policy.evaluate(outcome)
         if reason is not None or _same_findings(cred, outcome, warnings):
             return False
+        # what is left is waiting for the batch's write: the next job may call the exchange meanwhile
+        queuemod.step_aside()
         if not await self.done_batch.write(job, cred, version, outcome, warnings, sequence):
+            await queuemod.step_in()  # the transaction path takes a pool connection: back in line first
             return False
         self._queue.note_completed(job)
         self._outbox.committed()

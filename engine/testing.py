@@ -392,6 +392,16 @@ INVARIANT_SQL: Mapping[str, str] = {
         SELECT s.credential_id FROM credential_secrets s JOIN credentials c ON c.id = s.credential_id
         WHERE s.state = 'PENDING' GROUP BY s.credential_id, c.secret_version
         HAVING count(*) > 1 OR min(s.version) <= c.secret_version""",
+    "the quota's counters hold each owner's count of credentials that are not REVOKED": """
+        SELECT coalesce(k.owner_id, live.owner_id) FROM (
+            SELECT c.owner_id, count(*) AS n FROM credentials c WHERE c.status <> 'REVOKED' GROUP BY c.owner_id
+        ) live
+        FULL JOIN (
+            SELECT o.owner_id, ce_credentials_held(o.owner_id) AS n
+            FROM (SELECT owner_id FROM credential_counts_created
+                  UNION SELECT owner_id FROM credential_counts_gone) o
+        ) k ON k.owner_id = live.owner_id
+        WHERE coalesce(k.n, 0) <> coalesce(live.n, 0)""",
     "an ACTIVE trading account points at a non-revoked credential": """
         SELECT a.id FROM trading_accounts a JOIN credentials c ON c.id = a.credential_id
         WHERE a.status = 'ACTIVE' AND c.status = 'REVOKED'""",

@@ -22,6 +22,9 @@ MAX_ACCOUNT_TYPE = 32
 MAX_PAGE = 500
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SPACE = re.compile(
+    r"\s"
+)  # for str patterns exactly str.isspace() (both are Py_UNICODE_ISSPACE), without a loop
 _OWNER = re.compile(r"^[A-Za-z0-9._:@|+\-]+$")
 _ACCOUNT_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
 # venues whose "required fields" include a passphrase (docs/api-dialect.md §5); COINBASE depends on the key kind
@@ -160,7 +163,7 @@ def _key_part(value: Any, field: str, limit: int, *, required: bool, multiline: 
         raise errors.InvalidRequest(field, f"must be at most {limit} characters")
     if _CONTROL.search(text):
         raise errors.InvalidKeyFormat(field, "must not contain control characters")
-    if not multiline and any(c.isspace() for c in text):
+    if not multiline and _SPACE.search(text):
         raise errors.InvalidKeyFormat(field, "must not contain whitespace")
     return text
 

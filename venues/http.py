@@ -121,23 +121,26 @@ class VenueProbe:
                 await self.budgets.take(budget, cost)
 
     async def throttle(self, api_key: str | None, cost: float = 1.0, *, path: str | None = None) -> None:
-        """Wait for the key's own limits (its bucket, its windows for ``path`` and for every call), then the
-        venue-wide bucket, then (with shared ``budgets``) the per-IP budget ``path`` draws on.
+        """Wait for the key's own bucket, the venue-wide bucket, (with shared ``budgets``) the per-IP budget
+        ``path`` draws on, and last the key's windows for ``path`` and for every call.
+
+        The windows come last because they record when the request leaves: a place in a window taken before
+        another wait (the venue-wide bucket during a storm) would be stamped earlier than the request went out,
+        and the venue, counting arrivals, could see more than its limit in one window.
 
         Call it *before* stamping a timestamp or nonce, and send with ``_call(limit=False)``: a request that
         waited in a queue must not go out stale.
         """
-        if api_key is not None:
-            if self.key_limiters is not None:
-                await self.key_limiters.acquire(api_key)
-            if self.windows is not None:
-                endpoints = ["*"] if path is None or path == "*" else ["*", path]
-                for endpoint in endpoints:
-                    rule = self.key_windows.get(endpoint)
-                    if rule is not None:
-                        await self.windows.acquire(api_key, endpoint, *rule)
+        if api_key is not None and self.key_limiters is not None:
+            await self.key_limiters.acquire(api_key)
         await self.limiter.acquire(cost)
         await self._take_ip_budget(path, cost)
+        if api_key is not None and self.windows is not None:
+            endpoints = ["*"] if path is None or path == "*" else ["*", path]
+            for endpoint in endpoints:
+                rule = self.key_windows.get(endpoint)
+                if rule is not None:
+                    await self.windows.acquire(api_key, endpoint, *rule)
 
     async def resync_clock(
         self,

@@ -7,7 +7,7 @@
 -- its MINT intent $11, all before any venue call. No row when owner $2 holds $5 live credentials (its quota).
 WITH room AS (
     SELECT $5::integer IS NULL
-           OR (SELECT count(*) FROM credentials WHERE owner_id = $2 AND status <> 'REVOKED') < $5 AS ok
+           OR ce_credentials_held($2) < $5 AS ok
 ), written AS (
     INSERT INTO credentials (id, owner_id, venue, credential_type, nickname, masked_api_key, status,
                              secret_version, event_seq, minted_from_id, minted_sub_account)

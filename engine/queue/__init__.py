@@ -28,7 +28,7 @@ from engine.queue.backend import (
     error_text,
 )
 from engine.queue.jobqueue import JobQueue
-from engine.queue.worker import WorkerFailed
+from engine.queue.worker import WorkerFailed, step_aside, step_in
 
 __all__ = [
     "CLAIMS_BESIDE_CONNECTION",
@@ -54,4 +54,6 @@ __all__ = [
     "WorkerFailed",
     "backoff",
     "error_text",
+    "step_aside",
+    "step_in",
 ]

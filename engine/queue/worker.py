@@ -21,8 +21,15 @@ Tasks, all named ``queue:<worker id>:<role>``, owned by the :class:`Worker` and 
                 wait for a claim (one lane would leave them idle for a round trip per batch). It never claims
                 while the queue is drained (one job at a time, woken by NOTIFY: the fetcher alone) nor before
                 the jobs' run time is known; it does not poll.
-    runner-N    ``concurrency`` tasks; each runs one job at a time, taken from the local buffer, within the
-                backend's ``time_limit`` for it
+    runner-N    ``concurrency`` + ``aside`` tasks; each runs one job at a time, taken from the local buffer,
+                within the backend's ``time_limit`` for it. At most ``concurrency`` of them hold a *run
+                permit* (taken once a job is in hand, given back after it): a handler that has nothing left to do
+                but wait for a write the queue batches (the verification's batched completion) calls
+                :func:`step_aside` and gives its permit to the next job, so that the jobs doing the work
+                (calling the exchanges) stay ``concurrency`` at a time; :func:`step_in` takes a permit again
+                before it does more (the write was refused: the transaction path, which takes a pool
+                connection). Up to ``aside`` jobs at once may wait aside; past that the runners are all busy
+                and the queue runs as if no job stepped aside.
     watchdog    cancels the runner of a job past its time limit (looking every WATCH_TICK, or a quarter of
                 the shortest limit seen; no timer per job) and the backend's ``timed_out`` outcome is written;
                 a handler still running ``cancel_grace`` later (it swallowed the cancellation) is abandoned
@@ -55,17 +62,19 @@ handed back -> flusher writes everything left -> heartbeat (last, so leases hold
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
 from engine import errors, liveness
 
-__all__ = ["Backend", "Claimed", "Listener", "Worker", "WorkerFailed"]
+__all__ = ["Backend", "Claimed", "Listener", "Worker", "WorkerFailed", "step_aside", "step_in"]
 
 log = structlog.get_logger("engine.queue")
 
@@ -84,6 +93,71 @@ RUN_TIME_WEIGHT = 0.2  # weight of the newest run in the mean run time (an expon
 WATCH_TICK = 1.0  # seconds between the watchdog's looks at running jobs (less for shorter time limits)
 WATCH_TICK_MIN = 0.01
 CLAIM_LANES = 2  # claims in flight at once (the second lane only during a backlog of quick jobs)
+ASIDE_SHARE = (
+    0.5  # runners beyond ``concurrency``, as a share of it, for jobs that stepped aside (step_aside)
+)
+
+
+# the runner a handler runs in: (its worker, slot, generation); set in each runner task's own context
+_RUNNER: contextvars.ContextVar[tuple[Worker[Any, Any, Any], int, int] | None] = contextvars.ContextVar(
+    "queue_runner", default=None
+)
+
+
+def step_aside() -> None:
+    """Give the current job's run permit to the next job: what this handler still does is wait for a write that
+    needs no permit (a batched write whose connection is not the handler's). The job stays held (its lease, its
+    time limit) until the handler returns. Outside a runner, or when already aside: nothing."""
+    runner = _RUNNER.get()
+    if runner is not None:
+        worker, slot, generation = runner
+        worker._step_aside(slot, generation)
+
+
+async def step_in() -> None:
+    """Take a run permit again after :func:`step_aside`, before doing more than waiting (e.g. taking a pool
+    connection): waits for a permit like a job starting does. Outside a runner, or when holding one: nothing."""
+    runner = _RUNNER.get()
+    if runner is not None:
+        worker, slot, generation = runner
+        await worker._step_in(slot, generation)
+
+
+class _Permits:
+    """``count`` run permits. Those who wait in line get them in order, but ``urgent`` waiters (jobs stepping
+    back in after :func:`step_aside`: their exchange calls are done) before any runner starting a new job."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._lines: tuple[collections.deque[asyncio.Future[None]], ...] = (
+            collections.deque(),  # urgent
+            collections.deque(),  # runners
+        )
+
+    async def take(self, *, urgent: bool = False) -> None:
+        if self._free > 0 and not any(self._lines):
+            self._free -= 1
+            return
+        line = self._lines[0 if urgent else 1]
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line.append(granted)
+        try:
+            await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.give()  # granted as we were cancelled: pass it on
+            else:
+                line.remove(granted)
+            raise
+
+    def give(self) -> None:
+        for line in self._lines:
+            while line:
+                waiter = line.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self._free += 1
 
 
 class WorkerFailed(errors.CredentialEngineError):
@@ -216,6 +290,11 @@ class Worker(Generic[J, R, S]):
         self._watch_tick = WATCH_TICK
         self._watch_wakeup = asyncio.Event()
         self._running: dict[int, J] = {}  # runner slot -> its job
+        self._runners = concurrency + max(1, int(concurrency * ASIDE_SHARE))
+        self._permits = _Permits(concurrency)  # held by the jobs running and not aside
+        self._permitted: set[int] = set()  # runner slots holding a permit (each running a job, not aside)
+        self._starting = 0  # jobs taken from the buffer by runners waiting for a permit
+        self._aside: set[int] = set()  # runner slots whose job stepped aside (running, without a permit)
         self._pending: list[tuple[J, R]] = []  # outcomes not written yet (flusher, or a claim carries them)
 
         self._wakeup = asyncio.Event()  # fetcher: claim now (NOTIFY, drain, a retry was written)
@@ -258,7 +337,7 @@ class Worker(Generic[J, R, S]):
         self._spawn("flusher", self._flusher)
         self._spawn("heartbeat", self._heartbeat)
         self._spawn("watchdog", self._watchdog)
-        for slot in range(self._concurrency):
+        for slot in range(self._runners):
             self._spawn(f"runner-{slot}", self._runner_body(slot))
         if self._listen:
             self._spawn("listener", self._listener)
@@ -409,7 +488,8 @@ class Worker(Generic[J, R, S]):
 
     def _want(self) -> int:
         """How many jobs to claim now (0: wait for room)."""
-        held = self._buffer.qsize() + self._inflight  # waiting here, or asked for by a claim in flight
+        # waiting here (in the buffer, or taken by a runner waiting for a permit), or asked for by a claim in flight
+        held = self._buffer.qsize() + self._starting + self._inflight
         room = self._capacity - held - len(self._running)
         if room <= 0 or len(self._pending) >= FLUSH_CHUNK:
             return 0
@@ -426,7 +506,7 @@ class Worker(Generic[J, R, S]):
     def _ahead(self) -> int:
         """How many jobs it is worth holding here: one per free runner, plus what the runners should finish
         within PREFETCH_HORIZON (none while runners are stuck)."""
-        free = self._concurrency - len(self._running)
+        free = self._concurrency - (len(self._running) - len(self._aside))
         if self._stalled:
             return free
         if self._mean_run <= 0:
@@ -528,12 +608,41 @@ class Worker(Generic[J, R, S]):
         task = asyncio.current_task()
         assert task is not None
         self._runner_tasks[slot] = task
+        _RUNNER.set((self, slot, generation))  # this task's own context: step_aside() finds its runner
         while True:
             job = await self._buffer.get()
+            # then a permit (an idle runner holds none: a job stepping back in never waits for one that idles),
+            # for no longer than the job may wait unstarted
+            claimed_at = self._waiting.get((job.id, job.attempt))
+            hold = self._hold_unstarted
+            self._starting += 1
+            try:
+                async with asyncio.timeout_at(
+                    None if hold is None or claimed_at is None else claimed_at + hold
+                ):
+                    await self._permits.take()
+            except TimeoutError:  # the runners doing work are stuck: let the database hand it out again
+                self._waiting.pop((job.id, job.attempt), None)
+                self._stalled = True
+                self._record(job, self._backend.hand_back(job))
+                log.warning(
+                    "queue_prefetch_handed_back", worker=self._name, jobs=1, running=len(self._running)
+                )
+                continue
+            except (
+                BaseException
+            ):  # cancelled (stop()) before its job started: the attempt goes back, uncounted
+                self._waiting.pop((job.id, job.attempt), None)
+                self._record(job, self._backend.hand_back(job))
+                raise
+            finally:
+                self._starting -= 1
+            self._permitted.add(slot)
             claimed_at = self._waiting.pop((job.id, job.attempt), None)
             started = loop.time()
             if self._too_old(claimed_at, started):
                 # its lease may run out before the next heartbeat: let the database hand it out again
+                self._give_back_permit(slot)
                 self._record(job, self._backend.hand_back(job))
                 continue
             self._running[slot] = job
@@ -568,6 +677,8 @@ class Worker(Generic[J, R, S]):
                     del self._running[slot]
                     if not self._running:
                         self._runners_idle.set()
+                    self._aside.discard(slot)
+                    self._give_back_permit(slot)
             if self._generations.get(slot) != generation:
                 log.warning("queue_abandoned_handler_returned", worker=self._name, job_id=job.id)
                 return  # abandoned while its handler ran: the slot has a new runner, the outcome is written
@@ -616,6 +727,8 @@ class Worker(Generic[J, R, S]):
         self._deadlines.pop(slot, None)
         if not self._running:
             self._runners_idle.set()
+        self._aside.discard(slot)
+        self._give_back_permit(slot)  # the slot's next runner takes one of its own
         role = f"runner-{slot}"
         if self._tasks.get(role) is task:
             del self._tasks[role]
@@ -628,6 +741,29 @@ class Worker(Generic[J, R, S]):
         log.error("queue_runner_abandoned", worker=self._name, slot=slot, job_id=job.id)
         self._stalled = False
         self._record(job, self._backend.timed_out(job, abandoned=True))
+
+    def _give_back_permit(self, slot: int) -> None:
+        if slot in self._permitted:
+            self._permitted.discard(slot)
+            self._permits.give()
+
+    def _step_aside(self, slot: int, generation: int) -> None:
+        if self._generations.get(slot) != generation or slot not in self._running:
+            return  # an abandoned handler (its slot has a new runner), or not in a job
+        if slot in self._permitted:
+            self._aside.add(slot)
+            self._give_back_permit(slot)
+            self._room.set()  # a runner is free for the next job: the fetcher may claim for it
+
+    async def _step_in(self, slot: int, generation: int) -> None:
+        if self._generations.get(slot) != generation or slot in self._permitted:
+            return
+        await self._permits.take(urgent=True)  # before any runner starting a new job
+        if self._generations.get(slot) != generation or slot not in self._running:
+            self._permits.give()  # abandoned while it waited: the permit is not its to hold
+            return
+        self._permitted.add(slot)
+        self._aside.discard(slot)
 
     def _record(self, job: J, outcome: R) -> None:
         self._pending.append((job, outcome))

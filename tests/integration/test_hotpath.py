@@ -88,11 +88,14 @@ async def test_a_row_changed_during_the_probe_takes_the_transaction_path(
     make_engine: EngineFactory, fake: FakeVenue, taken: list[bool]
 ) -> None:
     """A rotation staged while the probe runs moves the event sequence: the statement refuses, and the
-    transaction path's event shows the staged rotation (the prediction made before the probe had none)."""
-    gate = asyncio.Event()
+    transaction path's event shows the staged rotation (the prediction made before the probe had none). The
+    rotation's own check waits (its key gated) until then: a verification steps aside while its write is in
+    flight (engine/queue/worker.py), so with the rotation's probe answering at once the rotation could be
+    promoted first, which makes the verification stale instead."""
+    gate, rotation_gate = asyncio.Event(), asyncio.Event()
     fake.add_key("hot-key-0002", "s3cret").gate = gate
-    fake.add_key("hot-key-0003", "s3cret")
-    eng = await make_engine(workers=1)
+    fake.add_key("hot-key-0003", "s3cret").gate = rotation_gate
+    eng = await make_engine(workers=2)
     cred = await eng.create_credential(
         OWNER, venue=Venue.BINANCE, api_key="hot-key-0002", api_secret="s3cret"
     )
@@ -107,6 +110,7 @@ async def test_a_row_changed_during_the_probe_takes_the_transaction_path(
     verified = next(e for e in await events_of(eng, cred.credential_id) if e.type == "credential.verified")
     assert verified.sequence == 3  # created, rotation_started, verified
     assert verified.data["credential"]["pendingRotation"] is not None
+    rotation_gate.set()
 
 
 async def test_a_lost_attempt_writes_nothing(eng: CredentialEngine, fake: FakeVenue) -> None:

@@ -214,3 +214,107 @@ async def test_waiting_for_the_owner_lock_is_bounded(
         await holder.close()
     await eng.add_webhook_endpoint(OWNER, f"{HOOK}/after")  # the lock is gone with the transaction
     assert [e.url for e in await eng.list_webhook_endpoints(OWNER)] == [f"{HOOK}/after"]
+
+
+async def _counters_hold(database_url: str) -> list[Any]:
+    """The rows breaking engine.testing's counter invariant (none: the counters are exact)."""
+    from engine.testing import INVARIANT_SQL
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(
+            await conn.fetch(
+                INVARIANT_SQL[
+                    "the quota's counters hold each owner's count of credentials that are not REVOKED"
+                ]
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_the_quota_counters_follow_creates_revokes_deletes_and_an_upgrade(
+    make_engine: Any, database_url: str
+) -> None:
+    """The quota reads two counters per owner (schema.sql) instead of counting rows: they follow single and
+    batched creates, revocations, deletes and a TRUNCATE, and a database from before them is filled when the
+    schema is applied again, after which the quota refuses exactly where counting the rows would."""
+    eng: CredentialEngine = await make_engine(quotas=Quotas(credentials=4))
+    made = [
+        await eng.create_credential(OWNER, venue="BINANCE", api_key=f"count-{i:03d}", api_secret="s" * 16)
+        for i in range(3)
+    ]
+    await asyncio.gather(  # one batch: another owner's three
+        *(
+            eng.create_credential("counted-b", venue="OKX", api_key=f"b-{i:03d}", api_secret="s" * 16,
+                                  api_passphrase="p" * 8)
+            for i in range(3)
+        )
+    )  # fmt: skip
+    await eng.revoke_credential(OWNER, made[0].credential_id)
+    assert await _counters_hold(database_url) == []
+    conn = await asyncpg.connect(database_url)
+    try:
+        held = await conn.fetchval("SELECT ce_credentials_held($1)", OWNER)
+        assert held == 2
+        # a live credential deleted (not something the engine does; an operator might): it leaves the count
+        await conn.execute("DELETE FROM credentials WHERE id = $1", made[1].credential_id)
+        assert await conn.fetchval("SELECT ce_credentials_held($1)", OWNER) == 1
+        # a database from before the counters: tables and triggers gone, then the schema applied again
+        await conn.execute(
+            "DROP TRIGGER credentials_count_created ON credentials;"
+            "DROP TRIGGER credentials_count_revoked ON credentials;"
+            "DROP TRIGGER credentials_count_deleted ON credentials;"
+            "DROP TRIGGER credentials_count_truncated ON credentials;"
+            "DROP TABLE credential_counts_created, credential_counts_gone CASCADE;"
+        )
+    finally:
+        await conn.close()
+    assert await eng.db.apply_schema(force=True)
+    assert await _counters_hold(database_url) == []
+    for i in range(3):  # 1 held: three more reach the quota of 4
+        await eng.create_credential(OWNER, venue="BINANCE", api_key=f"more-{i:03d}", api_secret="s" * 16)
+    with pytest.raises(errors.QuotaExceeded):
+        await eng.create_credential(OWNER, venue="BINANCE", api_key="more-x", api_secret="s" * 16)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("TRUNCATE credentials CASCADE")
+        assert await conn.fetchval("SELECT count(*) FROM credential_counts_created") == 0
+    finally:
+        await conn.close()
+    assert await _counters_hold(database_url) == []
+    await eng.create_credential(OWNER, venue="BINANCE", api_key="after-truncate", api_secret="s" * 16)
+    assert await _counters_hold(database_url) == []
+
+
+async def test_a_revocation_in_flight_holds_up_no_creation_batch(make_engine: Any, database_url: str) -> None:
+    """A revocation keeps its own counter and takes no quota lock: while another transaction holds a revocation
+    of the owner uncommitted, that owner's creations still go through (the revoked credential still counts until
+    it commits, as a count of the rows would have it), and nothing waits for the revocation's lock."""
+    eng: CredentialEngine = await make_engine(quotas=Quotas(credentials=3))
+    made = [
+        await eng.create_credential(OWNER, venue="BINANCE", api_key=f"held-{i:03d}", api_secret="s" * 16)
+        for i in range(2)
+    ]
+    other = await asyncpg.connect(database_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "UPDATE credentials SET status = 'REVOKED', secret_version = 0 WHERE id = $1",
+            made[0].credential_id,
+        )
+        await other.execute("DELETE FROM credential_secrets WHERE credential_id = $1", made[0].credential_id)
+        started = asyncio.get_running_loop().time()
+        third = await asyncio.wait_for(
+            eng.create_credential(OWNER, venue="BINANCE", api_key="held-003", api_secret="s" * 16), timeout=5
+        )
+        assert asyncio.get_running_loop().time() - started < 2.0  # not the lock timeout
+        with pytest.raises(errors.QuotaExceeded):  # the uncommitted revocation does not make room yet
+            await eng.create_credential(OWNER, venue="BINANCE", api_key="held-004", api_secret="s" * 16)
+        await tx.commit()
+    finally:
+        await other.close()
+    await eng.create_credential(OWNER, venue="BINANCE", api_key="held-004", api_secret="s" * 16)
+    assert third.owner_id == OWNER
+    assert await _counters_hold(database_url) == []

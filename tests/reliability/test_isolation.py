@@ -209,6 +209,8 @@ def victim_rows(v: Victim) -> dict[str, str]:
         "trading_accounts": mine,
         "events": mine,
         "key_access_audit": mine,
+        "credential_counts_created": mine,
+        "credential_counts_gone": mine,
         "webhook_endpoints": mine,
         "webhook_deliveries": mine,
         "webhook_secrets": f"endpoint_id IN ({hooks})",

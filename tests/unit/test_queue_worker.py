@@ -208,6 +208,7 @@ async def test_tasks_are_named_and_owned() -> None:
         "queue:w:listener",
         "queue:w:runner-0",
         "queue:w:runner-1",
+        "queue:w:runner-2",  # for a job aside (step_aside): concurrency + ASIDE_SHARE of it
         "queue:w:watchdog",
     }
     await w.stop()
@@ -568,3 +569,89 @@ async def test_the_second_lane_waits_for_the_run_time_of_the_first_jobs() -> Non
     assert backend.claims[0] == 20
     assert not tracker.started_beside[1]  # the first batch's run time was not known: no claim beside it
     assert max(backend.claims[1:]) <= 4
+
+
+async def test_a_job_that_steps_aside_lets_the_next_one_start_and_the_limit_holds() -> None:
+    """step_aside() gives the job's run permit to the next job while it waits (a batched write): with
+    concurrency 2, jobs doing work stay at most 2 at a time, while jobs aside wait beside them (up to the
+    runners there are: concurrency + ASIDE_SHARE of it)."""
+    backend = FakeBackend(jobs=12)
+    writes = asyncio.Event()
+    working = 0
+    most_working = 0
+    aside = 0
+    most_aside = 0
+
+    async def work_then_wait(job: FakeJob) -> Outcome:
+        nonlocal working, most_working, aside, most_aside
+        working += 1
+        most_working = max(most_working, working)
+        await asyncio.sleep(0.005)  # the exchange's answer
+        working -= 1
+        workermod.step_aside()
+        workermod.step_aside()  # a second call changes nothing
+        aside += 1
+        most_aside = max(most_aside, aside)
+        await writes.wait()  # the batch's write, which needs no permit
+        aside -= 1
+        return ("done", job.id)
+
+    backend.run = work_then_wait
+    w = make_worker(backend, concurrency=2)
+    w.start()
+    try:
+        spare = max(1, int(2 * workermod.ASIDE_SHARE))
+        await eventually(lambda: aside == 2 + spare)  # every runner's job is aside: no runner left
+        await asyncio.sleep(0.05)
+        assert aside == 2 + spare and working == 0  # no more jobs started: all runners wait
+        writes.set()
+        assert await w.drain(timeout=5) >= 12 - (2 + spare)
+    finally:
+        await w.stop()
+    assert most_working <= 2
+    assert most_aside == 2 + spare
+    assert sorted(backend.written) == [("done", i) for i in range(12)]
+
+
+async def test_a_job_stepping_back_in_gets_the_next_permit_before_a_new_job() -> None:
+    """step_in() after step_aside() waits for a permit, and gets the first one given back, before any runner
+    that would start a new job; outside a runner both are no-ops."""
+    workermod.step_aside()
+    await workermod.step_in()  # no runner: nothing to do
+    backend = FakeBackend(jobs=4)
+    started: list[int] = []
+    write_refused = asyncio.Event()
+    release = {i: asyncio.Event() for i in range(4)}
+    order: list[str] = []
+
+    async def job_body(job: FakeJob) -> Outcome:
+        started.append(job.id)
+        order.append(f"{job.id} started")
+        if job.id == 0:
+            workermod.step_aside()  # job 1 starts meanwhile
+            await write_refused.wait()
+            await workermod.step_in()  # back in line: ahead of jobs 2 and 3
+            order.append("0 back in")
+            return ("done", job.id)
+        await release[job.id].wait()
+        order.append(f"{job.id} done")
+        return ("done", job.id)
+
+    backend.run = job_body
+    w = make_worker(backend, concurrency=1)
+    w.start()
+    try:
+        await eventually(lambda: started == [0, 1])
+        write_refused.set()
+        await asyncio.sleep(0.02)
+        assert order == ["0 started", "1 started"]  # job 1 holds the only permit: job 0 waits for it
+        release[1].set()
+        await eventually(lambda: "0 back in" in order)
+        release[2].set()
+        release[3].set()
+        assert await w.drain(timeout=5) >= 2
+    finally:
+        await w.stop()
+    # job 0 got job 1's permit, not the runner waiting to start job 2
+    assert order[:5] == ["0 started", "1 started", "1 done", "0 back in", "2 started"]
+    assert sorted(backend.written) == [("done", i) for i in range(4)]
