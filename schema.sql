@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS credential_counts_created (
 );
 CREATE TABLE IF NOT EXISTS credential_counts_gone (
     owner_id text PRIMARY KEY,
-    n        bigint NOT NULL CHECK (n >= 0)
+    n        bigint NOT NULL  -- no CHECK: PostgreSQL checks the proposed row of an upsert (-1 for a credential
+                              -- taken out of REVOKED by hand) before it finds the existing one
 );
 
 CREATE OR REPLACE FUNCTION ce_count_created() RETURNS trigger AS $$
@@ -190,8 +191,8 @@ $$ LANGUAGE plpgsql VOLATILE;
 -- does (p_timeout, also the bound of any other lock the batch's inserts wait for). Then, by a statement of its
 -- own (a snapshot taken after the locks), how many credentials each locked owner holds that are not REVOKED
 -- (ce_credentials_held): one row per locked owner. No lock and no row when p_quota is NULL (no quota; creations
--- of one owner in two processes then wait for each other's counter row, credential_counts_created, at most a
--- statement's time); the lock timeout is set in every case.
+-- of one owner in two transactions then wait for each other's counter row, credential_counts_created, until the
+-- other commits, at most p_timeout); the lock timeout is set in every case.
 DROP FUNCTION IF EXISTS ce_credential_rooms(text[], integer, text);
 CREATE FUNCTION ce_credential_rooms(p_owners text[], p_quota integer, p_timeout text)
 RETURNS TABLE (room_owner text, held bigint, busy boolean) AS $$

@@ -138,10 +138,11 @@ class BinanceSubAccountKeys(http.VenueProbe):
     async def create_key(self, master: base.ApiKeys, sub_id: str, grant: KeyGrant) -> MintedKey:
         _check_sub_id(sub_id)
         params = grant_params(sub_id, grant)
-        if self.windows is not None:
-            limit, seconds = self.key_windows[CREATE_PER_SUB]
-            await self.windows.acquire(f"{sub_id}\x00{master.api_key}", CREATE_PER_SUB, limit, seconds)
-        reply = await self._request(master, "POST", SUB_ACCOUNT_API_PATH, params, cost=CREATE_WEIGHT)
+        # the sub-account's own window: its place taken when the request leaves, with the IP budget (throttle)
+        per_sub = (f"{sub_id}\x00{master.api_key}", CREATE_PER_SUB, *self.key_windows[CREATE_PER_SUB])
+        reply = await self._request(
+            master, "POST", SUB_ACCOUNT_API_PATH, params, cost=CREATE_WEIGHT, windows=(per_sub,)
+        )
         body = reply.body
         api_key = body.get("apiKey") if isinstance(body, dict) else None
         secret = body.get("secretKey") if isinstance(body, dict) else None
@@ -221,23 +222,32 @@ class BinanceSubAccountKeys(http.VenueProbe):
         params: Sequence[tuple[str, str]] = (),
         *,
         cost: float = 1.0,
+        windows: Sequence[tuple[str, str, int, float]] = (),
     ) -> http.Reply:
-        """One signed request (parameters in the query string); one retry after a clock resync."""
+        """One signed request (parameters in the query string); one retry after a clock resync. ``windows``:
+        per-key windows of this call beside the IP budget (:meth:`http.VenueProbe.throttle`)."""
         seen = self.clock_generation
-        reply = await self._send(keys, method, path, params, cost)
+        reply = await self._send(keys, method, path, params, cost, windows)
         failure = classify(reply)
         if failure is not None and failure.outcome is base.Outcome.CLOCK_SKEW:
             await self.resync_clock(self.url("api", binance.TIME_PATHS["api"]), self._server_ms, seen=seen)
-            reply = await self._send(keys, method, path, params, cost)
+            reply = await self._send(keys, method, path, params, cost, windows)
             failure = classify(reply)
         if failure is not None:
             raise failure
         return reply
 
     async def _send(
-        self, keys: base.ApiKeys, method: str, path: str, params: Sequence[tuple[str, str]], cost: float
+        self,
+        keys: base.ApiKeys,
+        method: str,
+        path: str,
+        params: Sequence[tuple[str, str]],
+        cost: float,
+        windows: Sequence[tuple[str, str, int, float]] = (),
     ) -> http.Reply:
-        await self.throttle(None, cost, path=path)  # per IP (docs/venues.md §1.6); wait first, then stamp
+        # per IP (docs/venues.md §1.6), and the call's windows; wait first, then stamp
+        await self.throttle(None, cost, path=path, windows=windows)
         query = binance.signed_query(keys.api_secret, self.now_ms(), params)
         headers = {"X-MBX-APIKEY": keys.api_key}
         return await self._call(method, f"{self.url('api', path)}?{query}", headers=headers, limit=False)

@@ -120,27 +120,44 @@ class VenueProbe:
             if budget is not None:
                 await self.budgets.take(budget, cost)
 
-    async def throttle(self, api_key: str | None, cost: float = 1.0, *, path: str | None = None) -> None:
-        """Wait for the key's own bucket, the venue-wide bucket, (with shared ``budgets``) the per-IP budget
-        ``path`` draws on, and last the key's windows for ``path`` and for every call.
+    async def throttle(
+        self,
+        api_key: str | None,
+        cost: float = 1.0,
+        *,
+        path: str | None = None,
+        windows: Sequence[tuple[str, str, int, float]] = (),
+    ) -> None:
+        """Wait for the key's own bucket, its windows for ``path`` and for every call (and any other
+        ``windows``: (window key, endpoint, limit, seconds)), the venue-wide bucket, then (with shared
+        ``budgets``) the per-IP budget ``path`` draws on.
 
-        The windows come last because they record when the request leaves: a place in a window taken before
-        another wait (the venue-wide bucket during a storm) would be stamped earlier than the request went out,
-        and the venue, counting arrivals, could see more than its limit in one window.
+        The windows' places are held while the buckets and the budget are waited for and taken only at the
+        end, stamped with that moment (:meth:`limits.SlidingWindows.reserved`): a window records when the
+        request leaves, not when its turn came (stamped before a wait for the venue-wide bucket, a storm
+        could show the venue more than its limit in one window), and the budget is spent only once the request
+        can leave (spent before a wait in a window, it would be freed for others while this request still
+        comes, and the venue would see more than our share of the IP).
 
         Call it *before* stamping a timestamp or nonce, and send with ``_call(limit=False)``: a request that
         waited in a queue must not go out stale.
         """
         if api_key is not None and self.key_limiters is not None:
             await self.key_limiters.acquire(api_key)
-        await self.limiter.acquire(cost)
-        await self._take_ip_budget(path, cost)
+        rules = list(windows)
         if api_key is not None and self.windows is not None:
             endpoints = ["*"] if path is None or path == "*" else ["*", path]
             for endpoint in endpoints:
                 rule = self.key_windows.get(endpoint)
                 if rule is not None:
-                    await self.windows.acquire(api_key, endpoint, *rule)
+                    rules.append((api_key, endpoint, *rule))
+        if not rules or self.windows is None:
+            await self.limiter.acquire(cost)
+            await self._take_ip_budget(path, cost)
+            return
+        async with self.windows.reserved(rules):
+            await self.limiter.acquire(cost)
+            await self._take_ip_budget(path, cost)
 
     async def resync_clock(
         self,

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -91,6 +93,38 @@ class SlidingWindows:
         self._slots: OrderedDict[bytes, tuple[asyncio.Lock, collections.deque[float]]] = OrderedDict()
 
     async def acquire(self, api_key: str, endpoint: str, limit: int, seconds: float) -> None:
+        """Wait for a place in one window and take it now."""
+        async with self.reserved([(api_key, endpoint, limit, seconds)]):
+            pass
+
+    @contextlib.asynccontextmanager
+    async def reserved(self, rules: Sequence[tuple[str, str, int, float]]) -> AsyncIterator[None]:
+        """Wait until every window of ``rules`` (api key, endpoint, limit, seconds) has a place, keep them (the
+        windows' locks: FIFO per window, like RateLimiter) while the body runs, and take the places when it
+        ends, all stamped with that moment: a caller waits for its other limits inside, so the windows record
+        when the request leaves, not when its turn in them came. Nothing is taken when the body raises."""
+        chosen: dict[bytes, tuple[asyncio.Lock, collections.deque[float], int, float]] = {}
+        for api_key, endpoint, limit, seconds in rules:
+            slot, lock, sent = self._entry(api_key, endpoint)
+            chosen[slot] = (lock, sent, limit, seconds)
+        entries = [chosen[slot] for slot in sorted(chosen)]  # one lock order for every caller
+        async with contextlib.AsyncExitStack() as held:
+            for lock, sent, limit, seconds in entries:
+                await held.enter_async_context(lock)
+                window = seconds * (1 + self._margin)
+                while True:  # a place only grows while we hold the lock: nobody else can take one
+                    now = time.monotonic()
+                    while sent and now - sent[0] >= window:
+                        sent.popleft()
+                    if len(sent) < limit:
+                        break
+                    await asyncio.sleep(sent[0] + window - now)
+            yield
+            now = time.monotonic()
+            for _, sent, _, _ in entries:
+                sent.append(now)
+
+    def _entry(self, api_key: str, endpoint: str) -> tuple[bytes, asyncio.Lock, collections.deque[float]]:
         slot = hashlib.sha256(f"{endpoint}\x00{api_key}".encode()).digest()
         entry = self._slots.get(slot)
         if entry is None:
@@ -98,17 +132,7 @@ class SlidingWindows:
         self._slots.move_to_end(slot)
         if len(self._slots) > self._max_slots:
             self._slots.popitem(last=False)
-        lock, sent = entry
-        window = seconds * (1 + self._margin)
-        async with lock:  # FIFO, like RateLimiter
-            while True:
-                now = time.monotonic()
-                while sent and now - sent[0] >= window:
-                    sent.popleft()
-                if len(sent) < limit:
-                    sent.append(now)
-                    return
-                await asyncio.sleep(sent[0] + window - now)
+        return (slot, *entry)
 
 
 @dataclass(frozen=True, slots=True)

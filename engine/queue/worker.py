@@ -146,7 +146,7 @@ class _Permits:
         except BaseException:
             if granted.done() and not granted.cancelled():
                 self.give()  # granted as we were cancelled: pass it on
-            else:
+            elif granted in line:  # (a give() in the same turn as the cancel already dropped it)
                 line.remove(granted)
             raise
 
@@ -506,7 +506,11 @@ class Worker(Generic[J, R, S]):
     def _ahead(self) -> int:
         """How many jobs it is worth holding here: one per free runner, plus what the runners should finish
         within PREFETCH_HORIZON (none while runners are stuck)."""
-        free = self._concurrency - (len(self._running) - len(self._aside))
+        # permits free, but no more than the runners free to use them (jobs aside keep theirs busy)
+        free = min(
+            self._concurrency - len(self._permitted),
+            self._runners - len(self._running) - self._starting,
+        )
         if self._stalled:
             return free
         if self._mean_run <= 0:
@@ -639,6 +643,10 @@ class Worker(Generic[J, R, S]):
                 self._starting -= 1
             self._permitted.add(slot)
             claimed_at = self._waiting.pop((job.id, job.attempt), None)
+            if self._stopping:  # stop() began while it waited: back to the queue, not started
+                self._give_back_permit(slot)
+                self._record(job, self._backend.hand_back(job))
+                continue
             started = loop.time()
             if self._too_old(claimed_at, started):
                 # its lease may run out before the next heartbeat: let the database hand it out again
@@ -747,16 +755,22 @@ class Worker(Generic[J, R, S]):
             self._permitted.discard(slot)
             self._permits.give()
 
+    def _is_runner(self, slot: int, generation: int) -> bool:
+        """The calling task is that slot's current runner (not an abandoned one, nor a task its handler made)."""
+        return self._generations.get(slot) == generation and asyncio.current_task() is self._runner_tasks.get(
+            slot
+        )
+
     def _step_aside(self, slot: int, generation: int) -> None:
-        if self._generations.get(slot) != generation or slot not in self._running:
-            return  # an abandoned handler (its slot has a new runner), or not in a job
+        if not self._is_runner(slot, generation) or slot not in self._running:
+            return  # an abandoned handler (its slot has a new runner), a task of a handler, or not in a job
         if slot in self._permitted:
             self._aside.add(slot)
             self._give_back_permit(slot)
             self._room.set()  # a runner is free for the next job: the fetcher may claim for it
 
     async def _step_in(self, slot: int, generation: int) -> None:
-        if self._generations.get(slot) != generation or slot in self._permitted:
+        if not self._is_runner(slot, generation) or slot in self._permitted:
             return
         await self._permits.take(urgent=True)  # before any runner starting a new job
         if self._generations.get(slot) != generation or slot not in self._running:

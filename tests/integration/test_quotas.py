@@ -257,6 +257,17 @@ async def test_the_quota_counters_follow_creates_revokes_deletes_and_an_upgrade(
     try:
         held = await conn.fetchval("SELECT ce_credentials_held($1)", OWNER)
         assert held == 2
+        # an operator taking a credential out of REVOKED by hand (the engine never does): counted again
+        await conn.execute(
+            "UPDATE credentials SET status = 'FAILED', secret_version = 1 WHERE id = $1",
+            made[0].credential_id,
+        )
+        assert await conn.fetchval("SELECT ce_credentials_held($1)", OWNER) == 3
+        await conn.execute(
+            "UPDATE credentials SET status = 'REVOKED', secret_version = 0 WHERE id = $1",
+            made[0].credential_id,
+        )
+        assert await conn.fetchval("SELECT ce_credentials_held($1)", OWNER) == 2
         # a live credential deleted (not something the engine does; an operator might): it leaves the count
         await conn.execute("DELETE FROM credentials WHERE id = $1", made[1].credential_id)
         assert await conn.fetchval("SELECT ce_credentials_held($1)", OWNER) == 1
@@ -291,7 +302,7 @@ async def test_a_revocation_in_flight_holds_up_no_creation_batch(make_engine: An
     """A revocation keeps its own counter and takes no quota lock: while another transaction holds a revocation
     of the owner uncommitted, that owner's creations still go through (the revoked credential still counts until
     it commits, as a count of the rows would have it), and nothing waits for the revocation's lock."""
-    eng: CredentialEngine = await make_engine(quotas=Quotas(credentials=3))
+    eng: CredentialEngine = await make_engine(quotas=Quotas(credentials=5))
     made = [
         await eng.create_credential(OWNER, venue="BINANCE", api_key=f"held-{i:03d}", api_secret="s" * 16)
         for i in range(2)
@@ -306,15 +317,26 @@ async def test_a_revocation_in_flight_holds_up_no_creation_batch(make_engine: An
         )
         await other.execute("DELETE FROM credential_secrets WHERE credential_id = $1", made[0].credential_id)
         started = asyncio.get_running_loop().time()
-        third = await asyncio.wait_for(
-            eng.create_credential(OWNER, venue="BINANCE", api_key="held-003", api_secret="s" * 16), timeout=5
+        batches = eng.create_batches.batches
+        pair = await asyncio.wait_for(  # one batch (ce_credential_rooms) and ...
+            asyncio.gather(
+                *(
+                    eng.create_credential(OWNER, venue="BINANCE", api_key=f"new-{i:03d}", api_secret="s" * 16)
+                    for i in range(2)
+                )
+            ),
+            timeout=5,
         )
-        assert asyncio.get_running_loop().time() - started < 2.0  # not the lock timeout
+        assert eng.create_batches.batches == batches + 1 and eng.create_batches.largest >= 2
+        await asyncio.wait_for(  # ... one alone (ce_credential_room)
+            eng.create_credential(OWNER, venue="BINANCE", api_key="new-003", api_secret="s" * 16), timeout=5
+        )
+        assert asyncio.get_running_loop().time() - started < 2.0  # neither waited for the lock timeout
         with pytest.raises(errors.QuotaExceeded):  # the uncommitted revocation does not make room yet
-            await eng.create_credential(OWNER, venue="BINANCE", api_key="held-004", api_secret="s" * 16)
+            await eng.create_credential(OWNER, venue="BINANCE", api_key="new-004", api_secret="s" * 16)
         await tx.commit()
     finally:
         await other.close()
-    await eng.create_credential(OWNER, venue="BINANCE", api_key="held-004", api_secret="s" * 16)
-    assert third.owner_id == OWNER
+    await eng.create_credential(OWNER, venue="BINANCE", api_key="new-004", api_secret="s" * 16)
+    assert all(c.owner_id == OWNER for c in pair)
     assert await _counters_hold(database_url) == []

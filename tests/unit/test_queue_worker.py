@@ -614,23 +614,22 @@ async def test_a_job_that_steps_aside_lets_the_next_one_start_and_the_limit_hold
 
 
 async def test_a_job_stepping_back_in_gets_the_next_permit_before_a_new_job() -> None:
-    """step_in() after step_aside() waits for a permit, and gets the first one given back, before any runner
-    that would start a new job; outside a runner both are no-ops."""
+    """step_in() after step_aside() waits for a permit, and gets the first one given back before a runner that
+    has waited longer to start a new job (FIFO would give it to that runner); outside a runner both are
+    no-ops."""
     workermod.step_aside()
     await workermod.step_in()  # no runner: nothing to do
-    backend = FakeBackend(jobs=4)
-    started: list[int] = []
+    backend = FakeBackend(jobs=8)
     write_refused = asyncio.Event()
-    release = {i: asyncio.Event() for i in range(4)}
+    release = {i: asyncio.Event() for i in range(8)}
     order: list[str] = []
 
     async def job_body(job: FakeJob) -> Outcome:
-        started.append(job.id)
         order.append(f"{job.id} started")
         if job.id == 0:
-            workermod.step_aside()  # job 1 starts meanwhile
+            workermod.step_aside()  # job 4 starts meanwhile
             await write_refused.wait()
-            await workermod.step_in()  # back in line: ahead of jobs 2 and 3
+            await workermod.step_in()  # back in line: ahead of job 5, whose runner waits already
             order.append("0 back in")
             return ("done", job.id)
         await release[job.id].wait()
@@ -638,20 +637,60 @@ async def test_a_job_stepping_back_in_gets_the_next_permit_before_a_new_job() ->
         return ("done", job.id)
 
     backend.run = job_body
-    w = make_worker(backend, concurrency=1)
+    w = make_worker(backend, concurrency=4)  # 4 permits, 6 runners
     w.start()
     try:
-        await eventually(lambda: started == [0, 1])
+        await eventually(lambda: "4 started" in order)
+        await eventually(lambda: w._starting == 1)  # job 5's runner waits for a permit
         write_refused.set()
         await asyncio.sleep(0.02)
-        assert order == ["0 started", "1 started"]  # job 1 holds the only permit: job 0 waits for it
+        assert "0 back in" not in order  # every permit is held: job 0 waits
         release[1].set()
         await eventually(lambda: "0 back in" in order)
-        release[2].set()
-        release[3].set()
-        assert await w.drain(timeout=5) >= 2
+        for event in release.values():
+            event.set()
+        assert await w.drain(timeout=5) >= 1
     finally:
         await w.stop()
-    # job 0 got job 1's permit, not the runner waiting to start job 2
-    assert order[:5] == ["0 started", "1 started", "1 done", "0 back in", "2 started"]
-    assert sorted(backend.written) == [("done", i) for i in range(4)]
+    assert order.index("1 done") < order.index("0 back in") < order.index("5 started")
+    assert sorted(backend.written) == [("done", i) for i in range(8)]
+
+
+async def test_a_permit_wait_cancelled_as_a_permit_is_given_back_is_a_clean_cancel() -> None:
+    """A waiter cancelled in the same loop turn as a give() that skips it: it raises CancelledError (not an
+    error of the line), and the permit goes to the next waiter."""
+    permits = workermod._Permits(0)
+    first = asyncio.ensure_future(permits.take())
+    second = asyncio.ensure_future(permits.take())
+    await asyncio.sleep(0)
+    first.cancel()
+    permits.give()  # skips the cancelled waiter, grants the second
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError) and results[1] is None
+    permits.give()
+    await asyncio.wait_for(permits.take(), 1)  # the permit given back is free
+
+
+async def test_stop_hands_back_a_job_whose_runner_got_its_permit_during_the_shutdown() -> None:
+    """A runner holding a job while it waits for a permit does not start it once stop() began: the job goes
+    back to the queue."""
+    backend = FakeBackend(jobs=2)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def held_first(job: FakeJob) -> Outcome:
+        started.append(job.id)
+        if job.id == 0:
+            await release.wait()
+        return ("done", job.id)
+
+    backend.run = held_first
+    w = make_worker(backend, concurrency=1, shutdown_timeout=5.0)  # 1 permit, 2 runners
+    w.start()
+    await eventually(lambda: started == [0] and w._starting == 1)
+    stopping = asyncio.ensure_future(w.stop())
+    await asyncio.sleep(0.02)
+    release.set()  # job 0 ends: its permit goes to the runner holding job 1
+    await asyncio.wait_for(stopping, 10)
+    assert started == [0]
+    assert sorted(backend.written) == [("done", 0), ("handed_back", 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -84,3 +85,44 @@ async def test_requests_refused_for_one_skew_share_one_resync(
     await asyncio.gather(*(probe.resync_clock(url, read, seen=seen) for _ in range(5)))
     assert probe.clock_generation == seen + 1
     assert 59_000 < probe.clock_offset_ms < 61_000
+
+
+async def test_a_window_place_is_stamped_when_the_request_leaves() -> None:
+    """A place held while the caller waits for its other limits is stamped when it is taken (the request
+    leaves), not when its turn came: the next call of the window waits a full window from then."""
+    windows = limits.SlidingWindows(margin=0.0)
+    async with windows.reserved([("key", "/x", 1, 0.3)]):
+        await asyncio.sleep(0.2)  # e.g. the venue-wide bucket during a storm
+    left = time.monotonic()
+    await windows.acquire("key", "/x", 1, 0.3)
+    assert time.monotonic() - left >= 0.3 - 0.005
+    with contextlib.suppress(RuntimeError):  # a body that raises takes no place
+        async with windows.reserved([("other", "/x", 1, 5.0)]):
+            raise RuntimeError("refused before it left")
+    started = time.monotonic()
+    await windows.acquire("other", "/x", 1, 5.0)
+    assert time.monotonic() - started < 0.1
+
+
+async def test_the_ip_budget_is_spent_only_once_the_keys_window_has_room() -> None:
+    """throttle(): a key whose window is full waits *before* the per-IP budget is taken (a budget spent and
+    then held up in the window would be freed for others while this request still comes)."""
+
+    class Budgets:
+        def __init__(self) -> None:
+            self.taken: list[float] = []
+
+        async def take(self, budget: limits.IpBudget, cost: float) -> None:
+            self.taken.append(time.monotonic())
+
+    budgets = Budgets()
+    async with aiohttp.ClientSession() as session:
+        probe = build_probe(Venue.BYBIT, session, budgets=budgets)
+        assert isinstance(probe, http.VenueProbe) and probe.windows is not None
+        path, (limit, seconds) = next(iter(probe.key_windows.items()))
+        assert probe.ip_budget(path) is not None
+        started = time.monotonic()
+        for _ in range(limit + 1):
+            await probe.throttle("a-key", path=path)
+    assert len(budgets.taken) == limit + 1
+    assert budgets.taken[-1] - started >= seconds  # the last budget was taken after its window's wait

@@ -7,8 +7,9 @@ examples of the venues' documentation (docs/venues.md §1.10, §2.10, §3.10).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -155,10 +156,12 @@ async def test_okx_windows_are_per_method_and_path(session: aiohttp.ClientSessio
     waited: list[tuple[str, int, float]] = []
     assert manager.windows is not None
 
-    async def spy(api_key: str, endpoint: str, limit: int, seconds: float) -> None:
-        waited.append((endpoint, limit, seconds))
+    @contextlib.asynccontextmanager
+    async def spy(rules: Sequence[tuple[str, str, int, float]]) -> AsyncIterator[None]:
+        waited.extend((endpoint, limit, seconds) for _, endpoint, limit, seconds in rules)
+        yield
 
-    manager.windows.acquire = spy  # type: ignore[method-assign]
+    manager.windows.reserved = spy  # type: ignore[method-assign]
     await manager.list_keys(MASTER, "test12345")
     with pytest.raises(ProbeFailure):  # the canned answer has no key: malformed, after the request went out
         await manager.create_key(MASTER, "test12345", KeyGrant(label="x"))
