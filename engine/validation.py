@@ -22,9 +22,8 @@ MAX_ACCOUNT_TYPE = 32
 MAX_PAGE = 500
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SPACE = re.compile(
-    r"\s"
-)  # for str patterns exactly str.isspace() (both are Py_UNICODE_ISSPACE), without a loop
+# for str patterns exactly str.isspace() (both are Py_UNICODE_ISSPACE), without a loop per character
+_SPACE = re.compile(r"\s")
 _OWNER = re.compile(r"^[A-Za-z0-9._:@|+\-]+$")
 _ACCOUNT_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
 # venues whose "required fields" include a passphrase (docs/api-dialect.md §5); COINBASE depends on the key kind

@@ -93,9 +93,8 @@ RUN_TIME_WEIGHT = 0.2  # weight of the newest run in the mean run time (an expon
 WATCH_TICK = 1.0  # seconds between the watchdog's looks at running jobs (less for shorter time limits)
 WATCH_TICK_MIN = 0.01
 CLAIM_LANES = 2  # claims in flight at once (the second lane only during a backlog of quick jobs)
-ASIDE_SHARE = (
-    0.5  # runners beyond ``concurrency``, as a share of it, for jobs that stepped aside (step_aside)
-)
+# runners beyond ``concurrency``, as a share of it, for jobs that stepped aside (step_aside)
+ASIDE_SHARE = 0.5
 
 
 # the runner a handler runs in: (its worker, slot, generation); set in each runner task's own context
@@ -294,7 +293,6 @@ class Worker(Generic[J, R, S]):
         self._permits = _Permits(concurrency)  # held by the jobs running and not aside
         self._permitted: set[int] = set()  # runner slots holding a permit (each running a job, not aside)
         self._starting = 0  # jobs taken from the buffer by runners waiting for a permit
-        self._aside: set[int] = set()  # runner slots whose job stepped aside (running, without a permit)
         self._pending: list[tuple[J, R]] = []  # outcomes not written yet (flusher, or a claim carries them)
 
         self._wakeup = asyncio.Event()  # fetcher: claim now (NOTIFY, drain, a retry was written)
@@ -633,9 +631,8 @@ class Worker(Generic[J, R, S]):
                     "queue_prefetch_handed_back", worker=self._name, jobs=1, running=len(self._running)
                 )
                 continue
-            except (
-                BaseException
-            ):  # cancelled (stop()) before its job started: the attempt goes back, uncounted
+            except BaseException:
+                # cancelled (stop()) before its job started: the attempt goes back, uncounted
                 self._waiting.pop((job.id, job.attempt), None)
                 self._record(job, self._backend.hand_back(job))
                 raise
@@ -685,7 +682,6 @@ class Worker(Generic[J, R, S]):
                     del self._running[slot]
                     if not self._running:
                         self._runners_idle.set()
-                    self._aside.discard(slot)
                     self._give_back_permit(slot)
             if self._generations.get(slot) != generation:
                 log.warning("queue_abandoned_handler_returned", worker=self._name, job_id=job.id)
@@ -735,7 +731,6 @@ class Worker(Generic[J, R, S]):
         self._deadlines.pop(slot, None)
         if not self._running:
             self._runners_idle.set()
-        self._aside.discard(slot)
         self._give_back_permit(slot)  # the slot's next runner takes one of its own
         role = f"runner-{slot}"
         if self._tasks.get(role) is task:
@@ -764,8 +759,7 @@ class Worker(Generic[J, R, S]):
     def _step_aside(self, slot: int, generation: int) -> None:
         if not self._is_runner(slot, generation) or slot not in self._running:
             return  # an abandoned handler (its slot has a new runner), a task of a handler, or not in a job
-        if slot in self._permitted:
-            self._aside.add(slot)
+        if slot in self._permitted:  # (jobs aside: those in _running without a permit)
             self._give_back_permit(slot)
             self._room.set()  # a runner is free for the next job: the fetcher may claim for it
 
@@ -777,7 +771,6 @@ class Worker(Generic[J, R, S]):
             self._permits.give()  # abandoned while it waited: the permit is not its to hold
             return
         self._permitted.add(slot)
-        self._aside.discard(slot)
 
     def _record(self, job: J, outcome: R) -> None:
         self._pending.append((job, outcome))
