@@ -22,6 +22,7 @@ credential never moves to another account, and so neither do its trading account
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -116,19 +117,26 @@ class ProbeMetrics:
     """Verification outcomes by (venue, outcome) and a probe-latency histogram, for /metrics."""
 
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    latency_buckets: Counter[tuple[str, float]] = field(default_factory=Counter)
     latency_sum: Counter[str] = field(default_factory=Counter)
     latency_count: Counter[str] = field(default_factory=Counter)
+    # (venue, index of the first bound >= the latency): one count per probe; the cumulative view is computed on read
+    _latency_slots: Counter[tuple[str, int]] = field(default_factory=Counter)
 
     def observe(self, venue: Venue, outcome: str, seconds: float) -> None:
         name = venue.value
         self.outcomes[(name, outcome)] += 1
         self.latency_sum[name] += seconds  # type: ignore[assignment]
         self.latency_count[name] += 1
-        buckets = self.latency_buckets
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                buckets[(name, bound)] += 1
+        self._latency_slots[(name, bisect.bisect_left(LATENCY_BUCKETS, seconds))] += 1
+
+    @property
+    def latency_buckets(self) -> Counter[tuple[str, float]]:
+        """Probes that took at most each bound, by (venue, bound): a Prometheus histogram's cumulative buckets."""
+        cumulative: Counter[tuple[str, float]] = Counter()
+        for (name, slot), count in self._latency_slots.items():
+            for bound in LATENCY_BUCKETS[slot:]:
+                cumulative[(name, bound)] += count
+        return cumulative
 
 
 def _same_findings(cred: Credential, result: ProbeResult, warnings: tuple[str, ...]) -> bool:

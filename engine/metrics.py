@@ -319,9 +319,9 @@ class EngineCollector:
             return
         for (venue, reason), count in sorted(probe.outcomes.items()):
             outcomes.add_metric([venue, reason], count)
+        cumulative = probe.latency_buckets  # computed on each read: once per scrape
         for venue in sorted(probe.latency_count):
-            # ProbeMetrics counts an observation in every bucket at or above it: already cumulative
-            buckets = [(_bound(b), float(probe.latency_buckets[(venue, b)])) for b in jobs.LATENCY_BUCKETS]
+            buckets = [(_bound(b), float(cumulative[(venue, b)])) for b in jobs.LATENCY_BUCKETS]
             buckets.append(("+Inf", float(probe.latency_count[venue])))
             latency.add_metric([venue], buckets, float(probe.latency_sum[venue]))
 
