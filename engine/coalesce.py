@@ -13,6 +13,12 @@ How items are grouped, and what a caller waits for:
 * Items submitted while ``max_in_flight`` batches are in flight wait in line; when a batch ends, its sender
   takes everything waiting (up to ``max_batch``) as the next batch. The busier the database, the bigger the
   batches: the classic group commit.
+* ``linger`` (seconds, default 0: never): under load, the sender waits that long before taking the next batch,
+  so that it carries more items (fewer statements for the same work: PostgreSQL's ``commit_delay``). It waits
+  only when the items that arrived since it took the last batch, at the rate they arrived, say at least one more
+  will come meanwhile (as ``commit_siblings`` applies ``commit_delay`` only when other transactions are
+  active). The first batch of a sender (the line was empty) never waits, nor one after a quiet spell, so an
+  item sent alone is not held back.
 * ``send`` answers one result per item, in order: a value, or an exception for that item alone (the caller of
   that item gets it raised). When ``send`` itself raises, every item of the batch gets that exception.
 * A caller cancelled while its item waits in line takes the item out; once its batch is being sent, the
@@ -32,10 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+MAX_LINGER = 1.0  # seconds: a longer wait is a timer, not group commit
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,6 +69,7 @@ class CoalescerStats:
     items: int = 0
     largest: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches had it
+    lingers: int = 0  # batches whose sender waited ``linger`` before taking them
 
     def record(self, size: int) -> None:
         self.batches += 1
@@ -78,13 +88,17 @@ class Coalescer(Generic[T, R]):
         *,
         max_batch: int = 100,
         max_in_flight: int = 1,
+        linger: float = 0.0,
         name: str = "coalescer",
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if not 0.0 <= linger <= MAX_LINGER:
+            raise ValueError(f"linger must be 0 to {MAX_LINGER} seconds")
         self._send = send
+        self._linger = linger
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._name = name
@@ -123,9 +137,15 @@ class Coalescer(Generic[T, R]):
     async def _run(self) -> None:
         """Send batches until the line is empty."""
         me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(0)  # the items of this turn of the loop join the first batch
+            taken = -math.inf  # when this sender took its last batch: its first one never lingers
             while self._line:
+                if self._lingers(loop.time() - taken):
+                    self.stats.lingers += 1
+                    await asyncio.sleep(self._linger)
+                taken = loop.time()
                 batch: list[_Waiting[T, R]] = []
                 while self._line and len(batch) < self._max_batch:
                     waiting = self._line.popleft()
@@ -142,6 +162,13 @@ class Coalescer(Generic[T, R]):
                 not self._senders
             ):  # cancelled while items wait (the loop closing) and nobody left to send them
                 self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
+
+    def _lingers(self, since: float) -> bool:
+        """Whether to wait ``linger`` before taking the next batch: it is not full, and at the rate items arrived
+        during the ``since`` seconds since this sender took its last batch, at least one more arrives meanwhile
+        (rate x linger >= 1)."""
+        waiting = len(self._line)
+        return self._linger > 0 and 0 < waiting < self._max_batch and waiting * self._linger >= since
 
     def _fail_line(self, error: BaseException) -> None:
         while self._line:

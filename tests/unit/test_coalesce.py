@@ -191,3 +191,85 @@ def test_bounds_are_checked() -> None:
         Coalescer(send, max_batch=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         Coalescer(send, max_in_flight=0)
+    with pytest.raises(ValueError, match="linger"):
+        Coalescer(send, linger=-0.001)
+    with pytest.raises(ValueError, match="linger"):
+        Coalescer(send, linger=2.0)
+
+
+# ---- linger: group commit's commit_delay, under load only ------------------------------------------------------
+
+
+async def test_with_a_linger_an_item_alone_is_still_sent_at_once() -> None:
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender, linger=0.5)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await asyncio.wait_for(c.submit(3), 1) == 30
+    assert await asyncio.wait_for(c.submit(4), 1) == 40  # a new sender: nothing arrived in between
+    assert loop.time() - began < 0.4  # far below one linger (0.5 s): no wait at all
+    assert sender.batches == [[3], [4]] and c.stats.lingers == 0
+
+
+async def test_under_load_the_sender_lingers_and_late_items_join_the_batch() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, linger=0.2)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    busy = [asyncio.ensure_future(c.submit(i)) for i in range(2, 7)]  # 5 arrive at once during the send
+    await asyncio.sleep(0)
+    sender.gate.set()
+    await first
+    await asyncio.sleep(0.05)  # the sender now lingers (5 items in a few ms: more will come)
+    late = [asyncio.ensure_future(c.submit(i)) for i in (7, 8)]
+    assert [await f for f in busy + late] == [20, 30, 40, 50, 60, 70, 80]
+    assert sender.batches == [[1], [2, 3, 4, 5, 6, 7, 8]]
+    assert c.stats.lingers == 1
+
+
+async def test_after_a_quiet_spell_the_sender_does_not_linger() -> None:
+    """One item arriving during a long send is no sign of load: taken at once, not held for the linger."""
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, linger=0.05)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    second = asyncio.ensure_future(c.submit(2))
+    await asyncio.sleep(0.3)  # one item in 0.3 s: at that rate none more within 0.05 s
+    sender.gate.set()
+    assert (await first, await second) == (10, 20)
+    assert sender.batches == [[1], [2]] and c.stats.lingers == 0
+
+
+async def test_a_full_line_is_taken_without_lingering() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, max_batch=3, linger=0.5)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    rest = [asyncio.ensure_future(c.submit(i)) for i in (2, 3, 4)]
+    await asyncio.sleep(0)
+    sender.gate.set()
+    assert [await f for f in [first, *rest]] == [10, 20, 30, 40]
+    # [2, 3, 4] filled a batch: taken at once; the line was then empty
+    assert sender.batches == [[1], [2, 3, 4]] and c.stats.lingers == 0
+
+
+async def test_close_during_a_linger_fails_the_waiting_items_at_once() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, linger=0.9)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    waiting = [asyncio.ensure_future(c.submit(i)) for i in range(2, 6)]
+    await asyncio.sleep(0)
+    sender.gate.set()
+    await first
+    await asyncio.sleep(0.01)
+    assert c.stats.lingers == 1
+    await c.close(timeout=2)
+    for f in waiting:
+        with pytest.raises(CoalescerClosed):
+            await f
+    assert c.in_flight == 0 and sender.batches == [[1]]
