@@ -88,10 +88,7 @@ SESSION_LINGER = 0.05  # how long the fetcher/flusher keep an idle connection be
 RIDE_WINDOW = 0.005  # how long an outcome waits for the next claim to carry it before the flusher writes it
 FLUSH_CHUNK = 1000  # most outcomes written by one statement; also how many may wait before claims pause
 FINAL_FLUSH_TIMEOUT = 15.0  # how long stop() keeps trying to write the last outcomes
-# seconds of work (at the mean run time) the fetcher claims ahead of the free runners. Measured with
-# bench/lifecycle.py's create phase (50 workers, 60 ms jobs): 0.02 claimed ~9 jobs a statement, 0.05 ~19, half the
-# claim statements (database sends per credential 0.27 -> 0.21, PostgreSQL CPU -8 %) for jobs held ~50 ms
-PREFETCH_HORIZON = 0.05
+PREFETCH_HORIZON = 0.02  # seconds of work (at the mean run time) the fetcher claims ahead of the free runners
 RUN_TIME_WEIGHT = 0.2  # weight of the newest run in the mean run time (an exponential moving average)
 WATCH_TICK = 1.0  # seconds between the watchdog's looks at running jobs (less for shorter time limits)
 WATCH_TICK_MIN = 0.01

@@ -474,17 +474,17 @@ async def test_jobs_waiting_behind_a_stuck_runner_are_handed_back_once() -> None
 async def test_slow_jobs_are_not_claimed_far_ahead_of_the_runners() -> None:
     """With jobs that take long compared with PREFETCH_HORIZON, the worker claims about one job per free
     runner instead of whole batches that would wait here while other workers could run them."""
-    backend = FakeBackend(jobs=30)
+    backend = FakeBackend(jobs=40)
 
     async def slow(job: FakeJob) -> Outcome:
-        await asyncio.sleep(0.1)  # twice PREFETCH_HORIZON: at most one job ahead of the free runners
+        await asyncio.sleep(0.05)  # longer than PREFETCH_HORIZON: nothing ahead of the free runners
         return ("done", job.id)
 
     backend.run = slow
     w = make_worker(backend, concurrency=2, batch_size=20)
     w.start()
     try:
-        assert await w.drain(timeout=10) == 30
+        assert await w.drain(timeout=10) == 40
     finally:
         await w.stop()
     assert backend.claims[0] == 20  # nothing known yet: a whole batch
@@ -556,7 +556,7 @@ async def test_the_second_lane_waits_for_the_run_time_of_the_first_jobs() -> Non
     tracker = ClaimTracker(backend, round_trip=0.01)
 
     async def slow(job: FakeJob) -> Outcome:
-        await asyncio.sleep(0.1)  # twice PREFETCH_HORIZON
+        await asyncio.sleep(0.05)
         return ("done", job.id)
 
     backend.run = slow
