@@ -16,9 +16,9 @@ How items are grouped, and what a caller waits for:
 * ``linger`` (seconds, default 0: never): under load, the sender waits that long before taking the next batch,
   so that it carries more items (fewer statements for the same work: PostgreSQL's ``commit_delay``). It waits
   only when the items that arrived since it took the last batch, at the rate they arrived, say at least one more
-  will come meanwhile (as ``commit_siblings`` applies ``commit_delay`` only when other transactions are
-  active). The first batch of a sender (the line was empty) never waits, nor one after a quiet spell, so an
-  item sent alone is not held back.
+  will come meanwhile, and at least two items wait (as ``commit_siblings`` applies ``commit_delay`` only when
+  other transactions are active). The first batch of a sender (the line was empty) never waits, nor a single
+  waiting item, nor a batch after a quiet spell, so an item sent alone is not held back.
 * ``send`` answers one result per item, in order: a value, or an exception for that item alone (the caller of
   that item gets it raised). When ``send`` itself raises, every item of the batch gets that exception.
 * A caller cancelled while its item waits in line takes the item out; once its batch is being sent, the
@@ -164,11 +164,12 @@ class Coalescer(Generic[T, R]):
                 self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
 
     def _lingers(self, since: float) -> bool:
-        """Whether to wait ``linger`` before taking the next batch: it is not full, and at the rate items arrived
-        during the ``since`` seconds since this sender took its last batch, at least one more arrives meanwhile
-        (rate x linger >= 1)."""
+        """Whether to wait ``linger`` before taking the next batch: it is not full, at least two items wait (one item
+        is no sign of load, whatever its timing: ``commit_siblings``), and at the rate items arrived during the
+        ``since`` seconds since this sender took its last batch, at least one more arrives meanwhile (rate x
+        linger >= 1)."""
         waiting = len(self._line)
-        return self._linger > 0 and 0 < waiting < self._max_batch and waiting * self._linger >= since
+        return self._linger > 0 and 1 < waiting < self._max_batch and waiting * self._linger >= since
 
     def _fail_line(self, error: BaseException) -> None:
         while self._line:

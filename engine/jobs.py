@@ -133,7 +133,8 @@ class ProbeMetrics:
     def latency_buckets(self) -> Counter[tuple[str, float]]:
         """Probes that took at most each bound, by (venue, bound): a Prometheus histogram's cumulative buckets."""
         cumulative: Counter[tuple[str, float]] = Counter()
-        for (name, slot), count in self._latency_slots.items():
+        # a copy first: /metrics may be scraped from another thread while the loop adds a (venue, slot)
+        for (name, slot), count in list(self._latency_slots.items()):
             for bound in LATENCY_BUCKETS[slot:]:
                 cumulative[(name, bound)] += count
         return cumulative
