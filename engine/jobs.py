@@ -55,7 +55,15 @@ from engine.payloads import (
     verify_key,
 )
 from engine.store import SecretRow, Store
-from venues.base import MAX_SEQUENTIAL_REQUESTS, ApiKeys, Probe, ProbeFailure, ProbeResult, Venue
+from venues.base import (
+    MAX_SEQUENTIAL_REQUESTS,
+    ApiKeys,
+    Probe,
+    ProbeFailure,
+    ProbeResult,
+    Venue,
+    release_frames,
+)
 from venues.subaccounts import MAX_DISCOVERY_REQUESTS
 
 log = structlog.get_logger("engine.jobs")
@@ -251,6 +259,9 @@ class LifecycleJobs:
                 if kind is CredentialType.BROKER and self._discover is not None:
                     result = await self._discover(venue, keys, result)
         except ProbeFailure as failure:
+            release_frames(
+                failure
+            )  # the probe's frames (the keys in their locals) go now, not at a collection
             self.metrics.observe(venue, failure.outcome.value, time.monotonic() - started)
             if failure.transient:
                 log.info("probe_transient", venue=venue.value, outcome=failure.outcome.value)

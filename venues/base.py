@@ -14,11 +14,15 @@ shares is in :mod:`venues.http`, the client-side rate limiters in :mod:`venues.l
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep  # as the code objects of its modules name their files
 
 
 class Venue(enum.StrEnum):
@@ -180,6 +184,34 @@ class ProbeFailure(Exception):
     @property
     def transient(self) -> bool:
         return self.outcome.transient
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the locals of this package's frames that ``error`` (with its cause and context) still holds.
+
+    A call that fails keeps its frames alive through the exception's traceback, and with them the key pair
+    and the signed headers in their locals; a frame that raised an exception it had stored in a local (a
+    refused answer returned as a value, then raised) also forms a reference cycle that only the garbage
+    collector frees, some time later. Probes' failures end here, so the keys go once the answer is read.
+
+    Only frames of ``venues`` code are cleared: they all belong to the probe that failed and have returned
+    (a frame still running refuses, and is skipped). Another library's frame may be a coroutine that stored the
+    exception and went on; clearing a suspended coroutine's frame would close it.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        trace = current.__traceback__
+        while trace is not None:
+            if trace.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+                with contextlib.suppress(RuntimeError):  # still running: the caller's own frame
+                    trace.tb_frame.clear()
+            trace = trace.tb_next
+        pending += (current.__cause__, current.__context__)
 
 
 class KeyFormatProblem(ValueError):

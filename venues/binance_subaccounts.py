@@ -115,6 +115,7 @@ class BinanceSubAccountKeys(http.VenueProbe):
             await self._request(master, "GET", SUB_ACCOUNT_PATH, [("page", "1"), ("size", "1")])
         except base.ProbeFailure as failure:
             if failure.outcome is base.Outcome.PERMISSION_DENIED:
+                base.release_frames(failure)  # dropped: its frames hold the master's keys
                 return False
             raise
         return True
@@ -204,6 +205,7 @@ class BinanceSubAccountKeys(http.VenueProbe):
             await self._request(master, "DELETE", SUB_ACCOUNT_API_PATH, params)
         except base.ProbeFailure as failure:
             if failure.venue_code == KEY_GONE:
+                base.release_frames(failure)  # dropped: its frames hold the master's keys
                 return False
             raise
         return True

@@ -274,6 +274,7 @@ class BybitProbe(http.VenueProbe):
         except base.ProbeFailure as failure:
             if failure.venue_code != str(INVALID_KEY_CODE) or self.base_url is not None:
                 raise
+            base.release_frames(failure)  # dropped: its frames hold the keys
         names = list(OTHER_ENVIRONMENTS)
         answers = await asyncio.gather(
             *(self._send(keys, QUERY_API_PATH, host=OTHER_ENVIRONMENTS[name]) for name in names),

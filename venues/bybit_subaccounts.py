@@ -175,6 +175,7 @@ class BybitSubAccountKeys(http.VenueProbe):
             # Bybit documents no "no such key" answer: the listing decides (a key it no longer has is deleted)
             if any(info.matches(key_id) for info in await self.list_keys(master, sub_id)):
                 raise
+            base.release_frames(failure)  # dropped: its frames hold the master's keys
             return False
         return True
 

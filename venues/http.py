@@ -20,7 +20,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from venues.base import Outcome, ProbeFailure, Venue
+from venues.base import Outcome, ProbeFailure, Venue, release_frames
 from venues.limits import UNLIMITED, IpBudget, IpBudgets, KeyLimiters, RateLimiter, SlidingWindows
 
 
@@ -296,4 +296,8 @@ async def gather_identities(checks: Sequence[Any]) -> list[Any]:
     Failures are returned, not raised: the caller judges them together (:func:`raise_verify_failure`,
     :func:`settle_identities`). Each call still waits on the client-side limiters itself (``throttle``).
     """
-    return list(await asyncio.gather(*checks, return_exceptions=True))
+    answers = list(await asyncio.gather(*checks, return_exceptions=True))
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            release_frames(answer)  # a refused call's frames hold the key pair (and often a cycle)
+    return answers

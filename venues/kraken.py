@@ -182,6 +182,9 @@ class KrakenProbe(http.VenueProbe):
         except base.ProbeFailure as failure:
             if failure.outcome is not Outcome.INVALID_KEY:
                 raise  # e.g. a futures key of an inactive account, or futures unreachable: not conclusive
+            base.release_frames(
+                failure
+            )  # dropped, so its frames (the key pair) must not wait for a collection
         raise base.ProbeFailure(
             spot_rejection.outcome,
             f"{spot_rejection.message}; Kraken Futures does not accept it either",

@@ -242,6 +242,7 @@ class OkxProbe(http.VenueProbe):
         except base.ProbeFailure as failure:
             if failure.venue_code != ENVIRONMENT_MISMATCH_CODE:
                 raise
+            base.release_frames(failure)  # dropped: its frames hold the keys
         try:
             await self._signed_get(keys, CONFIG_PATH, demo=True)
         except base.ProbeFailure as failure:

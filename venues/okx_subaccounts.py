@@ -194,6 +194,7 @@ class OkxSubAccountKeys(http.VenueProbe):
             await self._request(master, "POST", DELETE_PATH, body)
         except base.ProbeFailure as failure:
             if failure.venue_code == KEY_GONE:
+                base.release_frames(failure)  # dropped: its frames hold the master's keys
                 return False
             raise
         return True

@@ -18,7 +18,7 @@ from engine.db import Database
 from engine.models import CredentialStatus
 from engine.outbox import Outbox
 from engine.store import Store
-from venues.base import ApiKeys, Outcome, ProbeFailure, Venue
+from venues.base import ApiKeys, Outcome, ProbeFailure, Venue, release_frames
 from venues.subaccounts import GrantProblem
 
 log = structlog.get_logger("engine.broker")
@@ -74,6 +74,9 @@ async def venue_call(
             venue_code=GRANT_REFUSED,
         )
     except ProbeFailure as failure:
+        release_frames(
+            failure
+        )  # the venue module's frames (the keys in their locals) go now, not at a collection
         if failure.transient and job.tries < job.max_attempts:
             log.info("broker_venue_transient", kind=job.kind, outcome=failure.outcome.value)
             raise queuemod.Retry(after=failure.retry_after, reason=failure.outcome.value) from None

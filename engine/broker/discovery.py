@@ -15,7 +15,7 @@ import inspect
 import structlog
 
 from engine.broker.managers import Managers
-from venues.base import ApiKeys, ProbeFailure, ProbeResult, Venue
+from venues.base import ApiKeys, ProbeFailure, ProbeResult, Venue, release_frames
 
 log = structlog.get_logger("engine.broker")
 
@@ -47,6 +47,7 @@ class Discovery:
         except ProbeFailure as failure:
             if failure.transient:
                 raise
+            release_frames(failure)  # dropped: its frames hold the master's keys
             log.info("broker_sub_accounts_refused", venue=venue.value, outcome=failure.outcome.value)
             return dataclasses.replace(
                 result, permissions=dataclasses.replace(result.permissions, sub_account_keys=False)

@@ -34,7 +34,7 @@ from engine.config import Quotas
 from engine.models import Credential, CredentialStatus, CredentialType
 from engine.payloads import Verify, enqueue
 from engine.store import credential_from_row
-from venues.base import ProbeFailure, Venue, mask_api_key
+from venues.base import ProbeFailure, Venue, mask_api_key, release_frames
 from venues.subaccounts import KeyGrant, KeyLeftBehind, MintedKey
 
 log = structlog.get_logger("engine.broker")
@@ -174,6 +174,7 @@ class Minting:
                 try:
                     await manager.delete_key(master.keys, sub, minted.info.key_id)
                 except ProbeFailure as failure:  # reconciliation deletes it (its label names the credential)
+                    release_frames(failure)  # dropped: its frames hold both key pairs
                     log.info("broker_discard_failed", credential_id=str(cid), outcome=failure.outcome.value)
 
     async def _store(self, job: queuemod.Job, link: Any, intent_id: uuid.UUID, minted: MintedKey) -> bool:

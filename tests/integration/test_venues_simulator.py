@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
+import os
 import random
 import string
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from types import FrameType
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import venues
 from engine import CredentialEngine, CredentialStatus, TradingAccountStatus, Venue
 from engine.testing import settle
+from venues.base import ApiKeys
+from venues.kraken_auth import KrakenKeys
 from venues.simulator import Faults, Simulator, TestKey
 
 OWNER = "owner-sim"
@@ -270,3 +276,36 @@ async def test_keys_that_move_to_another_account_fail_and_the_credential_stays(
     assert (moved.venue_account_id, moved.pinned_venue_account_id) == (key.uid, key.uid)
     still = await real_engine.get_trading_account(OWNER, account.trading_account_id)
     assert (still.status, still.credential_id) == (TradingAccountStatus.ACTIVE, cred.credential_id)
+
+
+async def test_probes_leave_no_key_material_for_the_garbage_collector(
+    real_engine: CredentialEngine, sim: Simulator
+) -> None:
+    """Every venue's probes, good keys reaching one account type (the other calls refused) and bad ones: no
+    frame of the probe code and no key object is left in a reference cycle, waiting for a collection with the
+    secret in it (a refused call's frame used to hold the key pair that way; the simulator's refusals too)."""
+    cases = []
+    for venue, kind in KINDS:
+        reduced = sim.add_key(venue, kind=kind)
+        sim.update_key(reduced.api_key, identities=reduced.identities[:1])
+        good = sim.add_key(venue, kind=kind)
+        cases += [(reduced, {}), (good, {"api_secret": wrong_secret(good)})]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for key, override in cases:
+            await create(real_engine, key, **override)
+        await settle(real_engine)
+        gc.collect()
+        left = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    code_dir = os.path.dirname(venues.__file__) + os.sep  # the probes and the simulator (it runs in-process)
+    frames = {
+        f"{o.f_code.co_qualname} ({os.path.basename(o.f_code.co_filename)})"
+        for o in left
+        if isinstance(o, FrameType) and o.f_code.co_filename.startswith(code_dir)
+    }
+    key_objects = {type(o).__qualname__ for o in left if isinstance(o, (ApiKeys, KrakenKeys, TestKey))}
+    assert (frames, key_objects) == (set(), set())

@@ -92,10 +92,9 @@ class KrakenFutures(kraken_futures_trading.KrakenFuturesTrading):
 
     async def futures_authenticate(self, request: web.Request) -> TestKey:
         headers = request.headers
-        denied = common.Reject(self.futures_error("authenticationError", 401))
         key = self.lookup(headers.get("APIKey", ""))
         if key is None or not self.usable(key, kinds=("futures",)):
-            raise denied
+            raise self._denied()
         nonce = headers.get("Nonce", "")
         if request.method == "GET":
             post_data = request.rel_url.raw_query_string
@@ -106,14 +105,18 @@ class KrakenFutures(kraken_futures_trading.KrakenFuturesTrading):
         try:
             expected = authent(key.api_secret, post_data, nonce, endpoint_path(request.path))
         except binascii.Error:
-            raise denied from None
+            raise self._denied() from None
         if not hmac.compare_digest(expected, headers.get("Authent", "")):
-            raise denied
+            raise self._denied()
         if nonce:
             self._accept_nonce(key, nonce)
         if not common.ip_allowed(key, request):
-            raise denied
+            raise self._denied()
         return self.accepted(request, key)
+
+    def _denied(self) -> common.Reject:
+        """A fresh refusal each time (one kept in a local and raised would hold this frame in a cycle)."""
+        return common.Reject(self.futures_error("authenticationError", 401))
 
     def _accept_nonce(self, key: TestKey, nonce: str) -> None:
         if not nonce.isdigit():

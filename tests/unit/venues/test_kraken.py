@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import itertools
@@ -766,3 +767,50 @@ async def test_rate_limits_can_be_lifted_for_simulators(session: aiohttp.ClientS
     free = kraken.KrakenProbe(session, rate_limited=False)
     assert free.key_limiters is None
     assert free.limiter.rate >= limits.UNLIMITED
+
+
+def _live_key_pairs() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, kraken_auth.KrakenKeys))
+
+
+async def test_refused_speculative_calls_do_not_keep_the_key_pair(
+    probe: kraken.KrakenProbe, mocked: aioresponses
+) -> None:
+    """A spot key's futures calls are refused by design; their frames must not keep the decoded secret alive
+    (before: each refused call's frame held the key pair in a reference cycle until a garbage collection)."""
+    for _ in range(3):
+        good_spot(mocked)
+        mocked.get(CHECK_URL, payload=futures_error("authenticationError"))
+        mocked.get(ACCOUNTS_URL, payload=futures_error("authenticationError"))
+    gc.collect()
+    gc.disable()  # what is freed must be freed by reference counting alone
+    try:
+        before = _live_key_pairs()
+        for _ in range(3):
+            result = await probe.probe(SPOT_KEYS)
+            assert result.identities == ("spot",)
+        assert _live_key_pairs() == before
+    finally:
+        gc.enable()
+
+
+async def test_a_failed_probe_releases_the_key_pair(probe: kraken.KrakenProbe, mocked: aioresponses) -> None:
+    """Once a failure is released (the engine does it for every probe failure), its traceback's frames no
+    longer hold the key pair, and nothing is left for the garbage collector."""
+    mocked.post(KEY_INFO_URL, payload=spot_error("EAPI:Invalid key"))
+    mocked.post(BALANCE_URL, payload=spot_error("EAPI:Invalid key"))
+    mocked.post(TRADE_BALANCE_URL, payload=spot_error("EAPI:Invalid key"))
+    mocked.get(CHECK_URL, payload=futures_error("authenticationError"))
+    mocked.get(ACCOUNTS_URL, payload=futures_error("authenticationError"))
+    gc.collect()
+    gc.disable()
+    try:
+        before = _live_key_pairs()
+        with pytest.raises(base.ProbeFailure) as caught:
+            await probe.probe(SPOT_KEYS)
+        assert caught.value.outcome is base.Outcome.INVALID_KEY
+        assert _live_key_pairs() == before + 1  # held by the failure's frames
+        base.release_frames(caught.value)
+        assert _live_key_pairs() == before
+    finally:
+        gc.enable()
