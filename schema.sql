@@ -188,8 +188,9 @@ $$ LANGUAGE plpgsql VOLATILE;
 -- (held by another process's create, mint or transaction path) would hold up every other owner's creations
 -- behind it. An owner whose lock is taken elsewhere comes back busy (held NULL): its items are not written by
 -- the batch and their callers send them alone (engine/creates.py), waiting for that lock as a single create
--- does (p_timeout, also the bound of any other lock the batch's inserts wait for). Then, by a statement of its
--- own (a snapshot taken after the locks), how many credentials each locked owner holds that are not REVOKED
+-- does (p_timeout, also the bound of any row lock the batch's inserts wait for; a table lock, from DDL or LOCK
+-- TABLE, is taken before the statement runs this function, so only the command timeout bounds that wait).
+-- Then, by a statement of its own (a snapshot taken after the locks), how many credentials each locked owner holds that are not REVOKED
 -- (ce_credentials_held): one row per locked owner. No lock and no row when p_quota is NULL (no quota; creations
 -- of one owner in two transactions then wait for each other's counter row, credential_counts_created, until the
 -- other commits, at most p_timeout); the lock timeout is set in every case.

@@ -19,6 +19,10 @@ How items are grouped, and what a caller waits for:
   will come meanwhile, and at least two items wait (as ``commit_siblings`` applies ``commit_delay`` only when
   other transactions are active). The first batch of a sender (the line was empty) never waits, nor a single
   waiting item, nor a batch after a quiet spell, so an item sent alone is not held back.
+* ``fair_key`` (optional): items of different keys (owners) share each batch in turns, one item of each key that
+  waits, round after round, the keys served longest ago first. Without it the line is first come, first served:
+  one owner's thousand waiting items would put ten batches of 100 ahead of another owner's one; with it, that one
+  goes in the next batch taken.
 * ``send`` answers one result per item, in order: a value, or an exception for that item alone (the caller of
   that item gets it raised). When ``send`` itself raises, every item of the batch gets that exception.
 * A caller cancelled while its item waits in line takes the item out; once its batch is being sent, the
@@ -40,7 +44,7 @@ import asyncio
 import contextvars
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -89,6 +93,7 @@ class Coalescer(Generic[T, R]):
         max_batch: int = 100,
         max_in_flight: int = 1,
         linger: float = 0.0,
+        fair_key: Callable[[T], Hashable] | None = None,
         name: str = "coalescer",
     ) -> None:
         if max_batch < 1:
@@ -102,7 +107,10 @@ class Coalescer(Generic[T, R]):
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._name = name
-        self._line: deque[_Waiting[T, R]] = deque()
+        self._fair_key = fair_key
+        # the line: one queue per key (one, under None, without fair_key), in the order the keys are served
+        self._lines: dict[Hashable, deque[_Waiting[T, R]]] = {}
+        self._waiting = 0
         self._senders: set[asyncio.Task[None]] = set()
         self._closed = False
         self.stats = CoalescerStats()
@@ -115,7 +123,7 @@ class Coalescer(Generic[T, R]):
     @property
     def waiting(self) -> int:
         """Items waiting in line for a batch."""
-        return len(self._line)
+        return self._waiting
 
     async def submit(self, item: T) -> R:
         """Send ``item`` with the others submitted meanwhile; its outcome (raised when an exception)."""
@@ -123,7 +131,12 @@ class Coalescer(Generic[T, R]):
             raise CoalescerClosed(f"{self._name} is closed")
         loop = asyncio.get_running_loop()
         waiting: _Waiting[T, R] = _Waiting(item, loop.create_future())
-        self._line.append(waiting)
+        key = None if self._fair_key is None else self._fair_key(item)
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = deque()
+        line.append(waiting)
+        self._waiting += 1
         if len(self._senders) < self._max_in_flight:
             sender = loop.create_task(self._run(), name=f"{self._name}-sender", context=contextvars.Context())
             self._senders.add(sender)  # _run takes itself out, in the same step as it sees the line empty
@@ -141,16 +154,12 @@ class Coalescer(Generic[T, R]):
         try:
             await asyncio.sleep(0)  # the items of this turn of the loop join the first batch
             taken = -math.inf  # when this sender took its last batch: its first one never lingers
-            while self._line:
+            while self._lines:
                 if self._lingers(loop.time() - taken):
                     self.stats.lingers += 1
                     await asyncio.sleep(self._linger)
                 taken = loop.time()
-                batch: list[_Waiting[T, R]] = []
-                while self._line and len(batch) < self._max_batch:
-                    waiting = self._line.popleft()
-                    if not waiting.future.done():  # else its caller left (cancelled)
-                        batch.append(waiting)
+                batch = self._take()
                 if batch:
                     await self._send_batch(batch)
         finally:
@@ -163,19 +172,48 @@ class Coalescer(Generic[T, R]):
             ):  # cancelled while items wait (the loop closing) and nobody left to send them
                 self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
 
+    def _take(self) -> list[_Waiting[T, R]]:
+        """The next batch: with one key waiting, its items in order; with several, one item of each in turn
+        (a key that keeps items goes to the back of the turn order). Items whose caller left are dropped."""
+        batch: list[_Waiting[T, R]] = []
+        lines = self._lines
+        room = self._max_batch
+        while lines and len(batch) < room:
+            if len(lines) == 1:
+                key, line = next(iter(lines.items()))
+                while line and len(batch) < room:
+                    self._add(batch, line.popleft())
+                if not line:
+                    del lines[key]
+                continue
+            for key in list(lines):  # one round
+                line = lines.pop(key)
+                self._add(batch, line.popleft())
+                if line:
+                    lines[key] = line  # to the back of the turn order
+                if len(batch) == room:
+                    break
+        return batch
+
+    def _add(self, batch: list[_Waiting[T, R]], waiting: _Waiting[T, R]) -> None:
+        self._waiting -= 1
+        if not waiting.future.done():  # else its caller left (cancelled)
+            batch.append(waiting)
+
     def _lingers(self, since: float) -> bool:
         """Whether to wait ``linger`` before taking the next batch: it is not full, at least two items wait (one item
         is no sign of load, whatever its timing: ``commit_siblings``), and at the rate items arrived during the
         ``since`` seconds since this sender took its last batch, at least one more arrives meanwhile (rate x
         linger >= 1)."""
-        waiting = len(self._line)
+        waiting = self._waiting
         return self._linger > 0 and 1 < waiting < self._max_batch and waiting * self._linger >= since
 
     def _fail_line(self, error: BaseException) -> None:
-        while self._line:
-            waiting = self._line.popleft()
-            if not waiting.future.done():
-                waiting.future.set_exception(error)
+        lines, self._lines, self._waiting = self._lines, {}, 0
+        for line in lines.values():
+            for waiting in line:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
 
     async def _send_batch(self, batch: list[_Waiting[T, R]]) -> None:
         self.stats.record(len(batch))

@@ -74,6 +74,10 @@ ALONE = _Alone()
 Outcome = Credential | _Alone | BaseException | None  # a batch's answer for one item
 
 
+def _owner_of(new: hotpath.Creation) -> str:
+    return new.owner_id
+
+
 class BatchedCreates:
     """``create_one`` for concurrent callers, written ``max_batch`` at a time in one statement."""
 
@@ -91,8 +95,8 @@ class BatchedCreates:
         self._quota = quota
         self._lock_timeout = lock_timeout
         self._coalescer: Coalescer[hotpath.Creation, Credential | _Alone | None] = Coalescer(
-            self._send, max_batch=max_batch, name="creates"
-        )
+            self._send, max_batch=max_batch, fair_key=_owner_of, name="creates"
+        )  # owners take turns in each batch: one owner's flood puts no batches ahead of another's creation
         self.fallbacks = 0  # batches that failed as a whole, whose items were sent again one at a time
 
     @property

@@ -42,6 +42,18 @@ def new(eng: CredentialEngine, owner: str, key: str, *, venue: Venue = Venue.BIN
     )
 
 
+def in_turns(items: list[hotpath.Creation]) -> list[hotpath.Creation]:
+    """Items in the order one batch takes them: one of each owner per round, owners in order of arrival, each
+    owner's own in the order they came (engine/coalesce.py, ``fair_key``)."""
+    lines: dict[str, list[hotpath.Creation]] = {}
+    for item in items:
+        lines.setdefault(item.owner_id, []).append(item)
+    ordered: list[hotpath.Creation] = []
+    while any(lines.values()):
+        ordered += [line.pop(0) for line in lines.values() if line]
+    return ordered
+
+
 def batcher(eng: CredentialEngine, quota: int | None) -> BatchedCreates:
     return BatchedCreates(eng.store, eng.queue, quota=quota, lock_timeout=quotas.LOCK_TIMEOUT)
 
@@ -145,14 +157,15 @@ async def test_a_mixed_batch_answers_and_writes_what_one_at_a_time_does(
             await hotpath.create_one(eng.store, eng.queue, item, quota=quota, lock_timeout="5s")
 
     await prepare()
-    alone: list[Any] = []
-    for item in batch:
+    by_id: dict[uuid.UUID, Any] = {}
+    for item in in_turns(batch):  # the order the batch writes them: the owners take turns
         try:
-            alone.append(
-                answer(await hotpath.create_one(eng.store, eng.queue, item, quota=quota, lock_timeout="5s"))
+            by_id[item.credential_id] = answer(
+                await hotpath.create_one(eng.store, eng.queue, item, quota=quota, lock_timeout="5s")
             )
         except errors.CredentialEngineError as exc:
-            alone.append(answer(exc))
+            by_id[item.credential_id] = answer(exc)
+    alone = [by_id[item.credential_id] for item in batch]
     after_alone = await stored(database_url)
 
     await wipe(database_url)
@@ -291,6 +304,28 @@ async def test_an_owners_lock_held_elsewhere_holds_up_only_that_owners_creations
     assert await broken_invariants(eng) == {}
 
 
+async def test_one_owners_flood_of_creations_puts_no_batch_ahead_of_another_owners(
+    eng: CredentialEngine,
+) -> None:
+    """Owner A submits 40 creations, owner B one right after, batches of 10: B's is written in the first batch
+    (owners take turns in each batch), not the fifth behind all of A's, as a first-come line would have it."""
+    b = BatchedCreates(eng.store, eng.queue, quota=None, lock_timeout=quotas.LOCK_TIMEOUT, max_batch=10)
+    finished: list[str] = []
+
+    async def create(owner: str, key: str) -> Credential | None:
+        made = await b.create(new(eng, owner, key))
+        finished.append(owner)
+        return made
+
+    floods = [asyncio.ensure_future(create("owner-a", f"a-{i}")) for i in range(40)]
+    late = asyncio.ensure_future(create("owner-b", "b-0"))
+    made = await asyncio.wait_for(asyncio.gather(*floods, late), timeout=30)
+    assert all(isinstance(c, Credential) for c in made)
+    assert finished.index("owner-b") < 10, finished
+    assert b.stats.batches == 5 and b.stats.largest == 10
+    assert await broken_invariants(eng) == {}
+
+
 async def test_the_quota_stays_exact_when_a_busy_owners_creations_go_alone(
     make_engine: EngineFactory, database_url: str
 ) -> None:
@@ -414,11 +449,25 @@ async def test_secrets_canary_batch_and_fallback(make_engine: EngineFactory, dat
     assert sum(isinstance(o, Credential) for o in outcomes) == 2
     items = [new(eng, "canary-2", CANARY_KEY + "x"), new(eng, "canary-2", CANARY_KEY + "x")]
     texts += [repr(i) for i in items]
-    # a fallback: the batch statement fails as a whole (a lock not granted in time), each item alone then too
+    # a fallback: the batch statement fails as a whole (a lock not granted in time), each item alone then too.
+    # The lock is a row's: another transaction's uncommitted key of the same fingerprint (a table lock such as
+    # LOCK TABLE is taken before the statement sets its lock_timeout: only the command timeout bounds that wait)
     holder = await asyncpg.connect(database_url)
     try:
         async with holder.transaction():
-            await holder.execute("LOCK TABLE credentials IN SHARE MODE")  # the batch's inserts wait, time out
+            await holder.execute(
+                "INSERT INTO credentials (id, owner_id, venue, credential_type, masked_api_key, status,"
+                " secret_version, event_seq) VALUES ($1, 'canary-2', 'BINANCE', 'EXCHANGE', 'ca****ey', 'PENDING',"
+                " 1, 0)",
+                uuid.uuid4(),
+            )
+            await holder.execute(
+                "INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version,"
+                " wrapped_dek, nonce, ciphertext, key_fingerprint, masked_api_key)"
+                " SELECT id, 1, 'CURRENT', owner_id, venue, 1, '\\x00', '\\x00', '\\x00', $1, 'ca****ey'"
+                " FROM credentials WHERE owner_id = 'canary-2'",
+                items[0].fingerprint,
+            )  # the batch's insert waits for this transaction, for at most its lock_timeout
             short = BatchedCreates(eng.store, eng.queue, quota=2, lock_timeout="100ms")
             outcomes += await asyncio.gather(*(short.create(i) for i in items), return_exceptions=True)
             assert short.fallbacks == 1

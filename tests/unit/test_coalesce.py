@@ -284,3 +284,80 @@ async def test_close_during_a_linger_fails_the_waiting_items_at_once() -> None:
         with pytest.raises(CoalescerClosed):
             await f
     assert c.in_flight == 0 and sender.batches == [[1]]
+
+
+# -- owners take turns (fair_key) ---------------------------------------------------------------------------------
+
+
+def owner(item: int) -> int:
+    return item // 1000  # items 0..999 are owner 0's, 1000..1999 owner 1's, ...
+
+
+async def test_with_a_fair_key_one_owners_flood_puts_no_batch_ahead_of_another_owner() -> None:
+    """Owner 0 queues 250 items behind a batch in flight, then owner 1 one item: it goes in the very next batch
+    (first come, first served, it would wait for three batches of 100)."""
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, max_batch=100, fair_key=owner)
+    first = asyncio.ensure_future(c.submit(0))
+    await sender.started.wait()
+    flood = [asyncio.ensure_future(c.submit(i)) for i in range(1, 251)]
+    late = asyncio.ensure_future(c.submit(1000))
+    await asyncio.sleep(0)
+    assert c.waiting == 251
+    sender.gate.set()
+    assert await late == 10_000
+    assert [await f for f in flood] == [i * 10 for i in range(1, 251)] and await first == 0
+    assert sender.batches[1] == [1, 1000, *range(2, 100)]  # the owners' turns alternate while both wait
+    assert [len(b) for b in sender.batches] == [1, 100, 100, 51]
+    assert sorted(i for b in sender.batches for i in b) == [*range(251), 1000]  # each item once, none lost
+
+
+async def test_turns_carry_over_from_one_batch_to_the_next() -> None:
+    """Three owners with many items each and batches of 4: every batch continues the turn order where the last
+    one stopped, so over the batches each owner gets the same share."""
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, max_batch=4, fair_key=owner)
+    first = asyncio.ensure_future(c.submit(9000))
+    await sender.started.wait()
+    items = [0 + i for i in range(1, 5)] + [1000 + i for i in range(1, 5)] + [2000 + i for i in range(1, 5)]
+    waiting = [asyncio.ensure_future(c.submit(i)) for i in items]  # owner 0's arrive first, all of them
+    await asyncio.sleep(0)
+    sender.gate.set()
+    await asyncio.gather(first, *waiting)
+    assert sender.batches[1:] == [[1, 1001, 2001, 2], [1002, 2002, 3, 1003], [2003, 4, 1004, 2004]]
+
+
+async def test_with_a_fair_key_a_cancelled_item_is_dropped() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, fair_key=owner)
+    first = asyncio.ensure_future(c.submit(5))
+    await sender.started.wait()
+    leaving = asyncio.ensure_future(c.submit(6))
+    staying = [asyncio.ensure_future(c.submit(i)) for i in (7, 1001)]
+    await asyncio.sleep(0)
+    leaving.cancel()
+    sender.gate.set()
+    assert await first == 50 and [await s for s in staying] == [70, 10_010]
+    assert sender.batches == [[5], [1001, 7]] and c.waiting == 0
+
+
+async def test_close_fails_every_owners_waiting_items() -> None:
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, fair_key=owner)
+    first = asyncio.ensure_future(c.submit(1))
+    await sender.started.wait()
+    waiting = [asyncio.ensure_future(c.submit(i)) for i in (2, 1002, 2002)]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(c.close(timeout=1.0))
+    await asyncio.sleep(0)
+    for w in waiting:
+        with pytest.raises(CoalescerClosed):
+            await w
+    assert c.waiting == 0
+    sender.gate.set()
+    await closing
+    assert await first == 10
