@@ -251,7 +251,8 @@ class VenueServer:
         self, request: web.Request, handler: Handler, claimed: str | None
     ) -> web.StreamResponse:
         recorder = self.state.stats[self.venue]
-        recorder.request(claimed, time.monotonic())
+        # per-key burst figures only for keys the simulator holds: made-up keys would grow them without end
+        recorder.request(claimed if claimed and self.lookup(claimed) is not None else None, time.monotonic())
         settings = self.state.faults.get(self.venue)
         if settings is not None and settings.latency > 0:
             await asyncio.sleep(settings.latency)

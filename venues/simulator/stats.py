@@ -2,7 +2,8 @@
 
 ``max_per_second_by_key`` is the largest number of requests one API key sent within any 1 s window; a
 reliability test compares it with the venue's documented limit. Requests that carry no key (public time
-calls) count in ``requests`` only. The API keys in it are the simulator's own test keys, handed back to
+calls), or a key the simulator does not hold (a flood of made-up keys would grow the figures without end),
+count in ``requests`` only. The API keys in it are the simulator's own test keys, handed back to
 whoever registered them; they never go to a log.
 """
 

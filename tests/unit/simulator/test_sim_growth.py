@@ -17,10 +17,11 @@ from collections import deque
 from types import FrameType
 from typing import Any
 
+import aiohttp
 import pytest
 
 from venues.base import Venue
-from venues.simulator import ratelimit, stats
+from venues.simulator import Simulator, ratelimit, stats
 
 MINUTE = ratelimit.Window(10, 60.0)
 
@@ -161,3 +162,22 @@ def test_a_key_heard_from_within_the_second_keeps_its_burst_window() -> None:
     recorder.request("busy", stats.SWEEP_SECONDS)  # the sweep runs first: "busy" is still in its second
     recorder.request("busy", stats.SWEEP_SECONDS + 0.1)
     assert recorder.snapshot().max_per_second_by_key["busy"] == 3
+
+
+async def test_made_up_keys_grow_no_per_key_figures(session: aiohttp.ClientSession) -> None:
+    """2,000 requests, each with another made-up key, then one with a key the simulator holds: only the held
+    key has a burst figure (before: one peak per made-up key, kept for ever)."""
+    async with Simulator(seed=5, enforce_rate_limits=False) as sim:
+        held = sim.add_key(Venue.BINANCE)
+        url = f"{sim.urls[Venue.BINANCE]}/api/v3/account"
+        for i in range(2_000):
+            async with session.get(url, headers={"X-MBX-APIKEY": f"made-up-{i}"}) as resp:
+                assert resp.status in (400, 401)
+        async with session.get(url, headers={"X-MBX-APIKEY": held.api_key}) as resp:
+            await resp.read()
+        figures = sim.stats(Venue.BINANCE)
+        assert figures.requests == 2_001
+        assert dict(figures.max_per_second_by_key) == {held.api_key: 1}
+        assert (
+            sim._state.stats[Venue.BINANCE].tracked_keys == 1
+        )  # the burst windows held, not only the figures
