@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -140,6 +141,9 @@ class Coalescer(Generic[T, R]):
         if len(self._senders) < self._max_in_flight:
             sender = loop.create_task(self._run(), name=f"{self._name}-sender", context=contextvars.Context())
             self._senders.add(sender)  # _run takes itself out, in the same step as it sees the line empty
+            sender.add_done_callback(
+                self._sender_done
+            )  # and this, should it be cancelled before it ran at all
         try:
             return await waiting.future
         except asyncio.CancelledError:
@@ -172,6 +176,14 @@ class Coalescer(Generic[T, R]):
             ):  # cancelled while items wait (the loop closing) and nobody left to send them
                 self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
 
+    def _sender_done(self, sender: asyncio.Task[None]) -> None:
+        """A sender cancelled before its first step never runs ``_run``'s ``finally``: without this its slot
+        stays taken and every later item waits for ever."""
+        if sender in self._senders:
+            self._senders.discard(sender)
+            if not self._senders:
+                self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
+
     def _take(self) -> list[_Waiting[T, R]]:
         """The next batch: with one key waiting, its items in order; with several, one item of each in turn
         (a key that keeps items goes to the back of the turn order). Items whose caller left are dropped."""
@@ -186,7 +198,8 @@ class Coalescer(Generic[T, R]):
                 if not line:
                     del lines[key]
                 continue
-            for key in list(lines):  # one round
+            # one round, over no more keys than the batch has room for (a long line of owners is not copied)
+            for key in list(itertools.islice(lines, room - len(batch))):
                 line = lines.pop(key)
                 self._add(batch, line.popleft())
                 if line:

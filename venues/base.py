@@ -14,15 +14,11 @@ shares is in :mod:`venues.http`, the client-side rate limiters in :mod:`venues.l
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-_PACKAGE_DIR = os.path.dirname(__file__) + os.sep  # as the code objects of its modules name their files
 
 
 class Venue(enum.StrEnum):
@@ -187,16 +183,15 @@ class ProbeFailure(Exception):
 
 
 def release_frames(error: BaseException) -> None:
-    """Drop the locals of this package's frames that ``error`` (with its cause and context) still holds.
+    """Let go of the frames that ``error`` (with its cause and context) holds through its traceback.
 
     A call that fails keeps its frames alive through the exception's traceback, and with them the key pair
     and the signed headers in their locals; a frame that raised an exception it had stored in a local (a
     refused answer returned as a value, then raised) also forms a reference cycle that only the garbage
-    collector frees, some time later. Probes' failures end here, so the keys go once the answer is read.
-
-    Only frames of ``venues`` code are cleared: they all belong to the probe that failed and have returned
-    (a frame still running refuses, and is skipped). Another library's frame may be a coroutine that stored the
-    exception and went on; clearing a suspended coroutine's frame would close it.
+    collector frees, some time later. Probes' failures end here, so the keys go once the answer is read: the
+    traceback is dropped (a probe failure is an outcome, its stack of no use), and the frames with it unless
+    they are still running. Frames are not cleared in place: clearing a suspended coroutine's frame would close
+    it (Python 3.11 and 3.12), and a frame's locals dict, once read, would keep the values anyway.
     """
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
@@ -205,12 +200,7 @@ def release_frames(error: BaseException) -> None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        trace = current.__traceback__
-        while trace is not None:
-            if trace.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-                with contextlib.suppress(RuntimeError):  # still running: the caller's own frame
-                    trace.tb_frame.clear()
-            trace = trace.tb_next
+        current.__traceback__ = None
         pending += (current.__cause__, current.__context__)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -296,8 +296,15 @@ async def gather_identities(checks: Sequence[Any]) -> list[Any]:
     Failures are returned, not raised: the caller judges them together (:func:`raise_verify_failure`,
     :func:`settle_identities`). Each call still waits on the client-side limiters itself (``throttle``).
     """
-    answers = list(await asyncio.gather(*checks, return_exceptions=True))
-    for answer in answers:
-        if isinstance(answer, BaseException):
-            release_frames(answer)  # a refused call's frames hold the key pair (and often a cycle)
-    return answers
+    return list(await asyncio.gather(*map(_answer, checks), return_exceptions=True))
+
+
+async def _answer(check: Awaitable[Any]) -> Any:
+    """``check``'s answer; a :class:`ProbeFailure` is an answer too, returned without the frames it raised
+    through (they hold the key pair, often in a cycle: :func:`release_frames`). Returned rather than raised, so
+    its task keeps no traceback either. Any other exception is a bug: it is raised with its traceback."""
+    try:
+        return await check
+    except ProbeFailure as failure:
+        release_frames(failure)
+        return failure

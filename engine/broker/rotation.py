@@ -34,7 +34,7 @@ from engine.db import Conn
 from engine.models import Credential, CredentialStatus
 from engine.payloads import RotationVerify, enqueue
 from engine.store import credential_from_row
-from venues.base import ProbeFailure, Venue
+from venues.base import ProbeFailure, Venue, release_frames
 from venues.subaccounts import KeyGrant, KeyLeftBehind, MintedKey
 
 log = structlog.get_logger("engine.broker")
@@ -177,6 +177,7 @@ class Rotation:
             try:
                 await manager.delete_key(master.keys, sub, minted.info.key_id)
             except ProbeFailure as failure:  # reconciliation deletes it (its label names the credential)
+                release_frames(failure)  # dropped: its frames hold both key pairs
                 log.info("broker_discard_failed", credential_id=str(cid), outcome=failure.outcome.value)
 
     async def _fail(self, job: queuemod.Job, link: Any, intent_id: uuid.UUID, failure: ProbeFailure) -> None:

@@ -455,17 +455,18 @@ async def test_secrets_canary_batch_and_fallback(make_engine: EngineFactory, dat
     holder = await asyncpg.connect(database_url)
     try:
         async with holder.transaction():
+            racing = uuid.uuid4()
             await holder.execute(
                 "INSERT INTO credentials (id, owner_id, venue, credential_type, masked_api_key, status,"
                 " secret_version, event_seq) VALUES ($1, 'canary-2', 'BINANCE', 'EXCHANGE', 'ca****ey', 'PENDING',"
                 " 1, 0)",
-                uuid.uuid4(),
+                racing,
             )
             await holder.execute(
                 "INSERT INTO credential_secrets (credential_id, version, state, owner_id, venue, kek_version,"
                 " wrapped_dek, nonce, ciphertext, key_fingerprint, masked_api_key)"
-                " SELECT id, 1, 'CURRENT', owner_id, venue, 1, '\\x00', '\\x00', '\\x00', $1, 'ca****ey'"
-                " FROM credentials WHERE owner_id = 'canary-2'",
+                " VALUES ($1, 1, 'CURRENT', 'canary-2', 'BINANCE', 1, '\\x00', '\\x00', '\\x00', $2, 'ca****ey')",
+                racing,
                 items[0].fingerprint,
             )  # the batch's insert waits for this transaction, for at most its lock_timeout
             short = BatchedCreates(eng.store, eng.queue, quota=2, lock_timeout="100ms")

@@ -361,3 +361,36 @@ async def test_close_fails_every_owners_waiting_items() -> None:
     sender.gate.set()
     await closing
     assert await first == 10
+
+
+async def test_a_sender_cancelled_before_it_ran_frees_its_slot() -> None:
+    """A sender task cancelled before its first step: its items fail (CoalescerClosed) and the next item gets a
+    sender of its own (before: the slot stayed taken and every later item waited for ever)."""
+    sender = Sender()
+    c: Coalescer[int, int] = Coalescer(sender)
+    first = asyncio.ensure_future(c.submit(1))
+    await asyncio.sleep(0)  # submit ran and created the sender, which has not run yet
+    assert c.in_flight == 1 and sender.batches == []
+    next(iter(c._senders)).cancel()
+    with pytest.raises(CoalescerClosed):
+        await asyncio.wait_for(first, 1)
+    assert c.in_flight == 0
+    assert await asyncio.wait_for(c.submit(2), 1) == 20
+    assert sender.batches == [[2]]
+
+
+async def test_a_round_over_many_owners_takes_only_as_many_as_the_batch_has_room_for() -> None:
+    """5,000 owners waiting with one item each, batches of 100: each batch takes the 100 owners that waited
+    longest, in order, and every item goes once."""
+    sender = Sender()
+    sender.gate = asyncio.Event()
+    c: Coalescer[int, int] = Coalescer(sender, max_batch=100, fair_key=owner)
+    first = asyncio.ensure_future(c.submit(0))
+    await sender.started.wait()
+    items = [1000 * k for k in range(1, 5001)]
+    waiting = [asyncio.ensure_future(c.submit(i)) for i in items]
+    await asyncio.sleep(0)
+    sender.gate.set()
+    await asyncio.gather(first, *waiting)
+    assert [i for b in sender.batches[1:] for i in b] == items
+    assert {len(b) for b in sender.batches[1:]} == {100}
