@@ -5,7 +5,8 @@ Each creation alone is one statement, ``created_and_enqueued`` (:func:`engine.ho
 most of its cost is fixed per statement; :class:`BatchedCreates` hands the creations made concurrently to a
 :class:`engine.coalesce.Coalescer`, which sends them as one ``created_in_batch`` (queries.sql), and gives every
 caller exactly what the single statement would have answered had the batch's items run one after another in
-the order they were submitted:
+the order the batch takes them: each owner's in the order they were submitted, the owners in turns (so one
+owner's flood of creations puts no batch ahead of another owner's; ``fair_key`` in engine/coalesce.py):
 
 * **created**: the credential as written (its public row, with the statement's timestamps), its
   ``credential.created`` and its verification job, whose start tag follows the owner's jobs queued before it,
@@ -21,7 +22,9 @@ whose lock is held elsewhere (another process's creation, a mint, the transactio
 of its items is written, and their callers send them alone, each waiting for that lock at most
 ``lock_timeout`` like any single create. So one owner's held lock never holds up another owner's creations
 (a tenant cannot slow the others down through its own lock), and batches cannot deadlock over locks they wait
-for. One NOTIFY per channel and batch.
+for. One NOTIFY per channel and batch. Items of one owner that come back busy race, alone, with that owner's
+items in the next batch (the turns can split an owner's items over batches): the quota is never exceeded, but
+which of them takes an owner's last place is then not the first submitted.
 
 **Fallback.** The statement is all or nothing. When it fails as a whole (:class:`errors.StorageError`: keys that
 another transaction stores meanwhile, a lock not granted in time, a deadlock with another transaction's inserts
