@@ -8,7 +8,6 @@ into unified/spot/contract.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -276,9 +275,8 @@ class BybitProbe(http.VenueProbe):
                 raise
             base.release_frames(failure)  # dropped: its frames hold the keys
         names = list(OTHER_ENVIRONMENTS)
-        answers = await asyncio.gather(
-            *(self._send(keys, QUERY_API_PATH, host=OTHER_ENVIRONMENTS[name]) for name in names),
-            return_exceptions=True,
+        answers = await http.gather_identities(  # failures come back released: their frames hold the keys
+            [self._send(keys, QUERY_API_PATH, host=OTHER_ENVIRONMENTS[name]) for name in names]
         )
         for name, answer in zip(names, answers, strict=True):
             if isinstance(answer, http.Reply) and classify(answer) is None:
