@@ -11,12 +11,16 @@ Kraken BROKER keys verify but mint nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import FrameType
 from typing import Any
 
 import aiohttp
 import pytest
 
+import venues
 from engine import CredentialEngine, CredentialStatus, errors
 from engine.broker.labels import label_for
 from engine.broker.settings import BrokerSettings
@@ -183,3 +187,46 @@ async def test_coinbase_and_kraken_broker_keys_verify_but_mint_nothing(
     with pytest.raises(errors.BrokerUnsupported) as refused:
         await eng.mint_credential(OWNER, cred.credential_id, sub_account="sub-1")
     assert refused.value.errno == -100021 and venue.display_name in refused.value.message
+
+
+@pytest.mark.parametrize("venue", VENUES, ids=IDS)
+async def test_broker_calls_leave_no_key_material_for_the_garbage_collector(
+    make_engine: Factory, sim: Simulator, venue: Venue
+) -> None:
+    """A BROKER master key without the permission (its discovery's refused calls are dropped), one with it that
+    mints, rotates and revokes: no frame of the venue code and no key object is left in a reference cycle,
+    waiting for a collection with the master's secret in it."""
+    eng = await open_engine(make_engine, sim)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        refused = await broker(
+            eng, sim.add_master_account(venue, sub_accounts=1, **WITHOUT_PERMISSION[venue])
+        )
+        assert refused.permissions is not None and not refused.permissions.sub_account_keys
+        master = sim.add_master_account(venue, sub_accounts=1)
+        parent = await broker(eng, master)
+        minted = await eng.mint_credential(
+            OWNER,
+            parent.credential_id,
+            sub_account=master.sub_accounts[0].sub_id,
+            ip_allowlist=allowlist(venue),
+        )
+        await settle(eng)
+        await eng.rotate_credential(OWNER, minted.credential_id, automatic=True)
+        await settle(eng)
+        await eng.revoke_credential(OWNER, minted.credential_id)
+        await settle(eng)
+        gc.collect()
+        left = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    code_dir = os.path.dirname(venues.__file__) + os.sep
+    frames = {
+        o.f_code.co_qualname
+        for o in left
+        if isinstance(o, FrameType) and o.f_code.co_filename.startswith(code_dir)
+    }
+    key_objects = {type(o).__qualname__ for o in left if isinstance(o, ApiKeys)}
+    assert (frames, key_objects) == (set(), set())
