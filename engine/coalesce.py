@@ -141,9 +141,8 @@ class Coalescer(Generic[T, R]):
         if len(self._senders) < self._max_in_flight:
             sender = loop.create_task(self._run(), name=f"{self._name}-sender", context=contextvars.Context())
             self._senders.add(sender)  # _run takes itself out, in the same step as it sees the line empty
-            sender.add_done_callback(
-                self._sender_done
-            )  # and this, should it be cancelled before it ran at all
+            # and this takes it out should it be cancelled before it ran at all
+            sender.add_done_callback(self._sender_done)
         try:
             return await waiting.future
         except asyncio.CancelledError:
@@ -171,9 +170,8 @@ class Coalescer(Generic[T, R]):
             # find every sender slot taken by a sender that is about to end, and wait forever
             if me is not None:
                 self._senders.discard(me)
-            if (
-                not self._senders
-            ):  # cancelled while items wait (the loop closing) and nobody left to send them
+            # cancelled while items wait (the loop closing) and nobody left to send them
+            if not self._senders:
                 self._fail_line(CoalescerClosed(f"{self._name}: its sender was cancelled"))
 
     def _sender_done(self, sender: asyncio.Task[None]) -> None:

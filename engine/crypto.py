@@ -68,10 +68,8 @@ _AAD_BLOB_DEK = b"ce:v1:blob-dek:"
 _AAD_BLOB = b"ce:v1:blob:"
 _FINGERPRINT_DOMAIN = b"ce:v1:fp:"
 
-_DekAad = Callable[[int], bytes]
-_O_NOFOLLOW = getattr(
-    os, "O_NOFOLLOW", 0
-)  # POSIX; elsewhere symbolic links are not refused  # the DEK wrap's associated data for a given KEK version
+_DekAad = Callable[[int], bytes]  # the DEK wrap's associated data for a given KEK version
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; elsewhere symbolic links are not refused
 
 
 class MasterKeyring:

@@ -455,9 +455,8 @@ class CredentialEngine:
             outbox.committed()
             return created
         async with self.db.transaction() as conn:
-            quota = await quotas.lock_for_credential(
-                conn, owner, self.config.quotas
-            )  # first: the owner's lock
+            # first: the owner's lock
+            quota = await quotas.lock_for_credential(conn, owner, self.config.quotas)
             cred = await store.insert_credential(
                 conn,
                 credential_id=credential_id,

@@ -259,9 +259,8 @@ class LifecycleJobs:
                 if kind is CredentialType.BROKER and self._discover is not None:
                     result = await self._discover(venue, keys, result)
         except ProbeFailure as failure:
-            release_frames(
-                failure
-            )  # the probe's frames (the keys in their locals) go now, not at a collection
+            # the probe's frames (the keys in their locals) go now, not at a garbage collection
+            release_frames(failure)
             self.metrics.observe(venue, failure.outcome.value, time.monotonic() - started)
             if failure.transient:
                 log.info("probe_transient", venue=venue.value, outcome=failure.outcome.value)

@@ -74,9 +74,8 @@ async def venue_call(
             venue_code=GRANT_REFUSED,
         )
     except ProbeFailure as failure:
-        release_frames(
-            failure
-        )  # the venue module's frames (the keys in their locals) go now, not at a collection
+        # the venue module's frames (the keys in their locals) go now, not at a garbage collection
+        release_frames(failure)
         if failure.transient and job.tries < job.max_attempts:
             log.info("broker_venue_transient", kind=job.kind, outcome=failure.outcome.value)
             raise queuemod.Retry(after=failure.retry_after, reason=failure.outcome.value) from None

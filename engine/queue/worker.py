@@ -512,9 +512,8 @@ class Worker(Generic[J, R, S]):
         if self._stalled:
             return free
         if self._mean_run <= 0:
-            return (
-                self._concurrency + self._batch_size
-            )  # nothing known yet: one batch, none claimed behind it
+            # nothing known yet: one batch, none claimed behind it
+            return self._concurrency + self._batch_size
         return free + min(self._capacity, int(self._concurrency * PREFETCH_HORIZON / self._mean_run))
 
     def _claiming_allowed(self) -> bool:
