@@ -11,16 +11,13 @@ Kraken BROKER keys verify but mint nothing.
 from __future__ import annotations
 
 import asyncio
-import gc
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import FrameType
 from typing import Any
 
 import aiohttp
 import pytest
+from garbage_support import left_for_the_collector
 
-import venues
 from engine import CredentialEngine, CredentialStatus, errors
 from engine.broker.labels import label_for
 from engine.broker.settings import BrokerSettings
@@ -197,9 +194,8 @@ async def test_broker_calls_leave_no_key_material_for_the_garbage_collector(
     mints, rotates and revokes: no frame of the venue code and no key object is left in a reference cycle,
     waiting for a collection with the master's secret in it."""
     eng = await open_engine(make_engine, sim)
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+
+    async def run() -> None:
         refused = await broker(
             eng, sim.add_master_account(venue, sub_accounts=1, **WITHOUT_PERMISSION[venue])
         )
@@ -217,16 +213,6 @@ async def test_broker_calls_leave_no_key_material_for_the_garbage_collector(
         await settle(eng)
         await eng.revoke_credential(OWNER, minted.credential_id)
         await settle(eng)
-        gc.collect()
-        left = list(gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    code_dir = os.path.dirname(venues.__file__) + os.sep
-    frames = {
-        o.f_code.co_qualname
-        for o in left
-        if isinstance(o, FrameType) and o.f_code.co_filename.startswith(code_dir)
-    }
-    key_objects = {type(o).__qualname__ for o in left if isinstance(o, ApiKeys)}
+
+    frames, key_objects = await left_for_the_collector(run, (ApiKeys,))
     assert (frames, key_objects) == (set(), set())

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
-import os
 import random
 import string
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from types import FrameType
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from garbage_support import left_for_the_collector
 
-import venues
 from engine import CredentialEngine, CredentialStatus, TradingAccountStatus, Venue
 from engine.testing import settle
 from venues.base import ApiKeys
@@ -290,22 +287,11 @@ async def test_probes_leave_no_key_material_for_the_garbage_collector(
         sim.update_key(reduced.api_key, identities=reduced.identities[:1])
         good = sim.add_key(venue, kind=kind)
         cases += [(reduced, {}), (good, {"api_secret": wrong_secret(good)})]
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+
+    async def run() -> None:
         for key, override in cases:
             await create(real_engine, key, **override)
         await settle(real_engine)
-        gc.collect()
-        left = list(gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    code_dir = os.path.dirname(venues.__file__) + os.sep  # the probes and the simulator (it runs in-process)
-    frames = {
-        f"{o.f_code.co_qualname} ({os.path.basename(o.f_code.co_filename)})"
-        for o in left
-        if isinstance(o, FrameType) and o.f_code.co_filename.startswith(code_dir)
-    }
-    key_objects = {type(o).__qualname__ for o in left if isinstance(o, (ApiKeys, KrakenKeys, TestKey))}
+
+    frames, key_objects = await left_for_the_collector(run, (ApiKeys, KrakenKeys, TestKey))
     assert (frames, key_objects) == (set(), set())
